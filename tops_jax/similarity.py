@@ -1,0 +1,34 @@
+"""Pairwise similarity between token features, accumulated in float32.
+
+Axes: N visual tokens, D width.
+
+Every greedy selector reads one N x N matrix per pass; it is computed here once, before the greedy loop, with
+float32 accumulation whatever the input dtype (bfloat16 features give the same selections up to rounding).
+"""
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["l2_normalize", "cosine_similarity", "cosine_distance"]
+
+_EPS = 1e-12
+
+
+def l2_normalize(features: jax.Array) -> jax.Array:
+  """float[..., N, D] -> float32[..., N, D] rows of unit L2 norm (zero rows stay zero)."""
+  x = features.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, _EPS)
+
+
+def cosine_similarity(features: jax.Array, other: jax.Array | None = None) -> jax.Array:
+  """Cosine similarity. features: float[..., N, D], other: float[..., M, D] (default features) -> float32[..., N, M]."""
+  a = l2_normalize(features)
+  b = a if other is None else l2_normalize(other)
+  return jnp.einsum("...nd,...md->...nm", a, b, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def cosine_distance(features: jax.Array) -> jax.Array:
+  """1 - cosine similarity: float[..., N, D] -> float32[..., N, N]."""
+  return 1.0 - cosine_similarity(features)
