@@ -1,7 +1,110 @@
-"""Placeholder: being written."""
+"""CDPruner: conditional-diversity token pruning via a DPP (Zhang et al. 2025, arXiv 2506.10967; official code
+Theia-4869/CDPruner).
 
-__all__ = ["order"]
+Axes: N visual tokens, D width, K kept.
+
+Kernel L = diag(r) F diag(r), with F the cosine similarity of the token features (projector outputs) and r the
+relevance rescaled over the valid tokens as the official code does it:
+
+    r = (relevance - min + 1e-6) / (max - min)
+
+(the 1e-6 keeps the least relevant token's diagonal off zero). The kept set is the greedy MAP of the DPP, computed
+with the incremental Cholesky rows of Chen, Zhang and Zhou (NeurIPS 2018). The carry holds c: float32[K, N], the
+Cholesky rows built so far, and d2: float32[N], the residual variances (d2 = diag(L) at the start). Each step
+picks j = argmax d2 over the candidates, then
+
+    e = (L[j] - c[:, j] @ c) / sqrt(d2[j]);   c[step] = e;   d2 -= e**2
+
+which is one kernel row and one [K] x [K, N] matvec per step; nothing N x N is read inside the loop.
+
+Relevance orientation: pass `relevance` already oriented so larger = more relevant. The official code computes the
+mean CLIP image-text cosine of each patch and negates it before the rescaling (it found negated similarity to work
+better with LLaVA's CLIP); that negation belongs to the caller (`tops_jax.relevance`), not to this module.
+
+Choices where the paper and code are silent (documented parameters):
+- `theta`: the official code carries a commented-out relevance sharpening r <- exp(alpha * r) with
+  alpha = theta / (2 (1 - theta)) (Chen et al.'s relevance/diversity trade-off), released disabled. `theta=None`
+  (default) matches the released code; a float in (0, 1) enables it.
+- `eps`: the official loop divides by sqrt(d2[j]) without a guard. Here, once the largest candidate d2 is <= eps
+  (the kernel's rank is used up, or only tokens with negligible relevance are left), the DPP no longer separates
+  the candidates: the remaining picks take the lowest-index remaining valid tokens, and the Cholesky state is no
+  longer updated. The default 1e-6 sits above float32 cancellation noise in d2 for kernels with entries <= 1.
+- A constant relevance over the valid tokens (max == min; the official code divides by zero) gives r = 1, i.e.
+  a pure diversity DPP on F.
+- Rescaling uses the valid tokens only; invalid tokens get r = 0 and are never candidates.
+Ties go to the lowest index.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tops_jax import greedy
+from tops_jax import similarity
+
+__all__ = ["order", "kernel_relevance"]
+
+_FLOOR = 1e-6  # the official code's offset: the least relevant token keeps a nonzero kernel diagonal
+_TINY = 1e-12
 
 
-def order(features, relevance, valid, key, *, keep, **hparams):
-  raise NotImplementedError("cdpruner")
+class _Carry(NamedTuple):
+  chosen: jax.Array  # bool[N]
+  rows: jax.Array  # float32[K, N], Cholesky rows; rows not yet built are zero
+  d2: jax.Array  # float32[N], residual variances
+
+
+def kernel_relevance(relevance: jax.Array, valid: jax.Array, theta: float | None = None) -> jax.Array:
+  """The per-token factor r of the kernel diag(r) F diag(r): float32[N] relevance, bool[N] -> float32[N].
+
+  Min-max rescaled over the valid tokens with the official 1e-6 offset, optionally sharpened by
+  exp(theta / (2 (1 - theta)) r); 0 at invalid positions.
+  """
+  x = relevance.astype(jnp.float32)
+  lo, hi = greedy.minmax_over(x, valid)
+  span = hi - lo
+  r = jnp.where(span > _TINY, (x - lo + _FLOOR) / jnp.where(span > _TINY, span, 1.0), 1.0)
+  if theta is not None:
+    r = jnp.exp(theta / (2.0 * (1.0 - theta)) * r)
+  return jnp.where(valid, r, 0.0)
+
+
+def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None, *, keep: int,
+          theta: float | None = None, eps: float = 1e-6) -> jax.Array:
+  """CDPruner greedy DPP MAP order for one example.
+
+  Args:
+    features: float[N, D] token features.
+    relevance: float32[N], larger = more relevant (see the module docstring for the official negation).
+    valid: bool[N]; invalid tokens are never candidates.
+    key: unused (deterministic).
+    keep: K.
+    theta: None (released code) or the trade-off in (0, 1) of the optional exponential relevance sharpening.
+    eps: once every candidate has d2 <= eps the rest are taken in index order.
+  Returns:
+    int32[K] indices in greedy pick order.
+  """
+  del key
+  if relevance is None:
+    raise ValueError("cdpruner: the DPP kernel needs a relevance vector (relevance=float[..., N], larger = more "
+                     "relevant; the official code uses the negated mean CLIP image-text similarity)")
+  r = kernel_relevance(relevance, valid, theta)
+  kernel = r[:, None] * similarity.cosine_similarity(features) * r[None, :]
+  n = kernel.shape[0]
+
+  def step(carry: _Carry, t: jax.Array) -> tuple[_Carry, jax.Array]:
+    candidate = valid & ~carry.chosen
+    best = greedy.pick(carry.d2, candidate, carry.chosen)
+    informative = candidate[best] & (carry.d2[best] > eps)  # False for NaN too
+    fallback = greedy.pick(jnp.zeros((n,), jnp.float32), candidate, carry.chosen)
+    j = jnp.where(informative, best, fallback)
+    proj = jnp.einsum("k,kn->n", carry.rows[:, j], carry.rows, precision=jax.lax.Precision.HIGHEST)
+    e = (kernel[j] - proj) / jnp.sqrt(jnp.where(informative, carry.d2[j], 1.0))
+    e = jnp.where(informative, e, 0.0)  # a fallback pick leaves the Cholesky state as it is
+    new = _Carry(chosen=carry.chosen.at[j].set(True), rows=carry.rows.at[t].set(e), d2=carry.d2 - e * e)
+    return new, j
+
+  start = _Carry(chosen=jnp.zeros((n,), bool), rows=jnp.zeros((keep, n), jnp.float32), d2=jnp.diagonal(kernel))
+  _, picks = jax.lax.scan(step, start, jnp.arange(keep))
+  return picks.astype(jnp.int32)

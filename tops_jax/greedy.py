@@ -11,7 +11,7 @@ finite one.
 import jax
 import jax.numpy as jnp
 
-__all__ = ["masked_argmax", "mean_over", "minmax_over", "normalize_over", "topk_order"]
+__all__ = ["masked_argmax", "mean_over", "minmax_over", "normalize_over", "pick", "topk_order"]
 
 _TINY = 1e-12
 
@@ -70,3 +70,15 @@ def topk_order(score: jax.Array, valid: jax.Array, keep: int) -> jax.Array:
   # Primary key: valid first; then score descending; a stable sort keeps index order among equals.
   order = jnp.lexsort((-s, ~valid))
   return order[:keep].astype(jnp.int32)
+
+
+def pick(gain: jax.Array, candidate: jax.Array, chosen: jax.Array) -> jax.Array:
+  """One greedy pick: argmax of `gain` over `candidate` positions (ties -> lowest index).
+
+  gain: float[N], candidate: bool[N] (valid and not yet chosen), chosen: bool[N] -> int32[].
+  When no candidate is left (more picks than valid tokens, possible only under an outer jit where the count cannot be
+  checked) the lowest-index position not yet chosen is returned, so the output never repeats an index.
+  """
+  best = masked_argmax(gain, ~candidate)
+  first_free = jnp.argmax(~chosen).astype(jnp.int32)
+  return jnp.where(jnp.any(candidate), best, first_free)

@@ -1,7 +1,140 @@
-"""Placeholder: being written."""
+"""TOPS: Token Optimal Preservation Sets (arXiv 2606.27161, Algorithms 1 and 2).
 
-__all__ = ["order"]
+Axes: N visual tokens, D width, K kept.
+
+One TOPS pass builds the kept set greedily. With F the cosine similarity of the token features (computed once, in
+float32) and m_j = max_{k in S} F[j, k] the best similarity of token j to the kept set S:
+
+    seed      S = {argmax_i r_i}
+    each step for every candidate i in U = valid tokens not in S:
+              div_i = 1 - m_i                                   semantic diversity
+              cov_i = sum_{j in U} max(0, F[i, j] - m_j)          information coverage (facility-location gain)
+              score_i = r~_i + alpha * div~_i + lam * cov~_i      (~: normalised over the candidates)
+              S += argmax score;  m = max(m, F[:, pick])
+
+Normalisation: Algorithms 1/2 divide each criterion by its mean over the candidates (`normalize="mean"`, the
+default); the main text says min-max (`normalize="minmax"`); `normalize="none"` adds raw values (used for the
+brute-force objective comparison). Stage I feeds the projector outputs and the vision tower's CLS attention;
+Stage II feeds one LLM layer's visual hidden states and the text-rater attention (`tops_jax.relevance`).
+
+Choices where the paper is silent (all documented parameters):
+- `criteria` switches criteria off for the ablation (any non-empty subset of relevance/diversity/coverage). The seed
+  stays argmax relevance whenever a relevance vector is given, as in Algorithm 1; the switch only removes the term
+  from the per-step score. Without a relevance vector (allowed only when "relevance" is not among the criteria) the
+  seed is the first greedy step from the empty set, with m = 0: diversity is then constant, so a coverage criterion
+  decides, and diversity alone picks the lowest valid index.
+- Since F[j, j] = 1 for a kept token j, max(0, F[i, j] - m_j) = 0 for every j in S: summing the coverage over U or
+  over all valid tokens is the same number, which is what lets one fused reduction over F serve every step.
+- Each step reads F exactly once (a fused subtract-clamp-mask-sum over rows) plus one row for the m update; no
+  N x N temporary is built per step.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tops_jax import greedy
+from tops_jax import similarity
+
+__all__ = ["CRITERIA", "order", "objective"]
+
+CRITERIA = ("relevance", "diversity", "coverage")
 
 
-def order(features, relevance, valid, key, *, keep, **hparams):
-  raise NotImplementedError("tops")
+class _Carry(NamedTuple):
+  chosen: jax.Array  # bool[N]
+  best_sim: jax.Array  # float32[N], m_j = max_{k in S} F[j, k]
+
+
+def _check_criteria(criteria) -> tuple[str, ...]:
+  if isinstance(criteria, str):
+    criteria = (criteria,)
+  criteria = tuple(criteria)
+  unknown = [c for c in criteria if c not in CRITERIA]
+  if unknown or not criteria:
+    raise ValueError(f"tops: criteria must be a non-empty subset of {CRITERIA}, got {criteria}")
+  return criteria
+
+
+def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, key=None, *, keep: int,
+          alpha: float = 0.5, lam: float = 0.5, normalize: str = "mean",
+          criteria: tuple[str, ...] = CRITERIA) -> jax.Array:
+  """One TOPS pass over one example.
+
+  Args:
+    features: float[N, D] token features (projector outputs in Stage I, layer hidden states in Stage II).
+    relevance: float32[N] task relevance r (required when "relevance" is among `criteria`).
+    valid: bool[N]; invalid tokens are never candidates and never counted in the coverage sum.
+    key: unused (deterministic).
+    keep: K, the budget M of the paper.
+    alpha: diversity weight. lam: coverage weight (the paper's lambda).
+    normalize: "mean" | "minmax" | "none" rescaling of each criterion over the candidates.
+    criteria: the criteria in the per-step score.
+  Returns:
+    int32[K] indices in greedy pick order.
+  """
+  del key
+  criteria = _check_criteria(criteria)
+  if "relevance" in criteria and relevance is None:
+    raise ValueError("tops: the relevance criterion needs a relevance vector (relevance=float[..., N]); "
+                     "drop it with criteria=('diversity', 'coverage') for the relevance-free ablation")
+  if normalize not in ("mean", "minmax", "none"):
+    raise ValueError(f"tops: normalize must be 'mean', 'minmax' or 'none', got {normalize!r}")
+  sim = similarity.cosine_similarity(features)
+  n = sim.shape[0]
+  use_r, use_d, use_c = (c in criteria for c in CRITERIA)
+
+  def score(carry: _Carry) -> jax.Array:
+    candidate = valid & ~carry.chosen
+    total = jnp.zeros((n,), jnp.float32)
+    if use_r:
+      total += greedy.normalize_over(relevance, candidate, normalize)
+    if use_d:
+      total += alpha * greedy.normalize_over(1.0 - carry.best_sim, candidate, normalize)
+    if use_c:
+      # One fused pass over F: rows are candidates i, columns the tokens j still to be covered.
+      gain = jnp.sum(jnp.where(candidate[None, :], jnp.maximum(sim - carry.best_sim[None, :], 0.0), 0.0), axis=1)
+      total += lam * greedy.normalize_over(gain, candidate, normalize)
+    return total
+
+  def add(carry: _Carry, i: jax.Array) -> _Carry:
+    return _Carry(chosen=carry.chosen.at[i].set(True), best_sim=jnp.maximum(carry.best_sim, sim[i]))
+
+  empty = _Carry(chosen=jnp.zeros((n,), bool), best_sim=jnp.zeros((n,), jnp.float32))
+  if relevance is not None:
+    seed = greedy.pick(relevance, valid, empty.chosen)
+  else:
+    seed = greedy.pick(score(empty), valid, empty.chosen)
+  # F is symmetric, so the row sim[i] is the column F[:, i] the paper's update reads.
+  start = _Carry(chosen=empty.chosen.at[seed].set(True), best_sim=sim[seed])
+
+  def step(carry: _Carry, _) -> tuple[_Carry, jax.Array]:
+    i = greedy.pick(score(carry), valid & ~carry.chosen, carry.chosen)
+    return add(carry, i), i
+
+  _, rest = jax.lax.scan(step, start, None, length=keep - 1)
+  return jnp.concatenate([seed[None], rest]).astype(jnp.int32)
+
+
+def objective(features: jax.Array, relevance: jax.Array, selected: jax.Array, *, alpha: float = 0.5,
+              lam: float = 0.5, valid: jax.Array | None = None) -> jax.Array:
+  """A set function whose greedy marginal gains are the unnormalised TOPS criteria, for brute-force comparisons.
+
+  J(S) = sum_{i in S} r_i + alpha * sum_{i in S} (1 - max_{k in S, k != i} F[i, k]) + lam * sum_{j valid} max(0,
+  max_{k in S} F[j, k]). The coverage term is facility location (monotone submodular); the diversity term scores each
+  kept token by its distance to its nearest kept neighbour. TOPS greedy (normalize="none") is a heuristic for it.
+
+  features: float[N, D], relevance: float[N], selected: bool[N] -> float32[].
+  """
+  sim = similarity.cosine_similarity(features)
+  n = sim.shape[0]
+  valid = jnp.ones((n,), bool) if valid is None else valid
+  rel = jnp.sum(jnp.where(selected, relevance, 0.0))
+  others = jnp.where(selected[None, :] & ~jnp.eye(n, dtype=bool), sim, -jnp.inf)
+  nearest = jnp.max(others, axis=1)
+  nearest = jnp.where(jnp.isfinite(nearest), nearest, 0.0)  # a lone token has no neighbour: distance 1
+  div = jnp.sum(jnp.where(selected, 1.0 - nearest, 0.0))
+  cover = jnp.max(jnp.where(selected[None, :], sim, 0.0), axis=1)
+  cov = jnp.sum(jnp.where(valid, jnp.maximum(cover, 0.0), 0.0))
+  return rel + alpha * div + lam * cov

@@ -1,0 +1,294 @@
+"""Relevance signals for visual tokens, computed from the few attention rows they need.
+
+Axes: ... leading batch axes, H query heads, Hkv key/value heads (GQA: Hkv divides H; query head h reads key head
+h // (H // Hkv), the Hugging Face `repeat_kv` layout), Dh head width, S keys (the whole sequence), T text queries,
+N visual tokens, D width.
+
+Every attention signal here takes the queries of its raters only (one CLS row, the last row, or the T text rows) and
+the keys of the whole sequence, and builds a raters x keys logit block: never the S x S map. The softmax runs over
+every key the model itself lets the query see (key mask and, where positions are given, causality), so the
+probabilities equal the rows of the model's own attention map, whatever attention kernel the model runs. Logits
+accumulate in float32 whatever the input dtype (bfloat16 queries and keys are upcast exactly). A query that may see
+no key at all gets an all-zero row instead of NaN.
+
+Signals
+- `cls_attention`: CLS -> patch attention of one vision layer, mean over heads (TOPS Stage I, VisionZip, SCOPE,
+  VisPruner). The softmax includes the CLS key itself; its column is then dropped, so the output is the CLS row of
+  the tower's attention map restricted to the patches and does not sum to one. VisionZip sums heads instead of
+  averaging: a factor H that leaves every ranking unchanged.
+- `last_token_attention`: the last query row at the layer before pruning, mean over heads (FastV).
+- `text_rater_attention`: attention of a dynamic set of text raters to the visual tokens, averaged over raters and
+  heads (SparseVLM; TOPS Stage II). Raters are the valid text tokens whose score is strictly above the mean score
+  over valid text tokens (SparseVLM's `m_v_t > m_v_t.mean()`); when no token passes (all scores equal) every valid
+  text token rates. The default score of a text token is the attention mass it sends to the visual tokens (mean
+  over heads); a total and a mean over visual tokens differ by the constant N and select the same raters. SparseVLM
+  itself scores text tokens from the layer-0 hidden states instead (`sparsevlm_rater_scores`); pass those as
+  `rater_scores` to reproduce it.
+- `text_embedding_cosine`: mean (or max) cosine between each visual token and the text tokens, for encoders without
+  a CLS token (SigLIP-style towers) or a CLIP text-image score.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tops_jax import similarity
+
+__all__ = ["cls_attention", "last_token_attention", "text_rater_attention", "select_raters",
+           "sparsevlm_rater_scores", "text_embedding_cosine"]
+
+_TINY = 1e-30
+
+
+def _shape(x):
+  return tuple(np.shape(x))
+
+
+def _check_qk(name: str, q, k, q_rank_tail: int):
+  """Checks q: float[..., H, (T,) Dh] against k: float[..., Hkv, S, Dh]; returns (lead, h, hkv, s, dh)."""
+  qs, ks = _shape(q), _shape(k)
+  if len(qs) < q_rank_tail:
+    raise ValueError(f"{name}: queries need at least {q_rank_tail} axes, got shape {qs}")
+  if len(ks) < 3:
+    raise ValueError(f"{name}: keys must be float[..., Hkv, S, Dh], got shape {ks}")
+  lead = qs[:-q_rank_tail]
+  if ks[:-3] != lead:
+    raise ValueError(f"{name}: queries and keys must share leading (batch) axes, got {lead} and {ks[:-3]}")
+  for label, x in (("queries", q), ("keys", k)):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise ValueError(f"{name}: {label} must be floating point, got dtype {jnp.result_type(x)}")
+  h, dh = qs[-q_rank_tail], qs[-1]
+  hkv, s, dhk = ks[-3:]
+  if dh != dhk:
+    raise ValueError(f"{name}: query head width {dh} != key head width {dhk}")
+  if hkv == 0 or h % hkv:
+    raise ValueError(f"{name}: key heads Hkv={hkv} must divide query heads H={h}")
+  return lead, h, hkv, s, dh
+
+
+def _check_mask(name: str, label: str, mask, shape):
+  if mask is None:
+    return
+  if _shape(mask) != tuple(shape):
+    raise ValueError(f"{name}: {label} must have shape {tuple(shape)}, got {_shape(mask)}")
+  if jnp.result_type(mask) != jnp.bool_:
+    raise ValueError(f"{name}: {label} must be a bool mask, got dtype {jnp.result_type(mask)}")
+
+
+def _check_positions(name: str, q_positions, k_positions, q_shape, k_shape):
+  if (q_positions is None) != (k_positions is None):
+    raise ValueError(f"{name}: give both query and key positions for causal masking, or neither")
+  if q_positions is None:
+    return
+  for label, x, shape in (("query positions", q_positions, q_shape), ("key positions", k_positions, k_shape)):
+    if _shape(x) != tuple(shape):
+      raise ValueError(f"{name}: {label} must have shape {tuple(shape)}, got {_shape(x)}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"{name}: {label} must be integers, got dtype {jnp.result_type(x)}")
+
+
+def _check_visual(name: str, visual, lead, s):
+  vs = _shape(visual)
+  if len(vs) != len(lead) + 1 or vs[:-1] != lead:
+    raise ValueError(f"{name}: visual must be int[..., N] with leading axes {lead}, got shape {vs}")
+  if not jnp.issubdtype(jnp.result_type(visual), jnp.integer):
+    raise ValueError(f"{name}: visual must hold integer key positions, got dtype {jnp.result_type(visual)}")
+  if not isinstance(visual, jax.core.Tracer):
+    v = np.asarray(visual)
+    if v.size and (v.min() < 0 or v.max() >= s):
+      raise ValueError(f"{name}: visual positions must lie in [0, S={s}), got range [{v.min()}, {v.max()}]")
+  return vs[-1]
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis restricted to `mask`; rows with no allowed entry become zeros."""
+  top = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e = jnp.where(mask, jnp.exp(logits - top), 0.0)
+  return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), _TINY)
+
+
+def _attention_rows(q, k, *, scale, kv_valid, q_positions, k_positions) -> jax.Array:
+  """Head-averaged attention rows. q: float[..., H, Tq, Dh], k: float[..., Hkv, S, Dh] -> float32[..., Tq, S].
+
+  kv_valid: bool[..., S] or None; q_positions: int[..., Tq] and k_positions: int[..., S] (both or neither) allow
+  key j for query i only when k_positions[j] <= q_positions[i].
+  """
+  *lead, h, tq, dh = q.shape
+  hkv, s = k.shape[-3], k.shape[-2]
+  scale = dh ** -0.5 if scale is None else scale
+  qg = q.reshape(*lead, hkv, h // hkv, tq, dh)
+  logits = jnp.einsum("...kgtd,...ksd->...kgts", qg, k, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
+  logits = logits.astype(jnp.float32).reshape(*lead, h, tq, s) * jnp.float32(scale)
+  mask = jnp.ones((*lead, 1, tq, s), dtype=bool)
+  if kv_valid is not None:
+    mask = mask & kv_valid[..., None, None, :]
+  if q_positions is not None:
+    mask = mask & (k_positions[..., None, None, :] <= q_positions[..., None, :, None])
+  return jnp.mean(_masked_softmax(logits, mask), axis=-3)
+
+
+def _gather_keys(rows: jax.Array, visual: jax.Array) -> jax.Array:
+  """rows: float[..., Tq, S], visual: int[..., N] -> float[..., Tq, N]."""
+  idx = jnp.broadcast_to(visual[..., None, :], (*rows.shape[:-1], visual.shape[-1]))
+  return jnp.take_along_axis(rows, idx.astype(jnp.int32), axis=-1)
+
+
+def cls_attention(q_cls: jax.Array, k: jax.Array, *, scale: float | None = None, kv_valid: jax.Array | None = None,
+                  cls_index: int | None = 0) -> jax.Array:
+  """CLS -> patch attention of one vision layer, mean over heads.
+
+  Args:
+    q_cls: float[..., H, Dh] the CLS query of the layer (after its projection; before RoPE if any).
+    k: float[..., Hkv, S, Dh] the keys of every token of that layer, CLS included (S = N + 1 for CLIP).
+    scale: logit scale; default Dh ** -0.5.
+    kv_valid: bool[..., S] keys the CLS may attend to (default all).
+    cls_index: static position of the CLS key in `k`; its column is dropped after the softmax. None keeps every
+      column (S = N), e.g. when `k` holds only the patches.
+
+  Returns:
+    float32[..., N] with N = S - 1 (or S when cls_index is None).
+  """
+  lead, _, _, s, _ = _check_qk("cls_attention", q_cls, k, 2)
+  _check_mask("cls_attention", "kv_valid", kv_valid, (*lead, s))
+  if cls_index is not None and not -s <= cls_index < s:
+    raise ValueError(f"cls_attention: cls_index={cls_index} out of range for S={s} keys")
+  rows = _attention_rows(q_cls[..., None, :], k, scale=scale, kv_valid=kv_valid, q_positions=None,
+                         k_positions=None)[..., 0, :]
+  if cls_index is None:
+    return rows
+  c = cls_index % s
+  return jnp.concatenate([rows[..., :c], rows[..., c + 1:]], axis=-1)
+
+
+def last_token_attention(q_last: jax.Array, k: jax.Array, *, visual: jax.Array, scale: float | None = None,
+                         kv_valid: jax.Array | None = None, q_position: jax.Array | None = None,
+                         k_positions: jax.Array | None = None) -> jax.Array:
+  """FastV's signal: attention of the last query row to the visual tokens, mean over heads.
+
+  Args:
+    q_last: float[..., H, Dh] the query of the last (valid) token at layer K-1 (after RoPE).
+    k: float[..., Hkv, S, Dh] the keys of the whole sequence at that layer (after RoPE).
+    visual: int[..., N] key positions of the visual tokens (distinct).
+    scale: logit scale; default Dh ** -0.5.
+    kv_valid: bool[..., S] key mask (padding False).
+    q_position, k_positions: int[...] and int[..., S], both or neither: causal masking (key j visible when
+      k_positions[j] <= q_position). Needed only when keys after the last valid token are not masked otherwise.
+
+  Returns:
+    float32[..., N].
+  """
+  lead, _, _, s, _ = _check_qk("last_token_attention", q_last, k, 2)
+  _check_mask("last_token_attention", "kv_valid", kv_valid, (*lead, s))
+  _check_positions("last_token_attention", q_position, k_positions, lead, (*lead, s))
+  _check_visual("last_token_attention", visual, lead, s)
+  rows = _attention_rows(q_last[..., None, :], k, scale=scale, kv_valid=kv_valid,
+                         q_positions=None if q_position is None else q_position[..., None], k_positions=k_positions)
+  return _gather_keys(rows, visual)[..., 0, :]
+
+
+def select_raters(scores: jax.Array, text_valid: jax.Array | None = None) -> jax.Array:
+  """SparseVLM's dynamic rater set: valid text tokens scoring strictly above the mean over valid text tokens.
+
+  scores: float[..., T], text_valid: bool[..., T] -> bool[..., T]. When no token passes (all scores equal) every
+  valid text token is a rater.
+  """
+  s = scores.astype(jnp.float32)
+  valid = jnp.ones(s.shape, dtype=bool) if text_valid is None else text_valid
+  mean = jnp.sum(jnp.where(valid, s, 0.0), axis=-1, keepdims=True) / jnp.maximum(
+      jnp.sum(valid, axis=-1, keepdims=True), 1)
+  raters = valid & (s > mean)
+  return jnp.where(jnp.any(raters, axis=-1, keepdims=True), raters, valid)
+
+
+def text_rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale: float | None = None,
+                         kv_valid: jax.Array | None = None, text_valid: jax.Array | None = None,
+                         visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
+                         k_positions: jax.Array | None = None,
+                         rater_scores: jax.Array | None = None) -> jax.Array:
+  """Stage II relevance: attention of the text raters to the visual tokens, averaged over raters and heads.
+
+  Args:
+    q_text: float[..., H, T, Dh] the queries of the text tokens only (after RoPE).
+    k: float[..., Hkv, S, Dh] the keys of the whole sequence at the same layer (after RoPE).
+    visual: int[..., N] key positions of the visual tokens (distinct).
+    scale: logit scale; default Dh ** -0.5.
+    kv_valid: bool[..., S] key mask (padding False).
+    text_valid: bool[..., T] which text queries are real (padding never rates).
+    visual_valid: bool[..., N] which entries of `visual` are real; padded entries get relevance 0 and add nothing
+      to the rater scores.
+    q_positions, k_positions: int[..., T] and int[..., S], both or neither: causal masking, key j visible to text
+      query i when k_positions[j] <= q_positions[i] (the model's own positions, so the softmax denominator is the
+      one the model uses).
+    rater_scores: float[..., T] scores that choose the raters (e.g. `sparsevlm_rater_scores`); default: each text
+      token's attention mass to the visual tokens, mean over heads.
+
+  Returns:
+    float32[..., N].
+  """
+  name = "text_rater_attention"
+  lead, _, _, s, _ = _check_qk(name, q_text, k, 3)
+  t = _shape(q_text)[-2]
+  _check_mask(name, "kv_valid", kv_valid, (*lead, s))
+  _check_mask(name, "text_valid", text_valid, (*lead, t))
+  _check_positions(name, q_positions, k_positions, (*lead, t), (*lead, s))
+  n = _check_visual(name, visual, lead, s)
+  _check_mask(name, "visual_valid", visual_valid, (*lead, n))
+  if rater_scores is not None and _shape(rater_scores) != (*lead, t):
+    raise ValueError(f"{name}: rater_scores must have shape {(*lead, t)}, got {_shape(rater_scores)}")
+
+  rows = _attention_rows(q_text, k, scale=scale, kv_valid=kv_valid, q_positions=q_positions, k_positions=k_positions)
+  to_visual = _gather_keys(rows, visual)                                   # float32[..., T, N]
+  if visual_valid is not None:
+    to_visual = jnp.where(visual_valid[..., None, :], to_visual, 0.0)
+  scores = jnp.sum(to_visual, axis=-1) if rater_scores is None else rater_scores
+  raters = select_raters(scores, text_valid)
+  weight = raters.astype(jnp.float32) / jnp.maximum(jnp.sum(raters, axis=-1, keepdims=True), 1)
+  return jnp.einsum("...t,...tn->...n", weight, to_visual, precision=jax.lax.Precision.HIGHEST)
+
+
+def sparsevlm_rater_scores(visual: jax.Array, text: jax.Array, *, visual_valid: jax.Array | None = None,
+                           text_valid: jax.Array | None = None) -> jax.Array:
+  """SparseVLM's text-token scores: softmax over text of visual . text, averaged over visual tokens.
+
+  visual: float[..., N, D], text: float[..., T, D] (the hidden states entering the LLM), masks bool[..., N] /
+  bool[..., T] -> float32[..., T]; padded text tokens score 0 and padded visual tokens are left out of the mean.
+  """
+  vs, ts = _shape(visual), _shape(text)
+  if len(vs) < 2 or len(ts) < 2 or vs[:-2] != ts[:-2] or vs[-1] != ts[-1]:
+    raise ValueError(f"sparsevlm_rater_scores: need visual float[..., N, D] and text float[..., T, D], got {vs}, {ts}")
+  _check_mask("sparsevlm_rater_scores", "visual_valid", visual_valid, vs[:-1])
+  _check_mask("sparsevlm_rater_scores", "text_valid", text_valid, ts[:-1])
+  logits = jnp.einsum("...nd,...td->...nt", visual, text, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
+  tmask = jnp.ones(logits.shape, dtype=bool) if text_valid is None else jnp.broadcast_to(
+      text_valid[..., None, :], logits.shape)
+  probs = _masked_softmax(logits, tmask)
+  if visual_valid is None:
+    return jnp.mean(probs, axis=-2)
+  w = visual_valid.astype(jnp.float32)
+  return jnp.einsum("...n,...nt->...t", w, probs, precision=jax.lax.Precision.HIGHEST) / jnp.maximum(
+      jnp.sum(w, axis=-1, keepdims=True), 1.0)
+
+
+def text_embedding_cosine(visual: jax.Array, text: jax.Array, text_valid: jax.Array | None = None, *,
+                          reduce: str = "mean") -> jax.Array:
+  """Cosine between each visual token and the text tokens, reduced over valid text tokens.
+
+  visual: float[..., N, D], text: float[..., T, D], text_valid: bool[..., T]; reduce: "mean" or "max" (static).
+  Returns float32[..., N]; with no valid text token the result is 0.
+  """
+  vs, ts = _shape(visual), _shape(text)
+  if len(vs) < 2 or len(ts) < 2 or vs[:-2] != ts[:-2] or vs[-1] != ts[-1]:
+    raise ValueError(f"text_embedding_cosine: need visual float[..., N, D] and text float[..., T, D], got {vs}, {ts}")
+  _check_mask("text_embedding_cosine", "text_valid", text_valid, ts[:-1])
+  if reduce not in ("mean", "max"):
+    raise ValueError(f"text_embedding_cosine: reduce must be 'mean' or 'max', got {reduce!r}")
+  cos = similarity.cosine_similarity(visual, text)                         # float32[..., N, T]
+  valid = jnp.ones(ts[:-1], dtype=bool) if text_valid is None else text_valid
+  valid = valid[..., None, :]
+  if reduce == "mean":
+    return jnp.sum(jnp.where(valid, cos, 0.0), axis=-1) / jnp.maximum(jnp.sum(valid, axis=-1), 1)
+  best = jnp.max(jnp.where(valid, cos, -jnp.inf), axis=-1)
+  return jnp.where(jnp.isfinite(best), best, 0.0)
