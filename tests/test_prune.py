@@ -205,3 +205,9 @@ def test_batched_array_hyperparameter_must_match_batch():
   features, relevance = _inputs(batch=2)
   with pytest.raises(ValueError, match="array hyperparameter keys has leading axis 3, expected the batch size 2"):
     prune.select("dart", features, keep=3, keys=np.zeros((3, N, 4), np.float32))
+
+
+def test_unknown_hyperparameter_is_named():
+  features, relevance = _inputs()
+  with pytest.raises(ValueError, match=r"tops: unknown hyperparameter\(s\) lamda; tops takes: alpha, lam"):
+    prune.select("tops", features, keep=3, relevance=relevance, lamda=0.5)

@@ -28,6 +28,7 @@ valid the remaining slots are filled with the lowest-index invalid positions.
 """
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -84,6 +85,18 @@ def _lookup(method: str) -> Method:
   return METHODS[method]
 
 
+def _check_hparams(method: str, fn: Callable, hparams: dict[str, Any]):
+  params = inspect.signature(fn).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  known = [name for name, p in params.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "keep"]
+  unknown = sorted(set(hparams) - set(known))
+  if unknown:
+    raise ValueError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; "
+                     f"{method} takes: {', '.join(known) or 'none'}")
+
+
 def _split_hparams(hparams: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
   """Static (shape/control-flow) hyperparameters vs traced ones (floats and arrays)."""
   static, dynamic = [], {}
@@ -121,6 +134,7 @@ def _call(method, features, keep, relevance, valid, key, hparams, want):
   spec = _lookup(method)
   if want == "merge" and spec.merge is None:
     raise ValueError(f"{method} does not merge tokens; merging methods: {', '.join(MERGE_METHODS)}")
+  _check_hparams(method, spec.order if want == "order" else spec.merge, hparams)
   keep = _checks.check_select_args(method, features, keep, relevance, valid, key,
                                    needs_relevance=spec.needs_relevance, needs_key=spec.needs_key)
   features = jnp.asarray(features)
