@@ -6,6 +6,7 @@ Modules: `prune` (the public `select` / `select_order` / `merge` API and the met
 
 from tops_jax import greedy
 from tops_jax import prune
+from tops_jax import relevance
 from tops_jax import similarity
 
-__all__ = ["greedy", "prune", "similarity"]
+__all__ = ["greedy", "prune", "relevance", "similarity"]

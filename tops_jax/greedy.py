@@ -66,8 +66,9 @@ def topk_order(score: jax.Array, valid: jax.Array, keep: int) -> jax.Array:
   score: float[N], valid: bool[N] -> int32[keep]. A stable lexicographic sort keeps index order among equal scores, and invalid
   positions sink below every valid one.
   """
-  s = jnp.where(jnp.isnan(score), -jnp.inf, score.astype(jnp.float32))
-  # Primary key: valid first; then score descending; a stable sort keeps index order among equals.
+  s = jnp.where(jnp.isnan(score) | ~valid, -jnp.inf, score.astype(jnp.float32))
+  # Primary key: valid first; then score descending (invalid positions all tie, so they follow in index order);
+  # a stable sort keeps index order among equals.
   order = jnp.lexsort((-s, ~valid))
   return order[:keep].astype(jnp.int32)
 

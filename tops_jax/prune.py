@@ -103,6 +103,8 @@ def _split_hparams(hparams: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...]
   for name, value in sorted(hparams.items()):
     if isinstance(value, float) or hasattr(value, "shape"):
       dynamic[name] = value
+    elif isinstance(value, list):
+      static.append((name, tuple(value)))  # e.g. grid=[6, 6]: static values must be hashable
     else:
       static.append((name, value))
   return tuple(static), dynamic

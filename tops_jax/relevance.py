@@ -120,7 +120,7 @@ def _attention_rows(q, k, *, scale, kv_valid, q_positions, k_positions) -> jax.A
   qg = q.reshape(*lead, hkv, h // hkv, tq, dh)
   logits = jnp.einsum("...kgtd,...ksd->...kgts", qg, k, preferred_element_type=jnp.float32,
                       precision=jax.lax.Precision.HIGHEST)
-  logits = logits.astype(jnp.float32).reshape(*lead, h, tq, s) * jnp.float32(scale)
+  logits = logits.astype(jnp.float32).reshape(*lead, h, tq, s) * jnp.asarray(scale, jnp.float32)
   mask = jnp.ones((*lead, 1, tq, s), dtype=bool)
   if kv_valid is not None:
     mask = mask & kv_valid[..., None, None, :]
