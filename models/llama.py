@@ -1,0 +1,503 @@
+"""LLaMA / Vicuna / Mistral decoders in Flax NNX, numerically matching transformers' `LlamaModel` / `MistralModel`.
+
+Axes: B batch, T tokens of this call (the query rows), S key positions (T without a cache, C with one), C cache
+capacity, D width, H query heads, K key/value heads (GQA: H % K == 0), Dh head width, L layers, V vocabulary.
+
+    lm = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))     # or filled by models.load_pretrained
+    x = lm.embed(input_ids)                                            # float[B, T, D]
+    pos = position_ids_from_mask(mask)                                 # int32[B, T], like transformers' generate
+    seg = lm.run_layers(x, pos, mask, start=0, stop=12)                # DecoderOutput(hidden=float[B, T, D], ...)
+    # ... prune the sequence to T' rows (new x, positions re-indexed or kept, mask) ...
+    seg = lm.run_layers(x2, pos2, mask2, start=12, stop=config.num_hidden_layers)
+    h = lm.norm(seg.hidden)
+
+Architecture: pre-RMSNorm layers (RMSNorm -> GQA attention with rotate-half RoPE -> residual, RMSNorm -> SwiGLU MLP
+-> residual), final RMSNorm, untied lm_head (tied supported: logits = h @ embed_tokens^T). RoPE: `rope_type` "default"
+or "linear" (inverse frequencies divided by `factor`); cos/sin computed in float32 and cast to the compute dtype,
+like transformers. RMSNorm: statistics in float32, cast back to the input dtype, then times the weight.
+
+Decoder segments (the Stage II seam)
+Layer parameters are stacked along a leading L axis (built with `nnx.vmap`) and `run_layers` runs a contiguous
+segment [start, stop) with `jax.lax.scan` over the sliced stack: one compiled layer body whatever the depth, and a
+segment can run on any sequence length, so a pruning step between segments just changes the shapes it passes on.
+`start`/`stop` are static Python ints. `attention_probs` returns one layer's attention rows for chosen query tokens
+(text raters, the last token) from that layer's input hidden states, for in-LLM scorers.
+
+Attention masks: `attention_mask: bool[B, T]` marks real (non-padding) tokens; a key is visible to a query when it is
+real, not after the query (by index in the sequence or cache, as transformers' causal mask) and, with
+`sliding_window` W, fewer than W slots before it (transformers' index-based sliding window). Attention itself is
+`jax.nn.dot_product_attention` (implementation=None: XLA on CPU, swappable for a fused kernel); the probabilities are
+only materialised by `attention_probs`.
+
+KV cache (`KVCache`, preallocated, static capacity C)
+    k, v:   dtype[L, B, C, K, Dh]   keys (after RoPE) and values of every layer
+    valid:  bool[L, B, C]           slot holds a real token (written slots of padding tokens stay False)
+    end:    int32[L]                next free slot of each layer
+A call with a cache writes its T tokens at slots [end[l], end[l] + T) of each layer it runs, attends over all C slots
+(masked) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
+layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
+at that layer's own `end`. Writing past C cannot raise under jit (indices clamp): size C for prompt + new tokens
+(`models.generate` does). RoPE positions are independent of slots: the caller passes them.
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import loading
+from models.clip import ACTIVATIONS
+from models.outputs import DecoderOutput
+
+__all__ = ["TextConfig", "KVCache", "init_cache", "RMSNorm", "LlamaModel", "LlamaForCausalLM", "CausalLMOutput",
+           "position_ids_from_mask", "rope_cos_sin", "apply_rope", "make_attention_mask", "conversion_table",
+           "causal_lm_conversion_table", "default_positions", "lm_logits"]
+
+# transformers' defaults per model_type, for the fields a sparse config.json (llava-1.5's text_config) may omit.
+_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  rms_norm_eps=1e-6, max_position_embeddings=2048, attention_bias=False, mlp_bias=False,
+                  sliding_window=None, tie_word_embeddings=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
+                    rms_norm_eps=1e-6, max_position_embeddings=4096 * 32, attention_bias=False, mlp_bias=False,
+                    sliding_window=4096, tie_word_embeddings=False),
+}
+_DEFAULT_ROPE_THETA = 10000.0
+_ROPE_TYPES = ("default", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The decoder fields the port reads; build it with `from_hf` (transformers' per-model_type defaults apply)."""
+  model_type: str = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int = 128
+  hidden_act: str = "silu"
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = _DEFAULT_ROPE_THETA
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "TextConfig":
+    """From a HF text config dict (a `text_config`, or a LlamaForCausalLM/MistralForCausalLM config.json).
+
+    Accepts transformers-5 `rope_parameters` ({"rope_type", "rope_theta", "factor"}) and the legacy top-level
+    `rope_theta` + `rope_scaling` ({"type" or "rope_type", "factor"}). Raises ValueError for anything else the port
+    does not implement.
+    """
+    model_type = hf.get("model_type", "llama")
+    if model_type not in _DEFAULTS:
+      raise ValueError(f"text_config.model_type={model_type!r} is not supported; supported: {sorted(_DEFAULTS)}")
+    values = {k: hf.get(k, default) for k, default in _DEFAULTS[model_type].items()}
+    for k, v in values.items():
+      if v is None and k not in ("num_key_value_heads", "head_dim", "sliding_window"):
+        raise ValueError(f"text_config.{k} is null")
+    if values["num_key_value_heads"] is None:
+      values["num_key_value_heads"] = values["num_attention_heads"]
+    if values["head_dim"] is None:
+      values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+      raise ValueError(f"text_config.rope_parameters must be a dict, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+      raise ValueError(f"unsupported rope type {rope_type!r} (text_config.rope_parameters/rope_scaling); "
+                       f"the port implements {_ROPE_TYPES}")
+    theta = rope.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
+    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    if rope_type == "linear" and "factor" not in rope:
+      raise ValueError("linear rope scaling needs a `factor` in text_config.rope_parameters")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+      raise ValueError(f"text_config partial_rotary_factor={partial} is not supported (full rotary only)")
+    if hf.get("layer_types") is not None and any(t != "full_attention" for t in hf["layer_types"]):
+      raise ValueError(f"text_config.layer_types={hf['layer_types']} (mixed attention types) is not supported")
+    if values["hidden_act"] not in ACTIVATIONS:
+      raise ValueError(f"text_config.hidden_act={values['hidden_act']!r} is not supported; "
+                       f"supported: {sorted(ACTIVATIONS)}")
+    if values["num_attention_heads"] % values["num_key_value_heads"]:
+      raise ValueError(f"num_attention_heads={values['num_attention_heads']} is not a multiple of "
+                       f"num_key_value_heads={values['num_key_value_heads']}")
+    if values["sliding_window"] is not None and values["sliding_window"] <= 0:
+      raise ValueError(f"text_config.sliding_window must be positive or null, got {values['sliding_window']}")
+    return cls(model_type=model_type, rope_theta=float(theta), rope_type=rope_type, rope_factor=factor, **values)
+
+
+class CausalLMOutput(NamedTuple):
+  """logits float32[B, T, V]; hidden_states float[L + 1, B, T, D] (see `models.outputs.LlavaOutput`) when asked;
+  last_hidden_state float[B, T, D] after the final norm; cache when one was given."""
+  logits: jax.Array
+  hidden_states: jax.Array | None = None
+  last_hidden_state: jax.Array | None = None
+  cache: Any = None
+
+
+class KVCache(NamedTuple):
+  """Preallocated per-layer key/value cache (see the module docstring)."""
+  k: jax.Array        # dtype[L, B, C, K, Dh]
+  v: jax.Array        # dtype[L, B, C, K, Dh]
+  valid: jax.Array    # bool[L, B, C]
+  end: jax.Array      # int32[L]
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(config: TextConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+  """An empty cache for `batch` rows and `capacity` slots (static)."""
+  shape = (config.num_hidden_layers, batch, capacity, config.num_key_value_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros(shape[:3], bool), end=jnp.zeros((config.num_hidden_layers,), jnp.int32))
+
+
+def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """transformers' generate: cumsum(mask) - 1, padding positions set to 1. bool/int[B, T] -> int32[B, T]."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 1).astype(jnp.int32)
+
+
+def _inv_freq(config: TextConfig) -> np.ndarray:
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv = np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)
+  return (inv / np.float32(config.rope_factor)).astype(np.float32)
+
+
+def rope_cos_sin(config: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """int[B, T] positions -> (cos, sin) float[B, T, Dh] in `dtype` (angles in float32, halves duplicated)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(config))
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE: x float[B, T, heads, Dh], cos/sin float[B, T, Dh]."""
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return x * cos + _rotate_half(x) * sin
+
+
+def make_attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
+  """Which keys each query sees. query_slots int[T] (index of each query among the keys), key_valid bool[B, S] ->
+  bool[B, 1, T, S] (broadcast over heads): real keys at or before the query, within the sliding window if any.
+
+  Every query also sees its own slot, so a padding query (whose own key is not real) never has an empty row: fused
+  attention kernels may return NaN for empty rows, and 0 * NaN would leak into real rows through later layers. Real
+  queries are unaffected (their own slot is real); padding rows differ from transformers' (they are garbage in both).
+  """
+  key_slots = jnp.arange(key_valid.shape[-1])
+  delta = query_slots[:, None] - key_slots[None, :]            # [T, S]
+  allowed = delta >= 0
+  if sliding_window is not None:
+    allowed = allowed & (delta < sliding_window)
+  return ((key_valid[:, None, :] & allowed[None]) | (delta == 0)[None])[:, None]
+
+
+def _linear(din, dout, dtype, rngs, use_bias):
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast to the input dtype, times the weight."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return self.scale[...] * y
+
+
+class LlamaAttention(nnx.Module):
+
+  def __init__(self, config: TextConfig, *, dtype, rngs: nnx.Rngs):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, rngs, c.attention_bias)
+    self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs, c.attention_bias)
+    self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs, c.attention_bias)
+    self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, rngs, c.attention_bias)
+
+  def qkv(self, x, cos, sin):
+    """x float[B, T, D] (normed) -> q float[B, T, H, Dh], k, v float[B, T, K, Dh] (RoPE applied to q and k)."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def attend(self, q, k, v, mask):
+    """q float[B, T, H, Dh], k/v float[B, S, K, Dh], mask bool[B, 1, T, S] -> float[B, T, D]."""
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=None)
+    return self.o_proj(out.reshape(*q.shape[:2], -1))
+
+  def probs(self, q, k, mask):
+    """Attention probabilities float32[B, H, T, S] (transformers' eager: float32 softmax, cast to the dtype)."""
+    groups = self.num_heads // self.num_kv_heads
+    k = jnp.repeat(k, groups, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1).astype(q.dtype).astype(jnp.float32)
+
+
+class LlamaMLP(nnx.Module):
+
+  def __init__(self, config: TextConfig, *, dtype, rngs: nnx.Rngs):
+    c = config
+    self.act = c.hidden_act
+    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, dtype, rngs, c.mlp_bias)
+    self.up_proj = _linear(c.hidden_size, c.intermediate_size, dtype, rngs, c.mlp_bias)
+    self.down_proj = _linear(c.intermediate_size, c.hidden_size, dtype, rngs, c.mlp_bias)
+
+  def __call__(self, x):
+    return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """One pre-norm decoder layer, split in two halves so a KV cache can be written between them."""
+
+  def __init__(self, config: TextConfig, *, dtype, rngs: nnx.Rngs):
+    self.self_attn = LlamaAttention(config, dtype=dtype, rngs=rngs)
+    self.mlp = LlamaMLP(config, dtype=dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+  def qkv(self, x, cos, sin):
+    return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+  def finish(self, x, q, k, v, mask):
+    x = x + self.self_attn.attend(q, k, v, mask)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+  def __call__(self, x, cos, sin, mask):
+    q, k, v = self.qkv(x, cos, sin)
+    return self.finish(x, q, k, v, mask)
+
+
+class LlamaModel(nnx.Module):
+  """transformers' LlamaModel / MistralModel: embed_tokens, stacked layers, norm (no lm_head)."""
+
+  def __init__(self, config: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+      return LlamaDecoderLayer(config, dtype=dtype, rngs=r)
+
+    self.layers = make(rngs)
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+  @property
+  def dtype(self):
+    return self.embed_tokens.embedding.dtype
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int[B, T] -> float[B, T, D]."""
+    return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0)
+
+  def layer(self, index: int) -> LlamaDecoderLayer:
+    """The single (unstacked) layer `index` (a static Python int)."""
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+  def _segment(self, start: int, stop: int | None) -> tuple[int, int]:
+    n = self.config.num_hidden_layers
+    stop = n if stop is None else stop
+    if not 0 <= start < stop <= n:
+      raise ValueError(f"layer segment [{start}, {stop}) is empty or out of range for {n} layers")
+    return start, stop
+
+  def run_layers(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None, *,
+                 start: int = 0, stop: int | None = None, cache: KVCache | None = None,
+                 collect_hidden: bool = False) -> DecoderOutput:
+    """Runs decoder layers [start, stop) on hidden states.
+
+    Args:
+      x: float[B, T, D] input of layer `start`.
+      positions: int[B, T] RoPE position ids.
+      attention_mask: bool/int[B, T], True/1 for real tokens; None means all real.
+      start, stop: static layer segment (stop=None: to the last layer).
+      cache: a `KVCache`; the T tokens are written at each segment layer's `end` and attend to the cached slots.
+      collect_hidden: also return the input of every layer of the segment.
+
+    Returns:
+      DecoderOutput(hidden float[B, T, D] (before the final norm), hidden_states float[stop - start, B, T, D] | None,
+      cache with `end` advanced by T for the segment's layers | None).
+    """
+    start, stop = self._segment(start, stop)
+    chex.assert_rank(x, 3)
+    b, t, _ = x.shape
+    chex.assert_shape(positions, (b, t))
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    chex.assert_shape(valid, (b, t))
+    cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+    window = self.config.sliding_window
+    graphdef, state = nnx.split(self.layers)
+    state = jax.tree.map(lambda a: a[start:stop], state)
+
+    if cache is None:
+      mask = make_attention_mask(jnp.arange(t), valid, window)
+
+      def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), h if collect_hidden else None
+
+      x, inputs = jax.lax.scan(body, x, state)
+      return DecoderOutput(hidden=x, hidden_states=inputs)
+
+    if cache.k.shape[:2] != (self.config.num_hidden_layers, b):
+      raise ValueError(f"cache holds {cache.k.shape[:2]} (layers, batch), expected "
+                       f"{(self.config.num_hidden_layers, b)}")
+    ends = cache.end[start:stop]
+    seg_valid = jax.vmap(lambda vl, e: jax.lax.dynamic_update_slice(vl, valid, (0, e)))(cache.valid[start:stop], ends)
+    new_valid = cache.valid.at[start:stop].set(seg_valid)
+
+    def cached_body(carry, xs):
+      h, k_all, v_all = carry
+      layer_state, end, l, key_valid = xs
+      layer = nnx.merge(graphdef, layer_state)
+      q, k, v = layer.qkv(h, cos, sin)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (l, 0, end, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (l, 0, end, 0, 0))
+      keys = jax.lax.dynamic_index_in_dim(k_all, l, keepdims=False)
+      values = jax.lax.dynamic_index_in_dim(v_all, l, keepdims=False)
+      mask = make_attention_mask(end + jnp.arange(t), key_valid, window)
+      return (layer.finish(h, q, keys, values, mask), k_all, v_all), h if collect_hidden else None
+
+    xs = (state, ends, jnp.arange(start, stop), seg_valid)
+    (x, k_all, v_all), inputs = jax.lax.scan(cached_body, (x, cache.k, cache.v), xs)
+    new_cache = KVCache(k=k_all, v=v_all, valid=new_valid, end=cache.end.at[start:stop].add(t))
+    return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
+
+  def attention_probs(self, layer: int, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
+                      queries: jax.Array) -> jax.Array:
+    """Attention probabilities of decoder layer `layer` for selected query tokens (no cache).
+
+    Args:
+      layer: static layer index.
+      x: float[B, T, D] the INPUT hidden states of that layer (`run_layers(..., stop=layer)` or hidden_states[layer]).
+      positions: int[B, T]; attention_mask: bool[B, T] | None as in `run_layers`.
+      queries: int[B, Q] token indices of the query rows (e.g. text raters, the last token).
+
+    Returns:
+      float32[B, H, Q, T], each row a softmax over the keys the query may see (masked keys get 0).
+    """
+    b, t, _ = x.shape
+    chex.assert_rank(queries, 2)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+    q, k, _ = self.layer(layer).qkv(x, cos, sin)
+    q = jnp.take_along_axis(q, queries[:, :, None, None], axis=1)
+    mask = make_attention_mask(jnp.arange(t), valid, self.config.sliding_window)     # [B, 1, T, T]
+    mask = jnp.take_along_axis(mask, queries[:, None, :, None], axis=2)
+    return self.layer(layer).self_attn.probs(q, k, mask)
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None, *,
+               cache: KVCache | None = None, output_hidden_states: bool = False):
+    """All layers then the final norm: -> (last_hidden_state float[B, T, D], hidden_states float[L + 1, B, T, D] |
+    None, cache | None)."""
+    out = self.run_layers(inputs_embeds, positions, attention_mask, cache=cache, collect_hidden=output_hidden_states)
+    hidden_states = None
+    if output_hidden_states:
+      hidden_states = jnp.concatenate([out.hidden_states, out.hidden[None]], axis=0)
+    return self.norm(out.hidden), hidden_states, out.cache
+
+
+class LlamaForCausalLM(nnx.Module):
+  """transformers' LlamaForCausalLM / MistralForCausalLM: `model` + `lm_head` (absent when tied)."""
+
+  def __init__(self, config: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, dtype,
+                                                                    rngs, False)
+
+  @property
+  def language_model(self) -> LlamaModel:
+    """The decoder, under the name LLaVA uses (the `models.generate` protocol)."""
+    return self.model
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """Final norm + lm_head: float[..., D] (output of the last layer) -> float32[..., V]."""
+    return lm_logits(self.model, self.lm_head, self.model.norm(hidden))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, *, cache: KVCache | None = None,
+               output_hidden_states: bool = False) -> CausalLMOutput:
+    """input_ids int[B, T]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one)."""
+    chex.assert_rank(input_ids, 2)
+    if position_ids is None:
+      position_ids = default_positions(input_ids.shape, attention_mask)
+    h, hidden_states, cache = self.model(self.model.embed(input_ids), position_ids, attention_mask, cache=cache,
+                                         output_hidden_states=output_hidden_states)
+    return CausalLMOutput(logits=lm_logits(self.model, self.lm_head, h), hidden_states=hidden_states,
+                          last_hidden_state=h, cache=cache)
+
+
+def default_positions(shape: tuple[int, int], attention_mask: jax.Array | None) -> jax.Array:
+  """Position ids for a fresh prompt: from the mask (left padding aware) or arange. -> int32[B, T]."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  return position_ids_from_mask(attention_mask)
+
+
+def lm_logits(model: LlamaModel, lm_head: nnx.Linear | None, h: jax.Array) -> jax.Array:
+  """float[..., D] normed hidden states -> float32[..., V] through lm_head or the tied embedding."""
+  if lm_head is None:
+    return jnp.einsum("...d,vd->...v", h, model.embed_tokens.embedding[...]).astype(jnp.float32)
+  return lm_head(h).astype(jnp.float32)
+
+
+def conversion_table(config: TextConfig, prefix: str, target: tuple[str, ...]) -> dict[str, "loading.Rule"]:
+  """Checkpoint names of a LlamaModel under `prefix` (e.g. "model.language_model.") -> paths under `target`."""
+  Rule = loading.Rule
+  t = {prefix + "embed_tokens.weight": Rule(target + ("embed_tokens", "embedding")),
+       prefix + "norm.weight": Rule(target + ("norm", "scale"))}
+  layers = target + ("layers",)
+  for i in range(config.num_hidden_layers):
+    p = f"{prefix}layers.{i}."
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      t[f"{p}self_attn.{proj}.weight"] = Rule(layers + ("self_attn", proj, "kernel"), "linear", i)
+      if config.attention_bias:
+        t[f"{p}self_attn.{proj}.bias"] = Rule(layers + ("self_attn", proj, "bias"), "identity", i)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      t[f"{p}mlp.{proj}.weight"] = Rule(layers + ("mlp", proj, "kernel"), "linear", i)
+      if config.mlp_bias:
+        t[f"{p}mlp.{proj}.bias"] = Rule(layers + ("mlp", proj, "bias"), "identity", i)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      t[f"{p}{norm}.weight"] = Rule(layers + (norm, "scale"), "identity", i)
+  return t
+
+
+def causal_lm_conversion_table(config: TextConfig) -> dict[str, "loading.Rule"]:
+  """The family table for a text-only LlamaForCausalLM / MistralForCausalLM checkpoint."""
+  t = conversion_table(config, "model.", ("model",))
+  if not config.tie_word_embeddings:
+    t["lm_head.weight"] = loading.Rule(("lm_head", "kernel"), "linear")
+  return t

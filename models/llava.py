@@ -1,0 +1,249 @@
+"""LLaVA-1.5 (CLIP ViT + MLP projector + LLaMA/Vicuna or Mistral) in Flax NNX, matching transformers'
+`LlavaForConditionalGeneration`.
+
+Axes: B batch, S sequence, I images (all images of the batch in order), N visual tokens per image, Dv vision width,
+D text width, V vocabulary, L decoder layers.
+
+    model = models.load_pretrained(path, dtype=jnp.bfloat16)
+    out = jax.jit(lambda m, b: m(**b))(model, dict(input_ids=ids, pixel_values=px, attention_mask=mask))
+    out.logits                          # float32[B, S, V]
+    out.cls_attention, out.image_embeds  # Stage I inputs: float32[I, N], float[I, N, D]
+
+The forward is a composition of small methods, which is the seam for token pruning:
+
+    vis = model.encode_images(pixel_values)        # VisionOutput: features float[I, N, Dv], cls_attention float32[I, N]
+    img = model.project(vis.features)              # float[I, N, D]
+    # -- Stage I hook: pick/merge K of the N rows per image (pre-LLM pruning); rebuild input_ids with K image
+    #    tokens per image (and the attention mask) to match.
+    x = model.embed(input_ids, img)                # float[B, S, D] text embeddings with image rows merged in
+    pos = llama.default_positions(input_ids.shape, attention_mask)
+    seg = model.language_model.run_layers(x, pos, attention_mask, start=0, stop=12)
+    # -- Stage II hook: score with model.language_model.attention_probs(12, seg.hidden, ...) and seg.hidden,
+    #    gather the kept rows of hidden/positions/mask, then continue on the shorter sequence.
+    seg = model.language_model.run_layers(seg.hidden, pos, attention_mask, start=12)
+    logits = model.head(seg.hidden)                # final norm + lm_head, float32
+
+`__call__` is exactly that chain without pruning. The merge is the jit-safe form of transformers' `masked_scatter`:
+the k-th image-token position of the flattened batch (row-major over [B, S]) takes the k-th row of the flattened
+image embeddings [I * N, D]. A count mismatch raises on concrete inputs; under `jit` it cannot be checked (extra
+image tokens then repeat the last row), so callers keep the counts consistent (`check_image_tokens`).
+
+Position ids default to `cumsum(attention_mask) - 1` (transformers' generate; left padding aware). Note that
+transformers' plain forward uses `arange` instead when no position_ids are passed; pass them explicitly to compare.
+
+Vision features: `vision_feature_layer` (int or list, concatenated along the width) and
+`vision_feature_select_strategy` ("default" drops CLS, "full" keeps it), as in transformers. `image_sizes` is accepted
+for a call signature shared with LLaVA-NeXT and ignored: every LLaVA-1.5 image is image_size x image_size.
+"""
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import clip
+from models import llama
+from models import loading
+from models.outputs import LlavaOutput, VisionOutput
+
+__all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
+           "check_image_tokens", "conversion_table"]
+
+# LlavaConfig's vision tower when config.json has no vision_config (CLIP ViT-L/14 at 336 px).
+_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+  """LLaVA config: the two towers plus the fields that join them (transformers' LlavaConfig defaults)."""
+  vision: clip.CLIPVisionConfig = dataclasses.field(
+      default_factory=lambda: clip.CLIPVisionConfig(**_DEFAULT_VISION))
+  text: llama.TextConfig = dataclasses.field(default_factory=lambda: llama.TextConfig.from_hf({}))
+  image_token_id: int = 32000
+  projector_hidden_act: str = "gelu"
+  multimodal_projector_bias: bool = True
+  vision_feature_layer: int | tuple[int, ...] = -2
+  vision_feature_select_strategy: str = "default"
+  tie_word_embeddings: bool = False
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], model_type: str = "llava") -> "LlavaConfig":
+    """From a parsed config.json; raises ValueError for fields the port does not implement.
+
+    `model_type` is the expected top-level type (LLaVA-NeXT reuses this parser for the shared fields).
+    """
+    if hf.get("model_type") != model_type:
+      raise ValueError(f"expected model_type {model_type!r}, got {hf.get('model_type')!r}")
+    vision_hf = hf.get("vision_config")
+    vision = clip.CLIPVisionConfig(**_DEFAULT_VISION) if vision_hf is None else clip.CLIPVisionConfig.from_hf(vision_hf)
+    text_hf = hf.get("text_config") or {}
+    text = llama.TextConfig.from_hf(text_hf)
+    tie = bool(hf.get("tie_word_embeddings", False)) or text.tie_word_embeddings
+    text = dataclasses.replace(text, tie_word_embeddings=tie)
+    layer = hf.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
+      layer = tuple(int(v) for v in layer)
+    elif not isinstance(layer, int):
+      raise ValueError(f"vision_feature_layer must be an int or a list of ints, got {layer!r}")
+    for v in (layer,) if isinstance(layer, int) else layer:
+      clip.resolve_hidden_state_index(v, vision.num_hidden_layers)
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+      raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported (only 'default' and 'full')")
+    act = hf.get("projector_hidden_act", "gelu")
+    if act not in clip.ACTIVATIONS:
+      raise ValueError(f"projector_hidden_act={act!r} is not supported; supported: {sorted(clip.ACTIVATIONS)}")
+    token = hf.get("image_token_id", hf.get("image_token_index", 32000))
+    if not 0 <= token < text.vocab_size:
+      raise ValueError(f"image_token_id={token} is outside the vocabulary (vocab_size={text.vocab_size})")
+    return cls(vision=vision, text=text, image_token_id=int(token), projector_hidden_act=act,
+               multimodal_projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+               vision_feature_layer=layer, vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+
+  @property
+  def num_feature_layers(self) -> int:
+    return 1 if isinstance(self.vision_feature_layer, int) else len(self.vision_feature_layer)
+
+
+class LlavaMultiModalProjector(nnx.Module):
+  """linear_1 -> act (`projector_hidden_act`, "gelu" = exact erf GELU) -> linear_2."""
+
+  def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    din = config.vision.hidden_size * config.num_feature_layers
+    d = config.text.hidden_size
+    bias = config.multimodal_projector_bias
+    self.act = config.projector_hidden_act
+    self.linear_1 = nnx.Linear(din, d, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.linear_2 = nnx.Linear(d, d, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    """float[..., Dv] -> float[..., D]."""
+    return self.linear_2(clip.ACTIVATIONS[self.act](self.linear_1(features)))
+
+
+def check_image_tokens(input_ids, num_rows: int, image_token_id: int):
+  """Raises ValueError when concrete `input_ids` hold a number of image tokens other than `num_rows`."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  count = int(np.sum(np.asarray(input_ids) == image_token_id))
+  if count != num_rows:
+    raise ValueError(f"image features and image tokens do not match: {count} image tokens (id {image_token_id}) in "
+                     f"input_ids, {num_rows} image feature rows")
+
+
+def merge_image_features(input_ids: jax.Array, inputs_embeds: jax.Array, image_embeds: jax.Array,
+                         image_token_id: int) -> jax.Array:
+  """jit-safe masked_scatter: the k-th image token (row-major over [B, S]) takes row k of the image embeddings.
+
+  Args:
+    input_ids: int[B, S].
+    inputs_embeds: float[B, S, D] text embeddings.
+    image_embeds: float[I, N, D] or float[R, D] (rows in order).
+    image_token_id: the placeholder id.
+
+  Returns:
+    float[B, S, D].
+  """
+  chex.assert_rank(input_ids, 2)
+  chex.assert_rank(inputs_embeds, 3)
+  rows = image_embeds.reshape(-1, image_embeds.shape[-1])
+  if rows.shape[-1] != inputs_embeds.shape[-1]:
+    raise ValueError(f"image embeddings have width {rows.shape[-1]}, text embeddings {inputs_embeds.shape[-1]}")
+  check_image_tokens(input_ids, rows.shape[0], image_token_id)
+  is_image = input_ids == image_token_id
+  order = jnp.cumsum(is_image.reshape(-1)) - 1
+  gathered = jnp.take(rows, jnp.clip(order, 0, rows.shape[0] - 1), axis=0).reshape(inputs_embeds.shape)
+  return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
+
+
+class LlavaForConditionalGeneration(nnx.Module):
+  """vision_tower (CLIP), multi_modal_projector, language_model (LlamaModel), lm_head (None when tied)."""
+
+  def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.vision_tower = clip.CLIPVisionModel(config.vision, dtype=dtype, rngs=rngs)
+    self.multi_modal_projector = LlavaMultiModalProjector(config, dtype=dtype, rngs=rngs)
+    self.language_model = llama.LlamaModel(config.text, dtype=dtype, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+        config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True) -> VisionOutput:
+    """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None)."""
+    return self.vision_tower.features(pixel_values, feature_layers=self.config.vision_feature_layer,
+                                      select_strategy=self.config.vision_feature_select_strategy,
+                                      cls_attention=cls_attention)
+
+  def project(self, features: jax.Array) -> jax.Array:
+    """float[..., Dv'] -> float[..., D] in the language model's embedding space."""
+    return self.multi_modal_projector(features)
+
+  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D]."""
+    x = self.language_model.embed(input_ids)
+    if image_embeds is None:
+      check_image_tokens(input_ids, 0, self.config.image_token_id)
+      return x
+    return merge_image_features(input_ids, x, image_embeds, self.config.image_token_id)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """Final norm + lm_head: float[..., D] (output of the last layer) -> float32[..., V]."""
+    return llama.lm_logits(self.language_model, self.lm_head, self.language_model.norm(hidden))
+
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
+               image_sizes: jax.Array | None = None, *, cache: llama.KVCache | None = None,
+               output_hidden_states: bool = False) -> LlavaOutput:
+    """Full forward (see the module docstring for the pieces).
+
+    Args:
+      input_ids: int[B, S] with one image token per visual token (N per image).
+      pixel_values: float[I, 3, H, W] or None (text only).
+      attention_mask: bool/int[B, S] (left padding); None = all real.
+      position_ids: int[B, S]; default cumsum(mask) - 1 (arange without a mask).
+      image_sizes: ignored (LLaVA-1.5); accepted for a signature shared with LLaVA-NeXT.
+      cache: optional `llama.KVCache` to write the keys/values into (prefill).
+      output_hidden_states: also return the per-layer hidden states.
+
+    Returns:
+      LlavaOutput with logits float32[B, S, V] and the intermediates.
+    """
+    del image_sizes
+    chex.assert_rank(input_ids, 2)
+    vis, image_embeds = None, None
+    if pixel_values is not None:
+      vis = self.encode_images(pixel_values)
+      image_embeds = self.project(vis.features)
+    x = self.embed(input_ids, image_embeds)
+    if position_ids is None:
+      position_ids = llama.default_positions(input_ids.shape, attention_mask)
+    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache,
+                                         collect_hidden=output_hidden_states)
+    hidden_states = None
+    if output_hidden_states:
+      hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
+    last = self.language_model.norm(seg.hidden)
+    return LlavaOutput(
+        logits=llama.lm_logits(self.language_model, self.lm_head, last),
+        image_features=None if vis is None else vis.features,
+        cls_attention=None if vis is None else vis.cls_attention,
+        image_embeds=image_embeds, inputs_embeds=x, hidden_states=hidden_states, last_hidden_state=last,
+        cache=seg.cache)
+
+
+def conversion_table(config: LlavaConfig) -> dict[str, loading.Rule]:
+  """Canonical checkpoint names (transformers-5 module tree) -> state paths of `LlavaForConditionalGeneration`."""
+  Rule = loading.Rule
+  t = clip.conversion_table(config.vision, "model.vision_tower.", ("vision_tower",))
+  for lin in ("linear_1", "linear_2"):
+    t[f"model.multi_modal_projector.{lin}.weight"] = Rule(("multi_modal_projector", lin, "kernel"), "linear")
+    if config.multimodal_projector_bias:
+      t[f"model.multi_modal_projector.{lin}.bias"] = Rule(("multi_modal_projector", lin, "bias"))
+  t.update(llama.conversion_table(config.text, "model.language_model.", ("language_model",)))
+  if not config.tie_word_embeddings:
+    t["lm_head.weight"] = Rule(("lm_head", "kernel"), "linear")
+  return t

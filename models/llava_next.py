@@ -1,0 +1,278 @@
+"""LLaVA-NeXT (llava-v1.6: CLIP ViT + MLP projector + anyres crops + LLaMA/Vicuna or Mistral) in Flax NNX, matching
+transformers' `LlavaNextForConditionalGeneration`.
+
+Axes: B batch, S sequence, I images (all images of the batch in order), P crops per image (base crop + grid crops,
+padded), T vision tokens per crop (CLS dropped), N packed image tokens per image (padded), Dv vision width, D text
+width, V vocabulary, L decoder layers.
+
+    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(...), tokenizer=..., patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    batch = dict(proc(images=images, text=prompts, padding=True, return_tensors="np"))
+    model = models.load_pretrained(path, dtype=jnp.bfloat16)
+    out = jax.jit(lambda m, b: m(**b))(model, batch)
+    out.logits                                  # float32[B, S, V]
+    out.image_embeds, out.cls_attention         # per crop: float[I, P, T, D], float32[I, P, T]
+    out.packed_embeds, out.layout               # packed: float[I, N, D] + where each token comes from
+
+The forward is LLaVA-1.5's chain (`models.llava`) with two extra steps, and the same seams:
+
+    layout = model.pack_layout(image_sizes)          # host: anyres.PackLayout, int32/bool[I, N] gather indices
+    vis = model.encode_images(pixel_values)          # features float[I, P, T, Dv], cls_attention float32[I, P, T]
+    img = model.project(vis.features)                # float[I, P, T, D]
+    packed = model.pack(img, layout)                 # float[I, N, D]: base crop, unpadded grid rows + image_newline
+    # -- Stage I hook: choose K tokens per image (per crop via layout.crop, or globally), gather them into
+    #    float[I, K, D] and rebuild input_ids with K image tokens per image.
+    x = model.embed(input_ids, packed, layout.valid)  # float[B, S, D]
+    ... decoder segments and model.head(hidden) exactly as in models.llava.
+
+Packing (see `models.anyres`): per-image token counts differ, so every image is packed into a row of fixed length N
+(default `anyres.max_num_features`, 2928 for the LLaVA-1.6 pinpoints at 336 px) with a `valid` mask; the k-th
+<image> token of the flattened batch takes the k-th valid packed token (transformers' masked_scatter order).
+`layout.crop` gives the crop of every packed token (0 = base/global crop, 1..R*C = grid crops row-major,
+-1 = newline/padding) and `layout.newline` marks the `image_newline` tokens.
+
+Host geometry. The layout depends on `image_sizes` through Python float arithmetic (transformers'
+`select_best_resolution`, `unpad_image`), which is computed on the host with numpy: eagerly when `image_sizes` is
+concrete, and through `jax.pure_callback` when it is traced (e.g. inside `jax.jit` or `models.generate.greedy`), so
+the jitted program has the same shapes for every image size (under jit, a bad image size fails inside the callback: a
+runtime error wrapping the ValueError). Callers can also pass a precomputed `layout=model.pack_layout(image_sizes)`;
+then `image_sizes` is not read.
+
+The vision tower runs on all I * P crops of `pixel_values` including the processor's zero padding crops (static
+shapes); the padding crops' outputs are never packed (`crop_valid` marks the real ones). To keep P fixed across
+batches, pad with `anyres.pad_crops(pixel_values, anyres.max_num_crops(...))`.
+
+Not supported (ValueError from `LlavaNextConfig.from_hf`): `vision_feature_select_strategy="full"` (transformers'
+packing reshapes T + 1 tokens per crop into a g x g grid and fails), pinpoints that are not multiples of the vision
+tower's image size, `use_image_newline_parameter=False`, `multimodal_patch_merge_type` other than "spatial_unpad", and
+pixel_values as a 4-D list of crops.
+
+Image preprocessing: transformers 5.23's `LlavaNextImageProcessor` is the torchvision backend (falls back to PIL with a
+warning when torchvision is missing, as here); use `LlavaNextImageProcessorPil` directly and `return_tensors="np"`.
+For the llava-hf checkpoints the processor needs `num_additional_image_tokens=1` with "default" (CLS counted, then
+removed) so that it writes `anyres.num_image_features` <image> tokens per image.
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import anyres
+from models import llama
+from models import llava
+from models import loading
+from models.outputs import VisionOutput
+
+__all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "conversion_table"]
+
+_DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaNextConfig(llava.LlavaConfig):
+  """LLaVA's config plus the anyres pinpoints ((height, width) pairs, multiples of the vision image size)."""
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = _DEFAULT_PINPOINTS
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], model_type: str = "llava_next") -> "LlavaNextConfig":
+    """From a parsed llava_next config.json; raises ValueError for what the port does not implement."""
+    base = llava.LlavaConfig.from_hf(hf, model_type=model_type)
+    if base.vision_feature_select_strategy != "default":
+      raise ValueError(f"vision_feature_select_strategy={base.vision_feature_select_strategy!r} is not supported by "
+                       "LLaVA-NeXT (anyres packing needs the CLS token dropped: 'default')")
+    if hf.get("use_image_newline_parameter", True) is not True:
+      raise ValueError("use_image_newline_parameter=False is not supported (the port always appends image_newline)")
+    merge = hf.get("multimodal_patch_merge_type", "spatial_unpad")
+    if merge != "spatial_unpad":
+      raise ValueError(f"multimodal_patch_merge_type={merge!r} is not supported (only 'spatial_unpad')")
+    raw = hf.get("image_grid_pinpoints") or _DEFAULT_PINPOINTS
+    try:
+      pinpoints = tuple((int(h), int(w)) for h, w in raw)
+    except (TypeError, ValueError):
+      raise ValueError(f"image_grid_pinpoints must be a list of (height, width) pairs, got {raw!r}") from None
+    crop = base.vision.image_size
+    bad = [p for p in pinpoints if min(p) <= 0 or p[0] % crop or p[1] % crop]
+    if bad:
+      raise ValueError(f"image_grid_pinpoints {bad} are not positive multiples of the vision image size {crop}")
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(llava.LlavaConfig)}
+    return cls(**fields, image_grid_pinpoints=pinpoints)
+
+  @property
+  def crop_size(self) -> int:
+    return self.vision.image_size
+
+  @property
+  def max_num_features(self) -> int:
+    """Packed length N that fits every image size (the default padding bucket)."""
+    return anyres.max_num_features(self.image_grid_pinpoints, self.vision.image_size, self.vision.patch_size)
+
+  @property
+  def max_num_crops(self) -> int:
+    return anyres.max_num_crops(self.image_grid_pinpoints, self.vision.image_size)
+
+
+class LlavaNextOutput(NamedTuple):
+  """Everything a LLaVA-NeXT forward computes (None where not computed).
+
+  logits: float32[B, S, V].
+  image_features: float[I, P, T, Dv] vision features per crop (feature layer, CLS dropped), fed to the projector.
+  cls_attention: float32[I, P, T] CLS-to-patch attention per crop (mean over heads, softmax over T + 1 keys).
+  image_embeds: float[I, P, T, D] projector output per crop.
+  crop_valid: bool[I, P] real crops (False for the processor's padding crops).
+  packed_embeds: float[I, N, D] per-image packed tokens (base crop, unpadded grid + image_newline); zero padding.
+  packed_features: float[I, N, Dv] `image_features` in packed order (zeros at newline and padding slots).
+  packed_cls_attention: float32[I, N] `cls_attention` in packed order (zeros at newline and padding slots).
+  layout: `anyres.PackLayout` as arrays: source/crop int32[I, N], newline/valid bool[I, N], counts int32[I],
+    grid int32[I, 2].
+  inputs_embeds: float[B, S, D] decoder input (text embeddings with the packed image tokens merged in).
+  hidden_states: float[L + 1, B, S, D] when asked (see `models.outputs.LlavaOutput`).
+  last_hidden_state: float[B, S, D] after the final norm.
+  cache: `models.llama.KVCache` when the call was given one.
+  """
+  logits: jax.Array
+  image_features: jax.Array | None = None
+  cls_attention: jax.Array | None = None
+  image_embeds: jax.Array | None = None
+  crop_valid: jax.Array | None = None
+  packed_embeds: jax.Array | None = None
+  packed_features: jax.Array | None = None
+  packed_cls_attention: jax.Array | None = None
+  layout: anyres.PackLayout | None = None
+  inputs_embeds: jax.Array | None = None
+  hidden_states: jax.Array | None = None
+  last_hidden_state: jax.Array | None = None
+  cache: Any = None
+
+
+class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
+  """LLaVA's vision_tower, multi_modal_projector, language_model, lm_head, plus `image_newline` float[D]."""
+
+  def __init__(self, config: LlavaNextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(config, LlavaNextConfig):
+      raise ValueError(f"expected a LlavaNextConfig, got {type(config).__name__}")
+    super().__init__(config, dtype=dtype, rngs=rngs)
+    d = config.text.hidden_size
+    self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (d,), dtype) * d ** -0.5)
+
+  def pack_layout(self, image_sizes, num_tokens: int | None = None) -> anyres.PackLayout:
+    """Host-side packing layout (numpy) for int[I, 2] original (height, width) sizes; N defaults to the bucket."""
+    return pack_layout(self.config, image_sizes, num_tokens)
+
+  def _layout(self, image_sizes: jax.Array, num_images: int) -> anyres.PackLayout:
+    """The layout for concrete or traced image sizes (traced: computed on the host through pure_callback)."""
+    if np.shape(image_sizes) != (num_images, 2):
+      raise ValueError(f"image_sizes must be int[I={num_images}, 2] (height, width per image), got shape "
+                       f"{np.shape(image_sizes)}")
+    config = self.config
+    if not isinstance(image_sizes, jax.core.Tracer):
+      return pack_layout(config, image_sizes)
+    n = config.max_num_features
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    shapes = anyres.PackLayout(
+        source=spec((num_images, n), jnp.int32), crop=spec((num_images, n), jnp.int32),
+        newline=spec((num_images, n), jnp.bool_), valid=spec((num_images, n), jnp.bool_),
+        counts=spec((num_images,), jnp.int32), grid=spec((num_images, 2), jnp.int32))
+    return jax.pure_callback(lambda sizes: pack_layout(config, sizes), shapes, image_sizes)
+
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True) -> VisionOutput:
+    """float[I, P, 3, H, W] crops -> VisionOutput(features float[I, P, T, Dv], cls_attention float32[I, P, T])."""
+    if pixel_values.ndim != 5:
+      raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
+                       f"returns them), got shape {pixel_values.shape}")
+    i, p = pixel_values.shape[:2]
+    vis = super().encode_images(pixel_values.reshape(i * p, *pixel_values.shape[2:]), cls_attention=cls_attention)
+    attn = None if vis.cls_attention is None else vis.cls_attention.reshape(i, p, -1)
+    return VisionOutput(features=vis.features.reshape(i, p, *vis.features.shape[1:]), cls_attention=attn)
+
+  def pack(self, per_crop: jax.Array, layout: anyres.PackLayout, newline: jax.Array | None = None) -> jax.Array:
+    """float[I, P, T, X] per-crop rows -> float[I, N, X] packed rows; newline slots take `newline` (default the
+    learned `image_newline`, which needs X = D)."""
+    if newline is None:
+      newline = self.image_newline[...]
+    return anyres.pack_features(per_crop, jnp.asarray(layout.source), jnp.asarray(layout.newline),
+                                jnp.asarray(layout.valid), newline)
+
+  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
+            valid: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D].
+
+    image_embeds: float[I, N, D] packed rows; valid: bool[I, N] (None: every row is real, e.g. after pruning).
+    """
+    if image_embeds is None or valid is None:
+      return super().embed(input_ids, image_embeds)
+    x = self.language_model.embed(input_ids)
+    return anyres.merge_into_embeddings(x, input_ids == self.config.image_token_id, image_embeds, jnp.asarray(valid))
+
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
+               image_sizes: jax.Array | None = None, *, layout: anyres.PackLayout | None = None,
+               cache: llama.KVCache | None = None, output_hidden_states: bool = False) -> LlavaNextOutput:
+    """Full forward.
+
+    Args:
+      input_ids: int[B, S] with `layout.counts[i]` image tokens for image i (as the processor expands them).
+      pixel_values: float[I, P, 3, H, W] crops (processor output) or None (text only).
+      attention_mask: bool/int[B, S]; None = all real.
+      position_ids: int[B, S]; default cumsum(mask) - 1 (arange without a mask), as `models.llava`.
+      image_sizes: int[I, 2] original (height, width) per image; concrete or traced (see module docstring).
+      layout: precomputed `pack_layout(image_sizes)` (arrays); when given, `image_sizes` is not read.
+      cache: optional `llama.KVCache` to write the keys/values into (prefill).
+      output_hidden_states: also return the per-layer hidden states.
+
+    Returns:
+      LlavaNextOutput with logits float32[B, S, V] and the intermediates.
+    """
+    chex.assert_rank(input_ids, 2)
+    out = {}
+    if pixel_values is not None:
+      if pixel_values.ndim != 5:
+        raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
+                         f"returns them), got shape {pixel_values.shape}")
+      num_images, num_crops = pixel_values.shape[:2]
+      if layout is None:
+        if image_sizes is None:
+          raise ValueError("LLaVA-NeXT needs image_sizes (or a precomputed layout) with pixel_values")
+        layout = self._layout(image_sizes, num_images)
+      layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
+      if not isinstance(layout.counts, jax.core.Tracer):     # fail before running the tower
+        llava.check_image_tokens(input_ids, int(np.sum(layout.counts)), self.config.image_token_id)
+      vis = self.encode_images(pixel_values)
+      img = self.project(vis.features)
+      packed = self.pack(img, layout)
+      out.update(
+          image_features=vis.features, cls_attention=vis.cls_attention, image_embeds=img,
+          crop_valid=jnp.arange(num_crops) < 1 + layout.grid[:, :1] * layout.grid[:, 1:], packed_embeds=packed,
+          packed_features=self.pack(vis.features, layout, jnp.zeros(vis.features.shape[-1:], vis.features.dtype)),
+          packed_cls_attention=self.pack(vis.cls_attention[..., None], layout, jnp.zeros((1,), jnp.float32))[..., 0],
+          layout=layout)
+      x = self.embed(input_ids, packed, layout.valid)
+    else:
+      x = self.embed(input_ids)
+    if position_ids is None:
+      position_ids = llama.default_positions(input_ids.shape, attention_mask)
+    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache,
+                                         collect_hidden=output_hidden_states)
+    hidden_states = None
+    if output_hidden_states:
+      hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
+    last = self.language_model.norm(seg.hidden)
+    return LlavaNextOutput(logits=llama.lm_logits(self.language_model, self.lm_head, last), inputs_embeds=x,
+                           hidden_states=hidden_states, last_hidden_state=last, cache=seg.cache, **out)
+
+
+def pack_layout(config: LlavaNextConfig, image_sizes, num_tokens: int | None = None) -> anyres.PackLayout:
+  """`anyres.pack_layout` with the config's pinpoints, crop and patch sizes; N defaults to `config.max_num_features`."""
+  return anyres.pack_layout(np.asarray(image_sizes), config.image_grid_pinpoints, config.vision.image_size,
+                            config.vision.patch_size, num_tokens or config.max_num_features)
+
+
+def conversion_table(config: LlavaNextConfig) -> dict[str, loading.Rule]:
+  """LLaVA's table (canonical transformers-5 names) plus `model.image_newline`."""
+  table = llava.conversion_table(config)
+  table["model.image_newline"] = loading.Rule(("image_newline",))
+  return table

@@ -1,0 +1,280 @@
+"""Load a local Hugging Face checkpoint directory into a Flax NNX model: `models.load_pretrained(path, dtype)`.
+
+    model = models.load_pretrained("/ckpt/llava-1.5-7b-hf", dtype=jnp.bfloat16)
+    out = jax.jit(lambda m, b: m(**b))(model, batch)            # NNX modules are pytrees (flax >= 0.12)
+
+The directory holds `config.json` and either `model.safetensors` or shards listed in `model.safetensors.index.json`
+(the layout `save_pretrained` writes). Torch is never imported: tensors are read with `safetensors` (numpy, bfloat16
+through ml_dtypes), converted on the host, cast to `dtype` and put on the default device once.
+
+Family protocol (how `llava_next` and others plug in)
+`FAMILIES` maps the config's `model_type` to a `Family(config, model, conversion_table)`; a family module exposes:
+- a frozen dataclass config with `Config.from_hf(hf: dict) -> Config` (the parsed config.json). It raises ValueError for
+  every field the port does not implement that differs from its neutral default (unknown model_type, rope types other
+  than default/linear, unsupported activations, ...): a silently ignored field gives plausible wrong numbers.
+- the model class, constructed as `Model(config, dtype=..., rngs=nnx.Rngs(0))` (the loader only builds it abstractly
+  with `nnx.eval_shape`, so no random weights are materialised).
+- `conversion_table(config) -> dict[str, Rule]` keyed by CANONICAL checkpoint names, i.e. the names of the
+  transformers-5 module tree (`model.vision_tower.encoder.layers.0.self_attn.q_proj.weight`,
+  `model.language_model.layers.0.mlp.up_proj.weight`, `model.multi_modal_projector.linear_1.weight`,
+  `model.image_newline`, `lm_head.weight`). `Rule(target, transform, layer)`: `target` is the path in
+  `nnx.state(model)`, `transform` one of `TRANSFORMS` ("linear": [out, in] -> [in, out]; "conv": OIHW -> HWIO), and
+  `layer` the index along the leading axis of a stacked (scanned) parameter, or None.
+Sub-tables for shared parts: `models.clip.conversion_table(vision_config, prefix, target)` and
+`models.llama.conversion_table(text_config, prefix, target)` (lm_head is the family's: "lm_head.weight" ->
+`Rule(("lm_head", "kernel"), "linear")` unless tied).
+
+Checkpoint names are canonicalised first by `LEGACY_PREFIXES` (first matching prefix wins), so the hub layout of
+llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`,
+`multi_modal_projector.*`, `image_newline`) and what transformers 5.23 `save_pretrained` writes
+(`language_model.model.*` with `vision_tower.embeddings...`, no `vision_model`) both load. Names in
+`IGNORED_SUFFIXES` (non-persistent buffers that old checkpoints saved) are skipped.
+
+Validation: the converted shapes are checked against the abstract model (`nnx.eval_shape`); missing, unexpected,
+duplicated, mis-shaped and non-floating weights are gathered and raised as ONE ValueError listing them. Every
+parameter of the model must be filled by the table (a table bug raises too).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+__all__ = ["Rule", "TRANSFORMS", "Family", "FAMILIES", "LEGACY_PREFIXES", "IGNORED_SUFFIXES", "read_config",
+           "canonical_name", "load_pretrained"]
+
+
+class Rule(NamedTuple):
+  """Where one checkpoint tensor goes: `target` path in nnx.state, a `TRANSFORMS` key, and the stacked-layer index."""
+  target: tuple[str, ...]
+  transform: str = "identity"
+  layer: int | None = None
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda a: a,
+    "linear": lambda a: np.transpose(a, (1, 0)),          # torch Linear [out, in] -> Flax kernel [in, out]
+    "conv": lambda a: np.transpose(a, (2, 3, 1, 0)),      # torch Conv2d OIHW -> Flax HWIO
+}
+_TRANSFORM_RANK = {"linear": 2, "conv": 4}
+
+
+def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+  if transform == "linear":
+    return (shape[1], shape[0])
+  if transform == "conv":
+    return (shape[2], shape[3], shape[1], shape[0])
+  return tuple(shape)
+
+
+def _checkpoint_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+  """Inverse of `_transformed_shape`: the checkpoint shape that converts to `shape`."""
+  if transform == "linear":
+    return (shape[1], shape[0])
+  if transform == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+class Family(NamedTuple):
+  """A model family: its config class (with `from_hf`), model class and conversion table (see module docstring)."""
+  config: Any
+  model: Any
+  conversion_table: Callable[[Any], dict[str, Rule]]
+
+
+# Families are imported when used: their modules import `Rule` from here, and a family under development must not
+# break loading the others.
+def _llava() -> Family:
+  from models import llava
+  return Family(llava.LlavaConfig, llava.LlavaForConditionalGeneration, llava.conversion_table)
+
+
+def _llava_next() -> Family:
+  from models import llava_next
+  return Family(llava_next.LlavaNextConfig, llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table)
+
+
+def _llama() -> Family:
+  from models import llama
+  return Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table)
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "llama": _llama,
+    "mistral": _llama,
+}
+
+# (checkpoint prefix, canonical prefix); the first match wins, canonical names match none of them.
+LEGACY_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
+)
+IGNORED_SUFFIXES: tuple[str, ...] = (".rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+def canonical_name(name: str) -> str:
+  """Checkpoint tensor name -> canonical (transformers-5 module tree) name."""
+  for old, new in LEGACY_PREFIXES:
+    if name.startswith(old):
+      return new + name[len(old):]
+  return name
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Parsed config.json of a checkpoint directory; ValueError when it is missing or unreadable."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"checkpoint directory {path!r} does not exist")
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise ValueError(f"missing config.json in checkpoint directory {path!r}")
+  with open(file) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"config.json in {path!r} is not valid JSON: {e}") from None
+
+
+def _weight_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise ValueError(f"model.safetensors.index.json in {path!r} lists shards that are not there: {missing}")
+    return [os.path.join(path, f) for f in files]
+  if os.path.isfile(single):
+    return [single]
+  raise ValueError(f"no weights in {path!r}: expected model.safetensors or model.safetensors.index.json "
+                   "(only the safetensors format is read)")
+
+
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def _listing(title: str, items: list[str], limit: int = 25) -> str:
+  more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+  title, _, note = title.partition(" (")
+  note = f", {note[:-1]}" if note else ""
+  return f"  {title} ({len(items)}{note}):\n" + "\n".join(f"    {s}" for s in items[:limit]) + more
+
+
+def _family(model_type: Any) -> Family:
+  if model_type not in FAMILIES:
+    raise ValueError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(FAMILIES)}")
+  return FAMILIES[model_type]()
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
+  """Builds the NNX model for a local HF checkpoint directory and fills it with the checkpoint's weights.
+
+  Args:
+    path: directory with config.json and model.safetensors (or sharded with model.safetensors.index.json).
+    dtype: parameter (and compute) dtype, e.g. jnp.float32 or jnp.bfloat16; weights are cast on the host.
+
+  Returns:
+    The model (e.g. `models.llava.LlavaForConditionalGeneration`), its parameters on the default device.
+
+  Raises:
+    ValueError: missing directory/config.json/weights, unknown model_type, unsupported config fields, or one error
+      listing every missing, unexpected, duplicated, mis-shaped or non-floating weight.
+  """
+  path = os.fspath(path)
+  hf = read_config(path)
+  family = _family(hf.get("model_type"))
+  config = family.config.from_hf(hf)
+  abstract = nnx.eval_shape(lambda: family.model(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  leaves = {tuple(str(k) for k in key): var for key, var in nnx.to_flat_state(abstract_state)}
+  table = family.conversion_table(config)
+
+  # What the checkpoint holds: canonical name -> (file, original name, shape, dtype); nothing is read yet.
+  found: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
+  duplicated, unexpected = [], []
+  for file in _weight_files(path):
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        if name.endswith(IGNORED_SUFFIXES):
+          continue
+        canon = canonical_name(name)
+        info = f.get_slice(name)
+        if canon in found:
+          duplicated.append(f"{name} (same as {found[canon][1]})")
+        elif canon not in table:
+          unexpected.append(name)
+        found[canon] = (file, name, tuple(info.get_shape()), info.get_dtype())
+
+  missing = sorted(name for name in table if name not in found)
+  misshaped, mistyped = [], []
+  for canon, rule in table.items():
+    if canon not in found:
+      continue
+    _, name, shape, st_dtype = found[canon]
+    if st_dtype not in _FLOAT_DTYPES:
+      mistyped.append(f"{name}: dtype {st_dtype} (expected floating point)")
+      continue
+    if rule.target not in leaves:
+      raise ValueError(f"conversion table bug: {canon} -> {rule.target}, which is not a parameter of the model")
+    want = tuple(leaves[rule.target].get_value().shape)
+    if rule.layer is not None:
+      want = want[1:]
+    rank = _TRANSFORM_RANK.get(rule.transform)
+    got = _transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
+    if got != want:
+      misshaped.append(f"{name}: shape {list(shape)}, expected {list(_checkpoint_shape(want, rule.transform))}")
+  problems = [(t, items) for t, items in (("missing (transformers-5 names)", missing),
+                                          ("unexpected", sorted(unexpected)), ("duplicated", duplicated),
+                                          ("wrong shape", misshaped), ("wrong dtype", mistyped)) if items]
+  if problems:
+    raise ValueError(f"checkpoint {path!r} does not match the {hf.get('model_type')} model:\n"
+                     + "\n".join(_listing(t, items) for t, items in problems))
+
+  # Every model parameter (every layer of a stacked one) must be filled exactly once.
+  filled: dict[tuple[str, ...], set] = {}
+  for rule in table.values():
+    filled.setdefault(rule.target, set()).add(rule.layer)
+  for key, var in leaves.items():
+    layers = filled.get(key)
+    if layers is None:
+      raise ValueError(f"conversion table bug: parameter {'/'.join(key)} is not filled by any checkpoint tensor")
+    if None not in layers and layers != set(range(var.get_value().shape[0])):
+      raise ValueError(f"conversion table bug: stacked parameter {'/'.join(key)} misses layers "
+                       f"{sorted(set(range(var.get_value().shape[0])) - layers)}")
+
+  np_dtype = np.dtype(dtype)
+  host: dict[tuple[str, ...], np.ndarray] = {}
+  by_file: dict[str, list[str]] = {}
+  for canon in table:
+    by_file.setdefault(found[canon][0], []).append(canon)
+  for file, names in by_file.items():
+    with safe_open(file, framework="numpy") as f:
+      for canon in names:
+        rule = table[canon]
+        array = TRANSFORMS[rule.transform](f.get_tensor(found[canon][1])).astype(np_dtype)
+        if rule.layer is None:
+          host[rule.target] = array
+        else:
+          if rule.target not in host:
+            host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
+          host[rule.target][rule.layer] = array
+
+  for key, var in leaves.items():
+    var.set_value(jax.device_put(host.pop(key)))
+  return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,178 @@
+"""Checkpoint loading: both key layouts, shards, bfloat16, and one clear error for every kind of bad checkpoint."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import model_factories as mf
+import models
+from models import loading
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  hf, path = mf.tiny_llava(tmp_path_factory.mktemp("ckpt"), "llama")
+  return hf, path
+
+
+def _copy(src, dst, edit_tensors=None, edit_config=None):
+  """Copies a checkpoint directory, optionally rewriting its tensors / config."""
+  shutil.copytree(src, dst)
+  if edit_tensors is not None:
+    tensors = edit_tensors(load_file(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    save_file(tensors, dst / "model.safetensors")
+  if edit_config is not None:
+    config = json.loads((dst / "config.json").read_text())
+    edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+  return dst
+
+
+def _params(model):
+  return {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def test_weights_land_where_transformers_has_them(checkpoint):
+  hf, path = checkpoint
+  model = models.load_pretrained(path)
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  lm = model.language_model.layers
+  np.testing.assert_array_equal(lm.self_attn.k_proj.kernel[2],
+                                sd["model.language_model.layers.2.self_attn.k_proj.weight"].T)
+  np.testing.assert_array_equal(lm.post_attention_layernorm.scale[1],
+                                sd["model.language_model.layers.1.post_attention_layernorm.weight"])
+  conv = sd["model.vision_tower.embeddings.patch_embedding.weight"]                        # OIHW
+  np.testing.assert_array_equal(model.vision_tower.embeddings.patch_embedding.kernel[...], conv.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(model.vision_tower.encoder.layers.mlp.fc1.bias[0],
+                                sd["model.vision_tower.encoder.layers.0.mlp.fc1.bias"])
+  np.testing.assert_array_equal(model.lm_head.kernel[...], sd["lm_head.weight"].T)
+
+
+def test_hub_layout_sharded_with_ignored_buffers(checkpoint, tmp_path):
+  """llava-hf hub names (vision_tower.vision_model.*), split over two shards with an index, plus old buffers."""
+  _, path = checkpoint
+  tensors = load_file(path / "model.safetensors")
+  hub = {}
+  for name, value in tensors.items():
+    if name.startswith("vision_tower."):
+      name = "vision_tower.vision_model." + name[len("vision_tower."):]
+    hub[name] = value
+  hub["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+  hub["vision_tower.vision_model.embeddings.position_ids"] = np.arange(17)[None]
+  names = sorted(hub)
+  out = tmp_path / "hub"
+  out.mkdir()
+  shutil.copy(path / "config.json", out / "config.json")
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file, part in shards.items():
+    save_file({n: hub[n] for n in part}, out / file)
+  index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+  (out / "model.safetensors.index.json").write_text(json.dumps(index))
+  assert any(n.startswith("vision_tower.vision_model.") for n in names)
+  want, got = _params(models.load_pretrained(path)), _params(models.load_pretrained(out))
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_bfloat16_checkpoint(tmp_path):
+  hf, path = mf.tiny_llava(tmp_path, "mistral", dtype=torch.bfloat16)
+  assert load_file(path / "model.safetensors")["language_model.lm_head.weight"].dtype == ml_dtypes.bfloat16
+  model = models.load_pretrained(path, dtype=jnp.bfloat16)
+  ref = hf.state_dict()["model.language_model.layers.1.mlp.down_proj.weight"].float().numpy().T
+  kernel = model.language_model.layers.mlp.down_proj.kernel[1]
+  assert kernel.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(kernel, np.float32), ref)
+  as_f32 = models.load_pretrained(path, dtype=jnp.float32).language_model.layers.mlp.down_proj.kernel[1]
+  assert as_f32.dtype == jnp.float32
+  np.testing.assert_array_equal(as_f32, ref)
+  ids = np.full((1, 20), 7)
+  ids[0, 2:18] = mf.IMAGE_TOKEN_ID
+  out = jax.jit(lambda m, b: m(**b))(model, dict(input_ids=ids, pixel_values=np.zeros((1, 3, 28, 28), np.float32)))
+  assert out.logits.dtype == jnp.float32 and out.image_embeds.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_bad_weights_are_listed_in_one_error(checkpoint, tmp_path):
+  _, path = checkpoint
+
+  def edit(t):
+    del t["language_model.model.layers.1.mlp.up_proj.weight"]
+    t["language_model.model.layers.1.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
+    t["multi_modal_projector.linear_2.weight"] = np.zeros((64, 63), np.float32)
+    t["vision_tower.post_layernorm.bias"] = np.zeros((32,), np.int32)
+    return t
+
+  bad = _copy(path, tmp_path / "bad", edit_tensors=edit)
+  with pytest.raises(ValueError) as e:
+    models.load_pretrained(bad)
+  msg = str(e.value)
+  assert "missing (1, transformers-5 names):\n    model.language_model.layers.1.mlp.up_proj.weight" in msg
+  assert "unexpected (1):\n    language_model.model.layers.1.mlp.extra.weight" in msg
+  assert "multi_modal_projector.linear_2.weight: shape [64, 63], expected [64, 64]" in msg
+  assert "vision_tower.post_layernorm.bias: dtype I32 (expected floating point)" in msg
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("missing", lambda t: {k: v for k, v in t.items() if k != "language_model.lm_head.weight"},
+     r"missing \(1, transformers-5 names\):\n    lm_head.weight"),
+    ("extra", lambda t: {**t, "vision_tower.head.weight": np.zeros(3, np.float32)},
+     r"unexpected \(1\):\n    vision_tower.head.weight"),
+    ("shape", lambda t: {**t, "vision_tower.embeddings.patch_embedding.weight": np.zeros((32, 3, 14, 7), np.float32)},
+     r"patch_embedding.weight: shape \[32, 3, 14, 7\], expected \[32, 3, 7, 7\]"),
+    ("duplicate", lambda t: {**t, "model.language_model.norm.weight": t["language_model.model.norm.weight"]},
+     r"duplicated \(1\)"),
+])
+def test_each_bad_weight_kind(checkpoint, tmp_path, name, edit, match):
+  _, path = checkpoint
+  bad = _copy(path, tmp_path / name, edit_tensors=edit)
+  with pytest.raises(ValueError, match=match):
+    models.load_pretrained(bad)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["text_config"].update(rope_parameters=dict(rope_type="llama3", factor=8.0)),
+     "unsupported rope type 'llama3'"),
+    (lambda c: c.update(model_type="qwen2_vl"), "unknown model_type 'qwen2_vl'"),
+    (lambda c: c.update(vision_feature_select_strategy="cls"), "vision_feature_select_strategy='cls'"),
+    (lambda c: c["vision_config"].update(hidden_act="swish"), "vision_config.hidden_act='swish'"),
+    (lambda c: c["text_config"].update(model_type="mistral", sliding_window=0), "sliding_window must be positive"),
+])
+def test_unsupported_config_fields(checkpoint, tmp_path, edit, match):
+  _, path = checkpoint
+  bad = _copy(path, tmp_path / "cfg", edit_config=edit)
+  with pytest.raises(ValueError, match=match):
+    models.load_pretrained(bad)
+
+
+def test_missing_config_and_weights(checkpoint, tmp_path):
+  _, path = checkpoint
+  no_config = _copy(path, tmp_path / "a")
+  (no_config / "config.json").unlink()
+  with pytest.raises(ValueError, match="missing config.json"):
+    models.load_pretrained(no_config)
+  no_weights = _copy(path, tmp_path / "b")
+  (no_weights / "model.safetensors").unlink()
+  with pytest.raises(ValueError, match="no weights in .*model.safetensors.index.json"):
+    models.load_pretrained(no_weights)
+  with pytest.raises(ValueError, match="does not exist"):
+    models.load_pretrained(tmp_path / "nowhere")
+
+
+def test_canonical_names():
+  assert loading.canonical_name("language_model.model.layers.3.mlp.up_proj.weight") == \
+      "model.language_model.layers.3.mlp.up_proj.weight"
+  assert loading.canonical_name("language_model.lm_head.weight") == "lm_head.weight"
+  assert loading.canonical_name("vision_tower.vision_model.pre_layrnorm.bias") == "model.vision_tower.pre_layrnorm.bias"
+  assert loading.canonical_name("image_newline") == "model.image_newline"
+  assert loading.canonical_name("model.multi_modal_projector.linear_1.bias") == \
+      "model.multi_modal_projector.linear_1.bias"
