@@ -18,10 +18,12 @@ import torch
 import transformers
 
 __all__ = ["IMAGE_TOKEN_ID", "NUM_PATCHES", "tiny_vision_config", "tiny_text_config", "tiny_llava_config",
-           "tiny_llava", "make_tiny_llava", "tiny_causal_lm", "save_tiny"]
+           "tiny_llava", "make_tiny_llava", "tiny_llava_next", "TINY_PINPOINTS", "tiny_causal_lm", "save_tiny"]
 
 IMAGE_TOKEN_ID = 255
 NUM_PATCHES = 16
+# LLaVA-1.6's pinpoints scaled to 28 px crops (up to 5 crops per image).
+TINY_PINPOINTS = ((28, 56), (56, 28), (56, 56), (84, 28), (28, 84))
 
 
 def tiny_vision_config(**overrides: Any) -> transformers.CLIPVisionConfig:
@@ -103,6 +105,20 @@ def tiny_llava(tmp_path, text: str = "llama", *, seed: int = 0, dtype: torch.dty
 def make_tiny_llava(tmp_path, text: str = "llama", **kw: Any) -> pathlib.Path:
   """Like `tiny_llava` but returns only the checkpoint directory."""
   return tiny_llava(tmp_path, text, **kw)[1]
+
+
+def tiny_llava_next(tmp_path, text: str = "llama", *, seed: int = 0, name: str = "llava_next",
+                    pinpoints=TINY_PINPOINTS, **text_overrides: Any
+                    ) -> tuple[transformers.LlavaNextForConditionalGeneration, pathlib.Path]:
+  """A tiny LlavaNextForConditionalGeneration (28 px crops of 16 tokens, `pinpoints`), randomised and saved."""
+  torch.manual_seed(seed)
+  config = transformers.LlavaNextConfig(vision_config=tiny_vision_config(),
+                                        text_config=tiny_text_config(text, **text_overrides),
+                                        image_token_index=IMAGE_TOKEN_ID,
+                                        image_grid_pinpoints=[list(p) for p in pinpoints])
+  config._attn_implementation = "eager"
+  model = _finish(transformers.LlavaNextForConditionalGeneration(config), seed)
+  return model, save_tiny(model, pathlib.Path(tmp_path) / name)
 
 
 def tiny_causal_lm(tmp_path, text: str = "llama", *, seed: int = 0, name: str = "lm",
