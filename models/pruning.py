@@ -718,7 +718,7 @@ def _forward(model, batch, key, *, config, plan, cache_capacity):
 
 
 def _prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_values, image_sizes, layout,
-             text_len) -> tuple[dict, _Plan]:
+             text_len, visual_len=None) -> tuple[dict, _Plan]:
   """Host-side checks and the static plan; -> (batch of arrays, plan)."""
   config.check_model(model)
   if pixel_values is None:
@@ -780,11 +780,16 @@ def _prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_valu
     text_len = actual if text_len is None else int(text_len)
   elif text_len is None:
     text_len = s - vc.num_patches          # every image holds at least one crop of tokens
+  if visual_len is not None:
+    if int(visual_len) < visual:
+      raise ValueError(f"visual_len={visual_len} is smaller than the {visual} image tokens of the longest row")
+    visual = int(visual_len)
   return batch, _Plan(text_len=int(text_len), visual=int(visual), newlines=int(newlines))
 
 
 def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, *,
-            layout=None, key=None, text_len: int | None = None, cache_capacity: int | None = None) -> PruneOutput:
+            layout=None, key=None, text_len: int | None = None, visual_len: int | None = None,
+            cache_capacity: int | None = None) -> PruneOutput:
   """The pruned forward of a LLaVA / LLaVA-NeXT port (jitted per config and static lengths).
 
   Args:
@@ -796,13 +801,16 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
     image_sizes: int[B, 2] (NeXT) unless `layout` (the host `model.pack_layout(image_sizes)`) is given.
     key: PRNG key for random methods (folded with the stage index).
     text_len: static bound on real non-image tokens per row (default: read from concrete inputs).
+    visual_len: static bound on image tokens per row (default: read from concrete inputs). Fixing `text_len` and
+      `visual_len` across batches (e.g. to `model.config.max_num_features`) lets one compiled program serve them all.
     cache_capacity: when given, a KV cache of that many slots is filled (the prefill of `decode_step`); it must
       hold the longest segment plus the tokens to decode.
 
   Returns:
     PruneOutput (see its docstring).
   """
-  batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len)
+  batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
+                         visual_len)
   return _forward(model, batch, key, config=config, plan=plan, cache_capacity=cache_capacity)
 
 
@@ -860,13 +868,14 @@ def _greedy(model, batch, key, *, config, plan, max_new_tokens, eos_token_ids, p
 
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
            layout=None, max_new_tokens: int, eos_token_ids=(), pad_token_id: int = 0, key=None,
-           text_len: int | None = None, cache_dtype=None) -> PrunedGeneration:
+           text_len: int | None = None, visual_len: int | None = None, cache_dtype=None) -> PrunedGeneration:
   """Greedy decoding with the pruned prefill (`models.generate.greedy` semantics: tokens after a row's stop token
   are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M,
   eos_token_ids, pad_token_id and cache_dtype (default the model's dtype)."""
   if int(max_new_tokens) < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len)
+  batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
+                         visual_len)
   eos = (int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer)) else tuple(int(e) for e in eos_token_ids)
   dtype = jnp.dtype(cache_dtype or model.language_model.dtype)
   return _greedy(model, batch, key, config=config, plan=plan, max_new_tokens=int(max_new_tokens), eos_token_ids=eos,
