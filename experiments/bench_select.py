@@ -190,8 +190,10 @@ def main(argv):
           if method in ("tops", "divprune") and keep <= _EAGER_MAX_KEEP.value:
             for e in eager:
               if e == "numpy":
-                ref = (lambda: tops_numpy(f_np, r_np, keep)) if method == "tops" else (
-                    lambda: divprune_numpy(f_np, keep))
+                # The eager references see the same (possibly bf16-rounded) values the compiled selector sees.
+                f_in = np.array(features.astype(jnp.float32))
+                ref = (lambda: tops_numpy(f_in, r_np, keep)) if method == "tops" else (
+                    lambda: divprune_numpy(f_in, keep))
               else:
                 tf = torch.from_numpy(np.array(features.astype(jnp.float32)))
                 if dtype == "bfloat16":

@@ -1,0 +1,500 @@
+"""The testbed model: a small LLaVA-NeXT trained on the synthetic VQA benchmark (`experiments.vqa`), its data pipeline,
+loss and evaluation.
+
+Axes: B batch (one image per example), S sequence (padded), P crops per image (base + grid, padded), T patches per
+crop (CLS dropped), Dv vision width, D text width, V vocabulary, N packed image tokens per image (padded),
+K kept image tokens per image (padded), Q scored positions per row.
+
+    hf = testbed.hf_config()                         # transformers-compatible LlavaNextConfig dict
+    model = testbed.make_model(hf, seed=0)           # or models.load_pretrained("experiments/testbed_ckpt")
+    proc = testbed.make_processor(hf)
+    batch = testbed.encode(examples, proc, hf)       # numpy arrays, fixed shapes
+    acc = testbed.evaluate(model, examples, batch_size=32)    # {"attribute": ..., "all": ...}
+
+Architecture (`hf_config`): CLIP-style tower with a CLS token (48-px crops, 8-px patches -> 36 patches + CLS, width
+96, 3 layers, 4 heads), 2-layer GELU projector, LLaMA decoder (width 128, 8 layers, 4 query / 2 key-value heads,
+SwiGLU 384, vocabulary = the benchmark tokenizer, 65 words), anyres with the benchmark's pinpoints (base crop + up to
+6 grid crops, `image_newline`): 192 to 270 visual tokens per image. Choices made here (no paper defines a testbed):
+- `vision_feature_layer=-1` (not LLaVA's -2): in a 3-layer tower the last layer would otherwise be dead weight. The
+  CLS attention Stage I reads (`cls_attention`) is then that of the last layer, whose CLS output feeds the pooled
+  auxiliary head below, so the CLS query is trained to look at objects (as CLIP's is).
+- 8 decoder layers so that TOPS' Stage II layers at relative depths 12/32 and 24/32 are distinct layers:
+  `stage_ii_layers(8) = (3, 6)`.
+- Strategy "default" with `num_additional_image_tokens=1`: the processor counts CLS, the model drops it.
+
+Training loss (`loss_fn`): cross entropy on the answer token and the "</s>" after it, plus auxiliary losses that make
+the vision tower learn fast from dense labels derived from the `Scene` (fair game in a testbed; the heads are not
+part of the checkpoint): per patch, the colour and shape of the object whose box contains the patch centre (or
+background), whether the patch holds an object's centre, and at its centre patch in the grid crops (full scale) the
+colour of the object's dot (or none); per crop, from the CLIP pooled output (post_layernorm of CLS), which colours
+and shapes appear in the crop.
+Patch geometry follows `LlavaNextImageProcessorPil`: the base crop is the whole image resized to the crop size; the
+grid crops tile the image resized to fit the best pinpoint (transformers' `get_patch_output_size`) and centred with
+zero padding.
+
+Stage I random pruning (`evaluate(..., keep_fraction=...)`): before the merge, keep round(fraction * n) of each image's
+n visual tokens (image_newline rows are not visual tokens and are dropped with the rest), chosen uniformly at random
+per example from a seeded generator, in their original order; the "<image>" run of the prompt is shortened to match
+and positions are re-indexed contiguously.
+"""
+
+import functools
+import math
+import os
+import tempfile
+from typing import Mapping, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import scenes
+from experiments import vocab
+from experiments import vqa
+from models import anyres
+from models import llama
+from models import llava_next
+
+__all__ = [
+    "IMAGE_TOKEN_ID", "NUM_LABELS", "hf_config", "stage_ii_layers", "make_model", "make_processor", "seq_len",
+    "patch_labels", "encode", "AuxHeads", "ForwardOutput", "forward", "aux_losses", "grounding_loss", "grounding_layers",
+    "loss_fn", "predict", "evaluate", "DEFAULT_CKPT",
+]
+
+IMAGE_TOKEN_ID = vocab.words().index(vocab.IMAGE)
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed_ckpt")
+# Patch label columns: colour (0 = background, 1 + COLORS index), shape (0 = background, 1 + SHAPES index),
+# centre (0/1), dot colour at grid-crop centre patches (0 = no dot, 1 + COLORS index; -1 = elsewhere), owner (index
+# of the object in scene.objects, -1 = background).
+NUM_LABELS = 5
+_NUM_COLORS, _NUM_SHAPES = len(scenes.COLORS), len(scenes.SHAPES)
+_NOUN_IDS = frozenset(vocab.words().index(w) for w in scenes.SHAPES + tuple(vqa.PLURALS.values()) + ("object", "objects"))
+_MAX_TEXT_TOKENS = 26  # longest benchmark prompt with its answer is 23 tokens (one of them the "<image>" placeholder)
+
+
+def hf_config(*, vision: Mapping | None = None, text: Mapping | None = None, **top) -> dict:
+  """The testbed's `LlavaNextConfig` as a config.json dict; `vision`/`text`/top-level entries override fields."""
+  words = vocab.words()
+  vision_config = dict(model_type="clip_vision_model", hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+                       num_attention_heads=4, image_size=vocab.CROP_SIZE, patch_size=vocab.PATCH_SIZE,
+                       num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
+                       projection_dim=96)
+  text_config = dict(model_type="llama", vocab_size=len(words), hidden_size=128, intermediate_size=384,
+                     num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=512,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
+                     mlp_bias=False, tie_word_embeddings=False, pad_token_id=words.index(vocab.PAD),
+                     bos_token_id=words.index(vocab.BOS), eos_token_id=words.index(vocab.EOS))
+  vision_config.update(vision or {})
+  text_config.update(text or {})
+  if text_config["hidden_size"] % text_config["num_attention_heads"]:
+    raise ValueError(f"text hidden_size {text_config['hidden_size']} is not a multiple of the heads")
+  text_config["head_dim"] = text_config["hidden_size"] // text_config["num_attention_heads"]
+  config = dict(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+                vision_config=vision_config, text_config=text_config, image_token_index=IMAGE_TOKEN_ID,
+                image_grid_pinpoints=[list(p) for p in vocab.GRID_PINPOINTS], vision_feature_layer=-1,
+                vision_feature_select_strategy="default", projector_hidden_act="gelu", multimodal_projector_bias=True,
+                tie_word_embeddings=False, use_image_newline_parameter=True, image_seq_length=36)
+  config.update(top)
+  return config
+
+
+def stage_ii_layers(num_layers: int) -> tuple[int, int]:
+  """TOPS' Stage II pruning layers (12 and 24 of 32 in LLaVA-7B) scaled to a decoder of `num_layers` layers."""
+  return round(num_layers * 12 / 32), round(num_layers * 24 / 32)
+
+
+def make_model(hf: Mapping, seed: int = 0, dtype=jnp.float32) -> llava_next.LlavaNextForConditionalGeneration:
+  """A randomly initialised testbed model for the config dict `hf`.
+
+  The ports' default initialisers (Flax's: lecun-normal kernels, embeddings with std 1/sqrt(D)) are changed where it
+  matters for training from scratch: token embeddings and `image_newline` get std 1 (the norm of a block output), so
+  a question word is not drowned by the first residual update, and the residual-branch output projections (o_proj,
+  down_proj) are scaled by 1/sqrt(2L) (GPT-2), so the stream starts close to the embeddings.
+  """
+  config = llava_next.LlavaNextConfig.from_hf(dict(hf))
+  model = llava_next.LlavaNextForConditionalGeneration(config, dtype=dtype, rngs=nnx.Rngs(seed))
+  key = jax.random.key(seed)
+  lm = model.language_model
+  lm.embed_tokens.embedding[...] = jax.random.normal(jax.random.fold_in(key, 1), lm.embed_tokens.embedding.shape, dtype)
+  model.image_newline[...] = jax.random.normal(jax.random.fold_in(key, 2), model.image_newline.shape, dtype)
+  scale = (2 * config.text.num_hidden_layers) ** -0.5
+  lm.layers.self_attn.o_proj.kernel[...] = lm.layers.self_attn.o_proj.kernel[...] * scale
+  lm.layers.mlp.down_proj.kernel[...] = lm.layers.mlp.down_proj.kernel[...] * scale
+  return model
+
+
+def make_processor(hf: Mapping | None = None, directory: str | None = None):
+  """The `LlavaNextProcessor` matching `hf` (tokenizer from `directory`, else built from `experiments.vocab`)."""
+  hf = hf_config() if hf is None else hf
+  vision = hf["vision_config"]
+  if directory is None:
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer = vocab.load_tokenizer(vocab.save_tokenizer(tmp))
+  else:
+    tokenizer = vocab.load_tokenizer(directory)
+  image_processor = vocab.make_image_processor(vision["image_size"], tuple(map(tuple, hf["image_grid_pinpoints"])))
+  return vocab.make_processor(tokenizer, image_processor, patch_size=vision["patch_size"],
+                              vision_feature_select_strategy=hf["vision_feature_select_strategy"],
+                              num_additional_image_tokens=1)
+
+
+def _geometry(hf: Mapping) -> tuple[tuple[tuple[int, int], ...], int, int]:
+  vision = hf["vision_config"]
+  return tuple(map(tuple, hf["image_grid_pinpoints"])), vision["image_size"], vision["patch_size"]
+
+
+def seq_len(hf: Mapping) -> int:
+  """The padded sequence length S: the most visual tokens an image can get plus the longest prompt."""
+  pinpoints, crop, patch = _geometry(hf)
+  return anyres.max_num_features(pinpoints, crop, patch) + _MAX_TEXT_TOKENS
+
+
+# --- patch labels --------------------------------------------------------------------------------------------------
+
+def _crop_grid(height: int, width: int, pinpoints, crop: int):
+  """(rows, cols, resized height, resized width, pad top, pad left) of the processor's grid crops for an image."""
+  pin_h, pin_w = anyres.select_best_resolution((height, width), pinpoints)
+  scale_w, scale_h = pin_w / width, pin_h / height
+  if scale_w < scale_h:   # transformers' get_patch_output_size
+    new_h, new_w = min(math.ceil(height * scale_w), pin_h), pin_w
+  else:
+    new_h, new_w = pin_h, min(math.ceil(width * scale_h), pin_w)
+  return pin_h // crop, pin_w // crop, new_h, new_w, (pin_h - new_h) // 2, (pin_w - new_w) // 2
+
+
+def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Auxiliary labels of every patch of every crop the processor makes of `scene`'s image.
+
+  Returns (labels int8[P, T, NUM_LABELS], crop_valid bool[P]); P = `num_crops` (default: the most any image gets),
+  crops past the image's own count are padding (labels 0, -1 for the dot and owner columns, crop_valid False).
+  Columns: see `NUM_LABELS`. A patch belongs to the object whose (inclusive) box holds the pixel under the patch centre.
+  """
+  pinpoints, crop, patch = _geometry(hf)
+  g = crop // patch
+  height, width = scene.height, scene.width
+  rows, cols, new_h, new_w, pad_y, pad_x = _crop_grid(height, width, pinpoints, crop)
+  count = 1 + rows * cols
+  num_crops = anyres.max_num_crops(pinpoints, crop) if num_crops is None else num_crops
+  if count > num_crops:
+    raise ValueError(f"a {height}x{width} image has {count} crops, more than num_crops={num_crops}")
+  owner = np.full((height, width), -1, np.int32)
+  for i, obj in enumerate(scene.objects):
+    x0, y0, x1, y1 = obj.box
+    owner[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = i
+  colour = np.array([0] + [1 + scenes.COLORS.index(o.color) for o in scene.objects], np.int8)
+  shape = np.array([0] + [1 + scenes.SHAPES.index(o.shape) for o in scene.objects], np.int8)
+  dot = np.array([0 if o.dot is None else 1 + scenes.COLORS.index(o.dot) for o in scene.objects], np.int8)
+
+  centre = (np.arange(g) + 0.5) * patch                     # patch centres within a crop, pixels
+  labels = np.zeros((num_crops, g * g, NUM_LABELS), np.int8)
+  labels[..., 3:] = -1
+  # Original-image coordinates of each crop's patch centres: [count, g] rows and columns.
+  grid = [(r, c) for r in range(rows) for c in range(cols)]
+  ys = [centre * height / crop] + [(r * crop + centre - pad_y) * height / new_h for r, _ in grid]
+  xs = [centre * width / crop] + [(c * crop + centre - pad_x) * width / new_w for _, c in grid]
+  for p, (y, x) in enumerate(zip(ys, xs)):
+    yy, xx = np.meshgrid(np.floor(y).astype(int), np.floor(x).astype(int), indexing="ij")
+    inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    who = np.where(inside, owner[np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)], -1).ravel()
+    labels[p, :, 0], labels[p, :, 1], labels[p, :, 4] = colour[who + 1], shape[who + 1], who
+  for i, obj in enumerate(scene.objects):
+    cy, cx = obj.cy + 0.5, obj.cx + 0.5
+    labels[0, (int(cy * crop / height) // patch) * g + int(cx * crop / width) // patch, 2] = 1
+    y, x = cy * new_h / height + pad_y, cx * new_w / width + pad_x
+    p, t = 1 + int(y // crop) * cols + int(x // crop), (int(y % crop) // patch) * g + int(x % crop) // patch
+    labels[p, t, 2], labels[p, t, 3] = 1, dot[i]   # the 5-px dot is only legible at full scale: grid crops only
+  return labels, np.arange(num_crops) < count
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+def _shorten_image_run(ids: np.ndarray, keep: int) -> np.ndarray:
+  """ids with its single contiguous run of image tokens cut to `keep` tokens."""
+  where = np.flatnonzero(ids == IMAGE_TOKEN_ID)
+  if len(where) == 0 or where[-1] - where[0] + 1 != len(where):
+    raise ValueError("expected one contiguous run of image tokens in the prompt")
+  return np.concatenate([ids[:where[0]], ids[where[0]:where[0] + keep], ids[where[-1] + 1:]])
+
+
+def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answer: bool = False,
+           labels: bool = False, keep_fraction: float | None = None, seed: int = 0) -> dict:
+  """Processor outputs of `examples`, padded to the fixed shapes of `hf` (one image per example).
+
+  Returns a dict of numpy arrays:
+    input_ids int32[B, S], attention_mask bool[B, S] (right padding), pixel_values float32[B, P, 3, C, C],
+    image_sizes int32[B, 2], layout (`anyres.PackLayout` of int32/bool[B, N], counts int32[B], grid int32[B, 2]),
+    last int32[B] (index of the last prompt token);
+    with_answer: targets int32[B, 2] (answer, "</s>"), target_positions int32[B, 2] (the positions predicting them)
+      and question_mask bool[B, S] (positions predicting the prompt text after the image, see `loss_fn`);
+    labels: patch_labels int8[B, P, T, NUM_LABELS], crop_valid bool[B, P]; with with_answer also grounding_queries
+      int32[B, 3] and grounding_evidence bool[B, 3, S] (see the comment in the code and `loss_fn`);
+    keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
+      the input_ids then hold the shortened image runs).
+  """
+  if not examples:
+    raise ValueError("encode needs at least one example")
+  if keep_fraction is not None and not 0 < keep_fraction <= 1:
+    raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+  pinpoints, crop, patch = _geometry(hf)
+  s, p_max, n = seq_len(hf), anyres.max_num_crops(pinpoints, crop), anyres.max_num_features(pinpoints, crop, patch)
+  b = len(examples)
+  out = dict(input_ids=np.zeros((b, s), np.int32), attention_mask=np.zeros((b, s), bool),
+             pixel_values=np.zeros((b, p_max, 3, crop, crop), np.float32), image_sizes=np.zeros((b, 2), np.int32),
+             last=np.zeros((b,), np.int32))
+  if with_answer:
+    out.update(targets=np.zeros((b, 2), np.int32), target_positions=np.zeros((b, 2), np.int32),
+               question_mask=np.zeros((b, s), bool))
+  if labels:
+    out.update(patch_labels=np.zeros((b, p_max, (crop // patch) ** 2, NUM_LABELS), np.int8),
+               crop_valid=np.zeros((b, p_max), bool))
+  ids_list = []
+  for i, ex in enumerate(examples):
+    text = vocab.prompt(ex.question, ex.answer if with_answer else None)
+    enc = processor(images=[ex.image], text=[text], return_tensors="np")
+    px = enc["pixel_values"][0]
+    out["pixel_values"][i, :px.shape[0]] = px
+    out["image_sizes"][i] = enc["image_sizes"][0]
+    ids_list.append(enc["input_ids"][0].astype(np.int32))
+    if labels:
+      out["patch_labels"][i], out["crop_valid"][i] = patch_labels(ex.scene, hf, p_max)
+  layout = anyres.pack_layout(out["image_sizes"], pinpoints, crop, patch, n)
+  if labels and with_answer:
+    # Grounding targets (see `loss_fn`): query positions int32[B, 3] = (first noun, second noun, answer position) of
+    # the question and, per query, the image tokens of the objects it refers to (vqa.Example.evidence): in spatial
+    # questions the two nouns name evidence[0] and evidence[1]; otherwise the first noun names every evidence object.
+    # Queries without a noun or without evidence (a "no" existence answer, a zero count) get no image tokens.
+    out["grounding_queries"] = np.zeros((b, 3), np.int32)
+    out["grounding_evidence"] = np.zeros((b, 3, s), bool)
+    t = (crop // patch) ** 2
+    for i, ex in enumerate(examples):
+      ids = ids_list[i]
+      rows = layout.source[i, :layout.counts[i]]
+      owner = np.where(rows >= 0, out["patch_labels"][i, rows // t, rows % t, 4], -1)
+      image = slice(int(np.flatnonzero(ids == IMAGE_TOKEN_ID)[0]), None)
+      image = slice(image.start, image.start + len(rows))
+      nouns = [j for j in range(len(ids) - 2) if ids[j] in _NOUN_IDS][:2]     # question words, not the answer
+      referents = [ex.evidence[k:k + 1] for k in range(2)] if ex.family == "spatial" else [ex.evidence, ()]
+      for k, j in enumerate(nouns):
+        out["grounding_queries"][i, k] = j
+        out["grounding_evidence"][i, k, image] = np.isin(owner, referents[k])
+      out["grounding_queries"][i, 2] = len(ids) - 3
+      out["grounding_evidence"][i, 2, image] = np.isin(owner, ex.evidence)
+  if keep_fraction is not None:
+    visual = layout.valid & ~layout.newline
+    keeps = [max(1, round(keep_fraction * int(v.sum()))) for v in visual]
+    k_max = max(keeps)
+    out["keep_index"], out["keep_valid"] = np.zeros((b, k_max), np.int32), np.zeros((b, k_max), bool)
+    for i, (row, k) in enumerate(zip(visual, keeps)):
+      rng = np.random.default_rng([seed, i])
+      out["keep_index"][i, :k] = np.sort(rng.choice(np.flatnonzero(row), size=k, replace=False))
+      out["keep_valid"][i, :k] = True
+      ids_list[i] = _shorten_image_run(ids_list[i], k)
+  for i, ids in enumerate(ids_list):
+    if len(ids) > s:
+      raise ValueError(f"example {examples[i].scene_id} has {len(ids)} tokens, more than the sequence length {s}")
+    out["input_ids"][i, :len(ids)], out["attention_mask"][i, :len(ids)] = ids, True
+    out["last"][i] = len(ids) - 1
+    if with_answer:
+      out["targets"][i] = ids[-2:]
+      out["target_positions"][i] = (len(ids) - 3, len(ids) - 2)
+      # positions predicting the prompt text after the image, up to and including the ":" before the answer
+      out["question_mask"][i, np.flatnonzero(ids == IMAGE_TOKEN_ID)[-1]:len(ids) - 3] = True
+  out["layout"] = layout
+  return out
+
+
+# --- model pieces for training and evaluation ----------------------------------------------------------------------
+
+class AuxHeads(nnx.Module):
+  """Auxiliary linear heads on the vision tower (training only, not saved): per-patch labels and per-crop presence."""
+
+  def __init__(self, vision_width: int, *, rngs: nnx.Rngs):
+    self.patch = nnx.Linear(vision_width, 2 * (1 + _NUM_COLORS) + 1 + (1 + _NUM_SHAPES), rngs=rngs)
+    self.crop = nnx.Linear(vision_width, _NUM_COLORS + _NUM_SHAPES, rngs=rngs)
+
+  def __call__(self, features: jax.Array, pooled: jax.Array):
+    """features float[B, P, T, Dv], pooled float[B, P, Dv] -> (patch logits float[B, P, T, 24], crop [B, P, 14])."""
+    return self.patch(features), self.crop(pooled)
+
+
+class ForwardOutput(NamedTuple):
+  """logits float32[B, Q, V]; features float[B, P, T, Dv] (vision features, CLS dropped); pooled float[B, P, Dv]
+  (CLIP pooled output per crop) | None; attention float32[len(attention_layers), B, H, Q', S] (attention rows of the
+  asked layers, in increasing layer order) | None."""
+  logits: jax.Array
+  features: jax.Array
+  pooled: jax.Array | None = None
+  attention: jax.Array | None = None
+
+
+def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping, positions: jax.Array | None,
+            *, pooled: bool = False, attention_layers: Sequence[int] = (),
+            attention_queries: jax.Array | None = None) -> ForwardOutput:
+  """The testbed forward through the model's public seams, scoring only `positions`.
+
+  Args:
+    model: the LLaVA-NeXT port.
+    batch: `encode` output (arrays); with keep_index/keep_valid, only those packed rows are merged (Stage I).
+    positions: int32[B, Q] sequence positions whose next-token logits are returned; None: all (Q = S).
+    pooled: also return the crops' CLIP pooled outputs (post_layernorm of CLS).
+    attention_layers, attention_queries: also return the attention rows of the query positions int32[B, Q'] in
+      these decoder layers.
+
+  Returns:
+    ForwardOutput.
+  """
+  px = batch["pixel_values"]
+  chex.assert_rank(px, 5)
+  b, p = px.shape[:2]
+  vis = model.vision_tower.features(px.reshape(b * p, *px.shape[2:]),
+                                    feature_layers=model.config.vision_feature_layer, select_strategy="full",
+                                    cls_attention=False)
+  full = vis.features.reshape(b, p, *vis.features.shape[1:])
+  features = full[:, :, 1:]                                   # "default": CLS dropped
+  layout = anyres.PackLayout(*(jnp.asarray(a) for a in batch["layout"]))
+  packed = model.pack(model.project(features), layout)        # [B, N, D]
+  valid = layout.valid
+  if "keep_index" in batch:
+    packed = jnp.take_along_axis(packed, batch["keep_index"][..., None], axis=1)
+    valid = jnp.asarray(batch["keep_valid"])
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  x = model.embed(ids, packed, valid)
+  # The decoder layers one by one (`run_layers` without a cache, unrolled): XLA's CPU backward of the scanned stack
+  # is markedly slower than of the unrolled layers at this depth.
+  lm = model.language_model
+  position_ids = llama.default_positions(ids.shape, mask)
+  cos, sin = llama.rope_cos_sin(lm.config, position_ids, x.dtype)
+  attention_mask = llama.make_attention_mask(jnp.arange(ids.shape[1]), jnp.asarray(mask, bool),
+                                             lm.config.sliding_window)
+  attention = []
+  for i in range(lm.config.num_hidden_layers):
+    if i in attention_layers:
+      attention.append(lm.attention_probs(i, x, position_ids, mask, attention_queries))
+    x = lm.layer(i)(x, cos, sin, attention_mask)
+  hidden = x if positions is None else jnp.take_along_axis(x, positions[..., None], axis=1)
+  pool = model.vision_tower.post_layernorm(full[:, :, 0]) if pooled else None
+  return ForwardOutput(model.head(hidden), features, pool, jnp.stack(attention) if attention else None)
+
+
+def _masked_mean(values, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def aux_losses(heads: AuxHeads, features: jax.Array, pooled: jax.Array, batch: Mapping):
+  """Auxiliary vision losses (see the module docstring) -> (sum, metrics dict).
+
+  features float[B, P, T, Dv] (CLS dropped), pooled float[B, P, Dv]; batch holds patch_labels and crop_valid.
+  """
+  patch_logits, crop_logits = heads(features, pooled)
+  lab = batch["patch_labels"].astype(jnp.int32)
+  crop_valid = batch["crop_valid"]
+  patch_valid = jnp.broadcast_to(crop_valid[:, :, None], lab.shape[:3])
+  c0, c1, c2 = 1 + _NUM_COLORS, 2 + _NUM_COLORS, 2 + _NUM_COLORS + 1 + _NUM_SHAPES
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  colour = _masked_mean(ce(patch_logits[..., :c0], lab[..., 0]), patch_valid)
+  centre = _masked_mean(optax.sigmoid_binary_cross_entropy(patch_logits[..., c0], lab[..., 2]), patch_valid)
+  shape = _masked_mean(ce(patch_logits[..., c1:c2], lab[..., 1]), patch_valid)
+  dot = _masked_mean(ce(patch_logits[..., c2:], jnp.maximum(lab[..., 3], 0)), patch_valid & (lab[..., 3] >= 0))
+  present = jnp.concatenate([jax.nn.one_hot(lab[..., 0] - 1, _NUM_COLORS).max(axis=2),
+                             jax.nn.one_hot(lab[..., 1] - 1, _NUM_SHAPES).max(axis=2)], axis=-1)   # [B, P, 14]
+  crop = _masked_mean(optax.sigmoid_binary_cross_entropy(crop_logits, present).mean(-1), crop_valid)
+  metrics = dict(colour=colour, shape=shape, centre=centre, dot=dot, crop=crop)
+  return colour + shape + centre + dot + crop, metrics
+
+
+def grounding_loss(attention: jax.Array, evidence: jax.Array) -> jax.Array:
+  """-log of the attention mass on the evidence tokens, mean over the rows that have evidence.
+
+  attention float32[..., S] (attention rows of one head), evidence bool[..., S].
+  """
+  mass = jnp.sum(jnp.where(evidence, attention, 0.0), axis=-1)
+  return _masked_mean(-jnp.log(mass + 1e-6), jnp.any(evidence, axis=-1))
+
+
+def grounding_layers(num_layers: int) -> tuple[int, int]:
+  """Decoder layers whose head 0 is grounded: (nouns, answer position) = (L // 4, L // 2); (2, 4) for L = 8."""
+  return num_layers // 4, num_layers // 2
+
+
+def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
+            grounding_weight: float = 0.0):
+  """The training objective -> (loss, metrics dict). Terms:
+
+  - cross entropy of the answer token and the "</s>" after it;
+  - `question_weight` x next-token cross entropy on the prompt text after the image (the question words);
+  - `aux_weight` x `aux_losses` (vision tower);
+  - `grounding_weight` x `grounding_loss` of head 0 in two decoder layers (`grounding_layers`): at the question's
+    nouns in the first (each noun looks at the objects it names) and at the position that predicts the answer in the
+    second (it looks at every object the answer depends on). Learning to route attention from a word to a few of
+    ~250 image tokens from the answer loss alone plateaus for long on this budget; these two heads shortcut it.
+  """
+  layers = grounding_layers(model.config.text.num_hidden_layers) if grounding_weight else ()
+  out = forward(model, batch, None, pooled=True, attention_layers=layers,
+                attention_queries=batch["grounding_queries"] if grounding_weight else None)
+  logits = out.logits                                                                     # [B, S, V]
+  answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
+  answer_loss = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["targets"]).sum(-1).mean()
+  ids = batch["input_ids"]
+  text_ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+  question_loss = _masked_mean(text_ce, batch["question_mask"][:, :-1])
+  aux, metrics = aux_losses(heads, out.features, out.pooled, batch)
+  loss = answer_loss + question_weight * question_loss + aux_weight * aux
+  if grounding_weight:
+    evidence = batch["grounding_evidence"]
+    nouns = grounding_loss(out.attention[0, :, 0, :2], evidence[:, :2])
+    answer = grounding_loss(out.attention[1, :, 0, 2], evidence[:, 2])
+    loss = loss + grounding_weight * (nouns + answer)
+    metrics = dict(metrics, grounding_nouns=nouns, grounding_answer=answer)
+  accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
+  return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
+
+
+@jax.jit
+def _answer_logits(model, batch):
+  return forward(model, batch, batch["last"][:, None]).logits[:, 0]
+
+
+def predict(model, batch: Mapping) -> np.ndarray:
+  """Greedy first token of every row (the whole answer: answers are one token): int[B] token ids."""
+  batch = {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
+  return np.asarray(jnp.argmax(_answer_logits(model, batch), axis=-1))
+
+
+def evaluate(model, examples: Sequence[vqa.Example], batch_size: int = 32, *, processor=None,
+             keep_fraction: float | None = None, seed: int = 0, return_predictions: bool = False):
+  """Per-family exact-match accuracy of greedy answers (`vqa.accuracy_by_family`), full tokens or random Stage I.
+
+  The last batch is padded with copies of its first example to keep one compiled shape. With `keep_fraction`, each
+  image keeps that fraction of its visual tokens at random (seeded by `seed` and the example's batch row).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  hf_like = _hf_from_model(model)
+  processor = processor or make_processor(hf_like)
+  words = vocab.words()
+  predictions = []
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+    batch = encode(padded, processor, hf_like, keep_fraction=keep_fraction, seed=seed + start)
+    if keep_fraction is not None:   # one compiled shape per fraction: pad K to the most any image can keep
+      k = max(1, round(keep_fraction * anyres.max_num_features(*_geometry(hf_like))))
+      pad = k - batch["keep_index"].shape[1]
+      batch["keep_index"] = np.pad(batch["keep_index"], ((0, 0), (0, pad)))
+      batch["keep_valid"] = np.pad(batch["keep_valid"], ((0, 0), (0, pad)))
+    predictions += [words[t] for t in predict(model, batch)[:len(chunk)]]
+  accuracy = vqa.accuracy_by_family(examples, predictions)
+  return (accuracy, predictions) if return_predictions else accuracy
+
+
+def _hf_from_model(model) -> dict:
+  """The parts of a config dict that `encode`/`make_processor` read, from a loaded model's config."""
+  c = model.config
+  return dict(vision_config=dict(image_size=c.vision.image_size, patch_size=c.vision.patch_size),
+              image_grid_pinpoints=[list(p) for p in c.image_grid_pinpoints],
+              vision_feature_select_strategy=c.vision_feature_select_strategy)

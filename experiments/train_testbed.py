@@ -1,0 +1,174 @@
+"""Trains the testbed LLaVA-NeXT (`experiments.testbed`) on the synthetic VQA benchmark and saves a HF checkpoint.
+
+    python -m experiments.train_testbed --output_dir=experiments/testbed_ckpt --steps=... --seed=0
+
+Schedule: `--vision_steps` steps of the auxiliary vision losses alone (the tower and its heads; no decoder, cheap),
+then `--steps` steps of the full loss (answer + "</s>" cross entropy + `--aux_weight` x auxiliary losses) on the whole
+model. optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm
+clipping. Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated), encoded
+by a background thread; one jitted step per phase (all batches share one padded shape). Everything is seeded by
+`--seed` (model init, data), so a rerun reproduces the checkpoint up to floating-point reduction order.
+
+At the end the model is evaluated on `--eval_examples` examples of the test split (full tokens) and saved with
+`models.saving.save_pretrained` (config.json, model.safetensors, tokenizer and processor files); the auxiliary heads
+are not saved.
+"""
+
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+from experiments import testbed
+from experiments import vqa
+from models import saving
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", None, "Checkpoint directory to write.", required=True)
+flags.DEFINE_integer("steps", 1500, "Full-model training steps.")
+flags.DEFINE_integer("vision_steps", 200, "Auxiliary-only vision warm-up steps before the full model trains.")
+flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
+flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (both phases).")
+flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps (each phase).")
+flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay on matrices and embeddings.")
+flags.DEFINE_float("aux_weight", 0.5, "Weight of the auxiliary vision losses in the full phase.")
+flags.DEFINE_float("question_weight", 0.5, "Weight of the next-token loss on the question text.")
+flags.DEFINE_float("grounding_weight", 0.0, "Weight of the attention grounding loss (head 0, middle layer).")
+flags.DEFINE_integer("log_every", 25, "Steps between log lines.")
+flags.DEFINE_integer("eval_every", 0, "Steps between validation evaluations (0: only at the end).")
+flags.DEFINE_integer("val_examples", 320, "Validation examples per periodic evaluation.")
+flags.DEFINE_integer("eval_examples", 1000, "Test examples evaluated at the end (0: skip).")
+flags.DEFINE_integer("text_layers", 8, "Decoder layers.")
+flags.DEFINE_integer("text_width", 128, "Decoder width.")
+flags.DEFINE_integer("text_mlp", 384, "Decoder SwiGLU width.")
+flags.DEFINE_integer("vision_layers", 3, "Vision tower layers.")
+flags.DEFINE_integer("vision_width", 96, "Vision tower width.")
+
+
+def _config() -> dict:
+  return testbed.hf_config(
+      vision=dict(hidden_size=FLAGS.vision_width, intermediate_size=4 * FLAGS.vision_width,
+                  num_hidden_layers=FLAGS.vision_layers, projection_dim=FLAGS.vision_width),
+      text=dict(hidden_size=FLAGS.text_width, intermediate_size=FLAGS.text_mlp, num_hidden_layers=FLAGS.text_layers))
+
+
+def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed: int, total: int):
+  """Yields encoded training batches [first, first + num_batches) of the stream, produced by a background thread."""
+  out: queue.Queue = queue.Queue(maxsize=4)
+
+  def work():
+    stream = vqa.iter_split("train", total, seed=seed)
+    for _ in range(first * batch_size):
+      next(stream)  # cheap relative to training; only used when a phase starts mid-stream
+    for _ in range(num_batches):
+      examples = [next(stream) for _ in range(batch_size)]
+      out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True))
+    out.put(None)
+
+  threading.Thread(target=work, daemon=True).start()
+  while (batch := out.get()) is not None:
+    yield batch
+
+
+def _optimizer(steps: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.learning_rate, min(FLAGS.warmup_steps, steps // 2),
+                                                max(steps, 1), end_value=0.02 * FLAGS.learning_rate)
+  decay_mask = lambda params: jax.tree.map(lambda a: a.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=FLAGS.weight_decay, mask=decay_mask))
+
+
+def _vision_loss(model, heads, batch):
+  """The auxiliary losses alone (the decoder is not run)."""
+  px = batch["pixel_values"]
+  b, p = px.shape[:2]
+  vis = model.vision_tower.features(px.reshape(b * p, *px.shape[2:]),
+                                    feature_layers=model.config.vision_feature_layer, select_strategy="full",
+                                    cls_attention=False)
+  full = vis.features.reshape(b, p, *vis.features.shape[1:])
+  pooled = model.vision_tower.post_layernorm(full[:, :, 0])
+  aux, metrics = testbed.aux_losses(heads, full[:, :, 1:], pooled, batch)
+  return aux, metrics
+
+
+def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total):
+  """Runs `steps` optimizer steps of `loss(model, heads, batch)` over params=(model state, heads state)."""
+  if steps <= 0:
+    return params
+  tx = _optimizer(steps)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    def objective(params):
+      return loss(nnx.merge(graphdefs[0], params[0]), nnx.merge(graphdefs[1], params[1]), batch)
+    (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=value)
+
+  start, sums = time.time(), {}
+  for i, batch in enumerate(_batches(hf, processor, first, steps, FLAGS.batch_size, FLAGS.seed, total), 1):
+    batch = {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
+    params, opt_state, metrics = step(params, opt_state, batch)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    if i % FLAGS.log_every == 0 or i == steps:
+      n = FLAGS.log_every if i % FLAGS.log_every == 0 else i % FLAGS.log_every
+      logging.info("%s step %d/%d  %.0fs  %s", name, i, steps, time.time() - start,
+                   "  ".join(f"{k}={v / n:.4f}" for k, v in sorted(sums.items())))
+      sums = {}
+    if name == "full" and FLAGS.eval_every and i % FLAGS.eval_every == 0 and i < steps:
+      model = nnx.merge(graphdefs[0], params[0])
+      val = vqa.make_split("validation", FLAGS.val_examples, seed=FLAGS.seed)
+      acc = testbed.evaluate(model, val, FLAGS.batch_size, processor=processor)
+      logging.info("validation step %d: %s", i, json.dumps({k: round(v, 4) for k, v in acc.items()}))
+  return params
+
+
+def main(argv):
+  del argv
+  hf = _config()
+  model = testbed.make_model(hf, seed=FLAGS.seed)
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(FLAGS.seed + 1))
+  graphdef_model, model_params = nnx.split(model)
+  graphdef_heads, head_params = nnx.split(heads)
+  graphdefs, params = (graphdef_model, graphdef_heads), (model_params, head_params)
+  processor = testbed.make_processor(hf)
+  total = (FLAGS.vision_steps + FLAGS.steps) * FLAGS.batch_size
+  logging.info("config: %s", json.dumps(hf))
+  logging.info("parameters: %d (model), stage II layers %s",
+               sum(a.size for a in jax.tree.leaves(model_params)), testbed.stage_ii_layers(FLAGS.text_layers))
+  start = time.time()
+  params = _train_phase("vision", _vision_loss, params, graphdefs, hf, processor, 0, FLAGS.vision_steps, total)
+  weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
+                 grounding_weight=FLAGS.grounding_weight)
+  full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
+  params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total)
+  logging.info("training took %.1f min", (time.time() - start) / 60)
+  model = nnx.merge(graphdef_model, params[0])
+
+  with tempfile.TemporaryDirectory() as tmp:
+    processor.save_pretrained(tmp)
+    saving.save_pretrained(model, hf, FLAGS.output_dir, tokenizer_dir=tmp)
+  logging.info("saved %s", FLAGS.output_dir)
+  if FLAGS.eval_examples:
+    test = vqa.make_split("test", FLAGS.eval_examples, seed=0)
+    acc = testbed.evaluate(model, test, FLAGS.batch_size, processor=processor)
+    logging.info("test accuracy (%d examples, all tokens): %s", len(test),
+                 json.dumps({k: round(v, 4) for k, v in acc.items()}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,238 @@
+"""Tests for experiments.testbed and models.saving: a tiny testbed-shaped LLaVA-NeXT learns, saves, reloads exactly
+through `models.load_pretrained`, and gives transformers' logits when transformers loads the same directory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import models
+from experiments import scenes
+from experiments import testbed
+from experiments import vocab
+from experiments import vqa
+from models import saving
+
+TINY = dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        projection_dim=16),
+            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2))
+
+
+def _randomize(model, seed):
+  """Re-draws every parameter (norm scales around 1, the rest N(0, 0.5/sqrt(fan_in))) so no weight sits at a trivial
+  init and a transposed or dropped tensor shows in the numbers."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [1.0 + 0.1 * jax.random.normal(k, a.shape) if a.ndim == 1 else
+         jax.random.normal(k, a.shape) * 0.5 / np.sqrt(a.shape[-2] if a.ndim >= 2 else 1.0)
+         for k, a in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
+
+
+@pytest.fixture(scope="module")
+def hf():
+  return testbed.hf_config(**TINY)
+
+
+@pytest.fixture(scope="module")
+def model(hf):
+  return _randomize(testbed.make_model(hf, seed=0), seed=1)
+
+
+@pytest.fixture(scope="module")
+def processor(hf):
+  return testbed.make_processor(hf)
+
+
+@pytest.fixture(scope="module")
+def examples():
+  """Test examples covering every benchmark image size (so every crop grid and unpad case is exercised)."""
+  pool = vqa.make_split("test", 40, seed=0)
+  picked, seen = [], set()
+  for ex in pool:
+    if ex.image.shape not in seen:
+      seen.add(ex.image.shape)
+      picked.append(ex)
+  assert len(seen) == len(scenes.SceneConfig().image_sizes)
+  return picked
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, model, hf, processor):
+  tok = tmp_path_factory.mktemp("processor")
+  processor.save_pretrained(tok)
+  return saving.save_pretrained(model, hf, tmp_path_factory.mktemp("ckpt"), tokenizer_dir=tok)
+
+
+def _jnp(batch):
+  return {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
+
+
+def test_config_is_valid_for_both_libraries():
+  hf = testbed.hf_config()
+  config = transformers.LlavaNextConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+  assert config.text_config.num_hidden_layers == 8 and config.vision_config.image_size == vocab.CROP_SIZE
+  assert testbed.stage_ii_layers(config.text_config.num_hidden_layers) == (3, 6)
+  assert len(set(testbed.stage_ii_layers(config.text_config.num_hidden_layers))) == 2
+
+
+def test_loss_goes_down(hf):
+  model = testbed.make_model(hf, seed=0)
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  batch = _jnp(testbed.encode(vqa.make_split("train", 4, seed=0), testbed.make_processor(hf), hf, with_answer=True,
+                              labels=True))
+  graphdefs, params = zip(nnx.split(model), nnx.split(heads))
+  graphdefs, params = (graphdefs[0], graphdefs[1]), (params[0], params[1])
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def objective(p):
+      return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
+
+  losses, answer = [], []
+  for _ in range(8):
+    params, opt_state, loss, answer_loss = step(params, opt_state)
+    losses.append(float(loss))
+    answer.append(float(answer_loss))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert answer[-1] < answer[0], answer
+
+
+def test_encode_shapes_targets_and_labels(hf, processor, examples):
+  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  b, s = batch["input_ids"].shape
+  assert s == testbed.seq_len(hf) and b == len(examples)
+  words = vocab.words()
+  for i, ex in enumerate(examples):
+    n = int(batch["attention_mask"][i].sum())
+    assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+    ids = batch["input_ids"][i]
+    assert int((ids == testbed.IMAGE_TOKEN_ID).sum()) == int(batch["layout"].counts[i])
+    assert [words[t] for t in batch["targets"][i]] == [ex.answer, vocab.EOS]
+    np.testing.assert_array_equal(ids[batch["target_positions"][i] + 1], batch["targets"][i])
+    assert batch["last"][i] == n - 1
+    assert batch["crop_valid"][i].sum() == 1 + batch["layout"].grid[i].prod()
+
+
+def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
+  """In the grid crops (the image at full scale), a patch whose centre pixel shows an object colour is labelled with
+  that colour, every object owns at least one patch, and each centre patch's 8x8 block shows the object's colour."""
+  rng = np.random.default_rng(0)
+  config = scenes.SceneConfig(backgrounds=("plain",))
+  nominal = np.array([scenes.COLOR_RGB[c] for c in scenes.COLORS], np.float32)
+  mean, std = np.array(processor.image_processor.image_mean), np.array(processor.image_processor.image_std)
+  for size in config.image_sizes:
+    specs = [scenes.ObjectSpec(s, c) for s, c in zip(["square", "circle", "square"], ["red", "blue", "green"])]
+    scene = scenes.sample_scene(rng, specs, config, image_size=size)
+    px = processor.image_processor(images=[scenes.render(scene)], return_tensors="np")["pixel_values"][0]
+    rgb = (px.transpose(0, 2, 3, 1) * std + mean) * 255                       # [P, 48, 48, 3]
+    labels, crop_valid = testbed.patch_labels(scene, hf)
+    assert crop_valid.sum() == px.shape[0]
+    owned = set()
+    for p in range(1, px.shape[0]):
+      for t in range(36):
+        y, x = (t // 6) * 8 + 4, (t % 6) * 8 + 4
+        pixel = rgb[p, y, x]
+        if pixel.max() - pixel.min() > 60:                                      # coloured, not grey background
+          want = 1 + int(np.argmin(np.abs(nominal - pixel).sum(-1)))
+          assert labels[p, t, 0] == want, (size, p, t, pixel)
+        if labels[p, t, 0]:
+          owned.add((labels[p, t, 0], labels[p, t, 1]))
+        if labels[p, t, 2]:
+          block = rgb[p, (t // 6) * 8:(t // 6) * 8 + 8, (t % 6) * 8:(t % 6) * 8 + 8].reshape(-1, 3)
+          colour = nominal[labels[p, t, 0] - 1]
+          assert np.abs(block - colour).sum(-1).min() < 40, (size, p, t)
+          assert labels[p, t, 3] == 0                                           # no dots in this scene
+    assert owned == {(1 + scenes.COLORS.index(o.color), 1 + scenes.SHAPES.index(o.shape)) for o in scene.objects}
+    assert labels[:, :, 2].sum() == 2 * len(scene.objects)                      # one centre in base, one in grid
+    assert (labels[~crop_valid] == np.array([0, 0, 0, -1, -1])).all()
+
+
+def test_save_load_round_trip_is_exact(ckpt, model):
+  loaded = models.load_pretrained(ckpt)
+  assert type(loaded) is type(model) and loaded.config == model.config
+  want = nnx.to_flat_state(nnx.state(model))
+  got = dict(nnx.to_flat_state(nnx.state(loaded)))
+  assert len(got) == len(want)
+  for key, var in want:
+    np.testing.assert_array_equal(np.asarray(got[key].get_value()), np.asarray(var.get_value()), err_msg=str(key))
+
+
+def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, processor, hf, examples):
+  torch_model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+      ckpt, attn_implementation="eager", output_loading_info=True)
+  assert not any(info.values()), info
+  torch_model.eval()
+  batch = testbed.encode(examples, processor, hf)
+  with torch.no_grad():
+    want = torch_model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                       attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                       pixel_values=torch.tensor(batch["pixel_values"]),
+                       image_sizes=torch.tensor(batch["image_sizes"], dtype=torch.long)).logits.numpy()
+  with jax.default_matmul_precision("float32"):
+    got = model(input_ids=jnp.asarray(batch["input_ids"]), pixel_values=jnp.asarray(batch["pixel_values"]),
+                attention_mask=jnp.asarray(batch["attention_mask"]), image_sizes=batch["image_sizes"]).logits
+    last = testbed.forward(model, _jnp(batch), jnp.asarray(batch["last"])[:, None])[0][:, 0]
+  real = batch["attention_mask"]
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
+  rows = np.arange(len(examples))
+  np.testing.assert_allclose(np.asarray(last), want[rows, batch["last"]], rtol=0, atol=1e-4)
+  # evaluate() answers like transformers' greedy first token (3 examples per batch: the last batch is padded).
+  _, predictions = testbed.evaluate(model, examples, batch_size=3, processor=processor, return_predictions=True)
+  assert predictions == [vocab.words()[t] for t in want[rows, batch["last"]].argmax(-1)]
+
+
+def test_random_keep_merges_the_chosen_rows(model, processor, hf, examples):
+  full = testbed.encode(examples, processor, hf)
+  pruned = testbed.encode(examples, processor, hf, keep_fraction=0.056, seed=3)
+  layout = full["layout"]
+  packed = np.asarray(model(input_ids=jnp.asarray(full["input_ids"]), pixel_values=jnp.asarray(full["pixel_values"]),
+                            attention_mask=jnp.asarray(full["attention_mask"]),
+                            image_sizes=full["image_sizes"]).packed_embeds)
+  table = np.asarray(model.language_model.embed_tokens.embedding[...])
+  x = np.zeros((len(examples), pruned["input_ids"].shape[1], table.shape[1]), np.float32)
+  for i in range(len(examples)):
+    visual = np.flatnonzero(layout.valid[i] & ~layout.newline[i])
+    k = int(pruned["keep_valid"][i].sum())
+    assert k == round(0.056 * len(visual)) and pruned["keep_valid"][i, :k].all()
+    kept = pruned["keep_index"][i, :k]
+    assert np.all(np.diff(kept) > 0) and set(kept) <= set(visual)
+    ids = pruned["input_ids"][i]
+    n = int(pruned["attention_mask"][i].sum())
+    assert int((ids == testbed.IMAGE_TOKEN_ID).sum()) == k
+    assert n == int(full["attention_mask"][i].sum()) - int(layout.counts[i]) + k
+    x[i] = table[ids]
+    x[i, ids == testbed.IMAGE_TOKEN_ID] = packed[i, kept]
+  lm = model.language_model
+  mask = jnp.asarray(pruned["attention_mask"])
+  seg = lm.run_layers(jnp.asarray(x), jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]), mask)
+  want = np.asarray(model.head(seg.hidden))[np.arange(len(examples)), pruned["last"]]
+  got = testbed.forward(model, _jnp(pruned), jnp.asarray(pruned["last"])[:, None])[0][:, 0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
+
+
+def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
+  with pytest.raises(ValueError, match="at least one example"):
+    testbed.encode([], processor, hf)
+  with pytest.raises(ValueError, match="keep_fraction"):
+    testbed.encode(examples, processor, hf, keep_fraction=0.0)
+  with pytest.raises(ValueError, match="batch_size"):
+    testbed.evaluate(model, examples, batch_size=0, processor=processor)
+  with pytest.raises(ValueError, match="does not match the model's config"):
+    saving.save_pretrained(model, testbed.hf_config(), tmp_path / "a")
+  with pytest.raises(ValueError, match="unknown model_type"):
+    saving.save_pretrained(model, dict(hf, model_type="gpt2"), tmp_path / "b")
+  with pytest.raises(ValueError, match="tokenizer_dir"):
+    saving.save_pretrained(model, hf, tmp_path / "c", tokenizer_dir=tmp_path / "missing")
