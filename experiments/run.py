@@ -15,7 +15,8 @@ with N_ref the backbone's nominal visual-token count (LLaVA-1.5: 576; LLaVA-NeXT
 ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180). What each method does with T (`METHOD_CONFIGS`):
 - Stage I methods (divprune, cdpruner, scope, visionzip, trimtokenator, random, pooling) keep T per image before the
   LLM. CDPruner runs per crop on LLaVA-NeXT (as its official code), the others globally (VisionZip's official
-  per-crop budget depends on the budget, so it runs globally here; pooling needs one grid, see below).
+  per-crop budget depends on the budget, so it runs globally here). Pooling averages 2-D windows of LLaVA-1.5's
+  patch grid, and 1-D windows of consecutive packed tokens on LLaVA-NeXT (whose packed tokens form no single grid).
 - In-LLM methods (fastv, dart) prune to T at layer 2 (K = 2 in their code) and keep original position ids (FastV).
 - tops runs the paper's schedule: Stage I N -> 2T, then 2T -> T and T -> T/4 at layers round(12/32 L) and
   round(24/32 L), (alpha, lambda) from the paper (`models.pruning.tops_schedule`); `--alpha/--lam` override Stage I,
@@ -128,6 +129,13 @@ def _stage1(method, relevance="cls", scope="global", **hp):
                                                       stage1_hparams=hp)
 
 
+def _pooling(t, model, opts):
+  # LLaVA-NeXT's packed tokens (base crop, then the unpadded grid) form no single 2-D grid: pool 1-D windows of
+  # consecutive packed tokens (raster order within each part). LLaVA-1.5's 24 x 24 grid pools in 2-D.
+  hp = {"grid": (1, model.config.max_num_features)} if _is_next(model) else {}
+  return pruning.PruningConfig(method="pooling", stage1_budget=t, stage1_relevance="none", stage1_hparams=hp)
+
+
 def _in_llm(method, relevance):
   return lambda t, model, opts: pruning.PruningConfig(method=method, stage2=((2, t),), stage2_relevance=relevance,
                                                       positions="original")
@@ -164,7 +172,7 @@ METHOD_CONFIGS: dict[str, Callable[..., pruning.PruningConfig]] = {
     "visionzip": _stage1("visionzip"),
     "dart": _in_llm("dart", "none"),
     "random": _stage1("random", relevance="none"),
-    "pooling": _stage1("pooling", relevance="none"),
+    "pooling": _pooling,
 }
 assert set(METHOD_CONFIGS) == set(prune.METHODS), "every selector needs a runner configuration"
 
