@@ -61,7 +61,8 @@ from models import llava_next
 __all__ = [
     "IMAGE_TOKEN_ID", "NUM_LABELS", "hf_config", "stage_ii_layers", "make_model", "make_processor", "seq_len",
     "patch_labels", "encode", "AuxHeads", "ForwardOutput", "forward", "aux_losses", "grounding_loss", "grounding_layers",
-    "loss_fn", "predict", "evaluate", "DEFAULT_CKPT",
+    "loss_fn", "predict", "evaluate", "transformers_answers",
+    "DEFAULT_CKPT",
 ]
 
 IMAGE_TOKEN_ID = vocab.words().index(vocab.IMAGE)
@@ -71,7 +72,21 @@ DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed
 # of the object in scene.objects, -1 = background).
 NUM_LABELS = 5
 _NUM_COLORS, _NUM_SHAPES = len(scenes.COLORS), len(scenes.SHAPES)
-_NOUN_IDS = frozenset(vocab.words().index(w) for w in scenes.SHAPES + tuple(vqa.PLURALS.values()) + ("object", "objects"))
+_GROUNDED_WORDS = 4   # the longest question ("is the red star left of the blue circle?") has 4 colour/shape words
+
+
+def _word_matchers() -> dict:
+  """token id -> predicate on a SceneObject, for the colour and shape words of the questions."""
+  words = vocab.words()
+  match = {words.index(c): (lambda o, c=c: o.color == c) for c in scenes.COLORS}
+  for shape in scenes.SHAPES:
+    for w in (shape, vqa.PLURALS[shape]):
+      match[words.index(w)] = lambda o, shape=shape: o.shape == shape
+  match[words.index("objects")] = lambda o: True
+  return match
+
+
+_WORD_MATCH = _word_matchers()
 _MAX_TEXT_TOKENS = 26  # longest benchmark prompt with its answer is 23 tokens (one of them the "<image>" placeholder)
 
 
@@ -121,10 +136,25 @@ def make_model(hf: Mapping, seed: int = 0, dtype=jnp.float32) -> llava_next.Llav
   lm = model.language_model
   lm.embed_tokens.embedding[...] = jax.random.normal(jax.random.fold_in(key, 1), lm.embed_tokens.embedding.shape, dtype)
   model.image_newline[...] = jax.random.normal(jax.random.fold_in(key, 2), model.image_newline.shape, dtype)
+  positions = model.vision_tower.embeddings.position_embedding.embedding
+  positions[...] = jnp.asarray(_sincos_2d(config.vision.image_size // config.vision.patch_size, positions.shape[-1]),
+                               dtype)
   scale = (2 * config.text.num_hidden_layers) ** -0.5
   lm.layers.self_attn.o_proj.kernel[...] = lm.layers.self_attn.o_proj.kernel[...] * scale
   lm.layers.mlp.down_proj.kernel[...] = lm.layers.mlp.down_proj.kernel[...] * scale
   return model
+
+
+def _sincos_2d(grid: int, width: int) -> np.ndarray:
+  """float32[1 + grid * grid, width] 2-D sine-cosine position table (MAE), zeros for the CLS row, scaled to unit
+  variance per entry: nearby patches get similar vectors, so attention starts with a locality bias."""
+  quarter = width // 4
+  freqs = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+  y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  parts = [f(a.reshape(-1, 1) * freqs) for a in (y, x) for f in (np.sin, np.cos)]
+  table = np.zeros((1 + grid * grid, width), np.float32)
+  table[1:, :4 * quarter] = np.concatenate(parts, axis=1) * np.sqrt(2.0)
+  return table
 
 
 def make_processor(hf: Mapping | None = None, directory: str | None = None):
@@ -166,12 +196,16 @@ def _crop_grid(height: int, width: int, pinpoints, crop: int):
   return pin_h // crop, pin_w // crop, new_h, new_w, (pin_h - new_h) // 2, (pin_w - new_w) // 2
 
 
-def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None,
+                 image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Auxiliary labels of every patch of every crop the processor makes of `scene`'s image.
 
   Returns (labels int8[P, T, NUM_LABELS], crop_valid bool[P]); P = `num_crops` (default: the most any image gets),
   crops past the image's own count are padding (labels 0, -1 for the dot and owner columns, crop_valid False).
-  Columns: see `NUM_LABELS`. A patch belongs to the object whose (inclusive) box holds the pixel under the patch centre.
+  Columns: see `NUM_LABELS`. A patch belongs to the object drawn on most of 4 x 4 sample points spread over it (at
+  least 3 of the 16; else background): a pixel is drawn by object i when it lies in i's box and is not grey
+  (backgrounds and clutter are grey by construction, see `experiments.scenes`). `image` is `scenes.render(scene)`
+  (rendered when not given).
   """
   pinpoints, crop, patch = _geometry(hf)
   g = crop // patch
@@ -181,26 +215,36 @@ def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None)
   num_crops = anyres.max_num_crops(pinpoints, crop) if num_crops is None else num_crops
   if count > num_crops:
     raise ValueError(f"a {height}x{width} image has {count} crops, more than num_crops={num_crops}")
+  image = scenes.render(scene) if image is None else image
+  if image.shape != (height, width, 3):
+    raise ValueError(f"image has shape {image.shape}, expected the scene's {(height, width, 3)}")
+  drawn = np.ptp(image.astype(np.int16), axis=-1) > 40
   owner = np.full((height, width), -1, np.int32)
   for i, obj in enumerate(scene.objects):
     x0, y0, x1, y1 = obj.box
-    owner[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = i
+    box = (slice(max(y0, 0), y1 + 1), slice(max(x0, 0), x1 + 1))
+    owner[box] = np.where(drawn[box], i, -1)
   colour = np.array([0] + [1 + scenes.COLORS.index(o.color) for o in scene.objects], np.int8)
   shape = np.array([0] + [1 + scenes.SHAPES.index(o.shape) for o in scene.objects], np.int8)
   dot = np.array([0 if o.dot is None else 1 + scenes.COLORS.index(o.dot) for o in scene.objects], np.int8)
 
-  centre = (np.arange(g) + 0.5) * patch                     # patch centres within a crop, pixels
+  sub = 4
+  points = ((np.arange(g)[:, None] * sub + np.arange(sub)[None] + 0.5) * patch / sub).ravel()   # [g * sub] pixels
   labels = np.zeros((num_crops, g * g, NUM_LABELS), np.int8)
   labels[..., 3:] = -1
-  # Original-image coordinates of each crop's patch centres: [count, g] rows and columns.
+  # Original-image coordinates of each crop's sample points: rows and columns of [g * sub] points per crop.
   grid = [(r, c) for r in range(rows) for c in range(cols)]
-  ys = [centre * height / crop] + [(r * crop + centre - pad_y) * height / new_h for r, _ in grid]
-  xs = [centre * width / crop] + [(c * crop + centre - pad_x) * width / new_w for _, c in grid]
+  ys = [points * height / crop] + [(r * crop + points - pad_y) * height / new_h for r, _ in grid]
+  xs = [points * width / crop] + [(c * crop + points - pad_x) * width / new_w for _, c in grid]
+  votes = np.arange(len(scene.objects))[:, None, None]
   for p, (y, x) in enumerate(zip(ys, xs)):
     yy, xx = np.meshgrid(np.floor(y).astype(int), np.floor(x).astype(int), indexing="ij")
     inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-    who = np.where(inside, owner[np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)], -1).ravel()
-    labels[p, :, 0], labels[p, :, 1], labels[p, :, 4] = colour[who + 1], shape[who + 1], who
+    who = np.where(inside, owner[np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)], -1)
+    who = who.reshape(g, sub, g, sub).transpose(0, 2, 1, 3).reshape(1, g * g, sub * sub)
+    hits = np.sum(who == votes, axis=-1)                                     # [objects, T]
+    best = np.where(hits.max(axis=0) >= 3, np.argmax(hits, axis=0), -1)
+    labels[p, :, 0], labels[p, :, 1], labels[p, :, 4] = colour[best + 1], shape[best + 1], best
   for i, obj in enumerate(scene.objects):
     cy, cx = obj.cy + 0.5, obj.cx + 0.5
     labels[0, (int(cy * crop / height) // patch) * g + int(cx * crop / width) // patch, 2] = 1
@@ -231,7 +275,7 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     with_answer: targets int32[B, 2] (answer, "</s>"), target_positions int32[B, 2] (the positions predicting them)
       and question_mask bool[B, S] (positions predicting the prompt text after the image, see `loss_fn`);
     labels: patch_labels int8[B, P, T, NUM_LABELS], crop_valid bool[B, P]; with with_answer also grounding_queries
-      int32[B, 3] and grounding_evidence bool[B, 3, S] (see the comment in the code and `loss_fn`);
+      int32[B, 5] and grounding_evidence bool[B, 5, S] (see the comment in the code and `loss_fn`);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
       the input_ids then hold the shortened image runs).
   """
@@ -260,29 +304,29 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     out["image_sizes"][i] = enc["image_sizes"][0]
     ids_list.append(enc["input_ids"][0].astype(np.int32))
     if labels:
-      out["patch_labels"][i], out["crop_valid"][i] = patch_labels(ex.scene, hf, p_max)
+      out["patch_labels"][i], out["crop_valid"][i] = patch_labels(ex.scene, hf, p_max, ex.image)
   layout = anyres.pack_layout(out["image_sizes"], pinpoints, crop, patch, n)
   if labels and with_answer:
-    # Grounding targets (see `loss_fn`): query positions int32[B, 3] = (first noun, second noun, answer position) of
-    # the question and, per query, the image tokens of the objects it refers to (vqa.Example.evidence): in spatial
-    # questions the two nouns name evidence[0] and evidence[1]; otherwise the first noun names every evidence object.
-    # Queries without a noun or without evidence (a "no" existence answer, a zero count) get no image tokens.
-    out["grounding_queries"] = np.zeros((b, 3), np.int32)
-    out["grounding_evidence"] = np.zeros((b, 3, s), bool)
+    # Grounding targets (see `loss_fn`): query positions int32[B, Q_WORDS + 1] = the question's colour and shape words
+    # (in order, at most Q_WORDS; plurals count, "objects" names every object) and the answer position; per query,
+    # the image tokens of the objects it names: a word names the objects of that colour / shape, the answer
+    # position names every object of vqa.Example.evidence. Unused queries have no image tokens.
+    out["grounding_queries"] = np.zeros((b, _GROUNDED_WORDS + 1), np.int32)
+    out["grounding_evidence"] = np.zeros((b, _GROUNDED_WORDS + 1, s), bool)
     t = (crop // patch) ** 2
     for i, ex in enumerate(examples):
       ids = ids_list[i]
       rows = layout.source[i, :layout.counts[i]]
       owner = np.where(rows >= 0, out["patch_labels"][i, rows // t, rows % t, 4], -1)
-      image = slice(int(np.flatnonzero(ids == IMAGE_TOKEN_ID)[0]), None)
-      image = slice(image.start, image.start + len(rows))
-      nouns = [j for j in range(len(ids) - 2) if ids[j] in _NOUN_IDS][:2]     # question words, not the answer
-      referents = [ex.evidence[k:k + 1] for k in range(2)] if ex.family == "spatial" else [ex.evidence, ()]
-      for k, j in enumerate(nouns):
+      first = int(np.flatnonzero(ids == IMAGE_TOKEN_ID)[0])
+      image = slice(first, first + len(rows))
+      words = [(j, _WORD_MATCH[ids[j]]) for j in range(len(ids) - 2) if ids[j] in _WORD_MATCH][:_GROUNDED_WORDS]
+      for k, (j, match) in enumerate(words):
+        named = [n for n, o in enumerate(ex.scene.objects) if match(o)]
         out["grounding_queries"][i, k] = j
-        out["grounding_evidence"][i, k, image] = np.isin(owner, referents[k])
-      out["grounding_queries"][i, 2] = len(ids) - 3
-      out["grounding_evidence"][i, 2, image] = np.isin(owner, ex.evidence)
+        out["grounding_evidence"][i, k, image] = np.isin(owner, named)
+      out["grounding_queries"][i, -1] = len(ids) - 3
+      out["grounding_evidence"][i, -1, image] = np.isin(owner, ex.evidence)
   if keep_fraction is not None:
     visual = layout.valid & ~layout.newline
     keeps = [max(1, round(keep_fraction * int(v.sum()))) for v in visual]
@@ -398,12 +442,17 @@ def aux_losses(heads: AuxHeads, features: jax.Array, pooled: jax.Array, batch: M
   ce = optax.softmax_cross_entropy_with_integer_labels
   colour = _masked_mean(ce(patch_logits[..., :c0], lab[..., 0]), patch_valid)
   centre = _masked_mean(optax.sigmoid_binary_cross_entropy(patch_logits[..., c0], lab[..., 2]), patch_valid)
-  shape = _masked_mean(ce(patch_logits[..., c1:c2], lab[..., 1]), patch_valid)
+  on_object = patch_valid & (lab[..., 0] > 0)
+  shape = _masked_mean(ce(patch_logits[..., c1:c2], lab[..., 1]), on_object)    # object vs background: colour head
   dot = _masked_mean(ce(patch_logits[..., c2:], jnp.maximum(lab[..., 3], 0)), patch_valid & (lab[..., 3] >= 0))
   present = jnp.concatenate([jax.nn.one_hot(lab[..., 0] - 1, _NUM_COLORS).max(axis=2),
                              jax.nn.one_hot(lab[..., 1] - 1, _NUM_SHAPES).max(axis=2)], axis=-1)   # [B, P, 14]
   crop = _masked_mean(optax.sigmoid_binary_cross_entropy(crop_logits, present).mean(-1), crop_valid)
-  metrics = dict(colour=colour, shape=shape, centre=centre, dot=dot, crop=crop)
+  metrics = dict(colour=colour, shape=shape, centre=centre, dot=dot, crop=crop,
+                 shape_accuracy=_masked_mean(jnp.argmax(patch_logits[..., c1:c2], -1) == lab[..., 1], on_object),
+                 centre_shape_accuracy=_masked_mean(jnp.argmax(patch_logits[..., c1:c2], -1) == lab[..., 1],
+                                                    on_object & (lab[..., 3] >= 0)),
+                 colour_accuracy=_masked_mean(jnp.argmax(patch_logits[..., :c0], -1) == lab[..., 0], on_object))
   return colour + shape + centre + dot + crop, metrics
 
 
@@ -417,8 +466,8 @@ def grounding_loss(attention: jax.Array, evidence: jax.Array) -> jax.Array:
 
 
 def grounding_layers(num_layers: int) -> tuple[int, int]:
-  """Decoder layers whose head 0 is grounded: (nouns, answer position) = (L // 4, L // 2); (2, 4) for L = 8."""
-  return num_layers // 4, num_layers // 2
+  """Decoder layers whose head 0 is grounded: (question words, answer position) = (1, L // 2); (1, 4) for L = 8."""
+  return 1, num_layers // 2
 
 
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
@@ -428,10 +477,10 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   - cross entropy of the answer token and the "</s>" after it;
   - `question_weight` x next-token cross entropy on the prompt text after the image (the question words);
   - `aux_weight` x `aux_losses` (vision tower);
-  - `grounding_weight` x `grounding_loss` of head 0 in two decoder layers (`grounding_layers`): at the question's
-    nouns in the first (each noun looks at the objects it names) and at the position that predicts the answer in the
-    second (it looks at every object the answer depends on). Learning to route attention from a word to a few of
-    ~250 image tokens from the answer loss alone plateaus for long on this budget; these two heads shortcut it.
+  - `grounding_weight` x `grounding_loss` of head 0 in two decoder layers (`grounding_layers`): in the first, each
+    colour or shape word of the question looks at the objects of that colour or shape; in the second, the position
+    that predicts the answer looks at the objects the answer depends on. Learning to route attention from a word to
+    a few of ~250 image tokens from the answer loss alone plateaus for long on this budget; these heads shortcut it.
   """
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounding_weight else ()
   out = forward(model, batch, None, pooled=True, attention_layers=layers,
@@ -446,10 +495,10 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   loss = answer_loss + question_weight * question_loss + aux_weight * aux
   if grounding_weight:
     evidence = batch["grounding_evidence"]
-    nouns = grounding_loss(out.attention[0, :, 0, :2], evidence[:, :2])
-    answer = grounding_loss(out.attention[1, :, 0, 2], evidence[:, 2])
-    loss = loss + grounding_weight * (nouns + answer)
-    metrics = dict(metrics, grounding_nouns=nouns, grounding_answer=answer)
+    words = grounding_loss(out.attention[0, :, 0, :-1], evidence[:, :-1])
+    answer = grounding_loss(out.attention[1, :, 0, -1], evidence[:, -1])
+    loss = loss + grounding_weight * (words + answer)
+    metrics = dict(metrics, grounding_words=words, grounding_answer=answer)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 
@@ -498,3 +547,28 @@ def _hf_from_model(model) -> dict:
   return dict(vision_config=dict(image_size=c.vision.image_size, patch_size=c.vision.patch_size),
               image_grid_pinpoints=[list(p) for p in c.image_grid_pinpoints],
               vision_feature_select_strategy=c.vision_feature_select_strategy)
+
+
+def transformers_answers(path: str, examples: Sequence[vqa.Example], batch_size: int = 16) -> list[str]:
+  """Greedy answers (first token) of transformers' `LlavaNextForConditionalGeneration` loaded from the checkpoint
+  directory `path` (eager attention, float32, CPU), on the same padded batches as `evaluate`. Needs torch (the test
+  extra); for checking that the port and transformers answer alike."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+  hf = model.config.to_dict()
+  hf = dict(hf, vision_config=model.config.vision_config.to_dict())
+  processor = make_processor(hf, directory=path)
+  words = vocab.words()
+  answers = []
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    batch = encode(chunk, processor, hf)
+    with torch.no_grad():
+      logits = model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                     attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                     pixel_values=torch.tensor(batch["pixel_values"]),
+                     image_sizes=torch.tensor(batch["image_sizes"], dtype=torch.long)).logits
+    last = logits[torch.arange(len(chunk)), torch.tensor(batch["last"], dtype=torch.long)]
+    answers += [words[t] for t in last.argmax(-1).tolist()]
+  return answers

@@ -40,7 +40,8 @@ flags.DEFINE_integer("steps", 1500, "Full-model training steps.")
 flags.DEFINE_integer("vision_steps", 200, "Auxiliary-only vision warm-up steps before the full model trains.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (both phases).")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate of the full phase.")
+flags.DEFINE_float("vision_learning_rate", 3e-3, "Peak learning rate of the vision warm-up phase.")
 flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps (each phase).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay on matrices and embeddings.")
 flags.DEFINE_float("aux_weight", 0.5, "Weight of the auxiliary vision losses in the full phase.")
@@ -50,6 +51,9 @@ flags.DEFINE_integer("log_every", 25, "Steps between log lines.")
 flags.DEFINE_integer("eval_every", 0, "Steps between validation evaluations (0: only at the end).")
 flags.DEFINE_integer("val_examples", 320, "Validation examples per periodic evaluation.")
 flags.DEFINE_integer("eval_examples", 1000, "Test examples evaluated at the end (0: skip).")
+flags.DEFINE_float("eval_keep_fraction", 0.056, "Also evaluate with this random fraction of visual tokens (0: skip).")
+flags.DEFINE_integer("check_transformers", 300, "Test examples on which transformers' answers (loaded from the saved "
+                     "checkpoint; needs torch) must equal the port's (0: skip).")
 flags.DEFINE_integer("text_layers", 8, "Decoder layers.")
 flags.DEFINE_integer("text_width", 128, "Decoder width.")
 flags.DEFINE_integer("text_mlp", 384, "Decoder SwiGLU width.")
@@ -82,9 +86,9 @@ def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed:
     yield batch
 
 
-def _optimizer(steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.learning_rate, min(FLAGS.warmup_steps, steps // 2),
-                                                max(steps, 1), end_value=0.02 * FLAGS.learning_rate)
+def _optimizer(steps: int, peak: float) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, min(FLAGS.warmup_steps, steps // 2), max(steps, 1),
+                                                end_value=0.02 * peak)
   decay_mask = lambda params: jax.tree.map(lambda a: a.ndim >= 2, params)
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=FLAGS.weight_decay, mask=decay_mask))
@@ -103,11 +107,11 @@ def _vision_loss(model, heads, batch):
   return aux, metrics
 
 
-def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total):
+def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total, peak):
   """Runs `steps` optimizer steps of `loss(model, heads, batch)` over params=(model state, heads state)."""
   if steps <= 0:
     return params
-  tx = _optimizer(steps)
+  tx = _optimizer(steps, peak)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -151,11 +155,13 @@ def main(argv):
   logging.info("parameters: %d (model), stage II layers %s",
                sum(a.size for a in jax.tree.leaves(model_params)), testbed.stage_ii_layers(FLAGS.text_layers))
   start = time.time()
-  params = _train_phase("vision", _vision_loss, params, graphdefs, hf, processor, 0, FLAGS.vision_steps, total)
+  params = _train_phase("vision", _vision_loss, params, graphdefs, hf, processor, 0, FLAGS.vision_steps, total,
+                        FLAGS.vision_learning_rate)
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
                  grounding_weight=FLAGS.grounding_weight)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
-  params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total)
+  params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total,
+                        FLAGS.learning_rate)
   logging.info("training took %.1f min", (time.time() - start) / 60)
   model = nnx.merge(graphdef_model, params[0])
 
@@ -163,11 +169,25 @@ def main(argv):
     processor.save_pretrained(tmp)
     saving.save_pretrained(model, hf, FLAGS.output_dir, tokenizer_dir=tmp)
   logging.info("saved %s", FLAGS.output_dir)
+  test = vqa.make_split("test", max(FLAGS.eval_examples, FLAGS.check_transformers), seed=0)
   if FLAGS.eval_examples:
-    test = vqa.make_split("test", FLAGS.eval_examples, seed=0)
-    acc = testbed.evaluate(model, test, FLAGS.batch_size, processor=processor)
-    logging.info("test accuracy (%d examples, all tokens): %s", len(test),
+    acc, answers = testbed.evaluate(model, test[:FLAGS.eval_examples], FLAGS.batch_size, processor=processor,
+                                    return_predictions=True)
+    logging.info("test accuracy (%d examples, all tokens): %s", FLAGS.eval_examples,
                  json.dumps({k: round(v, 4) for k, v in acc.items()}))
+    if FLAGS.eval_keep_fraction:
+      acc = testbed.evaluate(model, test[:FLAGS.eval_examples], FLAGS.batch_size, processor=processor,
+                             keep_fraction=FLAGS.eval_keep_fraction, seed=FLAGS.seed)
+      logging.info("test accuracy (%d examples, random %.1f%% of visual tokens): %s", FLAGS.eval_examples,
+                   100 * FLAGS.eval_keep_fraction, json.dumps({k: round(v, 4) for k, v in acc.items()}))
+  if FLAGS.check_transformers:
+    examples = test[:FLAGS.check_transformers]
+    ours = testbed.evaluate(model, examples, FLAGS.batch_size, processor=processor, return_predictions=True)[1]
+    theirs = testbed.transformers_answers(FLAGS.output_dir, examples)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    logging.info("transformers vs port: %d / %d test answers identical", same, len(examples))
+    if same != len(examples):
+      raise SystemExit(f"transformers and the port disagree on {len(examples) - same} of {len(examples)} answers")
 
 
 if __name__ == "__main__":

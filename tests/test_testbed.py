@@ -126,15 +126,45 @@ def test_encode_shapes_targets_and_labels(hf, processor, examples):
     assert batch["crop_valid"][i].sum() == 1 + batch["layout"].grid[i].prod()
 
 
+def test_grounding_targets_name_the_right_objects(hf, processor):
+  examples = vqa.make_split("train", 30, seed=1)
+  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  words = vocab.words()
+  plural = {v: k for k, v in vqa.PLURALS.items()}
+  for i, ex in enumerate(examples):
+    ids = batch["input_ids"][i]
+    queries, evidence = batch["grounding_queries"][i], batch["grounding_evidence"][i]
+    assert queries[-1] == batch["target_positions"][i, 0]
+    question = [words[t] for t in ids[:int(batch["last"][i]) - 1]]
+    named = [(j, w) for j, w in enumerate(question) if w in scenes.COLORS or w in scenes.SHAPES or w in plural
+             or w == "objects"]
+    # Every labelled patch survives packing (unpadding only cuts the processor's padding), so a query's evidence
+    # tokens are exactly the patches whose owner it names.
+    owners = batch["patch_labels"][i, ..., 4][batch["crop_valid"][i]]
+    for k in range(len(queries) - 1):
+      if k >= len(named):
+        assert not evidence[k].any()
+        continue
+      j, w = named[k]
+      assert queries[k] == j
+      objects = [n for n, o in enumerate(ex.scene.objects)
+                 if w == "objects" or o.color == w or o.shape == w or o.shape == plural.get(w)]
+      assert evidence[k].sum() == int(np.isin(owners, objects).sum()), (ex.question, w)
+      assert np.all(ids[evidence[k]] == testbed.IMAGE_TOKEN_ID)
+    assert evidence[-1].sum() == int(np.isin(owners, ex.evidence).sum())
+    assert evidence[-1].any() == bool(ex.evidence)
+
+
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
-  """In the grid crops (the image at full scale), a patch whose centre pixel shows an object colour is labelled with
-  that colour, every object owns at least one patch, and each centre patch's 8x8 block shows the object's colour."""
+  """Read back from the processor's grid crops (the image at full scale): a patch that is mostly one object colour is
+  labelled with it, a patch without any colour is background, every object owns a patch, and each centre patch's
+  8x8 block shows the object's colour."""
   rng = np.random.default_rng(0)
   config = scenes.SceneConfig(backgrounds=("plain",))
   nominal = np.array([scenes.COLOR_RGB[c] for c in scenes.COLORS], np.float32)
   mean, std = np.array(processor.image_processor.image_mean), np.array(processor.image_processor.image_std)
   for size in config.image_sizes:
-    specs = [scenes.ObjectSpec(s, c) for s, c in zip(["square", "circle", "square"], ["red", "blue", "green"])]
+    specs = [scenes.ObjectSpec(s, c) for s, c in zip(["square", "circle", "diamond"], ["red", "blue", "green"])]
     scene = scenes.sample_scene(rng, specs, config, image_size=size)
     px = processor.image_processor(images=[scenes.render(scene)], return_tensors="np")["pixel_values"][0]
     rgb = (px.transpose(0, 2, 3, 1) * std + mean) * 255                       # [P, 48, 48, 3]
@@ -143,17 +173,20 @@ def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
     owned = set()
     for p in range(1, px.shape[0]):
       for t in range(36):
-        y, x = (t // 6) * 8 + 4, (t % 6) * 8 + 4
-        pixel = rgb[p, y, x]
-        if pixel.max() - pixel.min() > 60:                                      # coloured, not grey background
-          want = 1 + int(np.argmin(np.abs(nominal - pixel).sum(-1)))
-          assert labels[p, t, 0] == want, (size, p, t, pixel)
+        block = rgb[p, (t // 6) * 8:(t // 6) * 8 + 8, (t % 6) * 8:(t % 6) * 8 + 8].reshape(-1, 3)
+        coloured = block[np.ptp(block, axis=-1) > 60]
+        if len(coloured) == 0:
+          assert labels[p, t, 0] == 0, (size, p, t)
+        names = 1 + np.argmin(np.abs(nominal[None] - coloured[:, None]).sum(-1), axis=-1)
+        if len(coloured) >= 32 and len(set(names)) == 1:
+          assert labels[p, t, 0] == names[0], (size, p, t)
         if labels[p, t, 0]:
           owned.add((labels[p, t, 0], labels[p, t, 1]))
+          obj = scene.objects[labels[p, t, 4]]
+          assert (labels[p, t, 0], labels[p, t, 1]) == (1 + scenes.COLORS.index(obj.color),
+                                                          1 + scenes.SHAPES.index(obj.shape))
         if labels[p, t, 2]:
-          block = rgb[p, (t // 6) * 8:(t // 6) * 8 + 8, (t % 6) * 8:(t % 6) * 8 + 8].reshape(-1, 3)
-          colour = nominal[labels[p, t, 0] - 1]
-          assert np.abs(block - colour).sum(-1).min() < 40, (size, p, t)
+          assert np.abs(block - nominal[labels[p, t, 0] - 1]).sum(-1).min() < 40, (size, p, t)
           assert labels[p, t, 3] == 0                                           # no dots in this scene
     assert owned == {(1 + scenes.COLORS.index(o.color), 1 + scenes.SHAPES.index(o.shape)) for o in scene.objects}
     assert labels[:, :, 2].sum() == 2 * len(scene.objects)                      # one centre in base, one in grid
