@@ -7,6 +7,7 @@ L[j, j] - L[j, S] L[S, S]^-1 L[S, j], which is the factor det(L[S + j]) / det(L[
 import jax
 import jax.numpy as jnp
 import numpy as np
+from selection_helpers import valid_mask
 import pytest
 
 from tops_jax import cdpruner
@@ -52,21 +53,13 @@ def _reference(features, relevance, valid, keep, theta=None, eps=1e-5):
   return np.array(picks)
 
 
-def _valid_mask(rng, n, keep, frac=0.75):
-  valid = rng.random(n) < frac
-  missing = keep - int(valid.sum())
-  if missing > 0:
-    valid[np.flatnonzero(~valid)[:missing]] = True
-  return valid
-
-
 @pytest.mark.parametrize("n,d,keep,seed", [(16, 8, 5, 0), (40, 12, 10, 1), (64, 16, 14, 2), (64, 16, 14, 3),
                                            (32, 16, 12, 4)])
 def test_matches_reference(n, d, keep, seed):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)).astype(np.float32)
   rel = rng.normal(size=n).astype(np.float32)
-  valid = _valid_mask(rng, n, keep)
+  valid = valid_mask(rng, n, keep)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("cdpruner", x, keep=keep, relevance=rel, valid=valid)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, keep))
@@ -77,7 +70,7 @@ def test_theta_sharpening_matches_reference():
   rng = np.random.default_rng(21)
   x = rng.normal(size=(48, 16)).astype(np.float32)
   rel = rng.normal(size=48).astype(np.float32)
-  valid = _valid_mask(rng, 48, 12)
+  valid = valid_mask(rng, 48, 12)
   got = prune.select_order("cdpruner", x, keep=12, relevance=rel, valid=valid, theta=0.7)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, 12, theta=0.7))
   plain = prune.select_order("cdpruner", x, keep=12, relevance=rel, valid=valid)
@@ -123,7 +116,7 @@ def test_batched_rows_match_unbatched():
   b, n, d, keep = 3, 32, 16, 10
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   rel = rng.normal(size=(b, n)).astype(np.float32)
-  valid = np.stack([_valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
+  valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
   got = np.asarray(prune.select("cdpruner", x, keep=keep, relevance=rel, valid=valid))
   for row in range(b):
     one = np.asarray(prune.select("cdpruner", x[row], keep=keep, relevance=rel[row], valid=valid[row]))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from selection_helpers import valid_mask
 import pytest
 
 from tops_jax import prune
@@ -32,20 +33,12 @@ def _reference(features, valid, keep):
   return np.array(picks)
 
 
-def _valid_mask(rng, n, keep, frac=0.75):
-  valid = rng.random(n) < frac
-  missing = keep - int(valid.sum())
-  if missing > 0:
-    valid[np.flatnonzero(~valid)[:missing]] = True
-  return valid
-
-
 @pytest.mark.parametrize("n,d,keep,seed", [(16, 4, 5, 0), (40, 8, 12, 1), (64, 16, 20, 2), (64, 16, 20, 3),
                                            (24, 3, 24, 4)])
 def test_matches_reference(n, d, keep, seed):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)).astype(np.float32)
-  valid = _valid_mask(rng, n, keep) if keep < n else np.ones(n, bool)
+  valid = valid_mask(rng, n, keep) if keep < n else np.ones(n, bool)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("divprune", x, keep=keep, valid=valid)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, valid, keep))
@@ -70,7 +63,7 @@ def test_batched_rows_match_unbatched():
   rng = np.random.default_rng(7)
   b, n, d, keep = 3, 32, 8, 9
   x = rng.normal(size=(b, n, d)).astype(np.float32)
-  valid = np.stack([_valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
+  valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
   got = np.asarray(prune.select("divprune", x, keep=keep, valid=valid))
   for row in range(b):
     one = np.asarray(prune.select("divprune", x[row], keep=keep, valid=valid[row]))

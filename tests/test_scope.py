@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from selection_helpers import valid_mask
 import pytest
 
 from tops_jax import prune
@@ -36,20 +37,12 @@ def _reference(features, relevance, valid, keep, alpha=1.0, combine="multiply"):
   return np.array(picks)
 
 
-def _valid_mask(rng, n, keep, frac=0.75):
-  valid = rng.random(n) < frac
-  missing = keep - int(valid.sum())
-  if missing > 0:
-    valid[np.flatnonzero(~valid)[:missing]] = True
-  return valid
-
-
 @pytest.mark.parametrize("n,d,keep,seed", [(16, 4, 5, 0), (40, 8, 12, 1), (64, 16, 16, 2), (64, 16, 16, 3)])
 def test_matches_reference(n, d, keep, seed):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)).astype(np.float32)
   rel = rng.uniform(0.05, 1.0, size=n).astype(np.float32)
-  valid = _valid_mask(rng, n, keep)
+  valid = valid_mask(rng, n, keep)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("scope", x, keep=keep, relevance=rel, valid=valid)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, keep))
@@ -61,7 +54,7 @@ def test_alpha_and_combine_match_reference(alpha, combine):
   rng = np.random.default_rng(31)
   x = rng.normal(size=(40, 8)).astype(np.float32)
   rel = rng.uniform(0.0, 1.0, size=40).astype(np.float32)
-  valid = _valid_mask(rng, 40, 10)
+  valid = valid_mask(rng, 40, 10)
   got = prune.select_order("scope", x, keep=10, relevance=rel, valid=valid, alpha=alpha, combine=combine)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, 10, alpha, combine))
 
@@ -84,7 +77,7 @@ def test_batched_rows_match_unbatched():
   b, n, d, keep = 3, 32, 8, 9
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   rel = rng.uniform(0.05, 1.0, size=(b, n)).astype(np.float32)
-  valid = np.stack([_valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
+  valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
   got = np.asarray(prune.select("scope", x, keep=keep, relevance=rel, valid=valid))
   for row in range(b):
     one = np.asarray(prune.select("scope", x[row], keep=keep, relevance=rel[row], valid=valid[row]))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from selection_helpers import valid_mask
 import pytest
 
 from tops_jax import prune
@@ -45,14 +46,6 @@ def _reference(features, score, valid, keep, stage1_keep=None):
   return np.array(picks)
 
 
-def _valid_mask(rng, n, keep, frac=0.75):
-  valid = rng.random(n) < frac
-  missing = keep - int(valid.sum())
-  if missing > 0:
-    valid[np.flatnonzero(~valid)[:missing]] = True
-  return valid
-
-
 @pytest.mark.parametrize("estimator", ["l2", "gaussian"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_alignment_scores_match_reference(estimator, normalize):
@@ -76,7 +69,7 @@ def test_matches_reference_with_text(n, d, t, keep, stage1_keep, seed):
   text = rng.normal(size=(t, d)).astype(np.float32)
   text_valid = np.ones(t, bool)
   text_valid[-1] = False
-  valid = _valid_mask(rng, n, keep)
+  valid = valid_mask(rng, n, keep)
   hp = {} if stage1_keep is None else {"stage1_keep": stage1_keep}
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("trimtokenator", x, keep=keep, valid=valid, text=text, text_valid=text_valid, **hp)
@@ -89,7 +82,7 @@ def test_gaussian_estimator_matches_reference():
   rng = np.random.default_rng(17)
   x = rng.normal(size=(48, 8)).astype(np.float32)
   text = rng.normal(size=(5, 8)).astype(np.float32)
-  valid = _valid_mask(rng, 48, 10)
+  valid = valid_mask(rng, 48, 10)
   got = prune.select_order("trimtokenator", x, keep=10, valid=valid, text=text, mi_estimator="gaussian", sigma=0.4,
                            stage1_keep=16)
   want = _reference(x, _scores(x, text, np.ones(5, bool), "gaussian", 0.4), valid, 10, 16)
@@ -100,7 +93,7 @@ def test_relevance_fallback_matches_reference():
   rng = np.random.default_rng(18)
   x = rng.normal(size=(40, 8)).astype(np.float32)
   rel = rng.normal(size=40).astype(np.float32)
-  valid = _valid_mask(rng, 40, 9)
+  valid = valid_mask(rng, 40, 9)
   got = prune.select_order("trimtokenator", x, keep=9, relevance=rel, valid=valid, stage1_keep=20)
   np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, 9, 20))
 
@@ -124,7 +117,7 @@ def test_batched_rows_match_unbatched():
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   text = rng.normal(size=(b, t, d)).astype(np.float32)
   text_valid = np.array([[True] * 5, [True, True, True, False, False], [True, False, False, False, False]])
-  valid = np.stack([_valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
+  valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
   got = np.asarray(prune.select("trimtokenator", x, keep=keep, valid=valid, text=text, text_valid=text_valid))
   for row in range(b):
     one = np.asarray(prune.select("trimtokenator", x[row], keep=keep, valid=valid[row], text=text[row],
