@@ -12,14 +12,16 @@ K kept image tokens per image (padded), Q scored positions per row.
     acc = testbed.evaluate(model, examples, batch_size=32)    # {"attribute": ..., "all": ...}
 
 Architecture (`hf_config`): CLIP-style tower with a CLS token (48-px crops, 8-px patches -> 36 patches + CLS, width
-96, 3 layers, 4 heads), 2-layer GELU projector, LLaMA decoder (width 128, 8 layers, 4 query / 2 key-value heads,
+96, 3 layers, 4 heads), 2-layer GELU projector, LLaMA decoder (width 128, 4 layers, 4 query / 2 key-value heads,
 SwiGLU 384, vocabulary = the benchmark tokenizer, 65 words), anyres with the benchmark's pinpoints (base crop + up to
 6 grid crops, `image_newline`): 192 to 270 visual tokens per image. Choices made here (no paper defines a testbed):
 - `vision_feature_layer=-1` (not LLaVA's -2): in a 3-layer tower the last layer would otherwise be dead weight. The
   CLS attention Stage I reads (`cls_attention`) is then that of the last layer, whose CLS output feeds the pooled
   auxiliary head below, so the CLS query is trained to look at objects (as CLIP's is).
-- 8 decoder layers so that TOPS' Stage II layers at relative depths 12/32 and 24/32 are distinct layers:
-  `stage_ii_layers(8) = (3, 6)`.
+- 4 decoder layers: TOPS' Stage II layers at relative depths 12/32 and 24/32 are then distinct layers,
+  `stage_ii_layers(4) = (2, 3)`. On this CPU the decoder's cost is its attention (B x H x S^2 softmax with S ~ 300),
+  nearly independent of the width, so depth is what training time buys: 4 layers train twice as many steps per hour
+  as 8, which mattered more than depth in the pilots (8 layers stayed at chance for the first 300 steps).
 - Strategy "default" with `num_additional_image_tokens=1`: the processor counts CLS, the model drops it.
 
 Training loss (`loss_fn`): cross entropy on the answer token and the "</s>" after it, plus auxiliary losses that make
@@ -87,6 +89,7 @@ def _word_matchers() -> dict:
 
 
 _WORD_MATCH = _word_matchers()
+_WORD_IDS = {w: i for i, w in enumerate(vocab.words())}
 _MAX_TEXT_TOKENS = 26  # longest benchmark prompt with its answer is 23 tokens (one of them the "<image>" placeholder)
 
 
@@ -98,7 +101,7 @@ def hf_config(*, vision: Mapping | None = None, text: Mapping | None = None, **t
                        num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
                        projection_dim=96)
   text_config = dict(model_type="llama", vocab_size=len(words), hidden_size=128, intermediate_size=384,
-                     num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                      hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=512,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
                      mlp_bias=False, tie_word_embeddings=False, pad_token_id=words.index(vocab.PAD),
@@ -275,7 +278,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     with_answer: targets int32[B, 2] (answer, "</s>"), target_positions int32[B, 2] (the positions predicting them)
       and question_mask bool[B, S] (positions predicting the prompt text after the image, see `loss_fn`);
     labels: patch_labels int8[B, P, T, NUM_LABELS], crop_valid bool[B, P]; with with_answer also grounding_queries
-      int32[B, 5] and grounding_evidence bool[B, 5, S] (see the comment in the code and `loss_fn`);
+      int32[B, 5], grounding_evidence bool[B, 5, S] (see the comment in the code and `loss_fn`) and caption_targets
+      int32[B, S, 2] (word ids of the colour and shape of the object an image token shows; -1: none);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
       the input_ids then hold the shortened image runs).
   """
@@ -313,6 +317,7 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     # position names every object of vqa.Example.evidence. Unused queries have no image tokens.
     out["grounding_queries"] = np.zeros((b, _GROUNDED_WORDS + 1), np.int32)
     out["grounding_evidence"] = np.zeros((b, _GROUNDED_WORDS + 1, s), bool)
+    out["caption_targets"] = np.full((b, s, 2), -1, np.int32)
     t = (crop // patch) ** 2
     for i, ex in enumerate(examples):
       ids = ids_list[i]
@@ -327,6 +332,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
         out["grounding_evidence"][i, k, image] = np.isin(owner, named)
       out["grounding_queries"][i, -1] = len(ids) - 3
       out["grounding_evidence"][i, -1, image] = np.isin(owner, ex.evidence)
+      words_of = np.array([[_WORD_IDS[o.color], _WORD_IDS[o.shape]] for o in ex.scene.objects] + [[-1, -1]])
+      out["caption_targets"][i, image] = words_of[owner]                   # owner -1 picks the last row
   if keep_fraction is not None:
     visual = layout.valid & ~layout.newline
     keeps = [max(1, round(keep_fraction * int(v.sum()))) for v in visual]
@@ -377,7 +384,7 @@ class ForwardOutput(NamedTuple):
 
 def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping, positions: jax.Array | None,
             *, pooled: bool = False, attention_layers: Sequence[int] = (),
-            attention_queries: jax.Array | None = None) -> ForwardOutput:
+            attention_queries: jax.Array | None = None, train_vision: bool = True) -> ForwardOutput:
   """The testbed forward through the model's public seams, scoring only `positions`.
 
   Args:
@@ -387,6 +394,7 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
     pooled: also return the crops' CLIP pooled outputs (post_layernorm of CLS).
     attention_layers, attention_queries: also return the attention rows of the query positions int32[B, Q'] in
       these decoder layers.
+    train_vision: False stops gradients at the vision tower's output (a frozen tower costs no backward pass).
 
   Returns:
     ForwardOutput.
@@ -398,6 +406,8 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
                                     feature_layers=model.config.vision_feature_layer, select_strategy="full",
                                     cls_attention=False)
   full = vis.features.reshape(b, p, *vis.features.shape[1:])
+  if not train_vision:
+    full = jax.lax.stop_gradient(full)
   features = full[:, :, 1:]                                   # "default": CLS dropped
   layout = anyres.PackLayout(*(jnp.asarray(a) for a in batch["layout"]))
   packed = model.pack(model.project(features), layout)        # [B, N, D]
@@ -462,43 +472,61 @@ def grounding_loss(attention: jax.Array, evidence: jax.Array) -> jax.Array:
   attention float32[..., S] (attention rows of one head), evidence bool[..., S].
   """
   mass = jnp.sum(jnp.where(evidence, attention, 0.0), axis=-1)
-  return _masked_mean(-jnp.log(mass + 1e-6), jnp.any(evidence, axis=-1))
+  return _masked_mean(-jnp.log(mass + 1e-6), jnp.broadcast_to(jnp.any(evidence, axis=-1), mass.shape))
 
 
-def grounding_layers(num_layers: int) -> tuple[int, int]:
-  """Decoder layers whose head 0 is grounded: (question words, answer position) = (1, L // 2); (1, 4) for L = 8."""
-  return 1, num_layers // 2
+def grounding_layers(num_layers: int) -> tuple[int, int, int]:
+  """Grounded decoder layers: (question words, answer position, answer position) = (1, L // 2, L - 1); (1, 2, 3)
+  for the testbed's L = 4."""
+  return 1, num_layers // 2, num_layers - 1
 
 
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
-            grounding_weight: float = 0.0):
+            grounding_weight: float = 0.0, caption_weight: float = 0.0, grounded_heads: int = 2,
+            train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
   - cross entropy of the answer token and the "</s>" after it;
   - `question_weight` x next-token cross entropy on the prompt text after the image (the question words);
   - `aux_weight` x `aux_losses` (vision tower);
-  - `grounding_weight` x `grounding_loss` of head 0 in two decoder layers (`grounding_layers`): in the first, each
-    colour or shape word of the question looks at the objects of that colour or shape; in the second, the position
-    that predicts the answer looks at the objects the answer depends on. Learning to route attention from a word to
-    a few of ~250 image tokens from the answer loss alone plateaus for long on this budget; these heads shortcut it.
+  - `grounding_weight` x `grounding_loss` in three decoder layers (`grounding_layers`): in the first, head 0 of each
+    colour or shape word of the question looks at the objects of that colour or shape; in the other two, heads
+    0..`grounded_heads`-1 of the position that predicts the answer look at the objects the answer depends on.
+    Learning to route attention from a word to a few of ~250 image tokens from the answer loss alone plateaus for
+    long on this budget; these heads shortcut it;
+  - `caption_weight` x cross entropy of the logits at each object image token against the words of the object's
+    colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
+    are never decoded from, so this competes with no next-token target.
+
+  train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounding_weight else ()
-  out = forward(model, batch, None, pooled=True, attention_layers=layers,
-                attention_queries=batch["grounding_queries"] if grounding_weight else None)
+  out = forward(model, batch, None, pooled=train_vision, attention_layers=layers,
+                attention_queries=batch["grounding_queries"] if grounding_weight else None,
+                train_vision=train_vision)
   logits = out.logits                                                                     # [B, S, V]
   answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
   answer_loss = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["targets"]).sum(-1).mean()
   ids = batch["input_ids"]
-  text_ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-  question_loss = _masked_mean(text_ce, batch["question_mask"][:, :-1])
-  aux, metrics = aux_losses(heads, out.features, out.pooled, batch)
-  loss = answer_loss + question_weight * question_loss + aux_weight * aux
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  question_loss = _masked_mean(ce(logits[:, :-1], ids[:, 1:]), batch["question_mask"][:, :-1])
+  loss, metrics = answer_loss + question_weight * question_loss, {}
+  if train_vision:
+    aux, metrics = aux_losses(heads, out.features, out.pooled, batch)
+    loss = loss + aux_weight * aux
   if grounding_weight:
     evidence = batch["grounding_evidence"]
     words = grounding_loss(out.attention[0, :, 0, :-1], evidence[:, :-1])
-    answer = grounding_loss(out.attention[1, :, 0, -1], evidence[:, -1])
+    answer = sum(grounding_loss(out.attention[k, :, :grounded_heads, -1], evidence[:, None, -1]) for k in (1, 2))
+    answer = answer / 2
     loss = loss + grounding_weight * (words + answer)
     metrics = dict(metrics, grounding_words=words, grounding_answer=answer)
+  if caption_weight:
+    targets = batch["caption_targets"]
+    caption = jnp.stack([ce(logits, jnp.maximum(targets[..., k], 0)) for k in range(2)], -1).mean(-1)
+    caption = _masked_mean(caption, targets[..., 0] >= 0)
+    loss = loss + caption_weight * caption
+    metrics = dict(metrics, caption=caption)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 

@@ -1,13 +1,18 @@
 """Trains the testbed LLaVA-NeXT (`experiments.testbed`) on the synthetic VQA benchmark and saves a HF checkpoint.
 
-    python -m experiments.train_testbed --output_dir=experiments/testbed_ckpt --steps=... --seed=0
+    python -m experiments.train_testbed --output_dir=experiments/testbed_ckpt     # the defaults: the shipped recipe
 
 Schedule: `--vision_steps` steps of the auxiliary vision losses alone (the tower and its heads; no decoder, cheap),
-then `--steps` steps of the full loss (answer + "</s>" cross entropy + `--aux_weight` x auxiliary losses) on the whole
-model. optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm
-clipping. Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated), encoded
-by a background thread; one jitted step per phase (all batches share one padded shape). Everything is seeded by
-`--seed` (model init, data), so a rerun reproduces the checkpoint up to floating-point reduction order.
+then `--steps` steps of the full loss (`testbed.loss_fn`: answer + "</s>" cross entropy, next-token loss on the
+question, attention grounding of a few heads, image-token captions) on the projector, `image_newline` and decoder,
+with the tower frozen as LLaVA's stage 2 does (`--nofreeze_vision` trains it too, with the auxiliary losses kept on).
+optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
+Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated), encoded by a
+background thread; one jitted step per phase (all batches share one padded shape). Everything is seeded by `--seed`
+(model init, data), so a rerun reproduces the checkpoint up to floating-point reduction order. Validation accuracy
+(per family) is logged every `--eval_every` full steps.
+
+The defaults are the recipe of the committed `experiments/testbed_ckpt` (see BUILD.md for its time and accuracy).
 
 At the end the model is evaluated on `--eval_examples` examples of the test split (full tokens) and saved with
 `models.saving.save_pretrained` (config.json, model.safetensors, tokenizer and processor files); the auxiliary heads
@@ -30,14 +35,15 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
+import models
 from experiments import testbed
 from experiments import vqa
 from models import saving
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Checkpoint directory to write.", required=True)
-flags.DEFINE_integer("steps", 1500, "Full-model training steps.")
-flags.DEFINE_integer("vision_steps", 200, "Auxiliary-only vision warm-up steps before the full model trains.")
+flags.DEFINE_integer("steps", 3000, "Full-model training steps.")
+flags.DEFINE_integer("vision_steps", 600, "Auxiliary-only vision warm-up steps before the full model trains.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
 flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate of the full phase.")
@@ -46,15 +52,21 @@ flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps (each phase).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay on matrices and embeddings.")
 flags.DEFINE_float("aux_weight", 0.5, "Weight of the auxiliary vision losses in the full phase.")
 flags.DEFINE_float("question_weight", 0.5, "Weight of the next-token loss on the question text.")
-flags.DEFINE_float("grounding_weight", 0.0, "Weight of the attention grounding loss (head 0, middle layer).")
+flags.DEFINE_float("grounding_weight", 1.0, "Weight of the attention grounding losses (see testbed.loss_fn).")
+flags.DEFINE_integer("grounded_heads", 2, "Heads of the answer position grounded in the last two grounded layers.")
+flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
+flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
+flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
+flags.DEFINE_string("vision_from", None, "Copy the vision tower of this checkpoint (same tower config) into the fresh "
+                    "model; use with --vision_steps=0 to reuse a trained tower (for experiments).")
 flags.DEFINE_integer("log_every", 25, "Steps between log lines.")
-flags.DEFINE_integer("eval_every", 0, "Steps between validation evaluations (0: only at the end).")
-flags.DEFINE_integer("val_examples", 320, "Validation examples per periodic evaluation.")
+flags.DEFINE_integer("eval_every", 500, "Steps between validation evaluations (0: only at the end).")
+flags.DEFINE_integer("val_examples", 350, "Validation examples per periodic evaluation.")
 flags.DEFINE_integer("eval_examples", 1000, "Test examples evaluated at the end (0: skip).")
 flags.DEFINE_float("eval_keep_fraction", 0.056, "Also evaluate with this random fraction of visual tokens (0: skip).")
 flags.DEFINE_integer("check_transformers", 300, "Test examples on which transformers' answers (loaded from the saved "
                      "checkpoint; needs torch) must equal the port's (0: skip).")
-flags.DEFINE_integer("text_layers", 8, "Decoder layers.")
+flags.DEFINE_integer("text_layers", 4, "Decoder layers.")
 flags.DEFINE_integer("text_width", 128, "Decoder width.")
 flags.DEFINE_integer("text_mlp", 384, "Decoder SwiGLU width.")
 flags.DEFINE_integer("vision_layers", 3, "Vision tower layers.")
@@ -86,12 +98,16 @@ def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed:
     yield batch
 
 
-def _optimizer(steps: int, peak: float) -> optax.GradientTransformation:
+def _optimizer(steps: int, peak: float, frozen=lambda path: False) -> optax.GradientTransformation:
+  """adamw (decay on matrices only), warmup + cosine, clipping; parameters where `frozen(path)` never change."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, peak, min(FLAGS.warmup_steps, steps // 2), max(steps, 1),
                                                 end_value=0.02 * peak)
   decay_mask = lambda params: jax.tree.map(lambda a: a.ndim >= 2, params)
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=FLAGS.weight_decay, mask=decay_mask))
+  adamw = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=FLAGS.weight_decay, mask=decay_mask))
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if frozen(jax.tree_util.keystr(path)) else "trained", params)
+  return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
 def _vision_loss(model, heads, batch):
@@ -107,11 +123,11 @@ def _vision_loss(model, heads, batch):
   return aux, metrics
 
 
-def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total, peak):
+def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total, peak, frozen=lambda path: False):
   """Runs `steps` optimizer steps of `loss(model, heads, batch)` over params=(model state, heads state)."""
   if steps <= 0:
     return params
-  tx = _optimizer(steps, peak)
+  tx = _optimizer(steps, peak, frozen)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -144,7 +160,9 @@ def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, tot
 def main(argv):
   del argv
   hf = _config()
-  model = testbed.make_model(hf, seed=FLAGS.seed)
+  model = models.load_pretrained(FLAGS.init_from) if FLAGS.init_from else testbed.make_model(hf, seed=FLAGS.seed)
+  if FLAGS.vision_from:
+    nnx.update(model.vision_tower, nnx.state(models.load_pretrained(FLAGS.vision_from).vision_tower))
   heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(FLAGS.seed + 1))
   graphdef_model, model_params = nnx.split(model)
   graphdef_heads, head_params = nnx.split(heads)
@@ -158,10 +176,13 @@ def main(argv):
   params = _train_phase("vision", _vision_loss, params, graphdefs, hf, processor, 0, FLAGS.vision_steps, total,
                         FLAGS.vision_learning_rate)
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
-                 grounding_weight=FLAGS.grounding_weight)
+                 grounding_weight=FLAGS.grounding_weight, grounded_heads=FLAGS.grounded_heads,
+                 caption_weight=FLAGS.caption_weight, train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
+  # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
+  frozen = lambda path: FLAGS.freeze_vision and (path.startswith("[1]") or "'vision_tower'" in path)
   params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total,
-                        FLAGS.learning_rate)
+                        FLAGS.learning_rate, frozen)
   logging.info("training took %.1f min", (time.time() - start) / 60)
   model = nnx.merge(graphdef_model, params[0])
 

@@ -77,8 +77,8 @@ def _jnp(batch):
 def test_config_is_valid_for_both_libraries():
   hf = testbed.hf_config()
   config = transformers.LlavaNextConfig(**{k: v for k, v in hf.items() if k != "architectures"})
-  assert config.text_config.num_hidden_layers == 8 and config.vision_config.image_size == vocab.CROP_SIZE
-  assert testbed.stage_ii_layers(config.text_config.num_hidden_layers) == (3, 6)
+  assert config.text_config.num_hidden_layers == 4 and config.vision_config.image_size == vocab.CROP_SIZE
+  assert testbed.stage_ii_layers(config.text_config.num_hidden_layers) == (2, 3)
   assert len(set(testbed.stage_ii_layers(config.text_config.num_hidden_layers))) == 2
 
 
@@ -95,7 +95,8 @@ def test_loss_goes_down(hf):
   @jax.jit
   def step(params, opt_state):
     def objective(p):
-      return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch)
+      return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
+                             grounding_weight=1.0, caption_weight=0.5)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
@@ -153,6 +154,42 @@ def test_grounding_targets_name_the_right_objects(hf, processor):
       assert np.all(ids[evidence[k]] == testbed.IMAGE_TOKEN_ID)
     assert evidence[-1].sum() == int(np.isin(owners, ex.evidence).sum())
     assert evidence[-1].any() == bool(ex.evidence)
+
+
+def test_caption_targets_name_the_object_under_each_image_token(hf, processor):
+  examples = vqa.make_split("train", 20, seed=2)
+  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  words = vocab.words()
+  for i, ex in enumerate(examples):
+    targets = batch["caption_targets"][i]
+    image = batch["input_ids"][i] == testbed.IMAGE_TOKEN_ID
+    assert (targets[~image] == -1).all()                     # text and padding never get a caption
+    labelled = targets[:, 0] >= 0
+    assert labelled.any() and (labelled == (targets[:, 1] >= 0)).all()
+    objects = {(o.color, o.shape) for o in ex.scene.objects}
+    assert {(words[c], words[s]) for c, s in targets[labelled]} <= objects
+    # the tokens of the evidence objects for the answer position are among the labelled ones and name them
+    evidence = batch["grounding_evidence"][i, -1]
+    assert labelled[evidence].all()
+    named = {(ex.scene.objects[k].color, ex.scene.objects[k].shape) for k in ex.evidence}
+    assert {(words[c], words[s]) for c, s in targets[evidence]} <= named
+
+
+def test_frozen_tower_gets_no_gradient(hf, processor):
+  model = testbed.make_model(hf, seed=0)
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  batch = _jnp(testbed.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
+  graphdef, params = nnx.split(model)
+
+  def grads(train_vision):
+    loss = lambda p: testbed.loss_fn(nnx.merge(graphdef, p), heads, batch, grounding_weight=1.0, caption_weight=0.5,
+                                     train_vision=train_vision)[0]
+    return nnx.State(jax.grad(loss)(params))
+
+  norm = lambda tree: sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(tree))
+  frozen, trained = grads(False), grads(True)
+  assert norm(frozen["vision_tower"]) == 0.0 and norm(trained["vision_tower"]) > 0.0
+  assert norm(frozen["multi_modal_projector"]) > 0.0 and norm(frozen["language_model"]) > 0.0
 
 
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
