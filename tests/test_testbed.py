@@ -1,6 +1,9 @@
 """Tests for experiments.testbed and models.saving: a tiny testbed-shaped LLaVA-NeXT learns, saves, reloads exactly
 through `models.load_pretrained`, and gives transformers' logits when transformers loads the same directory."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -306,3 +309,21 @@ def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
     saving.save_pretrained(model, dict(hf, model_type="gpt2"), tmp_path / "b")
   with pytest.raises(ValueError, match="tokenizer_dir"):
     saving.save_pretrained(model, hf, tmp_path / "c", tokenizer_dir=tmp_path / "missing")
+
+
+def test_shipped_checkpoint_is_the_default_recipe_and_answers_from_the_image():
+  """The committed experiments/testbed_ckpt has the default architecture, and its answers depend on the image:
+  on the same questions it does much better with all visual tokens than with none of the objects visible (every
+  image replaced by a blank one of the same size)."""
+  with open(f"{testbed.DEFAULT_CKPT}/config.json") as f:
+    shipped = json.load(f)
+  expected = testbed.hf_config()
+  for section in ("vision_config", "text_config"):
+    for key, value in expected[section].items():
+      assert shipped[section][key] == value, (section, key)
+  model = models.load_pretrained(testbed.DEFAULT_CKPT)
+  examples = vqa.make_split("test", 96, seed=0)
+  blank = [dataclasses.replace(ex, image=np.full_like(ex.image, 128)) for ex in examples]
+  seen = testbed.evaluate(model, examples, batch_size=32)["all"]
+  unseen = testbed.evaluate(model, blank, batch_size=32)["all"]
+  assert seen > unseen + 0.15, (seen, unseen)
