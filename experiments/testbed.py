@@ -29,7 +29,9 @@ the vision tower learn fast from dense labels derived from the `Scene` (fair gam
 part of the checkpoint): per patch, the colour and shape of the object whose box contains the patch centre (or
 background), whether the patch holds an object's centre, and at its centre patch in the grid crops (full scale) the
 colour of the object's dot (or none); per crop, from the CLIP pooled output (post_layernorm of CLS), which colours
-and shapes appear in the crop.
+and shapes appear in the crop. In the decoder (`loss_fn`), a few heads are told where to look: question words at the
+objects they name, the answer position at the evidence (for spatial questions one head per object, on the base
+crop, whose tokens carry absolute position), and a counting head at "<s>" plus one centre token per evidence object.
 Patch geometry follows `LlavaNextImageProcessorPil`: the base crop is the whole image resized to the crop size; the
 grid crops tile the image resized to fit the best pinpoint (transformers' `get_patch_output_size`) and centred with
 zero padding.
@@ -63,7 +65,7 @@ from models import llava_next
 __all__ = [
     "IMAGE_TOKEN_ID", "NUM_LABELS", "hf_config", "stage_ii_layers", "make_model", "make_processor", "seq_len",
     "patch_labels", "encode", "AuxHeads", "ForwardOutput", "forward", "aux_losses", "grounding_loss", "grounding_layers",
-    "loss_fn", "predict", "evaluate", "transformers_answers",
+    "count_loss", "loss_fn", "predict", "evaluate", "transformers_answers",
     "DEFAULT_CKPT",
 ]
 
@@ -268,7 +270,7 @@ def _shorten_image_run(ids: np.ndarray, keep: int) -> np.ndarray:
 
 
 def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answer: bool = False,
-           labels: bool = False, keep_fraction: float | None = None, seed: int = 0) -> dict:
+           labels: bool = False, keep_fraction: float | None = None, seed: int = 0, base_only: bool = False) -> dict:
   """Processor outputs of `examples`, padded to the fixed shapes of `hf` (one image per example).
 
   Returns a dict of numpy arrays:
@@ -278,17 +280,25 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     with_answer: targets int32[B, 2] (answer, "</s>"), target_positions int32[B, 2] (the positions predicting them)
       and question_mask bool[B, S] (positions predicting the prompt text after the image, see `loss_fn`);
     labels: patch_labels int8[B, P, T, NUM_LABELS], crop_valid bool[B, P]; with with_answer also grounding_queries
-      int32[B, 5], grounding_evidence bool[B, 5, S] (see the comment in the code and `loss_fn`) and caption_targets
-      int32[B, S, 2] (word ids of the colour and shape of the object an image token shows; -1: none);
+      int32[B, 5], grounding_evidence bool[B, 5, S], head_evidence bool[B, 2, S], count_target float32[B, S] (see the
+      comment in the code and `loss_fn`) and caption_targets int32[B, S, 2] (word ids of the colour and shape of the
+      object an image token shows; -1: none);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
-      the input_ids then hold the shortened image runs).
+      the input_ids then hold the shortened image runs);
+    base_only: only the base crop (the whole image at crop resolution, 36 tokens, no grid crops, no image_newline):
+      pixel_values float32[B, 1, ...], a layout of the base rows and image runs of 36 tokens. A cheap training view
+      (`experiments.train_testbed`'s short phase), not a model input transformers would build.
   """
   if not examples:
     raise ValueError("encode needs at least one example")
   if keep_fraction is not None and not 0 < keep_fraction <= 1:
     raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+  if base_only and keep_fraction is not None:
+    raise ValueError("base_only and keep_fraction cannot be combined")
   pinpoints, crop, patch = _geometry(hf)
   s, p_max, n = seq_len(hf), anyres.max_num_crops(pinpoints, crop), anyres.max_num_features(pinpoints, crop, patch)
+  if base_only:
+    s = (crop // patch) ** 2 + _MAX_TEXT_TOKENS
   b = len(examples)
   out = dict(input_ids=np.zeros((b, s), np.int32), attention_mask=np.zeros((b, s), bool),
              pixel_values=np.zeros((b, p_max, 3, crop, crop), np.float32), image_sizes=np.zeros((b, 2), np.int32),
@@ -310,6 +320,13 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     if labels:
       out["patch_labels"][i], out["crop_valid"][i] = patch_labels(ex.scene, hf, p_max, ex.image)
   layout = anyres.pack_layout(out["image_sizes"], pinpoints, crop, patch, n)
+  if base_only:
+    t = (crop // patch) ** 2
+    layout = anyres.PackLayout(source=np.tile(np.arange(t, dtype=np.int32), (b, 1)), crop=np.zeros((b, t), np.int32),
+                               newline=np.zeros((b, t), bool), valid=np.ones((b, t), bool),
+                               counts=np.full((b,), t, np.int32), grid=np.zeros((b, 2), np.int32))
+    out["pixel_values"] = out["pixel_values"][:, :1]
+    ids_list = [_shorten_image_run(ids, t) for ids in ids_list]
   if labels and with_answer:
     # Grounding targets (see `loss_fn`): query positions int32[B, Q_WORDS + 1] = the question's colour and shape words
     # (in order, at most Q_WORDS; plurals count, "objects" names every object) and the answer position; per query,
@@ -317,14 +334,40 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     # position names every object of vqa.Example.evidence. Unused queries have no image tokens.
     out["grounding_queries"] = np.zeros((b, _GROUNDED_WORDS + 1), np.int32)
     out["grounding_evidence"] = np.zeros((b, _GROUNDED_WORDS + 1, s), bool)
+    # head_evidence: per grounded answer head (0, 1), the same evidence, except for spatial questions, where head 0
+    # looks at the first named object and head 1 at the second, on their base-crop tokens only (the base crop is the
+    # whole image, so its tokens carry the absolute position the relation is decided by; a grid token knows only its
+    # place within its crop). count_target: the answer position's counting head attends to "<s>" (position 0, the
+    # sink) and to the base-crop centre token of every evidence object, each with equal weight, so the mass left on
+    # the sink is 1 / (1 + number of objects); for a "no" existence answer all of it. Spatial rows have none.
+    out["head_evidence"] = np.zeros((b, 2, s), bool)
+    out["count_target"] = np.zeros((b, s), np.float32)
     out["caption_targets"] = np.full((b, s, 2), -1, np.int32)
     t = (crop // patch) ** 2
+    g = crop // patch
     for i, ex in enumerate(examples):
       ids = ids_list[i]
       rows = layout.source[i, :layout.counts[i]]
       owner = np.where(rows >= 0, out["patch_labels"][i, rows // t, rows % t, 4], -1)
       first = int(np.flatnonzero(ids == IMAGE_TOKEN_ID)[0])
       image = slice(first, first + len(rows))
+      base = (rows >= 0) & (rows < t)
+      centre = {}   # object -> index into the image run of its base-crop centre token (same rule as patch_labels)
+      for obj in ex.evidence:
+        o = ex.scene.objects[obj]
+        row = (int((o.cy + 0.5) * crop / ex.scene.height) // patch) * g + int((o.cx + 0.5) * crop / ex.scene.width) // patch
+        centre[obj] = int(np.flatnonzero(rows == row)[0])
+      if ex.family == "spatial":   # a small object may own no base token (under 3 of 16 samples), never its centre
+        for k, obj in enumerate(ex.evidence[:2]):
+          mine = (owner == obj) & base
+          mine[centre[obj]] = True
+          out["head_evidence"][i, k, image] = mine
+      else:
+        out["head_evidence"][i, :, image] = np.isin(owner, ex.evidence)[None]
+        out["count_target"][i, 0] = 1.0
+        for obj in ex.evidence:
+          out["count_target"][i, first + centre[obj]] += 1.0
+        out["count_target"][i] /= out["count_target"][i].sum()
       words = [(j, _WORD_MATCH[ids[j]]) for j in range(len(ids) - 2) if ids[j] in _WORD_MATCH][:_GROUNDED_WORDS]
       for k, (j, match) in enumerate(words):
         named = [n for n, o in enumerate(ex.scene.objects) if match(o)]
@@ -481,8 +524,15 @@ def grounding_layers(num_layers: int) -> tuple[int, int, int]:
   return 1, num_layers // 2, num_layers - 1
 
 
+def count_loss(attention: jax.Array, target: jax.Array) -> jax.Array:
+  """Cross entropy of attention rows float32[B, S] against target distributions float32[B, S] (rows summing to 1;
+  all-zero rows are ignored)."""
+  ce = -jnp.sum(target * jnp.log(attention + 1e-6), axis=-1)
+  return _masked_mean(ce, jnp.sum(target, axis=-1) > 0)
+
+
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
-            grounding_weight: float = 0.0, caption_weight: float = 0.0, grounded_heads: int = 2,
+            grounding_weight: float = 0.0, caption_weight: float = 0.0, count_weight: float = 0.0,
             train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
@@ -490,19 +540,25 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   - `question_weight` x next-token cross entropy on the prompt text after the image (the question words);
   - `aux_weight` x `aux_losses` (vision tower);
   - `grounding_weight` x `grounding_loss` in three decoder layers (`grounding_layers`): in the first, head 0 of each
-    colour or shape word of the question looks at the objects of that colour or shape; in the other two, heads
-    0..`grounded_heads`-1 of the position that predicts the answer look at the objects the answer depends on.
-    Learning to route attention from a word to a few of ~250 image tokens from the answer loss alone plateaus for
-    long on this budget; these heads shortcut it;
+    colour or shape word of the question looks at the objects of that colour or shape; in the other two, heads 0
+    and 1 of the position that predicts the answer look at the objects the answer depends on (for spatial
+    questions head 0 at the first named object and head 1 at the second, on their base-crop tokens: `encode`'s
+    head_evidence). Learning to route attention from a word to a few of ~250 image tokens from the answer loss
+    alone plateaus for long on this budget; these heads shortcut it;
+  - `count_weight` x `count_loss` of head 2 of the answer position in the middle grounded layer against
+    `encode`'s count_target: equal attention to "<s>" and to each evidence object's centre token, so the head's
+    output encodes how many objects the question names (attention normalises, so without a sink a head cannot
+    count);
   - `caption_weight` x cross entropy of the logits at each object image token against the words of the object's
     colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
     are never decoded from, so this competes with no next-token target.
 
   train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
-  layers = grounding_layers(model.config.text.num_hidden_layers) if grounding_weight else ()
+  grounded = grounding_weight or count_weight
+  layers = grounding_layers(model.config.text.num_hidden_layers) if grounded else ()
   out = forward(model, batch, None, pooled=train_vision, attention_layers=layers,
-                attention_queries=batch["grounding_queries"] if grounding_weight else None,
+                attention_queries=batch["grounding_queries"] if grounded else None,
                 train_vision=train_vision)
   logits = out.logits                                                                     # [B, S, V]
   answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
@@ -517,10 +573,13 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   if grounding_weight:
     evidence = batch["grounding_evidence"]
     words = grounding_loss(out.attention[0, :, 0, :-1], evidence[:, :-1])
-    answer = sum(grounding_loss(out.attention[k, :, :grounded_heads, -1], evidence[:, None, -1]) for k in (1, 2))
-    answer = answer / 2
+    answer = sum(grounding_loss(out.attention[k, :, :2, -1], batch["head_evidence"]) for k in (1, 2)) / 2
     loss = loss + grounding_weight * (words + answer)
     metrics = dict(metrics, grounding_words=words, grounding_answer=answer)
+  if count_weight:
+    count = count_loss(out.attention[1, :, 2, -1], batch["count_target"])
+    loss = loss + count_weight * count
+    metrics = dict(metrics, count=count)
   if caption_weight:
     targets = batch["caption_targets"]
     caption = jnp.stack([ce(logits, jnp.maximum(targets[..., k], 0)) for k in range(2)], -1).mean(-1)

@@ -2,15 +2,23 @@
 
     python -m experiments.train_testbed --output_dir=experiments/testbed_ckpt     # the defaults: the shipped recipe
 
-Schedule: `--vision_steps` steps of the auxiliary vision losses alone (the tower and its heads; no decoder, cheap),
-then `--steps` steps of the full loss (`testbed.loss_fn`: answer + "</s>" cross entropy, next-token loss on the
-question, attention grounding of a few heads, image-token captions) on the projector, `image_newline` and decoder,
-with the tower frozen as LLaVA's stage 2 does (`--nofreeze_vision` trains it too, with the auxiliary losses kept on).
+Schedule, three phases:
+1. `--vision_steps` steps of the auxiliary vision losses alone (the tower and its heads; no decoder, cheap);
+2. `--short_steps` steps of the full loss (`testbed.loss_fn`: answer + "</s>" cross entropy, next-token loss on the
+   question, attention grounding of a few heads, the counting head, image-token captions) on the base crop alone
+   (`testbed.encode(base_only=True)`: 36 visual tokens, a 62-token sequence instead of ~300, so a step costs about a
+   third of a full one at twice the batch), without detail questions (the dot is not legible at base resolution);
+   the decoder learns to find, compare and count objects here, where the CPU gives it ~5x the examples per second;
+3. `--steps` steps of the same loss on the real anyres input (all crops, image_newline): the decoder learns to use
+   the grid crops (detail questions come in here) and the ~250-token image.
+Phases 2 and 3 train the projector, `image_newline` and decoder with the tower frozen, as LLaVA's stage 2 does
+(`--nofreeze_vision` trains it in phase 3 too, with the auxiliary losses kept on).
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
-Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated), encoded by a
-background thread; one jitted step per phase (all batches share one padded shape). Everything is seeded by `--seed`
-(model init, data), so a rerun reproduces the checkpoint up to floating-point reduction order. Validation accuracy
-(per family) is logged every `--eval_every` full steps.
+Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
+own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
+shape). Everything is seeded by `--seed` (model init, data), so a rerun reproduces the checkpoint up to
+floating-point reduction order. Validation accuracy (per family, full anyres input) is logged every `--eval_every`
+steps of phases 2 and 3.
 
 The defaults are the recipe of the committed `experiments/testbed_ckpt` (see BUILD.md for its time and accuracy).
 
@@ -42,25 +50,29 @@ from models import saving
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Checkpoint directory to write.", required=True)
-flags.DEFINE_integer("steps", 3000, "Full-model training steps.")
+flags.DEFINE_integer("steps", 1300, "Full-model training steps.")
 flags.DEFINE_integer("vision_steps", 600, "Auxiliary-only vision warm-up steps before the full model trains.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate of the full phase.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of the full phase.")
 flags.DEFINE_float("vision_learning_rate", 3e-3, "Peak learning rate of the vision warm-up phase.")
 flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps (each phase).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay on matrices and embeddings.")
 flags.DEFINE_float("aux_weight", 0.5, "Weight of the auxiliary vision losses in the full phase.")
 flags.DEFINE_float("question_weight", 0.5, "Weight of the next-token loss on the question text.")
 flags.DEFINE_float("grounding_weight", 1.0, "Weight of the attention grounding losses (see testbed.loss_fn).")
-flags.DEFINE_integer("grounded_heads", 2, "Heads of the answer position grounded in the last two grounded layers.")
+flags.DEFINE_float("count_weight", 1.0, "Weight of the counting-head attention loss (see testbed.loss_fn).")
+flags.DEFINE_integer("short_steps", 3000, "Steps on the base crop alone (36 visual tokens, no detail questions) between "
+                     "the vision warm-up and the full phase.")
+flags.DEFINE_integer("short_batch_size", 64, "Examples per step of the short phase.")
+flags.DEFINE_float("short_learning_rate", 2e-3, "Peak learning rate of the short phase.")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
 flags.DEFINE_string("vision_from", None, "Copy the vision tower of this checkpoint (same tower config) into the fresh "
                     "model; use with --vision_steps=0 to reuse a trained tower (for experiments).")
 flags.DEFINE_integer("log_every", 25, "Steps between log lines.")
-flags.DEFINE_integer("eval_every", 500, "Steps between validation evaluations (0: only at the end).")
+flags.DEFINE_integer("eval_every", 1000, "Steps between validation evaluations (0: only at the end).")
 flags.DEFINE_integer("val_examples", 350, "Validation examples per periodic evaluation.")
 flags.DEFINE_integer("eval_examples", 1000, "Test examples evaluated at the end (0: skip).")
 flags.DEFINE_float("eval_keep_fraction", 0.056, "Also evaluate with this random fraction of visual tokens (0: skip).")
@@ -80,17 +92,18 @@ def _config() -> dict:
       text=dict(hidden_size=FLAGS.text_width, intermediate_size=FLAGS.text_mlp, num_hidden_layers=FLAGS.text_layers))
 
 
-def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed: int, total: int):
+def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed: int, total: int,
+             base_only: bool = False, weights=None):
   """Yields encoded training batches [first, first + num_batches) of the stream, produced by a background thread."""
   out: queue.Queue = queue.Queue(maxsize=4)
 
   def work():
-    stream = vqa.iter_split("train", total, seed=seed)
+    stream = vqa.iter_split("train", total, seed=seed, weights=weights)
     for _ in range(first * batch_size):
       next(stream)  # cheap relative to training; only used when a phase starts mid-stream
     for _ in range(num_batches):
       examples = [next(stream) for _ in range(batch_size)]
-      out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True))
+      out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only))
     out.put(None)
 
   threading.Thread(target=work, daemon=True).start()
@@ -123,8 +136,11 @@ def _vision_loss(model, heads, batch):
   return aux, metrics
 
 
-def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total, peak, frozen=lambda path: False):
+def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, total, peak, frozen=lambda path: False,
+                 batch_size=None, seed=None, base_only=False, weights=None):
   """Runs `steps` optimizer steps of `loss(model, heads, batch)` over params=(model state, heads state)."""
+  batch_size = batch_size or FLAGS.batch_size
+  seed = FLAGS.seed if seed is None else seed
   if steps <= 0:
     return params
   tx = _optimizer(steps, peak, frozen)
@@ -139,7 +155,7 @@ def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, tot
     return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=value)
 
   start, sums = time.time(), {}
-  for i, batch in enumerate(_batches(hf, processor, first, steps, FLAGS.batch_size, FLAGS.seed, total), 1):
+  for i, batch in enumerate(_batches(hf, processor, first, steps, batch_size, seed, total, base_only, weights), 1):
     batch = {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
     params, opt_state, metrics = step(params, opt_state, batch)
     for k, v in metrics.items():
@@ -149,7 +165,7 @@ def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, tot
       logging.info("%s step %d/%d  %.0fs  %s", name, i, steps, time.time() - start,
                    "  ".join(f"{k}={v / n:.4f}" for k, v in sorted(sums.items())))
       sums = {}
-    if name == "full" and FLAGS.eval_every and i % FLAGS.eval_every == 0 and i < steps:
+    if name != "vision" and FLAGS.eval_every and i % FLAGS.eval_every == 0 and i < steps:
       model = nnx.merge(graphdefs[0], params[0])
       val = vqa.make_split("validation", FLAGS.val_examples, seed=FLAGS.seed)
       acc = testbed.evaluate(model, val, FLAGS.batch_size, processor=processor)
@@ -176,11 +192,19 @@ def main(argv):
   params = _train_phase("vision", _vision_loss, params, graphdefs, hf, processor, 0, FLAGS.vision_steps, total,
                         FLAGS.vision_learning_rate)
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
-                 grounding_weight=FLAGS.grounding_weight, grounded_heads=FLAGS.grounded_heads,
+                 grounding_weight=FLAGS.grounding_weight, count_weight=FLAGS.count_weight,
                  caption_weight=FLAGS.caption_weight, train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
   # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
   frozen = lambda path: FLAGS.freeze_vision and (path.startswith("[1]") or "'vision_tower'" in path)
+  # The short phase: base crop only (a 62-token sequence instead of ~300), tower frozen, detail questions left out
+  # (their dot is not legible at base resolution); its own example stream (seed + 1), so no example repeats.
+  short_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **dict(weights, train_vision=False))
+  params = _train_phase("short", short_loss, params, graphdefs, hf, processor, 0, FLAGS.short_steps,
+                        FLAGS.short_steps * FLAGS.short_batch_size, FLAGS.short_learning_rate,
+                        lambda path: path.startswith("[1]") or "'vision_tower'" in path,
+                        batch_size=FLAGS.short_batch_size, seed=FLAGS.seed + 1, base_only=True,
+                        weights={f: float(f != "detail") for f in vqa.FAMILIES})
   params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total,
                         FLAGS.learning_rate, frozen)
   logging.info("training took %.1f min", (time.time() - start) / 60)

@@ -99,7 +99,7 @@ def test_loss_goes_down(hf):
   def step(params, opt_state):
     def objective(p):
       return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
-                             grounding_weight=1.0, caption_weight=0.5)
+                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
@@ -176,6 +176,77 @@ def test_caption_targets_name_the_object_under_each_image_token(hf, processor):
     assert labelled[evidence].all()
     named = {(ex.scene.objects[k].color, ex.scene.objects[k].shape) for k in ex.evidence}
     assert {(words[c], words[s]) for c, s in targets[evidence]} <= named
+
+
+def test_answer_heads_and_count_targets(hf, processor):
+  """Spatial rows: head 0 sees the first named object and head 1 the second, on base-crop tokens (the base crop is
+  rows 0..35 of the pack), no counting target. Other rows: both heads see every evidence token; the counting
+  target puts equal mass on "<s>" and on each evidence object's base-crop centre token (a patch labelled centre)."""
+  examples = vqa.make_split("train", 60, seed=4)
+  for base_only in (False, True):
+    batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only)
+    t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
+    for i, ex in enumerate(examples):
+      ids, heads, target = batch["input_ids"][i], batch["head_evidence"][i], batch["count_target"][i]
+      first = int(np.flatnonzero(ids == testbed.IMAGE_TOKEN_ID)[0])
+      rows = np.full(ids.shape, -1)
+      count = int(batch["layout"].counts[i])
+      rows[first:first + count] = batch["layout"].source[i, :count]
+      owner = np.full(ids.shape, -1)
+      image = rows >= 0
+      owner[image] = batch["patch_labels"][i, rows[image] // t, rows[image] % t, 4]
+      if ex.family == "spatial":
+        assert not target.any()
+        for k in range(2):
+          assert heads[k].any() and np.all((rows[heads[k]] >= 0) & (rows[heads[k]] < t))
+          others = owner[heads[k]][owner[heads[k]] >= 0]
+          assert set(others.tolist()) <= {ex.evidence[k]}, (ex.question, k)
+        assert not (heads[0] & heads[1]).any()
+        continue
+      np.testing.assert_array_equal(heads[0], heads[1])
+      np.testing.assert_array_equal(heads[0], image & np.isin(owner, ex.evidence))
+      np.testing.assert_allclose(target.sum(), 1.0, rtol=1e-6)
+      marked = np.flatnonzero(target[1:]) + 1
+      assert np.all(rows[marked] >= 0) and np.all(rows[marked] < t)
+      assert np.all(batch["patch_labels"][i, 0, rows[marked], 2] == 1)
+      weights = np.round(target[marked] / target[0]).astype(int)      # objects per centre token (>1: shared)
+      np.testing.assert_allclose(target[marked], weights * target[0], rtol=1e-5)
+      assert weights.sum() == len(ex.evidence), (ex.question, ex.evidence)
+      assert ex.family != "existence" or ex.answer == "yes" or len(marked) == 0
+
+
+def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examples):
+  """encode(base_only=True) (the short training phase's cheap view) is the same model input as Stage I keeping
+  exactly the base crop's 36 rows, so the two give the same answer logits."""
+  short = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True)
+  full = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
+  assert short["input_ids"].shape[1] < full["input_ids"].shape[1] and short["pixel_values"].shape[1] == 1
+  assert np.all((short["input_ids"] == testbed.IMAGE_TOKEN_ID).sum(1) == t)
+  kept = dict(full, keep_index=np.tile(np.arange(t, dtype=np.int32), (len(examples), 1)),
+              keep_valid=np.ones((len(examples), t), bool))
+  kept["input_ids"] = np.zeros_like(full["input_ids"])
+  kept["attention_mask"] = np.zeros_like(full["attention_mask"])
+  n = short["input_ids"].shape[1]
+  kept["input_ids"][:, :n], kept["attention_mask"][:, :n] = short["input_ids"], short["attention_mask"]
+  np.testing.assert_array_equal(short["target_positions"], full["target_positions"] - (full["layout"].counts - t)[:, None])
+  got = testbed.forward(model, _jnp(short), jnp.asarray(short["target_positions"])).logits
+  want = testbed.forward(model, _jnp(kept), jnp.asarray(short["target_positions"])).logits
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)
+  with pytest.raises(ValueError, match="base_only and keep_fraction"):
+    testbed.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
+
+
+def test_count_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  attention = rng.dirichlet(np.ones(9), size=4).astype(np.float32)
+  target = np.zeros((4, 9), np.float32)
+  target[0, [0, 3]] = 0.5
+  target[1, 0] = 1.0
+  target[3, [0, 2, 5]] = [0.25, 0.5, 0.25]         # row 2 has no target and is ignored
+  want = np.mean([-(target[r] * np.log(attention[r] + 1e-6)).sum() for r in (0, 1, 3)])
+  np.testing.assert_allclose(float(testbed.count_loss(jnp.asarray(attention), jnp.asarray(target))), want, rtol=1e-5)
+  assert float(testbed.count_loss(jnp.asarray(target[[1]] * 0.999 + 1e-4), jnp.asarray(target[[1]]))) < 0.01
 
 
 def test_frozen_tower_gets_no_gradient(hf, processor):
