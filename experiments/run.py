@@ -30,6 +30,7 @@ each method kept on a few examples).
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -234,7 +235,7 @@ def resolve(flag_values, model) -> tuple[dict[str, Any], list[RunSpec]]:
   opts = {k: flag_values[k] for k in tops_flags}
   opts["family"] = backbone.family
   runs = [RunSpec("full", None, None, FULL, "full")]
-  subsets = [c for r in (1, 2, 3) for c in __import__("itertools").combinations(tops_lib.CRITERIA, r)]
+  subsets = [c for r in (1, 2, 3) for c in itertools.combinations(tops_lib.CRITERIA, r)]
   for method in methods:
     variants = [(method, {})]
     if flag_values["ablation"]:
