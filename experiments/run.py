@@ -458,7 +458,7 @@ def _load(backbone_name: str, checkpoint: str):
     raise ValueError(f"--backbone={backbone_name} expects a {expected} checkpoint; {checkpoint} is {model_type}")
   if backbone_name == "testbed":
     from experiments import testbed  # pylint: disable=g-import-not-at-top
-    processor = testbed.make_processor(testbed._hf_from_model(model), directory=checkpoint)
+    processor = testbed.make_processor(testbed.hf_from_model(model), directory=checkpoint)
   else:
     processor = AutoProcessor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"

@@ -610,7 +610,7 @@ def evaluate(model, examples: Sequence[vqa.Example], batch_size: int = 32, *, pr
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  hf_like = _hf_from_model(model)
+  hf_like = hf_from_model(model)
   processor = processor or make_processor(hf_like)
   words = vocab.words()
   predictions = []
@@ -628,7 +628,7 @@ def evaluate(model, examples: Sequence[vqa.Example], batch_size: int = 32, *, pr
   return (accuracy, predictions) if return_predictions else accuracy
 
 
-def _hf_from_model(model) -> dict:
+def hf_from_model(model) -> dict:
   """The parts of a config dict that `encode`/`make_processor` read, from a loaded model's config."""
   c = model.config
   return dict(vision_config=dict(image_size=c.vision.image_size, patch_size=c.vision.patch_size),
