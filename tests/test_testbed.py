@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 
 import models
+from experiments import probes
 from experiments import scenes
 from experiments import testbed
 from experiments import vocab
@@ -401,26 +402,24 @@ def test_shipped_checkpoint_is_the_default_recipe_and_answers_from_the_image():
 
 
 def test_probe_ridge_recovers_planted_signals_and_not_noise():
-  """The probes of experiments.probe_testbed: a linear signal is read back (R^2 ~ 1, accuracy ~ 1), noise is not."""
-  from experiments import probe_testbed
+  """The probes of experiments.probes: a linear signal is read back (R^2 ~ 1, accuracy ~ 1), noise is not."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(800, 24))
   w = rng.normal(size=(24, 2))
-  assert probe_testbed.held_out_r2(x, x @ w + 0.01 * rng.normal(size=(800, 2)), ridge=1e-3) > 0.99
-  assert probe_testbed.held_out_r2(x, rng.normal(size=(800, 2)), ridge=1e-3) < 0.1
-  assert probe_testbed.held_out_accuracy(x, x @ w[:, 0] > 0.3, ridge=1e-3) > 0.9  # least squares, not max-margin
-  assert 0.35 < probe_testbed.held_out_accuracy(x, rng.random(800) < 0.5, ridge=1e-3) < 0.65
+  assert probes.held_out_r2(x, x @ w + 0.01 * rng.normal(size=(800, 2)), ridge=1e-3) > 0.99
+  assert probes.held_out_r2(x, rng.normal(size=(800, 2)), ridge=1e-3) < 0.1
+  assert probes.held_out_accuracy(x, x @ w[:, 0] > 0.3, ridge=1e-3) > 0.9  # least squares, not max-margin
+  assert 0.35 < probes.held_out_accuracy(x, rng.random(800) < 0.5, ridge=1e-3) < 0.65
   with pytest.raises(ValueError, match="same N"):
-    probe_testbed.ridge_fit(x, x[:10, 0], ridge=1.0)
+    probes.ridge_fit(x, x[:10, 0], ridge=1.0)
 
 
 def test_probe_runs_on_spatial_questions_and_rejects_others(model):
-  from experiments import probe_testbed
   spatial = vqa.make_split("validation", 24, seed=0, weights={f: float(f == "spatial") for f in vqa.FAMILIES})
-  result = probe_testbed.probe(model, spatial, batch_size=8)
+  result = probes.probe(model, spatial, batch_size=8)
   masses = [v for k, v in result.items() if k.startswith("evidence_mass")]
   assert len(masses) == 4 and all(0.0 <= m <= 1.0 for m in masses), result
   assert {"position_r2_tower", "position_r2_projected"} <= set(result) and result["position_r2_tower"] <= 1.0
   assert any(k.startswith("relation_accuracy") for k in result), result
   with pytest.raises(ValueError, match="all spatial"):
-    probe_testbed.probe(model, vqa.make_split("validation", 12, seed=0), batch_size=8)
+    probes.probe(model, vqa.make_split("validation", 12, seed=0), batch_size=8)
