@@ -404,11 +404,16 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
 # --- model pieces for training and evaluation ----------------------------------------------------------------------
 
 class AuxHeads(nnx.Module):
-  """Auxiliary linear heads on the vision tower (training only, not saved): per-patch labels and per-crop presence."""
+  """Auxiliary linear heads (training only, not saved): per-patch labels and per-crop presence on the vision tower;
+  the (row, column) of each base-crop token read from the tower's output (`position`) and, with `text_width`, from
+  the projector's output (`text_position`; see `position_loss`)."""
 
-  def __init__(self, vision_width: int, *, rngs: nnx.Rngs):
+  def __init__(self, vision_width: int, text_width: int | None = None, *, rngs: nnx.Rngs):
     self.patch = nnx.Linear(vision_width, 2 * (1 + _NUM_COLORS) + 1 + (1 + _NUM_SHAPES), rngs=rngs)
     self.crop = nnx.Linear(vision_width, _NUM_COLORS + _NUM_SHAPES, rngs=rngs)
+    # Created after the heads above, so adding them leaves those heads' initialisation as it was.
+    self.position = nnx.Linear(vision_width, 2, rngs=rngs)
+    self.text_position = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
 
   def __call__(self, features: jax.Array, pooled: jax.Array):
     """features float[B, P, T, Dv], pooled float[B, P, Dv] -> (patch logits float[B, P, T, 24], crop [B, P, 14])."""
@@ -509,6 +514,23 @@ def aux_losses(heads: AuxHeads, features: jax.Array, pooled: jax.Array, batch: M
   return colour + shape + centre + dot + crop, metrics
 
 
+def position_targets(num_tokens: int) -> np.ndarray:
+  """float32[T, 2]: (row, column) of each token of a square crop's patch grid, patch centres scaled to (0, 1)."""
+  side = int(round(np.sqrt(num_tokens)))
+  if side * side != num_tokens:
+    raise ValueError(f"position targets need a square patch grid, got {num_tokens} tokens")
+  rows, cols = np.divmod(np.arange(num_tokens), side)
+  return ((np.stack([rows, cols], -1) + 0.5) / side).astype(np.float32)
+
+
+def position_loss(head: nnx.Linear, tokens: jax.Array) -> jax.Array:
+  """Mean squared error of `head(tokens)` against `position_targets`: tokens float[B, T, D] of the base crop (the whole
+  image, so a token's place in the crop is its place in the image). Spatial questions compare two objects' places;
+  nothing else in the objective asks the tokens to keep them (see `experiments.probe_testbed`)."""
+  target = jnp.asarray(position_targets(tokens.shape[-2]))
+  return jnp.mean(jnp.sum((head(tokens).astype(jnp.float32) - target) ** 2, -1))
+
+
 def grounding_loss(attention: jax.Array, evidence: jax.Array) -> jax.Array:
   """-log of the attention mass on the evidence tokens, mean over the rows that have evidence.
 
@@ -533,7 +555,7 @@ def count_loss(attention: jax.Array, target: jax.Array) -> jax.Array:
 
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
             grounding_weight: float = 0.0, caption_weight: float = 0.0, count_weight: float = 0.0,
-            train_vision: bool = True):
+            position_weight: float = 0.0, train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
   - cross entropy of the answer token and the "</s>" after it;
@@ -551,7 +573,9 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     count);
   - `caption_weight` x cross entropy of the logits at each object image token against the words of the object's
     colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
-    are never decoded from, so this competes with no next-token target.
+    are never decoded from, so this competes with no next-token target;
+  - `position_weight` x `position_loss` of the base-crop tokens after the projector (`heads.text_position`, needs
+    `AuxHeads(text_width=...)`) and, when the tower trains, of the tower's own output (`heads.position`).
 
   train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
@@ -586,6 +610,15 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     caption = _masked_mean(caption, targets[..., 0] >= 0)
     loss = loss + caption_weight * caption
     metrics = dict(metrics, caption=caption)
+  if position_weight:
+    if heads.text_position is None:
+      raise ValueError("position_weight needs AuxHeads(..., text_width=...): no head reads the projector's output")
+    base = out.features[:, 0]                                                             # [B, T, Dv] base crop
+    position = position_loss(heads.text_position, model.project(base))
+    if train_vision:
+      position = position + position_loss(heads.position, base)
+    loss = loss + position_weight * position
+    metrics = dict(metrics, position=position)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 

@@ -13,6 +13,9 @@ Schedule, three phases:
    the grid crops (detail questions come in here) and the ~250-token image.
 Phases 2 and 3 train the projector, `image_newline` and decoder with the tower frozen, as LLaVA's stage 2 does
 (`--nofreeze_vision` trains it in phase 3 too, with the auxiliary losses kept on).
+`--position_weight` > 0 (off in the shipped recipe) adds `testbed.position_loss`: linear heads read each base-crop
+token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3; that head
+trains with the projector), because spatial questions need positions the other losses let the projector drop.
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -66,6 +69,8 @@ flags.DEFINE_integer("short_steps", 3000, "Steps on the base crop alone (36 visu
                      "the vision warm-up and the full phase.")
 flags.DEFINE_integer("short_batch_size", 64, "Examples per step of the short phase.")
 flags.DEFINE_float("short_learning_rate", 2e-3, "Peak learning rate of the short phase.")
+flags.DEFINE_float("position_weight", 0.0, "Weight of the token-position losses (testbed.position_loss): tower output "
+                   "in the vision phase, projector output in the others. 0 in the shipped recipe.")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
@@ -133,6 +138,9 @@ def _vision_loss(model, heads, batch):
   full = vis.features.reshape(b, p, *vis.features.shape[1:])
   pooled = model.vision_tower.post_layernorm(full[:, :, 0])
   aux, metrics = testbed.aux_losses(heads, full[:, :, 1:], pooled, batch)
+  if FLAGS.position_weight:
+    position = testbed.position_loss(heads.position, full[:, 0, 1:])
+    aux, metrics = aux + FLAGS.position_weight * position, dict(metrics, position=position)
   return aux, metrics
 
 
@@ -179,7 +187,8 @@ def main(argv):
   model = models.load_pretrained(FLAGS.init_from) if FLAGS.init_from else testbed.make_model(hf, seed=FLAGS.seed)
   if FLAGS.vision_from:
     nnx.update(model.vision_tower, nnx.state(models.load_pretrained(FLAGS.vision_from).vision_tower))
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(FLAGS.seed + 1))
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"],
+                           rngs=nnx.Rngs(FLAGS.seed + 1))
   graphdef_model, model_params = nnx.split(model)
   graphdef_heads, head_params = nnx.split(heads)
   graphdefs, params = (graphdef_model, graphdef_heads), (model_params, head_params)
@@ -193,16 +202,19 @@ def main(argv):
                         FLAGS.vision_learning_rate)
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
                  grounding_weight=FLAGS.grounding_weight, count_weight=FLAGS.count_weight,
-                 caption_weight=FLAGS.caption_weight, train_vision=not FLAGS.freeze_vision)
+                 caption_weight=FLAGS.caption_weight, position_weight=FLAGS.position_weight,
+                 train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
   # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
-  frozen = lambda path: FLAGS.freeze_vision and (path.startswith("[1]") or "'vision_tower'" in path)
+  # (the projector-side position head trains with the projector)
+  tower_side = lambda path: (path.startswith("[1]") and "'text_position'" not in path) or "'vision_tower'" in path
+  frozen = lambda path: FLAGS.freeze_vision and tower_side(path)
   # The short phase: base crop only (a 62-token sequence instead of ~300), tower frozen, detail questions left out
   # (their dot is not legible at base resolution); its own example stream (seed + 1), so no example repeats.
   short_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **dict(weights, train_vision=False))
   params = _train_phase("short", short_loss, params, graphdefs, hf, processor, 0, FLAGS.short_steps,
                         FLAGS.short_steps * FLAGS.short_batch_size, FLAGS.short_learning_rate,
-                        lambda path: path.startswith("[1]") or "'vision_tower'" in path,
+                        tower_side,
                         batch_size=FLAGS.short_batch_size, seed=FLAGS.seed + 1, base_only=True,
                         weights={f: float(f != "detail") for f in vqa.FAMILIES})
   params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total,

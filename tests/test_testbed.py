@@ -88,7 +88,7 @@ def test_config_is_valid_for_both_libraries():
 
 def test_loss_goes_down(hf):
   model = testbed.make_model(hf, seed=0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
   batch = _jnp(testbed.encode(vqa.make_split("train", 4, seed=0), testbed.make_processor(hf), hf, with_answer=True,
                               labels=True))
   graphdefs, params = zip(nnx.split(model), nnx.split(heads))
@@ -100,7 +100,7 @@ def test_loss_goes_down(hf):
   def step(params, opt_state):
     def objective(p):
       return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
-                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0)
+                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0, position_weight=1.0)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
@@ -252,19 +252,43 @@ def test_count_loss_matches_numpy():
 
 def test_frozen_tower_gets_no_gradient(hf, processor):
   model = testbed.make_model(hf, seed=0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
   batch = _jnp(testbed.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
   graphdef, params = nnx.split(model)
 
   def grads(train_vision):
     loss = lambda p: testbed.loss_fn(nnx.merge(graphdef, p), heads, batch, grounding_weight=1.0, caption_weight=0.5,
-                                     train_vision=train_vision)[0]
+                                     position_weight=1.0, train_vision=train_vision)[0]
     return nnx.State(jax.grad(loss)(params))
 
   norm = lambda tree: sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(tree))
   frozen, trained = grads(False), grads(True)
   assert norm(frozen["vision_tower"]) == 0.0 and norm(trained["vision_tower"]) > 0.0
   assert norm(frozen["multi_modal_projector"]) > 0.0 and norm(frozen["language_model"]) > 0.0
+
+
+def test_position_targets_and_loss(hf, processor):
+  target = testbed.position_targets(36)
+  assert target.shape == (36, 2)
+  np.testing.assert_allclose(target[0], [1 / 12, 1 / 12])
+  np.testing.assert_allclose(target[7], [3 / 12, 3 / 12])       # row 1, column 1
+  np.testing.assert_allclose(target[11], [3 / 12, 11 / 12])     # row 1, column 5
+  with pytest.raises(ValueError, match="square patch grid"):
+    testbed.position_targets(35)
+  head = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  head.kernel[...], head.bias[...] = jnp.eye(2), jnp.zeros(2)
+  tokens = jnp.broadcast_to(jnp.asarray(target), (3, 36, 2))
+  assert float(testbed.position_loss(head, tokens)) == 0.0
+  shift = np.array([0.1, -0.2], np.float32)
+  np.testing.assert_allclose(float(testbed.position_loss(head, tokens + shift)), np.sum(shift ** 2), rtol=1e-5)
+  # loss_fn needs the projector-side head for the term
+  model = testbed.make_model(hf, seed=0)
+  batch = _jnp(testbed.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
+  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="text_width"):
+    testbed.loss_fn(model, vision_only, batch, position_weight=1.0)
+  both = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  assert float(testbed.loss_fn(model, both, batch, position_weight=1.0)[1]["position"]) > 0.0
 
 
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
