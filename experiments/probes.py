@@ -67,11 +67,7 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
   attention = np.asarray(out.attention)[:, :, :2, -1]                        # [L, B, 2, S] at the answer position
   evidence = batch["head_evidence"]                                         # [B, 2, S]
   mass = np.einsum("lbhs,bhs->lhb", attention, evidence)
-  px = arrays["pixel_values"]
-  b, p = px.shape[:2]
-  vis = model.vision_tower.features(px.reshape(b * p, *px.shape[2:]), feature_layers=model.config.vision_feature_layer,
-                                    select_strategy="full", cls_attention=False)
-  features = vis.features.reshape(b, p, *vis.features.shape[1:])[:, :, 1:]  # [B, P, T, Dv]
+  features = out.features                                                   # [B, P, T, Dv] (CLS dropped)
   projected = model.project(features)                                      # [B, P, T, D]
   layout = anyres.PackLayout(*(jnp.asarray(a) for a in batch["layout"]))
   embedded = np.asarray(model.embed(arrays["input_ids"], model.pack(projected, layout), layout.valid))
