@@ -86,9 +86,7 @@ def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
   mass = np.concatenate([q.evidence_mass for q in parts], -1)
   result = {f"evidence_mass_layer{l}_head{h}": float(mass[i, h].mean())
             for i, l in enumerate(testbed.grounding_layers(model.config.text.num_hidden_layers)[1:]) for h in (0, 1)}
-  side = int(round(np.sqrt(parts[0].tower.shape[1])))
-  rows, cols = np.divmod(np.arange(side * side), side)
-  where = np.tile(np.stack([rows, cols], -1), (len(examples), 1)).astype(np.float64)
+  where = np.tile(testbed.position_targets(parts[0].tower.shape[1]), (len(examples), 1)).astype(np.float64)
   for name in ("tower", "projected"):
     tokens = np.concatenate([getattr(q, name) for q in parts]).reshape(-1, getattr(parts[0], name).shape[-1])
     result[f"position_r2_{name}"] = held_out_r2(tokens, where, ridge)
