@@ -49,6 +49,7 @@ class _Batch(NamedTuple):
   tower: np.ndarray          # float[B, T, Dv] base-crop tower output (CLS dropped)
   projected: np.ndarray      # float[B, T, D] the same tokens after the projector
   pair: np.ndarray           # float[B, D] mean embedding of object A minus object B (base-crop tokens)
+  residual: np.ndarray       # float[L + 1, B, D] residual stream at the answer position around each decoder layer
 
 
 def _relation(example: vqa.Example) -> tuple[str, bool]:
@@ -62,8 +63,9 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
   batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
   arrays = {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
   layers = testbed.grounding_layers(model.config.text.num_hidden_layers)[1:]
-  out = testbed.forward(model, arrays, arrays["last"][:, None], attention_layers=layers,
-                        attention_queries=arrays["grounding_queries"], train_vision=False)
+  answer = arrays["target_positions"][:, :1]                                # the position that predicts the answer
+  out = testbed.forward(model, arrays, answer, attention_layers=layers,
+                        attention_queries=arrays["grounding_queries"], train_vision=False, residuals=True)
   attention = np.asarray(out.attention)[:, :, :2, -1]                        # [L, B, 2, S] at the answer position
   evidence = batch["head_evidence"]                                         # [B, 2, S]
   mass = np.einsum("lbhs,bhs->lhb", attention, evidence)
@@ -73,7 +75,8 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
   embedded = np.asarray(model.embed(arrays["input_ids"], model.pack(projected, layout), layout.valid))
   means = [(embedded * evidence[:, h, :, None]).sum(1) / np.maximum(evidence[:, h].sum(-1, keepdims=True), 1)
            for h in (0, 1)]
-  return _Batch(mass, np.asarray(features[:, 0]), np.asarray(projected[:, 0]), means[0] - means[1])
+  return _Batch(mass, np.asarray(features[:, 0]), np.asarray(projected[:, 0]), means[0] - means[1],
+                np.asarray(out.residuals[:, :, 0]))
 
 
 def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
@@ -91,9 +94,13 @@ def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
     tokens = np.concatenate([getattr(q, name) for q in parts]).reshape(-1, getattr(parts[0], name).shape[-1])
     result[f"position_r2_{name}"] = held_out_r2(tokens, where, ridge)
   pairs = np.concatenate([q.pair for q in parts])
+  residual = np.concatenate([q.residual for q in parts], axis=1)                # [L + 1, N, D]
   axes, labels = zip(*(_relation(e) for e in examples))
+  labels = np.array(labels)
   for axis in ("horizontal", "vertical"):
     pick = np.array([a == axis for a in axes])
     if pick.sum() >= 8:
-      result[f"relation_accuracy_{axis}"] = held_out_accuracy(pairs[pick], np.array(labels)[pick], ridge)
+      result[f"relation_accuracy_{axis}"] = held_out_accuracy(pairs[pick], labels[pick], ridge)
+      for layer, stream in enumerate(residual):
+        result[f"residual_relation_accuracy_layer{layer}_{axis}"] = held_out_accuracy(stream[pick], labels[pick], ridge)
   return result

@@ -423,16 +423,19 @@ class AuxHeads(nnx.Module):
 class ForwardOutput(NamedTuple):
   """logits float32[B, Q, V]; features float[B, P, T, Dv] (vision features, CLS dropped); pooled float[B, P, Dv]
   (CLIP pooled output per crop) | None; attention float32[len(attention_layers), B, H, Q', S] (attention rows of the
-  asked layers, in increasing layer order) | None."""
+  asked layers, in increasing layer order) | None; residuals float[L + 1, B, Q, D] (the residual stream at the scored
+  positions entering each of the L decoder layers and leaving the last, before the final norm) | None."""
   logits: jax.Array
   features: jax.Array
   pooled: jax.Array | None = None
   attention: jax.Array | None = None
+  residuals: jax.Array | None = None
 
 
 def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping, positions: jax.Array | None,
             *, pooled: bool = False, attention_layers: Sequence[int] = (),
-            attention_queries: jax.Array | None = None, train_vision: bool = True) -> ForwardOutput:
+            attention_queries: jax.Array | None = None, train_vision: bool = True,
+            residuals: bool = False) -> ForwardOutput:
   """The testbed forward through the model's public seams, scoring only `positions`.
 
   Args:
@@ -443,6 +446,7 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
     attention_layers, attention_queries: also return the attention rows of the query positions int32[B, Q'] in
       these decoder layers.
     train_vision: False stops gradients at the vision tower's output (a frozen tower costs no backward pass).
+    residuals: also return the residual stream at `positions` around every decoder layer (needs `positions`).
 
   Returns:
     ForwardOutput.
@@ -472,14 +476,20 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
   cos, sin = llama.rope_cos_sin(lm.config, position_ids, x.dtype)
   attention_mask = llama.make_attention_mask(jnp.arange(ids.shape[1]), jnp.asarray(mask, bool),
                                              lm.config.sliding_window)
-  attention = []
+  if residuals and positions is None:
+    raise ValueError("residuals=True needs positions: the residual stream is returned at the scored positions only")
+  at = (lambda h: h) if positions is None else (lambda h: jnp.take_along_axis(h, positions[..., None], axis=1))
+  attention, stream = [], []
   for i in range(lm.config.num_hidden_layers):
     if i in attention_layers:
       attention.append(lm.attention_probs(i, x, position_ids, mask, attention_queries))
+    if residuals:
+      stream.append(at(x))
     x = lm.layer(i)(x, cos, sin, attention_mask)
-  hidden = x if positions is None else jnp.take_along_axis(x, positions[..., None], axis=1)
+  hidden = at(x)
   pool = model.vision_tower.post_layernorm(full[:, :, 0]) if pooled else None
-  return ForwardOutput(model.head(hidden), features, pool, jnp.stack(attention) if attention else None)
+  return ForwardOutput(model.head(hidden), features, pool, jnp.stack(attention) if attention else None,
+                       jnp.stack(stream + [hidden]) if residuals else None)
 
 
 def _masked_mean(values, mask):

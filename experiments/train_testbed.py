@@ -13,9 +13,10 @@ Schedule, three phases:
    the grid crops (detail questions come in here) and the ~250-token image.
 Phases 2 and 3 train the projector, `image_newline` and decoder with the tower frozen, as LLaVA's stage 2 does
 (`--nofreeze_vision` trains it in phase 3 too, with the auxiliary losses kept on).
-`--position_weight` > 0 (off in the shipped recipe) adds `testbed.position_loss`: linear heads read each base-crop
-token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3; that head
-trains with the projector), because spatial questions need positions the other losses let the projector drop.
+`--position_weight` (1 in the shipped recipe; 0 turns it off) weighs `testbed.position_loss`: linear heads read each
+base-crop token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3;
+that head trains with the projector), because spatial questions need positions the other losses let the projector
+drop.
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -54,7 +55,7 @@ from models import saving
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Checkpoint directory to write.", required=True)
 flags.DEFINE_integer("steps", 1300, "Full-model training steps.")
-flags.DEFINE_integer("vision_steps", 600, "Auxiliary-only vision warm-up steps before the full model trains.")
+flags.DEFINE_integer("vision_steps", 1500, "Auxiliary-only vision warm-up steps before the full model trains.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of the full phase.")
@@ -69,8 +70,8 @@ flags.DEFINE_integer("short_steps", 3000, "Steps on the base crop alone (36 visu
                      "the vision warm-up and the full phase.")
 flags.DEFINE_integer("short_batch_size", 64, "Examples per step of the short phase.")
 flags.DEFINE_float("short_learning_rate", 2e-3, "Peak learning rate of the short phase.")
-flags.DEFINE_float("position_weight", 0.0, "Weight of the token-position losses (testbed.position_loss): tower output "
-                   "in the vision phase, projector output in the others. 0 in the shipped recipe.")
+flags.DEFINE_float("position_weight", 1.0, "Weight of the token-position losses (testbed.position_loss): tower output "
+                   "in the vision phase, projector output in the others (0: off).")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")

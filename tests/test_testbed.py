@@ -238,6 +238,21 @@ def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examp
     testbed.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
 
 
+def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor, hf, examples):
+  batch = _jnp(testbed.encode(examples, processor, hf, with_answer=True))
+  at = jnp.asarray(batch["target_positions"])                                   # text positions: ":" and the answer
+  out = testbed.forward(model, batch, at, residuals=True)
+  layers, width = model.config.text.num_hidden_layers, model.config.text.hidden_size
+  assert out.residuals.shape == (layers + 1, len(examples), at.shape[1], width)
+  np.testing.assert_allclose(np.asarray(model.head(out.residuals[-1])), np.asarray(out.logits), rtol=0, atol=1e-5)
+  ids = jnp.take_along_axis(batch["input_ids"], at, axis=1)
+  np.testing.assert_allclose(np.asarray(out.residuals[0]), np.asarray(model.language_model.embed(ids)), rtol=0,
+                             atol=1e-6)
+  assert not np.allclose(np.asarray(out.residuals[1]), np.asarray(out.residuals[0]), atol=1e-3)
+  with pytest.raises(ValueError, match="needs positions"):
+    testbed.forward(model, batch, None, residuals=True)
+
+
 def test_count_loss_matches_numpy():
   rng = np.random.default_rng(0)
   attention = rng.dirichlet(np.ones(9), size=4).astype(np.float32)
@@ -445,5 +460,7 @@ def test_probe_runs_on_spatial_questions_and_rejects_others(model):
   assert len(masses) == 4 and all(0.0 <= m <= 1.0 for m in masses), result
   assert {"position_r2_tower", "position_r2_projected"} <= set(result) and result["position_r2_tower"] <= 1.0
   assert any(k.startswith("relation_accuracy") for k in result), result
+  layers = {k.split("_layer")[1].split("_")[0] for k in result if k.startswith("residual_relation_accuracy")}
+  assert layers == {str(l) for l in range(model.config.text.num_hidden_layers + 1)}, result
   with pytest.raises(ValueError, match="all spatial"):
     probes.probe(model, vqa.make_split("validation", 12, seed=0), batch_size=8)
