@@ -104,9 +104,7 @@ def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed:
   out: queue.Queue = queue.Queue(maxsize=4)
 
   def work():
-    stream = vqa.iter_split("train", total, seed=seed, weights=weights)
-    for _ in range(first * batch_size):
-      next(stream)  # cheap relative to training; only used when a phase starts mid-stream
+    stream = vqa.iter_split("train", total, seed=seed, weights=weights, start=first * batch_size)
     for _ in range(num_batches):
       examples = [next(stream) for _ in range(batch_size)]
       out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only))

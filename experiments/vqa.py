@@ -307,14 +307,17 @@ def _family_counts(n: int, weights: Mapping[str, float]) -> dict[str, int]:
 
 
 def iter_split(split: str, n: int, seed: int = 0, weights: Mapping[str, float] | None = None,
-               config: SceneConfig = SceneConfig()) -> Iterator[Example]:
-  """Yields the n examples of `make_split` one at a time (for splits too big to hold in memory)."""
+               config: SceneConfig = SceneConfig(), start: int = 0) -> Iterator[Example]:
+  """Yields the n examples of `make_split` one at a time (for splits too big to hold in memory), from the
+  `start`-th on (the ones before it are not generated)."""
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
+  if not 0 <= start <= n:
+    raise ValueError(f"start must be in [0, n={n}], got {start}")
   counts = _family_counts(n, weights or {f: 1.0 for f in FAMILIES})
   slots = [(f, k) for f in FAMILIES for k in range(counts[f])]
   order = np.random.default_rng(np.random.SeedSequence([seed, _split_code(split), len(FAMILIES), n])).permutation(n)
-  for i in order:
+  for i in order[start:]:
     yield make_example(split, *slots[i], seed=seed, config=config)
 
 

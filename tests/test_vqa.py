@@ -222,6 +222,14 @@ def test_question_only_baseline_uses_per_question_then_family_majority():
   assert vqa.question_only_baseline(train, evaluate) == {"existence": 2 / 3, "all": 2 / 3}
 
 
+def test_iter_split_start_skips_without_changing_the_stream():
+  whole = [e.scene_id for e in vqa.iter_split("train", 15, seed=2)]
+  assert [e.scene_id for e in vqa.iter_split("train", 15, seed=2, start=9)] == whole[9:]
+  assert list(vqa.iter_split("train", 15, seed=2, start=15)) == []
+  with pytest.raises(ValueError, match="start"):
+    next(vqa.iter_split("train", 15, start=16))
+
+
 def test_bad_input_raises():
   with pytest.raises(ValueError, match="split"):
     vqa.make_split("dev", 3)
