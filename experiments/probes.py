@@ -65,7 +65,7 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
   layers = testbed.grounding_layers(model.config.text.num_hidden_layers)[1:]
   answer = arrays["target_positions"][:, :1]                                # the position that predicts the answer
   out = testbed.forward(model, arrays, answer, attention_layers=layers,
-                        attention_queries=arrays["grounding_queries"], train_vision=False, residuals=True)
+                        attention_queries=arrays["grounding_queries"], train_vision=False, residual_positions=answer)
   attention = np.asarray(out.attention)[:, :, :2, -1]                        # [L, B, 2, S] at the answer position
   evidence = batch["head_evidence"]                                         # [B, 2, S]
   mass = np.einsum("lbhs,bhs->lhb", attention, evidence)

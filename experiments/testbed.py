@@ -281,8 +281,9 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
       and question_mask bool[B, S] (positions predicting the prompt text after the image, see `loss_fn`);
     labels: patch_labels int8[B, P, T, NUM_LABELS], crop_valid bool[B, P]; with with_answer also grounding_queries
       int32[B, 5], grounding_evidence bool[B, 5, S], head_evidence bool[B, 2, S], count_target float32[B, S] (see the
-      comment in the code and `loss_fn`) and caption_targets int32[B, S, 2] (word ids of the colour and shape of the
-      object an image token shows; -1: none);
+      comment in the code and `loss_fn`), caption_targets int32[B, S, 2] (word ids of the colour and shape of the
+      object an image token shows; -1: none) and relation_target float32[B, 4] (row and column of the first and the
+      second named object's centre, scaled to (0, 1); zeros for non-spatial rows, marked by relation_valid bool[B]);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
       the input_ids then hold the shortened image runs);
     base_only: only the base crop (the whole image at crop resolution, 36 tokens, no grid crops, no image_newline):
@@ -343,6 +344,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     out["head_evidence"] = np.zeros((b, 2, s), bool)
     out["count_target"] = np.zeros((b, s), np.float32)
     out["caption_targets"] = np.full((b, s, 2), -1, np.int32)
+    out["relation_target"] = np.zeros((b, 4), np.float32)
+    out["relation_valid"] = np.zeros((b,), bool)
     t = (crop // patch) ** 2
     g = crop // patch
     for i, ex in enumerate(examples):
@@ -362,6 +365,9 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
           mine = (owner == obj) & base
           mine[centre[obj]] = True
           out["head_evidence"][i, k, image] = mine
+          o = ex.scene.objects[obj]
+          out["relation_target"][i, 2 * k:2 * k + 2] = (o.cy + 0.5) / ex.scene.height, (o.cx + 0.5) / ex.scene.width
+        out["relation_valid"][i] = True
       else:
         out["head_evidence"][i, :, image] = np.isin(owner, ex.evidence)[None]
         out["count_target"][i, 0] = 1.0
@@ -406,7 +412,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
 class AuxHeads(nnx.Module):
   """Auxiliary linear heads (training only, not saved): per-patch labels and per-crop presence on the vision tower;
   the (row, column) of each base-crop token read from the tower's output (`position`) and, with `text_width`, from
-  the projector's output (`text_position`; see `position_loss`)."""
+  the projector's output (`text_position`; see `position_loss`); with `text_width`, the two named objects' (row,
+  column) read from the decoder's residual stream at the answer position (`relation`; see `loss_fn`)."""
 
   def __init__(self, vision_width: int, text_width: int | None = None, *, rngs: nnx.Rngs):
     self.patch = nnx.Linear(vision_width, 2 * (1 + _NUM_COLORS) + 1 + (1 + _NUM_SHAPES), rngs=rngs)
@@ -414,6 +421,7 @@ class AuxHeads(nnx.Module):
     # Created after the heads above, so adding them leaves those heads' initialisation as it was.
     self.position = nnx.Linear(vision_width, 2, rngs=rngs)
     self.text_position = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
+    self.relation = nnx.Linear(text_width, 4, rngs=rngs) if text_width else None
 
   def __call__(self, features: jax.Array, pooled: jax.Array):
     """features float[B, P, T, Dv], pooled float[B, P, Dv] -> (patch logits float[B, P, T, 24], crop [B, P, 14])."""
@@ -423,8 +431,8 @@ class AuxHeads(nnx.Module):
 class ForwardOutput(NamedTuple):
   """logits float32[B, Q, V]; features float[B, P, T, Dv] (vision features, CLS dropped); pooled float[B, P, Dv]
   (CLIP pooled output per crop) | None; attention float32[len(attention_layers), B, H, Q', S] (attention rows of the
-  asked layers, in increasing layer order) | None; residuals float[L + 1, B, Q, D] (the residual stream at the scored
-  positions entering each of the L decoder layers and leaving the last, before the final norm) | None."""
+  asked layers, in increasing layer order) | None; residuals float[L + 1, B, Q'', D] (the residual stream at
+  `residual_positions` entering each of the L decoder layers and leaving the last, before the final norm) | None."""
   logits: jax.Array
   features: jax.Array
   pooled: jax.Array | None = None
@@ -435,7 +443,7 @@ class ForwardOutput(NamedTuple):
 def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping, positions: jax.Array | None,
             *, pooled: bool = False, attention_layers: Sequence[int] = (),
             attention_queries: jax.Array | None = None, train_vision: bool = True,
-            residuals: bool = False) -> ForwardOutput:
+            residual_positions: jax.Array | None = None) -> ForwardOutput:
   """The testbed forward through the model's public seams, scoring only `positions`.
 
   Args:
@@ -446,7 +454,8 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
     attention_layers, attention_queries: also return the attention rows of the query positions int32[B, Q'] in
       these decoder layers.
     train_vision: False stops gradients at the vision tower's output (a frozen tower costs no backward pass).
-    residuals: also return the residual stream at `positions` around every decoder layer (needs `positions`).
+    residual_positions: int32[B, Q''] | None: also return the residual stream at these positions around every
+      decoder layer.
 
   Returns:
     ForwardOutput.
@@ -476,20 +485,20 @@ def forward(model: llava_next.LlavaNextForConditionalGeneration, batch: Mapping,
   cos, sin = llama.rope_cos_sin(lm.config, position_ids, x.dtype)
   attention_mask = llama.make_attention_mask(jnp.arange(ids.shape[1]), jnp.asarray(mask, bool),
                                              lm.config.sliding_window)
-  if residuals and positions is None:
-    raise ValueError("residuals=True needs positions: the residual stream is returned at the scored positions only")
-  at = (lambda h: h) if positions is None else (lambda h: jnp.take_along_axis(h, positions[..., None], axis=1))
+  at = lambda h, where: jnp.take_along_axis(h, where[..., None], axis=1)
   attention, stream = [], []
   for i in range(lm.config.num_hidden_layers):
     if i in attention_layers:
       attention.append(lm.attention_probs(i, x, position_ids, mask, attention_queries))
-    if residuals:
-      stream.append(at(x))
+    if residual_positions is not None:
+      stream.append(at(x, residual_positions))
     x = lm.layer(i)(x, cos, sin, attention_mask)
-  hidden = at(x)
+  if residual_positions is not None:
+    stream.append(at(x, residual_positions))
+  hidden = x if positions is None else at(x, positions)
   pool = model.vision_tower.post_layernorm(full[:, :, 0]) if pooled else None
   return ForwardOutput(model.head(hidden), features, pool, jnp.stack(attention) if attention else None,
-                       jnp.stack(stream + [hidden]) if residuals else None)
+                       jnp.stack(stream) if stream else None)
 
 
 def _masked_mean(values, mask):
@@ -565,7 +574,7 @@ def count_loss(attention: jax.Array, target: jax.Array) -> jax.Array:
 
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
             grounding_weight: float = 0.0, caption_weight: float = 0.0, count_weight: float = 0.0,
-            position_weight: float = 0.0, train_vision: bool = True):
+            position_weight: float = 0.0, relation_weight: float = 0.0, train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
   - cross entropy of the answer token and the "</s>" after it;
@@ -585,15 +594,23 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
     are never decoded from, so this competes with no next-token target;
   - `position_weight` x `position_loss` of the base-crop tokens after the projector (`heads.text_position`, needs
-    `AuxHeads(text_width=...)`) and, when the tower trains, of the tower's own output (`heads.position`).
+    `AuxHeads(text_width=...)`) and, when the tower trains, of the tower's own output (`heads.position`);
+  - `relation_weight` x mean squared error of `heads.relation` read from the residual stream at the answer position
+    entering the last decoder layer, against `encode`'s relation_target, on spatial rows: the grounded heads look at
+    the two named objects, and this asks them to carry the objects' places to the answer, which the answer loss alone
+    does not make them do (`experiments.probe_testbed`, probe 4); the last layer then only has to compare them with
+    the asked relation.
 
   train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
   grounded = grounding_weight or count_weight
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounded else ()
+  if relation_weight and heads.relation is None:
+    raise ValueError("relation_weight needs AuxHeads(..., text_width=...): no head reads the decoder's residual stream")
   out = forward(model, batch, None, pooled=train_vision, attention_layers=layers,
                 attention_queries=batch["grounding_queries"] if grounded else None,
-                train_vision=train_vision)
+                train_vision=train_vision,
+                residual_positions=batch["target_positions"][:, :1] if relation_weight else None)
   logits = out.logits                                                                     # [B, S, V]
   answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
   answer_loss = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["targets"]).sum(-1).mean()
@@ -629,6 +646,11 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
       position = position + position_loss(heads.position, base)
     loss = loss + position_weight * position
     metrics = dict(metrics, position=position)
+  if relation_weight:
+    read = heads.relation(out.residuals[-2][:, 0])                                          # [B, 4]
+    relation = _masked_mean(jnp.mean(jnp.square(read - batch["relation_target"]), -1), batch["relation_valid"])
+    loss = loss + relation_weight * relation
+    metrics = dict(metrics, relation=relation)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 

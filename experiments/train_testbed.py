@@ -16,7 +16,9 @@ Phases 2 and 3 train the projector, `image_newline` and decoder with the tower f
 `--position_weight` (1 in the shipped recipe; 0 turns it off) weighs `testbed.position_loss`: linear heads read each
 base-crop token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3;
 that head trains with the projector), because spatial questions need positions the other losses let the projector
-drop.
+drop. `--relation_weight` > 0 (off in the shipped recipe) adds the relation term of `testbed.loss_fn`: a linear head
+reads the two named objects' places from the decoder's residual stream at the answer position, because the shipped
+checkpoint's grounded heads look at the objects but do not pass their places on (`experiments.probe_testbed`).
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -72,6 +74,8 @@ flags.DEFINE_integer("short_batch_size", 64, "Examples per step of the short pha
 flags.DEFINE_float("short_learning_rate", 2e-3, "Peak learning rate of the short phase.")
 flags.DEFINE_float("position_weight", 1.0, "Weight of the token-position losses (testbed.position_loss): tower output "
                    "in the vision phase, projector output in the others (0: off).")
+flags.DEFINE_float("relation_weight", 0.0, "Weight of the relation loss (see testbed.loss_fn): the two objects of a "
+                   "spatial question read from the answer position's residual stream. 0 in the shipped recipe.")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
@@ -202,11 +206,14 @@ def main(argv):
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
                  grounding_weight=FLAGS.grounding_weight, count_weight=FLAGS.count_weight,
                  caption_weight=FLAGS.caption_weight, position_weight=FLAGS.position_weight,
+                 relation_weight=FLAGS.relation_weight,
                  train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
   # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
-  # (the projector-side position head trains with the projector)
-  tower_side = lambda path: (path.startswith("[1]") and "'text_position'" not in path) or "'vision_tower'" in path
+  # (the projector-side position head trains with the projector, the relation head with the decoder)
+  text_heads = ("'text_position'", "'relation'")
+  tower_side = lambda path: ((path.startswith("[1]") and not any(h in path for h in text_heads))
+                             or "'vision_tower'" in path)
   frozen = lambda path: FLAGS.freeze_vision and tower_side(path)
   # The short phase: base crop only (a 62-token sequence instead of ~300), tower frozen, detail questions left out
   # (their dot is not legible at base resolution); its own example stream (seed + 1), so no example repeats.

@@ -100,7 +100,8 @@ def test_loss_goes_down(hf):
   def step(params, opt_state):
     def objective(p):
       return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
-                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0, position_weight=1.0)
+                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0, position_weight=1.0,
+                             relation_weight=1.0)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
@@ -241,7 +242,7 @@ def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examp
 def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor, hf, examples):
   batch = _jnp(testbed.encode(examples, processor, hf, with_answer=True))
   at = jnp.asarray(batch["target_positions"])                                   # text positions: ":" and the answer
-  out = testbed.forward(model, batch, at, residuals=True)
+  out = testbed.forward(model, batch, at, residual_positions=at)
   layers, width = model.config.text.num_hidden_layers, model.config.text.hidden_size
   assert out.residuals.shape == (layers + 1, len(examples), at.shape[1], width)
   np.testing.assert_allclose(np.asarray(model.head(out.residuals[-1])), np.asarray(out.logits), rtol=0, atol=1e-5)
@@ -249,8 +250,8 @@ def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor,
   np.testing.assert_allclose(np.asarray(out.residuals[0]), np.asarray(model.language_model.embed(ids)), rtol=0,
                              atol=1e-6)
   assert not np.allclose(np.asarray(out.residuals[1]), np.asarray(out.residuals[0]), atol=1e-3)
-  with pytest.raises(ValueError, match="needs positions"):
-    testbed.forward(model, batch, None, residuals=True)
+  everywhere = testbed.forward(model, batch, None, residual_positions=at[:, :1])   # all logits, one residual position
+  np.testing.assert_allclose(np.asarray(everywhere.residuals), np.asarray(out.residuals[:, :, :1]), rtol=0, atol=1e-5)
 
 
 def test_count_loss_matches_numpy():
@@ -304,6 +305,35 @@ def test_position_targets_and_loss(hf, processor):
     testbed.loss_fn(model, vision_only, batch, position_weight=1.0)
   both = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
   assert float(testbed.loss_fn(model, both, batch, position_weight=1.0)[1]["position"]) > 0.0
+
+
+def test_relation_targets_and_loss(hf, processor):
+  examples = vqa.make_split("train", 10, seed=4)
+  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  for i, ex in enumerate(examples):
+    assert batch["relation_valid"][i] == (ex.family == "spatial")
+    if ex.family != "spatial":
+      assert not batch["relation_target"][i].any()
+      continue
+    a, b = (ex.scene.objects[j] for j in ex.evidence[:2])
+    row_a, col_a, row_b, col_b = batch["relation_target"][i] * np.tile([ex.scene.height, ex.scene.width], 2)
+    np.testing.assert_allclose([row_a, col_a, row_b, col_b], [a.cy + 0.5, a.cx + 0.5, b.cy + 0.5, b.cx + 0.5],
+                               rtol=1e-5)
+    # the target agrees with the asked relation: "yes" iff it holds between the two centres
+    holds = {"left": col_a < col_b, "right": col_a > col_b, "above": row_a < row_b, "below": row_a > row_b}[ex.subtype]
+    assert holds == (ex.answer == "yes")
+  assert batch["relation_valid"].any() and not batch["relation_valid"].all()
+  model = testbed.make_model(hf, seed=0)
+  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="text_width"):
+    testbed.loss_fn(model, vision_only, _jnp(batch), relation_weight=1.0)
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), relation_weight=1.0)
+  residual = testbed.forward(model, _jnp(batch), None,
+                             residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
+  err = np.mean((np.asarray(heads.relation(residual)) - batch["relation_target"]) ** 2, -1)
+  np.testing.assert_allclose(float(metrics["relation"]), err[batch["relation_valid"]].mean(), rtol=1e-4)
+  assert "relation" not in testbed.loss_fn(model, heads, _jnp(batch))[1]
 
 
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
