@@ -1,6 +1,6 @@
 """Linear probes of what a testbed model's visual tokens encode (the library of `experiments.probe_testbed`).
 
-See that script's docstring for what the three probes measure and how to read them.
+See that script's docstring for what the four probes measure and how to read them.
 """
 
 from typing import NamedTuple
@@ -80,7 +80,7 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
 
 
 def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
-  """The three probes of the module docstring on spatial `examples` -> a flat dict of floats."""
+  """The four probes of `experiments.probe_testbed` on spatial `examples` -> a flat dict of floats."""
   if len(examples) < 8 or any(e.family != "spatial" for e in examples):
     raise ValueError(f"probe needs at least 8 examples, all spatial; got {len(examples)}")
   hf = testbed.hf_from_model(model)
