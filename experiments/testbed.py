@@ -270,7 +270,8 @@ def _shorten_image_run(ids: np.ndarray, keep: int) -> np.ndarray:
 
 
 def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answer: bool = False,
-           labels: bool = False, keep_fraction: float | None = None, seed: int = 0, base_only: bool = False) -> dict:
+           labels: bool = False, keep_fraction: float | None = None, seed: int = 0, base_only: bool = False,
+           count_sink: float = 1.0) -> dict:
   """Processor outputs of `examples`, padded to the fixed shapes of `hf` (one image per example).
 
   Returns a dict of numpy arrays:
@@ -284,6 +285,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
       comment in the code and `loss_fn`), caption_targets int32[B, S, 2] (word ids of the colour and shape of the
       object an image token shows; -1: none) and relation_target float32[B, 4] (row and column of the first and the
       second named object's centre, scaled to (0, 1); zeros for non-spatial rows, marked by relation_valid bool[B]);
+    count_sink: the weight of "<s>" in count_target relative to one object's centre token (see the comment in the
+      code);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
       the input_ids then hold the shortened image runs);
     base_only: only the base crop (the whole image at crop resolution, 36 tokens, no grid crops, no image_newline):
@@ -296,6 +299,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
   if base_only and keep_fraction is not None:
     raise ValueError("base_only and keep_fraction cannot be combined")
+  if not count_sink > 0:
+    raise ValueError(f"count_sink must be positive, got {count_sink}")
   pinpoints, crop, patch = _geometry(hf)
   s, p_max, n = seq_len(hf), anyres.max_num_crops(pinpoints, crop), anyres.max_num_features(pinpoints, crop, patch)
   if base_only:
@@ -339,8 +344,10 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     # looks at the first named object and head 1 at the second, on their base-crop tokens only (the base crop is the
     # whole image, so its tokens carry the absolute position the relation is decided by; a grid token knows only its
     # place within its crop). count_target: the answer position's counting head attends to "<s>" (position 0, the
-    # sink) and to the base-crop centre token of every evidence object, each with equal weight, so the mass left on
-    # the sink is 1 / (1 + number of objects); for a "no" existence answer all of it. Spatial rows have none.
+    # sink) with weight count_sink and to the base-crop centre token of every evidence object with weight 1 each, so
+    # the mass left on the sink is w / (w + n) for n objects; for a "no" existence answer all of it. Spatial rows have
+    # none. Neighbouring counts differ in that mass by w / ((w + n) (w + n + 1)): with w = 1 that is 1/42 between five
+    # and six objects; the gap of the largest count pair (5, 6) is widest at w = sqrt(30) ~ 5.5, about twice it.
     out["head_evidence"] = np.zeros((b, 2, s), bool)
     out["count_target"] = np.zeros((b, s), np.float32)
     out["caption_targets"] = np.full((b, s, 2), -1, np.int32)
@@ -370,7 +377,7 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
         out["relation_valid"][i] = True
       else:
         out["head_evidence"][i, :, image] = np.isin(owner, ex.evidence)[None]
-        out["count_target"][i, 0] = 1.0
+        out["count_target"][i, 0] = count_sink
         for obj in ex.evidence:
           out["count_target"][i, first + centre[obj]] += 1.0
         out["count_target"][i] /= out["count_target"][i].sum()
@@ -587,9 +594,9 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     head_evidence). Learning to route attention from a word to a few of ~250 image tokens from the answer loss
     alone plateaus for long on this budget; these heads shortcut it;
   - `count_weight` x `count_loss` of head 2 of the answer position in the middle grounded layer against
-    `encode`'s count_target: equal attention to "<s>" and to each evidence object's centre token, so the head's
-    output encodes how many objects the question names (attention normalises, so without a sink a head cannot
-    count);
+    `encode`'s count_target: attention to "<s>" (weight `encode`'s count_sink) and equally to each evidence
+    object's centre token, so the head's output encodes how many objects the question names (attention normalises,
+    so without a sink a head cannot count);
   - `caption_weight` x cross entropy of the logits at each object image token against the words of the object's
     colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
     are never decoded from, so this competes with no next-token target;

@@ -76,6 +76,8 @@ flags.DEFINE_float("position_weight", 1.0, "Weight of the token-position losses 
                    "in the vision phase, projector output in the others (0: off).")
 flags.DEFINE_float("relation_weight", 0.0, "Weight of the relation loss (see testbed.loss_fn): the two objects of a "
                    "spatial question read from the answer position's residual stream. 0 in the shipped recipe.")
+flags.DEFINE_float("count_sink", 1.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
+                   "counted object (testbed.encode's count_sink).")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
@@ -111,7 +113,8 @@ def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed:
     stream = vqa.iter_split("train", total, seed=seed, weights=weights, start=first * batch_size)
     for _ in range(num_batches):
       examples = [next(stream) for _ in range(batch_size)]
-      out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only))
+      out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only,
+                             count_sink=FLAGS.count_sink))
     out.put(None)
 
   threading.Thread(target=work, daemon=True).start()

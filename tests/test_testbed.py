@@ -183,10 +183,12 @@ def test_caption_targets_name_the_object_under_each_image_token(hf, processor):
 def test_answer_heads_and_count_targets(hf, processor):
   """Spatial rows: head 0 sees the first named object and head 1 the second, on base-crop tokens (the base crop is
   rows 0..35 of the pack), no counting target. Other rows: both heads see every evidence token; the counting
-  target puts equal mass on "<s>" and on each evidence object's base-crop centre token (a patch labelled centre)."""
+  target puts count_sink units of mass on "<s>" and one on each evidence object's base-crop centre token (a patch
+  labelled centre)."""
   examples = vqa.make_split("train", 60, seed=4)
-  for base_only in (False, True):
-    batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only)
+  for base_only, sink in ((False, 1.0), (True, 5.0)):
+    batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only,
+                           count_sink=sink)
     t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
     for i, ex in enumerate(examples):
       ids, heads, target = batch["input_ids"][i], batch["head_evidence"][i], batch["count_target"][i]
@@ -211,8 +213,10 @@ def test_answer_heads_and_count_targets(hf, processor):
       marked = np.flatnonzero(target[1:]) + 1
       assert np.all(rows[marked] >= 0) and np.all(rows[marked] < t)
       assert np.all(batch["patch_labels"][i, 0, rows[marked], 2] == 1)
-      weights = np.round(target[marked] / target[0]).astype(int)      # objects per centre token (>1: shared)
-      np.testing.assert_allclose(target[marked], weights * target[0], rtol=1e-5)
+      unit = target[0] / sink                                         # the mass of one object
+      weights = np.round(target[marked] / unit).astype(int)           # objects per centre token (>1: shared)
+      np.testing.assert_allclose(target[marked], weights * unit, rtol=1e-5)
+      np.testing.assert_allclose(target[0], sink / (sink + len(ex.evidence)), rtol=1e-5)
       assert weights.sum() == len(ex.evidence), (ex.question, ex.evidence)
       assert ex.family != "existence" or ex.answer == "yes" or len(marked) == 0
 
@@ -442,6 +446,8 @@ def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
     testbed.encode([], processor, hf)
   with pytest.raises(ValueError, match="keep_fraction"):
     testbed.encode(examples, processor, hf, keep_fraction=0.0)
+  with pytest.raises(ValueError, match="count_sink"):
+    testbed.encode(examples, processor, hf, with_answer=True, labels=True, count_sink=0.0)
   with pytest.raises(ValueError, match="batch_size"):
     testbed.evaluate(model, examples, batch_size=0, processor=processor)
   with pytest.raises(ValueError, match="does not match the model's config"):
