@@ -12,10 +12,13 @@ On spatial questions of the `--split` split it reports:
    the signal the decoder's two grounded heads can pass on (held-out accuracy; chance 0.5), per axis.
 4. the same relation read linearly from the residual stream at the answer position, entering each decoder layer and
    leaving the last (`residual_relation_accuracy_layer{l}_{axis}`, l = 0 .. L): where along the decoder the relation
-   the grounded heads could pass on is (or is not) carried to the answer.
+   the grounded heads could pass on is (or is not) carried to the answer;
+5. the asked direction within the axis ("left" vs "right", "above" vs "below") read linearly from the same residual
+   stream (`residual_direction_accuracy_layer{l}_{axis}`): the word the answer must combine the places with.
 Fits use the first half of the examples and scores the second half. If (1) is high and (3) is low, the decoder is
 shown the right tokens but the tokens do not say where they are; if (1) and (3) are high and (4) stays at chance
-after the grounded layers, the heads look at the right tokens but do not carry their positions to the answer.
+after the grounded layers, the heads look at the right tokens but do not carry their positions to the answer; if
+(4) is high and (5) at chance, the places reach the answer but the asked direction does not.
 """
 
 import json

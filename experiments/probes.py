@@ -1,6 +1,6 @@
 """Linear probes of what a testbed model's visual tokens encode (the library of `experiments.probe_testbed`).
 
-See that script's docstring for what the four probes measure and how to read them.
+See that script's docstring for what the five probes measure and how to read them.
 """
 
 from typing import NamedTuple
@@ -80,7 +80,7 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
 
 
 def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
-  """The four probes of `experiments.probe_testbed` on spatial `examples` -> a flat dict of floats."""
+  """The five probes of `experiments.probe_testbed` on spatial `examples` -> a flat dict of floats."""
   if len(examples) < 8 or any(e.family != "spatial" for e in examples):
     raise ValueError(f"probe needs at least 8 examples, all spatial; got {len(examples)}")
   hf = testbed.hf_from_model(model)
@@ -97,10 +97,13 @@ def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
   residual = np.concatenate([q.residual for q in parts], axis=1)                # [L + 1, N, D]
   axes, labels = zip(*(_relation(e) for e in examples))
   labels = np.array(labels)
+  towards = np.array([e.subtype in ("left", "above") for e in examples])   # the asked direction within its axis
   for axis in ("horizontal", "vertical"):
     pick = np.array([a == axis for a in axes])
     if pick.sum() >= 8:
       result[f"relation_accuracy_{axis}"] = held_out_accuracy(pairs[pick], labels[pick], ridge)
       for layer, stream in enumerate(residual):
         result[f"residual_relation_accuracy_layer{layer}_{axis}"] = held_out_accuracy(stream[pick], labels[pick], ridge)
+        result[f"residual_direction_accuracy_layer{layer}_{axis}"] = held_out_accuracy(
+            stream[pick], towards[pick], ridge)
   return result

@@ -284,7 +284,10 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
       int32[B, 5], grounding_evidence bool[B, 5, S], head_evidence bool[B, 2, S], count_target float32[B, S] (see the
       comment in the code and `loss_fn`), caption_targets int32[B, S, 2] (word ids of the colour and shape of the
       object an image token shows; -1: none) and relation_target float32[B, 4] (row and column of the first and the
-      second named object's centre, scaled to (0, 1); zeros for non-spatial rows, marked by relation_valid bool[B]);
+      second named object's centre, scaled to (0, 1); zeros for non-spatial rows, marked by relation_valid bool[B])
+      and order_target float32[B, 2] (the same two centres' coordinate along the asked axis, oriented so that the
+      answer is "yes" iff the first is smaller: column for "left", 1 - column for "right", row for "above", 1 - row
+      for "below") and direction_evidence bool[B, S] (the token of the asked relation word; spatial rows only);
     count_sink: the weight of "<s>" in count_target relative to one object's centre token (see the comment in the
       code);
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
@@ -353,6 +356,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     out["caption_targets"] = np.full((b, s, 2), -1, np.int32)
     out["relation_target"] = np.zeros((b, 4), np.float32)
     out["relation_valid"] = np.zeros((b,), bool)
+    out["order_target"] = np.zeros((b, 2), np.float32)
+    out["direction_evidence"] = np.zeros((b, s), bool)
     t = (crop // patch) ** 2
     g = crop // patch
     for i, ex in enumerate(examples):
@@ -374,7 +379,10 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
           out["head_evidence"][i, k, image] = mine
           o = ex.scene.objects[obj]
           out["relation_target"][i, 2 * k:2 * k + 2] = (o.cy + 0.5) / ex.scene.height, (o.cx + 0.5) / ex.scene.width
+          along = out["relation_target"][i, 2 * k + (ex.subtype in ("left", "right"))]
+          out["order_target"][i, k] = 1.0 - along if ex.subtype in ("right", "below") else along
         out["relation_valid"][i] = True
+        out["direction_evidence"][i, :len(ids)] = ids == _WORD_IDS[ex.subtype]
       else:
         out["head_evidence"][i, :, image] = np.isin(owner, ex.evidence)[None]
         out["count_target"][i, 0] = count_sink
@@ -420,7 +428,8 @@ class AuxHeads(nnx.Module):
   """Auxiliary linear heads (training only, not saved): per-patch labels and per-crop presence on the vision tower;
   the (row, column) of each base-crop token read from the tower's output (`position`) and, with `text_width`, from
   the projector's output (`text_position`; see `position_loss`); with `text_width`, the two named objects' (row,
-  column) read from the decoder's residual stream at the answer position (`relation`; see `loss_fn`)."""
+  column) read from the decoder's residual stream at the answer position (`relation`; see `loss_fn`), and their
+  coordinates along the asked axis (`order`)."""
 
   def __init__(self, vision_width: int, text_width: int | None = None, *, rngs: nnx.Rngs):
     self.patch = nnx.Linear(vision_width, 2 * (1 + _NUM_COLORS) + 1 + (1 + _NUM_SHAPES), rngs=rngs)
@@ -429,6 +438,7 @@ class AuxHeads(nnx.Module):
     self.position = nnx.Linear(vision_width, 2, rngs=rngs)
     self.text_position = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
     self.relation = nnx.Linear(text_width, 4, rngs=rngs) if text_width else None
+    self.order = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
 
   def __call__(self, features: jax.Array, pooled: jax.Array):
     """features float[B, P, T, Dv], pooled float[B, P, Dv] -> (patch logits float[B, P, T, 24], crop [B, P, 14])."""
@@ -581,7 +591,8 @@ def count_loss(attention: jax.Array, target: jax.Array) -> jax.Array:
 
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
             grounding_weight: float = 0.0, caption_weight: float = 0.0, count_weight: float = 0.0,
-            position_weight: float = 0.0, relation_weight: float = 0.0, train_vision: bool = True):
+            position_weight: float = 0.0, relation_weight: float = 0.0, order_weight: float = 0.0,
+            direction_weight: float = 0.0, train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
   - cross entropy of the answer token and the "</s>" after it;
@@ -606,18 +617,27 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     entering the last decoder layer, against `encode`'s relation_target, on spatial rows: the grounded heads look at
     the two named objects, and this asks them to carry the objects' places to the answer, which the answer loss alone
     does not make them do (`experiments.probe_testbed`, probe 4); the last layer then only has to compare them with
-    the asked relation.
+    the asked relation;
+  - `order_weight` x the same with `heads.order` against `encode`'s order_target: the two objects' coordinates along
+    the asked axis, oriented by the asked direction, so the answer is "yes" iff the first is smaller, a linear read
+    of that residual. The word-dependent part of the comparison (which axis, which sign) must then happen before the
+    last layer, under a dense regression target rather than the yes/no loss alone;
+  - `direction_weight` x `grounding_loss` of head 1 of the answer position in the first grounded layer against
+    `encode`'s direction_evidence (the asked relation word), on spatial rows: nothing else makes the answer position
+    fetch that word ("left" and "right" are equally likely after a named object, so the question loss does not
+    carry them forward), and without it the answer cannot depend on the asked direction.
 
   train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
-  grounded = grounding_weight or count_weight
+  grounded = grounding_weight or count_weight or direction_weight
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounded else ()
-  if relation_weight and heads.relation is None:
-    raise ValueError("relation_weight needs AuxHeads(..., text_width=...): no head reads the decoder's residual stream")
+  if (relation_weight or order_weight) and heads.relation is None:
+    raise ValueError("relation_weight and order_weight need AuxHeads(..., text_width=...): no head reads the "
+                     "decoder's residual stream")
   out = forward(model, batch, None, pooled=train_vision, attention_layers=layers,
                 attention_queries=batch["grounding_queries"] if grounded else None,
                 train_vision=train_vision,
-                residual_positions=batch["target_positions"][:, :1] if relation_weight else None)
+                residual_positions=batch["target_positions"][:, :1] if relation_weight or order_weight else None)
   logits = out.logits                                                                     # [B, S, V]
   answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
   answer_loss = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["targets"]).sum(-1).mean()
@@ -638,6 +658,10 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     count = count_loss(out.attention[1, :, 2, -1], batch["count_target"])
     loss = loss + count_weight * count
     metrics = dict(metrics, count=count)
+  if direction_weight:
+    direction = grounding_loss(out.attention[0, :, 1, -1], batch["direction_evidence"])
+    loss = loss + direction_weight * direction
+    metrics = dict(metrics, direction=direction)
   if caption_weight:
     targets = batch["caption_targets"]
     caption = jnp.stack([ce(logits, jnp.maximum(targets[..., k], 0)) for k in range(2)], -1).mean(-1)
@@ -658,6 +682,11 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     relation = _masked_mean(jnp.mean(jnp.square(read - batch["relation_target"]), -1), batch["relation_valid"])
     loss = loss + relation_weight * relation
     metrics = dict(metrics, relation=relation)
+  if order_weight:
+    read = heads.order(out.residuals[-2][:, 0])                                             # [B, 2]
+    order = _masked_mean(jnp.mean(jnp.square(read - batch["order_target"]), -1), batch["relation_valid"])
+    loss = loss + order_weight * order
+    metrics = dict(metrics, order=order)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 

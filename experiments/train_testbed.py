@@ -19,6 +19,8 @@ that head trains with the projector), because spatial questions need positions t
 drop. `--relation_weight` > 0 (off in the shipped recipe) adds the relation term of `testbed.loss_fn`: a linear head
 reads the two named objects' places from the decoder's residual stream at the answer position, because the shipped
 checkpoint's grounded heads look at the objects but do not pass their places on (`experiments.probe_testbed`).
+`--count_sink`, `--order_weight` and `--direction_weight` (1, 0, 0 in the shipped recipe) are the counting target's
+sink weight and two more spatial terms of `testbed.loss_fn` under trial (BUILD.md, "Testbed").
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -78,6 +80,10 @@ flags.DEFINE_float("relation_weight", 0.0, "Weight of the relation loss (see tes
                    "spatial question read from the answer position's residual stream. 0 in the shipped recipe.")
 flags.DEFINE_float("count_sink", 1.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
                    "counted object (testbed.encode's count_sink).")
+flags.DEFINE_float("order_weight", 0.0, "Weight of the order loss (see testbed.loss_fn): the two objects' coordinates "
+                   "along the asked axis, oriented by the asked direction, read where the relation loss reads.")
+flags.DEFINE_float("direction_weight", 0.0, "Weight of the direction loss (see testbed.loss_fn): the answer position "
+                   "attends to the asked relation word of a spatial question.")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
 flags.DEFINE_string("init_from", None, "Start from this checkpoint instead of a fresh init (for experiments).")
@@ -209,12 +215,13 @@ def main(argv):
   weights = dict(aux_weight=FLAGS.aux_weight, question_weight=FLAGS.question_weight,
                  grounding_weight=FLAGS.grounding_weight, count_weight=FLAGS.count_weight,
                  caption_weight=FLAGS.caption_weight, position_weight=FLAGS.position_weight,
-                 relation_weight=FLAGS.relation_weight,
+                 relation_weight=FLAGS.relation_weight, order_weight=FLAGS.order_weight,
+                 direction_weight=FLAGS.direction_weight,
                  train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
   # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
   # (the projector-side position head trains with the projector, the relation head with the decoder)
-  text_heads = ("'text_position'", "'relation'")
+  text_heads = ("'text_position'", "'relation'", "'order'")
   tower_side = lambda path: ((path.startswith("[1]") and not any(h in path for h in text_heads))
                              or "'vision_tower'" in path)
   frozen = lambda path: FLAGS.freeze_vision and tower_side(path)

@@ -317,7 +317,8 @@ def test_relation_targets_and_loss(hf, processor):
   for i, ex in enumerate(examples):
     assert batch["relation_valid"][i] == (ex.family == "spatial")
     if ex.family != "spatial":
-      assert not batch["relation_target"][i].any()
+      assert not batch["relation_target"][i].any() and not batch["order_target"][i].any()
+      assert not batch["direction_evidence"][i].any()
       continue
     a, b = (ex.scene.objects[j] for j in ex.evidence[:2])
     row_a, col_a, row_b, col_b = batch["relation_target"][i] * np.tile([ex.scene.height, ex.scene.width], 2)
@@ -326,6 +327,15 @@ def test_relation_targets_and_loss(hf, processor):
     # the target agrees with the asked relation: "yes" iff it holds between the two centres
     holds = {"left": col_a < col_b, "right": col_a > col_b, "above": row_a < row_b, "below": row_a > row_b}[ex.subtype]
     assert holds == (ex.answer == "yes")
+    marked = np.flatnonzero(batch["direction_evidence"][i])
+    assert len(marked) == 1 and vocab.words()[batch["input_ids"][i, marked[0]]] == ex.subtype
+    assert marked[0] < batch["target_positions"][i, 0]
+    first, second = batch["order_target"][i]
+    assert (first < second) == (ex.answer == "yes")
+    axis = 1 if ex.subtype in ("left", "right") else 0
+    flip = ex.subtype in ("right", "below")
+    np.testing.assert_allclose(batch["order_target"][i],
+                               np.abs(flip - batch["relation_target"][i, [axis, 2 + axis]]), rtol=1e-6)
   assert batch["relation_valid"].any() and not batch["relation_valid"].all()
   model = testbed.make_model(hf, seed=0)
   vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
@@ -338,6 +348,17 @@ def test_relation_targets_and_loss(hf, processor):
   err = np.mean((np.asarray(heads.relation(residual)) - batch["relation_target"]) ** 2, -1)
   np.testing.assert_allclose(float(metrics["relation"]), err[batch["relation_valid"]].mean(), rtol=1e-4)
   assert "relation" not in testbed.loss_fn(model, heads, _jnp(batch))[1]
+  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), order_weight=1.0)
+  err = np.mean((np.asarray(heads.order(residual)) - batch["order_target"]) ** 2, -1)
+  np.testing.assert_allclose(float(metrics["order"]), err[batch["relation_valid"]].mean(), rtol=1e-4)
+  assert "relation" not in metrics
+  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), direction_weight=1.0)
+  layer = testbed.grounding_layers(hf["text_config"]["num_hidden_layers"])[0]
+  probs = testbed.forward(model, _jnp(batch), None, attention_layers=(layer,),
+                          attention_queries=jnp.asarray(batch["target_positions"][:, :1])).attention[0, :, 1, 0]
+  mass = np.sum(np.where(batch["direction_evidence"], np.asarray(probs), 0.0), -1)    # head 1, answer position
+  np.testing.assert_allclose(float(metrics["direction"]), np.mean(-np.log(mass[batch["relation_valid"]] + 1e-6)),
+                             rtol=1e-4)
 
 
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
@@ -498,5 +519,7 @@ def test_probe_runs_on_spatial_questions_and_rejects_others(model):
   assert any(k.startswith("relation_accuracy") for k in result), result
   layers = {k.split("_layer")[1].split("_")[0] for k in result if k.startswith("residual_relation_accuracy")}
   assert layers == {str(l) for l in range(model.config.text.num_hidden_layers + 1)}, result
+  directions = {k for k in result if k.startswith("residual_direction_accuracy")}
+  assert len(directions) == 2 * len(layers) and all(0.0 <= result[k] <= 1.0 for k in directions), result
   with pytest.raises(ValueError, match="all spatial"):
     probes.probe(model, vqa.make_split("validation", 12, seed=0), batch_size=8)
