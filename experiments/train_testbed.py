@@ -14,13 +14,15 @@ Schedule, three phases:
 Phases 2 and 3 train the projector, `image_newline` and decoder with the tower frozen, as LLaVA's stage 2 does
 (`--nofreeze_vision` trains it in phase 3 too, with the auxiliary losses kept on).
 `--position_weight` (1 in the shipped recipe; 0 turns it off) weighs `testbed.position_loss`: linear heads read each
-base-crop token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3;
-that head trains with the projector), because spatial questions need positions the other losses let the projector
-drop. `--relation_weight` > 0 (off in the shipped recipe) adds the relation term of `testbed.loss_fn`: a linear head
-reads the two named objects' places from the decoder's residual stream at the answer position, because the shipped
-checkpoint's grounded heads look at the objects but do not pass their places on (`experiments.probe_testbed`).
-`--count_sink`, `--order_weight` and `--direction_weight` (1, 0, 0 in the shipped recipe) are the counting target's
-sink weight and two more spatial terms of `testbed.loss_fn` under trial (BUILD.md, "Testbed").
+base-crop token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3; that
+head trains with the projector), because spatial questions need positions the other losses let the projector drop. Three
+spatial terms of `testbed.loss_fn` (weights 4, 1, 4 in the order below in the shipped recipe; 0 turns each off) make the
+answer position gather what a relation needs: `--relation_weight` reads the two named objects' places from the decoder's
+residual stream there, `--direction_weight` makes one of its heads attend to the asked relation word, and
+`--order_weight` reads the two objects' coordinates along the asked axis, oriented by that word, so the answer is a
+comparison (without them the grounded heads look at the objects but spatial stays at chance:
+`experiments.probe_testbed`, BUILD.md "Testbed"). `--count_sink` (5 in the shipped recipe) is the weight of "<s>" in the
+counting head's target attention.
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -58,7 +60,7 @@ from models import saving
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Checkpoint directory to write.", required=True)
-flags.DEFINE_integer("steps", 1300, "Full-model training steps.")
+flags.DEFINE_integer("steps", 1200, "Full-model training steps.")
 flags.DEFINE_integer("vision_steps", 1500, "Auxiliary-only vision warm-up steps before the full model trains.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the training stream.")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
@@ -76,13 +78,13 @@ flags.DEFINE_integer("short_batch_size", 64, "Examples per step of the short pha
 flags.DEFINE_float("short_learning_rate", 2e-3, "Peak learning rate of the short phase.")
 flags.DEFINE_float("position_weight", 1.0, "Weight of the token-position losses (testbed.position_loss): tower output "
                    "in the vision phase, projector output in the others (0: off).")
-flags.DEFINE_float("relation_weight", 0.0, "Weight of the relation loss (see testbed.loss_fn): the two objects of a "
-                   "spatial question read from the answer position's residual stream. 0 in the shipped recipe.")
-flags.DEFINE_float("count_sink", 1.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
+flags.DEFINE_float("relation_weight", 4.0, "Weight of the relation loss (see testbed.loss_fn): the two objects of a "
+                   "spatial question read from the answer position's residual stream (0: off).")
+flags.DEFINE_float("count_sink", 5.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
                    "counted object (testbed.encode's count_sink).")
-flags.DEFINE_float("order_weight", 0.0, "Weight of the order loss (see testbed.loss_fn): the two objects' coordinates "
+flags.DEFINE_float("order_weight", 4.0, "Weight of the order loss (see testbed.loss_fn): the two objects' coordinates "
                    "along the asked axis, oriented by the asked direction, read where the relation loss reads.")
-flags.DEFINE_float("direction_weight", 0.0, "Weight of the direction loss (see testbed.loss_fn): the answer position "
+flags.DEFINE_float("direction_weight", 1.0, "Weight of the direction loss (see testbed.loss_fn): the answer position "
                    "attends to the asked relation word of a spatial question.")
 flags.DEFINE_float("caption_weight", 0.5, "Weight of the image-token caption loss (see testbed.loss_fn).")
 flags.DEFINE_bool("freeze_vision", True, "Freeze the vision tower in the full phase (LLaVA-style).")
