@@ -253,10 +253,19 @@ def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None,
   for i, obj in enumerate(scene.objects):
     cy, cx = obj.cy + 0.5, obj.cx + 0.5
     labels[0, (int(cy * crop / height) // patch) * g + int(cx * crop / width) // patch, 2] = 1
-    y, x = cy * new_h / height + pad_y, cx * new_w / width + pad_x
-    p, t = 1 + int(y // crop) * cols + int(x // crop), (int(y % crop) // patch) * g + int(x % crop) // patch
+    p, t = grid_centre(scene, i, hf)
     labels[p, t, 2], labels[p, t, 3] = 1, dot[i]   # the 5-px dot is only legible at full scale: grid crops only
   return labels, np.arange(num_crops) < count
+
+
+def grid_centre(scene: scenes.Scene, i: int, hf: Mapping) -> tuple[int, int]:
+  """(crop, token) of the grid-crop patch holding object i's centre (and its dot, when it has one); crop >= 1."""
+  pinpoints, crop, patch = _geometry(hf)
+  g = crop // patch
+  _, cols, new_h, new_w, pad_y, pad_x = _crop_grid(scene.height, scene.width, pinpoints, crop)
+  obj = scene.objects[i]
+  y, x = (obj.cy + 0.5) * new_h / scene.height + pad_y, (obj.cx + 0.5) * new_w / scene.width + pad_x
+  return 1 + int(y // crop) * cols + int(x // crop), (int(y % crop) // patch) * g + int(x % crop) // patch
 
 
 # --- batches -------------------------------------------------------------------------------------------------------
@@ -271,7 +280,7 @@ def _shorten_image_run(ids: np.ndarray, keep: int) -> np.ndarray:
 
 def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answer: bool = False,
            labels: bool = False, keep_fraction: float | None = None, seed: int = 0, base_only: bool = False,
-           count_sink: float = 1.0) -> dict:
+           count_sink: float = 1.0, dot_head: bool = False) -> dict:
   """Processor outputs of `examples`, padded to the fixed shapes of `hf` (one image per example).
 
   Returns a dict of numpy arrays:
@@ -287,9 +296,13 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
       second named object's centre, scaled to (0, 1); zeros for non-spatial rows, marked by relation_valid bool[B])
       and order_target float32[B, 2] (the same two centres' coordinate along the asked axis, oriented so that the
       answer is "yes" iff the first is smaller: column for "left", 1 - column for "right", row for "above", 1 - row
-      for "below") and direction_evidence bool[B, S] (the token of the asked relation word; spatial rows only);
+      for "below") and direction_evidence bool[B, S] (the token of the asked relation word; spatial rows only) and
+      count_value float32[B] (a counting question's answer n as n / 6; zeros for other rows, marked by count_valid
+      bool[B]);
     count_sink: the weight of "<s>" in count_target relative to one object's centre token (see the comment in the
       code);
+    dot_head: on detail rows, head 1's evidence in head_evidence is the one grid-crop token that holds the dot
+      (`grid_centre`) instead of all the object's tokens;
     keep_fraction: keep_index int32[B, K], keep_valid bool[B, K] (random Stage I pruning, see the module docstring;
       the input_ids then hold the shortened image runs);
     base_only: only the base crop (the whole image at crop resolution, 36 tokens, no grid crops, no image_newline):
@@ -346,7 +359,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     # head_evidence: per grounded answer head (0, 1), the same evidence, except for spatial questions, where head 0
     # looks at the first named object and head 1 at the second, on their base-crop tokens only (the base crop is the
     # whole image, so its tokens carry the absolute position the relation is decided by; a grid token knows only its
-    # place within its crop). count_target: the answer position's counting head attends to "<s>" (position 0, the
+    # place within its crop), and, with dot_head, for detail questions, where head 1 looks at the one grid-crop token
+    # holding the dot (the object's other tokens dilute a colour that lives in a few pixels). count_target: the answer position's counting head attends to "<s>" (position 0, the
     # sink) with weight count_sink and to the base-crop centre token of every evidence object with weight 1 each, so
     # the mass left on the sink is w / (w + n) for n objects; for a "no" existence answer all of it. Spatial rows have
     # none. Neighbouring counts differ in that mass by w / ((w + n) (w + n + 1)): with w = 1 that is 1/42 between five
@@ -358,6 +372,8 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     out["relation_valid"] = np.zeros((b,), bool)
     out["order_target"] = np.zeros((b, 2), np.float32)
     out["direction_evidence"] = np.zeros((b, s), bool)
+    out["count_value"] = np.zeros((b,), np.float32)
+    out["count_valid"] = np.zeros((b,), bool)
     t = (crop // patch) ** 2
     g = crop // patch
     for i, ex in enumerate(examples):
@@ -385,10 +401,17 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
         out["direction_evidence"][i, :len(ids)] = ids == _WORD_IDS[ex.subtype]
       else:
         out["head_evidence"][i, :, image] = np.isin(owner, ex.evidence)[None]
+        if dot_head and ex.family == "detail" and not base_only:
+          p, tok = grid_centre(ex.scene, ex.evidence[0], hf)
+          out["head_evidence"][i, 1] = False
+          out["head_evidence"][i, 1, first + int(np.flatnonzero(rows == p * t + tok)[0])] = True
         out["count_target"][i, 0] = count_sink
         for obj in ex.evidence:
           out["count_target"][i, first + centre[obj]] += 1.0
         out["count_target"][i] /= out["count_target"][i].sum()
+        if ex.family == "counting":
+          out["count_value"][i] = len(ex.evidence) / (len(vqa.NUMBER_WORDS) - 1)
+          out["count_valid"][i] = True
       words = [(j, _WORD_MATCH[ids[j]]) for j in range(len(ids) - 2) if ids[j] in _WORD_MATCH][:_GROUNDED_WORDS]
       for k, (j, match) in enumerate(words):
         named = [n for n, o in enumerate(ex.scene.objects) if match(o)]
@@ -428,8 +451,8 @@ class AuxHeads(nnx.Module):
   """Auxiliary linear heads (training only, not saved): per-patch labels and per-crop presence on the vision tower;
   the (row, column) of each base-crop token read from the tower's output (`position`) and, with `text_width`, from
   the projector's output (`text_position`; see `position_loss`); with `text_width`, the two named objects' (row,
-  column) read from the decoder's residual stream at the answer position (`relation`; see `loss_fn`), and their
-  coordinates along the asked axis (`order`)."""
+  column) read from the decoder's residual stream at the answer position (`relation`; see `loss_fn`), their
+  coordinates along the asked axis (`order`), and a counting question's answer (`count`)."""
 
   def __init__(self, vision_width: int, text_width: int | None = None, *, rngs: nnx.Rngs):
     self.patch = nnx.Linear(vision_width, 2 * (1 + _NUM_COLORS) + 1 + (1 + _NUM_SHAPES), rngs=rngs)
@@ -439,6 +462,7 @@ class AuxHeads(nnx.Module):
     self.text_position = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
     self.relation = nnx.Linear(text_width, 4, rngs=rngs) if text_width else None
     self.order = nnx.Linear(text_width, 2, rngs=rngs) if text_width else None
+    self.count = nnx.Linear(text_width, 1, rngs=rngs) if text_width else None
 
   def __call__(self, features: jax.Array, pooled: jax.Array):
     """features float[B, P, T, Dv], pooled float[B, P, Dv] -> (patch logits float[B, P, T, 24], crop [B, P, 14])."""
@@ -592,7 +616,8 @@ def count_loss(attention: jax.Array, target: jax.Array) -> jax.Array:
 def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, question_weight: float = 0.5,
             grounding_weight: float = 0.0, caption_weight: float = 0.0, count_weight: float = 0.0,
             position_weight: float = 0.0, relation_weight: float = 0.0, order_weight: float = 0.0,
-            direction_weight: float = 0.0, train_vision: bool = True):
+            direction_weight: float = 0.0, count_read_weight: float = 0.0, count_heads: int = 1,
+            train_vision: bool = True):
   """The training objective -> (loss, metrics dict). Terms:
 
   - cross entropy of the answer token and the "</s>" after it;
@@ -607,7 +632,8 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   - `count_weight` x `count_loss` of head 2 of the answer position in the middle grounded layer against
     `encode`'s count_target: attention to "<s>" (weight `encode`'s count_sink) and equally to each evidence
     object's centre token, so the head's output encodes how many objects the question names (attention normalises,
-    so without a sink a head cannot count);
+    so without a sink a head cannot count); with `count_heads=2` head 2 of the last layer too (its own keys and
+    values under GQA, so a second reading of the count, not a copy), the term the mean of the two;
   - `caption_weight` x cross entropy of the logits at each object image token against the words of the object's
     colour and shape (mean of the two): the output head learns to name what an image token shows. Image positions
     are never decoded from, so this competes with no next-token target;
@@ -625,19 +651,27 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   - `direction_weight` x `grounding_loss` of head 1 of the answer position in the first grounded layer against
     `encode`'s direction_evidence (the asked relation word), on spatial rows: nothing else makes the answer position
     fetch that word ("left" and "right" are equally likely after a named object, so the question loss does not
-    carry them forward), and without it the answer cannot depend on the asked direction.
+    carry them forward), and without it the answer cannot depend on the asked direction;
+  - `count_read_weight` x mean squared error of `heads.count` read where the relation term reads, against `encode`'s
+    count_value (n / 6), on counting rows: the answer cross entropy treats the seven number words as unrelated
+    classes, so a count off by one costs what one off by five does; this regression target asks the layers below the
+    last to carry the count as one ordered quantity.
 
   train_vision=False stops the gradient at the vision features (the tower is frozen; `aux_weight` is then ignored).
   """
   grounded = grounding_weight or count_weight or direction_weight
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounded else ()
-  if (relation_weight or order_weight) and heads.relation is None:
-    raise ValueError("relation_weight and order_weight need AuxHeads(..., text_width=...): no head reads the "
-                     "decoder's residual stream")
+  reads = relation_weight or order_weight or count_read_weight
+  if reads and heads.relation is None:
+    raise ValueError("relation_weight, order_weight and count_read_weight need AuxHeads(..., text_width=...): no head "
+                     "reads the decoder's residual stream")
   out = forward(model, batch, None, pooled=train_vision, attention_layers=layers,
                 attention_queries=batch["grounding_queries"] if grounded else None,
                 train_vision=train_vision,
-                residual_positions=batch["target_positions"][:, :1] if relation_weight or order_weight else None)
+                residual_positions=batch["target_positions"][:, :1] if reads else None)
+  # attention rows [B, H, Q', S] of grounding_layers' three layers, in that order (forward returns each distinct
+  # layer once, in increasing order; the layers coincide when the decoder has fewer than 4)
+  attention = [out.attention[sorted(set(layers)).index(layer)] for layer in layers]
   logits = out.logits                                                                     # [B, S, V]
   answer_logits = jnp.take_along_axis(logits, batch["target_positions"][..., None], axis=1)
   answer_loss = optax.softmax_cross_entropy_with_integer_labels(answer_logits, batch["targets"]).sum(-1).mean()
@@ -650,16 +684,19 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     loss = loss + aux_weight * aux
   if grounding_weight:
     evidence = batch["grounding_evidence"]
-    words = grounding_loss(out.attention[0, :, 0, :-1], evidence[:, :-1])
-    answer = sum(grounding_loss(out.attention[k, :, :2, -1], batch["head_evidence"]) for k in (1, 2)) / 2
+    words = grounding_loss(attention[0][:, 0, :-1], evidence[:, :-1])
+    answer = sum(grounding_loss(attention[k][:, :2, -1], batch["head_evidence"]) for k in (1, 2)) / 2
     loss = loss + grounding_weight * (words + answer)
     metrics = dict(metrics, grounding_words=words, grounding_answer=answer)
+  if count_heads not in (1, 2):
+    raise ValueError(f"count_heads must be 1 or 2, got {count_heads}")
   if count_weight:
-    count = count_loss(out.attention[1, :, 2, -1], batch["count_target"])
+    count = sum(count_loss(attention[k][:, 2, -1], batch["count_target"]) for k in range(1, 1 + count_heads))
+    count = count / count_heads
     loss = loss + count_weight * count
     metrics = dict(metrics, count=count)
   if direction_weight:
-    direction = grounding_loss(out.attention[0, :, 1, -1], batch["direction_evidence"])
+    direction = grounding_loss(attention[0][:, 1, -1], batch["direction_evidence"])
     loss = loss + direction_weight * direction
     metrics = dict(metrics, direction=direction)
   if caption_weight:
@@ -687,6 +724,11 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     order = _masked_mean(jnp.mean(jnp.square(read - batch["order_target"]), -1), batch["relation_valid"])
     loss = loss + order_weight * order
     metrics = dict(metrics, order=order)
+  if count_read_weight:
+    read = heads.count(out.residuals[-2][:, 0])[:, 0]                                       # [B]
+    count_read = _masked_mean(jnp.square(read - batch["count_value"]), batch["count_valid"])
+    loss = loss + count_read_weight * count_read
+    metrics = dict(metrics, count_read=count_read)
   accuracy = jnp.mean(jnp.argmax(answer_logits[:, 0], -1) == batch["targets"][:, 0])
   return loss, dict(metrics, answer_loss=answer_loss, question_loss=question_loss, answer_accuracy=accuracy)
 

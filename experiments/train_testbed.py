@@ -82,6 +82,15 @@ flags.DEFINE_float("relation_weight", 4.0, "Weight of the relation loss (see tes
                    "spatial question read from the answer position's residual stream (0: off).")
 flags.DEFINE_float("count_sink", 5.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
                    "counted object (testbed.encode's count_sink).")
+flags.DEFINE_bool("dot_head", False, "On detail questions, grounded head 1 of the answer position looks at the one "
+                  "grid-crop token holding the dot instead of the whole object (testbed.encode's dot_head).")
+flags.DEFINE_list("full_family_weights", [], "family=weight pairs (e.g. detail=2): relative sampling weights of the "
+                  "question families in the full phase; unnamed families weigh 1.")
+flags.DEFINE_integer("count_heads", 1, "Counting heads at the answer position (testbed.loss_fn): 1 = head 2 of the "
+                     "middle grounded layer; 2 = also head 2 of the last layer.")
+flags.DEFINE_float("count_read_weight", 0.0, "Weight of the count readout (see testbed.loss_fn): a counting "
+                   "question's answer, as n / 6, read linearly from the residual stream at the answer position entering "
+                   "the last decoder layer.")
 flags.DEFINE_float("order_weight", 4.0, "Weight of the order loss (see testbed.loss_fn): the two objects' coordinates "
                    "along the asked axis, oriented by the asked direction, read where the relation loss reads.")
 flags.DEFINE_float("direction_weight", 1.0, "Weight of the direction loss (see testbed.loss_fn): the answer position "
@@ -122,7 +131,7 @@ def _batches(hf, processor, first: int, num_batches: int, batch_size: int, seed:
     for _ in range(num_batches):
       examples = [next(stream) for _ in range(batch_size)]
       out.put(testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only,
-                             count_sink=FLAGS.count_sink))
+                             count_sink=FLAGS.count_sink, dot_head=FLAGS.dot_head))
     out.put(None)
 
   threading.Thread(target=work, daemon=True).start()
@@ -197,6 +206,7 @@ def _train_phase(name, loss, params, graphdefs, hf, processor, first, steps, tot
 
 def main(argv):
   del argv
+  full_weights = vqa.parse_family_weights(FLAGS.full_family_weights, "--full_family_weights")
   hf = _config()
   model = models.load_pretrained(FLAGS.init_from) if FLAGS.init_from else testbed.make_model(hf, seed=FLAGS.seed)
   if FLAGS.vision_from:
@@ -218,12 +228,13 @@ def main(argv):
                  grounding_weight=FLAGS.grounding_weight, count_weight=FLAGS.count_weight,
                  caption_weight=FLAGS.caption_weight, position_weight=FLAGS.position_weight,
                  relation_weight=FLAGS.relation_weight, order_weight=FLAGS.order_weight,
-                 direction_weight=FLAGS.direction_weight,
+                 direction_weight=FLAGS.direction_weight, count_read_weight=FLAGS.count_read_weight,
+                 count_heads=FLAGS.count_heads,
                  train_vision=not FLAGS.freeze_vision)
   full_loss = lambda m, h, b: testbed.loss_fn(m, h, b, **weights)
   # params = (model state, aux-head state): with a frozen tower, the tower and the heads stay as the first phase left
   # (the projector-side position head trains with the projector, the relation head with the decoder)
-  text_heads = ("'text_position'", "'relation'", "'order'")
+  text_heads = ("'text_position'", "'relation'", "'order'", "'count'")
   tower_side = lambda path: ((path.startswith("[1]") and not any(h in path for h in text_heads))
                              or "'vision_tower'" in path)
   frozen = lambda path: FLAGS.freeze_vision and tower_side(path)
@@ -236,7 +247,7 @@ def main(argv):
                         batch_size=FLAGS.short_batch_size, seed=FLAGS.seed + 1, base_only=True,
                         weights={f: float(f != "detail") for f in vqa.FAMILIES})
   params = _train_phase("full", full_loss, params, graphdefs, hf, processor, FLAGS.vision_steps, FLAGS.steps, total,
-                        FLAGS.learning_rate, frozen)
+                        FLAGS.learning_rate, frozen, weights=full_weights)
   logging.info("training took %.1f min", (time.time() - start) / 60)
   model = nnx.merge(graphdef_model, params[0])
 

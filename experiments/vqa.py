@@ -50,7 +50,7 @@ from experiments.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneConfig
 
 __all__ = [
     "FAMILIES", "SUBTYPES", "SPLITS", "NUMBER_WORDS", "CHANCE", "Example", "answer_vocab", "question_words",
-    "make_example", "make_split", "iter_split", "write_split", "read_split", "reference", "referable",
+    "parse_family_weights", "make_example", "make_split", "iter_split", "write_split", "read_split", "reference", "referable",
     "majority_baseline", "question_only_baseline", "accuracy_by_family",
 ]
 
@@ -304,6 +304,30 @@ def _family_counts(n: int, weights: Mapping[str, float]) -> dict[str, int]:
   for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
     counts[i] += 1
   return dict(zip(FAMILIES, counts.tolist()))
+
+
+def parse_family_weights(pairs: Sequence[str], name: str = "weights") -> dict[str, float] | None:
+  """"family=weight" strings (a flag's list) -> `iter_split` weights over every family (unnamed: 1); None if empty.
+
+  Raises ValueError, prefixed with `name`, for a malformed pair, an unknown family, a negative weight or all zero.
+  """
+  if not pairs:
+    return None
+  weights = {f: 1.0 for f in FAMILIES}
+  for pair in pairs:
+    family, sep, value = pair.partition("=")
+    try:
+      weight = float(value) if sep else -1.0
+    except ValueError:
+      weight = -1.0
+    if not weight >= 0:
+      raise ValueError(f"{name}: {pair!r} is not family=weight with a weight >= 0")
+    if family not in weights:
+      raise ValueError(f"{name}: unknown family {family!r}; choose from {FAMILIES}")
+    weights[family] = weight
+  if not any(weights.values()):
+    raise ValueError(f"{name}: every family has weight 0")
+  return weights
 
 
 def iter_split(split: str, n: int, seed: int = 0, weights: Mapping[str, float] | None = None,

@@ -361,6 +361,66 @@ def test_relation_targets_and_loss(hf, processor):
                              rtol=1e-4)
 
 
+def test_count_readout_target_and_loss(hf, processor):
+  """count_value is a counting question's answer n as n / 6 (its evidence lists the n counted objects), only on
+  counting rows; the count_read term is the masked squared error of heads.count read where the relation term
+  reads."""
+  examples = vqa.make_split("train", 40, seed=5)
+  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  counting = np.array([ex.family == "counting" for ex in examples])
+  np.testing.assert_array_equal(batch["count_valid"], counting)
+  expected = [vqa.NUMBER_WORDS.index(ex.answer) / 6 if ex.family == "counting" else 0.0 for ex in examples]
+  np.testing.assert_allclose(batch["count_value"], expected, rtol=1e-6)
+  assert len(set(np.round(batch["count_value"][counting] * 6).tolist())) > 2
+  model = testbed.make_model(hf, seed=0)
+  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), count_read_weight=1.0)
+  residual = testbed.forward(model, _jnp(batch), None,
+                             residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
+  err = (np.asarray(heads.count(residual))[:, 0] - batch["count_value"]) ** 2
+  np.testing.assert_allclose(float(metrics["count_read"]), err[counting].mean(), rtol=1e-4)
+  assert "count_read" not in testbed.loss_fn(model, heads, _jnp(batch))[1]
+  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="count_read_weight"):
+    testbed.loss_fn(model, vision_only, _jnp(batch), count_read_weight=1.0)
+  # count_heads=2: the counting term is the mean over head 2 of the middle and of the last grounded layer (TINY has 3
+  # decoder layers: layers 1 and 2)
+  assert testbed.grounding_layers(hf["text_config"]["num_hidden_layers"])[1:] == (1, 2)
+  probs = testbed.forward(model, _jnp(batch), None, attention_layers=(1, 2),
+                          attention_queries=jnp.asarray(batch["grounding_queries"])).attention[:, :, 2, -1]
+  per_head = [float(testbed.count_loss(p, jnp.asarray(batch["count_target"]))) for p in probs]
+  for heads_used in (1, 2):
+    _, metrics = testbed.loss_fn(model, heads, _jnp(batch), count_weight=1.0, count_heads=heads_used)
+    np.testing.assert_allclose(float(metrics["count"]), np.mean(per_head[:heads_used]), rtol=1e-4)
+  assert abs(per_head[0] - per_head[1]) > 1e-4
+  with pytest.raises(ValueError, match="count_heads must be 1 or 2, got 3"):
+    testbed.loss_fn(model, heads, _jnp(batch), count_weight=1.0, count_heads=3)
+
+
+def test_dot_head_evidence_is_the_dot_token(hf, processor):
+  """With dot_head, a detail row's head 1 looks at one grid-crop token of the named object, labelled with the dot in
+  the answer's colour; head 0 and every other row keep their evidence, and the base-only view is unchanged."""
+  examples = vqa.make_split("train", 30, seed=6, weights={"detail": 2.0, "attribute": 1.0, "counting": 1.0})
+  t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
+  plain = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  dot = testbed.encode(examples, processor, hf, with_answer=True, labels=True, dot_head=True)
+  detail = np.array([ex.family == "detail" for ex in examples])
+  assert detail.sum() == 15
+  np.testing.assert_array_equal(dot["head_evidence"][~detail], plain["head_evidence"][~detail])
+  np.testing.assert_array_equal(dot["head_evidence"][:, 0], plain["head_evidence"][:, 0])
+  for i in np.flatnonzero(detail):
+    marked = np.flatnonzero(dot["head_evidence"][i, 1])
+    assert len(marked) == 1 and plain["head_evidence"][i, 1, marked[0]]       # one token of the named object
+    first = int(np.flatnonzero(dot["input_ids"][i] == testbed.IMAGE_TOKEN_ID)[0])
+    row = dot["layout"].source[i, marked[0] - first]
+    assert row >= t                                                            # a grid crop, not the base crop
+    label = dot["patch_labels"][i, row // t, row % t]
+    assert label[3] == 1 + scenes.COLORS.index(examples[i].answer) and label[2] == 1
+  base = [testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True, dot_head=d)
+          for d in (False, True)]
+  np.testing.assert_array_equal(base[0]["head_evidence"], base[1]["head_evidence"])
+
+
 def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
   """Read back from the processor's grid crops (the image at full scale): a patch that is mostly one object colour is
   labelled with it, a patch without any colour is background, every object owns a patch, and each centre patch's

@@ -230,6 +230,19 @@ def test_iter_split_start_skips_without_changing_the_stream():
     next(vqa.iter_split("train", 15, start=16))
 
 
+def test_parse_family_weights():
+  assert vqa.parse_family_weights([]) is None
+  weights = vqa.parse_family_weights(["detail=2", "counting=0.5"])
+  assert weights == {"attribute": 1.0, "counting": 0.5, "existence": 1.0, "spatial": 1.0, "detail": 2.0}
+  counts = collections.Counter(e.family for e in vqa.make_split("train", 110, weights=weights))
+  assert counts == {"attribute": 20, "counting": 10, "existence": 20, "spatial": 20, "detail": 40}
+  for pairs, match in ((["detail"], "'detail' is not family=weight"), (["detail=x"], "'detail=x' is not"),
+                       (["detail=-1"], "weight >= 0"), (["ocr=1"], "unknown family 'ocr'"),
+                       ([f"{f}=0" for f in vqa.FAMILIES], "every family has weight 0")):
+    with pytest.raises(ValueError, match=f"--mix: .*{match}"):
+      vqa.parse_family_weights(pairs, "--mix")
+
+
 def test_bad_input_raises():
   with pytest.raises(ValueError, match="split"):
     vqa.make_split("dev", 3)
