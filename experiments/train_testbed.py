@@ -22,7 +22,10 @@ residual stream there, `--direction_weight` makes one of its heads attend to the
 `--order_weight` reads the two objects' coordinates along the asked axis, oriented by that word, so the answer is a
 comparison (without them the grounded heads look at the objects but spatial stays at chance:
 `experiments.probe_testbed`, BUILD.md "Testbed"). `--count_sink` (5 in the shipped recipe) is the weight of "<s>" in the
-counting head's target attention.
+counting head's target attention, and `--count_heads=2` (shipped) trains a second counting head in the last layer.
+`--dot_head` (on in the shipped recipe) points one grounded head at the single grid-crop token that holds a detail
+question's dot, and `--full_family_weights` (detail=1.5 in the shipped recipe) samples detail questions, which only
+the full phase sees, 1.5 times as often as each other family there.
 optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
 Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
 own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
@@ -82,11 +85,11 @@ flags.DEFINE_float("relation_weight", 4.0, "Weight of the relation loss (see tes
                    "spatial question read from the answer position's residual stream (0: off).")
 flags.DEFINE_float("count_sink", 5.0, "Weight of \"<s>\" in the counting head's target attention, relative to one "
                    "counted object (testbed.encode's count_sink).")
-flags.DEFINE_bool("dot_head", False, "On detail questions, grounded head 1 of the answer position looks at the one "
+flags.DEFINE_bool("dot_head", True, "On detail questions, grounded head 1 of the answer position looks at the one "
                   "grid-crop token holding the dot instead of the whole object (testbed.encode's dot_head).")
-flags.DEFINE_list("full_family_weights", [], "family=weight pairs (e.g. detail=2): relative sampling weights of the "
+flags.DEFINE_list("full_family_weights", ["detail=1.5"], "family=weight pairs (e.g. detail=2): relative sampling weights of the "
                   "question families in the full phase; unnamed families weigh 1.")
-flags.DEFINE_integer("count_heads", 1, "Counting heads at the answer position (testbed.loss_fn): 1 = head 2 of the "
+flags.DEFINE_integer("count_heads", 2, "Counting heads at the answer position (testbed.loss_fn): 1 = head 2 of the "
                      "middle grounded layer; 2 = also head 2 of the last layer.")
 flags.DEFINE_float("count_read_weight", 0.0, "Weight of the count readout (see testbed.loss_fn): a counting "
                    "question's answer, as n / 6, read linearly from the residual stream at the answer position entering "
