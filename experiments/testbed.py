@@ -31,7 +31,8 @@ background), whether the patch holds an object's centre, and at its centre patch
 colour of the object's dot (or none); per crop, from the CLIP pooled output (post_layernorm of CLS), which colours
 and shapes appear in the crop. In the decoder (`loss_fn`), a few heads are told where to look: question words at the
 objects they name, the answer position at the evidence (for spatial questions one head per object, on the base
-crop, whose tokens carry absolute position), and a counting head at "<s>" plus one centre token per evidence object.
+crop, whose tokens carry absolute position; with `encode(dot_head=True)`, for detail questions one head at the
+grid-crop token holding the dot), and one or two counting heads at "<s>" plus one centre token per evidence object.
 Patch geometry follows `LlavaNextImageProcessorPil`: the base crop is the whole image resized to the crop size; the
 grid crops tile the image resized to fit the best pinpoint (transformers' `get_patch_output_size`) and centred with
 zero padding.
@@ -360,11 +361,12 @@ def encode(examples: Sequence[vqa.Example], processor, hf: Mapping, *, with_answ
     # looks at the first named object and head 1 at the second, on their base-crop tokens only (the base crop is the
     # whole image, so its tokens carry the absolute position the relation is decided by; a grid token knows only its
     # place within its crop), and, with dot_head, for detail questions, where head 1 looks at the one grid-crop token
-    # holding the dot (the object's other tokens dilute a colour that lives in a few pixels). count_target: the answer position's counting head attends to "<s>" (position 0, the
-    # sink) with weight count_sink and to the base-crop centre token of every evidence object with weight 1 each, so
-    # the mass left on the sink is w / (w + n) for n objects; for a "no" existence answer all of it. Spatial rows have
-    # none. Neighbouring counts differ in that mass by w / ((w + n) (w + n + 1)): with w = 1 that is 1/42 between five
-    # and six objects; the gap of the largest count pair (5, 6) is widest at w = sqrt(30) ~ 5.5, about twice it.
+    # holding the dot (the object's other tokens dilute a colour that lives in a few pixels). count_target: the
+    # answer position's counting head attends to "<s>" (position 0, the sink) with weight count_sink and to the
+    # base-crop centre token of every evidence object with weight 1 each, so the mass left on the sink is w / (w + n)
+    # for n objects; for a "no" existence answer all of it. Spatial rows have none. Neighbouring counts differ in that
+    # mass by w / ((w + n) (w + n + 1)): with w = 1 that is 1/42 between five and six objects; the gap of the largest
+    # count pair (5, 6) is widest at w = sqrt(30) ~ 5.5, about twice it.
     out["head_evidence"] = np.zeros((b, 2, s), bool)
     out["count_target"] = np.zeros((b, s), np.float32)
     out["caption_targets"] = np.full((b, s, 2), -1, np.int32)

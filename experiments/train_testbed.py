@@ -87,13 +87,13 @@ flags.DEFINE_float("count_sink", 5.0, "Weight of \"<s>\" in the counting head's 
                    "counted object (testbed.encode's count_sink).")
 flags.DEFINE_bool("dot_head", True, "On detail questions, grounded head 1 of the answer position looks at the one "
                   "grid-crop token holding the dot instead of the whole object (testbed.encode's dot_head).")
-flags.DEFINE_list("full_family_weights", ["detail=1.5"], "family=weight pairs (e.g. detail=2): relative sampling weights of the "
-                  "question families in the full phase; unnamed families weigh 1.")
+flags.DEFINE_list("full_family_weights", ["detail=1.5"], "family=weight pairs (e.g. detail=2): relative sampling "
+                  "weights of the question families in the full phase; unnamed families weigh 1.")
 flags.DEFINE_integer("count_heads", 2, "Counting heads at the answer position (testbed.loss_fn): 1 = head 2 of the "
                      "middle grounded layer; 2 = also head 2 of the last layer.")
 flags.DEFINE_float("count_read_weight", 0.0, "Weight of the count readout (see testbed.loss_fn): a counting "
-                   "question's answer, as n / 6, read linearly from the residual stream at the answer position entering "
-                   "the last decoder layer.")
+                   "question's answer, as n / 6, read linearly from the residual stream at the answer position "
+                   "entering the last decoder layer.")
 flags.DEFINE_float("order_weight", 4.0, "Weight of the order loss (see testbed.loss_fn): the two objects' coordinates "
                    "along the asked axis, oriented by the asked direction, read where the relation loss reads.")
 flags.DEFINE_float("direction_weight", 1.0, "Weight of the direction loss (see testbed.loss_fn): the answer position "

@@ -50,8 +50,8 @@ from experiments.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneConfig
 
 __all__ = [
     "FAMILIES", "SUBTYPES", "SPLITS", "NUMBER_WORDS", "CHANCE", "Example", "answer_vocab", "question_words",
-    "parse_family_weights", "make_example", "make_split", "iter_split", "write_split", "read_split", "reference", "referable",
-    "majority_baseline", "question_only_baseline", "accuracy_by_family",
+    "parse_family_weights", "make_example", "make_split", "iter_split", "write_split", "read_split", "reference",
+    "referable", "majority_baseline", "question_only_baseline", "accuracy_by_family",
 ]
 
 FAMILIES = ("attribute", "counting", "existence", "spatial", "detail")
