@@ -663,6 +663,8 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
   """
   grounded = grounding_weight or count_weight or direction_weight
   layers = grounding_layers(model.config.text.num_hidden_layers) if grounded else ()
+  if count_heads not in (1, 2):
+    raise ValueError(f"count_heads must be 1 or 2, got {count_heads}")
   reads = relation_weight or order_weight or count_read_weight
   if reads and heads.relation is None:
     raise ValueError("relation_weight, order_weight and count_read_weight need AuxHeads(..., text_width=...): no head "
@@ -690,8 +692,6 @@ def loss_fn(model, heads: AuxHeads, batch: Mapping, aux_weight: float = 1.0, que
     answer = sum(grounding_loss(attention[k][:, :2, -1], batch["head_evidence"]) for k in (1, 2)) / 2
     loss = loss + grounding_weight * (words + answer)
     metrics = dict(metrics, grounding_words=words, grounding_answer=answer)
-  if count_heads not in (1, 2):
-    raise ValueError(f"count_heads must be 1 or 2, got {count_heads}")
   if count_weight:
     count = sum(count_loss(attention[k][:, 2, -1], batch["count_target"]) for k in range(1, 1 + count_heads))
     count = count / count_heads
