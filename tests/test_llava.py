@@ -55,11 +55,20 @@ def _run(model, ids, mask, px):
     return _FORWARD(model, dict(input_ids=ids, pixel_values=px, attention_mask=mask, image_sizes=None))
 
 
+def _image_rows(image_hidden_states, width: int) -> np.ndarray:
+  """Projector outputs of every image as rows float[-1, D].
+
+  transformers 5.23 returns one tensor [B, N, D]; 5.24 returns a list with one [N, D] tensor per image. Both read
+  the same rows in the same order."""
+  parts = image_hidden_states if isinstance(image_hidden_states, (list, tuple)) else [image_hidden_states]
+  return np.concatenate([p.detach().numpy().reshape(-1, width) for p in parts])
+
+
 def _check_all(out, features, cls, ref, mask, atol=ATOL):
   valid = mask.astype(bool)
   np.testing.assert_allclose(out.image_features, features, rtol=0, atol=atol)
   np.testing.assert_allclose(out.cls_attention, cls, rtol=0, atol=1e-6)
-  image_rows = np.concatenate([ref.image_hidden_states.reshape(-1, out.image_embeds.shape[-1]).numpy()])
+  image_rows = _image_rows(ref.image_hidden_states, out.image_embeds.shape[-1])
   np.testing.assert_allclose(np.asarray(out.image_embeds).reshape(image_rows.shape), image_rows, rtol=0, atol=atol)
   np.testing.assert_allclose(np.asarray(out.inputs_embeds)[valid], ref.hidden_states[0].numpy()[valid], rtol=0,
                              atol=atol)
