@@ -91,6 +91,7 @@ class CLIPVisionConfig:
     if model_type not in ("clip_vision_model", "clip"):
       raise ValueError(f"vision_config.model_type={model_type!r} is not supported (only CLIP vision towers)")
     _check_fields(hf, {"attention_dropout": 0.0}, "vision_config")
+    loading.check_fields(hf, cls, "vision_config.", positive=True)       # every int field is a size
     fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
     config = cls(**fields)
     if config.hidden_act not in ACTIVATIONS:

@@ -24,11 +24,11 @@ positions); decoding continues from `last_positions + 1`. It must be a hashable 
 import functools
 from typing import Callable, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import checks
 from models import llama
 
 __all__ = ["GenerateOutput", "greedy", "default_prefill", "decode_step"]
@@ -113,7 +113,7 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
     input_ids: int[B, S], left-padded.
     attention_mask: bool/int[B, S] (1 = real token); None = all real. Right padding is rejected when concrete.
     pixel_values, image_sizes: passed to the model's forward when not None.
-    max_new_tokens: M >= 1 (static).
+    max_new_tokens: M, a positive int (static); the longest prompt plus M must fit max_position_embeddings.
     eos_token_ids: stop token id(s).
     pad_token_id: emitted after a row has stopped.
     prefill_fn: see the module docstring (static; hashable).
@@ -121,16 +121,26 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
 
   Returns:
     GenerateOutput(tokens int32[B, M], num_tokens int32[B]).
+
+  Raises:
+    ValueError: a bad max_new_tokens, an empty batch, a mask of another shape or with right padding, and (concrete
+      arrays) token ids outside the vocabulary or NaN/inf pixel_values (`models.checks`).
   """
-  chex.assert_rank(input_ids, 2)
-  if int(max_new_tokens) < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  text = _text_config(model)
+  checks.check_input_ids(input_ids, text.vocab_size)
   if attention_mask is None:
-    attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
   if np.shape(attention_mask) != np.shape(input_ids):
     raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-  if not isinstance(attention_mask, jax.core.Tracer) and not np.all(np.asarray(attention_mask)[:, -1]):
-    raise ValueError("the last prompt position must be a real token in every row (use left padding)")
+  prompt_len = np.shape(input_ids)[1]
+  if checks.is_concrete(attention_mask):
+    mask = np.asarray(attention_mask) != 0
+    if not np.all(mask[:, -1]):
+      raise ValueError("the last prompt position must be a real token in every row (use left padding)")
+    prompt_len = int(mask.sum(axis=-1).max())
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens, prompt_len, text.max_position_embeddings)
+  if pixel_values is not None:
+    checks.check_pixel_values(pixel_values)
   eos = (int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer)) else tuple(int(e) for e in eos_token_ids)
   batch = dict(input_ids=jnp.asarray(input_ids), attention_mask=jnp.asarray(attention_mask))
   if pixel_values is not None:
@@ -138,5 +148,5 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
   if image_sizes is not None:
     batch["image_sizes"] = jnp.asarray(image_sizes)
   dtype = cache_dtype or model.language_model.dtype
-  return _greedy(model, batch, max_new_tokens=int(max_new_tokens), eos_token_ids=eos,
+  return _greedy(model, batch, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                  pad_token_id=int(pad_token_id), prefill_fn=prefill_fn, cache_dtype=jnp.dtype(dtype))

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import checks
 from models import loading
 from models.clip import ACTIVATIONS
 from models.outputs import DecoderOutput
@@ -109,6 +110,8 @@ class TextConfig:
     for k, v in values.items():
       if v is None and k not in ("num_key_value_heads", "head_dim", "sliding_window"):
         raise ValueError(f"text_config.{k} is null")
+    # Every int field is a size (sliding_window too: null disables it).
+    loading.check_fields({k: v for k, v in values.items() if v is not None}, cls, "text_config.", positive=True)
     if values["num_key_value_heads"] is None:
       values["num_key_value_heads"] = values["num_attention_heads"]
     if values["head_dim"] is None:
@@ -122,10 +125,14 @@ class TextConfig:
       raise ValueError(f"unsupported rope type {rope_type!r} (text_config.rope_parameters/rope_scaling); "
                        f"the port implements {_ROPE_TYPES}")
     theta = rope.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
-    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    loading.check_field(theta, float, "text_config rope_theta")
     if rope_type == "linear" and "factor" not in rope:
       raise ValueError("linear rope scaling needs a `factor` in text_config.rope_parameters")
+    if rope_type == "linear":
+      loading.check_field(rope["factor"], float, "text_config.rope_parameters.factor")
+    factor = float(rope["factor"]) if rope_type == "linear" else 1.0
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    loading.check_field(partial, float, "text_config partial_rotary_factor", nullable=True)
     if partial not in (None, 1.0):
       raise ValueError(f"text_config partial_rotary_factor={partial} is not supported (full rotary only)")
     if hf.get("layer_types") is not None and any(t != "full_attention" for t in hf["layer_types"]):
@@ -136,8 +143,6 @@ class TextConfig:
     if values["num_attention_heads"] % values["num_key_value_heads"]:
       raise ValueError(f"num_attention_heads={values['num_attention_heads']} is not a multiple of "
                        f"num_key_value_heads={values['num_key_value_heads']}")
-    if values["sliding_window"] is not None and values["sliding_window"] <= 0:
-      raise ValueError(f"text_config.sliding_window must be positive or null, got {values['sliding_window']}")
     return cls(model_type=model_type, rope_theta=float(theta), rope_type=rope_type, rope_factor=factor, **values)
 
 
@@ -450,8 +455,9 @@ class LlamaForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *, cache: KVCache | None = None,
                output_hidden_states: bool = False) -> CausalLMOutput:
-    """input_ids int[B, T]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one)."""
-    chex.assert_rank(input_ids, 2)
+    """input_ids int[B, T]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one).
+    Empty input_ids, and concrete ids outside the vocabulary, raise ValueError (`models.checks`)."""
+    checks.check_input_ids(input_ids, self.config.vocab_size)
     if position_ids is None:
       position_ids = default_positions(input_ids.shape, attention_mask)
     h, hidden_states, cache = self.model(self.model.embed(input_ids), position_ids, attention_mask, cache=cache,

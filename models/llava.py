@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import checks
 from models import clip
 from models import llama
 from models import loading
@@ -79,17 +80,23 @@ class LlavaConfig:
     """
     if hf.get("model_type") != model_type:
       raise ValueError(f"expected model_type {model_type!r}, got {hf.get('model_type')!r}")
+    for name in ("vision_config", "text_config"):
+      if hf.get(name) is not None and not isinstance(hf[name], dict):
+        raise ValueError(f"{name} must be a JSON object, got {hf[name]!r}")
     vision_hf = hf.get("vision_config")
     vision = clip.CLIPVisionConfig(**_DEFAULT_VISION) if vision_hf is None else clip.CLIPVisionConfig.from_hf(vision_hf)
-    text_hf = hf.get("text_config") or {}
-    text = llama.TextConfig.from_hf(text_hf)
-    tie = bool(hf.get("tie_word_embeddings", False)) or text.tie_word_embeddings
+    text = llama.TextConfig.from_hf(hf.get("text_config") or {})
+    for name in ("tie_word_embeddings", "multimodal_projector_bias"):
+      if name in hf:
+        loading.check_field(hf[name], bool, name)
+    tie = hf.get("tie_word_embeddings", False) or text.tie_word_embeddings
     text = dataclasses.replace(text, tie_word_embeddings=tie)
     layer = hf.get("vision_feature_layer", -2)
-    if isinstance(layer, list):
-      layer = tuple(int(v) for v in layer)
-    elif not isinstance(layer, int):
-      raise ValueError(f"vision_feature_layer must be an int or a list of ints, got {layer!r}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(layer, list) and layer and all(is_int(v) for v in layer):
+      layer = tuple(layer)
+    elif not is_int(layer):
+      raise ValueError(f"vision_feature_layer must be an int or a non-empty list of ints, got {layer!r}")
     for v in (layer,) if isinstance(layer, int) else layer:
       clip.resolve_hidden_state_index(v, vision.num_hidden_layers)
     strategy = hf.get("vision_feature_select_strategy", "default")
@@ -98,11 +105,13 @@ class LlavaConfig:
     act = hf.get("projector_hidden_act", "gelu")
     if act not in clip.ACTIVATIONS:
       raise ValueError(f"projector_hidden_act={act!r} is not supported; supported: {sorted(clip.ACTIVATIONS)}")
-    token = hf.get("image_token_id", hf.get("image_token_index", 32000))
+    token_field = "image_token_id" if "image_token_id" in hf else "image_token_index"
+    token = hf.get(token_field, 32000)
+    loading.check_field(token, int, token_field)
     if not 0 <= token < text.vocab_size:
-      raise ValueError(f"image_token_id={token} is outside the vocabulary (vocab_size={text.vocab_size})")
-    return cls(vision=vision, text=text, image_token_id=int(token), projector_hidden_act=act,
-               multimodal_projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+      raise ValueError(f"{token_field}={token} is outside the vocabulary (vocab_size={text.vocab_size})")
+    return cls(vision=vision, text=text, image_token_id=token, projector_hidden_act=act,
+               multimodal_projector_bias=hf.get("multimodal_projector_bias", True),
                vision_feature_layer=layer, vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
 
   @property
@@ -211,11 +220,16 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     Returns:
       LlavaOutput with logits float32[B, S, V] and the intermediates.
+
+    Raises:
+      ValueError: empty input_ids or pixel_values, and (concrete inputs only) token ids outside the vocabulary or
+        NaN/inf pixels (see `models.checks`).
     """
     del image_sizes
-    chex.assert_rank(input_ids, 2)
+    checks.check_input_ids(input_ids, self.config.text.vocab_size)
     vis, image_embeds = None, None
     if pixel_values is not None:
+      checks.check_pixel_values(pixel_values)
       vis = self.encode_images(pixel_values)
       image_embeds = self.project(vis.features)
     x = self.embed(input_ids, image_embeds)

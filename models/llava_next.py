@@ -56,13 +56,13 @@ removed) so that it writes `anyres.num_image_features` <image> tokens per image.
 import dataclasses
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from models import anyres
+from models import checks
 from models import llama
 from models import llava
 from models import loading
@@ -91,10 +91,11 @@ class LlavaNextConfig(llava.LlavaConfig):
     if merge != "spatial_unpad":
       raise ValueError(f"multimodal_patch_merge_type={merge!r} is not supported (only 'spatial_unpad')")
     raw = hf.get("image_grid_pinpoints") or _DEFAULT_PINPOINTS
-    try:
-      pinpoints = tuple((int(h), int(w)) for h, w in raw)
-    except (TypeError, ValueError):
-      raise ValueError(f"image_grid_pinpoints must be a list of (height, width) pairs, got {raw!r}") from None
+    is_pair = lambda p: (isinstance(p, (list, tuple)) and len(p) == 2
+                         and all(isinstance(v, int) and not isinstance(v, bool) for v in p))
+    if not isinstance(raw, (list, tuple)) or not all(is_pair(p) for p in raw):
+      raise ValueError(f"image_grid_pinpoints must be a list of [height, width] integer pairs, got {raw!r}")
+    pinpoints = tuple((h, w) for h, w in raw)
     crop = base.vision.image_size
     bad = [p for p in pinpoints if min(p) <= 0 or p[0] % crop or p[1] % crop]
     if bad:
@@ -226,13 +227,17 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
 
     Returns:
       LlavaNextOutput with logits float32[B, S, V] and the intermediates.
+
+    Raises:
+      ValueError: as `models.llava.LlavaForConditionalGeneration.__call__`, plus layout and crop-shape errors.
     """
-    chex.assert_rank(input_ids, 2)
+    checks.check_input_ids(input_ids, self.config.text.vocab_size)
     out = {}
     if pixel_values is not None:
       if pixel_values.ndim != 5:
         raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
                          f"returns them), got shape {pixel_values.shape}")
+      checks.check_pixel_values(pixel_values)
       num_images, num_crops = pixel_values.shape[:2]
       if layout is None:
         if image_sizes is None:

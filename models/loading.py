@@ -32,22 +32,27 @@ llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.
 
 Validation: the converted shapes are checked against the abstract model (`nnx.eval_shape`); missing, unexpected,
 duplicated, mis-shaped and non-floating weights are gathered and raised as ONE ValueError listing them. Every
-parameter of the model must be filled by the table (a table bug raises too).
+parameter of the model must be filled by the table (a table bug raises too). Every file problem is a ValueError naming
+the file: config.json that is not a JSON object, or whose fields have the wrong JSON type (`check_field`: a size
+given as the string "64" is rejected, not coerced); a malformed `model.safetensors.index.json` or one without a
+`weight_map` object; a truncated, empty or foreign shard. After the cast to `dtype` (a floating dtype), weights holding
+NaN/inf are listed by tensor and shard (a float16 cast can overflow a finite checkpoint).
 """
 
 import dataclasses
 import json
 import os
+import typing
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 __all__ = ["Rule", "TRANSFORMS", "Family", "FAMILIES", "LEGACY_PREFIXES", "IGNORED_SUFFIXES", "read_config",
-           "canonical_name", "load_pretrained"]
+           "canonical_name", "check_field", "check_fields", "load_pretrained"]
 
 
 class Rule(NamedTuple):
@@ -134,27 +139,98 @@ def canonical_name(name: str) -> str:
   return name
 
 
+def _json_type(value: Any) -> str:
+  """The JSON name of a parsed value's type, for messages."""
+  if isinstance(value, bool):
+    return "boolean"
+  if value is None:
+    return "null"
+  names = {dict: "object", list: "array", str: "string", int: "integer", float: "number"}
+  return names.get(type(value), type(value).__name__)
+
+
+def _read_json_object(path: str, name: str) -> dict[str, Any]:
+  """The JSON object in file `name` of the checkpoint directory `path`; ValueError naming the file otherwise."""
+  with open(os.path.join(path, name)) as f:
+    try:
+      value = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{name} in {path!r} is not valid JSON: {e}") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{name} in {path!r} must hold a JSON object ({{...}}), got a JSON {_json_type(value)}")
+  return value
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-  """Parsed config.json of a checkpoint directory; ValueError when it is missing or unreadable."""
+  """Parsed config.json of a checkpoint directory; ValueError when it is missing, unreadable or not an object."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"checkpoint directory {path!r} does not exist")
-  file = os.path.join(path, "config.json")
-  if not os.path.isfile(file):
+  if not os.path.isfile(os.path.join(path, "config.json")):
     raise ValueError(f"missing config.json in checkpoint directory {path!r}")
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"config.json in {path!r} is not valid JSON: {e}") from None
+  return _read_json_object(path, "config.json")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def check_field(value: Any, kind: type, field: str, *, nullable: bool = False, positive: bool = False) -> None:
+  """Raises ValueError unless a parsed config.json value has the JSON type `kind` (int, float, bool or str).
+
+  Nothing is coerced: "64" is not an integer, 1 is not true, and a float field takes integers (JSON has one number
+  type). `field` is the dotted name for the message (e.g. "text_config.hidden_size"); `positive` also asks >= 1 (for
+  sizes), `nullable` admits null.
+  """
+  if value is None and nullable:
+    return
+  if kind is bool:
+    ok = isinstance(value, bool)
+  else:
+    ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+  if not ok:
+    raise ValueError(f"{field} must be {_KIND_NAMES[kind]}{' or null' if nullable else ''}, got {value!r} "
+                     f"(a JSON {_json_type(value)})")
+  if positive and value < 1:
+    raise ValueError(f"{field} must be positive, got {value!r}")
+
+
+def check_fields(hf: dict[str, Any], config_cls: Any, prefix: str, *, positive: bool = False) -> None:
+  """`check_field` for every field of the dataclass `config_cls` that `hf` sets, by its annotation: int, float, bool,
+  str, or `X | None`; fields of other types are left to the caller. `positive`: integer fields are sizes (>= 1)."""
+  for f in dataclasses.fields(config_cls):
+    if f.name not in hf:
+      continue
+    kinds = typing.get_args(f.type) or (f.type,)
+    nullable = type(None) in kinds
+    kinds = [k for k in kinds if k is not type(None)]
+    if len(kinds) == 1 and kinds[0] in _KIND_NAMES:
+      check_field(hf[f.name], kinds[0], prefix + f.name, nullable=nullable, positive=positive and kinds[0] is int)
+
+
+_INDEX = "model.safetensors.index.json"
+
+
+def _index_weight_map(path: str) -> dict[str, str]:
+  """The `weight_map` (tensor name -> shard file) of the index; ValueError naming the index when malformed."""
+  index = _read_json_object(path, _INDEX)
+  if "weight_map" not in index:
+    raise ValueError(f"{_INDEX} in {path!r} has no `weight_map` (tensor name -> shard file); keys: {sorted(index)}")
+  weight_map = index["weight_map"]
+  if not isinstance(weight_map, dict) or not weight_map:
+    what = "empty" if weight_map == {} else f"a JSON {_json_type(weight_map)}"
+    raise ValueError(f"{_INDEX} in {path!r}: `weight_map` must be a non-empty object (tensor name -> shard file), "
+                     f"got {what}")
+  bad = [f"{k}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str) or not v]
+  if bad:
+    raise ValueError(f"{_INDEX} in {path!r}: `weight_map` values must be shard file names:\n"
+                     + _listing("bad entries", bad))
+  return weight_map
 
 
 def _weight_files(path: str) -> list[str]:
-  index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+  if os.path.isfile(os.path.join(path, _INDEX)):
+    weight_map = _index_weight_map(path)
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
     if missing:
@@ -177,9 +253,49 @@ def _listing(title: str, items: list[str], limit: int = 25) -> str:
 
 
 def _family(model_type: Any) -> Family:
-  if model_type not in FAMILIES:
-    raise ValueError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(FAMILIES)}")
+  if not isinstance(model_type, str) or model_type not in FAMILIES:
+    raise ValueError(f"unknown model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
   return FAMILIES[model_type]()
+
+
+def _parse_config(path: str, hf: dict[str, Any]) -> tuple[Family, Any]:
+  """(family, parsed config); every config error names the file."""
+  try:
+    family = _family(hf.get("model_type"))
+    return family, family.config.from_hf(hf)
+  except ValueError as e:
+    raise ValueError(f"config.json in {path!r}: {e}") from None
+
+
+def _floating_dtype(dtype) -> np.dtype:
+  try:
+    np_dtype = np.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype={dtype!r} is not a dtype; pass a floating dtype such as jnp.float32 or jnp.bfloat16") \
+        from None
+  if not jnp.issubdtype(np_dtype, jnp.floating):
+    raise ValueError(f"dtype={np_dtype.name} is not a floating dtype; the parameters are cast to it (pass e.g. "
+                     "jnp.float32, jnp.bfloat16 or jnp.float16)")
+  return np_dtype
+
+
+def _open_shard(file: str):
+  """safe_open, with a ValueError naming the shard: a truncated or empty file already fails on its header."""
+  try:
+    return safe_open(file, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"safetensors shard {file!r} cannot be read (truncated, empty or not a safetensors file): "
+                     f"{e}") from None
+
+
+def _non_finite(name: str, file: str, raw: np.ndarray, array: np.ndarray) -> str | None:
+  """None when `array` (the cast tensor) is finite, else a line for the error: tensor, shard and what is wrong."""
+  if np.isfinite(array).all():
+    return None
+  where = f"{name} ({os.path.basename(file)})"
+  if np.isfinite(raw).all():
+    return f"{where}: finite in the checkpoint, overflows {array.dtype.name}"
+  return f"{where}: {int(np.isnan(raw).sum())} NaN, {int(np.isinf(raw).sum())} inf of {raw.size} values"
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
@@ -187,19 +303,22 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
 
   Args:
     path: directory with config.json and model.safetensors (or sharded with model.safetensors.index.json).
-    dtype: parameter (and compute) dtype, e.g. jnp.float32 or jnp.bfloat16; weights are cast on the host.
+    dtype: parameter (and compute) dtype, a floating dtype such as jnp.float32 or jnp.bfloat16; weights are cast on
+      the host.
 
   Returns:
     The model (e.g. `models.llava.LlavaForConditionalGeneration`), its parameters on the default device.
 
   Raises:
-    ValueError: missing directory/config.json/weights, unknown model_type, unsupported config fields, or one error
-      listing every missing, unexpected, duplicated, mis-shaped or non-floating weight.
+    ValueError: a non-floating dtype; missing directory/config.json/weights; config.json that is not an object, has
+      an unknown model_type, unsupported fields or fields of the wrong type; a malformed index or an unreadable
+      shard; one error listing every missing, unexpected, duplicated, mis-shaped or non-floating weight; one listing
+      every tensor that holds NaN/inf after the cast.
   """
+  np_dtype = _floating_dtype(dtype)
   path = os.fspath(path)
   hf = read_config(path)
-  family = _family(hf.get("model_type"))
-  config = family.config.from_hf(hf)
+  family, config = _parse_config(path, hf)
   abstract = nnx.eval_shape(lambda: family.model(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   leaves = {tuple(str(k) for k in key): var for key, var in nnx.to_flat_state(abstract_state)}
@@ -209,7 +328,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
   found: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
   duplicated, unexpected = [], []
   for file in _weight_files(path):
-    with safe_open(file, framework="numpy") as f:
+    with _open_shard(file) as f:
       for name in f.keys():
         if name.endswith(IGNORED_SUFFIXES):
           continue
@@ -258,16 +377,21 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
       raise ValueError(f"conversion table bug: stacked parameter {'/'.join(key)} misses layers "
                        f"{sorted(set(range(var.get_value().shape[0])) - layers)}")
 
-  np_dtype = np.dtype(dtype)
   host: dict[tuple[str, ...], np.ndarray] = {}
   by_file: dict[str, list[str]] = {}
+  non_finite = []
   for canon in table:
     by_file.setdefault(found[canon][0], []).append(canon)
   for file, names in by_file.items():
-    with safe_open(file, framework="numpy") as f:
+    with _open_shard(file) as f:
       for canon in names:
         rule = table[canon]
-        array = TRANSFORMS[rule.transform](f.get_tensor(found[canon][1])).astype(np_dtype)
+        raw = f.get_tensor(found[canon][1])
+        with np.errstate(over="ignore"):            # an overflowing cast is reported below, with the tensor's name
+          array = TRANSFORMS[rule.transform](raw).astype(np_dtype)
+        problem = _non_finite(found[canon][1], file, raw, array)
+        if problem:
+          non_finite.append(problem)
         if rule.layer is None:
           host[rule.target] = array
         else:
@@ -275,6 +399,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
             host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
           host[rule.target][rule.layer] = array
 
+  if non_finite:
+    raise ValueError(f"checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
+                     + _listing("tensors with NaN/inf", sorted(non_finite)))
   for key, var in leaves.items():
     var.set_value(jax.device_put(host.pop(key)))
   return nnx.merge(graphdef, abstract_state)

@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import checks
 from models import clip
 from models import llama
 from models import llava_next
@@ -723,9 +724,9 @@ def _prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_valu
   config.check_model(model)
   if pixel_values is None:
     raise ValueError("pruning needs pixel_values: one image per row")
+  checks.check_input_ids(input_ids, model.config.text.vocab_size)
+  checks.check_pixel_values(pixel_values)
   ids = jnp.asarray(input_ids)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must be int[B, S], got shape {ids.shape}")
   b, s = ids.shape
   mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
   if mask.shape != (b, s):
@@ -808,6 +809,10 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
 
   Returns:
     PruneOutput (see its docstring).
+
+  Raises:
+    ValueError: a schedule that does not fit the model or the batch, an empty batch, image-token counts that do not
+      match the images, and (concrete arrays) token ids outside the vocabulary or NaN/inf pixel_values.
   """
   batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
                          visual_len)
@@ -866,17 +871,29 @@ def _greedy(model, batch, key, *, config, plan, max_new_tokens, eos_token_ids, p
   return PrunedGeneration(tokens=state.tokens, num_tokens=state.num_tokens, prefill=out._replace(cache=None))
 
 
+def _prompt_len(config: PruningConfig, plan: _Plan, mask) -> int:
+  """The most positions a row's prompt takes after the pruned prefill (decoding continues after them): Stage I
+  re-indexes from 0 over at most text_len + budget (+ newlines) tokens, Stage II only shortens; without Stage I the
+  longest real row (the padded length when the mask is traced)."""
+  if config.stage1_budget is not None:
+    return plan.text_len + config.stage1_budget + plan.newlines
+  if checks.is_concrete(mask):
+    return int(np.asarray(mask).sum(axis=-1).max())
+  return mask.shape[1]
+
+
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
            layout=None, max_new_tokens: int, eos_token_ids=(), pad_token_id: int = 0, key=None,
            text_len: int | None = None, visual_len: int | None = None, cache_dtype=None) -> PrunedGeneration:
   """Greedy decoding with the pruned prefill (`models.generate.greedy` semantics: tokens after a row's stop token
-  are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M,
-  eos_token_ids, pad_token_id and cache_dtype (default the model's dtype)."""
-  if int(max_new_tokens) < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M (a
+  positive int; the pruned prompt plus M must fit max_position_embeddings), eos_token_ids, pad_token_id and
+  cache_dtype (default the model's dtype)."""
   batch, plan = _prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
                          visual_len)
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
+                                               model.config.text.max_position_embeddings)
   eos = (int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer)) else tuple(int(e) for e in eos_token_ids)
   dtype = jnp.dtype(cache_dtype or model.language_model.dtype)
-  return _greedy(model, batch, key, config=config, plan=plan, max_new_tokens=int(max_new_tokens), eos_token_ids=eos,
+  return _greedy(model, batch, key, config=config, plan=plan, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                  pad_token_id=int(pad_token_id), cache_dtype=dtype)

@@ -1,6 +1,7 @@
 """Checkpoint loading: both key layouts, shards, bfloat16, and one clear error for every kind of bad checkpoint."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -176,3 +177,145 @@ def test_canonical_names():
   assert loading.canonical_name("image_newline") == "model.image_newline"
   assert loading.canonical_name("model.multi_modal_projector.linear_1.bias") == \
       "model.multi_modal_projector.linear_1.bias"
+
+
+# ------------------------------------------------------------------- malformed files: one error naming file and field
+
+
+def _sharded(path, out):
+  """The checkpoint split over two shards with an index; -> (directory, {shard file: tensor names})."""
+  tensors = load_file(path / "model.safetensors")
+  names = sorted(tensors)
+  out.mkdir()
+  shutil.copy(path / "config.json", out / "config.json")
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file, part in shards.items():
+    save_file({n: tensors[n] for n in part}, out / file)
+  index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+  (out / "model.safetensors.index.json").write_text(json.dumps(index))
+  return out
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "array"), ('"llava"', "string"), ("null", "null")])
+def test_config_that_is_not_an_object(checkpoint, tmp_path, text, kind):
+  _, path = checkpoint
+  bad = _copy(path, tmp_path / "cfg")
+  (bad / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=rf"config.json in '{re.escape(str(bad))}' must hold a JSON object \(\{{...\}}\), got a JSON "
+                                       rf"{kind}$"):
+    models.load_pretrained(bad)
+
+
+@pytest.mark.parametrize("index, match", [
+    ("{not json", r"model.safetensors.index.json in '.*' is not valid JSON: Expecting property name"),
+    ("[]", r"model.safetensors.index.json in '.*' must hold a JSON object .*, got a JSON array"),
+    ('{"metadata": {}}', r"model.safetensors.index.json in '.*' has no `weight_map` .*keys: \['metadata'\]"),
+    ('{"weight_map": ["a.weight"]}', r"`weight_map` must be a non-empty object .*, got a JSON array"),
+    ('{"weight_map": {}}', r"`weight_map` must be a non-empty object .*, got empty"),
+    ('{"weight_map": {"lm_head.weight": 3}}', r"`weight_map` values must be shard file names:\n  bad entries \(1\):\n"
+                                              r"    lm_head.weight: 3"),
+])
+def test_malformed_index(checkpoint, tmp_path, index, match):
+  _, path = checkpoint
+  bad = _sharded(path, tmp_path / "sharded")
+  (bad / "model.safetensors.index.json").write_text(index)
+  with pytest.raises(ValueError, match=match):
+    models.load_pretrained(bad)
+
+
+@pytest.mark.parametrize("cut, reason", [(0.5, "incomplete metadata"), (0.0, "header too small"),
+                                         (0.001, "invalid header length")])
+def test_truncated_or_empty_shard_is_named(checkpoint, tmp_path, cut, reason):
+  _, path = checkpoint
+  bad = _sharded(path, tmp_path / "sharded")
+  shard = bad / "model-00002-of-00002.safetensors"
+  data = shard.read_bytes()
+  shard.write_bytes(data[:int(len(data) * cut)])
+  with pytest.raises(ValueError, match=rf"safetensors shard '{re.escape(str(shard))}' cannot be read \(truncated, empty or not a "
+                                       rf"safetensors file\): .*{reason}"):
+    models.load_pretrained(bad)
+
+
+def _set(section, field, value):
+  def edit(c):
+    (c if section is None else c[section])[field] = value
+  return edit
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("text_config", "hidden_size", "64", "text_config.hidden_size must be an integer, got '64' (a JSON string)"),
+    ("text_config", "num_hidden_layers", 3.0, "text_config.num_hidden_layers must be an integer, got 3.0 (a JSON "
+                                              "number)"),
+    ("text_config", "rms_norm_eps", "1e-5", "text_config.rms_norm_eps must be a number, got '1e-5' (a JSON string)"),
+    ("text_config", "attention_bias", 0, "text_config.attention_bias must be true or false, got 0 (a JSON integer)"),
+    ("text_config", "num_attention_heads", 0, "text_config.num_attention_heads must be positive, got 0"),
+    ("vision_config", "patch_size", "7", "vision_config.patch_size must be an integer, got '7' (a JSON string)"),
+    ("vision_config", "layer_norm_eps", True, "vision_config.layer_norm_eps must be a number, got True (a JSON "
+                                              "boolean)"),
+    (None, "image_token_index", "255", "image_token_index must be an integer, got '255' (a JSON string)"),
+    (None, "multimodal_projector_bias", "false", "multimodal_projector_bias must be true or false, got 'false' (a "
+                                                 "JSON string)"),
+    (None, "vision_feature_layer", ["-2"], "vision_feature_layer must be an int or a non-empty list of ints, got "
+                                           "['-2']"),
+    (None, "text_config", "llama", "text_config must be a JSON object, got 'llama'"),
+])
+def test_config_fields_of_the_wrong_type(checkpoint, tmp_path, section, field, value, message):
+  """Strings for numbers (and numbers for booleans) are rejected, not coerced, naming config.json and the field."""
+  _, path = checkpoint
+  bad = _copy(path, tmp_path / "cfg", edit_config=_set(section, field, value))
+  with pytest.raises(ValueError) as e:
+    models.load_pretrained(bad)
+  assert str(e.value) == f"config.json in {str(bad)!r}: {message}"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["text_config"]["rope_parameters"].update(rope_theta="10000"),
+     "text_config rope_theta must be a number, got '10000' (a JSON string)"),
+    (lambda c: c["text_config"].update(rope_parameters=dict(rope_type="linear", factor="2")),
+     "text_config.rope_parameters.factor must be a number, got '2' (a JSON string)"),
+    (lambda c: c.update(model_type="llava_next", image_grid_pinpoints=[["28", "56"]]),
+     "image_grid_pinpoints must be a list of [height, width] integer pairs, got [['28', '56']]"),
+])
+def test_nested_config_fields_of_the_wrong_type(checkpoint, tmp_path, edit, message):
+  _, path = checkpoint
+  bad = _copy(path, tmp_path / "cfg", edit_config=edit)
+  with pytest.raises(ValueError) as e:
+    models.load_pretrained(bad)
+  assert str(e.value) == f"config.json in {str(bad)!r}: {message}"
+
+
+@pytest.mark.parametrize("dtype, match", [(jnp.int32, "dtype=int32 is not a floating dtype"),
+                                          (np.bool_, "dtype=bool is not a floating dtype"),
+                                          ("float33", "dtype='float33' is not a dtype")])
+def test_non_floating_dtype(checkpoint, dtype, match):
+  _, path = checkpoint
+  with pytest.raises(ValueError, match=match):
+    models.load_pretrained(path, dtype=dtype)
+
+
+def test_non_finite_weights_are_listed(checkpoint, tmp_path):
+  _, path = checkpoint
+
+  def edit(t):
+    t["language_model.lm_head.weight"][3, 1:3] = np.nan
+    t["multi_modal_projector.linear_1.bias"][0] = -np.inf
+    return t
+
+  bad = _copy(path, tmp_path / "nan", edit_tensors=edit)
+  with pytest.raises(ValueError) as e:
+    models.load_pretrained(bad)
+  assert str(e.value) == (
+      f"checkpoint {str(bad)!r} holds weights that are not finite as float32:\n"
+      "  tensors with NaN/inf (2):\n"
+      "    language_model.lm_head.weight (model.safetensors): 2 NaN, 0 inf of 16384 values\n"
+      "    multi_modal_projector.linear_1.bias (model.safetensors): 0 NaN, 1 inf of 64 values")
+
+
+def test_weights_that_overflow_the_dtype_are_listed(checkpoint, tmp_path):
+  _, path = checkpoint
+  big = _copy(path, tmp_path / "big",
+              edit_tensors=lambda t: t | {"language_model.model.norm.weight": np.full(64, 1e6, np.float32)})
+  models.load_pretrained(big, dtype=jnp.bfloat16)              # 1e6 fits bfloat16's range
+  with pytest.raises(ValueError, match=r"language_model.model.norm.weight \(model.safetensors\): finite in the "
+                                       r"checkpoint, overflows float16"):
+    models.load_pretrained(big, dtype=jnp.float16)
