@@ -3,7 +3,7 @@
 Axes: H image height, W image width (pixels), N packed image slots of one image, K kept slots, L decoder layers,
 R pictured images (rows), C pictured methods (columns).
 
-    rows = results.ResultsLog("runs/testbed/results.jsonl").rows
+    rows = results.read_rows("runs/testbed/results.jsonl")
     table = report.summary(rows)                      # one dict per run, full first
     print(report.format_table(table))                 # fixed-width text; report.to_markdown(table) for BUILD.md
     report.plot(table, "relative_accuracy.png")
@@ -26,7 +26,9 @@ define the two relative-accuracy protocols, METHODS.md section 4, not the rest):
   layer processed, so in-LLM pruning counts by how many layers it spares); kept_fraction = kept_per_layer / the
   mean of `visual_tokens` over the same examples (a ratio of means). This is what the table's kept% and the plot's
   x axis show; the nominal `keep_ratio` is carried along but not plotted.
-- Time ratio: sum of `prefill_ms` over the shared examples / full's sum over the same examples.
+- Time ratio: sum of `prefill_ms` over the shared examples / full's sum over the same examples. Rows name the
+  runner process that timed them (`process`); a ratio over rows of several processes (a resumed run) is starred in
+  the tables, with a footnote, since timings of different processes are not comparable.
 
 Pictures. A kept token is drawn as the pixels of the original image its vision patch saw. For LLaVA-NeXT anyres
 (`token_boxes`) the base crop's tokens saw the whole image squeezed into one crop, so each covers a coarse box
@@ -130,9 +132,11 @@ def _family_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def _relative(run: Mapping[str, Mapping[str, Any]], full: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   shared = [i for i in run if i in full]
-  out = dict(n_shared=len(shared), rel_mean_score=None, rel_mean_ratio=None, flops_ratio=None, time_ratio=None)
+  out = dict(n_shared=len(shared), rel_mean_score=None, rel_mean_ratio=None, flops_ratio=None, time_ratio=None,
+             time_processes=0)
   if not shared:
     return out
+  out["time_processes"] = _process_count([run[i] for i in shared] + [full[i] for i in shared])
   mine = _family_accuracy([run[i] for i in shared])
   ref = _family_accuracy([full[i] for i in shared])
   ref_mean = float(np.mean(list(ref.values())))
@@ -150,13 +154,20 @@ def _relative(run: Mapping[str, Mapping[str, Any]], full: Mapping[str, Mapping[s
   return out
 
 
+def _process_count(rows: Iterable[Mapping[str, Any]]) -> int:
+  """Runner processes that measured these rows' prefill_ms (rows without `process`, from older logs, count as one
+  unknown process)."""
+  return len({row.get("process") for row in rows})
+
+
 def summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """One entry per run, sorted full first, then by method, then budget descending.
 
   Each entry: run, method, budget, keep_ratio, n, accuracy {family: acc} and overall (over the run's n examples);
   n_shared, rel_mean_score (protocol a), rel_mean_ratio (protocol b), flops_ratio, time_ratio (over the examples
-  shared with the full run; None without one); kept_per_layer, visual_tokens, kept_fraction, prefill_flops,
-  prefill_ms (means over the run's examples). Accuracies and ratios are fractions (1.0 = 100%).
+  shared with the full run; None without one), time_processes (runner processes whose timings time_ratio mixes; 0
+  without a full run); kept_per_layer, visual_tokens, kept_fraction, prefill_flops, prefill_ms (means over the
+  run's examples). Accuracies and ratios are fractions (1.0 = 100%).
   """
   rows = list(rows)
   _check_rows(rows)
@@ -176,7 +187,8 @@ def summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                  prefill_flops=float(np.mean([r["prefill_flops"] for r in examples])),
                  prefill_ms=float(np.mean([r["prefill_ms"] for r in examples])))
     if full is None:
-      entry.update(n_shared=0, rel_mean_score=None, rel_mean_ratio=None, flops_ratio=None, time_ratio=None)
+      entry.update(n_shared=0, rel_mean_score=None, rel_mean_ratio=None, flops_ratio=None, time_ratio=None,
+                   time_processes=0)
     else:
       entry.update(_relative(by_id, full))
     entries.append(entry)
@@ -191,6 +203,26 @@ def _flops_unit(entries: Sequence[Mapping[str, Any]]) -> tuple[str, float]:
     if top >= scale:
       return name, scale
   return "MFLOPs", 1e6
+
+
+MIXED_TIME = "*"
+
+
+def _time_cell(entry: Mapping[str, Any]) -> str:
+  if entry["time_ratio"] is None:
+    return "-"
+  return f"{entry['time_ratio']:.3f}" + (MIXED_TIME if entry.get("time_processes", 1) > 1 else "")
+
+
+def _footnotes(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Why a time cell is starred: its rows (or full's) were timed by more than one runner process (a resumed or
+  extended run), and warm-up, load and machine differ between processes."""
+  mixed = [e["time_processes"] for e in entries if e["time_ratio"] is not None and e.get("time_processes", 1) > 1]
+  if not mixed:
+    return []
+  span = str(min(mixed)) if min(mixed) == max(mixed) else f"{min(mixed)}-{max(mixed)}"
+  return [f"{MIXED_TIME} time mixes prefill timings from {span} runner processes (a resumed run); for comparable "
+          "times, run into a fresh --output_dir."]
 
 
 def _cells(entries: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -213,7 +245,7 @@ def _cells(entries: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[s
     body.append([e["method"], "-" if e["budget"] is None else str(e["budget"]), n, pct(e["kept_fraction"]),
                  *(pct(e["accuracy"].get(f)) for f in families), pct(e["overall"]), pct(e["rel_mean_score"]),
                  pct(e["rel_mean_ratio"]), f"{e['kept_per_layer']:.1f}", f"{e['prefill_flops'] / scale:.2f}",
-                 ratio(e["flops_ratio"]), ratio(e["time_ratio"])])
+                 ratio(e["flops_ratio"]), _time_cell(e)])
   return header, body
 
 
@@ -222,7 +254,8 @@ def format_table(entries: Sequence[Mapping[str, Any]]) -> str:
 
   Columns: method, T (budget), n (examples; "n (shared)" when only some are shared with full), kept% (kept_fraction),
   accuracy per family and overall (%), rel(a)% (protocol a), rel(b)% (protocol b), kept/layer, prefill FLOPs per
-  example (unit by magnitude), flops and time (prefill FLOPs and time ratios vs full).
+  example (unit by magnitude), flops and time (prefill FLOPs and time ratios vs full). A time ratio whose rows were
+  timed by more than one runner process is starred, and a footnote line follows the table.
   """
   if not entries:
     raise ValueError("format_table: empty summary")
@@ -230,7 +263,7 @@ def format_table(entries: Sequence[Mapping[str, Any]]) -> str:
   widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
   lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
            for r in [header, *body]]
-  return "\n".join(line.rstrip() for line in lines)
+  return "\n".join([line.rstrip() for line in lines] + _footnotes(entries))
 
 
 def to_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
@@ -245,6 +278,7 @@ def to_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
                "accuracy / full's (VisionZip, DART protocol); both over the examples shared with the full run. "
                "kept%: visual tokens per decoder layer (mean over layers) / visual tokens of the image. "
                "flops, time: prefill FLOPs and time / full's.")
+  lines += _footnotes(entries)
   return "\n".join(lines)
 
 

@@ -26,13 +26,22 @@ Output (`--output_dir`, default runs/<backbone>): results.jsonl (one row per eva
 as it goes; an interrupted run resumes where it stopped: every finished row is skipped, nothing recomputed), then
 summary.md (the table), relative_accuracy.png (relative accuracy vs kept fraction) and kept_tokens.png (which tokens
 each method kept on a few examples).
+
+A row is reused only by a run that would compute the same row: its key holds a hash of every setting that changes
+numbers (`_run_hash`: checkpoint and its file stamps, task, data, seed, --max_new_tokens, --batch_size, the pruning
+configuration) and a hash of the example's question, answer and image. The table holds exactly the rows of this
+invocation's runs x examples (a smaller --limit shows a smaller table), and marks a time ratio that mixes timings of
+several runner processes. A run locks its output_dir: a second run into it fails at once, naming the holder.
 """
 
 import dataclasses
+import datetime
+import functools
 import hashlib
 import itertools
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -226,6 +235,10 @@ def resolve(flag_values, model) -> tuple[dict[str, Any], list[RunSpec]]:
       raise ValueError(f"{', '.join(stray)} only affect tops, which is not among --method={','.join(methods)}")
   if flag_values["limit"] < 0 or flag_values["batch_size"] < 1:
     raise ValueError("--limit must be >= 0 and --batch_size >= 1")
+  max_new_tokens = flag_values["max_new_tokens"]
+  if max_new_tokens is not None and max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens must be >= 1 (or unset for the backbone's {backbone.max_new_tokens}), "
+                     f"got {max_new_tokens}")
   unknown_tasks = [t for t in flag_values["tasks"] if t not in TASKS]
   if unknown_tasks:
     raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown_tasks)}; known: {', '.join(TASKS)}")
@@ -248,8 +261,23 @@ def resolve(flag_values, model) -> tuple[dict[str, Any], list[RunSpec]]:
   resolved = {k: flag_values[k] for k in ("backbone", "checkpoint", "tasks", "data_dir", "split", "limit",
                                           "batch_size", "output_dir", "seed", "ablation")}
   resolved.update(methods=methods, budgets=[t for t, _ in budgets], keep_ratios=[r for _, r in budgets],
-                  nominal_tokens=backbone.nominal_tokens, **opts)
+                  nominal_tokens=backbone.nominal_tokens,
+                  max_new_tokens=backbone.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                  checkpoint_fingerprint=_fingerprint(flag_values["checkpoint"]), **opts)
   return resolved, runs
+
+
+def _fingerprint(checkpoint: str) -> str:
+  """Name, size and mtime of the checkpoint's files, hashed: a checkpoint retrained in place (train_testbed writes
+  the default directory) must not reuse the old weights' rows. Cheap on a 7B checkpoint, unlike hashing contents;
+  a copied checkpoint gets a new fingerprint and is evaluated afresh. Notes (*.md) are left out."""
+  entries = []
+  for name in sorted(os.listdir(checkpoint)):
+    path = os.path.join(checkpoint, name)
+    if os.path.isfile(path) and not name.endswith(".md"):
+      info = os.stat(path)
+      entries.append((name, info.st_size, info.st_mtime_ns))
+  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
 
 
 # --- tasks ---------------------------------------------------------------------------------------------------------
@@ -263,6 +291,23 @@ class Item:
   family: str
   subtype: str
 
+  @functools.cached_property
+  def digest(self) -> str:
+    """Hash of what the model sees and is scored against: an example edited under the same id gets new rows."""
+    h = hashlib.sha1(json.dumps([self.question, self.answer, self.family, self.subtype,
+                                 list(self.image.shape)]).encode())
+    h.update(np.ascontiguousarray(self.image).tobytes())
+    return h.hexdigest()[:10]
+
+
+def _check_unique_ids(items: Sequence[Item], where: str):
+  first: dict[str, int] = {}
+  for position, it in enumerate(items):
+    if it.example_id in first:
+      raise ValueError(f"{where}: example id {it.example_id!r} is used by examples {first[it.example_id]} and "
+                       f"{position} (0-based); results are keyed by id, so ids must be unique")
+    first[it.example_id] = position
+
 
 def _synthvqa(data_dir, split, limit, seed) -> list[Item]:
   if data_dir:
@@ -271,30 +316,73 @@ def _synthvqa(data_dir, split, limit, seed) -> list[Item]:
   else:
     examples = vqa.make_split(split, limit or 400, seed=seed)
   # scene ids name (split, seed, family, k): a larger --limit evaluates a superset and resumes the rest.
-  return [Item(f"{split}/{ex.scene_id}", ex.image, ex.question, ex.answer, ex.family, ex.subtype) for ex in examples]
+  items = [Item(f"{split}/{ex.scene_id}", ex.image, ex.question, ex.answer, ex.family, ex.subtype) for ex in examples]
+  _check_unique_ids(items, os.path.join(data_dir, split) if data_dir else f"synthvqa {split} split")
+  return items
 
 
 def _vqa_jsonl(data_dir, split, limit, seed) -> list[Item]:
   """data_dir/questions.jsonl rows: {"id", "image" (path relative to data_dir), "question", "answer",
-  optional "family"/"subtype"} (e.g. POPE or GQA converted to this form)."""
+  optional "family"/"subtype"} (e.g. POPE or GQA converted to this form).
+
+  Blank lines are skipped (and counted in the log). Everything else wrong raises ValueError naming questions.jsonl
+  and the line: malformed JSON, a line that is not an object, a missing or null field, a field of the wrong type
+  (answer: a string or an integer), an id used twice (both lines named), an image that is missing, truncated or
+  not an image (the image file named). Nothing is skipped silently: a skipped example would shrink the benchmark.
+  """
   del split, seed
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   path = os.path.join(data_dir, "questions.jsonl")
   if not os.path.exists(path):
     raise ValueError(f"vqa_jsonl: {path} does not exist")
-  items = []
-  with open(path) as f:
+  items, first_line, blank = [], {}, 0
+  with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f):
       if limit and len(items) >= limit:
         break
-      row = json.loads(line)
-      missing = [k for k in ("image", "question", "answer") if k not in row]
-      if missing:
-        raise ValueError(f"{path}:{number + 1}: missing field(s) {', '.join(missing)}")
-      image = np.asarray(Image.open(os.path.join(data_dir, row["image"])).convert("RGB"))
-      items.append(Item(str(row.get("id", number)), image, row["question"], str(row["answer"]),
-                        row.get("family", "vqa"), row.get("subtype", "")))
+      if not line.strip():
+        blank += 1
+        continue
+      where = f"{path}:{number + 1}"
+      row = _question_row(line, where)
+      example_id = str(row.get("id", number))
+      if example_id in first_line:
+        raise ValueError(f"{where}: id {example_id!r} is also on line {first_line[example_id]}; results are keyed "
+                         "by id, so ids must be unique")
+      first_line[example_id] = number + 1
+      items.append(Item(example_id, _read_image(os.path.join(data_dir, row["image"]), where), row["question"],
+                        str(row["answer"]), row.get("family", "vqa"), row.get("subtype", "")))
+  if blank:
+    logging.warning("%s: skipped %d blank line(s)", path, blank)
   return items
+
+
+def _question_row(line: str, where: str) -> dict[str, Any]:
+  """One questions.jsonl line, checked field by field; ValueError naming `where` (file:line) and the field."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  missing = [k for k in ("image", "question", "answer") if k not in row]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+  # bool is an int to Python, and str(True) would be scored against "true".
+  expected = dict(image=(str,), question=(str,), answer=(str, int), id=(str, int), family=(str,), subtype=(str,))
+  for field, types in expected.items():
+    if field in row and (not isinstance(row[field], types) or isinstance(row[field], bool)):
+      names = " or ".join({str: "a string", int: "an integer"}[t] for t in types)
+      raise ValueError(f"{where}: field {field!r} is {json.dumps(row[field])}; expected {names}")
+  return row
+
+
+def _read_image(image_path: str, where: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(image_path) as image:
+      return np.asarray(image.convert("RGB"))  # convert() decodes every pixel: a truncated file fails here
+  except OSError as e:  # missing, not an image (UnidentifiedImageError), truncated
+    raise ValueError(f"{where}: image {image_path} cannot be read: {e}") from None
 
 
 TASKS = {"synthvqa": _synthvqa, "vqa_jsonl": _vqa_jsonl}
@@ -381,12 +469,30 @@ class Evaluator:
     return [_normalize_answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in tokens]
 
 
-def _run_hash(resolved, spec: RunSpec, task: str) -> str:
-  """Everything that changes a run's numbers, hashed: rows of a changed configuration are not reused."""
-  payload = json.dumps(dict(backbone=resolved["backbone"], checkpoint=resolved["checkpoint"], task=task,
-                            data_dir=resolved["data_dir"], split=resolved["split"], seed=resolved["seed"],
-                            config=repr(spec.config)), sort_keys=True)
-  return hashlib.sha1(payload.encode()).hexdigest()[:10]
+def _run_hash(resolved, spec: RunSpec, task: str, items: Sequence[Item]) -> str:
+  """Everything that changes a run's numbers, hashed: rows of a changed configuration are not reused.
+
+  The example itself goes into each row's key (`_row_key`). batch_size matters because random methods draw from
+  fold_in(fold_in(seed, batch), row): for them the draws follow each example's position, so the order of the task's
+  examples is hashed too (a different --limit of a generated split reorders it). Output paths, --pictures and --limit
+  (for the other methods) change no row, so a resume or a larger --limit reuses every finished row.
+  """
+  fields = dict(backbone=resolved["backbone"], checkpoint=resolved["checkpoint"],
+                checkpoint_fingerprint=resolved["checkpoint_fingerprint"], task=task, data_dir=resolved["data_dir"],
+                split=resolved["split"], seed=resolved["seed"], max_new_tokens=resolved["max_new_tokens"],
+                batch_size=resolved["batch_size"], config=repr(spec.config))
+  if _draws_randomly(spec.config):
+    fields["order"] = hashlib.sha1("\n".join(it.example_id for it in items).encode()).hexdigest()
+  return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _draws_randomly(config: pruning.PruningConfig) -> bool:
+  methods = {config.method, config.stage2_method or config.method}
+  return any(prune.METHODS[m].needs_key for m in methods if m in prune.METHODS)
+
+
+def _row_key(run_hash: str, spec: RunSpec, item: Item) -> str:
+  return f"{run_hash}/{spec.name}/{item.example_id}/{item.digest}"
 
 
 @dataclasses.dataclass
@@ -408,12 +514,15 @@ def encode_batches(evaluator: "Evaluator", items: Sequence[Item], batch_size: in
 
 
 def evaluate_run(evaluator: "Evaluator", spec: RunSpec, batches: Sequence[Batch], log, run_hash: str, seed: int,
-                 progress=None) -> None:
-  """Evaluates every batch under `spec`, appending one row per example to `log`; finished batches are skipped."""
+                 progress=None, process: str = "") -> None:
+  """Evaluates every batch under `spec`, appending one row per example to `log`; finished batches are skipped.
+
+  process: names the runner invocation that measured `prefill_ms` (timings of different processes differ in warm-up,
+  load and machine, so the report flags a time ratio that mixes them)."""
   text_config = evaluator.model.config.text
   warm = False
   for number, batch in enumerate(batches):
-    keys = [f"{run_hash}/{spec.name}/{it.example_id}" for it in batch.items]
+    keys = [_row_key(run_hash, spec, it) for it in batch.items]
     if all(log.done(k) for k in keys):
       if progress is not None:
         progress.update(len(keys))
@@ -437,7 +546,7 @@ def evaluate_run(evaluator: "Evaluator", spec: RunSpec, batches: Sequence[Batch]
           prediction=predictions[i], correct=predictions[i] == _normalize_answer(it.answer),
           visual_tokens=int(batch.visual[i]), kept_per_layer=kept[i].tolist(), tokens_per_layer=tokens[i].tolist(),
           prefill_flops=flops.decoder_prefill_flops(text_config, tokens[i].tolist()),
-          prefill_ms=elapsed_ms / len(batch.arrays["input_ids"])))
+          prefill_ms=elapsed_ms / len(batch.arrays["input_ids"]), process=process))
     log.append(rows)
     if progress is not None:
       progress.update(len(rows))
@@ -495,12 +604,38 @@ def _picture(evaluator, specs, items, out_dir, seed):
   report.kept_picture(images, masks, titles, os.path.join(out_dir, "kept_tokens.png"))
 
 
+def _check_budgets(runs: Sequence[RunSpec], batches: Sequence[Batch], task: str):
+  """Before anything is written: every image must hold each run's first budget."""
+  fewest = min(int(v) for b in batches for v in b.visual[:len(b.items)])
+  for spec in runs:
+    first = spec.config.stage1_budget or (spec.config.stage2[0][1] if spec.config.stage2 else 0)
+    if first > fewest:
+      raise app.UsageError(f"{spec.name} keeps {first} visual tokens in its first stage, but an image of task "
+                           f"{task} has only {fewest}; lower --budget/--keep_ratio")
+
+
+def _process_name() -> str:
+  """Names this runner invocation in every row it measures (two invocations in one Python process differ too)."""
+  return f"{socket.gethostname()}:{os.getpid()}:{datetime.datetime.now().isoformat(timespec='microseconds')}"
+
+
+def _task_rows(log, resolved, runs: Sequence[RunSpec], task: str, items: Sequence[Item]) -> list[dict[str, Any]]:
+  """The rows of exactly this invocation's runs x items: never an older, larger or differently configured run's."""
+  wanted = {_row_key(_run_hash(resolved, spec, task, items), spec, it) for spec in runs for it in items}
+  rows = [r for r in log.rows if r["key"] in wanted]
+  if len(rows) != len(wanted):
+    raise RuntimeError(f"{log.path}: {len(wanted) - len(rows)} of this run's {len(wanted)} rows are missing after "
+                       "evaluation")
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
   flag_values = {name: flags.FLAGS[name].value for name in (
       "backbone", "checkpoint", "method", "budget", "keep_ratio", "tasks", "data_dir", "split", "limit",
-      "batch_size", "output_dir", "seed", "alpha", "lam", "stage2_alpha", "stage2_lam", "normalize", "ablation")}
+      "batch_size", "output_dir", "seed", "alpha", "lam", "stage2_alpha", "stage2_lam", "normalize", "ablation",
+      "max_new_tokens")}
   backbone = BACKBONES[flag_values["backbone"]]
   if flag_values["checkpoint"] is None:
     if flag_values["backbone"] != "testbed":
@@ -512,36 +647,28 @@ def main(argv):
     resolved, runs = resolve(flag_values, model)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  max_new_tokens = _MAX_NEW_TOKENS.value or backbone.max_new_tokens
-  resolved["max_new_tokens"] = max_new_tokens
   print("resolved configuration:\n" + json.dumps(resolved, indent=2, sort_keys=True), flush=True)
   logging.info("runs: %s", ", ".join(r.name for r in runs))
 
   out_dir = flag_values["output_dir"]
-  os.makedirs(out_dir, exist_ok=True)
-  evaluator = Evaluator(model, processor, backbone, max_new_tokens)
+  process = _process_name()
+  evaluator = Evaluator(model, processor, backbone, resolved["max_new_tokens"])
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
   with results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) as log:
     for task in flag_values["tasks"]:
       items = TASKS[task](flag_values["data_dir"], flag_values["split"], flag_values["limit"], flag_values["seed"])
       if not items:
         raise app.UsageError(f"task {task} has no examples")
       batches = encode_batches(evaluator, items, flag_values["batch_size"])
-      fewest = min(int(v) for b in batches for v in b.visual[:len(b.items)])
-      for spec in runs:  # before anything is written: every image must hold each run's first budget
-        first = spec.config.stage1_budget or (spec.config.stage2[0][1] if spec.config.stage2 else 0)
-        if first > fewest:
-          raise app.UsageError(f"{spec.name} keeps {first} visual tokens in its first stage, but an image of task "
-                               f"{task} has only {fewest}; lower --budget/--keep_ratio")
+      _check_budgets(runs, batches, task)
       with tqdm(total=len(items) * len(runs), desc=task, unit="ex", file=sys.stderr) as progress:
         for spec in runs:
           progress.set_postfix_str(spec.name)
-          evaluate_run(evaluator, spec, batches, log, _run_hash(resolved, spec, task), flag_values["seed"], progress)
-      names = {r.name for r in runs}
-      hashes = {_run_hash(resolved, r, task) for r in runs}
-      rows = [r for r in log.rows if r["run"] in names and r["key"].split("/", 1)[0] in hashes]
-      from experiments import report  # pylint: disable=g-import-not-at-top
-      summary = report.summary(rows)
+          evaluate_run(evaluator, spec, batches, log, _run_hash(resolved, spec, task, items), flag_values["seed"],
+                       progress, process=process)
+      summary = report.summary(_task_rows(log, resolved, runs, task, items))
       table = report.format_table(summary)
       print(f"\n{task} ({len(items)} examples; relative accuracy: (a) ratio of mean scores, (b) mean of per-family "
             f"ratios)\n{table}", flush=True)

@@ -372,6 +372,23 @@ def write_split(examples: Sequence[Example], data_dir: str, split: str) -> str:
   return out
 
 
+def _read_jsonl(path: str) -> list[dict]:
+  """The JSON objects of a JSONL file, blank lines skipped; ValueError naming path:line for anything else."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}:{number + 1}: expected a JSON object, got {type(row).__name__}")
+      rows.append(row)
+  return rows
+
+
 def read_split(data_dir: str, split: str) -> list[Example]:
   """Reads what `write_split` wrote."""
   _split_code(split)
@@ -381,8 +398,7 @@ def read_split(data_dir: str, split: str) -> list[Example]:
                      "write one with experiments.vqa.write_split")
   with np.load(os.path.join(path, "images.npz")) as data:
     pixels, shapes, offsets = data["pixels"], data["shapes"], data["offsets"]
-  with open(os.path.join(path, "questions.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = _read_jsonl(os.path.join(path, "questions.jsonl"))
   if len(rows) != len(shapes):
     raise ValueError(f"{path}: {len(rows)} questions but {len(shapes)} images")
   examples = []

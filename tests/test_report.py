@@ -159,6 +159,32 @@ def test_tables_have_one_line_per_run_in_order():
   assert all(ln.count("|") == table[0].count("|") for ln in table)
 
 
+def test_time_ratio_over_several_processes_is_starred():
+  rows = _rows()
+  entries = {e["run"]: e for e in report.summary([dict(r, process="A") for r in rows])}
+  assert all(e["time_processes"] == 1 for e in entries.values())
+  assert "*" not in report.format_table(list(entries.values())) + report.to_markdown(list(entries.values()))
+  # A resumed tops@T=20: its e0..e2 timed by process B; everything else by A. divprune's shared rows and full's: A.
+  resumed = [dict(r, process="B" if r["run"] == "tops@T=20" and r["example_id"] in ("e0", "e1", "e2") else "A")
+             for r in rows]
+  entries = report.summary(resumed)
+  processes = {e["run"]: e["time_processes"] for e in entries}
+  assert processes == {"full": 1, "divprune@T=20": 1, "tops@T=40": 1, "tops@T=20": 2}
+  lines = report.format_table(entries).splitlines()
+  assert len(lines) == 1 + len(entries) + 1
+  starred = [ln.split()[:2] for ln in lines[1:-1] if ln.split()[-1].endswith("*")]
+  assert starred == [["tops", "20"]]
+  assert lines[-1].startswith("* time mixes prefill timings from 2 runner processes")
+  tops20 = next(e for e in entries if e["run"] == "tops@T=20")
+  assert lines[4].split()[-1] == f"{tops20['time_ratio']:.3f}*"
+  markdown = report.to_markdown(entries).splitlines()
+  assert markdown[-1] == lines[-1] and sum(ln.endswith("* |") for ln in markdown) == 1
+  # Rows of older logs carry no process: together with new rows, they count as one more.
+  mixed = [dict(r, process="A") if r["method"] == "full" else r for r in rows]
+  assert {e["run"]: e["time_processes"] for e in report.summary(mixed)} == {
+      "full": 1, "divprune@T=20": 2, "tops@T=40": 2, "tops@T=20": 2}
+
+
 def test_flops_unit_follows_magnitude():
   rows = _rows()
   for r in rows:

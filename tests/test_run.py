@@ -2,15 +2,21 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 from absl import flags
+import numpy as np
+from PIL import Image
 import pytest
 
+from experiments import results
 from experiments import run
 from experiments import testbed
+from experiments import vqa
+from models import pruning
 from models import saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +100,8 @@ def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path
     (["--method=divprune", "--ablation"], "--ablation runs the TOPS criteria subsets"),
     (["--tasks=gqa"], "unknown task(s) gqa"),
     (["--budget=100000"], "exceeds"),
+    (["--max_new_tokens=0"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got 0"),
+    (["--max_new_tokens=-3"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got -3"),
 ])
 def test_inconsistent_flags_fail_at_start(checkpoint, tmp_path, args, message):
   with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -109,3 +117,163 @@ def test_unknown_flag_and_missing_checkpoint_exit_with_a_message(tmp_path):
   missing = subprocess.run([sys.executable, "-m", "experiments.run", f"--checkpoint={tmp_path}/nothing"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and "is not a directory" in missing.stderr
+
+
+# --- results are never lost, mixed or stale ---------------------------------------------------------------------------
+
+def _table(printed, task="synthvqa"):
+  """The printed summary of `task`: {method: its table line's cells}, and the footnote lines."""
+  block = printed[printed.rindex(f"\n{task} ("):].split("\n\n")[0].splitlines()[3:]
+  body = [ln for ln in block if not ln.startswith("*") and not ln.startswith("results:")]
+  return {ln.split()[0]: ln.split() for ln in body}, [ln for ln in block if ln.startswith("*")]
+
+
+def test_table_holds_only_this_invocations_rows_and_flags_mixed_timings(checkpoint, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  common = [f"--checkpoint={checkpoint}", "--method=divprune", "--budget=12", "--batch_size=2", f"--output_dir={out}",
+            "--pictures=0"]
+  _main(*common, "--limit=2")
+  table, notes = _table(capsys.readouterr().out)
+  assert table["full"][2] == "2" and table["divprune"][2] == "2" and notes == []
+  _main(*common, "--limit=4")  # resumes: 2 rows per run from the first process, 2 from this one
+  printed = capsys.readouterr().out
+  table, notes = _table(printed)
+  assert "(4 examples;" in printed and table["divprune"][2] == "4"
+  assert table["divprune"][-1].endswith("*") and notes == [
+      "* time mixes prefill timings from 2 runner processes (a resumed run); for comparable times, run into a fresh "
+      "--output_dir."]
+  assert len({r["process"] for r in _rows(out)}) == 2
+  _main(*common, "--limit=2")  # a smaller limit: the 2-example table again, timed by one process
+  printed = capsys.readouterr().out
+  table, notes = _table(printed)
+  assert "(2 examples;" in printed and table["full"][2] == "2" and table["divprune"][2] == "2" and notes == []
+  with open(os.path.join(out, "summary_synthvqa.md")) as f:
+    assert [ln.split("|")[3].strip() for ln in f if ln.startswith("| divprune")] == ["2"]
+  assert len(_rows(out)) == 2 * 4
+
+
+def test_rows_are_not_reused_across_settings_that_change_them(checkpoint, tmp_path):
+  out = str(tmp_path / "out")
+  ckpt = str(tmp_path / "ckpt")
+  shutil.copytree(checkpoint, ckpt)
+  common = [f"--checkpoint={ckpt}", "--method=divprune", "--budget=12", "--limit=2", f"--output_dir={out}",
+            "--pictures=0"]
+  _main(*common, "--batch_size=2")
+  _main(*common, "--batch_size=2")  # identical: every row reused
+  assert len(_rows(out)) == 2 * 2
+  _main(*common, "--batch_size=1")
+  assert len(_rows(out)) == 2 * 4
+  _main(*common, "--batch_size=1", "--max_new_tokens=2")
+  assert len(_rows(out)) == 2 * 6
+  weights = os.path.join(ckpt, "model.safetensors")  # retrained in place: same path, new file
+  os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
+  _main(*common, "--batch_size=1")
+  rows = _rows(out)
+  assert len(rows) == 2 * 8 and len({r["key"] for r in rows}) == 16
+  assert len({r["key"].split("/", 1)[0] for r in rows}) == 4 * 2   # 4 settings x (full, divprune)
+
+
+def test_random_rows_follow_the_examples_order_and_the_rest_do_not():
+  resolved = dict(backbone="testbed", checkpoint="c", checkpoint_fingerprint="f", data_dir=None, split="test", seed=0,
+                  max_new_tokens=1, batch_size=2)
+  items = [run.Item(f"e{i}", np.zeros((4, 4, 3), np.uint8), "q", "a", "vqa", "") for i in range(3)]
+  # random draws fold_in(fold_in(seed, batch), row): an example's draw follows its position.
+  random = run.RunSpec("random", 12, None, pruning.PruningConfig("random", stage1_budget=12), "random")
+  divprune = run.RunSpec("divprune", 12, None, pruning.PruningConfig("divprune", stage1_budget=12), "divprune")
+  assert run._run_hash(resolved, random, "t", items) != run._run_hash(resolved, random, "t", items[::-1])
+  assert run._run_hash(resolved, divprune, "t", items) == run._run_hash(resolved, divprune, "t", items[::-1])
+  for field, value in (("max_new_tokens", 2), ("batch_size", 3), ("checkpoint_fingerprint", "g")):
+    assert run._run_hash(dict(resolved, **{field: value}), divprune, "t", items) != run._run_hash(
+        resolved, divprune, "t", items), field
+
+
+def test_a_second_run_into_a_locked_output_dir_fails_naming_the_holder(checkpoint, tmp_path):
+  out = str(tmp_path / "out")
+  with results.DirectoryLock(out):
+    with pytest.raises(results.DirectoryLocked, match=rf"{out} is in use by pid {os.getpid()} on "):
+      _main(f"--checkpoint={checkpoint}", "--method=divprune", "--budget=12", "--limit=2", f"--output_dir={out}")
+  assert not os.path.exists(os.path.join(out, "results.jsonl"))
+
+
+def _questions(tmp_path, rows, n_images=3):
+  """A vqa_jsonl data_dir: PNGs of the synthetic benchmark and questions.jsonl holding `rows` (dicts or raw lines)."""
+  data = tmp_path / "data"
+  data.mkdir()
+  for i, ex in enumerate(vqa.make_split("test", n_images)):
+    Image.fromarray(ex.image).save(data / f"{i}.png")
+  with open(data / "questions.jsonl", "w") as f:
+    for row in rows:
+      f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+  return str(data)
+
+
+def _q(i, **fields):
+  return dict(dict(id=f"q{i}", image=f"{i}.png", question="What color is the circle?", answer="red"), **fields)
+
+
+def test_duplicate_ids_fail_naming_both_lines(checkpoint, tmp_path):
+  data = _questions(tmp_path, [_q(0), _q(1), _q(2, id="q0")])
+  with pytest.raises(ValueError, match=r"questions.jsonl:3: id 'q0' is also on line 1"):
+    _main(f"--checkpoint={checkpoint}", "--tasks=vqa_jsonl", f"--data_dir={data}", "--method=divprune",
+          "--budget=12", f"--output_dir={tmp_path / 'out'}", "--pictures=0")
+  assert not os.path.exists(tmp_path / "out" / "results.jsonl") or _rows(str(tmp_path / "out")) == []
+  split = vqa.write_split(vqa.make_split("test", 2) * 2, str(tmp_path / "synth"), "test")
+  with pytest.raises(ValueError, match=rf"{split}: example id 'test/test-0-.*' is used by examples 0 and 2"):
+    run._synthvqa(str(tmp_path / "synth"), "test", 0, 0)
+
+
+def test_vqa_jsonl_skips_blank_lines_and_an_edited_example_gets_new_rows(checkpoint, tmp_path, capsys):
+  data = _questions(tmp_path, [_q(0), "", "   ", _q(1, answer=3)])
+  items = run._vqa_jsonl(data, "test", 0, 0)
+  assert [(it.example_id, it.answer) for it in items] == [("q0", "red"), ("q1", "3")]
+  out = str(tmp_path / "out")
+  common = [f"--checkpoint={checkpoint}", "--tasks=vqa_jsonl", f"--data_dir={data}", "--method=divprune",
+            "--budget=12", "--batch_size=2", f"--output_dir={out}", "--pictures=0"]
+  _main(*common)
+  with open(os.path.join(data, "questions.jsonl"), "w") as f:  # the answer of q1 corrected, same id
+    f.write(json.dumps(_q(0)) + "\n" + json.dumps(_q(1, answer="blue")) + "\n")
+  _main(*common)
+  rows = _rows(out)
+  assert len(rows) == 2 * 2 + 2  # q1 evaluated again (full, divprune); q0 unchanged, reused
+  assert [(r["example_id"], r["answer"]) for r in rows[-2:]] == [("q1", "blue")] * 2
+  table, _ = _table(capsys.readouterr().out, "vqa_jsonl")
+  assert table["divprune"][2] == "2"
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"id": "q0", "image": "0.png",'], r"questions.jsonl:1: not valid JSON"),
+    ([_q(0), "[1, 2]"], r"questions.jsonl:2: expected a JSON object, got list"),
+    ([_q(0), "", _q(1, answer=None)], r"questions.jsonl:3: field 'answer' is null; expected a string or an integer"),
+    ([_q(0, answer=True)], r"questions.jsonl:1: field 'answer' is true; expected a string or an integer"),
+    ([_q(0, question=None)], r"questions.jsonl:1: field 'question' is null; expected a string"),
+    ([_q(0, id=None)], r"questions.jsonl:1: field 'id' is null"),
+    ([{"id": "q0", "image": "0.png"}], r"questions.jsonl:1: missing field\(s\) question, answer"),
+    ([_q(0), _q(1, image="nothing.png")], r"questions.jsonl:2: image .*nothing.png cannot be read"),
+    ([_q(0, image="questions.jsonl")], r"questions.jsonl:1: image .*questions.jsonl cannot be read"),
+])
+def test_bad_questions_name_the_file_line_and_field(tmp_path, lines, match):
+  data = _questions(tmp_path, lines, n_images=1)
+  with pytest.raises(ValueError, match=match):
+    run._vqa_jsonl(data, "test", 0, 0)
+
+
+def test_truncated_image_is_named(tmp_path):
+  data = _questions(tmp_path, [_q(0), _q(1)], n_images=2)
+  image = os.path.join(data, "1.png")
+  with open(image, "rb") as f:
+    head = f.read()
+  with open(image, "wb") as f:
+    f.write(head[:len(head) // 2])
+  with pytest.raises(ValueError, match=rf"questions.jsonl:2: image {image} cannot be read: .*truncated"):
+    run._vqa_jsonl(data, "test", 0, 0)
+
+
+def test_a_malformed_synthvqa_split_names_file_and_line(tmp_path):
+  split = vqa.write_split(vqa.make_split("test", 3), str(tmp_path), "test")
+  questions = os.path.join(split, "questions.jsonl")
+  with open(questions) as f:
+    lines = f.readlines()
+  with open(questions, "w") as f:
+    f.writelines([lines[0], "\n", lines[1][:30] + "\n", lines[2]])
+  with pytest.raises(ValueError, match=rf"{questions}:3: not valid JSON"):
+    run._synthvqa(str(tmp_path), "test", 0, 0)
