@@ -170,11 +170,17 @@ class PruningConfig:
       if method is not None and method not in prune.METHODS:
         raise ValueError(f"unknown {name} {method!r}; known methods: {', '.join(prune.METHODS)}")
     budget = self.stage1_budget
+    # Hyperparameters are checked here, where the config is built (a NaN alpha from a flag would otherwise reach
+    # the jitted forward as a traced value that nothing can reject).
+    if budget is not None:
+      prune.check_hparams(self.method, want="merge" if prune.METHODS[self.method].merge else "order",
+                          **dict(self.stage1_hparams))
+    if self.stage2:
+      prune.check_hparams(self.stage2_method or self.method, **dict(self.stage2_hparams))
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
       raise ValueError(f"stage1_budget must be a positive int or None, got {budget!r}")
     if budget is not None:
-      m = prune.METHODS[self.method]
-      if m.needs_relevance and self.stage1_relevance == "none":
+      if prune.needs_relevance(self.method, **dict(self.stage1_hparams)) and self.stage1_relevance == "none":
         raise ValueError(f"{self.method} needs a relevance vector; stage1_relevance is 'none'")
       if self.stage1_scope == "per_crop" and self.method not in PER_CROP_METHODS:
         raise ValueError(f"stage1_scope='per_crop' needs a method whose greedy order does not depend on the budget "
@@ -195,7 +201,7 @@ class PruningConfig:
       m2 = self.stage2_method or self.method
       if prune.METHODS[m2].merge is not None:
         raise ValueError(f"{m2} merges tokens; merging methods run in Stage I only")
-      if prune.METHODS[m2].needs_relevance and self.stage2_relevance == "none":
+      if prune.needs_relevance(m2, **dict(self.stage2_hparams)) and self.stage2_relevance == "none":
         raise ValueError(f"{m2} needs a relevance vector; stage2_relevance is 'none'")
 
   @property

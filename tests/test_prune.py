@@ -171,11 +171,11 @@ def test_rank_and_shape_mismatches():
 def test_non_finite_features_are_named(bad):
   features, relevance = _inputs()
   features[4, 2] = bad
-  with pytest.raises(ValueError, match=r"features contain NaN or inf at token positions \[\[4\]\]"):
+  with pytest.raises(ValueError, match=r"features has NaN or inf at token positions \[4\] \(1 in all\)"):
     prune.select("tops", features, keep=3, relevance=relevance)
   features, relevance = _inputs()
   relevance[3] = bad
-  with pytest.raises(ValueError, match="relevance contains NaN or inf"):
+  with pytest.raises(ValueError, match=r"relevance has NaN or inf at token positions \[3\]"):
     prune.select("tops", features, keep=3, relevance=relevance)
 
 
@@ -211,3 +211,230 @@ def test_unknown_hyperparameter_is_named():
   features, relevance = _inputs()
   with pytest.raises(ValueError, match=r"tops: unknown hyperparameter\(s\) lamda; tops takes: alpha, lam"):
     prune.select("tops", features, keep=3, relevance=relevance, lamda=0.5)
+
+
+# --- values that must never give a wrong selection silently ----------------------------------------------------
+
+def _usable_check(idx, keep, usable, valid):
+  """`keep` distinct indices; usable tokens first when there are enough, else every usable token, then valid ones."""
+  idx = np.asarray(idx)
+  assert idx.shape[-1] == keep
+  for row, u, v in zip(idx.reshape(-1, keep), usable.reshape(-1, usable.shape[-1]), valid.reshape(-1, valid.shape[-1])):
+    assert len(set(row.tolist())) == keep, row
+    if u.sum() >= keep:
+      assert u[row].all(), (row, np.flatnonzero(~u))
+    else:
+      assert set(np.flatnonzero(u)) <= set(row.tolist()), row
+      assert v[row].sum() == min(keep, v.sum()), row
+
+
+def _corrupt(kind, features, relevance):
+  """Copies with non-finite values; returns (features, relevance, bad_feature_tokens, bad_relevance_tokens)."""
+  f, r = features.copy(), relevance.copy()
+  bad_f, bad_r = np.zeros(r.shape, bool), np.zeros(r.shape, bool)
+  if kind == "nan_token":
+    bad_f[..., [0, 3, 17]] = True
+  elif kind == "inf_token":
+    bad_f[..., [1, 2]] = True
+  elif kind == "all_nan":
+    bad_f[...] = True
+  elif kind == "nan_relevance":
+    bad_r[..., [0, 5, 9]] = True
+  elif kind == "all_nan_relevance":
+    bad_r[...] = True
+  f[bad_f] = np.inf if kind == "inf_token" else np.nan
+  r[bad_r] = np.nan
+  return f, r, bad_f, bad_r
+
+
+def _usable(method, kwargs, valid, bad_f, bad_r):
+  spec = prune.METHODS[method]
+  usable = valid.copy()
+  if spec.reads_features:
+    usable &= ~bad_f
+  if "relevance" in kwargs and spec.relevance_role(kwargs) != "unused":
+    usable &= ~bad_r
+  return usable
+
+
+_KINDS = ["nan_token", "inf_token", "all_nan", "nan_relevance", "all_nan_relevance"]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_values_under_jit_and_vmap_give_unique_valid_indices(method, kind):
+  features, relevance = _inputs(11, batch=2)
+  valid = np.ones((2, N), bool)
+  valid[1, 20:] = False
+  f, r, bad_f, bad_r = _corrupt(kind, features, relevance)
+  kwargs = _kwargs(method, r)
+  usable = _usable(method, kwargs, valid, bad_f, bad_r)
+  keep = 8
+  jitted = jax.jit(lambda f, v, kw: prune.select(method, f, keep=keep, valid=v, **kw))(f, valid, kwargs)
+  _usable_check(jitted, keep, usable, valid)
+  again = jax.jit(lambda f, v, kw: prune.select(method, f, keep=keep, valid=v, **kw))(f, valid, kwargs)
+  np.testing.assert_array_equal(np.asarray(jitted), np.asarray(again))      # deterministic
+  keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(0), b))(jnp.arange(2))
+
+  def one(f, v, r, k):
+    return prune.select(method, f, keep=keep, valid=v, **_kwargs(method, r, key=k))
+  _usable_check(jax.vmap(one)(f, valid, r, keys), keep, usable, valid)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_too_few_usable_tokens_under_jit_fill_with_valid_then_invalid(method):
+  features, relevance = _inputs(12)
+  valid = np.zeros(N, bool)
+  valid[:10] = True
+  features[[2, 4, 6, 8]] = np.nan          # 6 usable (for methods reading features), 10 valid, keep 12
+  kwargs = _kwargs(method, relevance)
+  usable = _usable(method, kwargs, valid, np.isnan(features).any(-1), np.zeros(N, bool))
+  order = np.asarray(jax.jit(lambda f, v, kw: prune.select_order(method, f, keep=12, valid=v, **kw))(
+      features, valid, kwargs))
+  _usable_check(order, 12, usable, valid)
+  n_usable = int(usable.sum())
+  assert usable[order[:n_usable]].all(), order
+  rest = order[n_usable:]
+  tail = np.concatenate([np.flatnonzero(valid & ~usable), np.flatnonzero(~valid)])[:len(rest)]
+  np.testing.assert_array_equal(rest, tail)                              # index order, valid before invalid
+
+
+def test_nan_hyperparameter_under_jit_gives_unique_valid_indices():
+  features, relevance = _inputs(13, batch=2)
+  valid = np.ones((2, N), bool)
+  valid[:, ::3] = False
+  for name in ("alpha", "lam"):
+    idx = jax.jit(lambda f, r, a: prune.select("tops", f, keep=6, relevance=r, valid=valid, **{name: a}))(
+        features, relevance, np.float32(np.nan))
+    _usable_check(idx, 6, valid, valid)
+
+
+@pytest.mark.parametrize("method, name", [("tops", "alpha"), ("tops", "lam"), ("scope", "alpha"),
+                                          ("cdpruner", "eps"), ("trimtokenator", "sigma")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_hyperparameters_are_named(method, name, value):
+  features, relevance = _inputs()
+  extra = {"text": features[:3], "mi_estimator": "gaussian"} if method == "trimtokenator" else {}
+  with pytest.raises(ValueError, match=f"{method}: {name} must be finite, got {value}"):
+    prune.select(method, features, keep=3, relevance=relevance, **extra, **{name: value})
+
+
+def test_non_finite_hyperparameter_in_a_pruning_config_is_named():
+  from models import pruning  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="tops: alpha must be finite, got nan"):
+    pruning.tops_schedule(num_layers=32, target=64, stage1_alpha=float("nan"))
+  with pytest.raises(ValueError, match="tops: lam must be finite, got inf"):
+    pruning.tops_schedule(num_layers=32, target=64, stage2_alpha=0.5, stage2_lam=float("inf"))
+
+
+@pytest.mark.parametrize("method, hp, problem", [
+    ("tops", {"alpha": "x"}, r"tops: alpha must be a finite real number \(or an array of them\), got 'x'"),
+    ("tops", {"alpha": None}, "tops: alpha must be a finite real number .*, got None"),
+    ("tops", {"lam": True}, "tops: lam must be a finite real number .*, got True"),
+    ("tops", {"normalize": 3}, "tops: normalize must be a string, got 3"),
+    ("dart", {"pivots": 2.5}, "dart: pivots must be a Python int, got 2.5"),
+    ("dart", {"pivots": True}, "dart: pivots must be a Python int, got True"),
+    ("cdpruner", {"theta": "0.5"}, "cdpruner: theta must be a finite real number .* or None, got '0.5'"),
+    ("trimtokenator", {"normalize": "yes"}, "trimtokenator: normalize must be a bool, got 'yes'"),
+    ("visionzip", {"keys": [[1.0]]}, "visionzip: keys must be an array or None, got"),
+])
+def test_hyperparameter_types_are_named(method, hp, problem):
+  features, relevance = _inputs()
+  with pytest.raises(ValueError, match=problem):
+    prune.select(method, features, keep=3, relevance=relevance, **hp)
+
+
+def test_int_for_a_float_hyperparameter_is_traced_like_a_float():
+  features, relevance = _inputs()
+  np.testing.assert_array_equal(np.asarray(prune.select("tops", features, keep=5, relevance=relevance, alpha=1)),
+                                np.asarray(prune.select("tops", features, keep=5, relevance=relevance, alpha=1.0)))
+
+
+@pytest.mark.parametrize("keep", [True, False, np.bool_(True)])
+def test_keep_must_not_be_a_bool(keep):
+  features, relevance = _inputs()
+  with pytest.raises(ValueError, match="keep must be a static Python int"):
+    prune.select("tops", features, keep=keep, relevance=relevance)
+
+
+@pytest.mark.parametrize("name", ["features", "relevance", "valid"])
+def test_python_lists_are_named_not_dumped(name):
+  features, relevance = _inputs()
+  args = {"features": features, "relevance": relevance, "valid": np.ones(N, bool)}
+  args[name] = args[name].tolist()
+  with pytest.raises(ValueError) as info:
+    prune.select("tops", args.pop("features"), keep=3, **args)
+  message = str(info.value)
+  assert message == f"tops: {name} must be an array (numpy.ndarray or jax.Array), got list", message
+
+
+def test_needs_relevance_follows_the_hyperparameters():
+  assert "tops" in prune.NEEDS_RELEVANCE
+  assert prune.needs_relevance("tops")
+  assert not prune.needs_relevance("tops", criteria=("diversity", "coverage"))
+  assert prune.relevance_role("tops", criteria=("diversity", "coverage")) == "read"  # the seed reads it
+  assert prune.relevance_role("trimtokenator", text=np.ones((2, D), np.float32)) == "unused"
+  assert prune.relevance_role("divprune") == "unused"
+  features, _ = _inputs()
+  prune.select("tops", features, keep=3, criteria=("diversity", "coverage"))       # no relevance needed
+
+
+def test_concrete_relevance_closed_over_inside_jit():
+  features, relevance = _inputs(14, batch=2)
+  eager = prune.select("tops", features, keep=4, relevance=relevance)
+  jitted = jax.jit(lambda f: prune.select("tops", f, keep=4, relevance=relevance))(features)
+  np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
+  bad = relevance.copy()
+  bad[1, 7] = np.nan
+  with pytest.raises(ValueError, match=r"tops: relevance has NaN or inf at token positions \[\[1, 7\]\]"):
+    jax.jit(lambda f: prune.select("tops", f, keep=4, relevance=bad))(features)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_in_padding_is_accepted_eagerly(method):
+  features, relevance = _inputs(15)
+  valid = np.ones(N, bool)
+  valid[[3, 10, 11]] = False
+  clean = prune.select(method, features, keep=6, valid=valid, **_kwargs(method, relevance))
+  features[~valid] = np.nan
+  relevance[~valid] = np.inf
+  dirty = prune.select(method, features, keep=6, valid=valid, **_kwargs(method, relevance))
+  np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if prune.relevance_role(m) == "unused"])
+def test_nan_relevance_is_ignored_by_methods_that_do_not_read_it(method):
+  features, relevance = _inputs(16)
+  relevance[4] = np.nan
+  key = {"key": jax.random.key(0)} if prune.METHODS[method].needs_key else {}
+  np.testing.assert_array_equal(np.asarray(prune.select(method, features, keep=6, relevance=relevance, **key)),
+                                np.asarray(prune.select(method, features, keep=6, **key)))
+
+
+def test_nan_relevance_is_rejected_by_methods_that_read_it():
+  features, relevance = _inputs(16)
+  relevance[4] = np.nan
+  for method in [m for m in METHODS if prune.relevance_role(m) != "unused"]:
+    with pytest.raises(ValueError, match=rf"{method}: relevance has NaN or inf at token positions \[4\]"):
+      prune.select(method, features, keep=6, relevance=relevance, **({"key": jax.random.key(0)}
+                                                                     if prune.METHODS[method].needs_key else {}))
+
+
+def test_non_finite_array_hyperparameter_is_named_only_where_read():
+  features, relevance = _inputs(17)
+  text = features[:4].copy()
+  text_valid = np.array([True, True, True, False])
+  text[3] = np.nan                                     # padding text row: not read
+  prune.select("trimtokenator", features, keep=5, text=text, text_valid=text_valid)
+  text[1, 0] = np.inf
+  with pytest.raises(ValueError, match=r"trimtokenator: text has NaN or inf at token positions \[1\]"):
+    prune.select("trimtokenator", features, keep=5, text=text, text_valid=text_valid)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_does_not_depend_on_the_feature_scale(method, scale):
+  features, relevance = _inputs(18, batch=2)
+  kwargs = _kwargs(method, relevance)
+  np.testing.assert_array_equal(np.asarray(prune.select(method, features * np.float32(scale), keep=9, **kwargs)),
+                                np.asarray(prune.select(method, features, keep=9, **kwargs)))

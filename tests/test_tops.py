@@ -196,7 +196,8 @@ def test_bad_criteria_and_missing_relevance():
   features, relevance, _ = _inputs(0, 10, 4)
   with pytest.raises(ValueError, match="criteria must be a non-empty subset"):
     prune.select("tops", features, keep=3, relevance=relevance, criteria=("relevance", "novelty"))
-  with pytest.raises(ValueError, match="relevance criterion needs a relevance vector"):
+  with pytest.raises(ValueError, match=r"tops: this method needs a relevance vector.*relevance criterion needs it, "
+                                       r"drop it with criteria=\('diversity', 'coverage'\)"):
     prune.select("tops", features, keep=3)
   with pytest.raises(ValueError, match="normalize must be"):
     prune.select("tops", features, keep=3, relevance=relevance, normalize="zscore")

@@ -4,27 +4,31 @@ Axes: N visual tokens, K kept.
 
 Every greedy selector in this package is a `jax.lax.scan` over `keep` steps whose carry holds a boolean `chosen`
 mask plus the method's running statistics; a step ends with one `masked_argmax`. `jnp.argmax` returns the first
-maximum, so ties go to the lowest index, and NaN gains are treated as -inf so they can never be picked ahead of a
-finite one.
+maximum, so ties go to the lowest index, and non-finite gains rank below every finite one. `complete_order` is the
+last line of defence of the public API: whatever the values, an order of `keep` distinct indices, valid ones first.
 """
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["masked_argmax", "mean_over", "minmax_over", "normalize_over", "pick", "topk_order"]
+__all__ = ["complete_order", "masked_argmax", "mean_over", "minmax_over", "normalize_over", "pick", "topk_order"]
 
 _TINY = 1e-12
 
 
 def masked_argmax(gain: jax.Array, blocked: jax.Array) -> jax.Array:
-  """Index of the largest `gain` among positions not `blocked`; lowest index wins ties.
+  """Index of the largest finite `gain` among positions not `blocked`; lowest index wins ties.
 
-  gain: float[N], blocked: bool[N] -> int32[]. When every position is blocked the result is the lowest blocked index
-  with the largest gain (callers guarantee at least one free position).
+  gain: float[N], blocked: bool[N] -> int32[]. Non-finite gains (NaN, +-inf) rank below every finite one: when no
+  free position has a finite gain the lowest free index is returned, so a NaN anywhere (a poisoned similarity row,
+  a NaN hyperparameter under jit) can never send the pick to a blocked position. When every position is blocked
+  the result is 0 (callers guarantee at least one free position, or handle that case as `pick` does).
   """
-  g = jnp.where(jnp.isnan(gain), -jnp.inf, gain.astype(jnp.float32))
-  g = jnp.where(blocked, -jnp.inf, g)
-  return jnp.argmax(g).astype(jnp.int32)
+  g = gain.astype(jnp.float32)
+  free = ~blocked
+  finite = free & jnp.isfinite(g)
+  best = jnp.argmax(jnp.where(finite, g, -jnp.inf))
+  return jnp.where(jnp.any(finite), best, jnp.argmax(free)).astype(jnp.int32)
 
 
 def mean_over(x: jax.Array, where: jax.Array) -> jax.Array:
@@ -63,13 +67,14 @@ def normalize_over(x: jax.Array, where: jax.Array, how: str) -> jax.Array:
 def topk_order(score: jax.Array, valid: jax.Array, keep: int) -> jax.Array:
   """Indices of the `keep` highest scores among valid positions, best first; ties to the lowest index.
 
-  score: float[N], valid: bool[N] -> int32[keep]. A stable lexicographic sort keeps index order among equal scores, and invalid
-  positions sink below every valid one.
+  score: float[N], valid: bool[N] -> int32[keep]. Valid positions with a finite score come first (score
+  descending), then valid positions with a non-finite score, then invalid ones, each group in index order (a
+  stable lexicographic sort).
   """
-  s = jnp.where(jnp.isnan(score) | ~valid, -jnp.inf, score.astype(jnp.float32))
-  # Primary key: valid first; then score descending (invalid positions all tie, so they follow in index order);
-  # a stable sort keeps index order among equals.
-  order = jnp.lexsort((-s, ~valid))
+  s = score.astype(jnp.float32)
+  finite = jnp.isfinite(s)
+  tier = jnp.where(valid, jnp.where(finite, 0, 1), 2)
+  order = jnp.lexsort((-jnp.where(finite & valid, s, 0.0), tier))
   return order[:keep].astype(jnp.int32)
 
 
@@ -83,3 +88,24 @@ def pick(gain: jax.Array, candidate: jax.Array, chosen: jax.Array) -> jax.Array:
   best = masked_argmax(gain, ~candidate)
   first_free = jnp.argmax(~chosen).astype(jnp.int32)
   return jnp.where(jnp.any(candidate), best, first_free)
+
+
+def complete_order(order: jax.Array, ok: jax.Array, valid: jax.Array) -> jax.Array:
+  """Repairs a selection order so it holds `K` distinct indices, usable tokens first, whatever the input values.
+
+  order: int32[K] a method's order, ok: bool[N] tokens the method may pick (valid, with finite inputs), valid:
+  bool[N] -> int32[K]. The first occurrence of each `ok` index keeps its place in the order; the remaining slots
+  take, in index order, `ok` tokens not yet picked, then valid tokens that are not `ok` (non-finite features or
+  relevance), then invalid positions. For an order of distinct `ok` indices (every method here, whenever at least
+  K tokens are ok) this is the identity.
+  """
+  n, k = ok.shape[0], order.shape[0]
+  slot = jnp.arange(k)
+  first = jnp.full((n,), k, jnp.int32).at[order].min(slot.astype(jnp.int32))
+  good = ok[order] & (first[order] == slot)
+  kept = order[jnp.argsort(~good, stable=True)]
+  n_good = jnp.sum(good)
+  picked = jnp.zeros((n,), jnp.int32).at[order].max(good.astype(jnp.int32)) > 0
+  tier = jnp.where(picked, 3, jnp.where(ok, 0, jnp.where(valid, 1, 2)))
+  fill = jnp.argsort(tier, stable=True)
+  return jnp.where(slot < n_good, kept, fill[jnp.clip(slot - n_good, 0, n - 1)]).astype(jnp.int32)

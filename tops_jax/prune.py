@@ -20,11 +20,15 @@ Contract
   split per row when `features` is batched.
 
 Errors and non-finite values
-Bad shapes, ranks, dtypes, `keep` out of range, unknown methods and missing relevance/key raise `ValueError` at trace
-time. NaN/inf in `features` or `relevance`, and fewer valid tokens than `keep`, raise on eager calls (concrete
-arrays). Under an outer `jax.jit` those value checks cannot raise: NaN gains are then ranked below every finite gain
-(a token with non-finite features is picked only when nothing else is left), and when fewer than `keep` tokens are
-valid the remaining slots are filled with the lowest-index invalid positions.
+Bad shapes, ranks, dtypes and types (a list instead of an array, `keep=True`, `alpha="x"`), `keep` out of range,
+unknown methods and missing relevance/key raise `ValueError` at trace time, naming the argument. On arguments that
+hold values (eager calls, or concrete arrays closed over inside an outer `jax.jit`), NaN/inf in the inputs a method
+reads raise too: `features` and `relevance` at valid positions (padding is never read, and relevance only by the
+methods that read it, `relevance_role`), float hyperparameters, array hyperparameters; so do fewer valid tokens
+than `keep`. On traced values those checks cannot raise, and every method still returns `keep` distinct indices:
+a token whose read features or relevance are non-finite is treated as padding (picked only after every finite
+valid token, lowest index first), non-finite gains rank below finite ones, and when fewer than `keep` tokens are
+usable the remaining slots take valid non-finite tokens, then invalid positions, in index order.
 """
 
 import functools
@@ -39,13 +43,15 @@ from tops_jax import cdpruner
 from tops_jax import dart
 from tops_jax import divprune
 from tops_jax import fastv
+from tops_jax import greedy
 from tops_jax import scope
 from tops_jax import simple
 from tops_jax import tops
 from tops_jax import trimtokenator
 from tops_jax import visionzip
 
-__all__ = ["METHODS", "Method", "NEEDS_RELEVANCE", "MERGE_METHODS", "select", "select_order", "merge"]
+__all__ = ["METHODS", "Method", "NEEDS_RELEVANCE", "MERGE_METHODS", "check_hparams", "needs_relevance",
+           "relevance_role", "select", "select_order", "merge"]
 
 
 class Method(NamedTuple):
@@ -53,30 +59,75 @@ class Method(NamedTuple):
 
   order: (features float[N, D], relevance float32[N] | None, valid bool[N], key | None, *, keep, **hp) ->
     int32[K] selection order (greedy order for greedy methods, best score first otherwise).
-  needs_relevance: whether `relevance` is required.
+  relevance: how the method uses `relevance` (see `relevance_role`): "required", "read" (used when given) or
+    "unused"; or a function of the hyperparameters returning one of those.
   needs_key: whether an explicit PRNG key is required.
   merge: same arguments -> (tokens float[K, D] aligned with the sorted indices, indices int32[K] ascending), or None.
+  reads_features: whether the selection reads feature values (False: only their shape).
+  token_masks: array hyperparameters holding one row per token, and the mask (`valid` or another hyperparameter)
+    that says which rows are read, for the NaN checks.
+  relevance_hint: appended to the missing-relevance error.
   """
   order: Callable[..., jax.Array]
-  needs_relevance: bool = False
+  relevance: str | Callable[[dict[str, Any]], str] = "unused"
   needs_key: bool = False
   merge: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+  reads_features: bool = True
+  token_masks: tuple[tuple[str, str], ...] = ()
+  relevance_hint: str = ""
 
+  def relevance_role(self, hparams: dict[str, Any] | None = None) -> str:
+    return self.relevance(hparams or {}) if callable(self.relevance) else self.relevance
+
+  @property
+  def needs_relevance(self) -> bool:
+    """Whether `relevance` is required with the default hyperparameters."""
+    return self.relevance_role() == "required"
+
+
+def _tops_relevance(hparams: dict[str, Any]) -> str:
+  # The seed is argmax relevance whenever one is given, even in the relevance-free ablation.
+  criteria = hparams.get("criteria", tops.CRITERIA)
+  criteria = (criteria,) if isinstance(criteria, str) else tuple(criteria)
+  return "required" if "relevance" in criteria else "read"
+
+
+def _trimtokenator_relevance(hparams: dict[str, Any]) -> str:
+  # Relevance stands in for the text alignment score; the method names both options when neither is given.
+  return "unused" if hparams.get("text") is not None else "read"
+
+
+_TEXT_MASKS = (("text", "text_valid"), ("text_features", "text_valid"), ("text_keys", "text_valid"))
 
 METHODS: dict[str, Method] = {
-    "tops": Method(tops.order, needs_relevance=False),
-    "trimtokenator": Method(trimtokenator.order, needs_relevance=False),
-    "fastv": Method(fastv.order, needs_relevance=True),
+    "tops": Method(tops.order, relevance=_tops_relevance,
+                   relevance_hint="; the relevance criterion needs it, drop it with criteria=('diversity', 'coverage') "
+                                  "for the relevance-free ablation"),
+    "trimtokenator": Method(trimtokenator.order, relevance=_trimtokenator_relevance, token_masks=_TEXT_MASKS),
+    "fastv": Method(fastv.order, relevance="required", reads_features=False),
     "divprune": Method(divprune.order),
-    "cdpruner": Method(cdpruner.order, needs_relevance=True),
-    "scope": Method(scope.order, needs_relevance=True),
-    "visionzip": Method(visionzip.order, needs_relevance=True, merge=visionzip.merge),
-    "dart": Method(dart.order),
-    "random": Method(simple.random_order, needs_key=True),
-    "pooling": Method(simple.pooling_order, merge=simple.pooling_merge),
+    "cdpruner": Method(cdpruner.order, relevance="required"),
+    "scope": Method(scope.order, relevance="required"),
+    "visionzip": Method(visionzip.order, relevance="required", merge=visionzip.merge,
+                        token_masks=(("keys", "valid"),)),
+    "dart": Method(dart.order, token_masks=(("keys", "valid"),) + _TEXT_MASKS[1:]),
+    "random": Method(simple.random_order, needs_key=True, reads_features=False),
+    "pooling": Method(simple.pooling_order, merge=simple.pooling_merge, reads_features=False),
 }
+# Methods that need a relevance vector with their default hyperparameters (tops also without one when
+# criteria leaves relevance out; `needs_relevance(method, **hparams)` answers for given hyperparameters).
 NEEDS_RELEVANCE = tuple(name for name, m in METHODS.items() if m.needs_relevance)
 MERGE_METHODS = tuple(name for name, m in METHODS.items() if m.merge is not None)
+
+
+def relevance_role(method: str, **hparams) -> str:
+  """How `method` with these hyperparameters uses `relevance`: "required", "read" (when given) or "unused"."""
+  return _lookup(method).relevance_role(hparams)
+
+
+def needs_relevance(method: str, **hparams) -> bool:
+  """Whether `method` with these hyperparameters requires a relevance vector."""
+  return relevance_role(method, **hparams) == "required"
 
 
 def _lookup(method: str) -> Method:
@@ -110,8 +161,24 @@ def _split_hparams(hparams: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...]
   return tuple(static), dynamic
 
 
-@functools.partial(jax.jit, static_argnames=("method", "keep", "static_hp", "want", "batched"))
-def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp, want, batched):
+def _usable(spec: Method, features, relevance, valid, reads_relevance: bool):
+  """Zeroes non-finite inputs and drops the tokens whose read inputs were non-finite from the candidates.
+
+  Returns (features, relevance, ok): ok = valid & finite read features & finite read relevance.
+  """
+  finite = jnp.all(jnp.isfinite(features), axis=-1)
+  features = jnp.where(finite[..., None], features, jnp.zeros((), features.dtype))
+  ok = valid & finite if spec.reads_features else valid
+  if relevance is not None:
+    rel_finite = jnp.isfinite(relevance)
+    relevance = jnp.where(rel_finite, relevance, 0.0)
+    if reads_relevance:
+      ok = ok & rel_finite
+  return features, relevance, ok
+
+
+@functools.partial(jax.jit, static_argnames=("method", "keep", "static_hp", "want", "batched", "reads_relevance"))
+def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp, want, batched, reads_relevance):
   spec = METHODS[method]
   fn = spec.order if want == "order" else spec.merge
   fn = functools.partial(fn, keep=keep, **dict(static_hp))
@@ -119,26 +186,34 @@ def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp
     valid = jnp.ones(features.shape[:-1], dtype=bool)
   if relevance is not None:
     relevance = relevance.astype(jnp.float32)
+  features, relevance, ok = _usable(spec, features, relevance, valid, reads_relevance)
 
-  def one(f, r, v, k, hp):
-    return fn(f, r, v, k, **hp)
+  def one(f, r, v, o, k, hp):
+    out = fn(f, r, o, k, **hp)
+    return greedy.complete_order(out, o, v) if want == "order" else out
 
   if not batched:
-    return one(features, relevance, valid, key, dynamic_hp)
+    return one(features, relevance, valid, ok, key, dynamic_hp)
   b = features.shape[0]
   keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
   hp_axes = {k: (0 if jnp.ndim(v) >= 1 else None) for k, v in dynamic_hp.items()}
-  return jax.vmap(one, in_axes=(0, None if relevance is None else 0, 0, None if keys is None else 0, hp_axes))(
-      features, relevance, valid, keys, dynamic_hp)
+  return jax.vmap(one, in_axes=(0, None if relevance is None else 0, 0, 0, None if keys is None else 0, hp_axes))(
+      features, relevance, valid, ok, keys, dynamic_hp)
 
 
 def _call(method, features, keep, relevance, valid, key, hparams, want):
   spec = _lookup(method)
   if want == "merge" and spec.merge is None:
     raise ValueError(f"{method} does not merge tokens; merging methods: {', '.join(MERGE_METHODS)}")
-  _check_hparams(method, spec.order if want == "order" else spec.merge, hparams)
+  fn = spec.order if want == "order" else spec.merge
+  _check_hparams(method, fn, hparams)
+  role = spec.relevance_role(hparams)
   keep = _checks.check_select_args(method, features, keep, relevance, valid, key,
-                                   needs_relevance=spec.needs_relevance, needs_key=spec.needs_key)
+                                   needs_relevance=role == "required", needs_key=spec.needs_key,
+                                   reads_features=spec.reads_features or want == "merge",
+                                   reads_relevance=role != "unused", relevance_hint=spec.relevance_hint)
+  masks = {name: (valid if mask == "valid" else hparams.get(mask)) for name, mask in spec.token_masks}
+  hparams = _checks.check_hparams(method, fn, hparams, masks)
   features = jnp.asarray(features)
   batched = features.ndim == 3
   if batched:
@@ -148,7 +223,16 @@ def _call(method, features, keep, relevance, valid, key, hparams, want):
                          f"expected the batch size {features.shape[0]}")
   static_hp, dynamic_hp = _split_hparams(hparams)
   return _run(features, relevance, valid, key, dynamic_hp, method=method, keep=keep, static_hp=static_hp,
-              want=want, batched=batched)
+              want=want, batched=batched, reads_relevance=role != "unused")
+
+
+def check_hparams(method: str, *, want: str = "order", **hparams) -> dict[str, Any]:
+  """Validates hyperparameters of `method` the way `select` does (unknown names, types, non-finite values) without
+  selecting anything; returns them as `select` passes them on. For configs built before any features exist."""
+  spec = _lookup(method)
+  fn = spec.order if want == "order" or spec.merge is None else spec.merge
+  _check_hparams(method, fn, hparams)
+  return _checks.check_hparams(method, fn, hparams, {})
 
 
 def select_order(method: str, features: jax.Array, *, keep: int, relevance: jax.Array | None = None,

@@ -15,8 +15,14 @@ _EPS = 1e-12
 
 
 def l2_normalize(features: jax.Array) -> jax.Array:
-  """float[..., N, D] -> float32[..., N, D] rows of unit L2 norm (zero rows stay zero)."""
+  """float[..., N, D] -> float32[..., N, D] rows of unit L2 norm (zero rows stay zero).
+
+  Each row is first divided by its largest magnitude, so squaring can neither overflow (features of 1e20) nor
+  underflow (features of 1e-30): the result, like the cosine similarity built on it, does not depend on the scale.
+  """
   x = features.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  x = x / jnp.where(peak > 0, peak, 1.0)
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
   return x / jnp.maximum(norm, _EPS)
 
