@@ -247,12 +247,22 @@ def _corrupt(kind, features, relevance):
   return f, r, bad_f, bad_r
 
 
+# What each method reads, written out (not read from the registry) so that the tests below check the registry too.
+_IGNORES_FEATURE_VALUES = ("fastv", "random", "pooling")
+_READS_RELEVANCE = ("tops", "trimtokenator", "fastv", "cdpruner", "scope", "visionzip")
+
+
+def test_registry_says_what_each_method_reads():
+  for name, spec in prune.METHODS.items():
+    assert spec.reads_features == (name not in _IGNORES_FEATURE_VALUES), name
+    assert (spec.relevance_role() != "unused") == (name in _READS_RELEVANCE), name
+
+
 def _usable(method, kwargs, valid, bad_f, bad_r):
-  spec = prune.METHODS[method]
   usable = valid.copy()
-  if spec.reads_features:
+  if method not in _IGNORES_FEATURE_VALUES:
     usable &= ~bad_f
-  if "relevance" in kwargs and spec.relevance_role(kwargs) != "unused":
+  if "relevance" in kwargs and method in _READS_RELEVANCE:
     usable &= ~bad_r
   return usable
 
@@ -402,7 +412,7 @@ def test_nan_in_padding_is_accepted_eagerly(method):
   np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if prune.relevance_role(m) == "unused"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in _READS_RELEVANCE])
 def test_nan_relevance_is_ignored_by_methods_that_do_not_read_it(method):
   features, relevance = _inputs(16)
   relevance[4] = np.nan
@@ -414,7 +424,7 @@ def test_nan_relevance_is_ignored_by_methods_that_do_not_read_it(method):
 def test_nan_relevance_is_rejected_by_methods_that_read_it():
   features, relevance = _inputs(16)
   relevance[4] = np.nan
-  for method in [m for m in METHODS if prune.relevance_role(m) != "unused"]:
+  for method in _READS_RELEVANCE:
     with pytest.raises(ValueError, match=rf"{method}: relevance has NaN or inf at token positions \[4\]"):
       prune.select(method, features, keep=6, relevance=relevance, **({"key": jax.random.key(0)}
                                                                      if prune.METHODS[method].needs_key else {}))
