@@ -102,6 +102,9 @@ def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path
     (["--budget=100000"], "exceeds"),
     (["--max_new_tokens=0"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got 0"),
     (["--max_new_tokens=-3"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got -3"),
+    (["--method=tops", "--alpha=nan"], "tops: alpha must be finite, got nan"),
+    (["--method=tops", "--lam=inf"], "tops: lam must be finite, got inf"),
+    (["--method=tops", "--stage2_alpha=nan", "--stage2_lam=0.5"], "tops: alpha must be finite, got nan"),
 ])
 def test_inconsistent_flags_fail_at_start(checkpoint, tmp_path, args, message):
   with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
