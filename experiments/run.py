@@ -358,12 +358,7 @@ def _vqa_jsonl(data_dir, split, limit, seed) -> list[Item]:
 
 def _question_row(line: str, where: str) -> dict[str, Any]:
   """One questions.jsonl line, checked field by field; ValueError naming `where` (file:line) and the field."""
-  try:
-    row = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(row, dict):
-    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  row = vqa.json_object_line(line, where)
   missing = [k for k in ("image", "question", "answer") if k not in row]
   if missing:
     raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")

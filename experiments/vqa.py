@@ -50,8 +50,8 @@ from experiments.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneConfig
 
 __all__ = [
     "FAMILIES", "SUBTYPES", "SPLITS", "NUMBER_WORDS", "CHANCE", "Example", "answer_vocab", "question_words",
-    "parse_family_weights", "make_example", "make_split", "iter_split", "write_split", "read_split", "reference",
-    "referable", "majority_baseline", "question_only_baseline", "accuracy_by_family",
+    "parse_family_weights", "make_example", "make_split", "iter_split", "write_split", "read_split", "json_object_line",
+    "reference", "referable", "majority_baseline", "question_only_baseline", "accuracy_by_family",
 ]
 
 FAMILIES = ("attribute", "counting", "existence", "spatial", "detail")
@@ -372,21 +372,21 @@ def write_split(examples: Sequence[Example], data_dir: str, split: str) -> str:
   return out
 
 
+def json_object_line(line: str, where: str) -> dict:
+  """One JSONL line that must hold a JSON object; ValueError naming `where` (file:line) otherwise."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  return row
+
+
 def _read_jsonl(path: str) -> list[dict]:
   """The JSON objects of a JSONL file, blank lines skipped; ValueError naming path:line for anything else."""
-  rows = []
   with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{number + 1}: expected a JSON object, got {type(row).__name__}")
-      rows.append(row)
-  return rows
+    return [json_object_line(line, f"{path}:{number + 1}") for number, line in enumerate(f) if line.strip()]
 
 
 def read_split(data_dir: str, split: str) -> list[Example]:

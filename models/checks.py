@@ -54,10 +54,9 @@ def check_pixel_values(pixel_values) -> None:
     raise ValueError(f"pixel_values holds no image (shape {shape}); pass None for text-only input")
   if not is_concrete(pixel_values):
     return
-  # Host arrays are checked on the host; device arrays on the device, so that only I flags travel.
-  xp = jnp if isinstance(pixel_values, jax.Array) else np
-  flat = xp.reshape(pixel_values, (shape[0], -1))
-  bad = np.flatnonzero(np.asarray(~xp.all(xp.isfinite(flat), axis=-1)))
+  # With numpy, not jnp: a concrete array closed over inside an outer jit would turn a jnp reduction into a tracer.
+  flat = np.asarray(pixel_values, dtype=np.float32).reshape(shape[0], -1)
+  bad = np.flatnonzero(~np.isfinite(flat).all(axis=-1))
   if bad.size:
     raise ValueError(f"pixel_values contain NaN/inf in image(s) {bad.tolist()} (index along axis 0, i.e. batch "
                      "row when there is one image per row)")

@@ -448,3 +448,14 @@ def test_selection_does_not_depend_on_the_feature_scale(method, scale):
   kwargs = _kwargs(method, relevance)
   np.testing.assert_array_equal(np.asarray(prune.select(method, features * np.float32(scale), keep=9, **kwargs)),
                                 np.asarray(prune.select(method, features, keep=9, **kwargs)))
+
+
+@pytest.mark.parametrize("kind", ["nan_token", "all_nan", "nan_relevance"])
+@pytest.mark.parametrize("method", prune.MERGE_METHODS)
+def test_merge_under_jit_with_non_finite_inputs_gives_distinct_indices_and_finite_tokens(method, kind):
+  features, relevance = _inputs(19, batch=2)
+  f, r, _, _ = _corrupt(kind, features, relevance)
+  tokens, idx = jax.jit(lambda f, r: prune.merge(method, f, keep=8, relevance=r))(f, r)
+  idx = np.asarray(idx)
+  assert all(len(set(row.tolist())) == 8 for row in idx), idx
+  assert np.isfinite(np.asarray(tokens)).all()

@@ -15,9 +15,10 @@ Contract
   `fold_in(key, row)`).
 - Returns `int32[..., K]` original token indices in ascending order (spatial order kept).
 - Deterministic: equal scores go to the lowest index.
-- Hyperparameters are keyword arguments of the method (documented in its module). Python floats are traced (a sweep
-  over alpha does not recompile); ints, bools, strings and tuples are static; arrays with a leading batch axis are
-  split per row when `features` is batched.
+- Hyperparameters are keyword arguments of the method (documented in its module), checked against the types their
+  keywords are annotated with. Python floats (and ints given for a float keyword) are traced (a sweep over alpha does
+  not recompile); ints, bools, strings and tuples are static; arrays with a leading batch axis are split per row when
+  `features` is batched.
 
 Errors and non-finite values
 Bad shapes, ranks, dtypes and types (a list instead of an array, `keep=True`, `alpha="x"`), `keep` out of range,

@@ -1,0 +1,19 @@
+"""Suite-wide test setup."""
+
+import gc
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees a test module's compiled XLA programs once it is done.
+
+  A whole-suite run otherwise keeps thousands of CPU executables alive, each holding memory mappings, until the
+  process reaches the kernel's limit on mappings (vm.max_map_count, 65530 on this machine) and XLA crashes while
+  compiling the next program.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
