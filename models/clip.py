@@ -34,26 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import loading
+from models import config_fields
+from models import conversion
+from models.activations import ACTIVATIONS
 from models.outputs import VisionOutput
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "LayerNorm", "ACTIVATIONS", "conversion_table",
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "LayerNorm", "conversion_table",
            "resolve_hidden_state_index"]
-
-
-def _quick_gelu(x):
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-# transformers' ACT2FN names -> functions, for the names LLaVA checkpoints use. "gelu" is the exact (erf) GELU.
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": _quick_gelu,
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-}
 
 
 def _check_fields(hf: dict[str, Any], unsupported: dict[str, Any], what: str):
@@ -91,7 +78,7 @@ class CLIPVisionConfig:
     if model_type not in ("clip_vision_model", "clip"):
       raise ValueError(f"vision_config.model_type={model_type!r} is not supported (only CLIP vision towers)")
     _check_fields(hf, {"attention_dropout": 0.0}, "vision_config")
-    loading.check_fields(hf, cls, "vision_config.", positive=True)       # every int field is a size
+    config_fields.check_fields(hf, cls, "vision_config.", positive=True)       # every int field is a size
     fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
     config = cls(**fields)
     if config.hidden_act not in ACTIVATIONS:
@@ -312,7 +299,7 @@ class CLIPVisionModel(nnx.Module):
     return self.hidden_state(pixel_values, -1)
 
 
-def conversion_table(config: CLIPVisionConfig, prefix: str, target: tuple[str, ...]) -> dict[str, "loading.Rule"]:
+def conversion_table(config: CLIPVisionConfig, prefix: str, target: tuple[str, ...]) -> dict[str, "conversion.Rule"]:
   """Checkpoint names (transformers-5 layout, `prefix` + e.g. "encoder.layers.3.mlp.fc1.weight") -> state paths.
 
   Args:
@@ -320,7 +307,7 @@ def conversion_table(config: CLIPVisionConfig, prefix: str, target: tuple[str, .
     prefix: canonical checkpoint prefix of the tower, e.g. "model.vision_tower.".
     target: path of the tower inside the NNX model, e.g. ("vision_tower",).
   """
-  Rule = loading.Rule
+  Rule = conversion.Rule
   t = {
       prefix + "embeddings.class_embedding": Rule(target + ("embeddings", "class_embedding")),
       prefix + "embeddings.patch_embedding.weight": Rule(target + ("embeddings", "patch_embedding", "kernel"), "conv"),

@@ -50,8 +50,9 @@ import numpy as np
 from flax import nnx
 
 from models import checks
-from models import loading
-from models.clip import ACTIVATIONS
+from models import config_fields
+from models import conversion
+from models.activations import ACTIVATIONS
 from models.outputs import DecoderOutput
 
 __all__ = ["TextConfig", "KVCache", "init_cache", "RMSNorm", "LlamaModel", "LlamaForCausalLM", "CausalLMOutput",
@@ -111,7 +112,7 @@ class TextConfig:
       if v is None and k not in ("num_key_value_heads", "head_dim", "sliding_window"):
         raise ValueError(f"text_config.{k} is null")
     # Every int field is a size (sliding_window too: null disables it).
-    loading.check_fields({k: v for k, v in values.items() if v is not None}, cls, "text_config.", positive=True)
+    config_fields.check_fields({k: v for k, v in values.items() if v is not None}, cls, "text_config.", positive=True)
     if values["num_key_value_heads"] is None:
       values["num_key_value_heads"] = values["num_attention_heads"]
     if values["head_dim"] is None:
@@ -125,14 +126,14 @@ class TextConfig:
       raise ValueError(f"unsupported rope type {rope_type!r} (text_config.rope_parameters/rope_scaling); "
                        f"the port implements {_ROPE_TYPES}")
     theta = rope.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
-    loading.check_field(theta, float, "text_config rope_theta")
+    config_fields.check_field(theta, float, "text_config rope_theta")
     if rope_type == "linear" and "factor" not in rope:
       raise ValueError("linear rope scaling needs a `factor` in text_config.rope_parameters")
     if rope_type == "linear":
-      loading.check_field(rope["factor"], float, "text_config.rope_parameters.factor")
+      config_fields.check_field(rope["factor"], float, "text_config.rope_parameters.factor")
     factor = float(rope["factor"]) if rope_type == "linear" else 1.0
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    loading.check_field(partial, float, "text_config partial_rotary_factor", nullable=True)
+    config_fields.check_field(partial, float, "text_config partial_rotary_factor", nullable=True)
     if partial not in (None, 1.0):
       raise ValueError(f"text_config partial_rotary_factor={partial} is not supported (full rotary only)")
     if hf.get("layer_types") is not None and any(t != "full_attention" for t in hf["layer_types"]):
@@ -480,9 +481,9 @@ def lm_logits(model: LlamaModel, lm_head: nnx.Linear | None, h: jax.Array) -> ja
   return lm_head(h).astype(jnp.float32)
 
 
-def conversion_table(config: TextConfig, prefix: str, target: tuple[str, ...]) -> dict[str, "loading.Rule"]:
+def conversion_table(config: TextConfig, prefix: str, target: tuple[str, ...]) -> dict[str, "conversion.Rule"]:
   """Checkpoint names of a LlamaModel under `prefix` (e.g. "model.language_model.") -> paths under `target`."""
-  Rule = loading.Rule
+  Rule = conversion.Rule
   t = {prefix + "embed_tokens.weight": Rule(target + ("embed_tokens", "embedding")),
        prefix + "norm.weight": Rule(target + ("norm", "scale"))}
   layers = target + ("layers",)
@@ -501,9 +502,9 @@ def conversion_table(config: TextConfig, prefix: str, target: tuple[str, ...]) -
   return t
 
 
-def causal_lm_conversion_table(config: TextConfig) -> dict[str, "loading.Rule"]:
+def causal_lm_conversion_table(config: TextConfig) -> dict[str, "conversion.Rule"]:
   """The family table for a text-only LlamaForCausalLM / MistralForCausalLM checkpoint."""
   t = conversion_table(config, "model.", ("model",))
   if not config.tie_word_embeddings:
-    t["lm_head.weight"] = loading.Rule(("lm_head", "kernel"), "linear")
+    t["lm_head.weight"] = conversion.Rule(("lm_head", "kernel"), "linear")
   return t

@@ -45,10 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import activations
 from models import checks
 from models import clip
+from models import config_fields
+from models import conversion
 from models import llama
-from models import loading
 from models.outputs import LlavaOutput, VisionOutput
 
 __all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
@@ -88,7 +90,7 @@ class LlavaConfig:
     text = llama.TextConfig.from_hf(hf.get("text_config") or {})
     for name in ("tie_word_embeddings", "multimodal_projector_bias"):
       if name in hf:
-        loading.check_field(hf[name], bool, name)
+        config_fields.check_field(hf[name], bool, name)
     tie = hf.get("tie_word_embeddings", False) or text.tie_word_embeddings
     text = dataclasses.replace(text, tie_word_embeddings=tie)
     layer = hf.get("vision_feature_layer", -2)
@@ -103,11 +105,11 @@ class LlavaConfig:
     if strategy not in ("default", "full"):
       raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported (only 'default' and 'full')")
     act = hf.get("projector_hidden_act", "gelu")
-    if act not in clip.ACTIVATIONS:
-      raise ValueError(f"projector_hidden_act={act!r} is not supported; supported: {sorted(clip.ACTIVATIONS)}")
+    if act not in activations.ACTIVATIONS:
+      raise ValueError(f"projector_hidden_act={act!r} is not supported; supported: {sorted(activations.ACTIVATIONS)}")
     token_field = "image_token_id" if "image_token_id" in hf else "image_token_index"
     token = hf.get(token_field, 32000)
-    loading.check_field(token, int, token_field)
+    config_fields.check_field(token, int, token_field)
     if not 0 <= token < text.vocab_size:
       raise ValueError(f"{token_field}={token} is outside the vocabulary (vocab_size={text.vocab_size})")
     return cls(vision=vision, text=text, image_token_id=token, projector_hidden_act=act,
@@ -132,7 +134,7 @@ class LlavaMultiModalProjector(nnx.Module):
 
   def __call__(self, features: jax.Array) -> jax.Array:
     """float[..., Dv] -> float[..., D]."""
-    return self.linear_2(clip.ACTIVATIONS[self.act](self.linear_1(features)))
+    return self.linear_2(activations.ACTIVATIONS[self.act](self.linear_1(features)))
 
 
 def check_image_tokens(input_ids, num_rows: int, image_token_id: int):
@@ -249,9 +251,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         cache=seg.cache)
 
 
-def conversion_table(config: LlavaConfig) -> dict[str, loading.Rule]:
+def conversion_table(config: LlavaConfig) -> dict[str, conversion.Rule]:
   """Canonical checkpoint names (transformers-5 module tree) -> state paths of `LlavaForConditionalGeneration`."""
-  Rule = loading.Rule
+  Rule = conversion.Rule
   t = clip.conversion_table(config.vision, "model.vision_tower.", ("vision_tower",))
   for lin in ("linear_1", "linear_2"):
     t[f"model.multi_modal_projector.{lin}.weight"] = Rule(("multi_modal_projector", lin, "kernel"), "linear")

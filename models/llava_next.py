@@ -63,9 +63,9 @@ from flax import nnx
 
 from models import anyres
 from models import checks
+from models import conversion
 from models import llama
 from models import llava
-from models import loading
 from models.outputs import VisionOutput
 
 __all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "conversion_table"]
@@ -276,8 +276,8 @@ def pack_layout(config: LlavaNextConfig, image_sizes, num_tokens: int | None = N
                             config.vision.patch_size, num_tokens or config.max_num_features)
 
 
-def conversion_table(config: LlavaNextConfig) -> dict[str, loading.Rule]:
+def conversion_table(config: LlavaNextConfig) -> dict[str, conversion.Rule]:
   """LLaVA's table (canonical transformers-5 names) plus `model.image_newline`."""
   table = llava.conversion_table(config)
-  table["model.image_newline"] = loading.Rule(("image_newline",))
+  table["model.image_newline"] = conversion.Rule(("image_newline",))
   return table

@@ -14,18 +14,18 @@ Family protocol (how `llava_next` and others plug in)
   than default/linear, unsupported activations, ...): a silently ignored field gives plausible wrong numbers.
 - the model class, constructed as `Model(config, dtype=..., rngs=nnx.Rngs(0))` (the loader only builds it abstractly
   with `nnx.eval_shape`, so no random weights are materialised).
-- `conversion_table(config) -> dict[str, Rule]` keyed by CANONICAL checkpoint names, i.e. the names of the
+- `conversion_table(config) -> dict[str, conversion.Rule]` keyed by CANONICAL checkpoint names, i.e. the names of the
   transformers-5 module tree (`model.vision_tower.encoder.layers.0.self_attn.q_proj.weight`,
   `model.language_model.layers.0.mlp.up_proj.weight`, `model.multi_modal_projector.linear_1.weight`,
-  `model.image_newline`, `lm_head.weight`). `Rule(target, transform, layer)`: `target` is the path in
-  `nnx.state(model)`, `transform` one of `TRANSFORMS` ("linear": [out, in] -> [in, out]; "conv": OIHW -> HWIO), and
-  `layer` the index along the leading axis of a stacked (scanned) parameter, or None.
+  `model.image_newline`, `lm_head.weight`). `Rule(target, transform, layer)` (`models.conversion`): `target` is the
+  path in `nnx.state(model)`, `transform` one of `TRANSFORMS` ("linear": [out, in] -> [in, out]; "conv": OIHW ->
+  HWIO), and `layer` the index along the leading axis of a stacked (scanned) parameter, or None.
 Sub-tables for shared parts: `models.clip.conversion_table(vision_config, prefix, target)` and
 `models.llama.conversion_table(text_config, prefix, target)` (lm_head is the family's: "lm_head.weight" ->
 `Rule(("lm_head", "kernel"), "linear")` unless tied).
 
-Checkpoint names are canonicalised first by `LEGACY_PREFIXES` (first matching prefix wins), so the hub layout of
-llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`,
+Checkpoint names are canonicalised first by `conversion.LEGACY_PREFIXES` (first matching prefix wins), so the hub
+layout of llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`,
 `multi_modal_projector.*`, `image_newline`) and what transformers 5.23 `save_pretrained` writes
 (`language_model.model.*` with `vision_tower.embeddings...`, no `vision_model`) both load. Names in
 `IGNORED_SUFFIXES` (non-persistent buffers that old checkpoints saved) are skipped.
@@ -33,16 +33,14 @@ llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.
 Validation: the converted shapes are checked against the abstract model (`nnx.eval_shape`); missing, unexpected,
 duplicated, mis-shaped and non-floating weights are gathered and raised as ONE ValueError listing them. Every
 parameter of the model must be filled by the table (a table bug raises too). Every file problem is a ValueError naming
-the file: config.json that is not a JSON object, or whose fields have the wrong JSON type (`check_field`: a size
-given as the string "64" is rejected, not coerced); a malformed `model.safetensors.index.json` or one without a
+the file: config.json that is not a JSON object, or whose fields have the wrong JSON type
+(`config_fields.check_field`: a size given as the string "64" is rejected, not coerced); a malformed `model.safetensors.index.json` or one without a
 `weight_map` object; a truncated, empty or foreign shard. After the cast to `dtype` (a floating dtype), weights holding
 NaN/inf are listed by tensor and shard (a float16 cast can overflow a finite checkpoint).
 """
 
-import dataclasses
 import json
 import os
-import typing
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -51,102 +49,29 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["Rule", "TRANSFORMS", "Family", "FAMILIES", "LEGACY_PREFIXES", "IGNORED_SUFFIXES", "read_config",
-           "canonical_name", "check_field", "check_fields", "load_pretrained"]
+from models import config_fields
+from models import conversion
+from models import llama
+from models import llava
+from models import llava_next
 
-
-class Rule(NamedTuple):
-  """Where one checkpoint tensor goes: `target` path in nnx.state, a `TRANSFORMS` key, and the stacked-layer index."""
-  target: tuple[str, ...]
-  transform: str = "identity"
-  layer: int | None = None
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda a: a,
-    "linear": lambda a: np.transpose(a, (1, 0)),          # torch Linear [out, in] -> Flax kernel [in, out]
-    "conv": lambda a: np.transpose(a, (2, 3, 1, 0)),      # torch Conv2d OIHW -> Flax HWIO
-}
-_TRANSFORM_RANK = {"linear": 2, "conv": 4}
-
-
-def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
-  if transform == "linear":
-    return (shape[1], shape[0])
-  if transform == "conv":
-    return (shape[2], shape[3], shape[1], shape[0])
-  return tuple(shape)
-
-
-def _checkpoint_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
-  """Inverse of `_transformed_shape`: the checkpoint shape that converts to `shape`."""
-  if transform == "linear":
-    return (shape[1], shape[0])
-  if transform == "conv":
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
+__all__ = ["Family", "FAMILIES", "read_config", "load_pretrained"]
 
 
 class Family(NamedTuple):
   """A model family: its config class (with `from_hf`), model class and conversion table (see module docstring)."""
   config: Any
   model: Any
-  conversion_table: Callable[[Any], dict[str, Rule]]
+  conversion_table: Callable[[Any], dict[str, conversion.Rule]]
 
 
-# Families are imported when used: their modules import `Rule` from here, and a family under development must not
-# break loading the others.
-def _llava() -> Family:
-  from models import llava
-  return Family(llava.LlavaConfig, llava.LlavaForConditionalGeneration, llava.conversion_table)
-
-
-def _llava_next() -> Family:
-  from models import llava_next
-  return Family(llava_next.LlavaNextConfig, llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table)
-
-
-def _llama() -> Family:
-  from models import llama
-  return Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table)
-
-
-FAMILIES: dict[str, Callable[[], Family]] = {
-    "llava": _llava,
-    "llava_next": _llava_next,
-    "llama": _llama,
-    "mistral": _llama,
+FAMILIES: dict[str, Family] = {
+    "llava": Family(llava.LlavaConfig, llava.LlavaForConditionalGeneration, llava.conversion_table),
+    "llava_next": Family(llava_next.LlavaNextConfig, llava_next.LlavaNextForConditionalGeneration,
+                         llava_next.conversion_table),
+    "llama": Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
+    "mistral": Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
 }
-
-# (checkpoint prefix, canonical prefix); the first match wins, canonical names match none of them.
-LEGACY_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("model.vision_tower.vision_model.", "model.vision_tower."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("image_newline", "model.image_newline"),
-)
-IGNORED_SUFFIXES: tuple[str, ...] = (".rotary_emb.inv_freq", "embeddings.position_ids")
-
-
-def canonical_name(name: str) -> str:
-  """Checkpoint tensor name -> canonical (transformers-5 module tree) name."""
-  for old, new in LEGACY_PREFIXES:
-    if name.startswith(old):
-      return new + name[len(old):]
-  return name
-
-
-def _json_type(value: Any) -> str:
-  """The JSON name of a parsed value's type, for messages."""
-  if isinstance(value, bool):
-    return "boolean"
-  if value is None:
-    return "null"
-  names = {dict: "object", list: "array", str: "string", int: "integer", float: "number"}
-  return names.get(type(value), type(value).__name__)
 
 
 def _read_json_object(path: str, name: str) -> dict[str, Any]:
@@ -157,7 +82,8 @@ def _read_json_object(path: str, name: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
       raise ValueError(f"{name} in {path!r} is not valid JSON: {e}") from None
   if not isinstance(value, dict):
-    raise ValueError(f"{name} in {path!r} must hold a JSON object ({{...}}), got a JSON {_json_type(value)}")
+    raise ValueError(f"{name} in {path!r} must hold a JSON object ({{...}}), got a JSON "
+                     f"{config_fields.json_type(value)}")
   return value
 
 
@@ -171,42 +97,6 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   return _read_json_object(path, "config.json")
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def check_field(value: Any, kind: type, field: str, *, nullable: bool = False, positive: bool = False) -> None:
-  """Raises ValueError unless a parsed config.json value has the JSON type `kind` (int, float, bool or str).
-
-  Nothing is coerced: "64" is not an integer, 1 is not true, and a float field takes integers (JSON has one number
-  type). `field` is the dotted name for the message (e.g. "text_config.hidden_size"); `positive` also asks >= 1 (for
-  sizes), `nullable` admits null.
-  """
-  if value is None and nullable:
-    return
-  if kind is bool:
-    ok = isinstance(value, bool)
-  else:
-    ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
-  if not ok:
-    raise ValueError(f"{field} must be {_KIND_NAMES[kind]}{' or null' if nullable else ''}, got {value!r} "
-                     f"(a JSON {_json_type(value)})")
-  if positive and value < 1:
-    raise ValueError(f"{field} must be positive, got {value!r}")
-
-
-def check_fields(hf: dict[str, Any], config_cls: Any, prefix: str, *, positive: bool = False) -> None:
-  """`check_field` for every field of the dataclass `config_cls` that `hf` sets, by its annotation: int, float, bool,
-  str, or `X | None`; fields of other types are left to the caller. `positive`: integer fields are sizes (>= 1)."""
-  for f in dataclasses.fields(config_cls):
-    if f.name not in hf:
-      continue
-    kinds = typing.get_args(f.type) or (f.type,)
-    nullable = type(None) in kinds
-    kinds = [k for k in kinds if k is not type(None)]
-    if len(kinds) == 1 and kinds[0] in _KIND_NAMES:
-      check_field(hf[f.name], kinds[0], prefix + f.name, nullable=nullable, positive=positive and kinds[0] is int)
-
-
 _INDEX = "model.safetensors.index.json"
 
 
@@ -217,7 +107,7 @@ def _index_weight_map(path: str) -> dict[str, str]:
     raise ValueError(f"{_INDEX} in {path!r} has no `weight_map` (tensor name -> shard file); keys: {sorted(index)}")
   weight_map = index["weight_map"]
   if not isinstance(weight_map, dict) or not weight_map:
-    what = "empty" if weight_map == {} else f"a JSON {_json_type(weight_map)}"
+    what = "empty" if weight_map == {} else f"a JSON {config_fields.json_type(weight_map)}"
     raise ValueError(f"{_INDEX} in {path!r}: `weight_map` must be a non-empty object (tensor name -> shard file), "
                      f"got {what}")
   bad = [f"{k}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str) or not v]
@@ -255,7 +145,7 @@ def _listing(title: str, items: list[str], limit: int = 25) -> str:
 def _family(model_type: Any) -> Family:
   if not isinstance(model_type, str) or model_type not in FAMILIES:
     raise ValueError(f"unknown model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
-  return FAMILIES[model_type]()
+  return FAMILIES[model_type]
 
 
 def _parse_config(path: str, hf: dict[str, Any]) -> tuple[Family, Any]:
@@ -330,9 +220,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
   for file in _weight_files(path):
     with _open_shard(file) as f:
       for name in f.keys():
-        if name.endswith(IGNORED_SUFFIXES):
+        if name.endswith(conversion.IGNORED_SUFFIXES):
           continue
-        canon = canonical_name(name)
+        canon = conversion.canonical_name(name)
         info = f.get_slice(name)
         if canon in found:
           duplicated.append(f"{name} (same as {found[canon][1]})")
@@ -354,10 +244,11 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
     want = tuple(leaves[rule.target].get_value().shape)
     if rule.layer is not None:
       want = want[1:]
-    rank = _TRANSFORM_RANK.get(rule.transform)
-    got = _transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
+    rank = conversion.TRANSFORM_RANK.get(rule.transform)
+    got = conversion.transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
     if got != want:
-      misshaped.append(f"{name}: shape {list(shape)}, expected {list(_checkpoint_shape(want, rule.transform))}")
+      expected = conversion.checkpoint_shape(want, rule.transform)
+      misshaped.append(f"{name}: shape {list(shape)}, expected {list(expected)}")
   problems = [(t, items) for t, items in (("missing (transformers-5 names)", missing),
                                           ("unexpected", sorted(unexpected)), ("duplicated", duplicated),
                                           ("wrong shape", misshaped), ("wrong dtype", mistyped)) if items]
@@ -388,7 +279,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
         rule = table[canon]
         raw = f.get_tensor(found[canon][1])
         with np.errstate(over="ignore"):            # an overflowing cast is reported below, with the tensor's name
-          array = TRANSFORMS[rule.transform](raw).astype(np_dtype)
+          array = conversion.TRANSFORMS[rule.transform](raw).astype(np_dtype)
         problem = _non_finite(found[canon][1], file, raw, array)
         if problem:
           non_finite.append(problem)

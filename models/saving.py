@@ -4,10 +4,11 @@
     models.load_pretrained("/ckpt/testbed")                                   # the same model back, bit for bit
     transformers.LlavaNextForConditionalGeneration.from_pretrained("/ckpt/testbed")    # the same logits
 
-The family's conversion table (`loading.FAMILIES[model_type]().conversion_table`) is the single source of truth: every
+The family's conversion table (`loading.FAMILIES[model_type].conversion_table`) is the single source of truth: every
 rule `canonical name -> Rule(target, transform, layer)` is run backwards (take the state leaf at `target`, the
-`layer`-th slice of a stacked parameter, undo `transform` with `INVERSE_TRANSFORMS`) and the tensor is written under
-its canonical (transformers-5 module tree) name, which both loaders read. Tensors keep the model's dtype.
+`layer`-th slice of a stacked parameter, undo `transform` with `conversion.INVERSE_TRANSFORMS`) and the tensor is
+written under its canonical (transformers-5 module tree) name, which both loaders read. Tensors keep the model's
+dtype.
 
 Files written: config.json (`hf_config` as given), model.safetensors (metadata format "pt", as transformers expects),
 and every file of `tokenizer_dir` (e.g. what `processor.save_pretrained` wrote: tokenizer and processor configs).
@@ -16,24 +17,16 @@ and every file of `tokenizer_dir` (e.g. what `processor.save_pretrained` wrote: 
 import json
 import os
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from models import conversion
 from models import loading
 
-__all__ = ["INVERSE_TRANSFORMS", "checkpoint_tensors", "save_pretrained"]
-
-INVERSE_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda a: a,
-    "linear": lambda a: np.transpose(a, (1, 0)),        # Flax kernel [in, out] -> torch Linear [out, in]
-    "conv": lambda a: np.transpose(a, (3, 2, 0, 1)),    # Flax HWIO -> torch Conv2d OIHW
-}
-if set(INVERSE_TRANSFORMS) != set(loading.TRANSFORMS):
-  raise ImportError(f"models.saving.INVERSE_TRANSFORMS covers {sorted(INVERSE_TRANSFORMS)} but "
-                    f"models.loading.TRANSFORMS has {sorted(loading.TRANSFORMS)}; add the missing inverse")
+__all__ = ["checkpoint_tensors", "save_pretrained"]
 
 _RESERVED = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -47,7 +40,7 @@ def checkpoint_tensors(model: nnx.Module, hf_config: Mapping[str, Any]) -> dict[
   model_type = hf_config.get("model_type")
   if model_type not in loading.FAMILIES:
     raise ValueError(f"unknown model_type {model_type!r} in hf_config; supported: {', '.join(loading.FAMILIES)}")
-  family = loading.FAMILIES[model_type]()
+  family = loading.FAMILIES[model_type]
   config = family.config.from_hf(dict(hf_config))
   if not isinstance(model, family.model):
     raise ValueError(f"hf_config describes a {family.model.__name__} (model_type {model_type!r}), got a "
@@ -65,7 +58,7 @@ def checkpoint_tensors(model: nnx.Module, hf_config: Mapping[str, Any]) -> dict[
     array = np.asarray(leaves[rule.target].get_value())
     if rule.layer is not None:
       array = array[rule.layer]
-    tensors[name] = np.ascontiguousarray(INVERSE_TRANSFORMS[rule.transform](array))
+    tensors[name] = np.ascontiguousarray(conversion.INVERSE_TRANSFORMS[rule.transform](array))
     used.add(rule.target)
   lost = sorted("/".join(k) for k in leaves if k not in used)
   if lost:

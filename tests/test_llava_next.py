@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from models import anyres
 from models import generate
 from models import llava_next
+from models import conversion
 from models import loading
 import model_factories
 
@@ -236,7 +237,7 @@ def test_config_from_hf():
   default = llava_next.LlavaNextConfig.from_hf(hf_default)
   assert (default.max_num_crops, default.max_num_features, default.vision.image_size) == (5, 2928, 336)
   table = llava_next.conversion_table(config)
-  assert table["model.image_newline"] == loading.Rule(("image_newline",))
+  assert table["model.image_newline"] == conversion.Rule(("image_newline",))
 
 
 @pytest.mark.parametrize("overrides,match", [

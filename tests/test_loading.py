@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import model_factories as mf
 import models
+from models import conversion
 from models import loading
 
 
@@ -170,12 +171,12 @@ def test_missing_config_and_weights(checkpoint, tmp_path):
 
 
 def test_canonical_names():
-  assert loading.canonical_name("language_model.model.layers.3.mlp.up_proj.weight") == \
+  assert conversion.canonical_name("language_model.model.layers.3.mlp.up_proj.weight") == \
       "model.language_model.layers.3.mlp.up_proj.weight"
-  assert loading.canonical_name("language_model.lm_head.weight") == "lm_head.weight"
-  assert loading.canonical_name("vision_tower.vision_model.pre_layrnorm.bias") == "model.vision_tower.pre_layrnorm.bias"
-  assert loading.canonical_name("image_newline") == "model.image_newline"
-  assert loading.canonical_name("model.multi_modal_projector.linear_1.bias") == \
+  assert conversion.canonical_name("language_model.lm_head.weight") == "lm_head.weight"
+  assert conversion.canonical_name("vision_tower.vision_model.pre_layrnorm.bias") == "model.vision_tower.pre_layrnorm.bias"
+  assert conversion.canonical_name("image_newline") == "model.image_newline"
+  assert conversion.canonical_name("model.multi_modal_projector.linear_1.bias") == \
       "model.multi_modal_projector.linear_1.bias"
 
 
@@ -319,3 +320,17 @@ def test_weights_that_overflow_the_dtype_are_listed(checkpoint, tmp_path):
   with pytest.raises(ValueError, match=r"language_model.model.norm.weight \(model.safetensors\): finite in the "
                                        r"checkpoint, overflows float16"):
     models.load_pretrained(big, dtype=jnp.float16)
+
+
+def test_conversion_transforms_invert_and_predict_shapes():
+  rng = np.random.default_rng(0)
+  for transform, shape in (("identity", (3, 5)), ("linear", (3, 5)), ("conv", (8, 3, 4, 2))):
+    a = rng.normal(size=shape)
+    b = conversion.TRANSFORMS[transform](a)
+    assert b.shape == conversion.transformed_shape(shape, transform)
+    assert conversion.checkpoint_shape(b.shape, transform) == shape
+    np.testing.assert_array_equal(conversion.INVERSE_TRANSFORMS[transform](b), a)
+  # torch Linear [out, in] -> Flax kernel [in, out]; torch Conv2d OIHW -> Flax HWIO.
+  np.testing.assert_array_equal(conversion.TRANSFORMS["linear"](np.arange(6).reshape(2, 3)),
+                                np.arange(6).reshape(2, 3).T)
+  assert conversion.transformed_shape((8, 3, 4, 2), "conv") == (4, 2, 3, 8)
