@@ -616,7 +616,8 @@ def _process_name() -> str:
 
 def _task_rows(log, resolved, runs: Sequence[RunSpec], task: str, items: Sequence[Item]) -> list[dict[str, Any]]:
   """The rows of exactly this invocation's runs x items: never an older, larger or differently configured run's."""
-  wanted = {_row_key(_run_hash(resolved, spec, task, items), spec, it) for spec in runs for it in items}
+  hashes = {spec.name: _run_hash(resolved, spec, task, items) for spec in runs}
+  wanted = {_row_key(hashes[spec.name], spec, it) for spec in runs for it in items}
   rows = [r for r in log.rows if r["key"] in wanted]
   if len(rows) != len(wanted):
     raise RuntimeError(f"{log.path}: {len(wanted) - len(rows)} of this run's {len(wanted)} rows are missing after "

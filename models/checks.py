@@ -54,9 +54,12 @@ def check_pixel_values(pixel_values) -> None:
     raise ValueError(f"pixel_values holds no image (shape {shape}); pass None for text-only input")
   if not is_concrete(pixel_values):
     return
-  # With numpy, not jnp: a concrete array closed over inside an outer jit would turn a jnp reduction into a tracer.
-  flat = np.asarray(pixel_values, dtype=np.float32).reshape(shape[0], -1)
-  bad = np.flatnonzero(~np.isfinite(flat).all(axis=-1))
+  # A device array is reduced on its device, so only I flags travel; ensure_compile_time_eval keeps that reduction
+  # concrete when the array is closed over inside an outer jit (it would be staged, i.e. a tracer, otherwise).
+  xp = jnp if isinstance(pixel_values, jax.Array) else np
+  with jax.ensure_compile_time_eval():
+    finite = xp.isfinite(xp.reshape(pixel_values, (shape[0], -1))).all(axis=-1)
+  bad = np.flatnonzero(~np.asarray(finite))
   if bad.size:
     raise ValueError(f"pixel_values contain NaN/inf in image(s) {bad.tolist()} (index along axis 0, i.e. batch "
                      "row when there is one image per row)")

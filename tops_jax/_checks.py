@@ -8,6 +8,7 @@ non-finite values last instead. Value checks read only what the method reads: pa
 checked, and relevance only for methods that read it.
 """
 
+import functools
 import inspect
 import operator
 import types
@@ -46,24 +47,30 @@ def check_finite(method: str, name: str, x, mask=None, *, width: bool = False, w
   """Raises when concrete `x` holds NaN/inf at positions where `mask` is True (default: everywhere).
 
   x: float[..., N] or, with `width`, float[..., N, W] (reported per token); mask: bool[..., N] or None (a trailing
-  width of `x` beyond the mask's rank is reduced). A tracer, or a traced mask, is not checked.
+  width of `x` beyond the mask's rank is reduced). A tracer, or a traced mask, is not checked. A jax Array is
+  reduced where it lives (only the per-token flags reach the host), under `ensure_compile_time_eval` so that a
+  concrete array closed over inside an outer jit is evaluated, not staged.
   """
   if not is_concrete(x) or (mask is not None and not is_concrete(mask)):
     return
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     return
-  bad = ~np.isfinite(np.asarray(x, dtype=np.float32))
   if mask is not None:
     mask = np.asarray(mask)
-    if mask.dtype != np.bool_ or bad.shape[:mask.ndim] != mask.shape:
+    if mask.dtype != np.bool_ or _shape(x)[:mask.ndim] != mask.shape:
       return  # a malformed mask: the method's own check names it
-    while bad.ndim > mask.ndim:
+  xp = jnp if isinstance(x, jax.Array) else np
+  with jax.ensure_compile_time_eval():
+    bad = ~xp.isfinite(x if xp is jnp else np.asarray(x, dtype=np.float32))
+    if mask is not None:
+      while bad.ndim > mask.ndim:
+        bad = bad.any(-1)
+      bad = bad & mask
+    elif width:
       bad = bad.any(-1)
-    bad = bad & mask
-  elif width:
-    bad = bad.any(-1)
-  if bad.any():
-    raise ValueError(f"{method}: {name} has NaN or inf at {what} {_positions(bad)}")
+    if not bool(bad.any()):
+      return
+  raise ValueError(f"{method}: {name} has NaN or inf at {what} {_positions(np.asarray(bad))}")
 
 
 def check_select_args(method: str, features, keep, relevance, valid, key, *, needs_relevance: bool,
@@ -143,6 +150,11 @@ def _describe(kinds: set) -> str:
   return text + (" or None" if None in kinds else "")
 
 
+@functools.lru_cache(maxsize=None)
+def _keyword_kinds(fn) -> dict[str, set]:
+  return {name: _kinds(p.annotation) for name, p in inspect.signature(fn).parameters.items()}
+
+
 def check_hparams(method: str, fn, hparams: dict, masks: dict) -> dict:
   """Checks each hyperparameter against the type its keyword is annotated with; returns them, Python ints given
   for float keywords turned into floats (so they are traced, not static).
@@ -150,25 +162,31 @@ def check_hparams(method: str, fn, hparams: dict, masks: dict) -> dict:
   Non-finite values of float hyperparameters and of floating array hyperparameters (at the positions `masks[name]`
   marks, when given) raise when concrete. Unannotated keywords pass as they are.
   """
-  params = inspect.signature(fn).parameters
+  kinds_of = _keyword_kinds(fn)
   out = {}
   for name, value in hparams.items():
-    kinds = _kinds(params[name].annotation) if name in params else set()
+    kinds = kinds_of.get(name, set())
     if not kinds:
       out[name] = value
       continue
-    bad = ValueError(f"{method}: {name} must be {_describe(kinds)}, got {value!r}")
+
+    def bad():  # built only on failure: the repr of an array hyperparameter can be large (and on a device)
+      return ValueError(f"{method}: {name} must be {_describe(kinds)}, got {value!r}")
+
     if value is None:
       if None not in kinds:
-        raise bad
+        raise bad()
     elif float in kinds and not isinstance(value, (str, bool, np.bool_)) and (
         isinstance(value, (int, float, np.number)) or hasattr(value, "dtype")):
       if hasattr(value, "dtype") and not (jnp.issubdtype(value.dtype, jnp.number) and value.dtype != jnp.bool_):
-        raise bad
+        raise bad()
       if isinstance(value, int):
         value = float(value)
-      if is_concrete(value) and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
-        raise ValueError(f"{method}: {name} must be finite, got {value!r}")
+      if np.ndim(value) == 0:
+        if is_concrete(value) and not np.isfinite(np.asarray(value, dtype=np.float64)):
+          raise ValueError(f"{method}: {name} must be finite, got {value!r}")
+      else:
+        check_finite(method, name, value, what="positions")
     elif int in kinds and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
       value = operator.index(value)
     elif bool in kinds and isinstance(value, (bool, np.bool_)):
@@ -181,6 +199,6 @@ def check_hparams(method: str, fn, hparams: dict, masks: dict) -> dict:
       check_finite(method, name, value, masks.get(name),
                    what="token positions" if masks.get(name) is not None else "positions")
     else:
-      raise bad
+      raise bad()
     out[name] = value
   return out

@@ -19,6 +19,9 @@ def l2_normalize(features: jax.Array) -> jax.Array:
 
   Each row is first divided by its largest magnitude, so squaring can neither overflow (features of 1e20) nor
   underflow (features of 1e-30): the result, like the cosine similarity built on it, does not depend on the scale.
+  Against the usual PyTorch form (`torch.nn.functional.normalize`: x / max(||x||, eps)): the same values up to
+  float32 rounding wherever ||x||^2 is representable in float32; at the extreme scales above that form turns rows
+  into 0 or into x / eps and changes the selection, this one does not.
   """
   x = features.astype(jnp.float32)
   peak = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
