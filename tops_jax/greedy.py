@@ -6,6 +6,9 @@ Every greedy selector in this package is a `jax.lax.scan` over `keep` steps whos
 mask plus the method's running statistics; a step ends with one `masked_argmax`. `jnp.argmax` returns the first
 maximum, so ties go to the lowest index, and non-finite gains rank below every finite one. `complete_order` is the
 last line of defence of the public API: whatever the values, an order of `keep` distinct indices, valid ones first.
+Deviation from the official PyTorch loops, which have no such rule: there a NaN gain reaches `torch.argmax`, which
+returns the NaN's index (and one NaN token poisons every gain), so a step can re-pick a kept token. On finite inputs
+both pick the same tokens.
 """
 
 import jax
