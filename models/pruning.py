@@ -88,7 +88,7 @@ from models import llava_next
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 
-__all__ = ["PruningConfig", "tops_schedule", "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput",
+__all__ = ["PruningConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput",
            "PrunedGeneration", "forward", "greedy", "decode_step", "crop_quotas", "row_newlines", "text_length"]
 
 STAGE1_RELEVANCE = ("cls", "text", "none")
@@ -242,6 +242,15 @@ class PruningConfig:
                        f"{text.sliding_window}")
 
 
+def tops_layers(num_layers: int) -> tuple[int, int]:
+  """TOPS' two Stage II layers for an L-layer decoder: round(12/32 L) and round(24/32 L) (the paper's 12 and 24 of
+  32). Raises ValueError when they are not distinct layers inside (0, L)."""
+  l1, l2 = round(num_layers * 12 / 32), round(num_layers * 24 / 32)
+  if not 1 <= l1 < l2 < num_layers:
+    raise ValueError(f"a decoder of {num_layers} layers is too shallow for the TOPS schedule (layers {l1}, {l2})")
+  return l1, l2
+
+
 def tops_schedule(num_layers: int, target: int, *, family: str = "llava-1.5", stage1_alpha: float = 0.5,
                   stage1_lam: float = 0.5, stage2_alpha: float | None = None, stage2_lam: float | None = None,
                   stage1_scope: str = "global", newlines: str = "drop") -> PruningConfig:
@@ -254,9 +263,7 @@ def tops_schedule(num_layers: int, target: int, *, family: str = "llava-1.5", st
   """
   if not isinstance(target, int) or target < 4:
     raise ValueError(f"target T must be an int >= 4 (the last Stage II step keeps T // 4), got {target!r}")
-  l1, l2 = round(num_layers * 12 / 32), round(num_layers * 24 / 32)
-  if not 1 <= l1 < l2 < num_layers:
-    raise ValueError(f"a decoder of {num_layers} layers is too shallow for the TOPS schedule (layers {l1}, {l2})")
+  l1, l2 = tops_layers(num_layers)
   paper = _TOPS_STAGE2.get((family, num_layers), {}).get(target)
   if stage2_alpha is None or stage2_lam is None:
     if paper is None:
