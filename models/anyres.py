@@ -31,8 +31,10 @@ import numpy as np
 
 __all__ = [
     "PackLayout",
+    "CropGrid",
     "select_best_resolution",
     "grid_shape",
+    "crop_grid",
     "num_crops",
     "max_num_crops",
     "pad_crops",
@@ -86,6 +88,44 @@ def grid_shape(image_size, pinpoints, crop_size: int) -> tuple[int, int]:
   """(rows, cols) of grid crops for an image: the best pinpoint divided by the crop size (floor, as transformers)."""
   pin_height, pin_width = select_best_resolution(image_size, pinpoints)
   return pin_height // crop_size, pin_width // crop_size
+
+
+class CropGrid(NamedTuple):
+  """How the processor cuts an image into grid crops (`crop_grid`); all Python ints, pixels of the resized image.
+
+  rows, cols: grid crops per column and per row (the best pinpoint divided by the crop size, floor);
+  height, width: the image resized to fit inside the pinpoint with its aspect ratio kept (transformers'
+    `get_patch_output_size`);
+  pad_top, pad_left: zero padding above and left of the resized image, centring it in the pinpoint (the rest of the
+    padding, `pinpoint - size - pad`, is below and right).
+  Grid crop r, c (crop 1 + r * cols + c) covers rows [r * crop, (r + 1) * crop) and columns [c * crop, (c + 1) * crop)
+  of the padded pinpoint; resized-image pixel (y, x) is original pixel (y * H / height, x * W / width).
+  """
+  rows: int
+  cols: int
+  height: int
+  width: int
+  pad_top: int
+  pad_left: int
+
+
+def crop_grid(image_size, pinpoints, crop_size: int) -> CropGrid:
+  """The processor's resize-and-pad geometry of the grid crops for an image of (H, W) `image_size` (see `CropGrid`).
+
+  Same integers as `LlavaNextImageProcessor(Pil)`: `select_best_resolution`, then `get_patch_output_size` (the side
+  whose scale is smaller fills the pinpoint, the other is ceil(side * scale) capped at the pinpoint) and
+  `_get_padding_size` (floor half of the slack before). The base crop (crop 0) is the whole image stretched to the
+  crop and needs none of this.
+  """
+  height, width = _size(image_size)
+  pin_height, pin_width = select_best_resolution((height, width), pinpoints)
+  scale_w, scale_h = pin_width / width, pin_height / height
+  if scale_w < scale_h:
+    new_height, new_width = min(math.ceil(height * scale_w), pin_height), pin_width
+  else:
+    new_height, new_width = pin_height, min(math.ceil(width * scale_h), pin_width)
+  return CropGrid(pin_height // crop_size, pin_width // crop_size, new_height, new_width,
+                  (pin_height - new_height) // 2, (pin_width - new_width) // 2)
 
 
 def num_crops(image_size, pinpoints, crop_size: int) -> int:

@@ -167,3 +167,36 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="<image> tokens"):
     anyres.merge_into_embeddings(jnp.zeros((1, 5, 3)), jnp.ones((1, 5), bool), jnp.zeros((1, 4, 3)),
                                  jnp.ones((1, 4), bool))
+
+
+@pytest.mark.parametrize("name", sorted(PINPOINTS_SETS) + ["testbed"])
+def test_crop_grid_matches_transformers_resize_and_pad(name):
+  """crop_grid against transformers' own integers (`get_patch_output_size`, the processor's `_get_padding_size`) and
+  against what the PIL processor does to an all-white image: the resized image is the white block of the padded
+  pinpoint, at (pad_top, pad_left)."""
+  from transformers import LlavaNextImageProcessorPil  # pylint: disable=g-import-not-at-top
+  from transformers.image_processing_utils import get_patch_output_size  # pylint: disable=g-import-not-at-top
+  from transformers.image_utils import ChannelDimension, PILImageResampling  # pylint: disable=g-import-not-at-top
+  if name == "testbed":
+    pinpoints, crop = [[96, 96], [96, 144], [144, 96]], 48
+  else:
+    pinpoints, crop, _ = PINPOINTS_SETS[name]
+  processor = LlavaNextImageProcessorPil()
+  sizes = _image_sizes(seed=len(name), n=200)
+  for k, size in enumerate(sizes):
+    got = anyres.crop_grid(size, pinpoints, crop)
+    best = tuple(hf_select_best_resolution(size, pinpoints))
+    assert (got.rows, got.cols) == tuple(hf.get_anyres_image_grid_shape(size, pinpoints, crop)), size
+    image = np.full((3, *size), 255, np.uint8)
+    assert (got.height, got.width) == get_patch_output_size(image, best, ChannelDimension.FIRST), size
+    (top, _), (left, _) = processor._get_padding_size((got.height, got.width), best)  # pylint: disable=protected-access
+    assert (got.pad_top, got.pad_left) == (top, left), size
+    if k % 8 == 0 and max(best) <= 1344:   # the processor's pixels, on a sample of the sizes
+      resized = processor._resize_for_patching(image, best, PILImageResampling.BICUBIC)  # pylint: disable=protected-access
+      padded = processor._pad_for_patching(resized, best)  # pylint: disable=protected-access
+      assert padded.shape[1:] == best
+      ys, xs = np.nonzero(padded[0])
+      assert (ys.min(), xs.min(), ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) == (
+          got.pad_top, got.pad_left, got.height, got.width), size
+  with pytest.raises(ValueError, match="positive"):
+    anyres.crop_grid((0, 10), pinpoints, crop)
