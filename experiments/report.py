@@ -49,7 +49,6 @@ from matplotlib import ticker
 from matplotlib.backends import backend_agg
 import numpy as np
 
-from experiments import testbed
 from experiments import vqa
 from models import anyres
 
@@ -358,7 +357,7 @@ def token_boxes(image_size, layout: anyres.PackLayout, index: int, config) -> li
   image_size: the image's (height, width), as the processor saw it; layout: `model.pack_layout(image_sizes)`;
   config: a `LlavaNextConfig` (reads `image_grid_pinpoints`, `vision.image_size`, `vision.patch_size`).
   Returns a list of length N: half-open float boxes clipped to the image, None for newline and padding slots.
-  Geometry as `LlavaNextImageProcessorPil` (through `experiments.testbed._crop_grid`): the base crop (crop 0) is the
+  Geometry as `LlavaNextImageProcessorPil` (through `anyres.crop_grid`): the base crop (crop 0) is the
   whole image stretched to the crop, so its patches cover coarse boxes; the grid crops tile the image resized to fit
   the best pinpoint and centred with zero padding, so their patches cover fine boxes. Unpadding works on whole
   patches (transformers' `unpad_image`): a kept patch that straddles the padding is clipped to the image, and for a
@@ -373,8 +372,7 @@ def token_boxes(image_size, layout: anyres.PackLayout, index: int, config) -> li
     raise ValueError(f"token_boxes: index {index} is not an image of a layout with source shape {source.shape}")
   count = anyres.num_image_features((height, width), pinpoints, crop, patch)
   # The processor's resize-and-pad geometry, shared with the testbed's patch labels.
-  rows, cols, new_h, new_w, pad_y, pad_x = testbed._crop_grid(  # pylint: disable=protected-access
-      height, width, pinpoints, crop)
+  rows, cols, new_h, new_w, pad_y, pad_x = anyres.crop_grid((height, width), pinpoints, crop)
   if int(layout.counts[index]) != count or tuple(np.asarray(layout.grid[index]).tolist()) != (rows, cols):
     raise ValueError(f"token_boxes: layout image {index} ({int(layout.counts[index])} slots, grid "
                      f"{tuple(np.asarray(layout.grid[index]).tolist())}) was not built for a {height}x{width} image "
