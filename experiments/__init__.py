@@ -1,1 +1,2 @@
-"""Experiments: the procedural VQA benchmark, the testbed tokenizer, the absl runners, metrics and reports."""
+"""Experiments: the procedural VQA benchmark, the absl runners, metrics and reports; `experiments.testbed`, the
+testbed model with the research that trains and probes it."""

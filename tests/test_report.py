@@ -9,7 +9,7 @@ from transformers import LlavaImageProcessorPil
 
 from experiments import report
 from experiments import testbed
-from experiments import vocab
+from experiments.testbed import vocab
 from models import anyres
 from models import llava_next
 

@@ -1,5 +1,6 @@
-"""Tests for experiments.testbed and models.saving: a tiny testbed-shaped LLaVA-NeXT learns, saves, reloads exactly
-through `models.load_pretrained`, and gives transformers' logits when transformers loads the same directory."""
+"""Tests for the experiments.testbed package (model, batches, targets, heads, losses, evaluation, probes) and
+models.saving: a tiny testbed-shaped LLaVA-NeXT learns, saves, reloads exactly through `models.load_pretrained`, and
+gives transformers' logits when transformers loads the same directory."""
 
 import dataclasses
 import json
@@ -14,11 +15,18 @@ import transformers
 from flax import nnx
 
 import models
-from experiments import probes
 from experiments import scenes
 from experiments import testbed
-from experiments import vocab
 from experiments import vqa
+from experiments.testbed import batches
+from experiments.testbed import evaluation
+from experiments.testbed import heads as heads_lib
+from experiments.testbed import losses
+from experiments.testbed import model as testbed_model
+from experiments.testbed import probes
+from experiments.testbed import targets as targets_lib
+from experiments.testbed import vocab
+from models import pruning
 from models import saving
 
 TINY = dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -82,14 +90,14 @@ def test_config_is_valid_for_both_libraries():
   hf = testbed.hf_config()
   config = transformers.LlavaNextConfig(**{k: v for k, v in hf.items() if k != "architectures"})
   assert config.text_config.num_hidden_layers == 4 and config.vision_config.image_size == vocab.CROP_SIZE
-  assert testbed.stage_ii_layers(config.text_config.num_hidden_layers) == (2, 3)
-  assert len(set(testbed.stage_ii_layers(config.text_config.num_hidden_layers))) == 2
+  assert pruning.tops_layers(config.text_config.num_hidden_layers) == (2, 3)
+  assert len(set(pruning.tops_layers(config.text_config.num_hidden_layers))) == 2
 
 
 def test_loss_goes_down(hf):
   model = testbed.make_model(hf, seed=0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  batch = _jnp(testbed.encode(vqa.make_split("train", 4, seed=0), testbed.make_processor(hf), hf, with_answer=True,
+  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  batch = _jnp(batches.encode(vqa.make_split("train", 4, seed=0), testbed.make_processor(hf), hf, with_answer=True,
                               labels=True))
   graphdefs, params = zip(nnx.split(model), nnx.split(heads))
   graphdefs, params = (graphdefs[0], graphdefs[1]), (params[0], params[1])
@@ -99,27 +107,26 @@ def test_loss_goes_down(hf):
   @jax.jit
   def step(params, opt_state):
     def objective(p):
-      return testbed.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
-                             grounding_weight=1.0, caption_weight=0.5, count_weight=1.0, position_weight=1.0,
-                             relation_weight=1.0)
+      return losses.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
+                            losses.LossWeights(grounding=1.0, caption=0.5, count=1.0, position=1.0, relation=1.0))
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
 
-  losses, answer = [], []
+  total, answer = [], []
   for _ in range(8):
     params, opt_state, loss, answer_loss = step(params, opt_state)
-    losses.append(float(loss))
+    total.append(float(loss))
     answer.append(float(answer_loss))
-  assert np.all(np.isfinite(losses))
-  assert losses[-1] < 0.8 * losses[0], losses
+  assert np.all(np.isfinite(total))
+  assert total[-1] < 0.8 * total[0], total
   assert answer[-1] < answer[0], answer
 
 
 def test_encode_shapes_targets_and_labels(hf, processor, examples):
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   b, s = batch["input_ids"].shape
-  assert s == testbed.seq_len(hf) and b == len(examples)
+  assert s == testbed_model.seq_len(hf) and b == len(examples)
   words = vocab.words()
   for i, ex in enumerate(examples):
     n = int(batch["attention_mask"][i].sum())
@@ -134,7 +141,7 @@ def test_encode_shapes_targets_and_labels(hf, processor, examples):
 
 def test_grounding_targets_name_the_right_objects(hf, processor):
   examples = vqa.make_split("train", 30, seed=1)
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   words = vocab.words()
   plural = {v: k for k, v in vqa.PLURALS.items()}
   for i, ex in enumerate(examples):
@@ -163,7 +170,7 @@ def test_grounding_targets_name_the_right_objects(hf, processor):
 
 def test_caption_targets_name_the_object_under_each_image_token(hf, processor):
   examples = vqa.make_split("train", 20, seed=2)
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   words = vocab.words()
   for i, ex in enumerate(examples):
     targets = batch["caption_targets"][i]
@@ -187,7 +194,7 @@ def test_answer_heads_and_count_targets(hf, processor):
   labelled centre)."""
   examples = vqa.make_split("train", 60, seed=4)
   for base_only, sink in ((False, 1.0), (True, 5.0)):
-    batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only,
+    batch = batches.encode(examples, processor, hf, with_answer=True, labels=True, base_only=base_only,
                            count_sink=sink)
     t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
     for i, ex in enumerate(examples):
@@ -224,8 +231,8 @@ def test_answer_heads_and_count_targets(hf, processor):
 def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examples):
   """encode(base_only=True) (the short training phase's cheap view) is the same model input as Stage I keeping
   exactly the base crop's 36 rows, so the two give the same answer logits."""
-  short = testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True)
-  full = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  short = batches.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True)
+  full = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
   assert short["input_ids"].shape[1] < full["input_ids"].shape[1] and short["pixel_values"].shape[1] == 1
   assert np.all((short["input_ids"] == testbed.IMAGE_TOKEN_ID).sum(1) == t)
@@ -235,18 +242,19 @@ def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examp
   kept["attention_mask"] = np.zeros_like(full["attention_mask"])
   n = short["input_ids"].shape[1]
   kept["input_ids"][:, :n], kept["attention_mask"][:, :n] = short["input_ids"], short["attention_mask"]
-  np.testing.assert_array_equal(short["target_positions"], full["target_positions"] - (full["layout"].counts - t)[:, None])
-  got = testbed.forward(model, _jnp(short), jnp.asarray(short["target_positions"])).logits
-  want = testbed.forward(model, _jnp(kept), jnp.asarray(short["target_positions"])).logits
+  np.testing.assert_array_equal(short["target_positions"],
+                                full["target_positions"] - (full["layout"].counts - t)[:, None])
+  got = testbed_model.forward(model, _jnp(short), jnp.asarray(short["target_positions"])).logits
+  want = testbed_model.forward(model, _jnp(kept), jnp.asarray(short["target_positions"])).logits
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)
   with pytest.raises(ValueError, match="base_only and keep_fraction"):
-    testbed.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
+    batches.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
 
 
 def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor, hf, examples):
-  batch = _jnp(testbed.encode(examples, processor, hf, with_answer=True))
+  batch = _jnp(batches.encode(examples, processor, hf, with_answer=True))
   at = jnp.asarray(batch["target_positions"])                                   # text positions: ":" and the answer
-  out = testbed.forward(model, batch, at, residual_positions=at)
+  out = testbed_model.forward(model, batch, at, residual_positions=at)
   layers, width = model.config.text.num_hidden_layers, model.config.text.hidden_size
   assert out.residuals.shape == (layers + 1, len(examples), at.shape[1], width)
   np.testing.assert_allclose(np.asarray(model.head(out.residuals[-1])), np.asarray(out.logits), rtol=0, atol=1e-5)
@@ -254,7 +262,7 @@ def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor,
   np.testing.assert_allclose(np.asarray(out.residuals[0]), np.asarray(model.language_model.embed(ids)), rtol=0,
                              atol=1e-6)
   assert not np.allclose(np.asarray(out.residuals[1]), np.asarray(out.residuals[0]), atol=1e-3)
-  everywhere = testbed.forward(model, batch, None, residual_positions=at[:, :1])   # all logits, one residual position
+  everywhere = testbed_model.forward(model, batch, None, residual_positions=at[:, :1])  # all logits, one position
   np.testing.assert_allclose(np.asarray(everywhere.residuals), np.asarray(out.residuals[:, :, :1]), rtol=0, atol=1e-5)
 
 
@@ -266,19 +274,20 @@ def test_count_loss_matches_numpy():
   target[1, 0] = 1.0
   target[3, [0, 2, 5]] = [0.25, 0.5, 0.25]         # row 2 has no target and is ignored
   want = np.mean([-(target[r] * np.log(attention[r] + 1e-6)).sum() for r in (0, 1, 3)])
-  np.testing.assert_allclose(float(testbed.count_loss(jnp.asarray(attention), jnp.asarray(target))), want, rtol=1e-5)
-  assert float(testbed.count_loss(jnp.asarray(target[[1]] * 0.999 + 1e-4), jnp.asarray(target[[1]]))) < 0.01
+  np.testing.assert_allclose(float(losses.count_loss(jnp.asarray(attention), jnp.asarray(target))), want, rtol=1e-5)
+  assert float(losses.count_loss(jnp.asarray(target[[1]] * 0.999 + 1e-4), jnp.asarray(target[[1]]))) < 0.01
 
 
 def test_frozen_tower_gets_no_gradient(hf, processor):
   model = testbed.make_model(hf, seed=0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  batch = _jnp(testbed.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
+  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  batch = _jnp(batches.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
   graphdef, params = nnx.split(model)
 
   def grads(train_vision):
-    loss = lambda p: testbed.loss_fn(nnx.merge(graphdef, p), heads, batch, grounding_weight=1.0, caption_weight=0.5,
-                                     position_weight=1.0, train_vision=train_vision)[0]
+    loss = lambda p: losses.loss_fn(nnx.merge(graphdef, p), heads, batch,
+                                    losses.LossWeights(grounding=1.0, caption=0.5, position=1.0),
+                                    train_vision=train_vision)[0]
     return nnx.State(jax.grad(loss)(params))
 
   norm = lambda tree: sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(tree))
@@ -288,32 +297,32 @@ def test_frozen_tower_gets_no_gradient(hf, processor):
 
 
 def test_position_targets_and_loss(hf, processor):
-  target = testbed.position_targets(36)
+  target = losses.position_targets(36)
   assert target.shape == (36, 2)
   np.testing.assert_allclose(target[0], [1 / 12, 1 / 12])
   np.testing.assert_allclose(target[7], [3 / 12, 3 / 12])       # row 1, column 1
   np.testing.assert_allclose(target[11], [3 / 12, 11 / 12])     # row 1, column 5
   with pytest.raises(ValueError, match="square patch grid"):
-    testbed.position_targets(35)
+    losses.position_targets(35)
   head = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
   head.kernel[...], head.bias[...] = jnp.eye(2), jnp.zeros(2)
   tokens = jnp.broadcast_to(jnp.asarray(target), (3, 36, 2))
-  assert float(testbed.position_loss(head, tokens)) == 0.0
+  assert float(losses.position_loss(head, tokens)) == 0.0
   shift = np.array([0.1, -0.2], np.float32)
-  np.testing.assert_allclose(float(testbed.position_loss(head, tokens + shift)), np.sum(shift ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(losses.position_loss(head, tokens + shift)), np.sum(shift ** 2), rtol=1e-5)
   # loss_fn needs the projector-side head for the term
   model = testbed.make_model(hf, seed=0)
-  batch = _jnp(testbed.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
-  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  batch = _jnp(batches.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
+  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="text_width"):
-    testbed.loss_fn(model, vision_only, batch, position_weight=1.0)
-  both = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  assert float(testbed.loss_fn(model, both, batch, position_weight=1.0)[1]["position"]) > 0.0
+    losses.loss_fn(model, vision_only, batch, losses.LossWeights(position=1.0))
+  both = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  assert float(losses.loss_fn(model, both, batch, losses.LossWeights(position=1.0))[1]["position"]) > 0.0
 
 
 def test_relation_targets_and_loss(hf, processor):
   examples = vqa.make_split("train", 10, seed=4)
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   for i, ex in enumerate(examples):
     assert batch["relation_valid"][i] == (ex.family == "spatial")
     if ex.family != "spatial":
@@ -338,24 +347,24 @@ def test_relation_targets_and_loss(hf, processor):
                                np.abs(flip - batch["relation_target"][i, [axis, 2 + axis]]), rtol=1e-6)
   assert batch["relation_valid"].any() and not batch["relation_valid"].all()
   model = testbed.make_model(hf, seed=0)
-  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="text_width"):
-    testbed.loss_fn(model, vision_only, _jnp(batch), relation_weight=1.0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), relation_weight=1.0)
-  residual = testbed.forward(model, _jnp(batch), None,
-                             residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
+    losses.loss_fn(model, vision_only, _jnp(batch), losses.LossWeights(relation=1.0))
+  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(relation=1.0))
+  residual = testbed_model.forward(
+      model, _jnp(batch), None, residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
   err = np.mean((np.asarray(heads.relation(residual)) - batch["relation_target"]) ** 2, -1)
   np.testing.assert_allclose(float(metrics["relation"]), err[batch["relation_valid"]].mean(), rtol=1e-4)
-  assert "relation" not in testbed.loss_fn(model, heads, _jnp(batch))[1]
-  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), order_weight=1.0)
+  assert "relation" not in losses.loss_fn(model, heads, _jnp(batch))[1]
+  _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(order=1.0))
   err = np.mean((np.asarray(heads.order(residual)) - batch["order_target"]) ** 2, -1)
   np.testing.assert_allclose(float(metrics["order"]), err[batch["relation_valid"]].mean(), rtol=1e-4)
   assert "relation" not in metrics
-  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), direction_weight=1.0)
-  layer = testbed.grounding_layers(hf["text_config"]["num_hidden_layers"])[0]
-  probs = testbed.forward(model, _jnp(batch), None, attention_layers=(layer,),
-                          attention_queries=jnp.asarray(batch["target_positions"][:, :1])).attention[0, :, 1, 0]
+  _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(direction=1.0))
+  layer = losses.grounding_layers(hf["text_config"]["num_hidden_layers"])[0]
+  probs = testbed_model.forward(model, _jnp(batch), None, attention_layers=(layer,),
+                                attention_queries=jnp.asarray(batch["target_positions"][:, :1])).attention[0, :, 1, 0]
   mass = np.sum(np.where(batch["direction_evidence"], np.asarray(probs), 0.0), -1)    # head 1, answer position
   np.testing.assert_allclose(float(metrics["direction"]), np.mean(-np.log(mass[batch["relation_valid"]] + 1e-6)),
                              rtol=1e-4)
@@ -366,35 +375,35 @@ def test_count_readout_target_and_loss(hf, processor):
   counting rows; the count_read term is the masked squared error of heads.count read where the relation term
   reads."""
   examples = vqa.make_split("train", 40, seed=5)
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   counting = np.array([ex.family == "counting" for ex in examples])
   np.testing.assert_array_equal(batch["count_valid"], counting)
   expected = [vqa.NUMBER_WORDS.index(ex.answer) / 6 if ex.family == "counting" else 0.0 for ex in examples]
   np.testing.assert_allclose(batch["count_value"], expected, rtol=1e-6)
   assert len(set(np.round(batch["count_value"][counting] * 6).tolist())) > 2
   model = testbed.make_model(hf, seed=0)
-  heads = testbed.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  _, metrics = testbed.loss_fn(model, heads, _jnp(batch), count_read_weight=1.0)
-  residual = testbed.forward(model, _jnp(batch), None,
-                             residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
+  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(count_read=1.0))
+  residual = testbed_model.forward(
+      model, _jnp(batch), None, residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
   err = (np.asarray(heads.count(residual))[:, 0] - batch["count_value"]) ** 2
   np.testing.assert_allclose(float(metrics["count_read"]), err[counting].mean(), rtol=1e-4)
-  assert "count_read" not in testbed.loss_fn(model, heads, _jnp(batch))[1]
-  vision_only = testbed.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  with pytest.raises(ValueError, match="count_read_weight"):
-    testbed.loss_fn(model, vision_only, _jnp(batch), count_read_weight=1.0)
+  assert "count_read" not in losses.loss_fn(model, heads, _jnp(batch))[1]
+  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="weights.count_read"):
+    losses.loss_fn(model, vision_only, _jnp(batch), losses.LossWeights(count_read=1.0))
   # count_heads=2: the counting term is the mean over head 2 of the middle and of the last grounded layer (TINY has 3
   # decoder layers: layers 1 and 2)
-  assert testbed.grounding_layers(hf["text_config"]["num_hidden_layers"])[1:] == (1, 2)
-  probs = testbed.forward(model, _jnp(batch), None, attention_layers=(1, 2),
-                          attention_queries=jnp.asarray(batch["grounding_queries"])).attention[:, :, 2, -1]
-  per_head = [float(testbed.count_loss(p, jnp.asarray(batch["count_target"]))) for p in probs]
+  assert losses.grounding_layers(hf["text_config"]["num_hidden_layers"])[1:] == (1, 2)
+  probs = testbed_model.forward(model, _jnp(batch), None, attention_layers=(1, 2),
+                                attention_queries=jnp.asarray(batch["grounding_queries"])).attention[:, :, 2, -1]
+  per_head = [float(losses.count_loss(p, jnp.asarray(batch["count_target"]))) for p in probs]
   for heads_used in (1, 2):
-    _, metrics = testbed.loss_fn(model, heads, _jnp(batch), count_weight=1.0, count_heads=heads_used)
+    _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(count=1.0), count_heads=heads_used)
     np.testing.assert_allclose(float(metrics["count"]), np.mean(per_head[:heads_used]), rtol=1e-4)
   assert abs(per_head[0] - per_head[1]) > 1e-4
   with pytest.raises(ValueError, match="count_heads must be 1 or 2, got 3"):
-    testbed.loss_fn(model, heads, _jnp(batch), count_weight=1.0, count_heads=3)
+    losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(count=1.0), count_heads=3)
 
 
 def test_dot_head_evidence_is_the_dot_token(hf, processor):
@@ -402,8 +411,8 @@ def test_dot_head_evidence_is_the_dot_token(hf, processor):
   the answer's colour; head 0 and every other row keep their evidence, and the base-only view is unchanged."""
   examples = vqa.make_split("train", 30, seed=6, weights={"detail": 2.0, "attribute": 1.0, "counting": 1.0})
   t = (hf["vision_config"]["image_size"] // hf["vision_config"]["patch_size"]) ** 2
-  plain = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
-  dot = testbed.encode(examples, processor, hf, with_answer=True, labels=True, dot_head=True)
+  plain = batches.encode(examples, processor, hf, with_answer=True, labels=True)
+  dot = batches.encode(examples, processor, hf, with_answer=True, labels=True, dot_head=True)
   detail = np.array([ex.family == "detail" for ex in examples])
   assert detail.sum() == 15
   np.testing.assert_array_equal(dot["head_evidence"][~detail], plain["head_evidence"][~detail])
@@ -416,7 +425,7 @@ def test_dot_head_evidence_is_the_dot_token(hf, processor):
     assert row >= t                                                            # a grid crop, not the base crop
     label = dot["patch_labels"][i, row // t, row % t]
     assert label[3] == 1 + scenes.COLORS.index(examples[i].answer) and label[2] == 1
-  base = [testbed.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True, dot_head=d)
+  base = [batches.encode(examples, processor, hf, with_answer=True, labels=True, base_only=True, dot_head=d)
           for d in (False, True)]
   np.testing.assert_array_equal(base[0]["head_evidence"], base[1]["head_evidence"])
 
@@ -434,7 +443,7 @@ def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
     scene = scenes.sample_scene(rng, specs, config, image_size=size)
     px = processor.image_processor(images=[scenes.render(scene)], return_tensors="np")["pixel_values"][0]
     rgb = (px.transpose(0, 2, 3, 1) * std + mean) * 255                       # [P, 48, 48, 3]
-    labels, crop_valid = testbed.patch_labels(scene, hf)
+    labels, crop_valid = targets_lib.patch_labels(scene, hf)
     assert crop_valid.sum() == px.shape[0]
     owned = set()
     for p in range(1, px.shape[0]):
@@ -474,7 +483,7 @@ def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, pro
       ckpt, attn_implementation="eager", output_loading_info=True)
   assert not any(info.values()), info
   torch_model.eval()
-  batch = testbed.encode(examples, processor, hf)
+  batch = batches.encode(examples, processor, hf)
   with torch.no_grad():
     want = torch_model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
                        attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
@@ -483,19 +492,19 @@ def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, pro
   with jax.default_matmul_precision("float32"):
     got = model(input_ids=jnp.asarray(batch["input_ids"]), pixel_values=jnp.asarray(batch["pixel_values"]),
                 attention_mask=jnp.asarray(batch["attention_mask"]), image_sizes=batch["image_sizes"]).logits
-    last = testbed.forward(model, _jnp(batch), jnp.asarray(batch["last"])[:, None])[0][:, 0]
+    last = testbed_model.forward(model, _jnp(batch), jnp.asarray(batch["last"])[:, None])[0][:, 0]
   real = batch["attention_mask"]
   np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
   rows = np.arange(len(examples))
   np.testing.assert_allclose(np.asarray(last), want[rows, batch["last"]], rtol=0, atol=1e-4)
   # evaluate() answers like transformers' greedy first token (3 examples per batch: the last batch is padded).
-  _, predictions = testbed.evaluate(model, examples, batch_size=3, processor=processor, return_predictions=True)
+  _, predictions = evaluation.evaluate(model, examples, batch_size=3, processor=processor, return_predictions=True)
   assert predictions == [vocab.words()[t] for t in want[rows, batch["last"]].argmax(-1)]
 
 
 def test_random_keep_merges_the_chosen_rows(model, processor, hf, examples):
-  full = testbed.encode(examples, processor, hf)
-  pruned = testbed.encode(examples, processor, hf, keep_fraction=0.056, seed=3)
+  full = batches.encode(examples, processor, hf)
+  pruned = batches.encode(examples, processor, hf, keep_fraction=0.056, seed=3)
   layout = full["layout"]
   packed = np.asarray(model(input_ids=jnp.asarray(full["input_ids"]), pixel_values=jnp.asarray(full["pixel_values"]),
                             attention_mask=jnp.asarray(full["attention_mask"]),
@@ -518,19 +527,19 @@ def test_random_keep_merges_the_chosen_rows(model, processor, hf, examples):
   mask = jnp.asarray(pruned["attention_mask"])
   seg = lm.run_layers(jnp.asarray(x), jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]), mask)
   want = np.asarray(model.head(seg.hidden))[np.arange(len(examples)), pruned["last"]]
-  got = testbed.forward(model, _jnp(pruned), jnp.asarray(pruned["last"])[:, None])[0][:, 0]
+  got = testbed_model.forward(model, _jnp(pruned), jnp.asarray(pruned["last"])[:, None])[0][:, 0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
 
 
 def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
   with pytest.raises(ValueError, match="at least one example"):
-    testbed.encode([], processor, hf)
+    batches.encode([], processor, hf)
   with pytest.raises(ValueError, match="keep_fraction"):
-    testbed.encode(examples, processor, hf, keep_fraction=0.0)
+    batches.encode(examples, processor, hf, keep_fraction=0.0)
   with pytest.raises(ValueError, match="count_sink"):
-    testbed.encode(examples, processor, hf, with_answer=True, labels=True, count_sink=0.0)
+    batches.encode(examples, processor, hf, with_answer=True, labels=True, count_sink=0.0)
   with pytest.raises(ValueError, match="batch_size"):
-    testbed.evaluate(model, examples, batch_size=0, processor=processor)
+    evaluation.evaluate(model, examples, batch_size=0, processor=processor)
   with pytest.raises(ValueError, match="does not match the model's config"):
     saving.save_pretrained(model, testbed.hf_config(), tmp_path / "a")
   with pytest.raises(ValueError, match="unknown model_type"):
@@ -552,8 +561,8 @@ def test_shipped_checkpoint_is_the_default_recipe_and_answers_from_the_image():
   model = models.load_pretrained(testbed.DEFAULT_CKPT)
   examples = vqa.make_split("test", 96, seed=0)
   blank = [dataclasses.replace(ex, image=np.full_like(ex.image, 128)) for ex in examples]
-  seen = testbed.evaluate(model, examples, batch_size=32)["all"]
-  unseen = testbed.evaluate(model, blank, batch_size=32)["all"]
+  seen = evaluation.evaluate(model, examples, batch_size=32)["all"]
+  unseen = evaluation.evaluate(model, blank, batch_size=32)["all"]
   assert seen > unseen + 0.15, (seen, unseen)
 
 

@@ -1,4 +1,5 @@
-"""Tests for experiments.vocab: the saved tokenizer round-trips through transformers and feeds a LlavaNextProcessor."""
+"""Tests for experiments.testbed.vocab: the saved tokenizer round-trips through transformers and feeds a
+LlavaNextProcessor."""
 
 import json
 import os
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, LlavaNextProcessor, PreTrainedTokenizerFast
 
-from experiments import vocab, vqa
+from experiments import vqa
+from experiments.testbed import vocab
 
 
 @pytest.fixture(scope="module")

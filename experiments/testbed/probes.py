@@ -1,4 +1,4 @@
-"""Linear probes of what a testbed model's visual tokens encode (the library of `experiments.probe_testbed`).
+"""Linear probes of what a testbed model's visual tokens encode (the library of `experiments.testbed.probe`).
 
 See that script's docstring for what the five probes measure and how to read them.
 """
@@ -8,8 +8,10 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import testbed
 from experiments import vqa
+from experiments.testbed import batches
+from experiments.testbed import losses
+from experiments.testbed import model as model_lib
 from models import anyres
 
 
@@ -60,11 +62,11 @@ def _relation(example: vqa.Example) -> tuple[str, bool]:
 
 
 def _probe_batch(model, processor, hf, examples) -> _Batch:
-  batch = testbed.encode(examples, processor, hf, with_answer=True, labels=True)
+  batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   arrays = {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
-  layers = testbed.grounding_layers(model.config.text.num_hidden_layers)[1:]
+  layers = losses.grounding_layers(model.config.text.num_hidden_layers)[1:]
   answer = arrays["target_positions"][:, :1]                                # the position that predicts the answer
-  out = testbed.forward(model, arrays, answer, attention_layers=layers,
+  out = model_lib.forward(model, arrays, answer, attention_layers=layers,
                         attention_queries=arrays["grounding_queries"], train_vision=False, residual_positions=answer)
   attention = np.asarray(out.attention)[:, :, :2, -1]                        # [L, B, 2, S] at the answer position
   evidence = batch["head_evidence"]                                         # [B, 2, S]
@@ -80,16 +82,16 @@ def _probe_batch(model, processor, hf, examples) -> _Batch:
 
 
 def probe(model, examples, batch_size: int = 32, ridge: float = 1.0) -> dict:
-  """The five probes of `experiments.probe_testbed` on spatial `examples` -> a flat dict of floats."""
+  """The five probes of `experiments.testbed.probe` on spatial `examples` -> a flat dict of floats."""
   if len(examples) < 8 or any(e.family != "spatial" for e in examples):
     raise ValueError(f"probe needs at least 8 examples, all spatial; got {len(examples)}")
-  hf = testbed.hf_from_model(model)
-  processor = testbed.make_processor(hf)
+  hf = model_lib.hf_from_model(model)
+  processor = model_lib.make_processor(hf)
   parts = [_probe_batch(model, processor, hf, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
   mass = np.concatenate([q.evidence_mass for q in parts], -1)
   result = {f"evidence_mass_layer{l}_head{h}": float(mass[i, h].mean())
-            for i, l in enumerate(testbed.grounding_layers(model.config.text.num_hidden_layers)[1:]) for h in (0, 1)}
-  where = np.tile(testbed.position_targets(parts[0].tower.shape[1]), (len(examples), 1)).astype(np.float64)
+            for i, l in enumerate(losses.grounding_layers(model.config.text.num_hidden_layers)[1:]) for h in (0, 1)}
+  where = np.tile(losses.position_targets(parts[0].tower.shape[1]), (len(examples), 1)).astype(np.float64)
   for name in ("tower", "projected"):
     tokens = np.concatenate([getattr(q, name) for q in parts]).reshape(-1, getattr(parts[0], name).shape[-1])
     result[f"position_r2_{name}"] = held_out_r2(tokens, where, ridge)

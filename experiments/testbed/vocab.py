@@ -16,7 +16,7 @@ Ids are fixed by construction: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4, then 
 answers in `vqa`'s fixed order. Padding side is the transformers default (right); set `tokenizer.padding_side =
 "left"` for batched generation.
 
-Prompt template (LLaVA/vicuna-style, one line per turn):
+Prompt template (LLaVA/vicuna-style, one line per turn; `PROMPT`, the testbed backbone's one definition of it):
     "USER: <image>\n{question} Answer with one word. ASSISTANT:"          (evaluation; the model continues)
     "USER: <image>\n{question} Answer with one word. ASSISTANT: {answer}</s>"   (training; loss on the last 2 tokens)
 """
@@ -92,7 +92,7 @@ def load_tokenizer(directory: str):
   """`AutoTokenizer.from_pretrained(directory)` (a transformers fast tokenizer)."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   if not os.path.exists(os.path.join(directory, "tokenizer.json")):
-    raise ValueError(f"no tokenizer.json in {directory}; write one with experiments.vocab.save_tokenizer")
+    raise ValueError(f"no tokenizer.json in {directory}; write one with experiments.testbed.vocab.save_tokenizer")
   return AutoTokenizer.from_pretrained(directory)
 
 

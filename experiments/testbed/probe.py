@@ -1,11 +1,11 @@
 r"""Linear probes of what a testbed checkpoint's visual tokens encode: where spatial reasoning breaks.
 
-    python -m experiments.probe_testbed                       # the shipped experiments/testbed_ckpt
-    python -m experiments.probe_testbed --checkpoint=/tmp/ckpt --examples=400
+    python -m experiments.testbed.probe                       # the shipped experiments/testbed_ckpt
+    python -m experiments.testbed.probe --checkpoint=/tmp/ckpt --examples=400
 
 On spatial questions of the `--split` split it reports:
 1. attention mass of heads 0 and 1 of the grounded layers at the answer position on the two named objects' base-crop
-   tokens (`testbed.encode`'s head_evidence: what `testbed.loss_fn` trains them to look at);
+   tokens (`batches.encode`'s head_evidence: what `losses.loss_fn` trains them to look at);
 2. how well the row and the column of each base-crop token can be read linearly from the tower's output and from the
    projector's output (held-out R^2 of a ridge regression; 1 = exact);
 3. how well the asked relation can be read linearly from mean(embedding of object A) - mean(embedding of object B),
@@ -27,11 +27,11 @@ from absl import app
 from absl import flags
 
 import models
-from experiments import probes
-from experiments import testbed
 from experiments import vqa
+from experiments.testbed import model as model_lib
+from experiments.testbed import probes
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", testbed.DEFAULT_CKPT, "Testbed checkpoint directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", model_lib.DEFAULT_CKPT, "Testbed checkpoint directory.")
 _SPLIT = flags.DEFINE_enum("split", "validation", ("train", "validation", "test"), "Split to draw questions from.")
 _EXAMPLES = flags.DEFINE_integer("examples", 1600, "Spatial questions to probe (half fit, half scored).")
 _SEED = flags.DEFINE_integer("seed", 0, "Split seed.")
