@@ -567,7 +567,7 @@ def test_shipped_checkpoint_is_the_default_recipe_and_answers_from_the_image():
 
 
 def test_probe_ridge_recovers_planted_signals_and_not_noise():
-  """The probes of experiments.probes: a linear signal is read back (R^2 ~ 1, accuracy ~ 1), noise is not."""
+  """The probes of experiments.testbed.probes: a linear signal is read back (R^2 ~ 1, accuracy ~ 1), noise is not."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(800, 24))
   w = rng.normal(size=(24, 2))
