@@ -2,8 +2,9 @@
 
 Counted as the token-pruning papers count them: per layer, 2 * S * (parameters of the layer's matmuls) for the
 projections and the MLP, plus 4 * S^2 * H * Dh for attention scores and the weighted sum (no causal halving).
-Norms, RoPE, softmax and the LM head (one position in prefill) are left out; the vision tower costs the same for every
-Stage I/II method, so it is left out too.
+Norms, RoPE and softmax are left out; the vision tower costs the same for every Stage I/II method, so it is left out
+too. The LM head (2 * D * V per position) is counted at `lm_head_positions` positions: the runner's timed prefill
+computes it at one position per row (the last), so its FLOPs and its time measure the same decoder work.
 """
 
 from typing import Sequence
@@ -20,8 +21,9 @@ def layer_prefill_flops(text_config, seq_len: float) -> float:
   return 2.0 * seq_len * weights + 4.0 * seq_len * seq_len * q_width
 
 
-def decoder_prefill_flops(text_config, seq_lens: Sequence[float]) -> float:
-  """Total over layers; `seq_lens[l]` is the number of tokens layer l processes."""
+def decoder_prefill_flops(text_config, seq_lens: Sequence[float], lm_head_positions: int = 0) -> float:
+  """Total over layers (`seq_lens[l]`: the tokens layer l processes) plus the LM head at `lm_head_positions`."""
   if len(seq_lens) != text_config.num_hidden_layers:
     raise ValueError(f"seq_lens has {len(seq_lens)} entries, the decoder has {text_config.num_hidden_layers} layers")
-  return sum(layer_prefill_flops(text_config, s) for s in seq_lens)
+  head = 2.0 * lm_head_positions * text_config.hidden_size * text_config.vocab_size
+  return sum(layer_prefill_flops(text_config, s) for s in seq_lens) + head

@@ -54,6 +54,7 @@ from models import anyres
 
 __all__ = [
     "REQUIRED", "summary", "format_table", "to_markdown", "plot", "write_report", "token_boxes", "grid_boxes",
+    "slot_boxes",
     "kept_mask", "shade", "kept_picture",
 ]
 
@@ -433,6 +434,15 @@ def grid_boxes(image_size, num_patches: int, crop_size: int | None = None, resiz
     raise ValueError(f"grid_boxes: resize must be 'center_crop', 'pad' or 'stretch', got {resize!r}")
   return [_clip_box(top + y * step_y, left + x * step_x, top + (y + 1) * step_y, left + (x + 1) * step_x,
                     height, width) for y in range(g) for x in range(g)]
+
+
+def slot_boxes(image_size, layout: anyres.PackLayout, index: int, config) -> list[Box]:
+  """The pixel box of every packed slot of image `index`, for either family: a layout with grid crops is LLaVA-NeXT's
+  anyres packing (`token_boxes`); a single-crop layout (`models.llava.single_crop_layout`) is LLaVA-1.5's patch grid
+  behind the CLIP processor's shortest-edge resize and centre crop (`grid_boxes`)."""
+  if int(np.prod(np.asarray(layout.grid)[index])) > 0:
+    return token_boxes(image_size, layout, index, config)
+  return grid_boxes(image_size, int(np.asarray(layout.counts)[index]), crop_size=config.vision.image_size)
 
 
 def kept_mask(image_size, boxes: Sequence[Box], kept_slots) -> np.ndarray:

@@ -9,6 +9,21 @@ Modules: `clip` (vision tower), `llama` (LLaMA/Vicuna/Mistral decoder, KV cache)
 `checks` (input checks), `generate` (greedy decoding), `pruning` (Stage I/II hooks), `outputs` (named outputs).
 `conversion`, `config_fields` and `activations` are leaves: the family modules import them, `loading` imports the
 families, so no import runs in a circle.
+
+Axis legend: one letter per axis along the whole data path (image -> tower -> projector -> Stage I -> decoder
+layers with Stage II -> logits -> answer), used in every docstring and shape comment of `models`, `tops_jax` and
+`experiments`:
+
+    B  batch rows (prompts; pruning takes one image per row)     I  images of a batch, in order
+    P  crops per image (anyres: base crop + grid crops, padded)   T  vision tokens per crop (CLS dropped; +1 with it)
+    N  packed image tokens per image: the Stage I candidates (LLaVA-1.5: the patches; NeXT: the packing bucket)
+    K  kept tokens (a stage's budget)                             C  candidates of a Stage II step
+    S  sequence positions (tokens of a decoder call; the keys they attend over)
+    A  text tokens after the image (the text raters)             Q  query rows read from a layer (raters, last token)
+    D  text (decoder) width       Dv  vision width               Dh  head width
+    H  query heads                Hkv key/value heads            L   decoder layers
+    G  layer segments (Stage II steps + 1)                        V   vocabulary
+    M  new tokens                 W  KV cache capacity (slots)
 """
 
 from models.loading import load_pretrained

@@ -143,6 +143,10 @@ class CLIPAttention(nnx.Module):
     out = jax.nn.dot_product_attention(q, k, v, implementation=None)
     return self.out_proj(out.reshape(x.shape))
 
+  def keys(self, x: jax.Array) -> jax.Array:
+    """The keys of every position, mean over heads: float[I, P, Dv] (normed layer input) -> float[I, P, Dh]."""
+    return self._heads(self.k_proj(x)).mean(axis=-2)
+
   def cls_attention(self, x: jax.Array) -> jax.Array:
     """Attention of the CLS query (position 0) over all keys, mean over heads: float[I, P, Dv] -> float32[I, P]."""
     q = self._heads(self.q_proj(x[:, :1]))[:, 0]                    # [I, H, Dh]
@@ -177,6 +181,10 @@ class CLIPEncoderLayer(nnx.Module):
   def cls_attention(self, x):
     """CLS attention of this layer given its input x: float[I, P, Dv] -> float32[I, P]."""
     return self.self_attn.cls_attention(self.layer_norm1(x))
+
+  def keys(self, x):
+    """This layer's attention keys given its input x, mean over heads: float[I, P, Dv] -> float[I, P, Dh]."""
+    return self.self_attn.keys(self.layer_norm1(x))
 
 
 class CLIPEncoder(nnx.Module):
@@ -256,7 +264,7 @@ class CLIPVisionModel(nnx.Module):
     return self.encoder.run(self.pre_layrnorm(self.embeddings(pixel_values)), 0, h)
 
   def features(self, pixel_values: jax.Array, *, feature_layers: int | Sequence[int] = -2,
-               select_strategy: str = "default", cls_attention: bool = True) -> VisionOutput:
+               select_strategy: str = "default", cls_attention: bool = True, keys: bool = False) -> VisionOutput:
     """LLaVA's image features and (optionally) the CLS attention of the layer that produces them.
 
     Args:
@@ -264,10 +272,11 @@ class CLIPVisionModel(nnx.Module):
       feature_layers: one hidden-state index or a sequence of them (concatenated along the width in that order).
       select_strategy: "default" drops the CLS position, "full" keeps it.
       cls_attention: also return the CLS attention of the layer producing the last entry of `feature_layers`.
+      keys: also return that layer's keys, mean over heads (VisionZip's merge metric).
 
     Returns:
       VisionOutput(features float[I, N, Dv * len(feature_layers)] ("full": P rows), cls_attention float32[I, N]
-      ("full": [I, P]) or None).
+      ("full": [I, P]) or None, keys float[I, N, Dh] or None).
     """
     chex.assert_rank(pixel_values, 4)
     if select_strategy not in ("default", "full"):
@@ -278,21 +287,25 @@ class CLIPVisionModel(nnx.Module):
     num = self.config.num_hidden_layers
     wanted = [resolve_hidden_state_index(layer, num) for layer in layers]
     cls_at = wanted[-1] - 1          # layer whose attention is read; its input is hidden state cls_at
-    if cls_attention and cls_at < 0:
+    attention = cls_attention or keys
+    if attention and cls_at < 0:
       raise ValueError(f"feature layer {layers[-1]} is the embedding output: no attention layer produced it, "
-                       "so there is no CLS attention to return")
+                       "so there is no CLS attention or keys to return")
 
     x = self.pre_layrnorm(self.embeddings(pixel_values))
-    stops = sorted(set(wanted) | ({cls_at} if cls_attention else set()))
-    states, attn, done = {0: x}, None, 0
+    stops = sorted(set(wanted) | ({cls_at} if attention else set()))
+    states, attn, key_rows, done = {0: x}, None, None, 0
     for stop in stops:
       x = self.encoder.run(x, done, stop)
       states[stop], done = x, stop
-      if cls_attention and stop == cls_at:
-        attn = self.encoder.layer(cls_at).cls_attention(x)
+      if attention and stop == cls_at:
+        layer = self.encoder.layer(cls_at)
+        attn = layer.cls_attention(x) if cls_attention else None
+        key_rows = layer.keys(x) if keys else None
     first = 1 if select_strategy == "default" else 0
     features = jnp.concatenate([states[h][:, first:] for h in wanted], axis=-1)
-    return VisionOutput(features=features, cls_attention=None if attn is None else attn[:, first:])
+    return VisionOutput(features=features, cls_attention=None if attn is None else attn[:, first:],
+                        keys=None if key_rows is None else key_rows[:, first:])
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """Last hidden state (before post_layernorm): float[I, C, H, W] -> float[I, P, Dv]."""

@@ -1,28 +1,34 @@
-"""Greedy decoding with a preallocated KV cache, matching transformers' `generate(do_sample=False)`.
+"""Greedy decoding with a preallocated KV cache, matching transformers' `generate(do_sample=False)`; the one decoder
+of the project (pruned generation runs it too, with its own prefill and layer segments).
 
-Axes: B batch, S prompt length, M = max_new_tokens, V vocabulary, C cache capacity (S + M).
+Axes (`models` legend): B batch, S prompt length, M = max_new_tokens, V vocabulary, W cache capacity (S + M),
+L decoder layers, G layer segments.
 
     out = generate.greedy(model, input_ids, attention_mask, pixel_values=px, max_new_tokens=32,
                           eos_token_ids=(2,), pad_token_id=0)
     out.tokens       # int32[B, M] new tokens; after a row's stop token, pad_token_id (as transformers)
     out.num_tokens   # int32[B] new tokens per row up to and including its stop token
 
-How it runs: one `jax.jit` per (shapes, M, stop tokens): prefill (the model's own forward with a cache, prompts
-left-padded, positions cumsum(mask) - 1) then `jax.lax.while_loop` over decode steps (`decode_step`: one token per
-row, position = previous + 1), stopping early when every row has emitted a stop token. Nothing recompiles per token.
+How it runs: two jitted programs. `prefill` (jitted per shapes, prefill function and capacity) allocates the cache
+and runs the prefill function; `decode` (jitted per shapes, segments, M and stop tokens) runs
+`jax.lax.while_loop` over decode steps (`decode_step`: one token per row through the G layer segments, position =
+previous + 1), stopping early when every row has emitted a stop token. Nothing recompiles per token, and a caller
+that times the prefill (the runner) times exactly the call whose output is decoded.
 
 Model protocol (LLaVA, LLaVA-NeXT, text-only LLaMA/Mistral): `model(input_ids=..., attention_mask=..., cache=...,
-[pixel_values=..., image_sizes=...])` returns an object with `.logits` float32[B, S, V] and `.cache`;
-`model.language_model` is the `models.llama.LlamaModel`; `model.head(hidden)` applies the final norm and lm_head;
-`model.config` has the decoder config as `.text` (LLaVA) or is it (text-only).
+[pixel_values=..., image_sizes=...])` returns an object with `.logits` float32[B, 1, V] at the last position and
+`.cache`; `model.language_model` is the `models.llama.LlamaModel`; `model.head(hidden)` applies the final norm and
+lm_head; `model.config` has the decoder config as `.text` (LLaVA) or is it (text-only).
 
-Pruning seam: `prefill_fn(model, batch, cache) -> (last_logits float32[B, V], cache, last_positions int32[B])` replaces
-the plain prefill (e.g. a Stage I/II pruned forward that leaves shorter caches in later layers and re-indexed
-positions); decoding continues from `last_positions + 1`. It must be a hashable callable (it is a static argument).
+Prefill seam: `prefill_fn(model, batch, cache, args) -> Prefill(logits float32[B, V] of each row's last prompt token,
+cache, positions int32[B, G] that token's position in each layer segment, extra)` replaces the plain prefill.
+`models.pruning` passes one that runs the Stage I/II schedule: later layer segments then hold shorter caches and
+re-indexed positions, and decoding continues in segment g from `positions[:, g] + 1`. `prefill_fn` is a static
+argument (hashable); `args` is a traced pytree (PRNG keys, hyperparameters); `extra` is returned untouched.
 """
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +37,24 @@ import numpy as np
 from models import checks
 from models import llama
 
-__all__ = ["GenerateOutput", "greedy", "default_prefill", "decode_step"]
+__all__ = ["GenerateOutput", "Prefill", "greedy", "prefill", "decode", "default_prefill", "decode_step",
+           "stop_tokens"]
+
+Segments = tuple[tuple[int, int], ...]
 
 
 class GenerateOutput(NamedTuple):
   tokens: jax.Array       # int32[B, M]
   num_tokens: jax.Array   # int32[B]
+  prefill: Any = None     # the prefill function's `extra`
+
+
+class Prefill(NamedTuple):
+  """The state decoding starts from (see the module docstring)."""
+  logits: jax.Array       # float32[B, V] at each row's last prompt token
+  cache: llama.KVCache
+  positions: jax.Array    # int32[B, G] that token's position in each layer segment
+  extra: Any = None
 
 
 def _text_config(model) -> llama.TextConfig:
@@ -44,20 +62,34 @@ def _text_config(model) -> llama.TextConfig:
   return config.text if hasattr(config, "text") else config
 
 
-def default_prefill(model, batch: dict, cache: llama.KVCache):
-  """The model's forward with a cache: -> (logits of the last position float32[B, V], cache, positions int32[B])."""
+def default_prefill(model, batch: dict, cache: llama.KVCache, args=None) -> Prefill:
+  """The model's own forward with a cache (one segment: every layer)."""
+  del args
   out = model(**batch, cache=cache)
-  mask = batch["attention_mask"]
-  last_positions = llama.position_ids_from_mask(mask)[:, -1]
-  return out.logits[:, -1], out.cache, last_positions
+  last_positions = llama.position_ids_from_mask(batch["attention_mask"])[:, -1:]
+  return Prefill(logits=out.logits[:, -1], cache=out.cache, positions=last_positions)
 
 
-def decode_step(model, cache: llama.KVCache, tokens: jax.Array, positions: jax.Array):
-  """One token per row: tokens int[B], positions int[B] -> (logits float32[B, V], cache)."""
+@functools.partial(jax.jit, static_argnames=("prefill_fn", "capacity", "cache_dtype"))
+def prefill(model, batch: dict, args=None, *, prefill_fn: Callable = default_prefill, capacity: int,
+            cache_dtype) -> Prefill:
+  """An empty cache of `capacity` slots, filled by `prefill_fn` (jitted; see the module docstring)."""
+  cache = llama.init_cache(_text_config(model), batch["input_ids"].shape[0], capacity, cache_dtype)
+  return prefill_fn(model, batch, cache, args)
+
+
+def decode_step(model, cache: llama.KVCache, tokens: jax.Array, positions: jax.Array,
+                segments: Segments | None = None):
+  """One token per row through the layer segments: tokens int[B], positions int[B, G] (the token's position in
+  segment g; int[B] for one segment) -> (logits float32[B, V], cache)."""
   lm = model.language_model
+  segments = segments or ((0, lm.config.num_hidden_layers),)
+  positions = positions.reshape(positions.shape[0], -1)
   x = lm.embed(tokens[:, None])
-  out = lm.run_layers(x, positions[:, None], None, cache=cache)
-  return model.head(out.hidden)[:, 0], out.cache
+  for g, (start, stop) in enumerate(segments):
+    out = lm.run_layers(x, positions[:, g:g + 1], None, start=start, stop=stop, cache=cache)
+    x, cache = out.hidden, out.cache
+  return model.head(x)[:, 0], cache
 
 
 class _Loop(NamedTuple):
@@ -66,16 +98,16 @@ class _Loop(NamedTuple):
   done: jax.Array         # bool[B]
   num_tokens: jax.Array   # int32[B]
   last: jax.Array         # int32[B] last produced token
-  position: jax.Array     # int32[B] position of `last`
+  position: jax.Array     # int32[B, G] position of `last` in each segment
   cache: llama.KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "eos_token_ids", "pad_token_id", "prefill_fn",
-                                             "cache_dtype"))
-def _greedy(model, batch, *, max_new_tokens, eos_token_ids, pad_token_id, prefill_fn, cache_dtype):
-  b, s = batch["input_ids"].shape
-  cache = llama.init_cache(_text_config(model), b, s + max_new_tokens, cache_dtype)
-  logits, cache, last_positions = prefill_fn(model, batch, cache)
+@functools.partial(jax.jit, static_argnames=("segments", "max_new_tokens", "eos_token_ids", "pad_token_id"))
+def decode(model, start: Prefill, *, segments: Segments | None = None, max_new_tokens: int,
+           eos_token_ids: tuple[int, ...] = (), pad_token_id: int = 0) -> GenerateOutput:
+  """Greedy tokens from a prefill state (its `extra` is not read): the first from `start.logits`, then M - 1 decode
+  steps at most (jitted; `segments` default: one segment of every layer)."""
+  b = start.logits.shape[0]
   eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
 
   def emit(state: _Loop, logits, cache, position):
@@ -86,27 +118,35 @@ def _greedy(model, batch, *, max_new_tokens, eos_token_ids, pad_token_id, prefil
     done = state.done | jnp.isin(token, eos)
     return _Loop(state.step + 1, tokens, done, num_tokens, token, position, cache)
 
+  positions = start.positions.reshape(b, -1).astype(jnp.int32)
   init = _Loop(step=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_token_id, jnp.int32),
                done=jnp.zeros((b,), bool), num_tokens=jnp.zeros((b,), jnp.int32),
-               last=jnp.zeros((b,), jnp.int32), position=last_positions.astype(jnp.int32), cache=cache)
-  state = emit(init, logits, cache, init.position)
+               last=jnp.zeros((b,), jnp.int32), position=positions, cache=start.cache)
+  state = emit(init, start.logits, start.cache, positions)
 
   def cond(state: _Loop):
     return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
   def body(state: _Loop):
     position = state.position + 1
-    logits, cache = decode_step(model, state.cache, state.last, position)
+    logits, cache = decode_step(model, state.cache, state.last, position, segments)
     return emit(state, logits, cache, position)
 
   state = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(tokens=state.tokens, num_tokens=state.num_tokens)
 
 
+def stop_tokens(eos_token_ids) -> tuple[int, ...]:
+  """An id or ids -> a tuple of ints (a static argument)."""
+  if isinstance(eos_token_ids, (int, np.integer)):
+    return (int(eos_token_ids),)
+  return tuple(int(e) for e in eos_token_ids)
+
+
 def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_sizes=None, max_new_tokens: int,
            eos_token_ids: tuple[int, ...] | list[int] | int = (), pad_token_id: int = 0,
-           prefill_fn: Callable = default_prefill, cache_dtype=None) -> GenerateOutput:
-  """Greedy decoding of a left-padded batch.
+           cache_dtype=None) -> GenerateOutput:
+  """Greedy decoding of a left-padded batch with the model's own prefill (`prefill` then `decode`).
 
   Args:
     model: a LLaVA / LLaVA-NeXT / LlamaForCausalLM port (see the module docstring for the protocol).
@@ -116,11 +156,10 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
     max_new_tokens: M, a positive int (static); the longest prompt plus M must fit max_position_embeddings.
     eos_token_ids: stop token id(s).
     pad_token_id: emitted after a row has stopped.
-    prefill_fn: see the module docstring (static; hashable).
     cache_dtype: KV cache dtype; default the model's compute dtype.
 
   Returns:
-    GenerateOutput(tokens int32[B, M], num_tokens int32[B]).
+    GenerateOutput(tokens int32[B, M], num_tokens int32[B], prefill None).
 
   Raises:
     ValueError: a bad max_new_tokens, an empty batch, a mask of another shape or with right padding, and (concrete
@@ -141,12 +180,13 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens, prompt_len, text.max_position_embeddings)
   if pixel_values is not None:
     checks.check_pixel_values(pixel_values)
-  eos = (int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer)) else tuple(int(e) for e in eos_token_ids)
   batch = dict(input_ids=jnp.asarray(input_ids), attention_mask=jnp.asarray(attention_mask))
   if pixel_values is not None:
     batch["pixel_values"] = jnp.asarray(pixel_values)
   if image_sizes is not None:
     batch["image_sizes"] = jnp.asarray(image_sizes)
-  dtype = cache_dtype or model.language_model.dtype
-  return _greedy(model, batch, max_new_tokens=max_new_tokens, eos_token_ids=eos,
-                 pad_token_id=int(pad_token_id), prefill_fn=prefill_fn, cache_dtype=jnp.dtype(dtype))
+  dtype = jnp.dtype(cache_dtype or model.language_model.dtype)
+  start = prefill(model, batch, prefill_fn=default_prefill, capacity=np.shape(input_ids)[1] + max_new_tokens,
+                  cache_dtype=dtype)
+  return decode(model, start, max_new_tokens=max_new_tokens, eos_token_ids=stop_tokens(eos_token_ids),
+                pad_token_id=int(pad_token_id))

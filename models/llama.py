@@ -1,13 +1,14 @@
 """LLaMA / Vicuna / Mistral decoders in Flax NNX, numerically matching transformers' `LlamaModel` / `MistralModel`.
 
-Axes: B batch, T tokens of this call (the query rows), S key positions (T without a cache, C with one), C cache
-capacity, D width, H query heads, K key/value heads (GQA: H % K == 0), Dh head width, L layers, V vocabulary.
+Axes (`models` legend): B batch, S tokens of this call (keys: the same S without a cache, the W cache slots with
+one), W cache capacity, Q chosen query rows, D width, H query heads, Hkv key/value heads (GQA: H % Hkv == 0), Dh head
+width, L layers, V vocabulary.
 
     lm = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))     # or filled by models.load_pretrained
-    x = lm.embed(input_ids)                                            # float[B, T, D]
-    pos = position_ids_from_mask(mask)                                 # int32[B, T], like transformers' generate
-    seg = lm.run_layers(x, pos, mask, start=0, stop=12)                # DecoderOutput(hidden=float[B, T, D], ...)
-    # ... prune the sequence to T' rows (new x, positions re-indexed or kept, mask) ...
+    x = lm.embed(input_ids)                                            # float[B, S, D]
+    pos = position_ids_from_mask(mask)                                 # int32[B, S], like transformers' generate
+    seg = lm.run_layers(x, pos, mask, start=0, stop=12)                # DecoderOutput(hidden=float[B, S, D], ...)
+    # ... prune the sequence to S' rows (new x, positions re-indexed or kept, mask) ...
     seg = lm.run_layers(x2, pos2, mask2, start=12, stop=config.num_hidden_layers)
     h = lm.norm(seg.hidden)
 
@@ -20,23 +21,24 @@ Decoder segments (the Stage II seam)
 Layer parameters are stacked along a leading L axis (built with `nnx.vmap`) and `run_layers` runs a contiguous
 segment [start, stop) with `jax.lax.scan` over the sliced stack: one compiled layer body whatever the depth, and a
 segment can run on any sequence length, so a pruning step between segments just changes the shapes it passes on.
-`start`/`stop` are static Python ints. `attention_probs` returns one layer's attention rows for chosen query tokens
-(text raters, the last token) from that layer's input hidden states, for in-LLM scorers.
+`start`/`stop` are static Python ints. `query_keys` returns one layer's post-RoPE queries of chosen rows (text
+raters, the last token) and keys of every token from that layer's input hidden states: the one way attention rows
+are read, by `attention_probs` and by the in-LLM scorers (`models.pruning.stage2`).
 
-Attention masks: `attention_mask: bool[B, T]` marks real (non-padding) tokens; a key is visible to a query when it is
+Attention masks: `attention_mask: bool[B, S]` marks real (non-padding) tokens; a key is visible to a query when it is
 real, not after the query (by index in the sequence or cache, as transformers' causal mask) and, with
 `sliding_window` W, fewer than W slots before it (transformers' index-based sliding window). Attention itself is
 `jax.nn.dot_product_attention` (implementation=None: XLA on CPU, swappable for a fused kernel); the probabilities are
 only materialised by `attention_probs`.
 
-KV cache (`KVCache`, preallocated, static capacity C)
-    k, v:   dtype[L, B, C, K, Dh]   keys (after RoPE) and values of every layer
-    valid:  bool[L, B, C]           slot holds a real token (written slots of padding tokens stay False)
+KV cache (`KVCache`, preallocated, static capacity W)
+    k, v:   dtype[L, B, W, Hkv, Dh] keys (after RoPE) and values of every layer
+    valid:  bool[L, B, W]           slot holds a real token (written slots of padding tokens stay False)
     end:    int32[L]                next free slot of each layer
-A call with a cache writes its T tokens at slots [end[l], end[l] + T) of each layer it runs, attends over all C slots
+A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each layer it runs, attends over all W slots
 (masked) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
 layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
-at that layer's own `end`. Writing past C cannot raise under jit (indices clamp): size C for prompt + new tokens
+at that layer's own `end`. Writing past W cannot raise under jit (indices clamp): size W for prompt + new tokens
 (`models.generate` does). RoPE positions are independent of slots: the caller passes them.
 """
 
@@ -148,8 +150,9 @@ class TextConfig:
 
 
 class CausalLMOutput(NamedTuple):
-  """logits float32[B, T, V]; hidden_states float[L + 1, B, T, D] (see `models.outputs.LlavaOutput`) when asked;
-  last_hidden_state float[B, T, D] after the final norm; cache when one was given."""
+  """logits float32[B, 1, V] (all_logits: [B, S, V]); hidden_states float[L + 1, B, S, D] (see
+  `models.outputs.LlavaOutput`) when asked; last_hidden_state float[B, S, D] after the final norm; cache when one was
+  given."""
   logits: jax.Array
   hidden_states: jax.Array | None = None
   last_hidden_state: jax.Array | None = None
@@ -158,9 +161,9 @@ class CausalLMOutput(NamedTuple):
 
 class KVCache(NamedTuple):
   """Preallocated per-layer key/value cache (see the module docstring)."""
-  k: jax.Array        # dtype[L, B, C, K, Dh]
-  v: jax.Array        # dtype[L, B, C, K, Dh]
-  valid: jax.Array    # bool[L, B, C]
+  k: jax.Array        # dtype[L, B, W, Hkv, Dh]
+  v: jax.Array        # dtype[L, B, W, Hkv, Dh]
+  valid: jax.Array    # bool[L, B, W]
   end: jax.Array      # int32[L]
 
   @property
@@ -176,7 +179,7 @@ def init_cache(config: TextConfig, batch: int, capacity: int, dtype=jnp.float32)
 
 
 def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
-  """transformers' generate: cumsum(mask) - 1, padding positions set to 1. bool/int[B, T] -> int32[B, T]."""
+  """transformers' generate: cumsum(mask) - 1, padding positions set to 1. bool/int[B, S] -> int32[B, S]."""
   m = attention_mask.astype(jnp.int32)
   return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 1).astype(jnp.int32)
 
@@ -189,7 +192,7 @@ def _inv_freq(config: TextConfig) -> np.ndarray:
 
 
 def rope_cos_sin(config: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """int[B, T] positions -> (cos, sin) float[B, T, Dh] in `dtype` (angles in float32, halves duplicated)."""
+  """int[B, S] positions -> (cos, sin) float[B, S, Dh] in `dtype` (angles in float32, halves duplicated)."""
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(config))
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
@@ -201,21 +204,21 @@ def _rotate_half(x):
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate-half RoPE: x float[B, T, heads, Dh], cos/sin float[B, T, Dh]."""
+  """Rotate-half RoPE: x float[B, S, heads, Dh], cos/sin float[B, S, Dh]."""
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   return x * cos + _rotate_half(x) * sin
 
 
 def make_attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
-  """Which keys each query sees. query_slots int[T] (index of each query among the keys), key_valid bool[B, S] ->
-  bool[B, 1, T, S] (broadcast over heads): real keys at or before the query, within the sliding window if any.
+  """Which keys each query sees. query_slots int[S] (index of each query among the keys), key_valid bool[B, Sk] ->
+  bool[B, 1, S, Sk] (broadcast over heads): real keys at or before the query, within the sliding window if any.
 
   Every query also sees its own slot, so a padding query (whose own key is not real) never has an empty row: fused
   attention kernels may return NaN for empty rows, and 0 * NaN would leak into real rows through later layers. Real
   queries are unaffected (their own slot is real); padding rows differ from transformers' (they are garbage in both).
   """
   key_slots = jnp.arange(key_valid.shape[-1])
-  delta = query_slots[:, None] - key_slots[None, :]            # [T, S]
+  delta = query_slots[:, None] - key_slots[None, :]            # [S, Sk]
   allowed = delta >= 0
   if sliding_window is not None:
     allowed = allowed & (delta < sliding_window)
@@ -250,7 +253,7 @@ class LlamaAttention(nnx.Module):
     self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, rngs, c.attention_bias)
 
   def qkv(self, x, cos, sin):
-    """x float[B, T, D] (normed) -> q float[B, T, H, Dh], k, v float[B, T, K, Dh] (RoPE applied to q and k)."""
+    """x float[B, S, D] (normed) -> q float[B, S, H, Dh], k, v float[B, S, Hkv, Dh] (RoPE applied to q and k)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -258,12 +261,13 @@ class LlamaAttention(nnx.Module):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def attend(self, q, k, v, mask):
-    """q float[B, T, H, Dh], k/v float[B, S, K, Dh], mask bool[B, 1, T, S] -> float[B, T, D]."""
+    """q float[B, S, H, Dh], k/v float[B, Sk, Hkv, Dh] (Sk: S, or the W cache slots), mask bool[B, 1, S, Sk] ->
+    float[B, S, D]."""
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=None)
     return self.o_proj(out.reshape(*q.shape[:2], -1))
 
   def probs(self, q, k, mask):
-    """Attention probabilities float32[B, H, T, S] (transformers' eager: float32 softmax, cast to the dtype)."""
+    """Attention probabilities float32[B, H, S, S] (transformers' eager: float32 softmax, cast to the dtype)."""
     groups = self.num_heads // self.num_kv_heads
     k = jnp.repeat(k, groups, axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
@@ -325,7 +329,7 @@ class LlamaModel(nnx.Module):
     return self.embed_tokens.embedding.dtype
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """int[B, T] -> float[B, T, D]."""
+    """int[B, S] -> float[B, S, D]."""
     return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0)
 
   def layer(self, index: int) -> LlamaDecoderLayer:
@@ -346,16 +350,16 @@ class LlamaModel(nnx.Module):
     """Runs decoder layers [start, stop) on hidden states.
 
     Args:
-      x: float[B, T, D] input of layer `start`.
-      positions: int[B, T] RoPE position ids.
-      attention_mask: bool/int[B, T], True/1 for real tokens; None means all real.
+      x: float[B, S, D] input of layer `start`.
+      positions: int[B, S] RoPE position ids.
+      attention_mask: bool/int[B, S], True/1 for real tokens; None means all real.
       start, stop: static layer segment (stop=None: to the last layer).
-      cache: a `KVCache`; the T tokens are written at each segment layer's `end` and attend to the cached slots.
+      cache: a `KVCache`; the S tokens are written at each segment layer's `end` and attend to the cached slots.
       collect_hidden: also return the input of every layer of the segment.
 
     Returns:
-      DecoderOutput(hidden float[B, T, D] (before the final norm), hidden_states float[stop - start, B, T, D] | None,
-      cache with `end` advanced by T for the segment's layers | None).
+      DecoderOutput(hidden float[B, S, D] (before the final norm), hidden_states float[stop - start, B, S, D] | None,
+      cache with `end` advanced by S for the segment's layers | None).
     """
     start, stop = self._segment(start, stop)
     chex.assert_rank(x, 3)
@@ -401,32 +405,56 @@ class LlamaModel(nnx.Module):
     new_cache = KVCache(k=k_all, v=v_all, valid=new_valid, end=cache.end.at[start:stop].add(t))
     return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
 
+  def query_keys(self, layer: int, x: jax.Array, positions: jax.Array,
+                 queries: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Decoder layer `layer`'s post-RoPE queries of chosen rows and keys of every token (no cache): the one way
+    attention rows are read (`attention_probs`, in-LLM pruning scorers).
+
+    Args:
+      layer: static layer index.
+      x: float[B, S, D] the INPUT hidden states of that layer.
+      positions: int[B, S] RoPE position ids.
+      queries: int[B, Q] token indices of the query rows (clipped to [0, S)).
+
+    Returns:
+      (q float[B, Q, H, Dh], k float[B, S, Hkv, Dh]); the projections run on the Q query rows only.
+    """
+    c = self.config
+    chex.assert_rank(queries, 2)
+    block = self.layer(layer)
+    b, s, _ = x.shape
+    rows = jnp.clip(queries, 0, s - 1)
+    pick = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
+    normed = block.input_layernorm(x)
+    cos, sin = rope_cos_sin(c, positions, x.dtype)
+    k = block.self_attn.k_proj(normed).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    q = block.self_attn.q_proj(pick(normed)).reshape(b, rows.shape[1], c.num_attention_heads, c.head_dim)
+    return apply_rope(q, pick(cos), pick(sin)), apply_rope(k, cos, sin)
+
   def attention_probs(self, layer: int, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                       queries: jax.Array) -> jax.Array:
     """Attention probabilities of decoder layer `layer` for selected query tokens (no cache).
 
     Args:
       layer: static layer index.
-      x: float[B, T, D] the INPUT hidden states of that layer (`run_layers(..., stop=layer)` or hidden_states[layer]).
-      positions: int[B, T]; attention_mask: bool[B, T] | None as in `run_layers`.
+      x: float[B, S, D] the INPUT hidden states of that layer (`run_layers(..., stop=layer)` or hidden_states[layer]).
+      positions: int[B, S]; attention_mask: bool[B, S] | None as in `run_layers`.
       queries: int[B, Q] token indices of the query rows (e.g. text raters, the last token).
 
     Returns:
-      float32[B, H, Q, T], each row a softmax over the keys the query may see (masked keys get 0).
+      float32[B, H, Q, S], each row a softmax over the keys the query may see (masked keys get 0).
     """
     b, t, _ = x.shape
     chex.assert_rank(queries, 2)
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    cos, sin = rope_cos_sin(self.config, positions, x.dtype)
-    q, k, _ = self.layer(layer).qkv(x, cos, sin)
-    q = jnp.take_along_axis(q, queries[:, :, None, None], axis=1)
-    mask = make_attention_mask(jnp.arange(t), valid, self.config.sliding_window)     # [B, 1, T, T]
+    q, k = self.query_keys(layer, x, positions, queries)
+    mask = make_attention_mask(jnp.arange(t), valid, self.config.sliding_window)     # [B, 1, S, S]
     mask = jnp.take_along_axis(mask, queries[:, None, :, None], axis=2)
     return self.layer(layer).self_attn.probs(q, k, mask)
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None, *,
                cache: KVCache | None = None, output_hidden_states: bool = False):
-    """All layers then the final norm: -> (last_hidden_state float[B, T, D], hidden_states float[L + 1, B, T, D] |
+    """All layers then the final norm: -> (last_hidden_state float[B, S, D], hidden_states float[L + 1, B, S, D] |
     None, cache | None)."""
     out = self.run_layers(inputs_embeds, positions, attention_mask, cache=cache, collect_hidden=output_hidden_states)
     hidden_states = None
@@ -455,20 +483,28 @@ class LlamaForCausalLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, *, cache: KVCache | None = None,
-               output_hidden_states: bool = False) -> CausalLMOutput:
-    """input_ids int[B, T]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one).
+               output_hidden_states: bool = False, all_logits: bool = False) -> CausalLMOutput:
+    """input_ids int[B, S]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one).
+    Logits at each row's last real position, float32[B, 1, V], unless `all_logits` (float32[B, S, V]).
     Empty input_ids, and concrete ids outside the vocabulary, raise ValueError (`models.checks`)."""
     checks.check_input_ids(input_ids, self.config.vocab_size)
     if position_ids is None:
       position_ids = default_positions(input_ids.shape, attention_mask)
     h, hidden_states, cache = self.model(self.model.embed(input_ids), position_ids, attention_mask, cache=cache,
                                          output_hidden_states=output_hidden_states)
-    return CausalLMOutput(logits=lm_logits(self.model, self.lm_head, h), hidden_states=hidden_states,
+    if all_logits:
+      logits = lm_logits(self.model, self.lm_head, h)
+    else:
+      last = (h.shape[1] - 1 if attention_mask is None
+              else h.shape[1] - 1 - jnp.argmax(jnp.asarray(attention_mask).astype(bool)[:, ::-1], axis=-1))
+      last = jnp.broadcast_to(jnp.asarray(last, jnp.int32), (h.shape[0],))
+      logits = lm_logits(self.model, self.lm_head, jnp.take_along_axis(h, last[:, None, None], axis=1))
+    return CausalLMOutput(logits=logits, hidden_states=hidden_states,
                           last_hidden_state=h, cache=cache)
 
 
 def default_positions(shape: tuple[int, int], attention_mask: jax.Array | None) -> jax.Array:
-  """Position ids for a fresh prompt: from the mask (left padding aware) or arange. -> int32[B, T]."""
+  """Position ids for a fresh prompt: from the mask (left padding aware) or arange. -> int32[B, S]."""
   if attention_mask is None:
     return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
   return position_ids_from_mask(attention_mask)

@@ -6,8 +6,9 @@ D text width, V vocabulary, L decoder layers.
 
     model = models.load_pretrained(path, dtype=jnp.bfloat16)
     out = jax.jit(lambda m, b: m(**b))(model, dict(input_ids=ids, pixel_values=px, attention_mask=mask))
-    out.logits                          # float32[B, S, V]
+    out.logits                          # float32[B, 1, V] at each row's last real token (all_logits=True: [B, S, V])
     out.cls_attention, out.image_embeds  # Stage I inputs: float32[I, N], float[I, N, D]
+    tokens = model.image_tokens(px)     # ImageTokens: what pruners read, the same interface as LLaVA-NeXT's
 
 The forward is a composition of small methods, which is the seam for token pruning:
 
@@ -50,11 +51,12 @@ from models import checks
 from models import clip
 from models import config_fields
 from models import conversion
+from models import anyres
 from models import llama
-from models.outputs import LlavaOutput, VisionOutput
+from models.outputs import ImageTokens, LlavaOutput, VisionOutput
 
 __all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
-           "check_image_tokens", "conversion_table"]
+           "check_image_tokens", "single_crop_layout", "last_logits", "conversion_table"]
 
 # LlavaConfig's vision tower when config.json has no vision_config (CLIP ViT-L/14 at 336 px).
 _DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -120,6 +122,22 @@ class LlavaConfig:
   def num_feature_layers(self) -> int:
     return 1 if isinstance(self.vision_feature_layer, int) else len(self.vision_feature_layer)
 
+  @property
+  def max_image_tokens(self) -> int:
+    """The most <image> tokens one image brings (LLaVA-1.5: every image brings exactly this many)."""
+    return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+  @property
+  def max_newlines(self) -> int:
+    """The most `image_newline` tokens one image brings (LLaVA-1.5: none)."""
+    return 0
+
+  @property
+  def token_grid(self) -> tuple[int, int] | None:
+    """(rows, cols) of the 2-D grid an image's tokens form in packed order: the patch grid ("full": none, CLS)."""
+    g = self.vision.image_size // self.vision.patch_size
+    return (g, g) if self.vision_feature_select_strategy == "default" else None
+
 
 class LlavaMultiModalProjector(nnx.Module):
   """linear_1 -> act (`projector_hidden_act`, "gelu" = exact erf GELU) -> linear_2."""
@@ -172,6 +190,26 @@ def merge_image_features(input_ids: jax.Array, inputs_embeds: jax.Array, image_e
   return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
 
 
+def single_crop_layout(num_images: int, num_tokens: int) -> anyres.PackLayout:
+  """The trivial packing layout of LLaVA-1.5 (host numpy): every image is one crop of `num_tokens` tokens, packed in
+  their own order, no newline, no padding."""
+  tokens = np.broadcast_to(np.arange(num_tokens, dtype=np.int32), (num_images, num_tokens))
+  return anyres.PackLayout(source=tokens.copy(), crop=np.zeros((num_images, num_tokens), np.int32),
+                           newline=np.zeros((num_images, num_tokens), bool),
+                           valid=np.ones((num_images, num_tokens), bool),
+                           counts=np.full((num_images,), num_tokens, np.int32),
+                           grid=np.zeros((num_images, 2), np.int32))
+
+
+def last_logits(head, hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+  """`head` at each row's last real position: float[B, S, D] -> float32[B, 1, V] (the LM head runs on B rows)."""
+  if attention_mask is None:
+    return head(hidden[:, -1:])
+  mask = jnp.asarray(attention_mask).astype(bool)
+  last = (mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)).astype(jnp.int32)
+  return head(jnp.take_along_axis(hidden, last[:, None, None], axis=1))
+
+
 class LlavaForConditionalGeneration(nnx.Module):
   """vision_tower (CLIP), multi_modal_projector, language_model (LlamaModel), lm_head (None when tied)."""
 
@@ -183,23 +221,52 @@ class LlavaForConditionalGeneration(nnx.Module):
     self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
         config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True) -> VisionOutput:
-    """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None)."""
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False) -> VisionOutput:
+    """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None,
+    keys float[I, N, Dh] | None)."""
     return self.vision_tower.features(pixel_values, feature_layers=self.config.vision_feature_layer,
                                       select_strategy=self.config.vision_feature_select_strategy,
-                                      cls_attention=cls_attention)
+                                      cls_attention=cls_attention, keys=keys)
 
   def project(self, features: jax.Array) -> jax.Array:
     """float[..., Dv'] -> float[..., D] in the language model's embedding space."""
     return self.multi_modal_projector(features)
 
-  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
-    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D]."""
+  def layout(self, image_sizes, num_images: int) -> anyres.PackLayout:
+    """Where each image token sits (`anyres.PackLayout`); LLaVA-1.5: one crop of N tokens per image, whatever the
+    image size (`image_sizes` is not read and may be None)."""
+    del image_sizes
+    return single_crop_layout(num_images, self.config.max_image_tokens)
+
+  def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
+                   cls_attention: bool = True, keys: bool = False) -> ImageTokens:
+    """The batch's image tokens and what pruners read about them: float[I, 3, H, W] -> `ImageTokens` (one crop per
+    image: N = T = the patches; `layout` is not read)."""
+    del layout
+    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys)
+    embeds = self.project(vis.features)
+    i, n = embeds.shape[:2]
+    real = jnp.ones((i, n), bool)
+    return ImageTokens(embeds=embeds, valid=real, newline=~real, crop=jnp.zeros((i, n), jnp.int32),
+                       source=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (i, n)),
+                       cls_attention=vis.cls_attention, features=vis.features, keys=vis.keys,
+                       crop_embeds=embeds[:, None],
+                       crop_cls_attention=None if vis.cls_attention is None else vis.cls_attention[:, None])
+
+  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
+            valid: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D].
+
+    image_embeds: float[I, N, D] (or float[R, D]) rows in order; valid: bool[I, N] real rows, a prefix of each image
+    (None: every row is real). The k-th image token of the flattened batch takes the k-th real row.
+    """
     x = self.language_model.embed(input_ids)
     if image_embeds is None:
       check_image_tokens(input_ids, 0, self.config.image_token_id)
       return x
-    return merge_image_features(input_ids, x, image_embeds, self.config.image_token_id)
+    if valid is None:
+      return merge_image_features(input_ids, x, image_embeds, self.config.image_token_id)
+    return anyres.merge_into_embeddings(x, input_ids == self.config.image_token_id, image_embeds, jnp.asarray(valid))
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """Final norm + lm_head: float[..., D] (output of the last layer) -> float32[..., V]."""
@@ -208,7 +275,7 @@ class LlavaForConditionalGeneration(nnx.Module):
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
                image_sizes: jax.Array | None = None, *, cache: llama.KVCache | None = None,
-               output_hidden_states: bool = False) -> LlavaOutput:
+               output_hidden_states: bool = False, all_logits: bool = False) -> LlavaOutput:
     """Full forward (see the module docstring for the pieces).
 
     Args:
@@ -219,9 +286,12 @@ class LlavaForConditionalGeneration(nnx.Module):
       image_sizes: ignored (LLaVA-1.5); accepted for a signature shared with LLaVA-NeXT.
       cache: optional `llama.KVCache` to write the keys/values into (prefill).
       output_hidden_states: also return the per-layer hidden states.
+      all_logits: logits at every position (float32[B, S, V], transformers' default); otherwise only at each row's
+        last real position (float32[B, 1, V], transformers' `logits_to_keep=1` for left padding), so the LM head
+        runs on B rows, not B x S.
 
     Returns:
-      LlavaOutput with logits float32[B, S, V] and the intermediates.
+      LlavaOutput with the logits and the intermediates.
 
     Raises:
       ValueError: empty input_ids or pixel_values, and (concrete inputs only) token ids outside the vocabulary or
@@ -243,8 +313,10 @@ class LlavaForConditionalGeneration(nnx.Module):
     if output_hidden_states:
       hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
     last = self.language_model.norm(seg.hidden)
+    logits = (llama.lm_logits(self.language_model, self.lm_head, last) if all_logits
+              else last_logits(self.head, seg.hidden, attention_mask))
     return LlavaOutput(
-        logits=llama.lm_logits(self.language_model, self.lm_head, last),
+        logits=logits,
         image_features=None if vis is None else vis.features,
         cls_attention=None if vis is None else vis.cls_attention,
         image_embeds=image_embeds, inputs_embeds=x, hidden_states=hidden_states, last_hidden_state=last,

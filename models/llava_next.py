@@ -10,7 +10,7 @@ width, V vocabulary, L decoder layers.
     batch = dict(proc(images=images, text=prompts, padding=True, return_tensors="np"))
     model = models.load_pretrained(path, dtype=jnp.bfloat16)
     out = jax.jit(lambda m, b: m(**b))(model, batch)
-    out.logits                                  # float32[B, S, V]
+    out.logits                                  # float32[B, 1, V] (all_logits=True: [B, S, V])
     out.image_embeds, out.cls_attention         # per crop: float[I, P, T, D], float32[I, P, T]
     out.packed_embeds, out.layout               # packed: float[I, N, D] + where each token comes from
 
@@ -66,7 +66,7 @@ from models import checks
 from models import conversion
 from models import llama
 from models import llava
-from models.outputs import VisionOutput
+from models.outputs import ImageTokens, VisionOutput
 
 __all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "conversion_table"]
 
@@ -116,6 +116,22 @@ class LlavaNextConfig(llava.LlavaConfig):
   def max_num_crops(self) -> int:
     return anyres.max_num_crops(self.image_grid_pinpoints, self.vision.image_size)
 
+  @property
+  def max_image_tokens(self) -> int:
+    return self.max_num_features
+
+  @property
+  def token_grid(self) -> tuple[int, int]:
+    """The packed tokens (base crop, then the unpadded grid rows with newlines) form no single 2-D grid: one row of
+    the packing bucket, so grid methods (pooling) work on 1-D windows of consecutive packed tokens."""
+    return (1, self.max_num_features)
+
+  @property
+  def max_newlines(self) -> int:
+    """The most `image_newline` tokens one image brings: one per feature row of the tallest grid."""
+    g = self.vision.image_size // self.vision.patch_size
+    return max(h // self.vision.image_size * g for h, _ in self.image_grid_pinpoints)
+
 
 class LlavaNextOutput(NamedTuple):
   """Everything a LLaVA-NeXT forward computes (None where not computed).
@@ -164,8 +180,11 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     """Host-side packing layout (numpy) for int[I, 2] original (height, width) sizes; N defaults to the bucket."""
     return pack_layout(self.config, image_sizes, num_tokens)
 
-  def _layout(self, image_sizes: jax.Array, num_images: int) -> anyres.PackLayout:
-    """The layout for concrete or traced image sizes (traced: computed on the host through pure_callback)."""
+  def layout(self, image_sizes, num_images: int) -> anyres.PackLayout:
+    """The layout for concrete (numpy result) or traced image sizes (arrays, computed on the host through
+    pure_callback): int[I, 2] (height, width) per image."""
+    if image_sizes is None:
+      raise ValueError("LLaVA-NeXT needs image_sizes (or a precomputed layout)")
     if np.shape(image_sizes) != (num_images, 2):
       raise ValueError(f"image_sizes must be int[I={num_images}, 2] (height, width per image), got shape "
                        f"{np.shape(image_sizes)}")
@@ -180,15 +199,33 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
         counts=spec((num_images,), jnp.int32), grid=spec((num_images, 2), jnp.int32))
     return jax.pure_callback(lambda sizes: pack_layout(config, sizes), shapes, image_sizes)
 
-  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True) -> VisionOutput:
-    """float[I, P, 3, H, W] crops -> VisionOutput(features float[I, P, T, Dv], cls_attention float32[I, P, T])."""
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False) -> VisionOutput:
+    """float[I, P, 3, H, W] crops -> VisionOutput(features float[I, P, T, Dv], cls_attention float32[I, P, T] | None,
+    keys float[I, P, T, Dh] | None)."""
     if pixel_values.ndim != 5:
       raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
                        f"returns them), got shape {pixel_values.shape}")
     i, p = pixel_values.shape[:2]
-    vis = super().encode_images(pixel_values.reshape(i * p, *pixel_values.shape[2:]), cls_attention=cls_attention)
-    attn = None if vis.cls_attention is None else vis.cls_attention.reshape(i, p, -1)
-    return VisionOutput(features=vis.features.reshape(i, p, *vis.features.shape[1:]), cls_attention=attn)
+    vis = super().encode_images(pixel_values.reshape(i * p, *pixel_values.shape[2:]), cls_attention=cls_attention,
+                                keys=keys)
+    per_crop = lambda a: None if a is None else a.reshape(i, p, *a.shape[1:])
+    return VisionOutput(features=per_crop(vis.features), cls_attention=per_crop(vis.cls_attention),
+                        keys=per_crop(vis.keys))
+
+  def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
+                   cls_attention: bool = True, keys: bool = False) -> ImageTokens:
+    """The batch's image tokens in packed order: float[I, P, 3, H, W] crops + `layout` -> `ImageTokens`."""
+    if layout is None:
+      raise ValueError("LLaVA-NeXT image tokens need the packing layout (model.layout(image_sizes, num_images))")
+    layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
+    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys)
+    img = self.project(vis.features)
+    pack = lambda a: self.pack(a, layout, jnp.zeros(a.shape[-1:], a.dtype))
+    cls = vis.cls_attention
+    return ImageTokens(embeds=self.pack(img, layout), valid=layout.valid, newline=layout.newline, crop=layout.crop,
+                       source=layout.source, cls_attention=None if cls is None else pack(cls[..., None])[..., 0],
+                       features=pack(vis.features), keys=None if vis.keys is None else pack(vis.keys),
+                       crop_embeds=img, crop_cls_attention=cls)
 
   def pack(self, per_crop: jax.Array, layout: anyres.PackLayout, newline: jax.Array | None = None) -> jax.Array:
     """float[I, P, T, X] per-crop rows -> float[I, N, X] packed rows; newline slots take `newline` (default the
@@ -198,21 +235,11 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     return anyres.pack_features(per_crop, jnp.asarray(layout.source), jnp.asarray(layout.newline),
                                 jnp.asarray(layout.valid), newline)
 
-  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
-            valid: jax.Array | None = None) -> jax.Array:
-    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D].
-
-    image_embeds: float[I, N, D] packed rows; valid: bool[I, N] (None: every row is real, e.g. after pruning).
-    """
-    if image_embeds is None or valid is None:
-      return super().embed(input_ids, image_embeds)
-    x = self.language_model.embed(input_ids)
-    return anyres.merge_into_embeddings(x, input_ids == self.config.image_token_id, image_embeds, jnp.asarray(valid))
-
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
                image_sizes: jax.Array | None = None, *, layout: anyres.PackLayout | None = None,
-               cache: llama.KVCache | None = None, output_hidden_states: bool = False) -> LlavaNextOutput:
+               cache: llama.KVCache | None = None, output_hidden_states: bool = False,
+               all_logits: bool = False) -> LlavaNextOutput:
     """Full forward.
 
     Args:
@@ -224,9 +251,10 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       layout: precomputed `pack_layout(image_sizes)` (arrays); when given, `image_sizes` is not read.
       cache: optional `llama.KVCache` to write the keys/values into (prefill).
       output_hidden_states: also return the per-layer hidden states.
+      all_logits: logits at every position float32[B, S, V]; otherwise at each row's last real one, float32[B, 1, V].
 
     Returns:
-      LlavaNextOutput with logits float32[B, S, V] and the intermediates.
+      LlavaNextOutput with the logits and the intermediates.
 
     Raises:
       ValueError: as `models.llava.LlavaForConditionalGeneration.__call__`, plus layout and crop-shape errors.
@@ -242,7 +270,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       if layout is None:
         if image_sizes is None:
           raise ValueError("LLaVA-NeXT needs image_sizes (or a precomputed layout) with pixel_values")
-        layout = self._layout(image_sizes, num_images)
+        layout = self.layout(image_sizes, num_images)
       layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
       if not isinstance(layout.counts, jax.core.Tracer):     # fail before running the tower
         llava.check_image_tokens(input_ids, int(np.sum(layout.counts)), self.config.image_token_id)
@@ -266,7 +294,9 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     if output_hidden_states:
       hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
     last = self.language_model.norm(seg.hidden)
-    return LlavaNextOutput(logits=llama.lm_logits(self.language_model, self.lm_head, last), inputs_embeds=x,
+    logits = (llama.lm_logits(self.language_model, self.lm_head, last) if all_logits
+              else llava.last_logits(self.head, seg.hidden, attention_mask))
+    return LlavaNextOutput(logits=logits, inputs_embeds=x,
                            hidden_states=hidden_states, last_hidden_state=last, cache=seg.cache, **out)
 
 

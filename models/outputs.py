@@ -1,8 +1,8 @@
 """Named outputs of the model ports: pytrees (NamedTuples) that `jax.jit` can return.
 
-Axes: B batch (prompts), I images (all images of the batch, flattened in order), N visual tokens per image, P = N + 1
-vision positions (CLS first), Dv vision width (times the number of feature layers once concatenated), D text width,
-S sequence, V vocabulary, L decoder layers, C cache capacity (slots), K key/value heads, Dh head width.
+Axes (`models` legend): B batch (prompts), I images (all images of the batch, flattened in order), N visual tokens
+per image (packed: slots), T + 1 vision positions of a crop (CLS first), P crops, Dv vision width (times the number
+of feature layers once concatenated), Dh head width, D text width, S sequence, V vocabulary, L decoder layers.
 
 Fields that were not asked for are None.
 """
@@ -11,20 +11,50 @@ from typing import NamedTuple
 
 import jax
 
-__all__ = ["VisionOutput", "DecoderOutput", "LlavaOutput"]
+__all__ = ["VisionOutput", "ImageTokens", "DecoderOutput", "LlavaOutput"]
 
 
 class VisionOutput(NamedTuple):
   """What the CLIP tower hands to LLaVA.
 
-  features: float[I, N, Dv] (`select_strategy="default"`: CLS dropped) or float[I, P, Dv] ("full"): the hidden states
-    of the `vision_feature_layer`(s), concatenated along the width in the order given, like transformers.
-  cls_attention: float32[I, N] or float32[I, P] aligned with `features`: attention from the CLS query to every key of
-    the layer that produces the (last) feature layer, softmax over all P keys, mean over heads; with "default" the
-    CLS column is dropped (not renormalised), as VisionZip/TOPS Stage I read it.
+  features: float[I, N, Dv] (`select_strategy="default"`: CLS dropped) or float[I, N + 1, Dv] ("full"): the hidden
+    states of the `vision_feature_layer`(s), concatenated along the width in the order given, like transformers.
+  cls_attention: float32[I, N] or float32[I, N + 1] aligned with `features`: attention from the CLS query to every key
+    of the layer that produces the (last) feature layer, softmax over all N + 1 keys, mean over heads; with "default"
+    the CLS column is dropped (not renormalised), as VisionZip/TOPS Stage I read it.
+  keys: float[I, N, Dh] (or [I, N + 1, Dh]) aligned with `features`, when asked: the attention keys of that same layer
+    (k_proj of its normed input), mean over heads: VisionZip's `metric` for merging contextual tokens.
   """
   features: jax.Array
   cls_attention: jax.Array | None = None
+  keys: jax.Array | None = None
+
+
+class ImageTokens(NamedTuple):
+  """The image tokens of a batch as the decoder will receive them, and what pruners read about them; the same
+  interface for LLaVA-1.5 (one crop: N = the patches, the trivial layout) and LLaVA-NeXT (anyres packing).
+
+  embeds: float[I, N, D] projector outputs in packed order (NeXT: newline slots hold `image_newline`, padding zeros).
+  valid: bool[I, N] real slots (image tokens and newlines; a prefix of each row).
+  newline: bool[I, N] `image_newline` slots (LLaVA-1.5: none).
+  crop: int32[I, N] crop of each slot: 0 the base crop, 1.. the grid crops; -1 newline and padding.
+  source: int32[I, N] index of each slot in the image's flattened per-crop tokens [P * T]; -1 newline and padding.
+  cls_attention: float32[I, N] | None CLS attention of the feature layer (0 at newline and padding slots).
+  features: float[I, N, Dv] pre-projector vision features (zeros at newline and padding slots).
+  keys: float[I, N, Dh] | None the feature layer's keys, mean over heads (`VisionOutput.keys`), when asked.
+  crop_embeds: float[I, P, T, D] projector outputs per crop, before packing (LLaVA-1.5: P = 1, T = N).
+  crop_cls_attention: float32[I, P, T] | None CLS attention per crop.
+  """
+  embeds: jax.Array
+  valid: jax.Array
+  newline: jax.Array
+  crop: jax.Array
+  source: jax.Array
+  cls_attention: jax.Array | None
+  features: jax.Array
+  keys: jax.Array | None
+  crop_embeds: jax.Array
+  crop_cls_attention: jax.Array | None
 
 
 class DecoderOutput(NamedTuple):

@@ -44,10 +44,10 @@ def test_llava_greedy_matches_transformers(tmp_path):
   _check(ours, theirs, 12)
   assert ours.num_tokens[0] == 4
   # Same shapes and stop tokens, other prompt values: no new compile.
-  compiled = generate._greedy._cache_size()
+  compiled = generate.prefill._cache_size(), generate.decode._cache_size()
   generate.greedy(model, ids[:, ::-1].copy(), mask, pixel_values=px[::-1].copy(), max_new_tokens=12,
                   eos_token_ids=eos, pad_token_id=0)
-  assert generate._greedy._cache_size() == compiled
+  assert (generate.prefill._cache_size(), generate.decode._cache_size()) == compiled
 
 
 def test_text_greedy_with_sliding_window_matches_transformers(tmp_path):

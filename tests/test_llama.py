@@ -32,7 +32,7 @@ def test_text_model_matches_transformers_with_attention_rows(tmp_path):
   queries = np.array([[259, 100, 7], [259, 200, 60]])           # real tokens of each row
 
   def fn(m, ids, mask):
-    out = m(ids, mask, output_hidden_states=True)
+    out = m(ids, mask, output_hidden_states=True, all_logits=True)
     probs = m.model.attention_probs(layer, out.hidden_states[layer], llama.position_ids_from_mask(mask), mask, queries)
     return out, probs
 

@@ -47,7 +47,7 @@ def _reference(hf, ids, mask, px, feature_layer=-2, strategy="default"):
 
 
 # One jitted forward for the whole module: models with equal configs and batches of equal shapes share a compile.
-_FORWARD = jax.jit(lambda m, b: m(**b, output_hidden_states=True))
+_FORWARD = jax.jit(lambda m, b: m(**b, output_hidden_states=True, all_logits=True))
 
 
 def _run(model, ids, mask, px):

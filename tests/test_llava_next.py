@@ -143,7 +143,7 @@ def test_matches_transformers_stage_by_stage(tiny_pair, text, padding_side, over
   want = _hf_reference(hf_model, batch, position_ids)
 
   # Jitted, with image_sizes traced (the layout comes from the host through pure_callback).
-  fwd = jax.jit(lambda m, b: m(**b, output_hidden_states=True))
+  fwd = jax.jit(lambda m, b: m(**b, output_hidden_states=True, all_logits=True))
   got = fwd(model, {k: jnp.asarray(v) for k, v in batch.items()})
   tol = dict(rtol=1e-5, atol=1e-5)
   layout = model.pack_layout(batch["image_sizes"])
@@ -183,11 +183,11 @@ def test_layout_paths_and_crop_padding_agree(tiny_pair):
   the same numbers."""
   _, model = tiny_pair("llama")
   batch = _inputs("right", seed=1)
-  traced = jax.jit(lambda m, b: m(**b))(model, batch)
+  traced = jax.jit(lambda m, b: m(**b, all_logits=True))(model, batch)
   layout = model.pack_layout(batch["image_sizes"])
   padded = dict(batch, pixel_values=anyres.pad_crops(batch["pixel_values"], model.config.max_num_crops + 2))
   padded.pop("image_sizes")
-  given = jax.jit(lambda m, b, lay: m(**b, layout=lay))(model, padded, layout)
+  given = jax.jit(lambda m, b, lay: m(**b, layout=lay, all_logits=True))(model, padded, layout)
   np.testing.assert_allclose(given.logits, traced.logits, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(given.packed_embeds, traced.packed_embeds, rtol=1e-6, atol=1e-6)
   assert given.image_embeds.shape[1] == model.config.max_num_crops + 2

@@ -5,6 +5,8 @@ and `prune.select` on the reference numbers (Stage II), Python loops for the reb
 row newlines, and cache-free recomputation of the kept sequences (decoding).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 # Jitted references (one compile per shape and segment, shared by the tests).
-_FULL = jax.jit(lambda m, b: m(**b))
+_FULL = jax.jit(lambda m, b: m(**b, all_logits=True))
 _LAYERS = jax.jit(lambda m, h, p, mask, start, stop: m.language_model.run_layers(h, p, mask, start=start, stop=stop),
                   static_argnames=("start", "stop"))
 _DECODE = jax.jit(pruning.decode_step, static_argnames="config")
@@ -178,7 +180,7 @@ def test_keep_all_equals_unpruned_llava(llava):
   _, model = llava
   ids, mask, px = _llava_batch("left")
   cfg = pruning.PruningConfig("tops", stage1_budget=N, stage2=((1, N), (2, N)))
-  out = pruning.forward(model, cfg, ids, mask, px)
+  out = pruning.forward(model, cfg, ids, mask, px, all_logits=True)
   full = _unpruned(model, ids, mask, px)
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full.logits)[real], rtol=1e-5, atol=1e-5)
@@ -194,7 +196,7 @@ def test_keep_all_equals_unpruned_llava_next(llava_next):
   newlines = int(model.pack_layout(sizes).newline[0].sum())
   cfg = pruning.PruningConfig("divprune", stage1_budget=count - newlines, stage1_relevance="none", newlines="keep",
                               stage2=((1, count), (2, count)), stage2_relevance="none")
-  out = pruning.forward(model, cfg, ids, mask, px, sizes)
+  out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
   full = _unpruned(model, ids, mask, px, sizes)
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full.logits)[real], rtol=1e-5, atol=1e-5)
@@ -212,7 +214,7 @@ def test_stage1_llava_matches_transformers(llava, method, relevance, side):
   budget = 6
   hp = {"alpha": 0.5, "lam": 1.0} if method == "tops" else {}
   cfg = pruning.PruningConfig(method, stage1_budget=budget, stage1_relevance=relevance, stage1_hparams=hp)
-  out = pruning.forward(model, cfg, ids, mask, px)
+  out = pruning.forward(model, cfg, ids, mask, px, all_logits=True)
 
   feats, cls, keys, proj = _hf_vision(hf, px)
   with torch.no_grad():
@@ -264,7 +266,7 @@ def test_stage1_llava_next_matches_transformers(llava_next, scope, newlines, sid
   relevance = "none" if scope == "global" else "cls"
   cfg = pruning.PruningConfig(method, stage1_budget=budget, stage1_scope=scope, stage1_relevance=relevance,
                               stage1_hparams=hp, newlines=newlines)
-  out = pruning.forward(model, cfg, ids, mask, px, sizes)
+  out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
 
   layout = anyres.pack_layout(sizes, PINPOINTS, CROP, PATCH)
   with torch.no_grad():
@@ -388,7 +390,7 @@ def test_stage2_matches_reference(request, family, method, relevance, positions,
   hp = {"alpha": 0.5, "lam": 0.5} if method == "tops" else {}
   cfg = pruning.PruningConfig(method, stage2=steps, stage2_relevance=relevance, stage2_hparams=hp,
                               positions=positions)
-  out = pruning.forward(model, cfg, ids, mask, px, sizes)
+  out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
   num_layers = model.config.text.num_hidden_layers
 
   ref = _unpruned(model, ids, mask, px, sizes)
@@ -479,7 +481,9 @@ def test_decoding_with_cache_matches_recomputation(request, family, positions):
   pre = pruning.forward(model, cfg, ids, mask, px, sizes, cache_capacity=ids.shape[1] + steps)
   seg_mask = np.asarray(pre.segments[-1].mask)
   last = seg_mask.shape[1] - 1 - np.argmax(seg_mask[:, ::-1], -1)
-  generated = np.asarray(pre.logits)[np.arange(2), last].argmax(-1)[:, None]
+  every = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)   # the prefill's logits are the last row's
+  np.testing.assert_allclose(np.asarray(pre.logits)[:, 0], np.asarray(every.logits)[np.arange(2), last], **TOL)
+  generated = np.asarray(pre.logits)[:, 0].argmax(-1)[:, None]
   cache, position = pre.cache, pre.last_positions
   for _ in range(steps - 1):
     position = position + 1
@@ -572,3 +576,72 @@ def test_bad_schedules_and_inputs_raise(llava, llava_next):
     pruning.forward(next_model, pruning.PruningConfig("tops", stage1_budget=int(tokens[1]) + 1), ids, mask, px, sizes)
   with pytest.raises(ValueError, match="LLaVA-NeXT needs image_sizes"):
     pruning.forward(next_model, pruning.PruningConfig("tops", stage1_budget=4), ids, mask, px)
+
+
+def test_a_hyperparameter_sweep_reuses_one_compile(llava_next):
+  """Float hyperparameters are traced: alpha 0.3 and 0.9 share a program, yet each gets its own picks (those of a
+  program compiled afresh for it)."""
+  from models.pruning import driver  # pylint: disable=g-import-not-at-top
+  _, model = llava_next
+  ids, mask, px, sizes = _next_batch("left", seed=5)
+  cfg = lambda alpha: pruning.PruningConfig("tops", stage1_budget=8, stage1_hparams={"alpha": alpha, "lam": 0.5},
+                                            stage2=((1, 4),), stage2_hparams={"alpha": alpha, "lam": 0.5})
+  kept = lambda out: (np.asarray(out.stage1.kept), np.asarray(out.stage2[0].kept))
+  low = kept(pruning.forward(model, cfg(0.3), ids, mask, px, sizes))
+  compiled = driver._forward._cache_size()  # pylint: disable=protected-access
+  high = kept(pruning.forward(model, cfg(0.9), ids, mask, px, sizes))
+  assert driver._forward._cache_size() == compiled  # pylint: disable=protected-access
+  assert cfg(0.3).static() == cfg(0.9).static() and cfg(0.3) != cfg(0.9)
+  jax.clear_caches()
+  fresh = kept(pruning.forward(model, cfg(0.9), ids, mask, px, sizes))
+  for a, b in zip(high, fresh):
+    np.testing.assert_array_equal(a, b)
+  assert any((a != b).any() for a, b in zip(low, high)), "alpha must change the picks for this test to mean anything"
+  # A structural change (another budget, another string option) is another program.
+  pruning.forward(model, dataclasses.replace(cfg(0.9), stage1_budget=9), ids, mask, px, sizes)
+  assert driver._forward._cache_size() == 2  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_both_families_expose_one_image_token_interface(request, family):
+  """`image_tokens` / `layout` / `embed` are what pruning reads; LLaVA-1.5 gives the trivial one-crop layout."""
+  _, model = request.getfixturevalue(family)
+  if family == "llava":
+    ids, mask, px = _llava_batch("left")
+    sizes = None
+  else:
+    ids, mask, px, sizes = _next_batch("left")
+  layout = model.layout(sizes, 2)
+  tokens = model.image_tokens(jnp.asarray(px), layout, cls_attention=True, keys=True)
+  vis = model.encode_images(jnp.asarray(px), cls_attention=True, keys=True)
+  n = tokens.embeds.shape[1]
+  if family == "llava":
+    np.testing.assert_array_equal(layout.source, np.tile(np.arange(N), (2, 1)))
+    assert not layout.newline.any() and layout.valid.all() and (layout.crop == 0).all()
+    np.testing.assert_array_equal(layout.counts, [N, N])
+    assert tokens.crop_embeds.shape[:3] == (2, 1, N)
+  else:
+    assert tokens.crop_embeds.shape[:3] == (2, px.shape[1], T)
+  # Every packed slot holds the per-crop row that `source` names (zeros at newline and padding slots).
+  src = np.asarray(tokens.source)
+  real = src >= 0
+  assert (real == (np.asarray(tokens.valid) & ~np.asarray(tokens.newline))).all()
+  flat = lambda a: np.asarray(a).reshape(2, -1, *np.shape(a)[3:])
+  for got, per_crop in ((tokens.embeds, tokens.crop_embeds), (tokens.features, vis.features),
+                        (tokens.keys, vis.keys), (tokens.cls_attention, vis.cls_attention)):
+    per_crop = np.asarray(per_crop).reshape(2, 1, N, -1) if family == "llava" else np.asarray(per_crop)
+    want = np.take_along_axis(flat(per_crop.reshape(*per_crop.shape[:3], -1)), np.maximum(src, 0)[..., None], 1)
+    got = np.asarray(got).reshape(2, n, -1)
+    np.testing.assert_array_equal(got[real], want[real])
+  if family == "llava_next":
+    newline = np.asarray(tokens.newline)
+    assert newline.any()
+    np.testing.assert_array_equal(np.asarray(tokens.embeds)[newline],
+                                  np.broadcast_to(np.asarray(model.image_newline[...]), (newline.sum(), model.config.text.hidden_size)))
+    for side_channel in (tokens.features, tokens.keys, tokens.cls_attention):     # read at candidates only: zeros
+      np.testing.assert_array_equal(np.asarray(side_channel)[~real], 0)
+  # One embed: the k-th image token of the batch takes the k-th real packed row, for both families.
+  x = np.asarray(model.embed(jnp.asarray(ids), tokens.embeds, tokens.valid))
+  rows = np.asarray(tokens.embeds)[np.asarray(tokens.valid)]
+  np.testing.assert_array_equal(x[ids == IMAGE], rows)
+  assert model.config.max_image_tokens >= int(np.asarray(layout.counts).max())

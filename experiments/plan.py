@@ -1,0 +1,296 @@
+"""What a runner invocation evaluates: the typed run configuration (built once from the flags), the backbones, each
+method's pruning configuration, and the runs (method x budget) they resolve to.
+
+    config = plan.RunConfig.from_flags(flags.FLAGS)      # frozen; every flag the runner reads, checked
+    resolved, runs = plan.resolve(config, model)          # budgets, defaults and fingerprints filled in; RunSpecs
+
+Budgets. `--budget` gives T (visual tokens kept per image) directly; `--keep_ratio` gives T = round(ratio * N_ref)
+with N_ref the backbone's nominal visual-token count (LLaVA-1.5: 576; LLaVA-NeXT: 2880 = 5 crops x 576, so the
+ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180). What each method does with T (`METHOD_CONFIGS`):
+- Stage I methods (divprune, cdpruner, scope, visionzip, trimtokenator, random, pooling) keep T per image before the
+  LLM. CDPruner runs per crop (as its official code on LLaVA-NeXT; LLaVA-1.5 has one crop), the others globally
+  (VisionZip's official per-crop budget depends on the budget, so it runs globally here). Pooling averages 2-D
+  windows of the model's token grid (`config.token_grid`: LLaVA-1.5's patch grid; LLaVA-NeXT's packed tokens form
+  no single grid, so 1-D windows of consecutive packed tokens).
+- In-LLM methods (fastv, dart) prune to T at layer 2 (K = 2 in their code) and keep original position ids (FastV).
+- tops runs the paper's schedule: Stage I N -> 2T, then 2T -> T and T -> T/4 at layers round(12/32 L) and
+  round(24/32 L), (alpha, lambda) from the paper (`models.pruning.tops_schedule`); `--alpha/--lam` override Stage I,
+  `--stage2_alpha/--stage2_lam` Stage II.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from typing import Any, Callable
+
+from models import pruning
+from tops_jax import prune
+from tops_jax import tops as tops_lib
+
+__all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
+           "METHOD_CONFIGS", "FULL", "resolve", "TASK_NAMES"]
+
+RATIOS = (0.222, 0.111, 0.056)
+TASK_NAMES = ("synthvqa", "vqa_jsonl")
+
+_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  family: str                 # models.pruning.tops_schedule family
+  nominal_tokens: int         # N_ref for --keep_ratio
+  max_new_tokens: int
+  prompt: str                 # with {question}; "<image>" where the image goes
+  model_type: str             # config.json model_type of its checkpoints
+
+
+def _backbones() -> dict[str, Backbone]:
+  from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face only: no training code)
+  return {
+      "testbed": Backbone(family="testbed", nominal_tokens=5 * 36, max_new_tokens=1, prompt=testbed.PROMPT,
+                          model_type="llava_next"),
+      "llava_1_5": Backbone(family="llava-1.5", nominal_tokens=576, max_new_tokens=8,
+                            prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava"),
+      "llava_next": Backbone(family="llava-next", nominal_tokens=2880, max_new_tokens=8,
+                             prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava_next"),
+  }
+
+
+BACKBONES = _backbones()
+
+
+@dataclasses.dataclass(frozen=True)
+class TopsOptions:
+  """The flags that only affect tops (None: the paper's value)."""
+  alpha: float | None = None
+  lam: float | None = None
+  stage2_alpha: float | None = None
+  stage2_lam: float | None = None
+  normalize: str | None = None
+
+  def given(self) -> list[str]:
+    return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every setting of a runner invocation, as the flags gave them (`from_flags`); `resolve` checks and completes it."""
+  backbone: str = "testbed"
+  checkpoint: str | None = None
+  methods: tuple[str, ...] = ("all",)
+  budgets: tuple[str, ...] = ()
+  keep_ratios: tuple[str, ...] = ()
+  tasks: tuple[str, ...] = ("synthvqa",)
+  data_dir: str | None = None
+  split: str = "test"
+  limit: int = 400
+  batch_size: int = 25
+  output_dir: str | None = None
+  seed: int = 0
+  tops: TopsOptions = TopsOptions()
+  ablation: bool = False
+  max_new_tokens: int | None = None
+  pictures: int = 3
+
+  @classmethod
+  def from_flags(cls, flag_values) -> "RunConfig":
+    """From absl flag values (`flags.FLAGS`): each flag is read here and nowhere else."""
+    v = lambda name: flag_values[name].value
+    return cls(backbone=v("backbone"), checkpoint=v("checkpoint"), methods=tuple(v("method")),
+               budgets=tuple(v("budget") or ()), keep_ratios=tuple(v("keep_ratio") or ()), tasks=tuple(v("tasks")),
+               data_dir=v("data_dir"), split=v("split"), limit=v("limit"), batch_size=v("batch_size"),
+               output_dir=v("output_dir"), seed=v("seed"),
+               tops=TopsOptions(**{f.name: v(f.name) for f in dataclasses.fields(TopsOptions)}),
+               ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"))
+
+  def with_defaults(self, default_checkpoint: Callable[[], str]) -> "RunConfig":
+    """The checkpoint (testbed: the shipped one) and output_dir (runs/<backbone>) filled in; ValueError when the
+    backbone needs a checkpoint."""
+    checkpoint = self.checkpoint
+    if checkpoint is None:
+      if self.backbone != "testbed":
+        raise ValueError(f"--backbone={self.backbone} needs --checkpoint (a local HF checkpoint dir)")
+      checkpoint = default_checkpoint()
+    return dataclasses.replace(self, checkpoint=checkpoint,
+                               output_dir=self.output_dir or os.path.join("runs", self.backbone))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One evaluated configuration: `name` keys its rows in results.jsonl."""
+  method: str
+  budget: int | None
+  keep_ratio: float | None
+  config: pruning.PruningConfig
+  label: str  # method name in tables (ablation subsets get their own)
+
+  @property
+  def name(self) -> str:
+    return self.label if self.budget is None else f"{self.label}@T={self.budget}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A checked RunConfig with everything derived from it and the model (printed at start, hashed into row keys)."""
+  run: RunConfig
+  methods: tuple[str, ...]
+  budgets: tuple[int, ...]
+  keep_ratios: tuple[float | None, ...]
+  nominal_tokens: int
+  max_new_tokens: int
+  checkpoint_fingerprint: str
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodContext:
+  """What a method's runner configuration may read besides T and the model."""
+  family: str
+  tops: TopsOptions = TopsOptions()
+  criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
+
+
+def _stage1(method, relevance="cls", scope="global", **hp):
+  return lambda t, model, ctx: pruning.PruningConfig(method=method, stage1_budget=t, stage1_relevance=relevance,
+                                                     stage1_scope=scope, stage1_hparams=hp)
+
+
+def _pooling(t, model, ctx):
+  return pruning.PruningConfig(method="pooling", stage1_budget=t, stage1_relevance="none",
+                               stage1_hparams={"grid": model.config.token_grid})
+
+
+def _in_llm(method, relevance):
+  return lambda t, model, ctx: pruning.PruningConfig(method=method, stage2=((2, t),), stage2_relevance=relevance,
+                                                     positions="original")
+
+
+def _tops(t, model, ctx: MethodContext):
+  num_layers = model.config.text.num_hidden_layers
+  o = ctx.tops
+  stage2 = dict(stage2_alpha=o.stage2_alpha, stage2_lam=o.stage2_lam)
+  if ctx.family == "testbed":  # no paper setting for the testbed: the paper's default pair
+    stage2 = {k: (0.5 if v is None else v) for k, v in stage2.items()}
+  config = pruning.tops_schedule(num_layers, t, family=ctx.family, stage1_alpha=0.5 if o.alpha is None else o.alpha,
+                                 stage1_lam=0.5 if o.lam is None else o.lam, **stage2)
+  extra = {}
+  if o.normalize:
+    extra["normalize"] = o.normalize
+  if ctx.criteria:
+    extra["criteria"] = tuple(ctx.criteria)
+  if extra:
+    config = dataclasses.replace(config, stage1_hparams=dict(config.stage1_hparams, **extra),
+                                 stage2_hparams=dict(config.stage2_hparams, **extra))
+  return config
+
+
+# Method name -> (T, model, MethodContext) -> PruningConfig.
+METHOD_CONFIGS: dict[str, Callable[..., pruning.PruningConfig]] = {
+    "tops": _tops,
+    "trimtokenator": _stage1("trimtokenator", relevance="text"),
+    "fastv": _in_llm("fastv", "last_token"),
+    "divprune": _stage1("divprune", relevance="none"),
+    "cdpruner": _stage1("cdpruner", relevance="text", scope="per_crop"),
+    "scope": _stage1("scope"),
+    "visionzip": _stage1("visionzip"),
+    "dart": _in_llm("dart", "none"),
+    "random": _stage1("random", relevance="none"),
+    "pooling": _pooling,
+}
+assert set(METHOD_CONFIGS) == set(prune.METHODS), "every selector needs a runner configuration"
+
+FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
+
+
+def _budgets(run: RunConfig, backbone: Backbone) -> list[tuple[int, float | None]]:
+  if run.budgets and run.keep_ratios:
+    raise ValueError("--budget and --keep_ratio are exclusive: give one")
+  if run.budgets:
+    try:
+      return [(int(b), None) for b in run.budgets]
+    except ValueError:
+      raise ValueError(f"--budget must be integers, got {list(run.budgets)}") from None
+  try:
+    ratios = [float(r) for r in (run.keep_ratios or RATIOS)]
+  except ValueError:
+    raise ValueError(f"--keep_ratio must be numbers, got {list(run.keep_ratios)}") from None
+  if any(not 0 < r <= 1 for r in ratios):
+    raise ValueError(f"--keep_ratio values must lie in (0, 1], got {ratios}")
+  return [(max(4, round(r * backbone.nominal_tokens)), r) for r in ratios]
+
+
+def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
+  """Checks the configuration for consistency and returns (the resolved configuration, the runs). Raises ValueError
+  naming the flag."""
+  backbone = BACKBONES[run.backbone]
+  methods = list(METHOD_CONFIGS) if list(run.methods) == ["all"] else list(run.methods)
+  unknown = [m for m in methods if m not in METHOD_CONFIGS]
+  if unknown:
+    raise ValueError(f"--method: unknown method(s) {', '.join(unknown)}; known: all, {', '.join(METHOD_CONFIGS)}")
+  budgets = _budgets(run, backbone)
+  if any(t < 1 for t, _ in budgets):
+    raise ValueError(f"--budget values must be positive, got {[t for t, _ in budgets]}")
+  most = model.config.max_image_tokens
+  if any(t > most for t, _ in budgets):
+    raise ValueError(f"--budget {max(t for t, _ in budgets)} exceeds the {most} visual tokens an image of this "
+                     "backbone can have")
+  if run.ablation and methods != ["tops"]:
+    raise ValueError("--ablation runs the TOPS criteria subsets: use it with --method=tops")
+  if "tops" not in methods and run.tops.given():
+    raise ValueError(f"{', '.join('--' + k for k in run.tops.given())} only affect tops, which is not among "
+                     f"--method={','.join(methods)}")
+  if run.limit < 0 or run.batch_size < 1:
+    raise ValueError("--limit must be >= 0 and --batch_size >= 1")
+  if run.max_new_tokens is not None and run.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens must be >= 1 (or unset for the backbone's {backbone.max_new_tokens}), "
+                     f"got {run.max_new_tokens}")
+  unknown_tasks = [t for t in run.tasks if t not in TASK_NAMES]
+  if unknown_tasks:
+    raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown_tasks)}; known: {', '.join(TASK_NAMES)}")
+  if "vqa_jsonl" in run.tasks and not run.data_dir:
+    raise ValueError("--tasks=vqa_jsonl needs --data_dir (a directory with questions.jsonl)")
+
+  ctx = MethodContext(family=backbone.family, tops=run.tops)
+  runs = [RunSpec("full", None, None, FULL, "full")]
+  subsets = [c for r in (1, 2, 3) for c in itertools.combinations(tops_lib.CRITERIA, r)]
+  for method in methods:
+    variants = [(method, ctx)]
+    if run.ablation:
+      variants = [("tops[" + "+".join(c[0].upper() for c in s) + "]", dataclasses.replace(ctx, criteria=s))
+                  for s in subsets]
+    for label, variant in variants:
+      for t, ratio in budgets:
+        config = METHOD_CONFIGS[method](t, model, variant)
+        config.check_model(model)
+        runs.append(RunSpec(method, t, ratio, config, label))
+  resolved = Resolved(run=run, methods=tuple(methods), budgets=tuple(t for t, _ in budgets),
+                      keep_ratios=tuple(r for _, r in budgets), nominal_tokens=backbone.nominal_tokens,
+                      max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
+                      checkpoint_fingerprint=fingerprint(run.checkpoint))
+  return resolved, runs
+
+
+def fingerprint(checkpoint: str) -> str:
+  """Name, size and mtime of the checkpoint's files, hashed: a checkpoint retrained in place (the testbed's training
+  writes the default directory) must not reuse the old weights' rows. Cheap on a 7B checkpoint, unlike hashing
+  contents; a copied checkpoint gets a new fingerprint and is evaluated afresh. Notes (*.md) are left out."""
+  entries = []
+  for name in sorted(os.listdir(checkpoint)):
+    path = os.path.join(checkpoint, name)
+    if os.path.isfile(path) and not name.endswith(".md"):
+      info = os.stat(path)
+      entries.append((name, info.st_size, info.st_mtime_ns))
+  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
+
+
+def run_hash_fields(resolved: Resolved) -> dict[str, Any]:
+  """The settings outside a run's pruning config that change its rows' numbers (see `evaluate.run_hash`)."""
+  r = resolved.run
+  return dict(backbone=r.backbone, checkpoint=r.checkpoint, checkpoint_fingerprint=resolved.checkpoint_fingerprint,
+              data_dir=r.data_dir, split=r.split, seed=r.seed, max_new_tokens=resolved.max_new_tokens,
+              batch_size=r.batch_size)

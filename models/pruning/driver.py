@@ -1,0 +1,280 @@
+"""The pruned forward and generation: host checks and static lengths (`prepare`), the prefill that runs Stage I, the
+decoder segments and the Stage II steps (`prefill`), and the jitted entry points `forward` and `greedy`.
+
+Generation is `models.generate`'s decoder with this module's prefill (`PrunedPrefill`) and the config's layer
+segments. Every jitted program takes the config as a `StaticConfig` (structure) plus its float hyperparameters as
+traced arguments, so configs that differ only in those share one compile.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import checks
+from models import generate
+from models import llama
+from models.pruning import sequence
+from models.pruning import stage1 as stage1_lib
+from models.pruning import stage2 as stage2_lib
+from models.pruning.config import PruningConfig, StaticConfig
+from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment
+
+__all__ = ["forward", "greedy", "prefill", "decode_step", "prepare", "PrunedPrefill"]
+
+
+def _run(model, seq: sequence.Seq, start: int, stop: int, cache):
+  if start == stop:
+    return seq, cache
+  out = model.language_model.run_layers(seq.hidden, seq.positions, seq.mask, start=start, stop=stop, cache=cache)
+  return seq._replace(hidden=out.hidden), out.cache
+
+
+def _segment(seq: sequence.Seq, index) -> Segment:
+  return Segment(index=index, source=seq.source, positions=seq.positions, mask=seq.mask, visual=seq.visual)
+
+
+def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args, cache,
+             all_logits: bool) -> PruneOutput:
+  """Stage I -> decoder segments with the Stage II steps between them -> logits. args = (key | None, traced)."""
+  config = static.config
+  key, traced = args
+  ids = batch["input_ids"]
+  mask = batch["attention_mask"].astype(bool)
+  left = ~jnp.any(~mask[:, -1])
+  num_layers = model.config.text.num_hidden_layers
+  image_id = model.config.image_token_id
+  keys = [None] * (len(config.stage2) + 1) if key is None else [jax.random.fold_in(key, i)
+                                                                  for i in range(len(config.stage2) + 1)]
+  stage1 = config.stage1_budget is not None
+  images = stage1_lib.image_tokens(model, config, batch["pixel_values"], batch["layout"], stage1)
+  if stage1:
+    seq, stage1_out = stage1_lib.run(model, config, plan, ids, mask, images, keys[0], left,
+                                     static.hparams("stage1", traced))
+    candidates = config.stage1_budget + plan.newlines
+  else:
+    is_image = (ids == image_id) & mask
+    seq = sequence.Seq(hidden=model.embed(ids, images.embeds, images.valid),
+                       positions=llama.position_ids_from_mask(mask), mask=mask, visual=is_image,
+                       source=jnp.where(mask, jnp.arange(ids.shape[1]), -1),
+                       packed=jnp.where(is_image, jnp.cumsum(is_image, axis=-1, dtype=jnp.int32) - 1, -1))
+    stage1_out, candidates = None, plan.visual
+  inputs_embeds = seq.hidden
+  hp2 = static.hparams("stage2", traced)
+  segments, stages, done, index = [], [], 0, seq.source
+  for step, (layer, keep) in enumerate(config.stage2):
+    segments.append(_segment(seq, index))
+    scoring = config.score_layer(layer)
+    seq, cache = _run(model, seq, done, scoring, cache)
+    scores = stage2_lib.score(model, config, plan, seq, scoring, candidates)
+    seq, cache = _run(model, seq, scoring, layer, cache)
+    seq, index, stage = stage2_lib.rebuild(model, config, plan, seq, keep, scores, keys[step + 1], left, hp2)
+    stages.append(stage)
+    done, candidates = layer, keep
+  segments.append(_segment(seq, index))
+  seq, cache = _run(model, seq, done, num_layers, cache)
+
+  hidden = seq.hidden if all_logits else sequence.take(seq.hidden, sequence.last_real(seq.mask)[:, None])
+  bounds = config.segments(num_layers)
+  per_layer = lambda flag: jnp.stack([jnp.sum(flag(s), axis=-1, dtype=jnp.int32)
+                                      for s, (a, b) in zip(segments, bounds) for _ in range(a, b)], axis=-1)
+  last = jnp.stack([jnp.take_along_axis(s.positions, sequence.last_real(s.mask)[:, None], axis=-1)[:, 0]
+                    for s in segments], axis=-1)
+  return PruneOutput(logits=model.head(hidden), stage1=stage1_out, stage2=tuple(stages), segments=tuple(segments),
+                     inputs_embeds=inputs_embeds, tokens_per_layer=per_layer(lambda s: s.mask),
+                     visual_per_layer=per_layer(lambda s: s.visual & s.mask), last_positions=last.astype(jnp.int32),
+                     cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "plan", "all_logits"))
+def _forward(model, batch, args, *, static, plan, all_logits):
+  return _prefill(model, static, plan, batch, args, None, all_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedPrefill:
+  """`models.generate`'s prefill seam for a pruning schedule (hashable: a static argument); args = (key, traced)."""
+  static: StaticConfig
+  plan: sequence.Plan
+
+  def __call__(self, model, batch, cache, args) -> generate.Prefill:
+    out = _prefill(model, self.static, self.plan, batch, args, cache, all_logits=False)
+    return generate.Prefill(logits=out.logits[:, 0], cache=out.cache, positions=out.last_positions,
+                            extra=out._replace(cache=None))
+
+
+def _bound_layout(model, layout, image_sizes, b: int):
+  """The packing layout for the batch: given, from concrete image sizes (numpy) or traced ones (callback)."""
+  if layout is not None:
+    return layout
+  return model.layout(np.asarray(image_sizes) if sequence.concrete(image_sizes) else image_sizes, b)
+
+
+def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_values, image_sizes, layout,
+            text_len, visual_len=None) -> tuple[dict, sequence.Plan]:
+  """Host-side checks and the static plan; -> (batch of arrays, plan)."""
+  config.check_model(model)
+  if pixel_values is None:
+    raise ValueError("pruning needs pixel_values: one image per row")
+  checks.check_input_ids(input_ids, model.config.text.vocab_size)
+  checks.check_pixel_values(pixel_values)
+  ids = jnp.asarray(input_ids)
+  b, s = ids.shape
+  mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+  if mask.shape != (b, s):
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {(b, s)}")
+  if np.shape(pixel_values)[0] != b:
+    raise ValueError(f"pruning takes exactly one image per row: {np.shape(pixel_values)[0]} images for {b} rows")
+  layout = _bound_layout(model, layout, image_sizes, b)
+  batch = dict(input_ids=ids, attention_mask=mask, pixel_values=jnp.asarray(pixel_values), layout=layout)
+  image_id = model.config.image_token_id
+  counts = np.asarray(layout.counts) if sequence.concrete(layout.counts) else None
+  visual = int(counts.max()) if counts is not None else np.shape(layout.valid)[1]
+  newlines = 0
+  if config.stage1_budget is not None and config.newlines != "drop":
+    if sequence.concrete(layout.newline):
+      newlines = int(np.asarray(layout.newline).sum(-1).max())
+    else:
+      newlines = model.config.max_newlines
+  if counts is not None:
+    real = counts - np.asarray(layout.newline).sum(-1)
+    if config.stage1_budget is not None and config.stage1_budget > real.min():
+      raise ValueError(f"stage1_budget={config.stage1_budget} exceeds the {int(real.min())} image tokens of "
+                       f"image {int(real.argmin())} (newlines excluded)")
+    available = counts
+    if config.stage1_budget is not None:
+      available = config.stage1_budget + np.asarray(layout.newline).sum(-1) * (config.newlines == "keep")
+    if config.stage2 and config.stage2[0][1] > available.min():
+      raise ValueError(f"stage2 keeps {config.stage2[0][1]} tokens, more than the {int(available.min())} image "
+                       f"tokens image {int(available.argmin())} brings to the LLM")
+  if sequence.concrete(input_ids) and (attention_mask is None or sequence.concrete(attention_mask)):
+    ids_np, mask_np = np.asarray(ids), np.asarray(mask)
+    image = (ids_np == image_id) & mask_np
+    for row in range(b):
+      where = np.flatnonzero(image[row])
+      if counts is not None and len(where) != counts[row]:
+        raise ValueError(f"row {row} holds {len(where)} image tokens, its image has {int(counts[row])}")
+      if len(where) and where[-1] - where[0] + 1 != len(where):
+        raise ValueError(f"row {row}: the image tokens are not one contiguous run (one image per row)")
+    actual = sequence.text_length(ids_np, mask_np, image_id)
+    if text_len is not None and text_len < actual:
+      raise ValueError(f"text_len={text_len} is smaller than the {actual} text tokens of the longest row")
+    text_len = actual if text_len is None else int(text_len)
+  elif text_len is None:
+    text_len = s - model.config.vision.num_patches        # every image holds at least one crop of tokens
+  if visual_len is not None:
+    if int(visual_len) < visual:
+      raise ValueError(f"visual_len={visual_len} is smaller than the {visual} image tokens of the longest row")
+    visual = int(visual_len)
+  return batch, sequence.Plan(text_len=int(text_len), visual=int(visual), newlines=int(newlines))
+
+
+def _args(config: PruningConfig, key) -> tuple[Any, dict]:
+  return key, config.traced_hparams()
+
+
+def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, *,
+            layout=None, key=None, text_len: int | None = None, visual_len: int | None = None,
+            all_logits: bool = False, cache_capacity: int | None = None, cache_dtype=None) -> PruneOutput:
+  """The pruned forward of a LLaVA / LLaVA-NeXT port (jitted per config structure and static lengths).
+
+  Args:
+    model: `llava.LlavaForConditionalGeneration` or `llava_next.LlavaNextForConditionalGeneration`.
+    config: the PruningConfig.
+    input_ids: int[B, S] with one contiguous <image> run per row (the processor's expansion).
+    attention_mask: bool/int[B, S] (left or right padding); None = all real.
+    pixel_values: float[B, 3, H, W] (LLaVA-1.5) or float[B, P, 3, H, W] (NeXT).
+    image_sizes: int[B, 2] (NeXT) unless `layout` (`model.layout(image_sizes, B)`) is given; LLaVA-1.5 reads none.
+    key: PRNG key for random methods (folded with the stage index).
+    text_len: static bound on real non-image tokens per row (default: read from concrete inputs).
+    visual_len: static bound on image tokens per row (default: read from concrete inputs). Fixing `text_len` and
+      `visual_len` across batches (e.g. to `model.config.max_image_tokens`) lets one compiled program serve them all.
+    all_logits: logits over the whole last segment, float32[B, S_G, V]; by default only at each row's last real
+      token, float32[B, 1, V] (the LM head then runs on B rows).
+    cache_capacity: when given, a KV cache of that many slots is filled (the prefill of `models.generate.decode`,
+      through `PrunedPrefill`); it must hold the longest segment plus the tokens to decode. Implies last logits.
+    cache_dtype: the cache's dtype (default the model's).
+
+  Returns:
+    PruneOutput (see its docstring).
+
+  Raises:
+    ValueError: a schedule that does not fit the model or the batch, an empty batch, image-token counts that do not
+      match the images, and (concrete arrays) token ids outside the vocabulary or NaN/inf pixel_values.
+  """
+  batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
+                        visual_len)
+  if cache_capacity is None:
+    return _forward(model, batch, _args(config, key), static=config.static(), plan=plan, all_logits=all_logits)
+  if all_logits:
+    raise ValueError("all_logits and cache_capacity are exclusive (a prefill returns the last logits)")
+  start = generate.prefill(model, batch, _args(config, key), prefill_fn=PrunedPrefill(config.static(), plan),
+                           capacity=int(cache_capacity),
+                           cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+  return start.extra._replace(cache=start.cache)
+
+
+def _prompt_len(config: PruningConfig, plan: sequence.Plan, mask) -> int:
+  """The most positions a row's prompt takes after the pruned prefill (decoding continues after them): Stage I
+  re-indexes from 0 over at most text_len + budget (+ newlines) tokens, Stage II only shortens; without Stage I the
+  longest real row (the padded length when the mask is traced)."""
+  if config.stage1_budget is not None:
+    return plan.text_len + config.stage1_budget + plan.newlines
+  if checks.is_concrete(mask):
+    return int(np.asarray(mask).sum(axis=-1).max())
+  return mask.shape[1]
+
+
+def cache_capacity(config: PruningConfig, plan: sequence.Plan, seq_len: int, max_new_tokens: int) -> int:
+  """Slots the pruned prefill's longest layer segment needs, plus the tokens to decode."""
+  longest = max([seq_len if config.stage1_budget is None else plan.text_len + config.stage1_budget + plan.newlines]
+                + [plan.text_len + keep for _, keep in config.stage2])
+  return longest + max_new_tokens
+
+
+def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
+            layout=None, max_new_tokens: int, key=None, text_len: int | None = None, visual_len: int | None = None,
+            cache_dtype=None) -> generate.Prefill:
+  """The pruned prefill as `models.generate.decode` starts from it (`extra`: the PruneOutput without its cache);
+  arguments as `greedy`. Time this call and decode its result to measure exactly the work that is scored."""
+  batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
+                        visual_len)
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
+                                               model.config.text.max_position_embeddings)
+  return generate.prefill(model, batch, _args(config, key), prefill_fn=PrunedPrefill(config.static(), plan),
+                          capacity=cache_capacity(config, plan, batch["input_ids"].shape[1], max_new_tokens),
+                          cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+
+
+def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
+           layout=None, max_new_tokens: int, eos_token_ids=(), pad_token_id: int = 0, key=None,
+           text_len: int | None = None, visual_len: int | None = None, cache_dtype=None) -> PrunedGeneration:
+  """Greedy decoding with the pruned prefill (`models.generate.greedy` semantics: tokens after a row's stop token
+  are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M (a
+  positive int; the pruned prompt plus M must fit max_position_embeddings), eos_token_ids, pad_token_id and
+  cache_dtype (default the model's dtype). `prefill` then `models.generate.decode` over the config's segments."""
+  start = prefill(model, config, input_ids, attention_mask, pixel_values=pixel_values, image_sizes=image_sizes,
+                  layout=layout, max_new_tokens=max_new_tokens, key=key, text_len=text_len, visual_len=visual_len,
+                  cache_dtype=cache_dtype)
+  out = decode(model, config, start, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+               pad_token_id=pad_token_id)
+  return PrunedGeneration(tokens=out.tokens, num_tokens=out.num_tokens, prefill=start.extra)
+
+
+def decode(model, config: PruningConfig, start: generate.Prefill, *, max_new_tokens: int, eos_token_ids=(),
+           pad_token_id: int = 0) -> generate.GenerateOutput:
+  """`models.generate.decode` over the config's layer segments, from a pruned `prefill`."""
+  return generate.decode(model, start._replace(extra=None),
+                         segments=config.segments(model.config.text.num_hidden_layers),
+                         max_new_tokens=int(max_new_tokens), eos_token_ids=generate.stop_tokens(eos_token_ids),
+                         pad_token_id=int(pad_token_id))
+
+
+def decode_step(model, config: PruningConfig, cache: llama.KVCache, tokens: jax.Array, positions: jax.Array):
+  """One token per row through the G layer segments: tokens int[B], positions int32[B, G] (segment g's position of
+  the token) -> (logits float32[B, V], cache)."""
+  return generate.decode_step(model, cache, tokens, positions,
+                              config.segments(model.config.text.num_hidden_layers))

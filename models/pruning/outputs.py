@@ -1,0 +1,61 @@
+"""What the pruned forward returns: per-stage kept tokens, the sequence each layer segment ran on, the logits."""
+
+from typing import Any, NamedTuple
+
+import jax
+
+__all__ = ["StageOutput", "Segment", "PruneOutput", "PrunedGeneration"]
+
+
+class StageOutput(NamedTuple):
+  """One pruning step. Packed positions index the image's tokens (LLaVA-1.5: patch index; NeXT: packing slot).
+
+  candidates: int32[B, C] packed position of each candidate (-1: none), the order `relevance` follows.
+  kept: int32[B, K] packed positions kept, ascending.
+  relevance: float32[B, C] the relevance the method read, or None.
+  """
+  candidates: jax.Array
+  kept: jax.Array
+  relevance: jax.Array | None
+
+
+class Segment(NamedTuple):
+  """The sequence one layer segment ran on.
+
+  index: int32[B, S_g] row of the previous segment's sequence each slot came from (segment 0: of input_ids); -1 pad.
+  source: int32[B, S_g] position in input_ids (-1: padding).
+  positions: int32[B, S_g] RoPE position ids.
+  mask: bool[B, S_g] real tokens.
+  visual: bool[B, S_g] tokens at <image> positions.
+  """
+  index: jax.Array
+  source: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+  visual: jax.Array
+
+
+class PruneOutput(NamedTuple):
+  """logits: float32[B, 1, V] at each row's last real token (`forward(..., all_logits=True)`: float32[B, S_G, V] over
+    the last segment's sequence).
+  stage1: StageOutput | None; stage2: one StageOutput per Stage II step; segments: G Segments.
+  inputs_embeds: float[B, S_0, D] decoder input (after Stage I).
+  tokens_per_layer / visual_per_layer: int32[B, L] real (visual) tokens each decoder layer processed.
+  last_positions: int32[B, G] position of each row's last real token per segment (decoding continues from +1).
+  cache: the prefill `llama.KVCache`, or None.
+  """
+  logits: jax.Array
+  stage1: StageOutput | None
+  stage2: tuple[StageOutput, ...]
+  segments: tuple[Segment, ...]
+  inputs_embeds: jax.Array
+  tokens_per_layer: jax.Array
+  visual_per_layer: jax.Array
+  last_positions: jax.Array
+  cache: Any = None
+
+
+class PrunedGeneration(NamedTuple):
+  tokens: jax.Array       # int32[B, M]
+  num_tokens: jax.Array   # int32[B]
+  prefill: PruneOutput    # logits of the last prompt token only: float32[B, 1, V]

@@ -1,0 +1,92 @@
+"""Sequence bookkeeping of the pruned forward: the batch's static lengths (`Plan`), the running sequence (`Seq`) and
+the row gathers that rebuild it after a pruning step (static shapes, left or right padding preserved)."""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import llama
+
+__all__ = ["Plan", "Seq", "concrete", "take", "first", "compact", "gather_seq", "last_real", "text_after_image",
+           "text_length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static lengths of a batch (see "Static lengths" in the module docstring)."""
+  text_len: int        # most real non-image tokens in a row
+  visual: int          # most image tokens in a row before pruning
+  newlines: int        # most newline tokens an image keeps in Stage I ("rows"/"keep"), else 0
+
+
+class Seq(NamedTuple):
+  """The sequence entering the next decoder layer, per row."""
+  hidden: jax.Array     # float[B, S, D]
+  positions: jax.Array  # int32[B, S]
+  mask: jax.Array       # bool[B, S]
+  visual: jax.Array     # bool[B, S]
+  source: jax.Array     # int32[B, S]
+  packed: jax.Array     # int32[B, S] packed position of visual tokens, -1 otherwise
+
+
+def concrete(*xs) -> bool:
+  """True when every x is given and not a tracer (host checks and exact static lengths are possible)."""
+  return all(x is not None and not isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def take(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows of x: float/int[B, S, ...] at int[B, R] (clipped) -> [B, R, ...]."""
+  idx = jnp.clip(idx, 0, x.shape[1] - 1)
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def first(flag: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The first `size` positions where flag is True, in order: (int32[B, size], bool[B, size] real entries)."""
+  if size > flag.shape[1]:
+    flag = jnp.pad(flag, ((0, 0), (0, size - flag.shape[1])))
+  idx = jnp.argsort(~flag, axis=-1, stable=True)[:, :size].astype(jnp.int32)
+  return idx, jnp.take_along_axis(flag, idx, axis=-1)
+
+
+def compact(keep: jax.Array, size: int, left: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gather map that packs each row's kept positions, in order, into `size` slots.
+
+  keep: bool[B, S]; left: bool[] left padding (kept rows end at the last slot) or right padding.
+  Returns (index int32[B, size] with -1 for padding slots, mask bool[B, size]).
+  """
+  idx, _ = first(keep, size)
+  count = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+  slot = jnp.arange(size)[None, :] - jnp.where(left, size - count, 0)[:, None]
+  valid = (slot >= 0) & (slot < count[:, None])
+  index = jnp.take_along_axis(idx, jnp.clip(slot, 0, size - 1), axis=-1)
+  return jnp.where(valid, index, -1), valid
+
+
+def gather_seq(seq: Seq, index: jax.Array, mask: jax.Array, positions: str) -> Seq:
+  """The rows of `seq` at index int32[B, S'] (-1 padding) with mask bool[B, S']; positions re-indexed or kept."""
+  pick = lambda x, fill: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 2)), take(x, index), fill)
+  pos = llama.position_ids_from_mask(mask) if positions == "contiguous" else pick(seq.positions, 1)
+  return Seq(hidden=pick(seq.hidden, 0), positions=pos, mask=mask, visual=pick(seq.visual, False),
+              source=pick(seq.source, -1), packed=pick(seq.packed, -1))
+
+
+def last_real(mask: jax.Array) -> jax.Array:
+  """Index of each row's last real slot: bool[B, S] -> int32[B]."""
+  return (mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)).astype(jnp.int32)
+
+
+def text_after_image(mask: jax.Array, visual: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """Positions of the real text tokens after each row's image: (int32[B, size], bool[B, size])."""
+  s = mask.shape[1]
+  last_visual = jnp.max(jnp.where(visual, jnp.arange(s), -1), axis=-1)
+  return first(mask & ~visual & (jnp.arange(s)[None, :] > last_visual[:, None]), size)
+
+
+def text_length(input_ids, attention_mask, image_token_id: int) -> int:
+  """The most real non-image tokens in a row (host numpy): the static `text_len` of a batch."""
+  ids = np.asarray(input_ids)
+  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  return int(np.max(np.sum(mask & (ids != image_token_id), axis=-1)))
