@@ -491,7 +491,8 @@ def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, pro
                        image_sizes=torch.tensor(batch["image_sizes"], dtype=torch.long)).logits.numpy()
   with jax.default_matmul_precision("float32"):
     got = model(input_ids=jnp.asarray(batch["input_ids"]), pixel_values=jnp.asarray(batch["pixel_values"]),
-                attention_mask=jnp.asarray(batch["attention_mask"]), image_sizes=batch["image_sizes"]).logits
+                attention_mask=jnp.asarray(batch["attention_mask"]), image_sizes=batch["image_sizes"],
+                all_logits=True).logits
     last = testbed_model.forward(model, _jnp(batch), jnp.asarray(batch["last"])[:, None])[0][:, 0]
   real = batch["attention_mask"]
   np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
