@@ -96,7 +96,7 @@ def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str):
 def _picture(model, specs, items, rows, out_dir):
   """kept_tokens.png: for a few examples, the image area each method's Stage I (or first step) kept, read from the
   `kept_slots` their rows recorded."""
-  from experiments import report  # pylint: disable=g-import-not-at-top
+  from experiments import pictures  # pylint: disable=g-import-not-at-top
   by_key = {(r["run"], r["example_id"]): r for r in rows}
   masks, titles = [], []
   for spec in specs:
@@ -112,10 +112,10 @@ def _picture(model, specs, items, rows, out_dir):
         row_masks.append(np.ones((h, w), bool))
         continue
       layout = model.layout(np.array([[h, w]]), 1)
-      row_masks.append(report.kept_mask((h, w), report.slot_boxes((h, w), layout, 0, model.config), slots))
+      row_masks.append(pictures.kept_mask((h, w), pictures.slot_boxes((h, w), layout, 0, model.config), slots))
     masks.append(row_masks)
     titles.append(spec.name)
-  report.kept_picture([it.image for it in items], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
+  pictures.kept_picture([it.image for it in items], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
 
 
 def _process_name() -> str:

@@ -2,6 +2,9 @@
 
 Axes: H image height, W image width (pixels), 3 RGB channels.
 
+(Over 400 lines on purpose: one benchmark, whose question generators, split files and scoring must change together;
+a quarter of the length is the family table below.)
+
 Every answer is one word from `answer_vocab()` and is scored by exact match. The families and what they probe:
 
 | family    | subtypes                       | example                                   | answers          | chance |

@@ -40,6 +40,9 @@ A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each la
 layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
 at that layer's own `end`. Writing past W cannot raise under jit (indices clamp): size W for prompt + new tokens
 (`models.generate` does). RoPE positions are independent of slots: the caller passes them.
+
+(Over 400 lines on purpose, like transformers' modeling_llama.py: config, RoPE, masks, layer, decoder, KV cache and
+the checkpoint table are one port whose numerics are checked together against transformers.)
 """
 
 import dataclasses

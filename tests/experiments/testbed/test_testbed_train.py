@@ -17,7 +17,7 @@ from experiments import testbed
 from experiments.testbed import heads as heads_lib
 from experiments.testbed import optimizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 def _python(*args, timeout=600):

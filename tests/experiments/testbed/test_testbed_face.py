@@ -11,7 +11,7 @@ import textwrap
 from experiments import testbed
 from experiments.testbed import vocab
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 TRAINING = ("train", "losses", "heads", "targets", "optimizer", "batches", "evaluation", "probes", "probe")
 
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from transformers import LlavaImageProcessorPil
 
+from experiments import pictures
 from experiments import report
 from experiments import testbed
 from experiments.testbed import vocab
@@ -218,20 +219,20 @@ def test_shade_and_kept_picture(tmp_path):
   for y in range(6):
     for x in range(5):
       want[y, x] = image[y, x] if mask[y, x] else np.round(image[y, x] * 0.25)
-  np.testing.assert_array_equal(report.shade(image, mask), want)
-  np.testing.assert_array_equal(report.shade(image, mask.astype(np.float32) * 0.5 + 0.5),
+  np.testing.assert_array_equal(pictures.shade(image, mask), want)
+  np.testing.assert_array_equal(pictures.shade(image, mask.astype(np.float32) * 0.5 + 0.5),
                                 np.round(image * np.where(mask, 1.0, 0.625)[..., None]).astype(np.uint8))
   images = [rng.integers(0, 256, (96, 144, 3), dtype=np.uint8), rng.integers(0, 256, (128, 96, 3), dtype=np.uint8)]
   masks = [[np.ones(im.shape[:2], bool) for im in images],
            [rng.random(im.shape[:2]) < 0.3 for im in images],
            [rng.random(im.shape[:2]).astype(np.float32) for im in images]]
   path = str(tmp_path / "kept.png")
-  report.kept_picture(images, masks, ["full", "tops", "divprune"], path, row_titles=["a", "b"])
+  pictures.kept_picture(images, masks, ["full", "tops", "divprune"], path, row_titles=["a", "b"])
   assert _png_size(path) == (3 * 240, 2 * 240)
   with pytest.raises(ValueError, match="titles"):
-    report.kept_picture(images, masks, ["full", "tops"], path)
+    pictures.kept_picture(images, masks, ["full", "tops"], path)
   with pytest.raises(ValueError, match="mask"):
-    report.kept_picture(images, [[m.T for m in masks[0]]], ["full"], path)
+    pictures.kept_picture(images, [[m.T for m in masks[0]]], ["full"], path)
 
 
 # --- token -> pixel geometry -----------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_token_boxes_tile_the_image_at_full_scale(config, size, pad_cols):
   newline after each row), and the base crop's 6x6 patches cover the image in H/6 x W/6 boxes."""
   h, w = size
   layout = _layout(config, size)
-  boxes = report.token_boxes(size, layout, 0, config)
+  boxes = pictures.token_boxes(size, layout, 0, config)
   assert len(boxes) == layout.source.shape[1]
   want = [((t // 6) * h / 6, (t % 6) * w / 6, (t // 6 + 1) * h / 6, (t % 6 + 1) * w / 6) for t in range(36)]
   for y in range(h // 8):
@@ -278,7 +279,7 @@ def test_token_boxes_tile_the_image_at_full_scale(config, size, pad_cols):
   base = [s for s in range(len(boxes)) if layout.crop[0, s] == 0]
   np.testing.assert_array_equal(_coverage(size, boxes, grid), np.ones(size, int))
   np.testing.assert_array_equal(_coverage(size, boxes, base), np.ones(size, int))
-  np.testing.assert_array_equal(report.kept_mask(size, boxes, grid), np.ones(size, bool))
+  np.testing.assert_array_equal(pictures.kept_mask(size, boxes, grid), np.ones(size, bool))
 
 
 @pytest.mark.parametrize("size", [(60, 100), (100, 37), (144, 96), (96, 128), (80, 140)])
@@ -293,7 +294,7 @@ def test_token_boxes_match_the_processor(config, size):
   std = np.asarray(processor.image_std)[:, None, None]
   pixels = (pixels * std + mean) * 255.0
   layout = _layout(config, size)
-  boxes = report.token_boxes(size, layout, 0, config)
+  boxes = pictures.token_boxes(size, layout, 0, config)
   g, patch = 6, config.vision.patch_size
   checked = 0
   for s, box in zip(layout.source[0].tolist(), boxes):
@@ -315,7 +316,7 @@ def test_token_boxes_match_the_processor(config, size):
 def test_token_boxes_base_crop_covers_whole_image(config):
   size = (100, 37)
   layout = _layout(config, size)
-  boxes = report.token_boxes(size, layout, 0, config)
+  boxes = pictures.token_boxes(size, layout, 0, config)
   base = [s for s in range(len(boxes)) if layout.crop[0, s] == 0]
   assert len(base) == 36
   np.testing.assert_array_equal(_coverage(size, boxes, base), np.ones(size, int))
@@ -323,15 +324,15 @@ def test_token_boxes_base_crop_covers_whole_image(config):
   # unpadding keeps feature columns 3..8 (int(37 * 18 / 100) = 6 of 12, centred), i.e. resized x 24..72, so image
   # pixels whose centres lie within 3 resized px (~2 original px) of the left/right edge are in no grid token.
   grid = [s for s in range(len(boxes)) if layout.crop[0, s] > 0]
-  mask = report.kept_mask(size, boxes, grid)
+  mask = pictures.kept_mask(size, boxes, grid)
   assert mask[:, 2:35].all() and not mask[:, :2].any() and not mask[:, 35:].any()
 
 
 def test_token_boxes_rejects_a_layout_of_another_size(config):
   with pytest.raises(ValueError, match="not built for"):
-    report.token_boxes((96, 96), _layout(config, (96, 144)), 0, config)
+    pictures.token_boxes((96, 96), _layout(config, (96, 144)), 0, config)
   with pytest.raises(ValueError, match="index"):
-    report.token_boxes((96, 144), _layout(config, (96, 144)), 1, config)
+    pictures.token_boxes((96, 144), _layout(config, (96, 144)), 1, config)
 
 
 @pytest.mark.parametrize("resize", ["center_crop", "pad"])
@@ -346,7 +347,7 @@ def test_grid_boxes_match_the_llava_processor(resize, size):
   pixels = np.asarray(processor(images=[image], return_tensors="np")["pixel_values"])[0]
   pixels = (pixels * np.asarray(processor.image_std)[:, None, None] + np.asarray(processor.image_mean)[:, None, None])
   pixels = pixels * 255.0
-  boxes = report.grid_boxes(size, 36, crop_size=48, resize=resize)
+  boxes = pictures.grid_boxes(size, 36, crop_size=48, resize=resize)
   checked = 0
   for t, box in enumerate(boxes):
     if box is None or box[0] == 0 or box[1] == 0 or box[2] == h or box[3] == w:
@@ -371,9 +372,9 @@ def test_kept_mask_uses_pixel_centres():
   boxes.append(None)
   kept = np.array([0, 2, 5, 6, -1], np.int32)   # a None box and a padding index add nothing
   want = _coverage(size, boxes, [0, 2, 5]) > 0
-  np.testing.assert_array_equal(report.kept_mask(size, boxes, kept), want)
+  np.testing.assert_array_equal(pictures.kept_mask(size, boxes, kept), want)
   with pytest.raises(ValueError, match="out of range"):
-    report.kept_mask(size, boxes, [7])
+    pictures.kept_mask(size, boxes, [7])
   with pytest.raises(ValueError, match="integer"):
-    report.kept_mask(size, boxes, np.array([0.0]))
-  assert not report.kept_mask(size, boxes, np.zeros((0,), np.int32)).any()
+    pictures.kept_mask(size, boxes, np.array([0.0]))
+  assert not pictures.kept_mask(size, boxes, np.zeros((0,), np.int32)).any()

@@ -10,7 +10,7 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("env_check", os.path.join(ROOT, "scripts", "env_check.py"))
 env_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(env_check)
