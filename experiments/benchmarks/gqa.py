@@ -24,7 +24,6 @@ Protocols (read at LLaVA c121f04 and lmms-eval 75571cf):
 """
 
 import collections
-import functools
 import string
 from typing import Any, Iterator, Mapping, Sequence
 

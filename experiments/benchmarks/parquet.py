@@ -60,6 +60,9 @@ def _config_patterns(configs: Sequence[Mapping[str, Any]], config: str | None, s
   if name not in by_name:
     raise ValueError(f"{readme}: no config {name!r} in the dataset card (configs: {sorted(by_name)})")
   data_files = by_name[name].get("data_files", [])
+  if not data_files and by_name[name].get("data_dir"):  # `data_dir:` instead of globs: the default names within it
+    folder = by_name[name]["data_dir"]
+    return [f"{folder}/{split}-*.parquet", f"{folder}/{split}.parquet", f"{folder}/{split}/*.parquet"]
   if isinstance(data_files, Mapping):  # {split: globs}
     entries = [{"split": k, "path": v} for k, v in data_files.items()]
   elif isinstance(data_files, str) or (data_files and not isinstance(data_files[0], Mapping)):

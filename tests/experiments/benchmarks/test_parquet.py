@@ -37,6 +37,14 @@ def test_split_files_reads_the_cards_globs_not_the_default_layout(tmp_path):
   assert parquet.split_files(root, None, "test") == [str(tmp_path / "elsewhere" / "part.parquet")]
 
 
+def test_split_files_reads_a_cards_data_dir(tmp_path):
+  path = tmp_path / "sub" / "val-00000-of-00001.parquet"
+  path.parent.mkdir()
+  pq.write_table(pa.Table.from_pylist(_pope_rows(1), schema=lmms_fixtures.SCHEMAS["POPE"]), path)
+  (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: x\n  data_dir: sub\n---\n")
+  assert parquet.split_files(str(tmp_path), "x", "val") == [str(path)]
+
+
 @pytest.mark.parametrize("config, layout", [(None, "data/{split}-00000-of-00002.parquet"),
                                             (None, "{split}-00000-of-00001.parquet"),
                                             ("Full", "Full/{split}-00000-of-00001.parquet"),
