@@ -8,7 +8,7 @@ lmms-eval (`tasks/ai2d/ai2d.yaml`, `utils.py`, 75571cf), default model kwargs (p
 greedy, no aspect override (pad). The LLaVA repository has no AI2D script: the llava protocol is the same task.
 Scoring: the "flexible-extract" filter (`MultiChoiceRegexFilter.apply`: "X." at the start after optional whitespace
 gives X, else the whole response; its regex_pattern/group_select arguments are unused), the task's strip, then
-exact_match with ignore_case and ignore_punctuation against the letter of the answer. Metric: accuracy (%).
+exact_match with ignore_case and ignore_punctuation against the letter of the answer. Metric: accuracy (a fraction).
 """
 
 from typing import Any, Iterator, Mapping, Sequence
@@ -50,7 +50,7 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
   if not rows:
     raise ValueError("ai2d: no rows to score")
   right = sum(choices.exact_match(_parse(rowio.generation(r), r["meta"], protocol), r["target"]) for r in rows)
-  return {"accuracy": 100.0 * right / len(rows)}
+  return {"accuracy": right / len(rows)}
 
 
 TASKS = {

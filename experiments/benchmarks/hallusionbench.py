@@ -22,8 +22,8 @@ is in it and "no" is not, "No" the other way round, else "Unknown" (wrong); righ
 VLMEvalKit reads set_id, figure_id and question_id from its TSV's index and the l2-category column; here they are
 the lmms-lab columns, l2-category = subcategory [the TSV's l2-category values are unverified: where a subcategory
 name occurs in both VD and VS, their groups merge, as they would in VLMEvalKit's Overall row if its l2-category is
-the subcategory]. Each metric also per category (VD/, VS/), as VLMEvalKit's split rows. In %; "unknown" counts
-the Unknown extractions.
+the subcategory]. Each metric also per category (VD/, VS/), as VLMEvalKit's split rows. Fractions (VLMEvalKit
+prints %); "unknown" counts the Unknown extractions.
 """
 
 import re
@@ -69,14 +69,14 @@ def yorn_extraction(output: str) -> str:
 
 def hallusion_rating(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   """VLMEvalKit's Hallusion_rating, overall and per category: items {"score": bool, "category", "l2_category",
-  "set_id", "figure_id", "dataset_question_id"} -> {"aAcc", "fAcc", "qAcc", "VD/aAcc", ...} in %."""
+  "set_id", "figure_id", "dataset_question_id"} -> {"aAcc", "fAcc", "qAcc", "VD/aAcc", ...}, fractions."""
   def rating(subset):
     figures, questions = defaultdict(list), defaultdict(list)
     for it in subset:
       figures[(it["l2_category"], it["set_id"], it["figure_id"])].append(it["score"])
       questions[(it["l2_category"], it["set_id"], it["dataset_question_id"])].append(it["score"])
-    mean_all = lambda groups: 100.0 * sum(all(v) for v in groups.values()) / len(groups)
-    return {"aAcc": 100.0 * sum(it["score"] for it in subset) / len(subset), "fAcc": mean_all(figures),
+    mean_all = lambda groups: sum(all(v) for v in groups.values()) / len(groups)
+    return {"aAcc": sum(it["score"] for it in subset) / len(subset), "fAcc": mean_all(figures),
             "qAcc": mean_all(questions)}
 
   out = rating(items)

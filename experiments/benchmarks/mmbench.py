@@ -23,8 +23,8 @@ Prompts:
 Scoring (both protocols): LLaVA's answers go to the OpenCompass server, which is not offline; lmms-eval's
 `MMBench_Evaluator.eval_result` is the offline equivalent. Each row's letter is `can_infer` (option letter, else
 option text), and where that finds nothing, `extract_mcq_answer` over the row's options: the `static` method of
-`mmbench_en_dev_static`, never a judge. Metrics (%): accuracy (single pass: each question's own row), circular_accuracy
-(every rotated copy right), per category; questions (the number of question rows).
+`mmbench_en_dev_static`, never a judge. Metrics (fractions; lmms-eval prints %): accuracy (single pass: each
+question's own row), circular_accuracy (every rotated copy right), per category; questions (question rows).
 """
 
 import math
@@ -109,11 +109,11 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
            category=r["meta"]["category"], l2_category=r["meta"]["l2_category"]) for r in rows)
   if not result["questions"]:
     raise ValueError("mmbench: no question rows (index < 1e6) among the rows")
-  out = {"accuracy": 100.0 * result["single"], "circular_accuracy": 100.0 * result["circular"],
+  out = {"accuracy": result["single"], "circular_accuracy": result["circular"],
          "questions": float(result["questions"])}
   for name, (single, circular) in result["category"].items():
-    out[f"accuracy/{name}"] = 100.0 * single
-    out[f"circular_accuracy/{name}"] = 100.0 * circular
+    out[f"accuracy/{name}"] = single
+    out[f"circular_accuracy/{name}"] = circular
   return out
 
 

@@ -10,7 +10,7 @@ llava model's default max_new_tokens, 1024, greedy. No aspect override (pad). Th
 script, so the llava protocol is the same task with LLaVA-1.5's pad-to-square (the same).
 Scoring: `extract_mcq_answer(prediction, ["A", "B", "C", "D"])` against the answer stripped and uppercased. Each of
 the six categories reports the mean of its l2-category means; "average" is the mean of all l2-category means (not
-the mean over questions). In % here (lmms-eval prints fractions).
+the mean over questions). Fractions, as lmms-eval prints them.
 """
 
 from collections import defaultdict
@@ -59,9 +59,9 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
     raise ValueError("mmstar: no rows to score")
   scored = [(r["meta"]["category"], r["meta"]["l2_category"],
              float(choices.extract_mcq_answer(rowio.generation(r), LETTERS) == r["target"])) for r in rows]
-  out = {"average": 100.0 * mean_of_l2_means([(l2, s) for _, l2, s in scored])}
+  out = {"average": mean_of_l2_means([(l2, s) for _, l2, s in scored])}
   for category in sorted({c for c, _, _ in scored}):
-    out[category] = 100.0 * mean_of_l2_means([(l2, s) for c, l2, s in scored if c == category])
+    out[category] = mean_of_l2_means([(l2, s) for c, l2, s in scored if c == category])
   return out
 
 

@@ -17,7 +17,7 @@ Scoring:
 - llava: `eval_science_qa.py`'s parse (a bare letter, "X. ...", or one "The answer is X."), right when the letter's
   index is the answer (`choices.eval_science_qa_answer`, `get_pred_idx`).
 - lmms_eval: `sqa_process_results` (`choices.sqa_process_results`).
-Metrics: accuracy (%), and unparsed (generations from which the parser reads no letter).
+Metrics: accuracy (a fraction, as every task's), and unparsed (generations from which the parser reads no letter).
 """
 
 from typing import Any, Iterator, Mapping, Sequence
@@ -79,7 +79,7 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
     else:
       unparsed += len(_lmms_eval_answer(text)) != 1
       right += choices.sqa_process_results(target, text) == 1.0
-  return {"accuracy": 100.0 * right / len(rows), "unparsed": float(unparsed)}
+  return {"accuracy": right / len(rows), "unparsed": float(unparsed)}
 
 
 TASKS = {

@@ -63,9 +63,9 @@ def test_examples_prompts_and_rating_by_hand(tmp_path):
   # figures (l2, set, figure): chart/0/0 all right, chart/0/1 not, illusion/1/0 and /1/1 right -> 3/4
   # questions (l2, set, question): chart/0/0 not, chart/0/1 right, illusion/1/0 right -> 2/3
   assert TASK.score(rows, "lmms_eval") == pytest.approx({
-      "aAcc": 100 * 5 / 6, "fAcc": 75.0, "qAcc": 100 * 2 / 3,
-      "VD/aAcc": 100.0, "VD/fAcc": 100.0, "VD/qAcc": 100.0,
-      "VS/aAcc": 75.0, "VS/fAcc": 50.0, "VS/qAcc": 50.0, "unknown": 1.0})
+      "aAcc": 5 / 6, "fAcc": 3 / 4, "qAcc": 2 / 3,
+      "VD/aAcc": 1.0, "VD/fAcc": 1.0, "VD/qAcc": 1.0,
+      "VS/aAcc": 3 / 4, "VS/fAcc": 1 / 2, "VS/qAcc": 1 / 2, "unknown": 1.0})
   assert TASK.parse("No.", ex[0].meta, "llava") == "No"
 
 
@@ -74,7 +74,7 @@ def test_groups_key_on_l2_category_not_category():
   items = [dict(score=True, category="VD", l2_category="ocr", set_id="0", figure_id="0", dataset_question_id="0"),
            dict(score=False, category="VS", l2_category="ocr", set_id="0", figure_id="0", dataset_question_id="1")]
   out = hb.hallusion_rating(items)
-  assert (out["fAcc"], out["qAcc"], out["VD/fAcc"]) == (0.0, 50.0, 100.0)
+  assert (out["fAcc"], out["qAcc"], out["VD/fAcc"]) == (0.0, 0.5, 1.0)
 
 
 def test_bad_answer(tmp_path):

@@ -60,8 +60,8 @@ def test_prompts_of_both_protocols_en_and_cn(tmp_path):
 
 def test_hint_and_option_nulls_as_each_official_prompt_reads_them():
   row = dict(question="Q", hint="nan", A="x", B="nan", C="", D=None)
-  assert mmbench.prompt(row, "en", "lmms_eval") == ("Q There are several options:\nA. x\n"
-                                                    "\nAnswer with the option's letter from the given choices directly.")
+  assert mmbench.prompt(row, "en", "lmms_eval") == (
+      "Q There are several options:\nA. x\n\nAnswer with the option's letter from the given choices directly.")
   assert mmbench.prompt(row, "cn", "lmms_eval").startswith("nan Q There")     # cn checks only for null
   assert mmbench.prompt(row, "en", "llava").startswith("Q\nA. x\nAnswer")     # "nan" ends LLaVA's options
   assert mmbench.prompt(dict(row, hint=None, B="y", C="z"), "en", "llava").startswith("Q\nA. x\nB. y\nC. z\nAnswer")
@@ -91,11 +91,11 @@ def test_single_pass_and_circular_accuracy_by_hand(tmp_path):
       "1000001": "No, it is night."})  # wrong: the text "no" is option A in this rotation, the answer is B
   for protocol in ("llava", "lmms_eval"):
     assert EN.score(rows, protocol) == {
-        "accuracy": 100.0, "circular_accuracy": 50.0, "questions": 2.0,
-        "accuracy/attribute": 100.0, "circular_accuracy/attribute": 100.0,
-        "accuracy/scene": 100.0, "circular_accuracy/scene": 0.0}
+        "accuracy": 1.0, "circular_accuracy": 0.5, "questions": 2.0,
+        "accuracy/attribute": 1.0, "circular_accuracy/attribute": 1.0,
+        "accuracy/scene": 1.0, "circular_accuracy/scene": 0.0}
   rows[0]["generation"] = "B"        # question 0's own row wrong: both of its scores drop
-  assert EN.score(rows, "llava")["accuracy"] == 50.0 and EN.score(rows, "llava")["circular_accuracy"] == 0.0
+  assert EN.score(rows, "llava")["accuracy"] == 0.5 and EN.score(rows, "llava")["circular_accuracy"] == 0.0
 
 
 def test_task_fields():

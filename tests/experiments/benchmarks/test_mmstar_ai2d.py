@@ -51,7 +51,7 @@ def test_mmstar_examples_prompt_and_mean_of_l2_means(tmp_path):
            "meta": e.meta} for e in ex]
   out = MMSTAR.score(rows, "lmms_eval")
   # l2 means: scene 1/3, emotion 1, geometry 0. average = 4/9 (the question mean would be 2/5).
-  assert out == pytest.approx({"average": 100 * 4 / 9, CP: 100 * 2 / 3, "math": 0.0})
+  assert out == pytest.approx({"average": 4 / 9, CP: 2 / 3, "math": 0.0})
   assert MMSTAR.parse("The answer is B", {}, "llava") == "B"
 
 
@@ -81,8 +81,8 @@ def test_ai2d_examples_prompt_filter_and_exact_match(tmp_path):
                  "b"]           # lowercase matches
   rows = [{"question_id": e.question_id, "generation": g, "target": e.target, "meta": e.meta}
           for e, g in zip(ex, generations)]
-  assert AI2D.score(rows, "lmms_eval") == {"accuracy": 75.0}
-  assert AI2D.score(rows, "llava") == {"accuracy": 75.0}
+  assert AI2D.score(rows, "lmms_eval") == {"accuracy": 0.75}
+  assert AI2D.score(rows, "llava") == {"accuracy": 0.75}
   assert AI2D.parse("  C. bird", {}, "lmms_eval") == "C"
   assert (AI2D.max_new_tokens, AI2D.image_aspect["lmms_eval"], AI2D.num_rows) == (
       {"llava": 16, "lmms_eval": 16}, "pad", 3088)

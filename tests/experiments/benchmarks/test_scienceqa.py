@@ -62,8 +62,8 @@ def test_scores_of_the_two_parsers_by_hand():
                 ("C", "C", 3),                   # both
                 ("D", "B", 3),                   # both wrong (llava: D is beyond 3 choices)
                 ("a", "A", 2)])                  # llava: case-sensitive FAILED; lmms-eval: right
-  assert TASK.score(rows, "llava") == {"accuracy": 40.0, "unparsed": 2.0}
-  assert TASK.score(rows, "lmms_eval") == {"accuracy": 60.0, "unparsed": 1.0}
+  assert TASK.score(rows, "llava") == {"accuracy": 0.4, "unparsed": 2.0}
+  assert TASK.score(rows, "lmms_eval") == {"accuracy": 0.6, "unparsed": 1.0}
   assert TASK.parse("  B. the square", {}, "llava") == "B"
   assert TASK.parse("B.", {}, "lmms_eval") == "B"
   assert TASK.parse("B.", {}, "llava") == "FAILED"
