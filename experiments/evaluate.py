@@ -54,8 +54,13 @@ class Evaluator:
 
   def encode(self, items: Sequence[Item], length: int | None = None) -> dict[str, np.ndarray]:
     """Processor outputs padded to `length` (default: the batch's longest row, rounded up to a multiple of 32)."""
-    texts = [self.backbone.prompt.format(question=it.question) for it in items]
-    enc = self.processor(images=[it.image for it in items], text=texts, return_tensors="np", padding=True)
+    return self.encode_prompts([self.backbone.prompt.format(question=it.question) for it in items],
+                               [it.image for it in items], length)
+
+  def encode_prompts(self, texts: Sequence[str], images: Sequence[np.ndarray],
+                     length: int | None = None) -> dict[str, np.ndarray]:
+    """Rendered prompts (one "<image>" each) and their images -> padded arrays (see `encode`)."""
+    enc = self.processor(images=list(images), text=list(texts), return_tensors="np", padding=True)
     ids = enc["input_ids"].astype(np.int32)
     mask = enc["attention_mask"].astype(bool)
     s = length or _bucket(ids.shape[1])
@@ -105,15 +110,19 @@ class Evaluator:
   def outputs(self, state) -> pruning.PruneOutput:
     return state if isinstance(state, pruning.PruneOutput) else state.extra
 
+  def generate(self, config: pruning.PruningConfig, state, max_new_tokens: int):
+    """Greedy tokens from a `prefill` state: (int32[B, M], num_tokens int32[B]) as numpy."""
+    eos = self.tokenizer.eos_token_id
+    gen = pruning.decode(self.model, config, state, max_new_tokens=max_new_tokens,
+                         eos_token_ids=() if eos is None else (eos,), pad_token_id=self.tokenizer.pad_token_id or 0)
+    return np.asarray(gen.tokens), np.asarray(gen.num_tokens)
+
   def answers(self, config: pruning.PruningConfig, state) -> list[str]:
     """The decoded answers of a `prefill` state (no second prefill)."""
     if self.max_new_tokens == 1:
       tokens = np.asarray(jnp.argmax(state.logits[:, 0], axis=-1))[:, None]
     else:
-      eos = self.tokenizer.eos_token_id
-      gen = pruning.decode(self.model, config, state, max_new_tokens=self.max_new_tokens,
-                           eos_token_ids=() if eos is None else (eos,), pad_token_id=self.tokenizer.pad_token_id or 0)
-      tokens = np.asarray(gen.tokens)
+      tokens, _ = self.generate(config, state, self.max_new_tokens)
     return [normalize_answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in tokens]
 
 
@@ -125,14 +134,15 @@ def _draws_randomly(config: pruning.PruningConfig) -> bool:
 def run_hash(settings: Mapping[str, Any], spec: RunSpec, task: str, items: Sequence[Item]) -> str:
   """Everything that changes a run's numbers, hashed: rows of a changed configuration are not reused.
 
-  settings: `plan.run_hash_fields(resolved)` (backbone, checkpoint and its fingerprint, data_dir, split, seed,
-  max_new_tokens, batch_size). The example itself goes into each row's key (`row_key`). batch_size matters because
+  settings: `plan.run_hash_fields(resolved, task)` (backbone, checkpoint and its fingerprint, data_dir, split, seed,
+  max_new_tokens, batch_size; benchmarks: protocol, template, resolution, limit). The run's keep_ratio is hashed
+  too, so a run's rows always agree on it. The example itself goes into each row's key (`row_key`). batch_size matters because
   random methods draw from fold_in(fold_in(seed, batch), row): for them the draws follow each example's position, so
   the order of the task's examples is hashed too (a different --limit of a generated split reorders it). Output
   paths, --pictures and --limit (for the other methods) change no row, so a resume or a larger --limit reuses every
   finished row.
   """
-  fields = dict(settings, task=task, config=repr(spec.config))
+  fields = dict(settings, task=task, config=repr(spec.config), keep_ratio=spec.keep_ratio)
   if _draws_randomly(spec.config):
     fields["order"] = hashlib.sha1("\n".join(it.example_id for it in items).encode()).hexdigest()
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

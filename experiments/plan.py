@@ -30,10 +30,15 @@ from tops_jax import prune
 from tops_jax import tops as tops_lib
 
 __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
-           "METHOD_CONFIGS", "FULL", "resolve", "TASK_NAMES"]
+           "METHOD_CONFIGS", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
+           "run_hash_fields"]
 
-RATIOS = (0.222, 0.111, 0.056)
-TASK_NAMES = ("synthvqa", "vqa_jsonl")
+# The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
+# default budgets are their T: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
+# 0.222 would give 639) and 40 / 20 / 10 of the testbed's 180.
+RATIOS = (2 / 9, 1 / 9, 1 / 18)
+IN_MEMORY_TASKS = ("synthvqa", "vqa_jsonl")     # experiments.tasks; the benchmarks are experiments.benchmarks
+RESOLUTIONS = ("native", "fixed_672")
 
 _SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -45,6 +50,8 @@ class Backbone:
   max_new_tokens: int
   prompt: str                 # with {question}; "<image>" where the image goes
   model_type: str             # config.json model_type of its checkpoints
+  protocol: str | None = None  # default benchmark protocol: what produced the papers' tables
+  square_pad: bool = False    # LLaVA-1.5: pad-to-square unless the task keeps the original aspect
 
 
 def _backbones() -> dict[str, Backbone]:
@@ -53,9 +60,11 @@ def _backbones() -> dict[str, Backbone]:
       "testbed": Backbone(family="testbed", nominal_tokens=5 * 36, max_new_tokens=1, prompt=testbed.PROMPT,
                           model_type="llava_next"),
       "llava_1_5": Backbone(family="llava-1.5", nominal_tokens=576, max_new_tokens=8,
-                            prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava"),
+                            prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava",
+                            protocol="llava", square_pad=True),
       "llava_next": Backbone(family="llava-next", nominal_tokens=2880, max_new_tokens=8,
-                             prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava_next"),
+                             prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava_next",
+                             protocol="lmms_eval"),
   }
 
 
@@ -94,6 +103,9 @@ class RunConfig:
   ablation: bool = False
   max_new_tokens: int | None = None
   pictures: int = 3
+  protocol: str | None = None         # benchmarks: "llava" | "lmms_eval" (None: the backbone's)
+  conv_template: str | None = None    # benchmarks: experiments.conversation template (None: the checkpoint's)
+  resolution: str = "native"          # LLaVA-NeXT benchmark images: "native" | "fixed_672"
 
   @classmethod
   def from_flags(cls, flag_values) -> "RunConfig":
@@ -104,7 +116,8 @@ class RunConfig:
                data_dir=v("data_dir"), split=v("split"), limit=v("limit"), batch_size=v("batch_size"),
                output_dir=v("output_dir"), seed=v("seed"),
                tops=TopsOptions(**{f.name: v(f.name) for f in dataclasses.fields(TopsOptions)}),
-               ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"))
+               ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"),
+               protocol=v("protocol"), conv_template=v("conv_template"), resolution=v("resolution"))
 
   def with_defaults(self, default_checkpoint: Callable[[], str]) -> "RunConfig":
     """The checkpoint (testbed: the shipped one) and output_dir (runs/<backbone>) filled in; ValueError when the
@@ -142,6 +155,8 @@ class Resolved:
   nominal_tokens: int
   max_new_tokens: int
   checkpoint_fingerprint: str
+  protocol: str | None = None
+  conv_template: str | None = None
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -249,11 +264,13 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   if run.max_new_tokens is not None and run.max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens must be >= 1 (or unset for the backbone's {backbone.max_new_tokens}), "
                      f"got {run.max_new_tokens}")
-  unknown_tasks = [t for t in run.tasks if t not in TASK_NAMES]
+  known = task_names()
+  unknown_tasks = [t for t in run.tasks if t not in known]
   if unknown_tasks:
-    raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown_tasks)}; known: {', '.join(TASK_NAMES)}")
+    raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown_tasks)}; known: {', '.join(known)}")
   if "vqa_jsonl" in run.tasks and not run.data_dir:
     raise ValueError("--tasks=vqa_jsonl needs --data_dir (a directory with questions.jsonl)")
+  protocol, template = _benchmark_settings(run, backbone, model)
 
   ctx = MethodContext(family=backbone.family, tops=run.tops)
   runs = [RunSpec("full", None, None, FULL, "full")]
@@ -271,8 +288,43 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   resolved = Resolved(run=run, methods=tuple(methods), budgets=tuple(t for t, _ in budgets),
                       keep_ratios=tuple(r for _, r in budgets), nominal_tokens=backbone.nominal_tokens,
                       max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
-                      checkpoint_fingerprint=fingerprint(run.checkpoint))
+                      checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
+                      conv_template=template)
   return resolved, runs
+
+
+def task_names() -> tuple[str, ...]:
+  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
+  return IN_MEMORY_TASKS + tuple(registry.TASKS)
+
+
+def _benchmark_settings(run: RunConfig, backbone: Backbone, model) -> tuple[str | None, str | None]:
+  """(protocol, conversation template) of the benchmark tasks, checked; (None, None) without benchmark tasks."""
+  from experiments import conversation  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import base  # pylint: disable=g-import-not-at-top
+  benchmarks = [t for t in run.tasks if t not in IN_MEMORY_TASKS]
+  if not benchmarks:
+    for name, value in (("protocol", run.protocol), ("conv_template", run.conv_template)):
+      if value is not None:
+        raise ValueError(f"--{name} applies to the benchmark tasks only; --tasks={','.join(run.tasks)} has none")
+    return None, None
+  if backbone.protocol is None:
+    raise ValueError(f"--tasks={','.join(benchmarks)} need a llava-hf checkpoint (--backbone=llava_1_5 or "
+                     f"llava_next); --backbone={run.backbone} is not one")
+  if not run.data_dir:
+    raise ValueError(f"--tasks={','.join(benchmarks)} need --data_dir: a folder of dataset snapshots (ROOT/POPE, "
+                     "ROOT/MME, ...), or the one dataset's snapshot when one task is given")
+  protocol = run.protocol or backbone.protocol
+  if protocol not in base.PROTOCOLS:
+    raise ValueError(f"--protocol must be one of {', '.join(base.PROTOCOLS)}, got {protocol!r}")
+  template = run.conv_template or conversation.default_template(model.config)
+  if template not in conversation.TEMPLATES:
+    raise ValueError(f"--conv_template must be one of {', '.join(conversation.TEMPLATES)}, got {template!r}")
+  if run.resolution not in RESOLUTIONS:
+    raise ValueError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {run.resolution!r}")
+  if run.resolution != "native" and backbone.square_pad:
+    raise ValueError("--resolution=fixed_672 is LLaVA-NeXT's fixed input; LLaVA-1.5 pads to a square")
+  return protocol, template
 
 
 def fingerprint(checkpoint: str) -> str:
@@ -288,9 +340,14 @@ def fingerprint(checkpoint: str) -> str:
   return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
 
 
-def run_hash_fields(resolved: Resolved) -> dict[str, Any]:
-  """The settings outside a run's pruning config that change its rows' numbers (see `evaluate.run_hash`)."""
+def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
+  """The settings outside a run's pruning config that change its rows' numbers (see `evaluate.run_hash`); the
+  benchmark tasks add their protocol, template and image resolution."""
   r = resolved.run
-  return dict(backbone=r.backbone, checkpoint=r.checkpoint, checkpoint_fingerprint=resolved.checkpoint_fingerprint,
-              data_dir=r.data_dir, split=r.split, seed=r.seed, max_new_tokens=resolved.max_new_tokens,
-              batch_size=r.batch_size)
+  fields = dict(backbone=r.backbone, checkpoint=r.checkpoint, checkpoint_fingerprint=resolved.checkpoint_fingerprint,
+                data_dir=r.data_dir, split=r.split, seed=r.seed, max_new_tokens=resolved.max_new_tokens,
+                batch_size=r.batch_size)
+  if task not in IN_MEMORY_TASKS:
+    fields.update(protocol=resolved.protocol, conv_template=resolved.conv_template, resolution=r.resolution,
+                  limit=r.limit)
+  return fields

@@ -44,7 +44,7 @@ from experiments import results as results_lib
 from experiments import tasks as tasks_lib
 from experiments import vqa
 
-assert set(tasks_lib.TASKS) == set(plan.TASK_NAMES), "plan.TASK_NAMES must name every task"
+assert set(tasks_lib.TASKS) == set(plan.IN_MEMORY_TASKS), "plan.IN_MEMORY_TASKS must name every in-memory task"
 
 flags.DEFINE_enum("backbone", "testbed", list(plan.BACKBONES), "Model family.")
 flags.DEFINE_string("checkpoint", None, "Local Hugging Face checkpoint directory "
@@ -71,6 +71,12 @@ flags.DEFINE_bool("ablation", False, "Run the TOPS criteria ablation: all 7 non-
                   "relevance/diversity/coverage (needs --method=tops).")
 flags.DEFINE_integer("max_new_tokens", None, "Answer length limit (default per backbone).")
 flags.DEFINE_integer("pictures", 3, "Examples shown in kept_tokens.png (0 = none).")
+flags.DEFINE_enum("protocol", None, ["llava", "lmms_eval"], "Benchmark protocol: the LLaVA repository's eval scripts or "
+                  "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next).")
+flags.DEFINE_string("conv_template", None, "Benchmark prompts' conversation template: vicuna_v1, mistral_instruct, "
+                    "chat_template (the checkpoint's), plain (default: the checkpoint's decoder decides).")
+flags.DEFINE_enum("resolution", "native", ["native", "fixed_672"], "LLaVA-NeXT benchmark images: native size, or "
+                  "resized to the paper's fixed 672 x 672 (2,880 visual tokens before unpadding).")
 
 
 def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str):
@@ -118,6 +124,36 @@ def _picture(model, specs, items, rows, out_dir):
   pictures.kept_picture([it.image for it in items], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
 
 
+def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log, out_dir, process):
+  """One benchmark task: stream, evaluate every run batch-major, then its table and predictions files."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark_eval  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
+  task = registry.TASKS[name]
+  protocol = resolved.protocol
+  single = sum(t not in plan.IN_MEMORY_TASKS for t in config.tasks) == 1
+  directory = benchmark_eval.task_dir(config.data_dir, task, single)
+  max_new_tokens = config.max_new_tokens or task.max_new_tokens[protocol]
+  aspect = task.image_aspect[protocol] if backbone.square_pad else config.resolution
+  bench = benchmark_eval.Settings(protocol=protocol, template=resolved.conv_template, aspect=aspect,
+                                  max_new_tokens=max_new_tokens, batch_size=config.batch_size, seed=config.seed,
+                                  limit=config.limit)
+  fields = dict(settings, max_new_tokens=max_new_tokens)
+  hashes = {spec.name: evaluate.run_hash(fields, spec, name, []) for spec in runs}
+  total = min(config.limit, task.num_rows) if config.limit and task.num_rows else (config.limit or task.num_rows)
+  with tqdm(total=None if total is None else total * len(runs), desc=name, unit="ex", file=sys.stderr) as progress:
+    benchmark_eval.evaluate_task(evaluator, runs, task, task.examples(directory, protocol, True), log, hashes, bench,
+                                 progress, process)
+  rows = benchmark_eval.task_rows(log, runs, hashes, name)
+  entries = benchmark_eval.task_summary(task, rows, runs, protocol)
+  table = benchmark_eval.format_summary(task, entries)
+  print(f"\n{name} (protocol {protocol}, template {resolved.conv_template}, images {aspect})\n{table}", flush=True)
+  with open(os.path.join(out_dir, f"summary_{name}.md"), "w") as f:
+    f.write(table + "\n")
+  benchmark_eval.write_predictions(out_dir, name, rows)
+  return entries
+
+
 def _process_name() -> str:
   """Names this runner invocation in every row it measures (two invocations in one Python process differ too)."""
   return f"{socket.gethostname()}:{os.getpid()}:{datetime.datetime.now().isoformat(timespec='microseconds')}"
@@ -139,13 +175,19 @@ def main(argv):
 
   out_dir = config.output_dir
   process = _process_name()
-  settings = plan.run_hash_fields(resolved)
   evaluator = evaluate.Evaluator(model, processor, backbone, resolved.max_new_tokens)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from experiments import report  # pylint: disable=g-import-not-at-top
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
   with results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) as log:
     for task in config.tasks:
+      settings = plan.run_hash_fields(resolved, task)
+      if task not in tasks_lib.TASKS:
+        try:
+          _benchmark(evaluator, backbone, config, resolved, runs, task, settings, log, out_dir, process)
+        except ValueError as e:
+          raise app.UsageError(str(e)) from None
+        continue
       items = tasks_lib.TASKS[task](config.data_dir, config.split, config.limit, config.seed)
       if not items:
         raise app.UsageError(f"task {task} has no examples")

@@ -38,7 +38,7 @@ from models import checks
 from models import llama
 
 __all__ = ["GenerateOutput", "Prefill", "greedy", "prefill", "decode", "default_prefill", "decode_step",
-           "stop_tokens"]
+           "score_tokens", "stop_tokens"]
 
 Segments = tuple[tuple[int, int], ...]
 
@@ -134,6 +134,31 @@ def decode(model, start: Prefill, *, segments: Segments | None = None, max_new_t
 
   state = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(tokens=state.tokens, num_tokens=state.num_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("segments",))
+def score_tokens(model, start: Prefill, tokens: jax.Array, *, segments: Segments | None = None) -> jax.Array:
+  """Teacher-forced log-probabilities of given continuations from a prefill state (its `extra` is not read):
+  tokens int[B, M] -> float32[B, M], entry t = log p(tokens[:, t] | prompt, tokens[:, :t]) (jitted). The cache must
+  hold M - 1 more slots. Used to score one model's answer under another (e.g. a pruned prefill)."""
+  b, m = tokens.shape
+  tokens = tokens.astype(jnp.int32)
+  rows = jnp.arange(b)
+  logp = lambda logits, tok: jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[rows, tok]
+  first = logp(start.logits, tokens[:, 0])
+  if m == 1:
+    return first[:, None]
+
+  def step(carry, pair):
+    cache, position = carry
+    prev, nxt = pair
+    position = position + 1
+    logits, cache = decode_step(model, cache, prev, position, segments)
+    return (cache, position), logp(logits, nxt)
+
+  positions = start.positions.reshape(b, -1).astype(jnp.int32)
+  _, rest = jax.lax.scan(step, (start.cache, positions), (tokens[:, :-1].T, tokens[:, 1:].T))
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def stop_tokens(eos_token_ids) -> tuple[int, ...]:

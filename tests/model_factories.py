@@ -130,3 +130,79 @@ def tiny_causal_lm(tmp_path, text: str = "llama", *, seed: int = 0, name: str = 
   cls = transformers.LlamaForCausalLM if text == "llama" else transformers.MistralForCausalLM
   model = _finish(cls(config), seed)
   return model, save_tiny(model, pathlib.Path(tmp_path) / name)
+
+
+# --- a llava-hf checkpoint directory at the real geometry: weights, tokenizer and processor files --------------
+
+_CORPUS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+           "detailed, and polite answers to the user's questions. USER: ASSISTANT: [INST] [/INST] Is there a "
+           "dog in the image? Answer the question using a single word or phrase. yes no Yes No What color is the "
+           "car? Answer with the option's letter from the given choices directly. A. B. C. D. Context: 0123456789")
+
+
+def _byte_level_tokenizer(directory: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+  """A byte-level BPE tokenizer (any text encodes) trained on a few prompts, with <s>, </s>, <unk>, <pad> and the
+  <image> token, saved as a llava-hf tokenizer (tokenizer.json + tokenizer_config.json)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models as tok_models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+  tok = tokenizers.Tokenizer(tok_models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([_CORPUS] * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                     special_tokens=[("<s>", tok.token_to_id("<s>"))])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                              unk_token="<unk>", pad_token="<pad>",
+                                              extra_special_tokens={"image_token": "<image>"})
+  fast.padding_side = "left"
+  fast.save_pretrained(directory)
+  return fast
+
+
+def tiny_llava_hf(tmp_path, family: str = "llava_next", *, seed: int = 0, text: str = "llama",
+                  name: str | None = None, text_layers: int = 4, crop: int = 336) -> pathlib.Path:
+  """A llava-hf checkpoint directory at the real geometry (CLIP 336 px, 14 px patches: 576 tokens per crop; NeXT
+  with the LLaVA-1.6 pinpoints: 2,880 nominal tokens) with tiny widths, random weights, and its tokenizer and
+  processor files, as `AutoProcessor.from_pretrained` and `models.load_pretrained` read them. `crop` (a multiple
+  of 14) scales the geometry down for fast tests: the pinpoints scale with it."""
+  directory = pathlib.Path(tmp_path) / (name or f"{family}_hf")
+  directory.mkdir(parents=True, exist_ok=True)
+  tokenizer = _byte_level_tokenizer(directory)
+  image_token = tokenizer.convert_tokens_to_ids("<image>")
+  torch.manual_seed(seed)
+  vision = tiny_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=crop, patch_size=14)
+  lm = tiny_text_config(text, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+  mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+  if family == "llava_next":
+    pinpoints = [[h * crop // 336, w * crop // 336] for h, w in ((336, 672), (672, 336), (672, 672), (1008, 336),
+                                                                   (336, 1008))]
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=lm, image_token_index=image_token,
+                                          image_grid_pinpoints=pinpoints)
+    model = _finish(transformers.LlavaNextForConditionalGeneration(config), seed)
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints,
+        image_mean=mean, image_std=std)
+    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                                vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1)
+  elif family == "llava":
+    config = transformers.LlavaConfig(vision_config=vision, text_config=lm, image_token_index=image_token,
+                                      image_seq_length=(crop // 14) ** 2)
+    model = _finish(transformers.LlavaForConditionalGeneration(config), seed)
+    image_processor = transformers.LlavaImageProcessorPil(size={"shortest_edge": crop},
+                                                          crop_size={"height": crop, "width": crop},
+                                                          image_mean=mean, image_std=std)
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                            vision_feature_select_strategy="default",
+                                            num_additional_image_tokens=1)
+  else:
+    raise ValueError(f"family must be 'llava' or 'llava_next', got {family!r}")
+  model.save_pretrained(directory)
+  processor.save_pretrained(directory)
+  return directory

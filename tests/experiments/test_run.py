@@ -101,7 +101,9 @@ def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path
     (["--keep_ratio=1.5"], "--keep_ratio values must lie in (0, 1]"),
     (["--method=divprune", "--alpha=0.3"], "--alpha only affect tops"),
     (["--method=divprune", "--ablation"], "--ablation runs the TOPS criteria subsets"),
-    (["--tasks=gqa"], "unknown task(s) gqa"),
+    (["--tasks=nosuchtask"], "unknown task(s) nosuchtask"),
+    (["--tasks=pope"], "need a llava-hf checkpoint"),
+    (["--protocol=llava"], "--protocol applies to the benchmark tasks only"),
     (["--budget=100000"], "exceeds"),
     (["--max_new_tokens=0"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got 0"),
     (["--max_new_tokens=-3"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got -3"),
@@ -285,17 +287,28 @@ def test_a_malformed_synthvqa_split_names_file_and_line(tmp_path):
     tasks.synthvqa(str(tmp_path), "test", 0, 0)
 
 
-def test_run_hashes_are_those_of_the_previous_layout():
-  """Moving the runner into plan / evaluate / tasks keeps every row key, so finished rows still resume: the hash is
-  sha1 of the same JSON fields as before (pinned here by recomputing it the old way)."""
+def test_run_hash_covers_the_settings_and_the_keep_ratio():
+  """The row-key hash is sha1 of the settings, the task, the pruning config and the run's keep_ratio (so a run's
+  rows always agree on it: the exact 2/9 default and a rounded 0.222 are different runs)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   settings = dict(backbone="testbed", checkpoint="c", checkpoint_fingerprint="f", data_dir=None, split="test", seed=0,
                   max_new_tokens=1, batch_size=25)
-  spec = plan.RunSpec("divprune", 12, None, pruning.PruningConfig("divprune", stage1_budget=12), "divprune")
+  config = pruning.PruningConfig("divprune", stage1_budget=40)
+  spec = plan.RunSpec("divprune", 40, 2 / 9, config, "divprune")
   items = [tasks.Item("e0", np.zeros((4, 4, 3), np.uint8), "q", "a", "vqa", "")]
-  old = hashlib.sha1(json.dumps(dict(settings, task="synthvqa", config=repr(spec.config)),
-                                sort_keys=True).encode()).hexdigest()[:10]
-  assert evaluate.run_hash(settings, spec, "synthvqa", items) == old
+  want = hashlib.sha1(json.dumps(dict(settings, task="synthvqa", config=repr(config), keep_ratio=2 / 9),
+                                 sort_keys=True).encode()).hexdigest()[:10]
+  assert evaluate.run_hash(settings, spec, "synthvqa", items) == want
+  rounded = plan.RunSpec("divprune", 40, 0.222, config, "divprune")
+  assert evaluate.run_hash(settings, rounded, "synthvqa", items) != want
+
+
+def test_default_ratios_give_the_papers_budgets():
+  """2/9, 1/9, 1/18 of the nominal tokens: LLaVA-NeXT 640/320/160, LLaVA-1.5 128/64/32, testbed 40/20/10."""
+  want = {"llava_next": [640, 320, 160], "llava_1_5": [128, 64, 32], "testbed": [40, 20, 10]}
+  for name, budgets in want.items():
+    got = plan._budgets(plan.RunConfig(backbone=name), plan.BACKBONES[name])  # pylint: disable=protected-access
+    assert [t for t, _ in got] == budgets, name
 
 
 def test_run_config_reads_every_flag_once_and_tops_flags_are_listed_once():

@@ -72,3 +72,28 @@ def test_rejects_bad_arguments(tmp_path):
     generate.greedy(model, ids, max_new_tokens=0)
   with pytest.raises(ValueError, match="left padding"):
     generate.greedy(model, ids, np.array([[1, 1, 1, 1, 0]]), max_new_tokens=2)
+
+
+def test_score_tokens_equals_the_full_forward_over_prompt_and_continuation(tmp_path):
+  """Teacher-forced log-probabilities from a prefill state equal log_softmax of one cache-free forward over the
+  prompt followed by the continuation (transformers' way of scoring a continuation)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, path = mf.tiny_causal_lm(tmp_path, "llama")
+  model = models.load_pretrained(path)
+  rng = np.random.RandomState(5)
+  ids = rng.randint(3, 250, size=(2, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :3], ids[1, :3] = 0, 0
+  cont = rng.randint(3, 250, size=(2, 4)).astype(np.int32)
+  with jax.default_matmul_precision("float32"):
+    start = generate.prefill(model, dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+                             capacity=16, cache_dtype=jnp.float32)
+    got = np.asarray(generate.score_tokens(model, start, jnp.asarray(cont)))
+    full_ids = np.concatenate([ids, cont], 1)
+    full_mask = np.concatenate([mask, np.ones_like(cont)], 1)
+    logits = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), all_logits=True).logits, np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  want = np.stack([logp[b, 11 + np.arange(4), cont[b]] for b in range(2)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
