@@ -23,7 +23,7 @@ import re
 import string
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["LETTERS", "MC_SUFFIX", "letters", "options_lines", "eval_science_qa_answer", "get_pred_idx",
+__all__ = ["LETTERS", "MC_SUFFIX", "CIRCULAR_BASE", "letters", "options_lines", "eval_science_qa_answer", "get_pred_idx",
            "sqa_process_results", "can_infer_option", "can_infer_text", "can_infer", "extract_mcq_answer",
            "mmbench_eval_result", "multi_choice_regex_filter", "exact_match"]
 
