@@ -83,6 +83,18 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   for column in ("f1", "accuracy", "KL", "dNLL", "tops"):
     assert column in table
   assert "pope (protocol lmms_eval, template vicuna_v1, images native)" in printed
+  # experiments.score re-scores the stored predictions without the model: the runner's metrics again.
+  from experiments import score  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
+  pred_path = os.path.join(out, "predictions", "pope", "tops@T=8.jsonl")
+  rescored = score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), score.read_predictions(pred_path),
+                         "lmms_eval")
+  want = registry.TASKS["pope"].score([r for r in rows if r["run"] == "tops@T=8"], "lmms_eval")
+  assert {k: v for k, v in rescored.items() if k not in ("scored", "missing")} == want
+  assert rescored["scored"] == 4 and rescored["missing"] == 1          # the fifth question was past --limit
+  cli = subprocess.run([sys.executable, "-m", "experiments.score", "--task=pope", f"--data_dir={root}/POPE",
+                        f"--predictions={pred_path}"], cwd=REPO, capture_output=True, text=True, check=True)
+  assert json.loads(cli.stdout) == rescored
   # A rerun computes nothing and writes the same table.
   mtime = os.path.getmtime(os.path.join(out, "results.jsonl"))
   _main(*args)
@@ -125,3 +137,21 @@ def test_task_dir_prefers_the_repository_folder(tmp_path):
   assert benchmark_eval.task_dir(str(tmp_path / "POPE"), task, single=True) == str(tmp_path / "POPE")
   with pytest.raises(ValueError, match="one folder per dataset repository"):
     benchmark_eval.task_dir(str(tmp_path / "POPE"), task, single=False)
+
+
+def test_score_rejects_bad_prediction_files(tmp_path):
+  from experiments import score  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "data")
+  _pope(root, 3)
+  bad = tmp_path / "p.jsonl"
+  cases = [('{"question_id": "100"}\n', "p.jsonl:1: missing field 'prediction'"),
+           ('{"question_id": "100", "prediction": "yes"}\n{"question_id": "100", "prediction": "no"}\n',
+            "p.jsonl:2: question_id '100' is also on line 1"),
+           ('not json\n', "p.jsonl:1")]
+  for text, message in cases:
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      score.read_predictions(str(bad))
+  with pytest.raises(ValueError, match="not in pope's split"):
+    score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), {"999": "yes"}, "lmms_eval")
