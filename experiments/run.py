@@ -151,7 +151,27 @@ def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log,
   with open(os.path.join(out_dir, f"summary_{name}.md"), "w") as f:
     f.write(table + "\n")
   benchmark_eval.write_predictions(out_dir, name, rows)
-  return entries
+  if task.judged:      # MM-Vet: the judge scripts' input, one file per run
+    from experiments.benchmarks import mmvet  # pylint: disable=g-import-not-at-top
+    for run_name, run_rows in rows.items():
+      mmvet.write_judge_file(run_rows, os.path.join(out_dir, "predictions", name, f"{run_name}.judge.json"),
+                             expected=None if config.limit else task.num_rows)
+  return {e["run"]: e["metrics"] for e in entries}
+
+
+def _relative_summary(runs, scores, out_dir):
+  """summary_benchmarks.md: each pruned run's two relative-% summaries against the full model over the benchmark
+  tasks of this invocation (`experiments.benchmarks.summary`)."""
+  from experiments.benchmarks import summary  # pylint: disable=g-import-not-at-top
+  full = {task: by_run[runs[0].name] for task, by_run in scores.items() if runs[0].name in by_run}
+  lines = []
+  for spec in runs[1:]:
+    run_scores = {task: by_run[spec.name] for task, by_run in scores.items() if spec.name in by_run}
+    lines.append(summary.format_relative(spec.name, summary.relative(full, run_scores)))
+  text = "\n\n".join(lines)
+  print("\nrelative to the full model\n" + text, flush=True)
+  with open(os.path.join(out_dir, "summary_benchmarks.md"), "w") as f:
+    f.write(text + "\n")
 
 
 def _process_name() -> str:
@@ -180,11 +200,13 @@ def main(argv):
   from experiments import report  # pylint: disable=g-import-not-at-top
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
   with results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) as log:
+    benchmark_scores = {}
     for task in config.tasks:
       settings = plan.run_hash_fields(resolved, task)
       if task not in tasks_lib.TASKS:
         try:
-          _benchmark(evaluator, backbone, config, resolved, runs, task, settings, log, out_dir, process)
+          benchmark_scores[task] = _benchmark(evaluator, backbone, config, resolved, runs, task, settings, log,
+                                              out_dir, process)
         except ValueError as e:
           raise app.UsageError(str(e)) from None
         continue
@@ -214,6 +236,8 @@ def main(argv):
       if pictured:
         shown = [r for r in runs if r.budget is None or r.budget == min(resolved.budgets)]
         _picture(model, shown, pictured, rows, out_dir)
+    if benchmark_scores and len(runs) > 1:
+      _relative_summary(runs, benchmark_scores, out_dir)
   print(f"results: {os.path.join(out_dir, 'results.jsonl')}; table, plot and pictures in {out_dir}")
 
 

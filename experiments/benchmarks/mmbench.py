@@ -14,7 +14,7 @@ Prompts:
   "\\n请直接使用所提供的选项字母作为答案回答。". Both utils read `mmbench.yaml`, so cn's options line is the English
   "There are several options:" too (`mmbench_cn.yaml`'s "有如下几个选项：" is never read). max_new_tokens en 1024, cn
   256, greedy; `image_aspect_ratio: original` for llava (applied by `models/simple/llava.py` only when the
-  checkpoint's config has no image_aspect_ratio: LLaVA-1.5's has "pad"). en's `until: ["ASSISTANT:"]` is not
+  checkpoint's config has no image_aspect_ratio: LLaVA-1.5's has "pad", so both protocols pad here). en's `until: ["ASSISTANT:"]` is not
   applied by lmms-eval's llava model (its cut is commented out), so no stop string.
 - llava (`llava/eval/model_vqa_mmbench.py --single-pred-prompt`, `scripts/v1_5/eval/mmbench*.sh`, c121f04):
   "{hint}\\n{question}\\nA. a\\nB. b..." (options A-D up to the first null / "nan" / "none"; the hint unless it is
@@ -122,7 +122,7 @@ def _task(lang: str) -> base.Task:
   return base.Task(
       name=f"mmbench_{lang}_dev", repo="lmms-lab/MMBench", folder="MMBench", config=lang, split=SPLIT,
       num_rows=4329, id_source="index", max_new_tokens={"llava": 1024, "lmms_eval": 1024 if lang == "en" else 256},
-      stop=(), image_aspect={"llava": "pad", "lmms_eval": "original"}, examples=_examples(lang), parse=_parse,
+      stop=(), image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples(lang), parse=_parse,
       score=_score)
 
 

@@ -13,12 +13,7 @@ MODULES = ("pope", "gqa", "mme", "textvqa", "vqav2", "scienceqa", "mmbench", "mm
 def _collect() -> dict[str, base.Task]:
   tasks: dict[str, base.Task] = {}
   for name in MODULES:
-    try:
-      module = importlib.import_module(f"experiments.benchmarks.{name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"experiments.benchmarks.{name}":
-        raise
-      continue  # pylint: disable=  # a benchmark module not written yet (issue 16 in progress)
+    module = importlib.import_module(f"experiments.benchmarks.{name}")
     for task_name, task in module.TASKS.items():
       if task_name in tasks:
         raise ValueError(f"benchmark task {task_name!r} is defined twice")

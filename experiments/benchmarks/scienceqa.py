@@ -9,7 +9,8 @@ Prompt (both protocols): "Context: {hint}\\n" when the hint is not empty, "{ques
 - lmms_eval (`tasks/scienceqa/utils.py` `sqa_doc_to_text`, default format, at 75571cf): exactly that; a null hint
   would print as "None" (the f-string of its None), kept. max_new_tokens 16, greedy; the yaml sets
   `image_aspect_ratio: original` for the llava model [which `models/simple/llava.py` applies only when the
-  checkpoint's config has no image_aspect_ratio; LLaVA-1.5's config.json has "pad", so lmms-eval pads there].
+  checkpoint's config has no image_aspect_ratio; LLaVA-1.5's config.json has "pad", so lmms-eval pads there, and
+  so does this port: the official code wins over the yaml].
 - llava (`llava/eval/model_vqa_science.py --single-pred-prompt` on `llava_test_CQM-A.json`, c121f04): the question
   file's text, stripped, then the same suffix; max_new_tokens 1024; pad-to-square (LLaVA-1.5's config). The file is
   in LLaVA's eval.zip, not the repository: a record of it quoted elsewhere reads "Context: {hint}\\n{question}\\nA. ..."
@@ -87,5 +88,5 @@ TASKS = {
     "scienceqa_img": base.Task(
         name="scienceqa_img", repo="lmms-lab/ScienceQA", folder="ScienceQA", config=CONFIG, split=SPLIT,
         num_rows=2017, id_source="position", max_new_tokens={"llava": 1024, "lmms_eval": 16}, stop=(),
-        image_aspect={"llava": "pad", "lmms_eval": "original"}, examples=_examples, parse=_parse, score=_score),
+        image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples, parse=_parse, score=_score),
 }

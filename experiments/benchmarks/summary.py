@@ -109,7 +109,12 @@ def relative(full: Scores, run: Scores, columns: Sequence[str] | None = None,
       if "MME-C" not in full_v or "MME-C" not in run_v:
         missing.append("MME (b): " + _missing("MME-C", full_v, run_v).split(": ", 1)[1])
         continue
+      if full_v["MME-P"] + full_v["MME-C"] == 0:
+        missing.append("MME (b): the full model scores 0, no ratio")
+        continue
       ratios["MME-P+C"] = (run_v["MME-P"] + run_v["MME-C"]) / (full_v["MME-P"] + full_v["MME-C"])
+    elif full_v[c] == 0:
+      missing.append(f"{c} (b): the full model scores 0, no ratio")
     else:
       ratios[c] = run_v[c] / full_v[c]
   return Relative(

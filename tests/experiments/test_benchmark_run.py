@@ -83,6 +83,9 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   for column in ("f1", "accuracy", "KL", "dNLL", "tops"):
     assert column in table
   assert "pope (protocol lmms_eval, template vicuna_v1, images native)" in printed
+  with open(os.path.join(out, "summary_benchmarks.md")) as f:
+    relative = f.read()
+  assert "tops@T=8: Rel (a) ratio of means, MME-P/20 (TOPS, CDPruner)" in relative and "over POPE" in relative
   # experiments.score re-scores the stored predictions without the model: the runner's metrics again.
   from experiments import score  # pylint: disable=g-import-not-at-top
   from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top

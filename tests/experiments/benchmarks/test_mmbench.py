@@ -100,7 +100,7 @@ def test_single_pass_and_circular_accuracy_by_hand(tmp_path):
 
 def test_task_fields():
   assert EN.max_new_tokens == {"llava": 1024, "lmms_eval": 1024} and CN.max_new_tokens["lmms_eval"] == 256
-  assert EN.image_aspect == {"llava": "pad", "lmms_eval": "original"}
+  assert EN.image_aspect == {"llava": "pad", "lmms_eval": "pad"}   # lmms-eval: the checkpoint config's "pad" wins
   assert (EN.config, CN.config, EN.split, EN.id_source, EN.num_rows) == ("en", "cn", "dev", "index", 4329)
 
 

@@ -71,7 +71,7 @@ def test_scores_of_the_two_parsers_by_hand():
 
 def test_task_fields():
   assert TASK.max_new_tokens == {"llava": 1024, "lmms_eval": 16}
-  assert TASK.image_aspect == {"llava": "pad", "lmms_eval": "original"}
+  assert TASK.image_aspect == {"llava": "pad", "lmms_eval": "pad"}   # lmms-eval: the checkpoint config's "pad" wins
   assert (TASK.config, TASK.split, TASK.num_rows, TASK.id_source) == ("ScienceQA-IMG", "test", 2017, "position")
 
 

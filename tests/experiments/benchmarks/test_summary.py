@@ -78,3 +78,13 @@ def test_headline_sources():
   assert summary.headline_values(splits, mmbench="accuracy")[0]["MMB"] == pytest.approx(70.0)
   both = dict(splits, textvqa_val_ocr={"accuracy": 0.58})
   assert summary.headline_values(both)[1]["TextVQA"] == "textvqa_val_ocr.accuracy"   # the OCR prompt first
+
+
+def test_a_zero_full_score_has_no_ratio_and_is_named():
+  from experiments.benchmarks import summary as summary_lib  # pylint: disable=g-import-not-at-top
+  full = {"pope": {"mean_f1": 0.0}, "gqa": {"accuracy": 0.5}}
+  run = {"pope": {"mean_f1": 0.3}, "gqa": {"accuracy": 0.25}}
+  rel = summary_lib.relative(full, run)
+  assert rel.mean_of_ratios == 50.0 and rel.columns_b == ("GQA",)
+  assert any("POPE (b): the full model scores 0" in m for m in rel.missing)
+  assert rel.ratio_of_means == 100.0 * (30 + 25) / 2 / ((0 + 50) / 2)
