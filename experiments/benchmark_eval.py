@@ -161,7 +161,7 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
           raise ValueError(f"{spec.name} keeps {first} visual tokens in its first stage, but an image of task "
                            f"{task.name} has only {fewest}; lower --budget/--keep_ratio")
       if progress is not None:
-        progress.update(len(chunk) * len(runs))
+        progress.update(len(chunk) * (len(runs) - len(todo)))      # finished rows, counted as done
       if not todo:
         continue
       padded = chunk + [chunk[0]] * (settings.batch_size - len(chunk))      # one compiled shape per length bucket
@@ -210,6 +210,8 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
               prefill_ms=elapsed_ms / len(padded), process=process, kl=float(kl[i]),
               nll_increase=float(nll_increase[i])))
         log.append(rows)
+        if progress is not None:
+          progress.update(len(rows))
   if not seen:
     raise ValueError(f"task {task.name}: the split has no examples")
   return len(seen)

@@ -158,3 +158,29 @@ def test_score_rejects_bad_prediction_files(tmp_path):
       score.read_predictions(str(bad))
   with pytest.raises(ValueError, match="not in pope's split"):
     score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), {"999": "yes"}, "lmms_eval")
+
+
+def test_several_benchmarks_from_one_root_and_their_relative_summary(next_ckpt, tmp_path):
+  """--data_dir=ROOT with ROOT/POPE and ROOT/MME: both tasks run, the relative summary covers POPE and MME."""
+  root = str(tmp_path / "data")
+  _pope(root, 2)
+  mme = [dict(question_id=f"existence/{i // 2}.png", image=lmms_fixtures.image_cell(50 + i // 2, (80, 106)),
+              question=f"Is there a dog? Please answer yes or no.", answer=("Yes", "No")[i % 2],
+              category=("existence", "code_reasoning")[i // 2 % 2]) for i in range(4)]
+  lmms_fixtures.write_split(os.path.join(root, "MME"), None, "test", mme, lmms_fixtures.SCHEMAS["MME"])
+  out = str(tmp_path / "out")
+  _main("--backbone=llava_next", f"--checkpoint={next_ckpt}", "--tasks=pope,mme", f"--data_dir={root}",
+        "--method=divprune", "--budget=8", "--limit=4", "--batch_size=2", "--max_new_tokens=2",
+        f"--output_dir={out}", "--pictures=0")
+  rows = _rows(out)
+  assert sorted({(r["task"], r["run"]) for r in rows}) == [("mme", "divprune@T=8"), ("mme", "full"),
+                                                          ("pope", "divprune@T=8"), ("pope", "full")]
+  mme_rows = [r for r in rows if r["task"] == "mme" and r["run"] == "full"]
+  assert [r["question_id"] for r in sorted(mme_rows, key=lambda r: int(r["question_id"]))] == ["0", "1", "2", "3"]
+  assert all(r["prompt"].endswith("Is there a dog?\nAnswer the question using a single word or phrase. ASSISTANT:")
+             for r in mme_rows)      # lmms-eval deletes " Please answer yes or no." and adds the suffix
+  with open(os.path.join(out, "summary_mme.md")) as f:
+    assert "perception" in f.read()
+  with open(os.path.join(out, "summary_benchmarks.md")) as f:
+    relative = f.read()
+  assert "divprune@T=8: Rel (b) mean of per-benchmark ratios, MME-P+C (VisionZip, DART)" in relative
