@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PROTOCOLS", "Example", "Task", "decode_image"]
+__all__ = ["PROTOCOLS", "Example", "Task", "decode_image", "parser_by_protocol"]
 
 PROTOCOLS = ("llava", "lmms_eval")
 
@@ -26,6 +26,21 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
       return np.asarray(image.convert("RGB"))
   except (OSError, ValueError) as e:
     raise ValueError(f"{where}: the image cannot be decoded: {e}") from None
+
+
+def parser_by_protocol(**parsers: Callable[[str], str]) -> Callable[[str, Mapping[str, Any], str], str]:
+  """A `Task.parse` that reads only the generation, with one parser per protocol (keyword = protocol name)."""
+  unknown = sorted(set(parsers) - set(PROTOCOLS))
+  if unknown or set(parsers) != set(PROTOCOLS):
+    raise ValueError(f"parsers must be given for exactly {PROTOCOLS}, got {sorted(parsers)}")
+
+  def parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:
+    del meta
+    if protocol not in parsers:
+      raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return parsers[protocol](generation)
+
+  return parse
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,13 +45,7 @@ def parse_lmms_eval(generation: str) -> str:
   return generation.lower().translate(_NO_PUNCTUATION)
 
 
-def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:
-  del meta
-  if protocol == "llava":
-    return parse_llava(generation)
-  if protocol == "lmms_eval":
-    return parse_lmms_eval(generation)
-  raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
+_parse = base.parser_by_protocol(llava=parse_llava, lmms_eval=parse_lmms_eval)
 
 
 def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]:

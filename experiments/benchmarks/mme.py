@@ -56,13 +56,7 @@ def parse_llava(generation: str) -> str:
   return text if text in ("yes", "no") else _first_four(text)
 
 
-def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:
-  del meta
-  if protocol == "llava":
-    return parse_llava(generation)
-  if protocol == "lmms_eval":
-    return parse_lmms_eval(generation)
-  raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
+_parse = base.parser_by_protocol(llava=parse_llava, lmms_eval=parse_lmms_eval)
 
 
 def mme_scores(answers: Sequence[tuple[str, str, bool]]) -> dict[str, float]:
