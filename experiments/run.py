@@ -138,7 +138,7 @@ def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log,
   bench = benchmark_eval.Settings(protocol=protocol, template=resolved.conv_template, aspect=aspect,
                                   max_new_tokens=max_new_tokens, batch_size=config.batch_size, seed=config.seed,
                                   limit=config.limit)
-  fields = dict(settings, max_new_tokens=max_new_tokens)
+  fields = dict(settings, max_new_tokens=max_new_tokens, data_fingerprint=_tree_fingerprint(directory))
   hashes = {spec.name: evaluate.run_hash(fields, spec, name, []) for spec in runs}
   total = min(config.limit, task.num_rows) if config.limit and task.num_rows else (config.limit or task.num_rows)
   with tqdm(total=None if total is None else total * len(runs), desc=name, unit="ex", file=sys.stderr) as progress:
@@ -157,6 +157,18 @@ def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log,
       mmvet.write_judge_file(run_rows, os.path.join(out_dir, "predictions", name, f"{run_name}.judge.json"),
                              expected=None if config.limit else task.num_rows)
   return {e["run"]: e["metrics"] for e in entries}
+
+
+def _tree_fingerprint(directory: str) -> str:
+  """Relative path, size and mtime of every file under a snapshot, hashed: an edited or re-downloaded snapshot at
+  the same path gets new rows (cheap: no file is read)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  entries = []
+  for folder, _, names in sorted(os.walk(directory)):
+    for name in sorted(names):
+      info = os.stat(os.path.join(folder, name))
+      entries.append((os.path.relpath(os.path.join(folder, name), directory), info.st_size, info.st_mtime_ns))
+  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
 
 
 def _relative_summary(runs, scores, out_dir):

@@ -102,6 +102,11 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   mtime = os.path.getmtime(os.path.join(out, "results.jsonl"))
   _main(*args)
   assert len(_rows(out)) == 12 and os.path.getmtime(os.path.join(out, "results.jsonl")) == mtime
+  # A re-downloaded snapshot (a shard with a new mtime) is evaluated afresh, never mixed with the old rows.
+  shard = sorted(os.listdir(os.path.join(root, "POPE", "data")))[0]
+  os.utime(os.path.join(root, "POPE", "data", shard), ns=(1, 1))
+  _main(*args)
+  assert len(_rows(out)) == 24
 
 
 def test_benchmark_inputs_fail_clearly(next_ckpt, tmp_path):
