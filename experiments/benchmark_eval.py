@@ -84,6 +84,7 @@ class _Prepared:
   prompt: str
   image: np.ndarray
   length: int                 # prompt tokens with the image expanded
+  image_tokens: int           # the image's tokens (its layout's count)
 
 
 def _prepare(evaluator: evaluate.Evaluator, settings: Settings, example: base.Example) -> _Prepared:
@@ -93,7 +94,8 @@ def _prepare(evaluator: evaluate.Evaluator, settings: Settings, example: base.Ex
   h, w = image.shape[:2]
   layout = evaluator.model.layout(np.array([[h, w]]), 1)
   text = len(processor.tokenizer(prompt.replace("<image>", ""))["input_ids"])
-  return _Prepared(example, prompt, image, text + int(np.asarray(layout.counts)[0]))
+  count = int(np.asarray(layout.counts)[0])
+  return _Prepared(example, prompt, image, text + count, count)
 
 
 def _prefill(evaluator: evaluate.Evaluator, config, batch, key, max_new_tokens: int):
@@ -153,8 +155,7 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
               for spec in runs}
       todo = [spec for spec in runs if not all(log.done(k) for k in keys[spec.name])]
       number += 1
-      fewest = min(p.length - len(evaluator.processor.tokenizer(p.prompt.replace("<image>", ""))["input_ids"])
-                   for p in chunk)
+      fewest = min(p.image_tokens for p in chunk)
       for spec in runs:
         first = spec.config.stage1_budget or (spec.config.stage2[0][1] if spec.config.stage2 else 0)
         if first > fewest:

@@ -6,16 +6,15 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 import pytest
 
 import lmms_fixtures
 import model_factories as mf
+import runner_helpers
 from experiments import benchmark_eval
 from experiments import conversation
 from experiments import images
-from experiments import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,19 +36,8 @@ def next_ckpt(tmp_path_factory):
   return str(mf.tiny_llava_hf(tmp_path_factory.mktemp("ckpt"), "llava_next", crop=56))
 
 
-def _main(*args):
-  argv = ["run"] + list(args)
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    run.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
-def _rows(out_dir):
-  with open(os.path.join(out_dir, "results.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+_main = runner_helpers.run_main
+_rows = runner_helpers.read_rows
 
 
 def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):

@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import runner_helpers
+
 from experiments import evaluate
 from experiments import plan
 from experiments import results
-from experiments import run
 from experiments import tasks
 from experiments import testbed
 from experiments import vqa
@@ -39,19 +40,8 @@ def checkpoint():
     yield path
 
 
-def _main(*args):
-  argv = ["run"] + list(args)
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    run.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
-def _rows(out):
-  with open(os.path.join(out, "results.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+_main = runner_helpers.run_main
+_rows = runner_helpers.read_rows
 
 
 def test_end_to_end_outputs(checkpoint, tmp_path, capsys):
