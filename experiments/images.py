@@ -2,10 +2,12 @@
 
 Axes: H image height, W image width (pixels), 3 RGB channels.
 
-- "pad" (LLaVA-1.5's `image_aspect_ratio: pad`, LLaVA's `expand2square`): the image is pasted on a square of side
-  max(H, W) filled with the processor's `image_mean` as 0-255 integers (int(m * 255) per channel), centred along
-  the short side at offset (long - short) // 2; the processor's shortest-edge resize and centre crop then see the
-  whole image. Tasks that set `image_aspect_ratio: original` (ScienceQA, MMBench in lmms-eval) skip it.
+- "pad" (LLaVA-1.5's `image_aspect_ratio: pad`: `expand2square` in LLaVA's `llava/mm_utils.py`, used by
+  `process_images`): the image is pasted on a square of side max(H, W) filled with the processor's `image_mean` as
+  0-255 integers (int(m * 255) per channel), centred along the short side at offset (long - short) // 2; the
+  processor's shortest-edge resize and centre crop then see the whole image. lmms-eval's llava wrapper pads too,
+  even for tasks whose yaml sets `image_aspect_ratio: original` (ScienceQA, MMBench): it applies the yaml only when
+  the checkpoint config has no image_aspect_ratio, and LLaVA-1.5's says "pad".
 - "original": the image as it is (the CLIP processor resizes the short side and centre-crops).
 - "fixed_672" (LLaVA-NeXT at the paper's fixed input): the image resized to 672 x 672 (bicubic), so the anyres
   grid is always 2 x 2 with nothing to unpad: 5 x 576 = 2,880 visual tokens before pruning.
