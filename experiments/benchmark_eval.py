@@ -103,7 +103,7 @@ def _prefill(evaluator: evaluate.Evaluator, config, batch, key, max_new_tokens: 
   return pruning.prefill(evaluator.model, config, batch["input_ids"], batch["attention_mask"],
                          pixel_values=batch["pixel_values"], image_sizes=batch.get("image_sizes"),
                          max_new_tokens=max_new_tokens, key=key, text_len=evaluator.text_bound,
-                         visual_len=evaluator.visual_bound)
+                         visual_len=evaluator.visual_bound, clip=evaluator.clip_inputs(config, batch))
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:
@@ -166,7 +166,8 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
       if not todo:
         continue
       padded = chunk + [chunk[0]] * (settings.batch_size - len(chunk))      # one compiled shape per length bucket
-      arrays = evaluator.encode_prompts([p.prompt for p in padded], [p.image for p in padded])
+      arrays = evaluator.encode_prompts([p.prompt for p in padded], [p.image for p in padded],
+                                        questions=[p.example.text for p in padded])
       evaluator.text_bound = evaluator._text_len(arrays)  # pylint: disable=protected-access
       visual = evaluator.visual_tokens(arrays)
       key = jax.random.fold_in(jax.random.key(settings.seed), number)

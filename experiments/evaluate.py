@@ -51,15 +51,26 @@ class Evaluator:
     self.fixed_length = None
     self.text_bound = None
     self.visual_bound = model.config.max_image_tokens
+    self.clip = None        # models.clip_text.ClipTextRelevance: CDPruner's CLIP text tower (--clip_checkpoint)
+
+  def clip_inputs(self, config: pruning.PruningConfig, batch) -> "pruning.ClipText | None":
+    """CDPruner's CLIP inputs for `batch` when `config` reads them (stage1_relevance="clip_text"), else None."""
+    if config.stage1_relevance != "clip_text" or config.stage1_budget is None:
+      return None
+    if self.clip is None or "clip_text" not in batch:
+      raise ValueError(f"{config.method} reads CLIP text relevance: the runner needs --clip_checkpoint")
+    return pruning.ClipText(image_head=self.clip.model.vision, text_embeds=jnp.asarray(batch["clip_text"]))
 
   def encode(self, items: Sequence[Item], length: int | None = None) -> dict[str, np.ndarray]:
     """Processor outputs padded to `length` (default: the batch's longest row, rounded up to a multiple of 32)."""
     return self.encode_prompts([self.backbone.prompt.format(question=it.question) for it in items],
-                               [it.image for it in items], length)
+                               [it.image for it in items], length, questions=[it.question for it in items])
 
-  def encode_prompts(self, texts: Sequence[str], images: Sequence[np.ndarray],
-                     length: int | None = None) -> dict[str, np.ndarray]:
-    """Rendered prompts (one "<image>" each) and their images -> padded arrays (see `encode`)."""
+  def encode_prompts(self, texts: Sequence[str], images: Sequence[np.ndarray], length: int | None = None, *,
+                     questions: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Rendered prompts (one "<image>" each) and their images -> padded arrays (see `encode`); with a CLIP text
+    tower (`self.clip`) also `clip_text` float32[B, E], CDPruner's text embedding of each row's question (the user
+    text without the answer-format instructions, as its official eval scripts pass it)."""
     enc = self.processor(images=list(images), text=list(texts), return_tensors="np", padding=True)
     ids = enc["input_ids"].astype(np.int32)
     mask = enc["attention_mask"].astype(bool)
@@ -73,6 +84,8 @@ class Evaluator:
     batch = dict(input_ids=ids, attention_mask=mask, pixel_values=enc["pixel_values"].astype(np.float32))
     if "image_sizes" in enc:
       batch["image_sizes"] = enc["image_sizes"].astype(np.int32)
+    if self.clip is not None:
+      batch["clip_text"] = self.clip.encode(list(questions if questions is not None else texts))
     if batch["pixel_values"].ndim == 5:   # crops per image: one crop count for every batch (one compile)
       batch["pixel_values"] = anyres.pad_crops(batch["pixel_values"], self.model.config.max_num_crops)
     return batch
@@ -99,7 +112,8 @@ class Evaluator:
 
   def prefill(self, config: pruning.PruningConfig, batch, key):
     """The pruned prefill: a PruneOutput (one new token: no cache needed) or a `generate.Prefill` to decode."""
-    common = dict(key=key, text_len=self.text_bound, visual_len=self.visual_bound)
+    common = dict(key=key, text_len=self.text_bound, visual_len=self.visual_bound,
+                  clip=self.clip_inputs(config, batch))
     if self.max_new_tokens == 1:
       return pruning.forward(self.model, config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              batch.get("image_sizes"), **common)

@@ -6,16 +6,16 @@ method's pruning configuration, and the runs (method x budget) they resolve to.
 
 Budgets. `--budget` gives T (visual tokens kept per image) directly; `--keep_ratio` gives T = round(ratio * N_ref)
 with N_ref the backbone's nominal visual-token count (LLaVA-1.5: 576; LLaVA-NeXT: 2880 = 5 crops x 576, so the
-ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180). What each method does with T (`METHOD_CONFIGS`):
-- Stage I methods (divprune, cdpruner, scope, visionzip, trimtokenator, random, pooling) keep T per image before the
-  LLM. CDPruner runs per crop (as its official code on LLaVA-NeXT; LLaVA-1.5 has one crop), the others globally
-  (VisionZip's official per-crop budget depends on the budget, so it runs globally here). Pooling averages 2-D
-  windows of the model's token grid (`config.token_grid`: LLaVA-1.5's patch grid; LLaVA-NeXT's packed tokens form
-  no single grid, so 1-D windows of consecutive packed tokens).
-- In-LLM methods (fastv, dart) prune to T at layer 2 (K = 2 in their code) and keep original position ids (FastV).
-- tops runs the paper's schedule: Stage I N -> 2T, then 2T -> T and T -> T/4 at layers round(12/32 L) and
-  round(24/32 L), (alpha, lambda) from the paper (`models.pruning.tops_schedule`); `--alpha/--lam` override Stage I,
-  `--stage2_alpha/--stage2_lam` Stage II.
+ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180).
+
+What each method does with T is its official protocol, `models.pruning.method_config` (the table in
+`models/pruning/protocols.py`: CDPruner T // 5 per crop with CLIP text relevance, DivPrune round(T / 2880 x length)
+over the packed sequence with newlines, SCOPE int(T / crops) per padded crop, VisionZip [CLS, dominant, contextual]
+per crop, DART 4 + 8 floor(T / 8) at layer 2, FastV T at layer 2, TOPS the paper's schedule). `--overrides`
+(method.name=value) selects the named variants; `--alpha/--lam` override TOPS Stage I, `--stage2_alpha/--stage2_lam`
+Stage II. CDPruner needs `--clip_checkpoint` (CLIP's text tower) except on the testbed, whose tower is not a CLIP
+checkpoint's: there, or with `--overrides=cdpruner.relevance=text`, it runs the documented fallback relevance and its
+rows are labelled "cdpruner-text".
 """
 
 import dataclasses
@@ -30,7 +30,7 @@ from tops_jax import prune
 from tops_jax import tops as tops_lib
 
 __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
-           "METHOD_CONFIGS", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
+           "RUNNABLE", "method_config", "parse_overrides", "cdpruner_fallback", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
            "run_hash_fields"]
 
 # The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
@@ -106,6 +106,8 @@ class RunConfig:
   protocol: str | None = None         # benchmarks: "llava" | "lmms_eval" (None: the backbone's)
   conv_template: str | None = None    # benchmarks: experiments.conversation template (None: the checkpoint's)
   resolution: str = "native"          # LLaVA-NeXT benchmark images: "native" | "fixed_672"
+  overrides: tuple[str, ...] = ()     # "method.name=value": named variants of the official protocols
+  clip_checkpoint: str | None = None  # CDPruner's CLIP text tower (a local CLIP checkpoint directory)
 
   @classmethod
   def from_flags(cls, flag_values) -> "RunConfig":
@@ -117,7 +119,8 @@ class RunConfig:
                output_dir=v("output_dir"), seed=v("seed"),
                tops=TopsOptions(**{f.name: v(f.name) for f in dataclasses.fields(TopsOptions)}),
                ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"),
-               protocol=v("protocol"), conv_template=v("conv_template"), resolution=v("resolution"))
+               protocol=v("protocol"), conv_template=v("conv_template"), resolution=v("resolution"),
+               overrides=tuple(v("overrides") or ()), clip_checkpoint=v("clip_checkpoint"))
 
   def with_defaults(self, default_checkpoint: Callable[[], str]) -> "RunConfig":
     """The checkpoint (testbed: the shipped one) and output_dir (runs/<backbone>) filled in; ValueError when the
@@ -168,57 +171,58 @@ class MethodContext:
   family: str
   tops: TopsOptions = TopsOptions()
   criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
+  overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # --overrides, per method
 
 
-def _stage1(method, relevance="cls", scope="global", **hp):
-  return lambda t, model, ctx: pruning.PruningConfig(method=method, stage1_budget=t, stage1_relevance=relevance,
-                                                     stage1_scope=scope, stage1_hparams=hp)
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def _pooling(t, model, ctx):
-  return pruning.PruningConfig(method="pooling", stage1_budget=t, stage1_relevance="none",
-                               stage1_hparams={"grid": model.config.token_grid})
+def parse_overrides(items) -> dict[str, dict[str, Any]]:
+  """--overrides entries "method.name=value" -> {method: {name: value}}; ValueError naming the bad entry."""
+  out: dict[str, dict[str, Any]] = {}
+  for item in items or ():
+    head, sep, value = item.partition("=")
+    method, dot, name = head.partition(".")
+    if not sep or not dot or not method or not name:
+      raise ValueError(f"--overrides entry {item!r} must read method.name=value (e.g. divprune.scope=global)")
+    if method not in pruning.OFFICIAL_METHODS:
+      raise ValueError(f"--overrides entry {item!r}: unknown method {method!r}")
+    if name not in pruning.overrides_of(method):
+      raise ValueError(f"--overrides entry {item!r}: {method} takes {', '.join(pruning.overrides_of(method))}")
+    out.setdefault(method, {})[name] = _parse_value(value)
+  return out
 
 
-def _in_llm(method, relevance):
-  return lambda t, model, ctx: pruning.PruningConfig(method=method, stage2=((2, t),), stage2_relevance=relevance,
-                                                     positions="original")
+def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.PruningConfig:
+  """The run's PruningConfig: `pruning.method_config`'s official protocol with the invocation's overrides."""
+  o = dict(ctx.overrides.get(method, {}))
+  if method == "tops":
+    tops = ctx.tops
+    o.update({k: v for k, v in dict(stage1_alpha=tops.alpha, stage1_lam=tops.lam, stage2_alpha=tops.stage2_alpha,
+                                    stage2_lam=tops.stage2_lam, normalize=tops.normalize).items() if v is not None})
+    if ctx.criteria:
+      o["criteria"] = tuple(ctx.criteria)
+  if method == "cdpruner" and cdpruner_fallback(ctx) and "relevance" not in o:
+    o["relevance"] = "text"
+  if method == "pooling":
+    o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
+  return pruning.method_config(method, family=ctx.family, target=t, num_layers=model.config.text.num_hidden_layers,
+                               **o)
 
 
-def _tops(t, model, ctx: MethodContext):
-  num_layers = model.config.text.num_hidden_layers
-  o = ctx.tops
-  stage2 = dict(stage2_alpha=o.stage2_alpha, stage2_lam=o.stage2_lam)
-  if ctx.family == "testbed":  # no paper setting for the testbed: the paper's default pair
-    stage2 = {k: (0.5 if v is None else v) for k, v in stage2.items()}
-  config = pruning.tops_schedule(num_layers, t, family=ctx.family, stage1_alpha=0.5 if o.alpha is None else o.alpha,
-                                 stage1_lam=0.5 if o.lam is None else o.lam, **stage2)
-  extra = {}
-  if o.normalize:
-    extra["normalize"] = o.normalize
-  if ctx.criteria:
-    extra["criteria"] = tuple(ctx.criteria)
-  if extra:
-    config = dataclasses.replace(config, stage1_hparams=dict(config.stage1_hparams, **extra),
-                                 stage2_hparams=dict(config.stage2_hparams, **extra))
-  return config
+def cdpruner_fallback(ctx: MethodContext) -> bool:
+  """Whether CDPruner runs on the documented fallback relevance (no CLIP text tower): the testbed, whose vision
+  tower is not a CLIP checkpoint's, or an explicit cdpruner.relevance=text override."""
+  return ctx.family == "testbed" or ctx.overrides.get("cdpruner", {}).get("relevance") == "text"
 
 
-# Method name -> (T, model, MethodContext) -> PruningConfig.
-METHOD_CONFIGS: dict[str, Callable[..., pruning.PruningConfig]] = {
-    "tops": _tops,
-    "trimtokenator": _stage1("trimtokenator", relevance="text"),
-    "fastv": _in_llm("fastv", "last_token"),
-    "divprune": _stage1("divprune", relevance="none"),
-    "cdpruner": _stage1("cdpruner", relevance="text", scope="per_crop"),
-    "scope": _stage1("scope"),
-    "visionzip": _stage1("visionzip"),
-    "dart": _in_llm("dart", "none"),
-    "random": _stage1("random", relevance="none"),
-    "pooling": _pooling,
-}
-assert set(METHOD_CONFIGS) == set(prune.METHODS), "every selector needs a runner configuration"
-
+RUNNABLE = pruning.OFFICIAL_METHODS
 FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
 
 
@@ -243,10 +247,14 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   """Checks the configuration for consistency and returns (the resolved configuration, the runs). Raises ValueError
   naming the flag."""
   backbone = BACKBONES[run.backbone]
-  methods = list(METHOD_CONFIGS) if list(run.methods) == ["all"] else list(run.methods)
-  unknown = [m for m in methods if m not in METHOD_CONFIGS]
+  methods = list(RUNNABLE) if list(run.methods) == ["all"] else list(run.methods)
+  unknown = [m for m in methods if m not in RUNNABLE]
   if unknown:
-    raise ValueError(f"--method: unknown method(s) {', '.join(unknown)}; known: all, {', '.join(METHOD_CONFIGS)}")
+    raise ValueError(f"--method: unknown method(s) {', '.join(unknown)}; known: all, {', '.join(RUNNABLE)}")
+  overrides = parse_overrides(run.overrides)
+  stray = sorted(set(overrides) - set(methods))
+  if stray:
+    raise ValueError(f"--overrides names {', '.join(stray)}, which --method={','.join(methods)} does not run")
   budgets = _budgets(run, backbone)
   if any(t < 1 for t, _ in budgets):
     raise ValueError(f"--budget values must be positive, got {[t for t, _ in budgets]}")
@@ -272,7 +280,11 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
     raise ValueError("--tasks=vqa_jsonl needs --data_dir (a directory with questions.jsonl)")
   protocol, template = _benchmark_settings(run, backbone, model)
 
-  ctx = MethodContext(family=backbone.family, tops=run.tops)
+  ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides)
+  if "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint:
+    raise ValueError("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a "
+                     "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "
+                     "(LLM-embedding relevance, a different method) with --overrides=cdpruner.relevance=text")
   runs = [RunSpec("full", None, None, FULL, "full")]
   subsets = [c for r in (1, 2, 3) for c in itertools.combinations(tops_lib.CRITERIA, r)]
   for method in methods:
@@ -282,8 +294,10 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
                   for s in subsets]
     for label, variant in variants:
       for t, ratio in budgets:
-        config = METHOD_CONFIGS[method](t, model, variant)
+        config = method_config(method, t, model, variant)
         config.check_model(model)
+        if method == "cdpruner" and config.stage1_relevance != "clip_text":
+          label = "cdpruner-text"      # the fallback is another method: never reported under CDPruner's name
         runs.append(RunSpec(method, t, ratio, config, label))
   resolved = Resolved(run=run, methods=tuple(methods), budgets=tuple(t for t, _ in budgets),
                       keep_ratios=tuple(r for _, r in budgets), nominal_tokens=backbone.nominal_tokens,
@@ -347,6 +361,8 @@ def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
   fields = dict(backbone=r.backbone, checkpoint=r.checkpoint, checkpoint_fingerprint=resolved.checkpoint_fingerprint,
                 data_dir=r.data_dir, split=r.split, seed=r.seed, max_new_tokens=resolved.max_new_tokens,
                 batch_size=r.batch_size)
+  if r.clip_checkpoint:
+    fields["clip_checkpoint"] = r.clip_checkpoint
   if task not in IN_MEMORY_TASKS:
     fields.update(protocol=resolved.protocol, conv_template=resolved.conv_template, resolution=r.resolution,
                   limit=r.limit)

@@ -75,6 +75,11 @@ flags.DEFINE_enum("protocol", None, ["llava", "lmms_eval"], "Benchmark protocol:
                   "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next).")
 flags.DEFINE_string("conv_template", None, "Benchmark prompts' conversation template: vicuna_v1, mistral_instruct, "
                     "chat_template (the checkpoint's), plain (default: the checkpoint's decoder decides).")
+flags.DEFINE_list("overrides", None, "Named variants of the methods' official protocols, method.name=value (e.g. "
+                  "divprune.scope=global, cdpruner.newlines=drop, dart.dart_count=exact); see "
+                  "models/pruning/protocols.py for each method's names and why they exist.")
+flags.DEFINE_string("clip_checkpoint", None, "Local CLIP checkpoint directory (e.g. a copy of "
+                    "openai/clip-vit-large-patch14-336) whose text tower gives CDPruner's relevance.")
 flags.DEFINE_enum("resolution", "native", ["native", "fixed_672"], "LLaVA-NeXT benchmark images: native size, or "
                   "resized to the paper's fixed 672 x 672 (2,880 visual tokens before unpadding).")
 
@@ -208,6 +213,12 @@ def main(argv):
   out_dir = config.output_dir
   process = _process_name()
   evaluator = evaluate.Evaluator(model, processor, backbone, resolved.max_new_tokens)
+  if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
+    from models import clip_text  # pylint: disable=g-import-not-at-top
+    try:
+      evaluator.clip = clip_text.ClipTextRelevance(config.clip_checkpoint)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--clip_checkpoint: {e}") from None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from experiments import report  # pylint: disable=g-import-not-at-top
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.

@@ -137,10 +137,10 @@ class CLIPAttention(nnx.Module):
   def _heads(self, x):
     return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: float[I, P, Dv] -> float[I, P, Dv]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: float[I, P, Dv] -> float[I, P, Dv]; mask: bool[I, 1, P, P] keys each query may see (default all)."""
     q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=None)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
     return self.out_proj(out.reshape(x.shape))
 
   def keys(self, x: jax.Array) -> jax.Array:
@@ -174,8 +174,8 @@ class CLIPEncoderLayer(nnx.Module):
     self.mlp = CLIPMLP(config, dtype=dtype, rngs=rngs)
     self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x, mask=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
 
   def cls_attention(self, x):
@@ -205,8 +205,8 @@ class CLIPEncoder(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
-  def run(self, x: jax.Array, start: int, stop: int) -> jax.Array:
-    """Runs layers [start, stop) (static ints): float[I, P, Dv] -> float[I, P, Dv]."""
+  def run(self, x: jax.Array, start: int, stop: int, mask: jax.Array | None = None) -> jax.Array:
+    """Runs layers [start, stop) (static ints): float[I, P, Dv] -> float[I, P, Dv]; `mask` as `CLIPAttention`."""
     if not 0 <= start <= stop <= self.num_layers:
       raise ValueError(f"layer segment [{start}, {stop}) is out of range for {self.num_layers} layers")
     if start == stop:
@@ -215,7 +215,7 @@ class CLIPEncoder(nnx.Module):
     state = jax.tree.map(lambda a: a[start:stop], state)
 
     def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h), None
+      return nnx.merge(graphdef, layer_state)(h, mask), None
 
     x, _ = jax.lax.scan(body, x, state)
     return x
@@ -264,7 +264,8 @@ class CLIPVisionModel(nnx.Module):
     return self.encoder.run(self.pre_layrnorm(self.embeddings(pixel_values)), 0, h)
 
   def features(self, pixel_values: jax.Array, *, feature_layers: int | Sequence[int] = -2,
-               select_strategy: str = "default", cls_attention: bool = True, keys: bool = False) -> VisionOutput:
+               select_strategy: str = "default", cls_attention: bool = True, keys: bool = False,
+               cls: bool = False) -> VisionOutput:
     """LLaVA's image features and (optionally) the CLS attention of the layer that produces them.
 
     Args:
@@ -273,6 +274,7 @@ class CLIPVisionModel(nnx.Module):
       select_strategy: "default" drops the CLS position, "full" keeps it.
       cls_attention: also return the CLS attention of the layer producing the last entry of `feature_layers`.
       keys: also return that layer's keys, mean over heads (VisionZip's merge metric).
+      cls: also return the CLS position of the features (and of the keys when asked), whatever `select_strategy`.
 
     Returns:
       VisionOutput(features float[I, N, Dv * len(feature_layers)] ("full": P rows), cls_attention float32[I, N]
@@ -304,8 +306,10 @@ class CLIPVisionModel(nnx.Module):
         key_rows = layer.keys(x) if keys else None
     first = 1 if select_strategy == "default" else 0
     features = jnp.concatenate([states[h][:, first:] for h in wanted], axis=-1)
+    cls_features = jnp.concatenate([states[h][:, 0] for h in wanted], axis=-1) if cls else None
     return VisionOutput(features=features, cls_attention=None if attn is None else attn[:, first:],
-                        keys=None if key_rows is None else key_rows[:, first:])
+                        keys=None if key_rows is None else key_rows[:, first:], cls_features=cls_features,
+                        cls_keys=key_rows[:, 0] if cls and key_rows is not None else None)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """Last hidden state (before post_layernorm): float[I, C, H, W] -> float[I, P, Dv]."""

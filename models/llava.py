@@ -133,6 +133,17 @@ class LlavaConfig:
     return 0
 
   @property
+  def max_num_crops(self) -> int:
+    """The most crops an image is encoded as (LLaVA-1.5: one)."""
+    return 1
+
+  @property
+  def nominal_image_tokens(self) -> int:
+    """The papers' N of a full image: crops x patches before unpadding or newlines (LLaVA-1.5: 576; LLaVA-NeXT at
+    336 px with the LLaVA-1.6 pinpoints: 5 x 576 = 2880), the reference of their keep ratios."""
+    return self.max_num_crops * self.vision.num_patches
+
+  @property
   def token_grid(self) -> tuple[int, int] | None:
     """(rows, cols) of the 2-D grid an image's tokens form in packed order: the patch grid ("full": none, CLS)."""
     g = self.vision.image_size // self.vision.patch_size
@@ -221,12 +232,13 @@ class LlavaForConditionalGeneration(nnx.Module):
     self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
         config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False) -> VisionOutput:
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False,
+                    cls: bool = False) -> VisionOutput:
     """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None,
-    keys float[I, N, Dh] | None)."""
+    keys float[I, N, Dh] | None, cls_features float[I, Dv'] | None, cls_keys float[I, Dh] | None)."""
     return self.vision_tower.features(pixel_values, feature_layers=self.config.vision_feature_layer,
                                       select_strategy=self.config.vision_feature_select_strategy,
-                                      cls_attention=cls_attention, keys=keys)
+                                      cls_attention=cls_attention, keys=keys, cls=cls)
 
   def project(self, features: jax.Array) -> jax.Array:
     """float[..., Dv'] -> float[..., D] in the language model's embedding space."""
@@ -239,11 +251,11 @@ class LlavaForConditionalGeneration(nnx.Module):
     return single_crop_layout(num_images, self.config.max_image_tokens)
 
   def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False) -> ImageTokens:
+                   cls_attention: bool = True, keys: bool = False, cls: bool = False) -> ImageTokens:
     """The batch's image tokens and what pruners read about them: float[I, 3, H, W] -> `ImageTokens` (one crop per
-    image: N = T = the patches; `layout` is not read)."""
+    image: N = T = the patches; `layout` is not read). `cls`: also the CLS token's features (and keys)."""
     del layout
-    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys)
+    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls)
     embeds = self.project(vis.features)
     i, n = embeds.shape[:2]
     real = jnp.ones((i, n), bool)
@@ -251,7 +263,12 @@ class LlavaForConditionalGeneration(nnx.Module):
                        source=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (i, n)),
                        cls_attention=vis.cls_attention, features=vis.features, keys=vis.keys,
                        crop_embeds=embeds[:, None],
-                       crop_cls_attention=None if vis.cls_attention is None else vis.cls_attention[:, None])
+                       crop_cls_attention=None if vis.cls_attention is None else vis.cls_attention[:, None],
+                       crop_features=vis.features[:, None], crop_valid=jnp.ones((i, 1), bool),
+                       crop_keys=None if vis.keys is None else vis.keys[:, None],
+                       cls_features=None if vis.cls_features is None else vis.cls_features[:, None],
+                       cls_keys=None if vis.cls_keys is None else vis.cls_keys[:, None],
+                       grid=jnp.zeros((i, 2), jnp.int32))
 
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
             valid: jax.Array | None = None) -> jax.Array:

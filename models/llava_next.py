@@ -68,7 +68,8 @@ from models import llama
 from models import llava
 from models.outputs import ImageTokens, VisionOutput
 
-__all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "conversion_table"]
+__all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "crop_valid",
+           "conversion_table"]
 
 _DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -199,33 +200,36 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
         counts=spec((num_images,), jnp.int32), grid=spec((num_images, 2), jnp.int32))
     return jax.pure_callback(lambda sizes: pack_layout(config, sizes), shapes, image_sizes)
 
-  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False) -> VisionOutput:
+  def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False,
+                    cls: bool = False) -> VisionOutput:
     """float[I, P, 3, H, W] crops -> VisionOutput(features float[I, P, T, Dv], cls_attention float32[I, P, T] | None,
-    keys float[I, P, T, Dh] | None)."""
+    keys float[I, P, T, Dh] | None, cls_features float[I, P, Dv] | None, cls_keys float[I, P, Dh] | None)."""
     if pixel_values.ndim != 5:
       raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
                        f"returns them), got shape {pixel_values.shape}")
     i, p = pixel_values.shape[:2]
     vis = super().encode_images(pixel_values.reshape(i * p, *pixel_values.shape[2:]), cls_attention=cls_attention,
-                                keys=keys)
+                                keys=keys, cls=cls)
     per_crop = lambda a: None if a is None else a.reshape(i, p, *a.shape[1:])
-    return VisionOutput(features=per_crop(vis.features), cls_attention=per_crop(vis.cls_attention),
-                        keys=per_crop(vis.keys))
+    return VisionOutput(*(per_crop(a) for a in vis))
 
   def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False) -> ImageTokens:
-    """The batch's image tokens in packed order: float[I, P, 3, H, W] crops + `layout` -> `ImageTokens`."""
+                   cls_attention: bool = True, keys: bool = False, cls: bool = False) -> ImageTokens:
+    """The batch's image tokens in packed order: float[I, P, 3, H, W] crops + `layout` -> `ImageTokens`. `cls`: also
+    each crop's CLS features (and keys)."""
     if layout is None:
       raise ValueError("LLaVA-NeXT image tokens need the packing layout (model.layout(image_sizes, num_images))")
     layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
-    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys)
+    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls)
     img = self.project(vis.features)
     pack = lambda a: self.pack(a, layout, jnp.zeros(a.shape[-1:], a.dtype))
     cls = vis.cls_attention
     return ImageTokens(embeds=self.pack(img, layout), valid=layout.valid, newline=layout.newline, crop=layout.crop,
                        source=layout.source, cls_attention=None if cls is None else pack(cls[..., None])[..., 0],
                        features=pack(vis.features), keys=None if vis.keys is None else pack(vis.keys),
-                       crop_embeds=img, crop_cls_attention=cls)
+                       crop_embeds=img, crop_cls_attention=cls, crop_features=vis.features,
+                       crop_valid=crop_valid(layout, img.shape[1]), crop_keys=vis.keys,
+                       cls_features=vis.cls_features, cls_keys=vis.cls_keys, grid=layout.grid)
 
   def pack(self, per_crop: jax.Array, layout: anyres.PackLayout, newline: jax.Array | None = None) -> jax.Array:
     """float[I, P, T, X] per-crop rows -> float[I, N, X] packed rows; newline slots take `newline` (default the
@@ -279,7 +283,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       packed = self.pack(img, layout)
       out.update(
           image_features=vis.features, cls_attention=vis.cls_attention, image_embeds=img,
-          crop_valid=jnp.arange(num_crops) < 1 + layout.grid[:, :1] * layout.grid[:, 1:], packed_embeds=packed,
+          crop_valid=crop_valid(layout, num_crops), packed_embeds=packed,
           packed_features=self.pack(vis.features, layout, jnp.zeros(vis.features.shape[-1:], vis.features.dtype)),
           packed_cls_attention=self.pack(vis.cls_attention[..., None], layout, jnp.zeros((1,), jnp.float32))[..., 0],
           layout=layout)
@@ -298,6 +302,12 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
               else llava.last_logits(self.head, seg.hidden, attention_mask))
     return LlavaNextOutput(logits=logits, inputs_embeds=x,
                            hidden_states=hidden_states, last_hidden_state=last, cache=seg.cache, **out)
+
+
+def crop_valid(layout: anyres.PackLayout, num_crops: int) -> jax.Array:
+  """Real crops of each image: the base crop and its rows x cols grid crops -> bool[I, P]."""
+  grid = jnp.asarray(layout.grid)
+  return jnp.arange(num_crops)[None, :] < 1 + grid[:, :1] * grid[:, 1:]
 
 
 def pack_layout(config: LlavaNextConfig, image_sizes, num_tokens: int | None = None) -> anyres.PackLayout:

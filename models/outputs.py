@@ -24,10 +24,14 @@ class VisionOutput(NamedTuple):
     the CLS column is dropped (not renormalised), as VisionZip/TOPS Stage I read it.
   keys: float[I, N, Dh] (or [I, N + 1, Dh]) aligned with `features`, when asked: the attention keys of that same layer
     (k_proj of its normed input), mean over heads: VisionZip's `metric` for merging contextual tokens.
+  cls_features: float[I, Dv] | None the CLS position of `features` (whatever the select strategy), when asked.
+  cls_keys: float[I, Dh] | None the CLS position of `keys`, when asked with keys.
   """
   features: jax.Array
   cls_attention: jax.Array | None = None
   keys: jax.Array | None = None
+  cls_features: jax.Array | None = None
+  cls_keys: jax.Array | None = None
 
 
 class ImageTokens(NamedTuple):
@@ -44,6 +48,13 @@ class ImageTokens(NamedTuple):
   keys: float[I, N, Dh] | None the feature layer's keys, mean over heads (`VisionOutput.keys`), when asked.
   crop_embeds: float[I, P, T, D] projector outputs per crop, before packing (LLaVA-1.5: P = 1, T = N).
   crop_cls_attention: float32[I, P, T] | None CLS attention per crop.
+  crop_features: float[I, P, T, Dv] pre-projector vision features per crop, before packing (padded crops included).
+  crop_valid: bool[I, P] real crops (False for the processor's padding crops; LLaVA-1.5: one real crop).
+  crop_keys: float[I, P, T, Dh] | None the feature layer's keys per crop, when asked.
+  cls_features: float[I, P, Dv] | None the CLS token's hidden state of the feature layer per crop, when asked
+    (VisionZip keeps it).
+  cls_keys: float[I, P, Dh] | None the CLS token's key of that layer (mean over heads), when asked.
+  grid: int32[I, 2] (rows, cols) of grid crops per image (LLaVA-1.5: (0, 0), the base crop only).
   """
   embeds: jax.Array
   valid: jax.Array
@@ -55,6 +66,12 @@ class ImageTokens(NamedTuple):
   keys: jax.Array | None
   crop_embeds: jax.Array
   crop_cls_attention: jax.Array | None
+  crop_features: jax.Array | None = None
+  crop_valid: jax.Array | None = None
+  crop_keys: jax.Array | None = None
+  cls_features: jax.Array | None = None
+  cls_keys: jax.Array | None = None
+  grid: jax.Array | None = None
 
 
 class DecoderOutput(NamedTuple):

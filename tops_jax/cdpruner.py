@@ -73,7 +73,7 @@ def kernel_relevance(relevance: jax.Array, valid: jax.Array, theta: float | None
 
 
 def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None, *, keep: int,
-          theta: float | None = None, eps: float = 1e-5) -> jax.Array:
+          theta: float | None = None, eps: float = 1e-5, rescale: bool = True) -> jax.Array:
   """CDPruner greedy DPP MAP order for one example.
 
   Args:
@@ -84,6 +84,9 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None,
     keep: K.
     theta: None (released code) or the trade-off in (0, 1) of the optional exponential relevance sharpening.
     eps: once every candidate has d2 <= eps the rest are taken in index order.
+    rescale: min-max rescale `relevance` over the valid tokens (the official code, which rescales over everything it
+      is given at once); False when the caller has rescaled it over a larger set already, e.g. all crops of a
+      LLaVA-NeXT image before selecting per crop (`kernel_relevance` over the image).
   Returns:
     int32[K] indices in greedy pick order.
   """
@@ -91,7 +94,13 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None,
   if relevance is None:
     raise ValueError("cdpruner: the DPP kernel needs a relevance vector (relevance=float[..., N], larger = more "
                      "relevant; the official code uses the negated mean CLIP image-text similarity)")
-  r = kernel_relevance(relevance, valid, theta)
+  if rescale:
+    r = kernel_relevance(relevance, valid, theta)
+  else:
+    r = relevance.astype(jnp.float32)
+    if theta is not None:
+      r = jnp.exp(theta / (2.0 * (1.0 - theta)) * r)
+    r = jnp.where(valid, r, 0.0)
   kernel = r[:, None] * similarity.cosine_similarity(features) * r[None, :]
   n = kernel.shape[0]
 

@@ -45,10 +45,13 @@ from tops_jax import dart
 from tops_jax import divprune
 from tops_jax import fastv
 from tops_jax import greedy
+from tops_jax import pdrop
+from tops_jax import prumerge
 from tops_jax import scope
 from tops_jax import simple
 from tops_jax import tops
 from tops_jax import trimtokenator
+from tops_jax import vispruner
 from tops_jax import visionzip
 
 __all__ = ["METHODS", "Method", "NEEDS_RELEVANCE", "MERGE_METHODS", "check_hparams", "needs_relevance",
@@ -114,6 +117,11 @@ METHODS: dict[str, Method] = {
     "dart": Method(dart.order, token_masks=(("keys", "valid"),) + _TEXT_MASKS[1:]),
     "random": Method(simple.random_order, needs_key=True, reads_features=False),
     "pooling": Method(simple.pooling_order, merge=simple.pooling_merge, reads_features=False),
+    "vispruner": Method(vispruner.order, relevance="required"),
+    # The order reads only relevance; the merge reads features and keys (mode="fixed" default, see prumerge).
+    "prumerge_plus": Method(prumerge.order, relevance="required", merge=prumerge.merge, reads_features=False,
+                            token_masks=(("keys", "valid"),)),
+    "pdrop": Method(pdrop.order, relevance="required", reads_features=False),
 }
 # Methods that need a relevance vector with their default hyperparameters (tops also without one when
 # criteria leaves relevance out; `needs_relevance(method, **hparams)` answers for given hyperparameters).

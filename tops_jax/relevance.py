@@ -26,6 +26,12 @@ Signals
   `rater_scores` to reproduce it.
 - `text_embedding_cosine`: mean (or max) cosine between each visual token and the text tokens, for encoders without
   a CLS token (SigLIP-style towers) or a CLIP text-image score.
+- `clip_text_relevance`: CDPruner's relevance (official Theia-4869/CDPruner, llava/model/llava_arch.py,
+  `encode_images`): the negated cosine between each token's CLIP image embedding and the question's CLIP text
+  embedding, averaged over the text chunks, then (r - min + 1e-6) / (max - min). The official code takes min and max
+  over the whole tensor it holds: the 576 tokens of a LLaVA-1.5 image, all crops (before unpadding) of a LLaVA-NeXT
+  image (batch size 1). Here they are taken per row over `valid`, so a row holds one image (all its crops).
+  Deviation: a row whose valid scores are all equal gets 1 (the official code divides by zero there).
 """
 
 import jax
@@ -35,7 +41,7 @@ import numpy as np
 from tops_jax import similarity
 
 __all__ = ["cls_attention", "last_token_attention", "text_rater_attention", "select_raters",
-           "sparsevlm_rater_scores", "text_embedding_cosine"]
+           "sparsevlm_rater_scores", "text_embedding_cosine", "clip_text_relevance"]
 
 _TINY = 1e-30
 
@@ -292,3 +298,44 @@ def text_embedding_cosine(visual: jax.Array, text: jax.Array, text_valid: jax.Ar
     return jnp.sum(jnp.where(valid, cos, 0.0), axis=-1) / jnp.maximum(jnp.sum(valid, axis=-1), 1)
   best = jnp.max(jnp.where(valid, cos, -jnp.inf), axis=-1)
   return jnp.where(jnp.isfinite(best), best, 0.0)
+
+
+_CDPRUNER_FLOOR = 1e-6  # the official offset: the least relevant token keeps a nonzero kernel diagonal
+
+
+def clip_text_relevance(image_embeds: jax.Array, text_embeds: jax.Array, valid: jax.Array | None = None, *,
+                        normalize: bool = True) -> jax.Array:
+  """CDPruner's query relevance of each visual token.
+
+  Args:
+    image_embeds: float[..., N, E] CLIP image embeddings of the tokens, `visual_projection(post_layernorm(f))` of
+      the vision features f (layer -2, CLS dropped) of every crop of the row's image.
+    text_embeds: float[..., E] the question's text direction: the mean over its C text chunks of the unit-norm
+      chunk embeddings (`models.clip_text.ClipTextRelevance.encode`). Used as given, NOT renormalised, so that
+      -(unit image) . text_embeds equals the official mean over chunks of the negated cosines (one chunk: a unit
+      vector, the plain negated cosine).
+    valid: bool[..., N] the tokens of the row (default all); min and max are taken over them, the others get 0.
+    normalize: False returns the raw negated mean cosine (for a selector that rescales by itself).
+
+  Returns:
+    float32[..., N]: (s - min + 1e-6) / (max - min) with s = -cos over the valid tokens (1 where max == min).
+  """
+  vs, ts = _shape(image_embeds), _shape(text_embeds)
+  if len(vs) < 2 or len(ts) < 1 or vs[:-2] != ts[:-1] or vs[-1] != ts[-1]:
+    raise ValueError(f"clip_text_relevance: need image_embeds float[..., N, E] and text_embeds float[..., E] with "
+                     f"the same leading axes and E, got {vs} and {ts}")
+  for label, x in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise ValueError(f"clip_text_relevance: {label} must be floating point, got dtype {jnp.result_type(x)}")
+  _check_mask("clip_text_relevance", "valid", valid, vs[:-1])
+  unit = similarity.l2_normalize(image_embeds)
+  score = -jnp.einsum("...ne,...e->...n", unit, text_embeds.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  if not normalize:
+    return score if valid is None else jnp.where(valid, score, 0.0)
+  where = jnp.ones(vs[:-1], bool) if valid is None else valid
+  lo = jnp.min(jnp.where(where, score, jnp.inf), axis=-1, keepdims=True)
+  hi = jnp.max(jnp.where(where, score, -jnp.inf), axis=-1, keepdims=True)
+  span = hi - lo
+  r = jnp.where(span > 0, (score - lo + _CDPRUNER_FLOOR) / jnp.where(span > 0, span, 1.0), 1.0)
+  return jnp.where(where, r, 0.0)

@@ -1,30 +1,59 @@
 """VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity.
 
-Axes: N visual tokens (patches; the CLS token is not one of them), D width, Dk key width, K kept, C contextual.
+Axes: B batch, N visual tokens (patches; the CLS token is not one of them), Dv vision width, Dk key width, K kept,
+C contextual, P crops.
 
 Source: VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
-2025), official code `dvlab-research/VisionZip` and the llmc port. Facts read from that code:
-- Dominant tokens: the top patches by CLS attention of vision layer -2, heads summed (`relevance`; a head mean, as
-  `tops_jax.relevance.cls_attention` returns, ranks identically). The CLS token is kept as well.
-- Contextual tokens: the remaining patches (neither CLS nor dominant), in ascending index order, are split into C
-  uniformly strided targets, positions `range(0, R, max(1, R // C))[:C]` among the R remaining, and the rest. Each
-  non-target is assigned to the target with the highest cosine similarity of layer -2 keys (keys averaged over
-  heads), first target on ties. A target becomes `target + mean(assigned)`: the mean of its assigned tokens is
-  ADDED to the target, not averaged with it; a target with nothing assigned is unchanged. The merge acts on the
-  layer -2 hidden states, before the projector.
-- Budget split: the official `dominant` counts the CLS token (`dominant_num = dominant - 1` patches); the LLaVA-1.5
-  settings are (dominant, contextual) = (54, 10), (108, 20), (162, 30) for 64, 128, 192 tokens, i.e. 54/64 dominant.
+2025), official code `dvlab-research/VisionZip` at commit 3151f6df4fca36a4cd1c985e5956e725b1f9ad02: visionzip/main.py
+(`visionzip(model, dominant, contextual)`), visionzip/utils.py (`CLIPAttention_forward`, `CLIP_EncoderLayer_forward`,
+`apply_info`), visionzip/clip_encoder.py (`CLIPVisionTower_VisionZip.forward`), visionzip/llava_arch.py
+(`restore_image_features_sorted`, `prepare_inputs_labels_for_multimodal_visionzip`). Facts read from that code:
+- Layer -2 of the CLIP tower supplies everything: its attention (`attentions[-2]`), its output hidden states
+  (`hidden_states[-2]`, the LLaVA feature layer, CLS included) and its keys (`metric`: k_proj of the normed layer
+  input, before any scaling, MEAN over heads; recorded because `apply_info` sets r = 1 at layer index 22 of 24).
+- Dominant: the CLS row of that attention to the patches only (`attn[:, :, 0, 1:]`), SUMMED over heads;
+  `topk(dominant - 1)` patches (main.py passes `dominant_num = dominant - 1`). The CLS token is always kept and is
+  never ranked; the `dominant` argument counts it.
+- Contextual: the R remaining tokens (neither CLS nor dominant) in ascending index order; targets at positions
+  `arange(0, R, max(1, R // C))[:C]` among them; each other remaining token goes to the target of highest key
+  cosine (keys divided by their norm, no eps; `argmax`, first target on ties); a target becomes
+  `target + sum(assigned) / max(count, 1)` of the hidden states: the mean is ADDED, an empty target is unchanged.
+- Output per image: `cat([CLS, dominant patches in ascending index order, contextual targets in target order])`,
+  the hidden states of layer -2 (CLS included), then the projector. K = dominant + contextual tokens.
+- LLaVA-NeXT (spatial_unpad): VisionZip runs on every crop with the same (dominant, contextual). The base crop's
+  [CLS, dominant, contextual] comes first; then the grid crops' dominant patches placed on the full grid canvas
+  (rows x cols crops of side x side patches, no unpadding, NO newline tokens) in row-major canvas order; then the
+  grid crops' CLS tokens (crop order); then their contextual tokens (crop order). A single-crop image gets
+  `image_newline` appended. `next_order` computes that order.
+- Settings: the repository gives (dominant, contextual) = (54, 10) for 64 tokens (README) and the default (191, 30).
+  The (108, 20) for 128 and (162, 30) for 192 used by peers are the same 54 : 10 ratio and could not be checked
+  against the official repository (the paper's appendix was not readable here). LLaVA-NeXT: the per-crop setting
+  of budget / 5 (640 -> (108, 20), 320 -> (54, 10), 160 -> (27, 5) by the same ratio, not verified).
+  The llmc port passes its `dominant` straight to `topk` (a patch count, CLS not included).
 
-Here the N tokens are patches only and the model hook keeps the CLS token itself. `dominant` counts patch tokens,
-default round(keep * 54 / 64); to reproduce the official 64-token setting exactly (CLS + 53 + 10) call with keep=63,
-dominant=53 and let the hook prepend the CLS. `keys` (float[N, Dk]) is the similarity space of the merge; without it
-the features are used. `features` are whatever the merged tokens should be (the layer -2 hidden states to match
-the official code).
+API.
+- `compress(features, relevance, keys, cls_feature, valid, *, dominant, contextual)`: the official computation, CLS
+  included, tokens in the official order, with `source` and `kind` per output token. `dominant` is the official
+  argument (CLS included). The CLS token's key is never read by the official code (the CLS is kept, not merged), so
+  no CLS key is taken.
+- `order` / `merge` (registered as "visionzip" in `tops_jax.prune`): the patch-only view, `keep` patches, indices
+  ascending, no CLS; `dominant` counts patches there (default round(keep * 54 / 64)). This view is ours: a fixed
+  number of patch tokens, comparable with the selection methods; it is not the official output.
+- `split(tokens)`: the (dominant, contextual) of the official convention for `tokens` per image or crop.
+- `next_order(kind, source, grid, crop_valid, side=)`: the official LLaVA-NeXT token order of per-crop outputs.
 
-Choices where the code is silent: ties in CLS attention go to the lowest index; padding (valid False) is never
-dominant, never a target and never merged; R counts valid remaining tokens only. If an outer jit hides that fewer
-than K tokens are valid, missing slots hold the lowest-index unused padding positions.
+Deviations and choices where the code is silent:
+- `relevance` is taken as given: pass the head SUM for the official ranking; a head mean (what
+  `tops_jax.relevance.cls_attention` returns) ranks identically up to float rounding.
+- Ties in CLS attention go to the lowest index (torch.topk leaves them unspecified). Float32 throughout (the official
+  code runs in float16).
+- Padding (valid False) is never dominant, never a target and never merged; R counts valid remaining tokens only
+  (the official code has no padding). If an outer jit hides that fewer than K tokens are valid, missing slots hold
+  the lowest-index unused padding positions. With R < C the official code fails on shapes; here the extra target
+  slots are padding positions (unchanged tokens).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +62,28 @@ import numpy as np
 from tops_jax import greedy
 from tops_jax import similarity
 
-__all__ = ["order", "merge", "default_dominant"]
+__all__ = ["order", "merge", "compress", "next_order", "split", "default_dominant", "LLAVA_15_SPLITS",
+           "LLAVA_NEXT_SPLITS", "KIND_CLS", "KIND_DOMINANT", "KIND_CONTEXTUAL"]
 
 DOMINANT_RATIO = 54 / 64
+KIND_CLS, KIND_DOMINANT, KIND_CONTEXTUAL = 0, 1, 2
 
 
 def default_dominant(keep: int) -> int:
-  """Number of dominant tokens for a budget of `keep`: round(keep * 54 / 64), the official LLaVA-1.5 ratio."""
+  """round(keep * 54 / 64): the official 64-token ratio (also the official `dominant`, CLS included, for `keep`)."""
   return int(round(keep * DOMINANT_RATIO))
+
+
+def split(tokens: int) -> tuple[int, int]:
+  """Official (dominant, contextual) for `tokens` per image (LLaVA-1.5) or per crop (LLaVA-NeXT), CLS in dominant."""
+  if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 2:
+    raise ValueError(f"visionzip: tokens must be a Python int >= 2, got {tokens!r}")
+  dom = default_dominant(tokens)
+  return dom, int(tokens) - dom
+
+
+LLAVA_15_SPLITS = {t: split(t) for t in (64, 128, 192)}          # (54, 10), (108, 20), (162, 30)
+LLAVA_NEXT_SPLITS = {t: split(t // 5) for t in (640, 320, 160)}  # per crop: (108, 20), (54, 10), (27, 5)
 
 
 def _split(keep: int, dominant: int | None) -> tuple[int, int]:
@@ -64,10 +107,9 @@ def _first(priority: jax.Array, count: int) -> jax.Array:
   return jnp.argsort(priority, stable=True)[:count].astype(jnp.int32)
 
 
-def _select(relevance, valid, keep, dominant):
-  """(dominant int32[K - C] best first, targets int32[C] ascending, members bool[N] tokens merged into targets)."""
+def _select(relevance, valid, dom_n: int, ctx_n: int):
+  """(dominant int32[dom_n] best first, targets int32[ctx_n] ascending, members bool[N] tokens merged into targets)."""
   n = valid.shape[0]
-  dom_n, ctx_n = _split(keep, dominant)
   score = jnp.where(valid, relevance.astype(jnp.float32), -jnp.inf)
   dom = greedy.topk_order(score, valid, dom_n)
   is_dom = jnp.zeros(n, dtype=bool).at[dom].set(True)
@@ -83,17 +125,28 @@ def _select(relevance, valid, keep, dominant):
   return dom, targets, remaining & ~is_target
 
 
+def _contextual(x, space, targets, members):
+  """float32[C, Dv]: each target plus the mean of the members whose key is most similar to it."""
+  sim = similarity.cosine_similarity(space, space[targets])                    # float32[N, C]
+  assign = jnp.argmax(sim, axis=-1)                                            # first target on ties
+  onehot = (assign[:, None] == jnp.arange(targets.shape[0])[None, :]) & members[:, None]
+  onehot = onehot.astype(jnp.float32)
+  summed = jnp.einsum("nc,nd->cd", onehot, x, precision=jax.lax.Precision.HIGHEST)
+  counts = jnp.maximum(jnp.sum(onehot, axis=0), 1.0)[:, None]
+  return x[targets] + summed / counts
+
+
 def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
           keep: int, dominant: int | None = None, keys: jax.Array | None = None) -> jax.Array:
-  """VisionZip's kept token positions: dominant (best CLS attention first), then contextual targets (ascending).
+  """Patch-only view: dominant (best CLS attention first), then contextual targets (ascending).
 
   Args:
-    features: float[N, D] (unused by the order; see `merge`).
+    features: float[N, Dv] (unused by the order; see `merge`).
     relevance: float32[N] CLS attention to each patch (vision layer -2).
     valid: bool[N] padding False.
     key: unused.
-    keep: static budget K.
-    dominant: static number of dominant tokens (default round(K * 54 / 64)); C = K - dominant contextual tokens.
+    keep: static number K of patch tokens.
+    dominant: static number of dominant PATCHES (default round(K * 54 / 64)); C = K - dominant contextual tokens.
     keys: float[N, Dk] merge similarity space (accepted for a uniform call; the order does not read it).
 
   Returns:
@@ -103,35 +156,144 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
   _check_keys(keys, features.shape[0])
   if relevance is None:
     raise ValueError("visionzip: needs relevance=float[N] (CLS attention, see tops_jax.relevance.cls_attention)")
-  dom, targets, _ = _select(relevance, valid, keep, dominant)
+  dom, targets, _ = _select(relevance, valid, *_split(keep, dominant))
   return jnp.concatenate([dom, targets])
 
 
 def merge(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
           keep: int, dominant: int | None = None, keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """VisionZip's output tokens: dominant tokens unchanged, each target plus the mean of the tokens assigned to it.
+  """Patch-only view: dominant patches unchanged, each target plus the mean of the tokens assigned to it.
 
   Args: as `order`; `keys` float[N, Dk] defaults to `features`.
 
   Returns:
-    (tokens float[K, D] in the dtype of `features`, indices int32[K] ascending); tokens[i] belongs to indices[i].
+    (tokens float[K, Dv] in the dtype of `features`, indices int32[K] ascending); tokens[i] belongs to indices[i].
   """
   del key
   _check_keys(keys, features.shape[0])
   if relevance is None:
     raise ValueError("visionzip: needs relevance=float[N] (CLS attention, see tops_jax.relevance.cls_attention)")
-  dom, targets, members = _select(relevance, valid, keep, dominant)
+  dom, targets, members = _select(relevance, valid, *_split(keep, dominant))
   x = features.astype(jnp.float32)
   tokens = x[dom]
   if targets.shape[0]:
     space = features if keys is None else keys
-    sim = similarity.cosine_similarity(space, space[targets])                  # float32[N, C]
-    assign = jnp.argmax(sim, axis=-1)
-    onehot = (assign[:, None] == jnp.arange(targets.shape[0])[None, :]) & members[:, None]
-    onehot = onehot.astype(jnp.float32)
-    summed = jnp.einsum("nc,nd->cd", onehot, x, precision=jax.lax.Precision.HIGHEST)
-    counts = jnp.maximum(jnp.sum(onehot, axis=0), 1.0)[:, None]
-    tokens = jnp.concatenate([tokens, x[targets] + summed / counts])
+    tokens = jnp.concatenate([tokens, _contextual(x, space, targets, members)])
   idx = jnp.concatenate([dom, targets])
   perm = jnp.argsort(idx)
   return tokens[perm].astype(features.dtype), idx[perm]
+
+
+def _static_count(name: str, value, low: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"visionzip: {name} must be a static Python int >= {low}, got {value!r}")
+  return int(value)
+
+
+def _compress_one(features, relevance, keys, cls_feature, valid, dominant, contextual):
+  dom, targets, members = _select(relevance, valid, dominant - 1, contextual)
+  x = features.astype(jnp.float32)
+  dom = jnp.sort(dom)                                               # masked_select keeps the spatial order
+  parts = [cls_feature.astype(jnp.float32)[None], x[dom]]
+  if contextual:
+    parts.append(_contextual(x, keys, targets, members))
+  tokens = jnp.concatenate(parts).astype(features.dtype)
+  source = jnp.concatenate([jnp.full((1,), -1, jnp.int32), dom, targets])
+  kind = np.repeat(np.array([KIND_CLS, KIND_DOMINANT, KIND_CONTEXTUAL], np.int8), [1, dominant - 1, contextual])
+  return tokens, source, jnp.asarray(kind)
+
+
+@functools.partial(jax.jit, static_argnames=("dominant", "contextual"))
+def _compress(features, relevance, keys, cls_feature, valid, *, dominant, contextual):
+  fn = lambda f, r, k, c, v: _compress_one(f, r, k, c, v, dominant, contextual)
+  return (jax.vmap(fn) if features.ndim == 3 else fn)(features, relevance, keys, cls_feature, valid)
+
+
+def compress(features: jax.Array, relevance: jax.Array, keys: jax.Array, cls_feature: jax.Array,
+             valid: jax.Array | None = None, *, dominant: int, contextual: int
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The official VisionZip output of one image or crop (or a batch of them), CLS included, in the official order.
+
+  Args:
+    features: float[N, Dv] or float[B, N, Dv] the patches' hidden states of vision layer -2 (CLS excluded).
+    relevance: float[N] / float[B, N] CLS attention of that layer to each patch (head sum for the official ranking).
+    keys: float[N, Dk] / float[B, N, Dk] that layer's keys of the patches, mean over heads.
+    cls_feature: float[Dv] / float[B, Dv] the CLS token's hidden state of that layer.
+    valid: bool[N] / bool[B, N] padding False (default all valid).
+    dominant: static official `dominant` (CLS included: dominant - 1 patches), >= 1.
+    contextual: static number C of contextual tokens, >= 0.
+
+  Returns:
+    tokens float[..., K, Dv] (dtype of `features`), K = dominant + contextual, ordered
+      [CLS, dominant patches ascending, contextual targets ascending];
+    source int32[..., K] patch index of each token (-1 for the CLS; the target's index for a contextual token);
+    kind int8[..., K] KIND_CLS (0), KIND_DOMINANT (1) or KIND_CONTEXTUAL (2).
+  """
+  dominant = _static_count("dominant", dominant, 1)
+  contextual = _static_count("contextual", contextual, 0)
+  shape = tuple(jnp.shape(features))
+  if len(shape) not in (2, 3) or not jnp.issubdtype(jnp.result_type(features), jnp.floating):
+    raise ValueError(f"visionzip: features must be float[N, Dv] or float[B, N, Dv], got "
+                     f"{jnp.result_type(features)}{shape}")
+  lead, n = shape[:-1], shape[-2]
+  if dominant - 1 + contextual > n:
+    raise ValueError(f"visionzip: dominant - 1 + contextual = {dominant - 1 + contextual} exceeds the N={n} patches")
+  if tuple(jnp.shape(relevance)) != lead:
+    raise ValueError(f"visionzip: relevance must have shape {lead}, got {tuple(jnp.shape(relevance))}")
+  if jnp.ndim(keys) != len(shape) or tuple(jnp.shape(keys))[:-1] != lead:
+    raise ValueError(f"visionzip: keys must have shape {lead + ('Dk',)}, got {tuple(jnp.shape(keys))}")
+  if tuple(jnp.shape(cls_feature)) != shape[:-2] + shape[-1:]:
+    raise ValueError(f"visionzip: cls_feature must have shape {shape[:-2] + shape[-1:]}, "
+                     f"got {tuple(jnp.shape(cls_feature))}")
+  if valid is None:
+    valid = jnp.ones(lead, bool)
+  if tuple(jnp.shape(valid)) != lead or jnp.result_type(valid) != jnp.bool_:
+    raise ValueError(f"visionzip: valid must be bool{lead}, got {jnp.result_type(valid)}{tuple(jnp.shape(valid))}")
+  return _compress(jnp.asarray(features), jnp.asarray(relevance), jnp.asarray(keys), jnp.asarray(cls_feature),
+                   jnp.asarray(valid), dominant=dominant, contextual=contextual)
+
+
+def next_order(kind: jax.Array, source: jax.Array, grid: jax.Array, crop_valid: jax.Array | None = None, *,
+               side: int) -> tuple[jax.Array, jax.Array]:
+  """The official LLaVA-NeXT order of the per-crop `compress` outputs of one image.
+
+  Args:
+    kind: int[P, K] and source: int[P, K] from `compress` on the P crops (crop 0 the base crop, then the grid crops
+      row-major over the grid).
+    grid: int[2] (rows, cols) of grid crops; rows * cols <= P - 1.
+    crop_valid: bool[P] real crops (default all); tokens of other crops go last.
+    side: static patches per crop side (24 for CLIP-L/14 at 336 px).
+
+  Returns:
+    (perm int32[P * K] indices into the flattened [P * K] tokens, valid bool[P * K]): base crop [CLS, dominant,
+    contextual]; grid dominant patches in row-major order over the (rows * side) x (cols * side) canvas; grid CLS
+    tokens; grid contextual tokens (crop order, then target order). The caller appends `image_newline` when the
+    image has only the base crop, as the official code does.
+  """
+  side = _static_count("side", side, 1)
+  if jnp.ndim(kind) != 2 or jnp.shape(source) != jnp.shape(kind):
+    raise ValueError(f"visionzip: kind and source must be int[P, K] of one shape, got {tuple(jnp.shape(kind))} and "
+                     f"{tuple(jnp.shape(source))}")
+  p, k = kind.shape
+  crop_valid = jnp.ones((p,), bool) if crop_valid is None else jnp.asarray(crop_valid)
+  if crop_valid.shape != (p,) or crop_valid.dtype != jnp.bool_:
+    raise ValueError(f"visionzip: crop_valid must be bool[P={p}], got {crop_valid.dtype}{crop_valid.shape}")
+  return _next_order(jnp.asarray(kind), jnp.asarray(source), jnp.asarray(grid).astype(jnp.int32), crop_valid,
+                     side=side)
+
+
+@functools.partial(jax.jit, static_argnames=("side",))
+def _next_order(kind, source, grid, crop_valid, *, side):
+  p, k = kind.shape
+  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[:, None], (p, k))
+  slot = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :], (p, k))
+  cols = grid[1]
+  cell_row, cell_col = (crop - 1) // jnp.maximum(cols, 1), (crop - 1) % jnp.maximum(cols, 1)
+  y, x = source // side, source % side
+  canvas = (cell_row * side + y) * (cols * side) + cell_col * side + x
+  kind = kind.astype(jnp.int32)
+  group = jnp.where(crop == 0, 0, jnp.where(kind == KIND_DOMINANT, 1, jnp.where(kind == KIND_CLS, 2, 3)))
+  group = jnp.where(crop_valid[:, None], group, 4)
+  rank = jnp.where(group == 1, canvas, jnp.where(group == 2, crop, crop * k + slot))
+  perm = jnp.lexsort((rank.reshape(-1), group.reshape(-1))).astype(jnp.int32)
+  return perm, (group.reshape(-1) < 4)[perm]

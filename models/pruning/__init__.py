@@ -87,10 +87,11 @@ from models.pruning.config import (NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES
                                    PruningConfig, StaticConfig, tops_layers, tops_schedule)
 from models.pruning.driver import PrunedPrefill, decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
+from models.pruning.protocols import OFFICIAL_METHODS, method_config, overrides_of
 from models.pruning.sequence import text_length
-from models.pruning.stage1 import crop_quotas, row_newlines
+from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
 __all__ = ["PruningConfig", "StaticConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "StageOutput",
            "Segment", "PruneOutput", "PrunedGeneration", "PrunedPrefill", "forward", "prefill", "greedy", "decode",
            "decode_step", "crop_quotas", "row_newlines", "text_length", "STAGE1_RELEVANCE", "STAGE2_RELEVANCE",
-           "SCOPES", "POSITIONS", "NEWLINES"]
+           "SCOPES", "POSITIONS", "NEWLINES", "method_config", "overrides_of", "OFFICIAL_METHODS", "ClipText"]

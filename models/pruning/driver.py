@@ -52,9 +52,9 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   stage1 = config.stage1_budget is not None
   images = stage1_lib.image_tokens(model, config, batch["pixel_values"], batch["layout"], stage1)
   if stage1:
-    seq, stage1_out = stage1_lib.run(model, config, plan, ids, mask, images, keys[0], left,
+    seq, stage1_out = stage1_lib.run(model, config, plan, ids, mask, images, batch.get("clip"), keys[0], left,
                                      static.hparams("stage1", traced))
-    candidates = config.stage1_budget + plan.newlines
+    candidates = plan.rows
   else:
     is_image = (ids == image_id) & mask
     seq = sequence.Seq(hidden=model.embed(ids, images.embeds, images.valid),
@@ -64,16 +64,24 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
     stage1_out, candidates = None, plan.visual
   inputs_embeds = seq.hidden
   hp2 = static.hparams("stage2", traced)
+  raters = None
+  if config.stage2 and config.stage2_relevance == "raters" and config.stage2_raters == "sparsevlm":
+    raters = stage2_lib.sparsevlm_raters(plan, seq, candidates, ids.shape[1])     # once, from the LLM input
+  num_visual, most = jnp.sum(seq.visual & seq.mask, axis=-1, dtype=jnp.int32), candidates
   segments, stages, done, index = [], [], 0, seq.source
   for step, (layer, keep) in enumerate(config.stage2):
     segments.append(_segment(seq, index))
-    scoring = config.score_layer(layer)
+    scoring, cut = config.score_layer(layer), config.prune_layer(layer)
     seq, cache = _run(model, seq, done, scoring, cache)
-    scores = stage2_lib.score(model, config, plan, seq, scoring, candidates)
-    seq, cache = _run(model, seq, scoring, layer, cache)
-    seq, index, stage = stage2_lib.rebuild(model, config, plan, seq, keep, scores, keys[step + 1], left, hp2)
+    scores = stage2_lib.score(model, config, plan, seq, scoring, candidates, raters)
+    seq, cache = _run(model, seq, scoring, cut, cache)
+    count = None
+    if config.stage2_ratios is not None:
+      count = stage2_lib.ratio_counts(config.stage2_ratios[step], num_visual, most)
+    choice = stage2_lib.choose(model, config, seq, keep, scores, keys[step + 1], hp2, count)
+    seq, index, stage = stage2_lib.rebuild(config, plan, seq, keep, scores, choice, left)
     stages.append(stage)
-    done, candidates = layer, keep
+    done, candidates = cut, keep + (0 if choice.extra is None else choice.extra.shape[1])
   segments.append(_segment(seq, index))
   seq, cache = _run(model, seq, done, num_layers, cache)
 
@@ -113,8 +121,20 @@ def _bound_layout(model, layout, image_sizes, b: int):
   return model.layout(np.asarray(image_sizes) if sequence.concrete(image_sizes) else image_sizes, b)
 
 
+def _check_clip(config: PruningConfig, clip, b: int):
+  if config.stage1_relevance != "clip_text":
+    return
+  if clip is None:
+    raise ValueError(f"{config.method} with stage1_relevance='clip_text' needs `clip` (stage1.ClipText: the CLIP "
+                     "checkpoint's image head and each row's text embedding; the runner's --clip_checkpoint)")
+  if not isinstance(clip, stage1_lib.ClipText):
+    raise ValueError(f"clip must be a stage1.ClipText, got {type(clip).__name__}")
+  if np.ndim(clip.text_embeds) != 2 or np.shape(clip.text_embeds)[0] != b:
+    raise ValueError(f"clip.text_embeds must be float[B={b}, E], got shape {np.shape(clip.text_embeds)}")
+
+
 def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_values, image_sizes, layout,
-            text_len, visual_len=None) -> tuple[dict, sequence.Plan]:
+            text_len, visual_len=None, clip=None) -> tuple[dict, sequence.Plan]:
   """Host-side checks and the static plan; -> (batch of arrays, plan)."""
   config.check_model(model)
   if pixel_values is None:
@@ -134,20 +154,38 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
   counts = np.asarray(layout.counts) if sequence.concrete(layout.counts) else None
   visual = int(counts.max()) if counts is not None else np.shape(layout.valid)[1]
   newlines = 0
-  if config.stage1_budget is not None and config.newlines != "drop":
-    if sequence.concrete(layout.newline):
+  if config.stage1_budget is not None and config.newlines in ("rows", "keep"):
+    if visual_len is not None:     # fixed shapes were asked for: the static bound, not this batch's count
+      newlines = model.config.max_newlines
+    elif sequence.concrete(layout.newline):
       newlines = int(np.asarray(layout.newline).sum(-1).max())
     else:
       newlines = model.config.max_newlines
+  rows = 0
+  if config.stage1_budget is not None:
+    num_crops = np.shape(pixel_values)[1] if np.ndim(pixel_values) == 5 else 1
+    rows = stage1_lib.capacity(config, model.config, visual=visual, newlines=newlines, num_crops=num_crops)
+    _check_clip(config, clip, b)
   if counts is not None:
     real = counts - np.asarray(layout.newline).sum(-1)
-    if config.stage1_budget is not None and config.stage1_budget > real.min():
+    if config.stage1_grid == "padded" and sequence.concrete(layout.grid):
+      grid = np.asarray(layout.grid)
+      crops = 1 + grid[:, 0] * grid[:, 1]
+      per_crop = (config.stage1_budget // model.config.max_num_crops if config.stage1_scope == "crop_fixed"
+                  else config.stage1_budget // crops)
+      need = per_crop * crops
+      if np.any(need > counts):
+        i = int(np.argmax(need > counts))
+        raise ValueError(f"image {i} has {int(counts[i])} <image> tokens, fewer than the {int(need[i])} rows its "
+                         f"{config.stage1_scope} layout hands to the LLM")
+    if config.stage1_scope in ("global", "per_crop") and config.stage1_budget is not None \
+        and config.stage1_budget > real.min():
       raise ValueError(f"stage1_budget={config.stage1_budget} exceeds the {int(real.min())} image tokens of "
                        f"image {int(real.argmin())} (newlines excluded)")
     available = counts
     if config.stage1_budget is not None:
       available = config.stage1_budget + np.asarray(layout.newline).sum(-1) * (config.newlines == "keep")
-    if config.stage2 and config.stage2[0][1] > available.min():
+    if config.stage2 and config.stage2_ratios is None and config.stage2[0][1] > available.min():
       raise ValueError(f"stage2 keeps {config.stage2[0][1]} tokens, more than the {int(available.min())} image "
                        f"tokens image {int(available.argmin())} brings to the LLM")
   if sequence.concrete(input_ids) and (attention_mask is None or sequence.concrete(attention_mask)):
@@ -169,7 +207,9 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
     if int(visual_len) < visual:
       raise ValueError(f"visual_len={visual_len} is smaller than the {visual} image tokens of the longest row")
     visual = int(visual_len)
-  return batch, sequence.Plan(text_len=int(text_len), visual=int(visual), newlines=int(newlines))
+  if clip is not None:
+    batch["clip"] = clip
+  return batch, sequence.Plan(text_len=int(text_len), visual=int(visual), newlines=int(newlines), rows=int(rows))
 
 
 def _args(config: PruningConfig, key) -> tuple[Any, dict]:
@@ -178,7 +218,8 @@ def _args(config: PruningConfig, key) -> tuple[Any, dict]:
 
 def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, *,
             layout=None, key=None, text_len: int | None = None, visual_len: int | None = None,
-            all_logits: bool = False, cache_capacity: int | None = None, cache_dtype=None) -> PruneOutput:
+            all_logits: bool = False, cache_capacity: int | None = None, cache_dtype=None,
+            clip: "stage1_lib.ClipText | None" = None) -> PruneOutput:
   """The pruned forward of a LLaVA / LLaVA-NeXT port (jitted per config structure and static lengths).
 
   Args:
@@ -197,6 +238,8 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
     cache_capacity: when given, a KV cache of that many slots is filled (the prefill of `models.generate.decode`,
       through `PrunedPrefill`); it must hold the longest segment plus the tokens to decode. Implies last logits.
     cache_dtype: the cache's dtype (default the model's).
+    clip: `stage1.ClipText` for stage1_relevance="clip_text" (CDPruner): the CLIP image head and each row's CLIP
+      text embedding.
 
   Returns:
     PruneOutput (see its docstring).
@@ -206,7 +249,7 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
       match the images, and (concrete arrays) token ids outside the vocabulary or NaN/inf pixel_values.
   """
   batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
-                        visual_len)
+                        visual_len, clip)
   if cache_capacity is None:
     return _forward(model, batch, _args(config, key), static=config.static(), plan=plan, all_logits=all_logits)
   if all_logits:
@@ -222,7 +265,7 @@ def _prompt_len(config: PruningConfig, plan: sequence.Plan, mask) -> int:
   re-indexes from 0 over at most text_len + budget (+ newlines) tokens, Stage II only shortens; without Stage I the
   longest real row (the padded length when the mask is traced)."""
   if config.stage1_budget is not None:
-    return plan.text_len + config.stage1_budget + plan.newlines
+    return plan.text_len + plan.rows
   if checks.is_concrete(mask):
     return int(np.asarray(mask).sum(axis=-1).max())
   return mask.shape[1]
@@ -230,18 +273,18 @@ def _prompt_len(config: PruningConfig, plan: sequence.Plan, mask) -> int:
 
 def cache_capacity(config: PruningConfig, plan: sequence.Plan, seq_len: int, max_new_tokens: int) -> int:
   """Slots the pruned prefill's longest layer segment needs, plus the tokens to decode."""
-  longest = max([seq_len if config.stage1_budget is None else plan.text_len + config.stage1_budget + plan.newlines]
+  longest = max([seq_len if config.stage1_budget is None else plan.text_len + plan.rows]
                 + [plan.text_len + keep for _, keep in config.stage2])
   return longest + max_new_tokens
 
 
 def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
             layout=None, max_new_tokens: int, key=None, text_len: int | None = None, visual_len: int | None = None,
-            cache_dtype=None) -> generate.Prefill:
+            cache_dtype=None, clip=None) -> generate.Prefill:
   """The pruned prefill as `models.generate.decode` starts from it (`extra`: the PruneOutput without its cache);
   arguments as `greedy`. Time this call and decode its result to measure exactly the work that is scored."""
   batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
-                        visual_len)
+                        visual_len, clip)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
                                                model.config.text.max_position_embeddings)
   return generate.prefill(model, batch, _args(config, key), prefill_fn=PrunedPrefill(config.static(), plan),
@@ -251,14 +294,15 @@ def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pix
 
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
            layout=None, max_new_tokens: int, eos_token_ids=(), pad_token_id: int = 0, key=None,
-           text_len: int | None = None, visual_len: int | None = None, cache_dtype=None) -> PrunedGeneration:
+           text_len: int | None = None, visual_len: int | None = None, cache_dtype=None,
+           clip=None) -> PrunedGeneration:
   """Greedy decoding with the pruned prefill (`models.generate.greedy` semantics: tokens after a row's stop token
   are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M (a
   positive int; the pruned prompt plus M must fit max_position_embeddings), eos_token_ids, pad_token_id and
   cache_dtype (default the model's dtype). `prefill` then `models.generate.decode` over the config's segments."""
   start = prefill(model, config, input_ids, attention_mask, pixel_values=pixel_values, image_sizes=image_sizes,
                   layout=layout, max_new_tokens=max_new_tokens, key=key, text_len=text_len, visual_len=visual_len,
-                  cache_dtype=cache_dtype)
+                  cache_dtype=cache_dtype, clip=clip)
   out = decode(model, config, start, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
                pad_token_id=pad_token_id)
   return PrunedGeneration(tokens=out.tokens, num_tokens=out.num_tokens, prefill=start.extra)

@@ -20,6 +20,7 @@ class Plan:
   text_len: int        # most real non-image tokens in a row
   visual: int          # most image tokens in a row before pruning
   newlines: int        # most newline tokens an image keeps in Stage I ("rows"/"keep"), else 0
+  rows: int = 0        # static image rows per image after Stage I (`stage1.capacity`), 0 without Stage I
 
 
 class Seq(NamedTuple):

@@ -1,12 +1,36 @@
-"""Stage I: choose K of each image's tokens after the projector, before the LLM, and rebuild the prompt to hold them.
+"""Stage I: choose each image's tokens after the vision tower, before the LLM, and rebuild the prompt to hold them.
 
 Reads the model only through its public image-token interface (`model.image_tokens` -> `models.outputs.ImageTokens`,
 the same for LLaVA-1.5 and LLaVA-NeXT), `model.project`, `model.embed` and `model.language_model.embed`.
 Axes: B batch (one image per row), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
-A text tokens after the image, D text width, Dv vision width.
+R image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
+
+What the LLM receives is a list of R image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
+each row came from, -1 for rows that have none); the prompt's <image> run is cut to each image's row count. The
+layouts (`PruningConfig.stage1_scope`, `stage1_grid`, `newlines`) decide the candidates, the budget of each and the
+order of the rows:
+
+| scope / grid | candidates | kept | LLM order |
+|---|---|---|---|
+| global / unpadded | the packed tokens (newlines only with newlines="candidates") | K | packed |
+| per_crop / unpadded | each crop's packed tokens | K split evenly, water-filled | packed |
+| ratio / unpadded | the packed tokens | round(K * n / N_nominal) of the n candidates | packed |
+| crop_fixed / padded_unpad | each real crop's T tokens before unpadding | K // P_nominal per crop; picks that unpadding removes are dropped | packed |
+| crop_fixed / padded | each real crop's T tokens | K // P_nominal per crop | crop by crop |
+| crop_divided / padded | each real crop's T tokens | int(K / P_real) per crop | crop by crop |
+
+N_nominal is `model.config.nominal_image_tokens` (LLaVA-NeXT: 5 x 576 = 2880) and P_nominal `max_num_crops` (5), so
+K // P_nominal is the papers' "T/5 per crop whatever the crop count". Newlines (packed order only): "drop" none,
+"rows" the newline of every grid row that keeps a token, "keep" all, "candidates" all candidates of the selection.
+LLaVA-1.5 has one crop and no padding or newlines, so every layout selects the same K tokens there (`ratio`: K of
+576 exactly).
+
+VisionZip with `cls=True` keeps each crop's CLS token and merges in the vision space (`_visionzip`): the rows are, per
+image, [base crop: CLS, dominant, contextual], then the grid crops' dominant tokens in row-major order over the
+padded grid of grid crops, their CLS tokens, then their contextual tokens (the official LLaVA-NeXT layout).
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +42,67 @@ from models.pruning.config import PruningConfig
 from models.pruning.outputs import StageOutput
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
+from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["image_tokens", "crop_quotas", "row_newlines", "select", "run"]
+__all__ = ["ClipText", "Rows", "image_tokens", "capacity", "crop_quotas", "row_newlines", "select", "run"]
+
+
+class ClipText(NamedTuple):
+  """CDPruner's relevance inputs (stage1_relevance="clip_text"), passed to the pruned forward as `clip=`.
+
+  image_head: the CLIP checkpoint's image head (post_layernorm + visual_projection; an NNX module, a pytree):
+    float[..., Dv] vision features -> float[..., E].
+  text_embeds: float[B, E] each row's CLIP text embedding (`models.clip_text`).
+  """
+  image_head: Any
+  text_embeds: jax.Array
+
+
+class Rows(NamedTuple):
+  """The image rows Stage I hands to the LLM, in order."""
+  embeds: jax.Array   # float[B, R, D]
+  valid: jax.Array    # bool[B, R] a prefix of each row
+  packed: jax.Array   # int32[B, R] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
 
 
 def image_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> ImageTokens:
-  """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys)."""
+  """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys and CLS)."""
+  vz = stage1 and config.method == "visionzip"
   return model.image_tokens(pixel_values, layout, cls_attention=stage1 and config.stage1_relevance == "cls",
-                            keys=stage1 and config.method == "visionzip")
+                            keys=vz, cls=vz and config.visionzip_cls)
 
 
-def crop_quotas(capacity: jax.Array, budget: int) -> jax.Array:
+def _per_crop_quota(config: PruningConfig, model_config) -> int:
+  return config.stage1_budget // model_config.max_num_crops
+
+
+def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int, num_crops: int) -> int:
+  """Static image rows per image after Stage I.
+
+  visual: the most packed slots an image of the batch has (newlines included); newlines: the most newline slots an
+  image keeps under newlines="rows"/"keep" (0 otherwise); num_crops: P of pixel_values.
+  """
+  k, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
+  if scope == "ratio":
+    return min(visual, round(k * visual / model_config.nominal_image_tokens)) + newlines
+  if scope == "crop_fixed":
+    return _per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
+  return k + newlines
+
+
+def crop_quotas(capacity_: jax.Array, budget: int) -> jax.Array:
   """Splits `budget` evenly over crops, capped by capacity (water-filling): int[B, P] -> int32[B, P].
 
   Every crop gets min(capacity, level) for the largest level whose total fits the budget; the remainder goes one
   token each to the first crops (in crop order) that still have room. The quotas sum to `budget` whenever the
   capacities allow it.
   """
-  capacity = capacity.astype(jnp.int32)
+  capacity_ = capacity_.astype(jnp.int32)
   levels = jnp.arange(budget + 1, dtype=jnp.int32)                              # a quota never exceeds the budget
-  filled = jnp.sum(jnp.minimum(capacity[:, None, :], levels[None, :, None]), axis=-1)    # [B, levels]
+  filled = jnp.sum(jnp.minimum(capacity_[:, None, :], levels[None, :, None]), axis=-1)    # [B, levels]
   level = jnp.sum(filled <= budget, axis=-1, dtype=jnp.int32) - 1
-  base = jnp.minimum(capacity, level[:, None])
-  room = capacity > level[:, None]
+  base = jnp.minimum(capacity_, level[:, None])
+  room = capacity_ > level[:, None]
   extra = room & (jnp.cumsum(room, axis=-1) <= (budget - jnp.sum(base, axis=-1))[:, None])
   return base + extra.astype(jnp.int32)
 
@@ -59,88 +121,247 @@ def row_newlines(selected: jax.Array, newline: jax.Array, crop: jax.Array) -> ja
   return newline & (count > before)
 
 
-def _select_per_crop(config: PruningConfig, images: ImageTokens, text, text_valid, key, hp):
-  """Per-crop selection -> (selected bool[B, N] packed slots, relevance float32[B, N] | None)."""
-  img, cls, source = images.crop_embeds, images.crop_cls_attention, images.source
-  b, p, t, d = img.shape
-  budget = config.stage1_budget
-  candidate = images.valid & ~images.newline
-  slot = jnp.where(candidate, source, p * t)
-  token_valid = jnp.zeros((b, p * t), bool).at[jnp.arange(b)[:, None], slot].set(True, mode="drop")
-  token_valid = token_valid.reshape(b * p, t)
-  feats = img.reshape(b * p, t, d)
-  rel = None
-  if config.stage1_relevance == "cls":
-    rel = cls.reshape(b * p, t)
-  elif config.stage1_relevance == "text":
-    rel = relevance_lib.text_embedding_cosine(feats, jnp.repeat(text, p, axis=0), jnp.repeat(text_valid, p, axis=0))
-  quota = crop_quotas(jnp.sum(token_valid, axis=-1).reshape(b, p), budget).reshape(b * p, 1)
-  order = prune.select_order(config.method, feats, keep=min(t, budget), relevance=rel, valid=token_valid, key=key,
-                             **hp)
-  rank = jnp.full((b * p, t), t, jnp.int32).at[jnp.arange(b * p)[:, None], order].set(
+def _rank(config: PruningConfig, feats, rel, valid, keep: int, key, hp) -> jax.Array:
+  """Greedy rank of every token (keep for the unranked): float[M, T, X] rows of candidates -> int32[M, T]."""
+  m, t = valid.shape
+  order = prune.select_order(config.method, feats, keep=keep, relevance=rel, valid=valid, key=key, **hp)
+  return jnp.full((m, t), t, jnp.int32).at[jnp.arange(m)[:, None], order].set(
       jnp.arange(order.shape[1], dtype=jnp.int32))
-  chosen = ((rank < quota) & token_valid).reshape(b, p * t, 1)
-  from_crop = lambda x: sequence.take(x, jnp.maximum(source, 0))[..., 0]
-  selected = from_crop(chosen) & candidate
-  packed_rel = None if rel is None else jnp.where(candidate, from_crop(rel.reshape(b, p * t, 1)), 0.0)
-  return selected, packed_rel
 
 
-def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, key, hp: dict[str, Any]):
-  """-> (selected bool[B, N], kept int32[B, K], embeds float[B, N, D] with merged rows, relevance | None)."""
-  budget = config.stage1_budget
+def _crop_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+  """Relevance of each crop token: float32[B, P, T] | None."""
+  b, p, t = feats.shape[:3]
+  source = config.stage1_relevance
+  if source == "cls":
+    return images.crop_cls_attention
+  if source == "text":
+    flat = feats.reshape(b, p * t, -1)
+    return relevance_lib.text_embedding_cosine(flat, text, text_valid).reshape(b, p, t)
+  if source == "clip_text":
+    return _clip_relevance(images.crop_features.reshape(b, p * t, -1), clip_text,
+                           jnp.repeat(images.crop_valid, t, axis=-1)).reshape(b, p, t)
+  return None
+
+
+def _clip_relevance(features, clip_text, valid):
+  """CDPruner's relevance: `clip_text` = (CLIP image-embedding function, text embeddings float[B, E])."""
+  return relevance_lib.clip_text_relevance(clip_text.image_head(features), clip_text.text_embeds, valid)
+
+
+def _per_crop(config: PruningConfig, model_config, images: ImageTokens, text, text_valid, clip_text, key, hp):
+  """Per-crop selection -> chosen bool[B, P, T] (crop tokens) and relevance float32[B, P, T] | None."""
+  vision = config.stage1_features == "vision"
+  feats = images.crop_features if vision else images.crop_embeds
+  b, p, t = feats.shape[:3]
+  budget, scope = config.stage1_budget, config.stage1_scope
+  crop_valid = images.crop_valid if images.crop_valid is not None else jnp.ones((b, p), bool)
+  if config.stage1_grid == "unpadded":      # each crop's tokens that unpadding keeps
+    candidate = images.valid & ~images.newline
+    slot = jnp.where(candidate, images.source, p * t)
+    token_valid = jnp.zeros((b, p * t), bool).at[jnp.arange(b)[:, None], slot].set(True, mode="drop")
+    token_valid = token_valid.reshape(b, p, t)
+  else:
+    token_valid = jnp.broadcast_to(crop_valid[:, :, None], (b, p, t))
+  rel = _crop_relevance(config, images, feats, text, text_valid, clip_text)
+  if scope == "per_crop":
+    quota, keep = crop_quotas(jnp.sum(token_valid, axis=-1), budget), min(t, budget)
+  elif scope == "crop_fixed":
+    q = _per_crop_quota(config, model_config)
+    quota, keep = jnp.full((b, p), q, jnp.int32), q
+  else:                                     # crop_divided: int(K / real crops)
+    real = jnp.sum(crop_valid, axis=-1, dtype=jnp.int32)
+    quota, keep = jnp.broadcast_to((budget // jnp.maximum(real, 1))[:, None], (b, p)), min(t, budget)
+  hp = dict(hp)
+  if rel is not None and config.method == "cdpruner" and config.stage1_relevance == "clip_text":
+    hp["rescale"] = False                   # already min-max rescaled over all crops of the image
+  rank = _rank(config, feats.reshape(b * p, t, -1), None if rel is None else rel.reshape(b * p, t),
+               token_valid.reshape(b * p, t), keep, key, hp).reshape(b, p, t)
+  chosen = (rank < quota[:, :, None]) & token_valid & crop_valid[:, :, None]
+  return chosen, rel
+
+
+def _packed_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+  source = config.stage1_relevance
+  if source == "cls":
+    return images.cls_attention
+  if source == "text":
+    return relevance_lib.text_embedding_cosine(feats, text, text_valid)
+  if source == "clip_text":
+    return _clip_relevance(images.features, clip_text, images.valid & ~images.newline)
+  return None
+
+
+def _from_crops(x: jax.Array, source: jax.Array, fill) -> jax.Array:
+  """Per-crop values float/bool[B, P, T] -> packed order [B, N] (fill at newline and padding slots)."""
+  b = x.shape[0]
+  flat = x.reshape(b, -1, 1)
+  return jnp.where(source >= 0, sequence.take(flat, jnp.maximum(source, 0))[..., 0], fill)
+
+
+def _slot_of_source(images: ImageTokens) -> jax.Array:
+  """The packed slot of each crop token (-1: unpadding removed it, or a padding crop): int32[B, P * T]."""
+  b, p, t = images.crop_embeds.shape[:3]
+  n = images.source.shape[1]
+  src = jnp.where(images.source >= 0, images.source, p * t)
+  return jnp.full((b, p * t), -1, jnp.int32).at[jnp.arange(b)[:, None], src].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+def _newline_policy(config: PruningConfig, selected, images: ImageTokens):
+  if config.newlines == "keep":
+    return selected | images.newline
+  if config.newlines == "rows":
+    return selected | row_newlines(selected, images.newline, images.crop)
+  return selected
+
+
+def _packed_rows(config: PruningConfig, selected, images: ImageTokens, embeds, cap: int):
+  """Rows for a subset of the packed slots (newline policy applied), in packed order -> (Rows, bool[B, N])."""
+  selected = _newline_policy(config, selected, images)
+  idx, valid = sequence.first(selected, cap)
+  return Rows(embeds=sequence.take(embeds, idx), valid=valid, packed=jnp.where(valid, idx, -1)), selected
+
+
+def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
+           cap: int) -> tuple[Rows, jax.Array | None, StageOutput]:
+  """Stage I selection -> (the rows for the LLM, the packed slots they are (bool[B, N]; None when rows are not a
+  subset of the packed slots), StageOutput over the packed slots)."""
+  mc = model.config
+  budget, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
   hp = dict(hp)
   if config.method == "trimtokenator":
     hp.setdefault("text", text)
     hp.setdefault("text_valid", text_valid)
   candidate = images.valid & ~images.newline
+  if config.newlines == "candidates":
+    candidate = images.valid
+  candidates = jnp.where(candidate, jnp.arange(candidate.shape[1], dtype=jnp.int32), -1)
   embeds = images.embeds
-  if config.stage1_scope == "per_crop":
-    selected, rel = _select_per_crop(config, images, text, text_valid, key, hp)
-    kept, _ = sequence.first(selected, budget)
-    return selected, kept, embeds, rel
-  rel = None
-  if config.stage1_relevance == "cls":
-    rel = images.cls_attention
-  elif config.stage1_relevance == "text":
-    rel = relevance_lib.text_embedding_cosine(embeds, text, text_valid)
-  rows = jnp.arange(embeds.shape[0])[:, None]
-  if config.method == "visionzip":            # merged in the vision space, then projected
+  rows_b = jnp.arange(embeds.shape[0])[:, None]
+
+  if config.method == "visionzip" and config.visionzip_cls:
+    rows = _visionzip(model, config, images, key, hp)
+    return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=images.cls_attention)
+
+  if scope in ("per_crop", "crop_fixed", "crop_divided"):
+    chosen, rel = _per_crop(config, mc, images, text, text_valid, clip_text, key, hp)
+    packed_rel = None if rel is None else _from_crops(rel, images.source, 0.0)
+    if grid == "padded":                    # every pick goes to the LLM, in canvas order
+      b, p, t = chosen.shape
+      perm = canvas_order(images, t)
+      idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), cap)
+      idx = jnp.take_along_axis(perm, idx, axis=-1)
+      slot = jnp.take_along_axis(_slot_of_source(images), idx, axis=-1)
+      rows = Rows(embeds=sequence.take(images.crop_embeds.reshape(b, p * t, -1), idx), valid=valid,
+                  packed=jnp.where(valid, slot, -1))
+      return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=packed_rel)
+    picked = _from_crops(chosen, images.source, False) & candidate       # unpadding drops what it removes
+    rows, selected = _packed_rows(config, picked, images, embeds, cap)
+    kept = _kept(picked, budget if scope == "per_crop" else cap)
+    return rows, selected, StageOutput(candidates=candidates, kept=kept, relevance=packed_rel)
+
+  feats = images.features if config.stage1_features == "vision" else embeds
+  rel = _packed_relevance(config, images, feats, text, text_valid, clip_text)
+  if config.stage1_relevance == "clip_text" and config.method == "cdpruner":
+    hp["rescale"] = False                   # clip_text_relevance rescaled it over the image already
+  if scope == "ratio":
+    n = jnp.sum(candidate, axis=-1, dtype=jnp.int32)
+    quota = jnp.round(budget * n / mc.nominal_image_tokens).astype(jnp.int32)
+    keep = min(cap, candidate.shape[1])
+    order = prune.select_order(config.method, feats, keep=keep, relevance=rel, valid=candidate, key=key, **hp)
+    rank = jnp.full(candidate.shape, keep, jnp.int32).at[rows_b, order].set(jnp.arange(keep, dtype=jnp.int32))
+    selected = (rank < quota[:, None]) & candidate
+  elif config.method == "visionzip":         # merged in the vision space, then projected
     hp.setdefault("keys", images.keys)
     tokens, kept = prune.merge("visionzip", images.features, keep=budget, relevance=rel, valid=candidate, key=key,
                                **hp)
-    embeds = embeds.at[rows, kept].set(model.project(tokens))
+    embeds = embeds.at[rows_b, kept].set(model.project(tokens))
+    selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
   elif prune.METHODS[config.method].merge is not None:
-    tokens, kept = prune.merge(config.method, embeds, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
-    embeds = embeds.at[rows, kept].set(tokens)
+    tokens, kept = prune.merge(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
+    tokens = model.project(tokens) if config.stage1_features == "vision" else tokens
+    embeds = embeds.at[rows_b, kept].set(tokens)
+    selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
   else:
-    kept = prune.select(config.method, embeds, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
-  selected = jnp.zeros(candidate.shape, bool).at[rows, kept].set(True)
-  return selected, kept, embeds, rel
+    kept = prune.select(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
+    selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
+  size = cap if scope == "ratio" else budget
+  kept = _kept(selected, size)
+  rows, selected = _packed_rows(config, selected, images, embeds, cap)
+  return rows, selected, StageOutput(candidates=candidates, kept=kept, relevance=rel)
 
 
-def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: ImageTokens, key, left,
+def _kept(selected, size: int) -> jax.Array:
+  """The first `size` selected slots, ascending, -1 past the selection: int32[B, size]."""
+  idx, valid = sequence.first(selected, min(size, selected.shape[1]))
+  return jnp.where(valid, idx, -1).astype(jnp.int32)
+
+
+def canvas_order(images: ImageTokens, t: int) -> jax.Array:
+  """The flattened crop tokens [P * T] in the official anyres order, as a permutation int32[B, P * T]: the base
+  crop's tokens, then the grid crops' tokens row-major over the padded canvas of the grid (rows cross crops: the
+  reshape (rows, cols, g, g) -> permute (0, 2, 1, 3) of the LLaVA-NeXT code before unpadding), then padding crops."""
+  b, p = images.crop_valid.shape
+  g = int(round(t ** 0.5))
+  cols = images.grid[:, 1]
+  crop = jnp.arange(p)[:, None]
+  tok = jnp.arange(t)[None, :]
+  i, j = (crop - 1) // jnp.maximum(cols[:, None, None], 1), (crop - 1) % jnp.maximum(cols[:, None, None], 1)
+  a, c = tok // g, tok % g
+  canvas = (i * g + a) * (cols[:, None, None] * g) + (j * g + c)
+  key = jnp.where(crop == 0, tok, t + canvas)
+  key = jnp.where(images.crop_valid[:, :, None], key, p * t + crop * t + tok)
+  return jnp.argsort(key.reshape(b, p * t), axis=-1, stable=True).astype(jnp.int32)
+
+
+def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Rows:
+  """VisionZip's official output: per crop [CLS, dominant, contextual] merged in the vision space
+  (`tops_jax.visionzip.compress`), laid out in its LLaVA-NeXT order (`visionzip.next_order`), then projected."""
+  del key
+  feats = images.crop_features
+  b, p, t, dv = feats.shape
+  dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
+  if dominant + contextual > t:
+    raise ValueError(f"visionzip: dominant + contextual = {dominant + contextual} exceeds the {t} tokens of a crop")
+  flat = lambda x: x.reshape(b * p, *x.shape[2:])
+  tokens, source, kind = visionzip_lib.compress(
+      flat(feats), flat(images.crop_cls_attention), flat(images.crop_keys), flat(images.cls_features),
+      jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
+  k = dominant + contextual
+  kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
+  side = int(round(t ** 0.5))
+  perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
+      kind, source, images.grid, images.crop_valid)
+  order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
+  tokens = order(tokens.reshape(b, p * k, dv))
+  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
+  flat_src = jnp.where(source >= 0, crop * t + source, -1).reshape(b, p * k)
+  slot = jnp.where(flat_src >= 0, jnp.take_along_axis(_slot_of_source(images), jnp.maximum(flat_src, 0), axis=-1),
+                   -1)
+  slot = order(slot)
+  return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
+
+
+def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: ImageTokens, clip_text, key, left,
         hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
   """Stage I -> (the sequence entering layer 0, StageOutput)."""
-  budget = config.stage1_budget
   image_id = model.config.image_token_id
   is_image = (ids == image_id) & mask
   text_idx, text_valid = sequence.text_after_image(mask, is_image, plan.text_len)
   text = sequence.take(model.language_model.embed(ids), text_idx)
-  selected, kept, embeds, rel = select(model, config, images, text, text_valid, key, hp)
-  if config.newlines == "keep":
-    selected = selected | images.newline
-  elif config.newlines == "rows":
-    selected = selected | row_newlines(selected, images.newline, images.crop)
-  rows, rows_valid = sequence.first(selected, budget + plan.newlines)
-
-  packed = jnp.where(is_image, jnp.cumsum(is_image, axis=-1, dtype=jnp.int32) - 1, -1)
-  keep = mask & (~is_image | sequence.take(selected[..., None], jnp.maximum(packed, 0))[..., 0])
-  index, new_mask = sequence.compact(keep, plan.text_len + budget + plan.newlines, left)
+  rows, selected, stage = select(model, config, images, text, text_valid, clip_text, key, hp, plan.rows)
+  run_pos = jnp.where(is_image, jnp.cumsum(is_image, axis=-1, dtype=jnp.int32) - 1, -1)
+  if selected is not None:      # the kept slots' own <image> positions
+    kept_here = sequence.take(selected[..., None], jnp.maximum(run_pos, 0))[..., 0]
+  else:                         # the first n positions of the run, n = the image's row count
+    kept_here = run_pos < jnp.sum(rows.valid, axis=-1, dtype=jnp.int32)[:, None]
+  keep = mask & (~is_image | kept_here)
+  index, new_mask = sequence.compact(keep, plan.text_len + plan.rows, left)
   new_ids = jnp.where(new_mask, sequence.take(ids, index), 0 if image_id else 1)
-  seq = sequence.Seq(hidden=model.embed(new_ids, sequence.take(embeds, rows), rows_valid),
-                     positions=llama.position_ids_from_mask(new_mask), mask=new_mask, visual=new_ids == image_id,
-                     source=index, packed=jnp.where(new_mask, sequence.take(packed, index), -1))
-  candidate = images.valid & ~images.newline
-  candidates = jnp.where(candidate, jnp.arange(candidate.shape[1], dtype=jnp.int32), -1)
-  return seq, StageOutput(candidates=candidates, kept=kept.astype(jnp.int32), relevance=rel)
+  visual = (new_ids == image_id) & new_mask
+  row_of = jnp.where(visual, jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1, 0)
+  seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
+                     positions=llama.position_ids_from_mask(new_mask), mask=new_mask, visual=visual,
+                     source=index, packed=jnp.where(visual, jnp.take_along_axis(rows.packed, row_of, axis=-1), -1))
+  return seq, stage

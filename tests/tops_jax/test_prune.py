@@ -33,7 +33,7 @@ def _kwargs(method, relevance, key=jax.random.key(0)):
 
 def test_registry_lists_the_public_methods():
   assert set(prune.METHODS) == {"tops", "trimtokenator", "fastv", "divprune", "cdpruner", "scope", "visionzip",
-                                "dart", "random", "pooling"}
+                                "dart", "random", "pooling", "vispruner", "prumerge_plus", "pdrop"}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -248,8 +248,9 @@ def _corrupt(kind, features, relevance):
 
 
 # What each method reads, written out (not read from the registry) so that the tests below check the registry too.
-_IGNORES_FEATURE_VALUES = ("fastv", "random", "pooling")
-_READS_RELEVANCE = ("tops", "trimtokenator", "fastv", "cdpruner", "scope", "visionzip")
+_IGNORES_FEATURE_VALUES = ("fastv", "random", "pooling", "prumerge_plus", "pdrop")
+_READS_RELEVANCE = ("tops", "trimtokenator", "fastv", "cdpruner", "scope", "visionzip", "vispruner", "prumerge_plus",
+                    "pdrop")
 
 
 def test_registry_says_what_each_method_reads():

@@ -1,0 +1,170 @@
+"""How each method is run: `method_config(method, family=, target=, num_layers=, **overrides) -> PruningConfig`.
+
+The default is the method's OFFICIAL protocol on that backbone at that budget T (the tokens the papers' tables
+name: 640 / 320 / 160 on LLaVA-NeXT, 128 / 64 / 32 on LLaVA-1.5), as its official code runs it; our own variants are
+named overrides, each documented below with the reason it exists. `family` is "llava-1.5" or "llava-next" (the
+testbed is a small LLaVA-NeXT: "testbed" runs as "llava-next"). On LLaVA-1.5 (one crop, no newlines) every per-crop
+layout selects what the global one does.
+
+| method | official protocol (LLaVA-NeXT) | source read |
+|---|---|---|
+| tops | the paper's schedule: Stage I N -> 2T (CLS relevance, (0.5, 0.5)), L12: -> T, L24: -> T/4 with text raters | arXiv 2606.27161, Alg. 1-2 |
+| cdpruner | CLIP text relevance (negated, min-max over all crops), T // 5 per crop among its 576 tokens before unpadding, picks unpadding removes dropped, every newline kept | Theia-4869/CDPruner llava/model/llava_arch.py |
+| divprune | the whole packed sequence (newlines too) is the candidate set, round(T / 2880 x its length) kept, packed order | vbdi/divprune LLaVA/llava/model/llava_arch.py |
+| scope | CLIP layer -2 features, CLS attention saliency; int(T / crops) per crop over the padded crops, no unpadding, no newlines; base crop, then the grid canvas row-major | kinredon/SCOPE scope/clip_encoder.py, llava_arch.py |
+| visionzip | per crop [CLS, dominant, contextual] (T // 5 per crop, 54 : 10 of every 64), merged in the vision space; base crop, grid dominant (canvas row-major), grid CLS, grid contextual | dvlab-research/VisionZip visionzip/main.py, llava_arch.py |
+| dart | pruning before layer 2 to 4 + 8 floor(T / 8) tokens, original positions | ZichenWen1/DART, llmc dart.py |
+| fastv | layer-1 last-token attention, pruning before layer 2 to T, original positions | pkunlp-icler/FastV |
+| trimtokenator, random, pooling | T per image, globally (no official LLaVA-NeXT layout: TrimTokenator's code is not public) | |
+
+Named overrides (keyword arguments; unknown ones raise, naming the method's accepted set):
+- `scope`: "official" (default) or a `PruningConfig.stage1_scope` ("global", "per_crop", "ratio", "crop_fixed",
+  "crop_divided"); with a non-official scope the grid is "unpadded" (ours: every budget over the tokens the LLM
+  would see) unless `grid` says otherwise. Reason: budgets comparable across methods (exactly T per image).
+- `grid`, `newlines`, `features`: the `stage1_grid`, `newlines`, `stage1_features` fields. `newlines="drop"` is our
+  LLaVA-NeXT default for the methods without an official layout (exactly T visual tokens reach the LLM).
+- `relevance`: `stage1_relevance`. CDPruner's "text" is the documented FALLBACK when no CLIP checkpoint is at hand:
+  cosine of the projector outputs with the LLM's input embeddings of the text after the image, not negated. It is a
+  different method from CDPruner's and is labelled as such in the runner.
+- `visionzip_cls=False`: VisionZip without the CLS token, T patch tokens globally in ascending order (ours).
+- `dart_count="exact"`: DART keeps exactly T tokens instead of the official 4 + 8 floor(T / 8).
+- tops: `stage1_alpha`, `stage1_lam`, `stage2_alpha`, `stage2_lam` (None: the paper's), `normalize`, `criteria`,
+  plus `scope` / `newlines` for Stage I and any Stage II field the schedule takes (`models.pruning.tops_schedule`).
+- `hparams`: extra keyword arguments of the method (merged into its stage's hyperparameters).
+"""
+
+import dataclasses
+from typing import Any
+
+from models.pruning import config as config_lib
+from models.pruning.config import PruningConfig
+from tops_jax import dart as dart_lib
+from tops_jax import visionzip as visionzip_lib
+
+__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of"]
+
+FAMILIES = ("llava-1.5", "llava-next", "testbed")
+_LAYOUT = ("scope", "grid", "newlines", "features", "relevance", "hparams")
+_OVERRIDES = {
+    "tops": ("stage1_alpha", "stage1_lam", "stage2_alpha", "stage2_lam", "normalize", "criteria", "scope",
+             "newlines", "hparams", "stage2_hparams", "raters", "timing"),
+    "cdpruner": _LAYOUT,
+    "divprune": _LAYOUT,
+    "scope": _LAYOUT,
+    "visionzip": _LAYOUT + ("visionzip_cls",),
+    "dart": ("dart_count", "hparams", "positions"),
+    "fastv": ("hparams", "positions"),
+    "trimtokenator": _LAYOUT,
+    "random": _LAYOUT,
+    "pooling": ("hparams",),
+}
+OFFICIAL_METHODS = tuple(_OVERRIDES)
+
+
+def overrides_of(method: str) -> tuple[str, ...]:
+  """The named overrides `method_config` accepts for `method`."""
+  return _OVERRIDES[method]
+
+
+def _next(family: str) -> bool:
+  return family in ("llava-next", "testbed")
+
+
+def _stage1(method: str, target: int, family: str, o: dict[str, Any], **official) -> PruningConfig:
+  """A Stage I config: the official fields, then the layout overrides."""
+  fields = dict(method=method, stage1_budget=target, **official)
+  if "scope" in o and o["scope"] != "official":
+    fields.update(stage1_scope=o["scope"], stage1_grid="unpadded", visionzip_cls=False)
+    if fields.get("newlines") in (None, "keep", "candidates"):
+      fields["newlines"] = "drop"
+  for name, field in (("grid", "stage1_grid"), ("newlines", "newlines"), ("features", "stage1_features"),
+                      ("relevance", "stage1_relevance"), ("visionzip_cls", "visionzip_cls")):
+    if name in o:
+      fields[field] = o[name]
+  hp = dict(fields.pop("stage1_hparams", {}), **o.get("hparams", {}))
+  del family
+  return PruningConfig(stage1_hparams=hp, **fields)
+
+
+def _tops(target, family, num_layers, o):
+  schedule_family = "llava-next" if family == "testbed" else family
+  stage2 = dict(stage2_alpha=o.get("stage2_alpha"), stage2_lam=o.get("stage2_lam"))
+  if family == "testbed":   # no paper setting for the testbed: the paper's default pair
+    stage2 = {k: (0.5 if v is None else v) for k, v in stage2.items()}
+  alpha, lam = o.get("stage1_alpha"), o.get("stage1_lam")
+  extra = {k: o[k] for k in ("raters", "timing") if k in o}
+  cfg = config_lib.tops_schedule(num_layers, target, family=schedule_family,
+                                 stage1_alpha=0.5 if alpha is None else alpha, stage1_lam=0.5 if lam is None else lam,
+                                 **stage2, **extra)
+  fields = {}
+  if o.get("scope", "official") != "official":
+    fields["stage1_scope"] = o["scope"]
+  if "newlines" in o:
+    fields["newlines"] = o["newlines"]
+  hp = {}
+  if o.get("normalize"):
+    hp["normalize"] = o["normalize"]
+  if o.get("criteria"):
+    hp["criteria"] = tuple(o["criteria"])
+  hp1 = dict(cfg.stage1_hparams, **hp, **o.get("hparams", {}))
+  hp2 = dict(cfg.stage2_hparams, **hp, **o.get("stage2_hparams", {}))
+  return dataclasses.replace(cfg, stage1_hparams=hp1, stage2_hparams=hp2, **fields)
+
+
+def _visionzip_split(per_crop: int) -> dict[str, int]:
+  """VisionZip's official (dominant, contextual) for `per_crop` tokens, CLS counted in dominant: 54 : 10 of 64."""
+  dominant, contextual = visionzip_lib.split(per_crop)
+  return {"dominant": dominant, "contextual": contextual}
+
+
+def method_config(method: str, *, family: str, target: int, num_layers: int, **overrides) -> PruningConfig:
+  """The official protocol of `method` on `family` at budget `target` (see the module docstring), with overrides.
+
+  Raises ValueError naming the method, the family or the override that does not apply.
+  """
+  if method not in _OVERRIDES:
+    raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(_OVERRIDES)}")
+  if family not in FAMILIES:
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+  if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+    raise ValueError(f"target T must be a positive int, got {target!r}")
+  unknown = sorted(set(overrides) - set(_OVERRIDES[method]))
+  if unknown:
+    raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
+                     f"{', '.join(_OVERRIDES[method])}")
+  o = {k: v for k, v in overrides.items() if v is not None}
+  nxt = _next(family)
+  if method == "tops":
+    return _tops(target, family, num_layers, o)
+  if method == "cdpruner":
+    layout = (dict(stage1_scope="crop_fixed", stage1_grid="padded_unpad", newlines="keep") if nxt
+              else dict(stage1_scope="global"))
+    return _stage1(method, target, family, o, stage1_relevance="clip_text", **layout)
+  if method == "divprune":
+    layout = dict(stage1_scope="ratio", newlines="candidates") if nxt else dict(stage1_scope="global")
+    return _stage1(method, target, family, o, stage1_relevance="none", **layout)
+  if method == "scope":
+    layout = dict(stage1_scope="crop_divided", stage1_grid="padded") if nxt else dict(stage1_scope="global")
+    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
+  if method == "visionzip":
+    if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
+      crops = 5 if nxt else 1
+      hp = _visionzip_split(target // crops)
+      return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision",
+                     stage1_scope="crop_fixed", stage1_grid="padded", visionzip_cls=True, stage1_hparams=hp)
+    o = dict(o, visionzip_cls=False)
+    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision")
+  if method in ("dart", "fastv"):
+    keep = target
+    if method == "dart" and o.get("dart_count", "official") == "official":
+      keep = dart_lib.kept_count(target)
+    elif method == "dart" and o["dart_count"] != "exact":
+      raise ValueError(f"dart_count must be 'official' or 'exact', got {o['dart_count']!r}")
+    return PruningConfig(method=method, stage2=((2, keep),),
+                         stage2_relevance="last_token" if method == "fastv" else "none",
+                         positions=o.get("positions", "original"), stage2_hparams=o.get("hparams", {}))
+  if method == "pooling":
+    return PruningConfig(method="pooling", stage1_budget=target, stage1_relevance="none",
+                         stage1_hparams=o.get("hparams", {}))
+  relevance = {"trimtokenator": "text", "random": "none"}[method]
+  return _stage1(method, target, family, o, stage1_relevance=relevance)

@@ -1,0 +1,92 @@
+"""`pruning.method_config`: each method's official protocol per backbone and budget, and the named overrides."""
+
+import pytest
+
+from models import pruning
+from tops_jax import dart
+
+
+def _cfg(method, family="llava-next", target=320, **o):
+  return pruning.method_config(method, family=family, target=target, num_layers=32, **o)
+
+
+def test_cdpruner_official_next_layout():
+  c = _cfg("cdpruner")
+  assert (c.stage1_budget, c.stage1_scope, c.stage1_grid, c.newlines) == (320, "crop_fixed", "padded_unpad", "keep")
+  assert c.stage1_relevance == "clip_text"
+  one = _cfg("cdpruner", family="llava-1.5", target=64)
+  assert (one.stage1_scope, one.stage1_grid, one.stage1_relevance) == ("global", "unpadded", "clip_text")
+
+
+def test_cdpruner_fallback_and_our_variant_are_overrides():
+  c = _cfg("cdpruner", relevance="text", scope="per_crop")
+  assert (c.stage1_relevance, c.stage1_scope, c.stage1_grid, c.newlines) == ("text", "per_crop", "unpadded", "drop")
+
+
+def test_divprune_ratio_over_the_packed_sequence_with_newlines():
+  c = _cfg("divprune")
+  assert (c.stage1_scope, c.newlines, c.stage1_relevance) == ("ratio", "candidates", "none")
+  ours = _cfg("divprune", scope="global")
+  assert (ours.stage1_scope, ours.newlines) == ("global", "drop")
+
+
+def test_scope_reads_vision_features_per_padded_crop():
+  c = _cfg("scope")
+  assert (c.stage1_scope, c.stage1_grid, c.stage1_features, c.newlines) == ("crop_divided", "padded", "vision", "drop")
+  assert _cfg("scope", family="llava-1.5", target=64).stage1_scope == "global"
+
+
+def test_visionzip_official_split_counts_the_cls():
+  c = _cfg("visionzip", target=320)
+  hp = dict(c.stage1_hparams)
+  assert c.visionzip_cls and (c.stage1_scope, c.stage1_grid) == ("crop_fixed", "padded")
+  assert (hp["dominant"], hp["contextual"]) == (54, 10)            # 64 per crop: CLS + 53 patches + 10
+  one = dict(_cfg("visionzip", family="llava-1.5", target=128).stage1_hparams)
+  assert (one["dominant"], one["contextual"]) == (108, 20)         # 128 = CLS + 107 patches + 20
+  ours = _cfg("visionzip", visionzip_cls=False)
+  assert not ours.visionzip_cls and ours.stage1_scope == "global"
+
+
+@pytest.mark.parametrize("target,kept", [(64, 68), (128, 132), (192, 196), (320, 324)])
+def test_dart_official_count(target, kept):
+  assert dart.kept_count(target) == kept
+  assert _cfg("dart", family="llava-1.5", target=target).stage2 == ((2, kept),)
+  assert _cfg("dart", family="llava-1.5", target=target, dart_count="exact").stage2 == ((2, target),)
+
+
+def test_tops_is_the_paper_schedule():
+  c = _cfg("tops", target=320)
+  assert c.stage1_budget == 640 and c.stage2 == ((12, 320), (24, 80))
+  assert dict(c.stage2_hparams) == {"alpha": 0.5, "lam": 0.4}
+  assert dict(_cfg("tops", target=320, stage2_lam=0.7).stage2_hparams)["lam"] == 0.7
+
+
+def test_in_llm_methods_keep_original_positions():
+  assert _cfg("fastv").positions == "original" and _cfg("fastv").stage2 == ((2, 320),)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="nope"), "unknown method"),
+    (dict(method="divprune", family="qwen"), "unknown family"),
+    (dict(method="divprune", target=0), "positive int"),
+    (dict(method="divprune", alpha=1.0), "unknown override"),
+    (dict(method="dart", dart_count="most"), "dart_count"),
+])
+def test_bad_requests_name_the_problem(kwargs, match):
+  kwargs = dict(dict(family="llava-next", target=320, num_layers=32), **kwargs)
+  method = kwargs.pop("method")
+  with pytest.raises(ValueError, match=match):
+    pruning.method_config(method, **kwargs)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(method="scope", stage1_budget=8, stage1_scope="crop_divided", stage1_grid="padded", newlines="keep"),
+     "no newlines"),
+    (dict(method="visionzip", stage1_budget=8, stage1_scope="ratio"), "data-dependent"),
+    (dict(method="divprune", stage1_budget=8, stage1_grid="padded"), "crop_fixed"),
+    (dict(method="divprune", stage1_budget=8, stage1_scope="per_crop", newlines="candidates"), "candidates"),
+    (dict(method="divprune", stage1_budget=8, stage1_relevance="clip_text"), "CDPruner"),
+])
+def test_inconsistent_layouts_raise(fields, match):
+  with pytest.raises(ValueError, match=match):
+    pruning.PruningConfig(**fields)

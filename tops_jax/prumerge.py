@@ -1,0 +1,290 @@
+"""LLaVA-PruMerge+: IQR-outlier CLS-attention tokens plus spatial samples, each merged with its nearest neighbours.
+
+Axes: N visual tokens (patches; the CLS token is not one of them), D width, Dk key width, K kept (static bound),
+k neighbours.
+
+Source: Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models" (arXiv
+2403.15388), PruMerge+ variant; official code 42Shawn/LLaVA-PruMerge at commit 097c041 (2025-06-28),
+`llava/model/multimodal_encoder/clip_encoder.py`: `CLIPVisionTower.token_prune_merge_advanced_plus`,
+`outlier_dectection`, `complement_idx`; `forward` calls it with `if_adaptive=True, reduction_ratio=1/8`. Facts read
+from that code (CLIP ViT-L/14-336: 24 layers, width C = 1024, N = 576):
+- Attention: forward hooks on `encoder.layers[23].self_attn.q_proj` / `k_proj`, i.e. the LAST layer, whose input is
+  hidden state -2 (the LLaVA features). The hooks capture the full-width projections (bias included, heads not
+  split, before HF's query scaling); attn = softmax(q k^T * C ** -0.5) over all N + 1 keys, C = 1024 the full width:
+  a single 1024-wide "head", not a mean of per-head maps. `relevance` = attn[CLS, patches] (`cls_attention` below).
+- Merge space: `keys` = the same layer-23 k_proj outputs of the patches, full width (not averaged over heads).
+  Merged values: `features` = hidden state -2 patches, before the projector.
+- Adaptive count (`mode="adaptive"`, the released inference path): c = number of patches whose attention is
+  strictly above Q3 + 1.5 * IQR (`np.percentile`, linear); the c outliers = `topk(attn, int(N * c / N))`, attention
+  descending. Then step = int(1 / (c / N)) and the positions `arange(0, 575, int(step / 3))` that are not outliers
+  are appended in ascending order. The kept count c + #samples is data dependent.
+- Fixed count (`mode="fixed"`): the `if_adaptive=False` branch (commented "for training"; SCOPE's evaluation code,
+  kinredon/SCOPE, runs it through `NOT_ADAPTIVE=<ratio>` to compare PruMerge+ at fixed budgets): top n_top =
+  int(N * ratio) tokens by attention, then `arange(int(step / 2), 575, step)` with step = int(1 / ratio), appended
+  WITHOUT removing the ones already kept. Here n_top = K // 2 (ratio = n_top / N) and K - n_top strided positions;
+  for N = 576 and K = 32, 64, 96, 128, 192 the official sequence has exactly K - n_top positions.
+- Merge (both modes): for every kept token i (in kept order): the other tokens "rest" = the other kept tokens in kept
+  order, then the complement in ascending index order (`complement_idx`); the k = 32 rest tokens with the largest
+  cosine similarity of keys (`topk`) are its neighbours, kept tokens included; the token becomes
+  x_i + sum_j attn_j * x_j over the neighbours (attention weights NOT normalised: the division is commented out).
+  Neighbours read the original features, so the merge does not depend on the order tokens are updated in.
+- Extra token: sum_j attn_j * x_j over the complement (the tokens not kept) is appended after the kept tokens: the
+  LLM receives K + 1 tokens, kept tokens in kept order (outliers by attention, then samples by index), not sorted.
+
+API. `order` / `merge` follow `tops_jax.prune` (static `keep`, ascending indices from `prune.select` / `merge`,
+without the extra token). `merge_sequence` returns what the official code hands to the projector: the merged tokens
+in the official order, the extra token after them, a slot mask and the adaptive count. In `mode="adaptive"`,
+`keep` is a static upper bound: the first `count` slots of `order` are the official selection (truncated to K if
+count > K; `keep=N` never truncates) and the remaining slots hold the next tokens by attention (so `prune.select`
+still returns K distinct tokens; `merge` merges them by the same rule, but they are no part of the official
+output and count as "not kept" for the rest order and the extra token). `adaptive_count` gives the official count
+alone. `cls_attention` builds `relevance` from the layer-23 CLS query and keys. The default mode is "fixed": in the
+`prune` contract `keep` is a budget, and fixed-budget tables (64 / 128 / 192 tokens) can only be filled by that
+branch; pass mode="adaptive" (with `keep` an upper bound, e.g. N) for the released inference path.
+
+Scope of the official code: LLaVA-1.5 only (`forward` skips the reduction for a list of images, and there is no
+anyres path); the README evaluates LoRA checkpoints fine-tuned with the module (`llava-v1.5-7b-lora-prunemerge`),
+while training-free comparisons run the module on the base LLaVA-1.5 weights.
+
+Deviations (each only where the official code has no rule or cannot run):
+- Integer arithmetic for int(N * (c / N)) and int(1 / (c / N)): equal to c and N // c for every c when N = 576
+  (checked exhaustively in the tests); for other N the float expressions can differ by one.
+- No outlier (c = 0, the official code divides by zero): the highest-attention token counts as the one outlier.
+  A sample step int(step / 3) of 0 (c > N / 3, impossible for IQR outliers once N >= 9) is raised to 1.
+- The hard-coded 575 is N - 1; with padding, N is the number of valid tokens, sample positions count valid tokens
+  in index order, and padding is never kept, never a neighbour, never in the extra token.
+- Fixed mode: a strided position that is already a top token is kept once (the official code keeps a duplicate,
+  which a set of indices cannot express) and the freed slot, like any slot the strided sequence leaves empty, takes
+  the next token by attention; more strided positions than K - n_top are cut to the first K - n_top. n_top = 0
+  (K = 1) uses step = N.
+- Neighbours: at most the number of other valid tokens (torch.topk raises when k exceeds them); ties go to the
+  earlier position in the official rest order (`torch.topk` leaves ties unspecified). A key row with NaN/inf is
+  nobody's neighbour and gets no neighbours.
+- Batches: the official adaptive path computes one IQR over the whole batch and only runs with batch 1; here each
+  row is one image.
+- Precision: float32 here; the official code runs the attention and merge in float16 on the GPU.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tops_jax import greedy
+from tops_jax import similarity
+
+__all__ = ["order", "merge", "merge_sequence", "MergedSequence", "cls_attention", "iqr_outliers",
+           "adaptive_count", "MODES", "NEIGHBORS"]
+
+MODES = ("fixed", "adaptive")
+NEIGHBORS = 32  # official topk k of the merge
+
+
+class MergedSequence(NamedTuple):
+  """The official token sequence. tokens: float[K + 1, D] merged kept tokens in official order, then the extra
+  token, then zeros; mask: bool[K + 1] True on the kept tokens and the extra token (a prefix); indices: int32[K]
+  token ids of the first K slots (slots >= `count` are fill, not official); count: int32[] official number of kept
+  tokens before truncation to K (adaptive mode; K in fixed mode)."""
+  tokens: jax.Array
+  mask: jax.Array
+  indices: jax.Array
+  count: jax.Array
+
+
+def cls_attention(cls_query: jax.Array, keys: jax.Array, *, scale: float | None = None) -> jax.Array:
+  """PruMerge's CLS attention: softmax over all N + 1 keys of (q_CLS . k) * scale, CLS column dropped.
+
+  Args:
+    cls_query: float[..., C] layer-23 `q_proj` output of the CLS position (full width, bias included).
+    keys: float[..., N + 1, C] layer-23 `k_proj` outputs of every position, CLS first.
+    scale: default C ** -0.5 (the official code scales by the feature width C = 1024, not the head width).
+
+  Returns:
+    float32[..., N].
+  """
+  q, k = jnp.asarray(cls_query), jnp.asarray(keys)
+  if k.ndim < 2 or q.shape[:-1] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"prumerge.cls_attention: cls_query float[..., C] and keys float[..., N + 1, C] must agree, "
+                     f"got {q.shape} and {k.shape}")
+  if k.shape[-2] < 2:
+    raise ValueError(f"prumerge.cls_attention: keys need the CLS row and at least one patch, got {k.shape}")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = jnp.einsum("...c,...nc->...n", q.astype(jnp.float32), k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) * scale
+  return jax.nn.softmax(logits, axis=-1)[..., 1:]
+
+
+def _percentile(sorted_values: jax.Array, n: jax.Array, q: float) -> jax.Array:
+  """np.percentile(..., method="linear") of the first n entries of an ascending float32 array, in float32."""
+  virtual = (n - 1).astype(jnp.float32) * q
+  lo = jnp.floor(virtual)
+  gamma = virtual - lo
+  lo = jnp.clip(lo.astype(jnp.int32), 0, sorted_values.shape[0] - 1)
+  hi = jnp.clip(lo + 1, 0, jnp.maximum(n - 1, 0))
+  a, b = sorted_values[lo], sorted_values[hi]
+  diff = b - a
+  return jnp.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)   # numpy's _lerp
+
+
+def iqr_outliers(relevance: jax.Array, valid: jax.Array) -> jax.Array:
+  """bool[N]: valid tokens whose relevance is strictly above Q3 + 1.5 * IQR of the valid relevances."""
+  x = relevance.astype(jnp.float32)
+  n = jnp.sum(valid).astype(jnp.int32)
+  ascending = jnp.sort(jnp.where(valid, x, jnp.inf))
+  q1, q3 = _percentile(ascending, n, 0.25), _percentile(ascending, n, 0.75)
+  upper = q3 + jnp.float32(1.5) * (q3 - q1)
+  return valid & (x > upper)
+
+
+def adaptive_count(relevance: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """Official PruMerge+ token count (outliers plus samples, without the extra token): int32[] for float[N]."""
+  if valid is None:
+    valid = jnp.ones(relevance.shape, bool)
+  return _plan(relevance, valid, relevance.shape[0], "adaptive")[1]
+
+
+def _plan(relevance, valid, keep: int, mode: str):
+  """(order int32[K]: official tokens first, then fill; count int32[]: official count, before truncation)."""
+  if mode not in MODES:
+    raise ValueError(f"prumerge: mode must be one of {MODES}, got {mode!r}")
+  n_tok = relevance.shape[0]
+  ids = jnp.arange(n_tok)
+  score = jnp.where(valid, relevance.astype(jnp.float32), -jnp.inf)
+  by_attention = greedy.topk_order(score, valid, n_tok)            # valid first, attention descending
+  attention_rank = jnp.zeros(n_tok, jnp.int32).at[by_attention].set(jnp.arange(n_tok, dtype=jnp.int32))
+  n = jnp.sum(valid).astype(jnp.int32)
+  by_index = jnp.argsort(~valid, stable=True)                      # the r-th valid token in index order
+  if mode == "adaptive":
+    n_top = jnp.maximum(jnp.sum(iqr_outliers(relevance, valid)), 1)
+    step = jnp.maximum((n // n_top) // 3, 1)
+    offset = jnp.int32(0)
+    n_samples = n_tok                                              # every position of the arange
+  else:
+    n_top = jnp.int32(keep // 2)
+    step = n // max(keep // 2, 1)
+    offset = step // 2
+    n_samples = keep - keep // 2
+  is_top = valid & (attention_rank < n_top)
+  position = offset + jnp.arange(n_samples) * step                 # ranks among valid tokens
+  live = position < n - 1
+  sampled = jnp.zeros(n_tok, bool).at[by_index[jnp.clip(position, 0, n_tok - 1)]].max(live)
+  sampled = sampled & valid & ~is_top
+  # Fixed mode: the fill tokens are kept like the others (they stand in for the official duplicates).
+  count = (n_top + jnp.sum(sampled)).astype(jnp.int32) if mode == "adaptive" else jnp.int32(keep)
+  tier = jnp.where(is_top, 0, jnp.where(sampled, 1, jnp.where(valid, 2, 3)))
+  within = jnp.where(tier == 1, ids, attention_rank)
+  ranked = jnp.lexsort((within, tier))
+  return ranked[:keep].astype(jnp.int32), count
+
+
+def _check_keys(keys, n: int):
+  if keys is not None and (jnp.ndim(keys) != 2 or keys.shape[0] != n):
+    raise ValueError(f"prumerge: keys must be float[N={n}, Dk], got shape {tuple(jnp.shape(keys))}")
+
+
+def _check_neighbors(neighbors):
+  if isinstance(neighbors, bool) or not isinstance(neighbors, (int, np.integer)) or neighbors < 1:
+    raise ValueError(f"prumerge: neighbors must be a static int >= 1, got {neighbors!r}")
+
+
+def _merged(features, relevance, valid, keys, picks, official, neighbors: int):
+  """Official merge of the tokens `picks` (int32[K]); `official` bool[K] marks the official kept slots.
+
+  Returns (tokens float32[K, D] in slot order, extra float32[D]).
+  """
+  n_tok = features.shape[0]
+  _check_neighbors(neighbors)
+  x = features.astype(jnp.float32)
+  weight = jnp.where(valid, relevance.astype(jnp.float32), 0.0)
+  k_slots = picks.shape[0]
+  # The rest order of the official loop: kept tokens in kept order, then the complement by index.
+  kept_slot = jnp.full(n_tok, k_slots, jnp.int32).at[picks].min(jnp.where(official, jnp.arange(k_slots), k_slots))
+  is_kept = kept_slot < k_slots
+  rest = jnp.lexsort((jnp.arange(n_tok), jnp.where(is_kept, kept_slot, k_slots)))
+  space = features if keys is None else keys
+  finite = jnp.all(jnp.isfinite(space), axis=-1)
+  space = jnp.where(finite[:, None], space, jnp.zeros((), space.dtype))
+  sim = similarity.cosine_similarity(space[picks], space[rest])                      # float32[K, N]
+  usable = (valid & finite)[rest][None, :] & (rest[None, :] != picks[:, None]) & finite[picks][:, None]
+  sim = jnp.where(usable, sim, -jnp.inf)
+  k = min(neighbors, max(n_tok - 1, 1))
+  top, cols = jax.lax.top_k(sim, k)                                                  # ties: earlier rest position
+  neighbour = rest[cols]                                                             # int32[K, k]
+  w = jnp.where(jnp.isfinite(top), weight[neighbour], 0.0)
+  summed = jnp.einsum("kj,kjd->kd", w, x[neighbour], precision=jax.lax.Precision.HIGHEST)
+  tokens = x[picks] + summed
+  outside = valid & ~is_kept
+  extra = jnp.einsum("n,nd->d", jnp.where(outside, weight, 0.0), x, precision=jax.lax.Precision.HIGHEST)
+  return tokens, extra
+
+
+def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
+          keep: int, mode: str = "fixed", keys: jax.Array | None = None, neighbors: int = NEIGHBORS) -> jax.Array:
+  """PruMerge+'s kept tokens in the official order (top/outlier tokens by attention, then samples by index).
+
+  Args:
+    features: float[N, D] (unused by the order; see `merge`).
+    relevance: float32[N] `cls_attention` (layer-23 full-width CLS attention probabilities).
+    valid: bool[N] padding False.
+    key: unused (deterministic).
+    keep: static K: the budget ("fixed") or the upper bound of the official count ("adaptive").
+    mode: "fixed" (the official `if_adaptive=False` branch, K // 2 top + strided) or "adaptive" (official inference).
+    keys: float[N, Dk] merge similarity space (accepted for a uniform call; the order does not read it).
+    neighbors: merge neighbours (official 32; unused by the order).
+
+  Returns:
+    int32[K]; in adaptive mode the slots from `adaptive_count` on are fill (next tokens by attention).
+  """
+  del key
+  _check_neighbors(neighbors)
+  if relevance is None:
+    raise ValueError("prumerge: needs relevance=float[N] (CLS attention, see tops_jax.prumerge.cls_attention)")
+  _check_keys(keys, features.shape[0])
+  return _plan(relevance, valid, keep, mode)[0]
+
+
+def merge_sequence(features: jax.Array, relevance: jax.Array, valid: jax.Array | None = None, *, keep: int,
+                   mode: str = "fixed", keys: jax.Array | None = None,
+                   neighbors: int = NEIGHBORS) -> MergedSequence:
+  """The sequence the official code hands to the projector, for one image (vmap for a batch).
+
+  Args: as `order`; `valid` defaults to all True; `keys` float[N, Dk] defaults to `features`.
+
+  Returns:
+    MergedSequence (tokens float[K + 1, D] in the dtype of `features`).
+  """
+  if relevance is None:
+    raise ValueError("prumerge: needs relevance=float[N] (CLS attention, see tops_jax.prumerge.cls_attention)")
+  _check_keys(keys, features.shape[0])
+  if valid is None:
+    valid = jnp.ones(features.shape[0], bool)
+  picks, count = _plan(relevance, valid, keep, mode)
+  packed = jnp.minimum(count, keep)
+  official = jnp.arange(keep) < packed
+  tokens, extra = _merged(features, relevance, valid, keys, picks, official, neighbors)
+  slot = jnp.arange(keep + 1)
+  body = jnp.concatenate([tokens, jnp.zeros_like(extra)[None]])
+  seq = jnp.where((slot < packed)[:, None], body, jnp.where((slot == packed)[:, None], extra[None], 0.0))
+  return MergedSequence(tokens=seq.astype(features.dtype), mask=slot <= packed, indices=picks, count=count)
+
+
+def merge(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
+          keep: int, mode: str = "fixed", keys: jax.Array | None = None,
+          neighbors: int = NEIGHBORS) -> tuple[jax.Array, jax.Array]:
+  """Merged kept tokens aligned with ascending indices (the `prune.merge` contract; no extra token).
+
+  Args: as `order`; `keys` float[N, Dk] defaults to `features`.
+
+  Returns:
+    (tokens float[K, D] in the dtype of `features`, indices int32[K] ascending).
+  """
+  del key
+  if relevance is None:
+    raise ValueError("prumerge: needs relevance=float[N] (CLS attention, see tops_jax.prumerge.cls_attention)")
+  _check_keys(keys, features.shape[0])
+  picks, count = _plan(relevance, valid, keep, mode)
+  official = jnp.arange(keep) < jnp.minimum(count, keep)
+  tokens, _ = _merged(features, relevance, valid, keys, picks, official, neighbors)
+  perm = jnp.argsort(picks)
+  return tokens[perm].astype(features.dtype), picks[perm]
