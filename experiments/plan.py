@@ -247,10 +247,17 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   """Checks the configuration for consistency and returns (the resolved configuration, the runs). Raises ValueError
   naming the flag."""
   backbone = BACKBONES[run.backbone]
-  methods = list(RUNNABLE) if list(run.methods) == ["all"] else list(run.methods)
+  if list(run.methods) == ["all"]:     # every method with a protocol on this backbone
+    methods = [m for m in RUNNABLE if pruning.supports(m, backbone.family)]
+  else:
+    methods = list(run.methods)
   unknown = [m for m in methods if m not in RUNNABLE]
   if unknown:
     raise ValueError(f"--method: unknown method(s) {', '.join(unknown)}; known: all, {', '.join(RUNNABLE)}")
+  unsupported = [m for m in methods if not pruning.supports(m, backbone.family)]
+  if unsupported:
+    raise ValueError(f"--method: {', '.join(unsupported)} has no protocol on --backbone={run.backbone} (its "
+                     "official code has no such path; see models/pruning/protocols.py)")
   overrides = parse_overrides(run.overrides)
   stray = sorted(set(overrides) - set(methods))
   if stray:

@@ -265,7 +265,7 @@ class CLIPVisionModel(nnx.Module):
 
   def features(self, pixel_values: jax.Array, *, feature_layers: int | Sequence[int] = -2,
                select_strategy: str = "default", cls_attention: bool = True, keys: bool = False,
-               cls: bool = False) -> VisionOutput:
+               cls: bool = False, last_qk: bool = False) -> VisionOutput:
     """LLaVA's image features and (optionally) the CLS attention of the layer that produces them.
 
     Args:
@@ -275,6 +275,8 @@ class CLIPVisionModel(nnx.Module):
       cls_attention: also return the CLS attention of the layer producing the last entry of `feature_layers`.
       keys: also return that layer's keys, mean over heads (VisionZip's merge metric).
       cls: also return the CLS position of the features (and of the keys when asked), whatever `select_strategy`.
+      last_qk: also return the last layer's full-width q_proj (CLS position) and k_proj (every position) of its
+        normed input, hidden state -2 (PruMerge+'s attention hooks).
 
     Returns:
       VisionOutput(features float[I, N, Dv * len(feature_layers)] ("full": P rows), cls_attention float32[I, N]
@@ -295,7 +297,8 @@ class CLIPVisionModel(nnx.Module):
                        "so there is no CLS attention or keys to return")
 
     x = self.pre_layrnorm(self.embeddings(pixel_values))
-    stops = sorted(set(wanted) | ({cls_at} if attention else set()))
+    last_in = num - 1                # the last layer's input: hidden state -2
+    stops = sorted(set(wanted) | ({cls_at} if attention else set()) | ({last_in} if last_qk else set()))
     states, attn, key_rows, done = {0: x}, None, None, 0
     for stop in stops:
       x = self.encoder.run(x, done, stop)
@@ -307,9 +310,15 @@ class CLIPVisionModel(nnx.Module):
     first = 1 if select_strategy == "default" else 0
     features = jnp.concatenate([states[h][:, first:] for h in wanted], axis=-1)
     cls_features = jnp.concatenate([states[h][:, 0] for h in wanted], axis=-1) if cls else None
+    last_query = last_keys = None
+    if last_qk:
+      layer = self.encoder.layer(num - 1)
+      normed = layer.layer_norm1(states[last_in])
+      last_query, last_keys = layer.self_attn.q_proj(normed[:, :1])[:, 0], layer.self_attn.k_proj(normed)
     return VisionOutput(features=features, cls_attention=None if attn is None else attn[:, first:],
                         keys=None if key_rows is None else key_rows[:, first:], cls_features=cls_features,
-                        cls_keys=key_rows[:, 0] if cls and key_rows is not None else None)
+                        cls_keys=key_rows[:, 0] if cls and key_rows is not None else None,
+                        last_query=last_query, last_keys=last_keys)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """Last hidden state (before post_layernorm): float[I, C, H, W] -> float[I, P, Dv]."""

@@ -233,12 +233,12 @@ class LlavaForConditionalGeneration(nnx.Module):
         config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
   def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False,
-                    cls: bool = False) -> VisionOutput:
+                    cls: bool = False, last_qk: bool = False) -> VisionOutput:
     """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None,
     keys float[I, N, Dh] | None, cls_features float[I, Dv'] | None, cls_keys float[I, Dh] | None)."""
     return self.vision_tower.features(pixel_values, feature_layers=self.config.vision_feature_layer,
                                       select_strategy=self.config.vision_feature_select_strategy,
-                                      cls_attention=cls_attention, keys=keys, cls=cls)
+                                      cls_attention=cls_attention, keys=keys, cls=cls, last_qk=last_qk)
 
   def project(self, features: jax.Array) -> jax.Array:
     """float[..., Dv'] -> float[..., D] in the language model's embedding space."""
@@ -251,11 +251,12 @@ class LlavaForConditionalGeneration(nnx.Module):
     return single_crop_layout(num_images, self.config.max_image_tokens)
 
   def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False, cls: bool = False) -> ImageTokens:
+                   cls_attention: bool = True, keys: bool = False, cls: bool = False,
+                   last_qk: bool = False) -> ImageTokens:
     """The batch's image tokens and what pruners read about them: float[I, 3, H, W] -> `ImageTokens` (one crop per
     image: N = T = the patches; `layout` is not read). `cls`: also the CLS token's features (and keys)."""
     del layout
-    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls)
+    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls, last_qk=last_qk)
     embeds = self.project(vis.features)
     i, n = embeds.shape[:2]
     real = jnp.ones((i, n), bool)
@@ -268,7 +269,7 @@ class LlavaForConditionalGeneration(nnx.Module):
                        crop_keys=None if vis.keys is None else vis.keys[:, None],
                        cls_features=None if vis.cls_features is None else vis.cls_features[:, None],
                        cls_keys=None if vis.cls_keys is None else vis.cls_keys[:, None],
-                       grid=jnp.zeros((i, 2), jnp.int32))
+                       grid=jnp.zeros((i, 2), jnp.int32), last_query=vis.last_query, last_keys=vis.last_keys)
 
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
             valid: jax.Array | None = None) -> jax.Array:

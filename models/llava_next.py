@@ -214,11 +214,15 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     return VisionOutput(*(per_crop(a) for a in vis))
 
   def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False, cls: bool = False) -> ImageTokens:
+                   cls_attention: bool = True, keys: bool = False, cls: bool = False,
+                   last_qk: bool = False) -> ImageTokens:
     """The batch's image tokens in packed order: float[I, P, 3, H, W] crops + `layout` -> `ImageTokens`. `cls`: also
     each crop's CLS features (and keys)."""
     if layout is None:
       raise ValueError("LLaVA-NeXT image tokens need the packing layout (model.layout(image_sizes, num_images))")
+    if last_qk:
+      raise ValueError("last_qk (PruMerge+'s last-layer attention) is LLaVA-1.5 only: PruMerge+'s official code has "
+                       "no anyres path")
     layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
     vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls)
     img = self.project(vis.features)

@@ -26,12 +26,17 @@ class VisionOutput(NamedTuple):
     (k_proj of its normed input), mean over heads: VisionZip's `metric` for merging contextual tokens.
   cls_features: float[I, Dv] | None the CLS position of `features` (whatever the select strategy), when asked.
   cls_keys: float[I, Dh] | None the CLS position of `keys`, when asked with keys.
+  last_query: float[I, Dv] | None the LAST encoder layer's full-width q_proj of the CLS position, applied to its input
+    (hidden state -2), when asked (PruMerge+ reads that layer's attention).
+  last_keys: float[I, N + 1, Dv] | None that layer's full-width k_proj of every position (CLS first), when asked.
   """
   features: jax.Array
   cls_attention: jax.Array | None = None
   keys: jax.Array | None = None
   cls_features: jax.Array | None = None
   cls_keys: jax.Array | None = None
+  last_query: jax.Array | None = None
+  last_keys: jax.Array | None = None
 
 
 class ImageTokens(NamedTuple):
@@ -55,6 +60,7 @@ class ImageTokens(NamedTuple):
     (VisionZip keeps it).
   cls_keys: float[I, P, Dh] | None the CLS token's key of that layer (mean over heads), when asked.
   grid: int32[I, 2] (rows, cols) of grid crops per image (LLaVA-1.5: (0, 0), the base crop only).
+  last_query / last_keys: `VisionOutput.last_query` / `last_keys` (LLaVA-1.5 only: PruMerge+), when asked.
   """
   embeds: jax.Array
   valid: jax.Array
@@ -72,6 +78,8 @@ class ImageTokens(NamedTuple):
   cls_features: jax.Array | None = None
   cls_keys: jax.Array | None = None
   grid: jax.Array | None = None
+  last_query: jax.Array | None = None
+  last_keys: jax.Array | None = None
 
 
 class DecoderOutput(NamedTuple):

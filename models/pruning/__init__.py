@@ -1,8 +1,9 @@
 """Visual token pruning inside the LLaVA-1.5 / LLaVA-NeXT ports, driven by a `PruningConfig`, through the models'
 public seams only (image_tokens -> Stage I -> embed -> run_layers segments, query_keys -> Stage II -> head).
 
-Modules: `config` (PruningConfig, the TOPS schedule, the static / traced split), `sequence` (static lengths and the
-row gathers that rebuild a sequence), `stage1` (before the LLM), `stage2` (between decoder layers), `driver`
+Modules: `config` (PruningConfig, the TOPS schedule, the static / traced split), `protocols` (each method's official
+protocol: `method_config`), `sequence` (static lengths and the row gathers that rebuild a sequence), `stage1` (before
+the LLM), `stage2` (between decoder layers), `driver`
 (`forward`, `prefill`, `greedy`), `outputs` (what they return). Nothing here branches on the model family: both
 LLaVA classes expose the same `image_tokens` / `layout` / `embed` interface (LLaVA-1.5: one crop, no newlines).
 
@@ -18,55 +19,53 @@ width, L decoder layers, G layer segments (one more than the Stage II steps), V 
     out.tokens_per_layer              # int32[B, L] real tokens each layer processed (FLOPs, "mean kept tokens")
     gen = pruning.greedy(model, cfg, input_ids, attention_mask, pixel_values=px, max_new_tokens=32)
 
-Stage I (after the projector, before the merge). Candidates are the image tokens of each image (NeXT: the packed
-tokens, newline slots excluded). What each method reads (all from `models.outputs.ImageTokens`):
-- every method except visionzip: features = projector outputs (`ImageTokens.embeds`), float[B, N, D];
-- visionzip: features = the vision feature-layer hidden states (pre-projector, Dv, `ImageTokens.features`) and
-  `keys` = that layer's attention keys (`ImageTokens.keys`, mean over heads, VisionZip's `metric`), the same encoder
-  layer whose CLS attention is the relevance; the merged tokens are then projected. Needs a single
-  `vision_feature_layer` and the "default" strategy;
-- trimtokenator: also `text` = the LLM input embeddings of the text after the image, with `text_valid`;
-- relevance "cls": the CLS -> patch attention of the layer producing the features (`VisionOutput.cls_attention`);
-  "text": `tops_jax.relevance.text_embedding_cosine` between the projector outputs and the LLM input embeddings of
-  the text after the image (the port has no CLIP text tower, so this stands in for CDPruner's CLIP text-image
-  similarity); "none": no relevance.
-Selection is `prune.select` (merging methods: `prune.merge`, the merged tokens replace the kept rows), batched over
-the images with per-row `valid`. Kept rows stay in ascending (spatial / packing) order. input_ids and the mask are
-rebuilt so that each image's <image> run holds exactly its kept tokens; the static budget gives static shapes.
-Stage I always re-indexes positions from 0 (`cumsum(mask) - 1`): the LLM sees the pruned prompt as its input.
+Stage I (after the vision tower, before the merge; `stage1`). Each image hands the LLM a list of rows (`stage1.Rows`:
+embeddings, a validity prefix, the packed slot of each row) and its <image> run is cut to that count; the layout
+fields of the config decide the candidates, the budgets and the order (the table in `stage1`'s docstring):
+- `stage1_scope`: "global" (K of the packed tokens), "per_crop" (K split evenly over the crops, water-filled: ours),
+  "ratio" (round(K * n / N_nominal) of the n candidates: DivPrune), "crop_fixed" (K // P_nominal per crop whatever
+  the crop count: CDPruner, VisionZip), "crop_divided" (int(K / P_real) per crop: SCOPE);
+- `stage1_grid`: "unpadded" (the packed tokens), "padded" (each crop's T tokens, all picks to the LLM in the anyres
+  canvas order: SCOPE, VisionZip), "padded_unpad" (each crop's T tokens; unpadding then drops what it removes:
+  CDPruner);
+- `newlines`: "drop" (none), "rows" (rows that keep a token), "keep" (all), "candidates" (selected like the tokens);
+- `stage1_features`: "projector" (the projector outputs, `ImageTokens.embeds`) or "vision" (the feature layer's
+  hidden states, `ImageTokens.features`; merges are projected afterwards);
+- `stage1_relevance`: "cls" (CLS attention of the feature layer, mean over heads: every method here is invariant to
+  the official head sum's constant factor), "text" (`relevance.text_embedding_cosine` of the projector outputs with
+  the LLM input embeddings of the text after the image: the fallback when no CLIP text tower is given), "clip_text"
+  (CDPruner: `relevance.clip_text_relevance` of the CLIP checkpoint's image embeddings with each row's CLIP text
+  embedding, passed as `clip=ClipText(...)`), "none";
+- `visionzip_cls`: VisionZip's official output (CLS + dominant + contextual per crop, its LLaVA-NeXT order).
+`method_config(method, family=, target=, num_layers=, **overrides)` (`protocols`) gives each method's official
+setting of these fields; the overrides name our variants. Kept rows keep the layout's order; the CLS token is only
+ever kept by VisionZip's official layout. Stage I always re-indexes positions from 0 (`cumsum(mask) - 1`).
 
-LLaVA-NeXT choices:
-- Newlines (`newlines`): never candidates, never counted in the budget. "drop" (default) removes every
-  `image_newline` token, so the image run has exactly K tokens; "rows" keeps the newline of every grid row that
-  keeps at least one token; "keep" keeps them all (with K = every token this is the unpruned sequence).
-- Scope (`stage1_scope`): "global" selects K among all packed tokens of the image (DivPrune, TOPS); "per_crop"
-  splits K evenly over the image's valid crops (base crop first takes the remainder) capped by what each crop still
-  holds after unpadding (water-filling: a crop that has fewer tokens than its share keeps them all and the rest is
-  spread over the others), then selects within each crop (VisionZip, CDPruner style). The shares are data dependent,
-  so each crop is ranked with the method's greedy order and its share taken from the front: per_crop accepts only
-  methods whose first k picks do not depend on the budget (`PER_CROP_METHODS`).
-- The CLS token is never kept (LLaVA's "default" strategy drops it); budgets count patch tokens only. VisionZip's
-  official 64-token LLaVA-1.5 setting keeps CLS + 53 + 10; here 64 means 54 dominant + 10 contextual patches.
-
-Stage II (inside the LLM, at `stage2` layers l, each with a static budget). Run layers [0, l); the candidates are
-every token at an <image> position of the current sequence (after Stage I: the kept tokens; NeXT without Stage I:
-newline tokens included). Relevance:
-- "raters" (TOPS, SparseVLM): `relevance.text_rater_attention` at layer l, with the queries of the real text tokens
-  after the image and the keys of the whole sequence, post-RoPE, causal and padding masked (the rows of the
-  layer's own attention map, never the S x S map);
-- "last_token" (FastV): `relevance.last_token_attention` of the last real token at layer l - 1, as FastV scores
-  at layer K - 1 and prunes before layer K;
+Stage II (inside the LLM, at `stage2` layers l, each with a static budget; `stage2` argues the options). Timing
+(`stage2_timing`): "before" (default) runs layers [0, l) and the pruned sequence enters layer l; "after" runs
+[0, l] and prunes layer l's output (SparseVLM's timing). The candidates are every token at an <image> position of the
+current sequence (after Stage I: the kept tokens; NeXT without Stage I: newline tokens included). Relevance, read at
+`score_layer`: layer l, except layer l - 1 for FastV and DART under "before" (their official codes):
+- "raters" (TOPS, SparseVLM): `relevance.text_rater_attention`, with the queries of the real text tokens after the
+  image and the keys of the whole sequence, post-RoPE, causal and padding masked (the rows of the layer's own
+  attention map, never the S x S map); the raters (`stage2_raters`) are re-chosen from that layer's attention
+  ("attention", default) or chosen once from the LLM input embeddings ("sparsevlm", SparseVLM's rule);
+- "last_token" (FastV, PyramidDrop): `relevance.last_token_attention` of the last real token;
 - "none" (DivPrune/DART/random in the LLM).
-Features are the hidden states entering layer l of the candidates; DART reads the final-norm hidden states as
-features, the layer l - 1 keys (post-RoPE, heads concatenated) as `keys`, and the same for the text after the image
-as `text_features` / `text_keys`. The sequence is rebuilt [prefix; kept visual; suffix] per row, the mask rebuilt
-and positions either re-indexed from 0 ("contiguous", TOPS) or kept ("original", FastV); left/right padding is
-preserved (right when some row ends in padding, else left).
+Features are the hidden states entering the first pruned layer of the candidates; DART reads the final-norm hidden
+states as features, the scoring layer's keys (post-RoPE, heads concatenated) as `keys`, and the same for the text
+after the image as `text_features` / `text_keys`. The sequence is rebuilt [prefix; kept visual; inserted rows;
+suffix] per row, the mask rebuilt and positions either re-indexed from 0 ("contiguous", TOPS) or kept ("original",
+FastV); left/right padding is preserved (right when some row ends in padding, else left). A step may keep a per-row
+count below its static budget (`stage2_ratios`: PyramidDrop's int(n * ratio); SparseVLM's rank-based count) and
+insert rows after the kept visual tokens (SparseVLM's recycled clusters). `pdrop_schedule` and `sparsevlm_schedule`
+give those methods' published settings.
 
 LLaVA-1.5 has one crop, so "per_crop" selects exactly what "global" does for the PER_CROP_METHODS.
 
-Static lengths (`sequence.Plan`). Every sequence after a stage has `text_len + budget` slots (NeXT "rows"/"keep": plus
-the most newlines an image has), where `text_len` is the largest number of real non-image tokens in a row. `forward`
+Static lengths (`sequence.Plan`). Every sequence after Stage I has `text_len + rows` slots (`stage1.capacity`: the
+budget, plus the most newlines an image keeps under "rows"/"keep"; the layouts' own bounds otherwise), after a Stage
+II step `text_len + budget` (+ its inserted rows, `stage2.step_bounds`), where `text_len` is the largest number of real non-image tokens in a row. `forward`
 and `greedy` read it from concrete inputs (exact); under an outer jit it is bounded from the shapes (S - N for
 LLaVA-1.5, S - T for NeXT), or pass `text_len=`. The jitted programs are cached per (config structure, shapes,
 text_len): pass a bucketed `text_len` to share one compile across batches whose prompts differ. Float hyperparameters
@@ -84,14 +83,16 @@ relevance rejects models that have one.
 """
 
 from models.pruning.config import (NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES, STAGE1_RELEVANCE, STAGE2_RELEVANCE,
-                                   PruningConfig, StaticConfig, tops_layers, tops_schedule)
+                                   STAGE2_RATERS, STAGE2_TIMINGS, PruningConfig, StaticConfig, pdrop_schedule,
+                                   sparsevlm_schedule, tops_layers, tops_schedule)
 from models.pruning.driver import PrunedPrefill, decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
-from models.pruning.protocols import OFFICIAL_METHODS, method_config, overrides_of
+from models.pruning.protocols import OFFICIAL_METHODS, method_config, overrides_of, supports
 from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
 __all__ = ["PruningConfig", "StaticConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "StageOutput",
            "Segment", "PruneOutput", "PrunedGeneration", "PrunedPrefill", "forward", "prefill", "greedy", "decode",
            "decode_step", "crop_quotas", "row_newlines", "text_length", "STAGE1_RELEVANCE", "STAGE2_RELEVANCE",
-           "SCOPES", "POSITIONS", "NEWLINES", "method_config", "overrides_of", "OFFICIAL_METHODS", "ClipText"]
+           "SCOPES", "POSITIONS", "NEWLINES", "method_config", "overrides_of", "OFFICIAL_METHODS", "ClipText", "supports",
+           "STAGE2_RATERS", "STAGE2_TIMINGS", "pdrop_schedule", "sparsevlm_schedule"]

@@ -9,11 +9,12 @@ import dataclasses
 from typing import Any
 
 from tops_jax import prune
+from tops_jax import sparsevlm as sparsevlm_lib
 
 __all__ = ["PruningConfig", "StaticConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "STAGE1_RELEVANCE",
            "STAGE2_RELEVANCE", "SCOPES", "GRIDS", "FEATURES", "POSITIONS", "NEWLINES",
            "STAGE2_RATERS", "STAGE2_TIMINGS", "pdrop_schedule", "PDROP_LAYERS", "PDROP_LAMBDA",
-           "VARIABLE_COUNT_METHODS"]
+           "VARIABLE_COUNT_METHODS", "STAGE2_ONLY_METHODS", "sparsevlm_schedule"]
 
 STAGE1_RELEVANCE = ("cls", "text", "clip_text", "none")
 STAGE2_RELEVANCE = ("raters", "last_token", "none")
@@ -30,6 +31,9 @@ PER_CROP_METHODS = ("tops", "fastv", "divprune", "cdpruner", "scope", "random")
 # Methods whose first k picks are the same for every budget >= k: a step may keep a per-row count from the front of
 # their order (`stage2_ratios`, data-dependent counts).
 VARIABLE_COUNT_METHODS = PER_CROP_METHODS + ("pdrop",)
+# Methods that run only between decoder layers, through their own step (`models.pruning.stage2.choose`): not
+# `tops_jax.prune` entries (SparseVLM: data-dependent counts and recycled tokens, see `tops_jax.sparsevlm`).
+STAGE2_ONLY_METHODS = ("sparsevlm",)
 # Stage II methods that score from the layer before the pruned one ("before" timing), as their official codes.
 _SCORES_PREVIOUS_LAYER = ("fastv", "dart")
 
@@ -123,9 +127,12 @@ class PruningConfig:
       if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     for name, method in (("method", self.method), ("stage2_method", self.stage2_method)):
-      if method is not None and method not in prune.METHODS:
-        raise ValueError(f"unknown {name} {method!r}; known methods: {', '.join(prune.METHODS)}")
+      if method is not None and method not in prune.METHODS and method not in STAGE2_ONLY_METHODS:
+        raise ValueError(f"unknown {name} {method!r}; known methods: "
+                         f"{', '.join(tuple(prune.METHODS) + STAGE2_ONLY_METHODS)}")
     budget = self.stage1_budget
+    if budget is not None and self.method in STAGE2_ONLY_METHODS:
+      raise ValueError(f"{self.method} prunes between decoder layers only: it has no Stage I (stage1_budget)")
     # Hyperparameters are checked here, where the config is built (a NaN alpha from a flag would otherwise reach
     # the jitted forward as a traced value that nothing can reject).
     if budget is not None and self.visionzip_cls:
@@ -133,8 +140,8 @@ class PruningConfig:
     elif budget is not None:
       prune.check_hparams(self.method, want="merge" if prune.METHODS[self.method].merge else "order",
                           **dict(self.stage1_hparams))
-    if self.stage2:
-      prune.check_hparams(self.stage2_method or self.method, **dict(self.stage2_hparams))
+    if self.stage2 and self.method2 not in STAGE2_ONLY_METHODS:
+      prune.check_hparams(self.method2, **dict(self.stage2_hparams))
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
       raise ValueError(f"stage1_budget must be a positive int or None, got {budget!r}")
     if budget is not None:
@@ -152,12 +159,12 @@ class PruningConfig:
         raise ValueError(f"stage2 layers must increase, got {[s[0] for s in self.stage2]}")
       if keep < 1:
         raise ValueError(f"stage2 step {i}: keep must be >= 1, got {keep}")
-      if previous is not None and keep > previous:
+      if previous is not None and keep > previous and self.method2 not in STAGE2_ONLY_METHODS:
         raise ValueError(f"stage2 step {i} keeps {keep} tokens, more than the {previous} it receives "
                          "(budgets must not increase)")
       previous = keep
-    if self.stage2:
-      m2 = self.stage2_method or self.method
+    if self.stage2 and self.method2 not in STAGE2_ONLY_METHODS:
+      m2 = self.method2
       if prune.METHODS[m2].merge is not None:
         raise ValueError(f"{m2} merges tokens; merging methods run in Stage I only")
       if prune.needs_relevance(m2, **dict(self.stage2_hparams)) and self.stage2_relevance == "none":
@@ -171,6 +178,8 @@ class PruningConfig:
     if self.stage2_raters != "attention" and self.stage2_relevance != "raters":
       raise ValueError(f"stage2_raters={self.stage2_raters!r} chooses text raters; stage2_relevance is "
                        f"{self.stage2_relevance!r}")
+    if self.stage2 and self.method2 == "sparsevlm":
+      self._check_sparsevlm()
     if self.stage2_ratios is None:
       return
     try:
@@ -186,6 +195,21 @@ class PruningConfig:
       raise ValueError(f"stage2_ratios give each row its own count, kept from the front of the method's order: "
                        f"they need a method whose order does not depend on the budget "
                        f"({', '.join(VARIABLE_COUNT_METHODS)}); {self.method2} is not one")
+
+  def _check_sparsevlm(self):
+    hp = dict(self.stage2_hparams)
+    unknown = sorted(set(hp) - {"version", "budget"})
+    if unknown:
+      raise ValueError(f"sparsevlm: unknown hyperparameter(s) {', '.join(unknown)}; sparsevlm takes: version, budget "
+                       "(the official setting whose per-step counts the steps follow)")
+    steps = sparsevlm_lib.schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps
+    if len(self.stage2) > len(steps):
+      raise ValueError(f"sparsevlm: {len(self.stage2)} stage2 steps, the official setting has {len(steps)}")
+    wanted = dict(stage2_relevance="raters", stage2_raters="sparsevlm", stage2_timing="after",
+                  positions="contiguous", stage2_ratios=None)
+    wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
+    if wrong:
+      raise ValueError(f"sparsevlm runs as its official code: {wanted}; got {wrong}")
 
   def _check_layout(self):
     scope, grid, merge = self.stage1_scope, self.stage1_grid, prune.METHODS[self.method].merge is not None
@@ -215,6 +239,12 @@ class PruningConfig:
   @property
   def method2(self) -> str:
     return self.stage2_method or self.method
+
+  @property
+  def stage2_counts_vary(self) -> bool:
+    """Whether the Stage II keeps are static bounds of per-row counts (`stage2_ratios`, SparseVLM) rather than the
+    counts every row keeps."""
+    return self.stage2_ratios is not None or self.method2 in STAGE2_ONLY_METHODS
 
   def traced_hparams(self) -> dict[str, dict[str, float]]:
     """The float hyperparameters of each stage: {"stage1": {...}, "stage2": {...}}, the traced inputs."""
@@ -254,7 +284,7 @@ class PruningConfig:
     most = model.config.max_image_tokens
     if self.stage1_budget is not None and self.stage1_budget > most:
       raise ValueError(f"stage1_budget={self.stage1_budget} exceeds the {most} visual tokens per image")
-    if self.stage2 and not self.stage1_budget and self.stage2[0][1] > most:
+    if self.stage2 and not self.stage1_budget and self.stage2[0][1] > most and not self.stage2_counts_vary:
       raise ValueError(f"stage2 keeps {self.stage2[0][1]} tokens, more than the {most} visual tokens per image")
     if self.stage1_budget is not None and self.method == "visionzip":
       c = model.config
@@ -382,6 +412,25 @@ def _check_visionzip_split(hp: dict[str, Any]):
     value = hp[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f"visionzip_cls: {name} must be an int >= {low}, got {value!r}")
+
+
+def sparsevlm_schedule(num_layers: int, target: int = 192, *, version: str = "v1",
+                       num_visual: int = 576) -> PruningConfig:
+  """SparseVLM (method "sparsevlm") as its official code runs on LLaVA-1.5 (`tops_jax.sparsevlm.schedule`):
+  v1 prunes after layers 2, 6, 15, 19 with (scale, bias) = (13.5, 0) / (9, 6) / (0.8, 0) for the 192 / 128 / 64
+  settings, v1.5 after layers 2, 6, 15 with fixed counts; raters chosen once from the input embeddings, timing
+  "after", contiguous positions, recycled tokens inserted after the kept ones. `target` names the official setting
+  (its mean visual tokens per layer). The keeps are static bounds on the kept counts over every prompt (v1: rank
+  <= min(T, N) with T = N), for images of at most `num_visual` tokens; the driver tightens them per batch.
+  """
+  plan = sparsevlm_lib.schedule("llava-1.5", target, version)
+  layers = tuple(step.layer for step in plan.steps)
+  if layers[-1] + 1 >= num_layers:
+    raise ValueError(f"a decoder of {num_layers} layers is too shallow for SparseVLM's layers {layers}")
+  bounds = sparsevlm_lib.sizes(plan, num_visual, num_visual)
+  return PruningConfig(method="sparsevlm", stage2=tuple((layer, max(b.keep, 1)) for layer, b in zip(layers, bounds)),
+                       stage2_relevance="raters", stage2_raters="sparsevlm", stage2_timing="after",
+                       stage2_hparams={"version": version, "budget": int(target)}, positions="contiguous")
 
 
 def _traced(value) -> bool:

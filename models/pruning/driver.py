@@ -68,8 +68,9 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   if config.stage2 and config.stage2_relevance == "raters" and config.stage2_raters == "sparsevlm":
     raters = stage2_lib.sparsevlm_raters(plan, seq, candidates, ids.shape[1])     # once, from the LLM input
   num_visual, most = jnp.sum(seq.visual & seq.mask, axis=-1, dtype=jnp.int32), candidates
+  bounds = stage2_lib.step_bounds(config, candidates, plan.text_len)
   segments, stages, done, index = [], [], 0, seq.source
-  for step, (layer, keep) in enumerate(config.stage2):
+  for step, ((layer, _), bound) in enumerate(zip(config.stage2, bounds)):
     segments.append(_segment(seq, index))
     scoring, cut = config.score_layer(layer), config.prune_layer(layer)
     seq, cache = _run(model, seq, done, scoring, cache)
@@ -78,10 +79,10 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
     count = None
     if config.stage2_ratios is not None:
       count = stage2_lib.ratio_counts(config.stage2_ratios[step], num_visual, most)
-    choice = stage2_lib.choose(model, config, seq, keep, scores, keys[step + 1], hp2, count)
-    seq, index, stage = stage2_lib.rebuild(config, plan, seq, keep, scores, choice, left)
+    choice = stage2_lib.choose(model, config, seq, bound, scores, keys[step + 1], hp2, count, step)
+    seq, index, stage = stage2_lib.rebuild(config, plan, seq, bound.keep, scores, choice, left)
     stages.append(stage)
-    done, candidates = cut, keep + (0 if choice.extra is None else choice.extra.shape[1])
+    done, candidates = cut, bound.keep + (0 if choice.extra is None else choice.extra.shape[1])
   segments.append(_segment(seq, index))
   seq, cache = _run(model, seq, done, num_layers, cache)
 
@@ -185,7 +186,7 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
     available = counts
     if config.stage1_budget is not None:
       available = config.stage1_budget + np.asarray(layout.newline).sum(-1) * (config.newlines == "keep")
-    if config.stage2 and config.stage2_ratios is None and config.stage2[0][1] > available.min():
+    if config.stage2 and not config.stage2_counts_vary and config.stage2[0][1] > available.min():
       raise ValueError(f"stage2 keeps {config.stage2[0][1]} tokens, more than the {int(available.min())} image "
                        f"tokens image {int(available.argmin())} brings to the LLM")
   if sequence.concrete(input_ids) and (attention_mask is None or sequence.concrete(attention_mask)):
@@ -273,8 +274,9 @@ def _prompt_len(config: PruningConfig, plan: sequence.Plan, mask) -> int:
 
 def cache_capacity(config: PruningConfig, plan: sequence.Plan, seq_len: int, max_new_tokens: int) -> int:
   """Slots the pruned prefill's longest layer segment needs, plus the tokens to decode."""
+  first = plan.visual if config.stage1_budget is None else plan.rows
   longest = max([seq_len if config.stage1_budget is None else plan.text_len + plan.rows]
-                + [plan.text_len + keep for _, keep in config.stage2])
+                + [plan.text_len + b.keep + b.extra for b in stage2_lib.step_bounds(config, first, plan.text_len)])
   return longest + max_new_tokens
 
 

@@ -11,7 +11,9 @@ class StageOutput(NamedTuple):
   """One pruning step. Packed positions index the image's tokens (LLaVA-1.5: patch index; NeXT: packing slot).
 
   candidates: int32[B, C] packed position of each candidate (-1: none), the order `relevance` follows.
-  kept: int32[B, K] packed positions kept, ascending.
+  kept: int32[B, K] packed positions kept, ascending; -1 fills the slots of a data-dependent count (Stage I "ratio",
+    "crop_fixed", "crop_divided"). Stage I layouts that hand the LLM rows outside the packing (stage1_grid="padded",
+    VisionZip's CLS and merged tokens) list the rows in LLM order, -1 for a row that has no packed slot.
   relevance: float32[B, C] the relevance the method read, or None.
   """
   candidates: jax.Array

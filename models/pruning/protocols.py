@@ -15,6 +15,8 @@ layout selects what the global one does.
 | visionzip | per crop [CLS, dominant, contextual] (T // 5 per crop, 54 : 10 of every 64), merged in the vision space; base crop, grid dominant (canvas row-major), grid CLS, grid contextual | dvlab-research/VisionZip visionzip/main.py, llava_arch.py |
 | dart | pruning before layer 2 to 4 + 8 floor(T / 8) tokens, original positions | ZichenWen1/DART, llmc dart.py |
 | fastv | layer-1 last-token attention, pruning before layer 2 to T, original positions | pkunlp-icler/FastV |
+| vispruner | CLS-attention important tokens (half of each crop's budget) + diverse remainder on layer -2 features; T // 5 per crop before unpadding, picks unpadding removes dropped, every newline kept (CDPruner's layout, same authors) | Theia-4869/VisPruner llava/model/llava_arch.py |
+| prumerge_plus | LLaVA-1.5 only: the last CLIP layer's full-width CLS attention, the fixed-count branch (T/2 by attention + T/2 strided), each merged with its 32 nearest tokens by key, then the extra token of the rest: T + 1 rows in its order | 42Shawn/LLaVA-PruMerge clip_encoder.py |
 | trimtokenator, random, pooling | T per image, globally (no official LLaVA-NeXT layout: TrimTokenator's code is not public) | |
 
 Named overrides (keyword arguments; unknown ones raise, naming the method's accepted set):
@@ -28,6 +30,8 @@ Named overrides (keyword arguments; unknown ones raise, naming the method's acce
   different method from CDPruner's and is labelled as such in the runner.
 - `visionzip_cls=False`: VisionZip without the CLS token, T patch tokens globally in ascending order (ours).
 - `dart_count="exact"`: DART keeps exactly T tokens instead of the official 4 + 8 floor(T / 8).
+- `mode="adaptive"` (PruMerge+): the released inference path's IQR-adaptive count, with T as the static upper
+  bound; the default "fixed" is its fixed-count branch, the only way to fill a table at a given T.
 - tops: `stage1_alpha`, `stage1_lam`, `stage2_alpha`, `stage2_lam` (None: the paper's), `normalize`, `criteria`,
   plus `scope` / `newlines` for Stage I and any Stage II field the schedule takes (`models.pruning.tops_schedule`).
 - `hparams`: extra keyword arguments of the method (merged into its stage's hyperparameters).
@@ -41,7 +45,7 @@ from models.pruning.config import PruningConfig
 from tops_jax import dart as dart_lib
 from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of"]
+__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports"]
 
 FAMILIES = ("llava-1.5", "llava-next", "testbed")
 _LAYOUT = ("scope", "grid", "newlines", "features", "relevance", "hparams")
@@ -57,8 +61,17 @@ _OVERRIDES = {
     "trimtokenator": _LAYOUT,
     "random": _LAYOUT,
     "pooling": ("hparams",),
+    "vispruner": _LAYOUT,
+    "prumerge_plus": ("mode", "hparams"),
 }
 OFFICIAL_METHODS = tuple(_OVERRIDES)
+# Methods whose official code has no path for a family (method_config raises; the runner leaves them out there).
+_UNSUPPORTED = {"prumerge_plus": ("llava-next", "testbed")}
+
+
+def supports(method: str, family: str) -> bool:
+  """Whether `method` has a protocol on `family` (PruMerge+'s official code is LLaVA-1.5 only)."""
+  return family not in _UNSUPPORTED.get(method, ())
 
 
 def overrides_of(method: str) -> tuple[str, ...]:
@@ -133,6 +146,8 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
     raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
                      f"{', '.join(_OVERRIDES[method])}")
   o = {k: v for k, v in overrides.items() if v is not None}
+  if not supports(method, family):
+    raise ValueError(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
   nxt = _next(family)
   if method == "tops":
     return _tops(target, family, num_layers, o)
@@ -163,6 +178,13 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
     return PruningConfig(method=method, stage2=((2, keep),),
                          stage2_relevance="last_token" if method == "fastv" else "none",
                          positions=o.get("positions", "original"), stage2_hparams=o.get("hparams", {}))
+  if method == "vispruner":
+    layout = (dict(stage1_scope="crop_fixed", stage1_grid="padded_unpad", newlines="keep") if nxt
+              else dict(stage1_scope="global"))
+    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
+  if method == "prumerge_plus":
+    return PruningConfig(method=method, stage1_budget=target, stage1_relevance="cls", stage1_features="vision",
+                         stage1_hparams=dict({"mode": o.get("mode", "fixed")}, **o.get("hparams", {})))
   if method == "pooling":
     return PruningConfig(method="pooling", stage1_budget=target, stage1_relevance="none",
                          stage1_hparams=o.get("hparams", {}))

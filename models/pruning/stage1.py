@@ -40,6 +40,7 @@ from models.outputs import ImageTokens
 from models.pruning import sequence
 from models.pruning.config import PruningConfig
 from models.pruning.outputs import StageOutput
+from tops_jax import prumerge as prumerge_lib
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 from tops_jax import visionzip as visionzip_lib
@@ -68,8 +69,9 @@ class Rows(NamedTuple):
 def image_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> ImageTokens:
   """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys and CLS)."""
   vz = stage1 and config.method == "visionzip"
+  extra = {"last_qk": True} if stage1 and config.method == "prumerge_plus" else {}
   return model.image_tokens(pixel_values, layout, cls_attention=stage1 and config.stage1_relevance == "cls",
-                            keys=vz, cls=vz and config.visionzip_cls)
+                            keys=vz, cls=vz and config.visionzip_cls, **extra)
 
 
 def _per_crop_quota(config: PruningConfig, model_config) -> int:
@@ -83,6 +85,8 @@ def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int,
   image keeps under newlines="rows"/"keep" (0 otherwise); num_crops: P of pixel_values.
   """
   k, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
+  if config.method == "prumerge_plus":
+    return k + 1                            # the kept tokens and PruMerge+'s extra token
   if scope == "ratio":
     return min(visual, round(k * visual / model_config.nominal_image_tokens)) + newlines
   if scope == "crop_fixed":
@@ -244,6 +248,10 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
     rows = _visionzip(model, config, images, key, hp)
     return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=images.cls_attention)
 
+  if config.method == "prumerge_plus":
+    rows, rel = _prumerge(model, images, dict(hp, keep=budget))
+    return rows, None, StageOutput(candidates=candidates, kept=rows.packed[:, :budget], relevance=rel)
+
   if scope in ("per_crop", "crop_fixed", "crop_divided"):
     chosen, rel = _per_crop(config, mc, images, text, text_valid, clip_text, key, hp)
     packed_rel = None if rel is None else _from_crops(rel, images.source, 0.0)
@@ -341,6 +349,22 @@ def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Ro
                    -1)
   slot = order(slot)
   return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
+
+
+def _prumerge(model, images: ImageTokens, hp) -> tuple[Rows, jax.Array]:
+  """PruMerge+'s official output (LLaVA-1.5): the merged kept tokens in its order, then the extra token
+  (`tops_jax.prumerge.merge_sequence`), projected. Relevance: the last CLIP layer's full-width CLS attention."""
+  if images.last_query is None:
+    raise ValueError("prumerge_plus needs the last vision layer's q/k (LLaVA-1.5's image_tokens(last_qk=True))")
+  rel = prumerge_lib.cls_attention(images.last_query, images.last_keys)
+  keys = images.last_keys[:, 1:]
+  hp = dict(hp)
+  keep = hp.pop("keep")
+  seq = jax.vmap(lambda f, r, v, k_: prumerge_lib.merge_sequence(f, r, v, keep=keep, keys=k_, **hp))(
+      images.features, rel, images.valid & ~images.newline, keys)
+  packed = jnp.concatenate([seq.indices, jnp.full(seq.indices.shape[:1] + (1,), -1, jnp.int32)], axis=-1)
+  packed = jnp.where(seq.mask & (jnp.arange(keep + 1) < jnp.minimum(seq.count, keep)[:, None]), packed, -1)
+  return Rows(embeds=model.project(seq.tokens), valid=seq.mask, packed=packed.astype(jnp.int32)), rel
 
 
 def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: ImageTokens, clip_text, key, left,

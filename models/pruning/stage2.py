@@ -48,6 +48,15 @@ position of the image run's last slot) and the KV cache stay exact. Inserted row
 steps) with source and packed position -1; in `Segment.index` they are S_prev + e (row e of `extra`).
 Per-row counts come from `stage2_ratios` (PyramidDrop: int(n * ratio) of the row's n image tokens entering the LLM,
 Python's float rounding through a static table) or a method's `choose` (SparseVLM).
+
+SparseVLM (method "sparsevlm", Stage II only; `config.sparsevlm_schedule` gives the official settings). Raters once
+from the input embeddings ("sparsevlm" raters), timing "after", contiguous positions. At each step p the text ->
+candidate block of layer p's head-mean attention (`tops_jax.sparsevlm.rater_attention`, all text rows, the raters
+flagged) and the candidates' hidden states OUTPUT by layer p go through `tops_jax.sparsevlm.prune_step` with the
+official step's rule (v1: min(int(rank * scale + bias), N - 1) unless rank == N; v1.5: min(count, N - 1)); the kept
+tokens stay in place and the merged clusters are the inserted rows, in center order, so the new image run is
+[kept ascending; merged], the official `select_and_merge_token`. Static sizes: `step_bounds`. `StageOutput.kept`
+lists -1 for a kept token that is an earlier step's merged cluster (it has no packed position).
 """
 
 from typing import Any, NamedTuple
@@ -61,8 +70,10 @@ from models.pruning.config import PruningConfig
 from models.pruning.outputs import StageOutput
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
+from tops_jax import sparsevlm as sparsevlm_lib
 
-__all__ = ["Scores", "Choice", "score", "choose", "rebuild", "sparsevlm_raters", "ratio_counts"]
+__all__ = ["Scores", "Choice", "Bound", "score", "choose", "rebuild", "sparsevlm_raters", "ratio_counts",
+           "step_bounds"]
 
 
 class Scores(NamedTuple):
@@ -73,6 +84,34 @@ class Scores(NamedTuple):
   text: jax.Array             # int32[B, A] sequence positions of the text after the image
   text_valid: jax.Array       # bool[B, A]
   keys: jax.Array | None      # float[B, S, Hkv * Dh] keys of the scoring layer (DART)
+  block: jax.Array | None = None   # float32[B, A, C] text -> candidate attention, mean over heads (SparseVLM)
+  raters: jax.Array | None = None  # bool[B, A] the text raters (SparseVLM)
+
+
+class Bound(NamedTuple):
+  """Static sizes of one step: at most `keep` kept candidates and `extra` inserted rows (the next step's candidates:
+  keep + extra); `max_deleted` bounds SparseVLM's deleted count (None for the other methods)."""
+  keep: int
+  extra: int = 0
+  max_deleted: int | None = None
+
+
+def step_bounds(config: PruningConfig, num_candidates: int, text_len: int) -> tuple[Bound, ...]:
+  """The static sizes of every step, for a first step of `num_candidates` candidates (host side; the driver's trace
+  and the KV cache capacity read the same numbers). SparseVLM: `sparsevlm.step_sizes` over every N <= the
+  candidates and every rank <= min(text_len, N), capped by the config's keep; its `recycle` then allots
+  C = int(M / 10) + 1 rows with M = min(int(0.3 * max_deleted) + 1, N)."""
+  if config.method2 != "sparsevlm":
+    return tuple(Bound(keep) for _, keep in config.stage2)
+  hp = dict(config.stage2_hparams)
+  steps = sparsevlm_lib.schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps
+  out, n = [], num_candidates
+  for (_, keep), step in zip(config.stage2, steps):
+    size = sparsevlm_lib.step_sizes(step, n, text_len)
+    recycled = min((3 * size.deleted) // 10 + 1, n)
+    out.append(Bound(keep=max(min(keep, size.keep), 1), extra=recycled // 10 + 1, max_deleted=size.deleted))
+    n = out[-1].keep + out[-1].extra
+  return tuple(out)
 
 
 class Choice(NamedTuple):
@@ -116,25 +155,28 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
   last = sequence.last_real(seq.mask)[:, None]
   q, k = lm.query_keys(layer, seq.hidden, seq.positions, last if source == "last_token" else text)
   q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)          # [B, H, Q, Dh], [B, Hkv, S, Dh]
-  rel = None
+  rel = block = chosen = None
   if source == "raters":
     rater_scores = None
     if config.stage2_raters == "sparsevlm":
       src = sequence.take(seq.source, text)
-      chosen = jnp.take_along_axis(raters, jnp.clip(src, 0, raters.shape[1] - 1), axis=-1) & (src >= 0)
+      chosen = jnp.take_along_axis(raters, jnp.clip(src, 0, raters.shape[1] - 1), axis=-1) & (src >= 0) & text_valid
       # 1 for the raters, 0 for the others: exactly they pass `select_raters`' strict above-mean test (all raters:
       # none passes and every valid text token rates, the same set).
-      rater_scores = (chosen & text_valid).astype(jnp.float32)
+      rater_scores = chosen.astype(jnp.float32)
+    positions = dict(q_positions=sequence.take(seq.positions, text), k_positions=seq.positions)
     rel = relevance_lib.text_rater_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
-                                             visual_valid=visual_valid, q_positions=sequence.take(seq.positions, text),
-                                             k_positions=seq.positions, rater_scores=rater_scores)
+                                             visual_valid=visual_valid, rater_scores=rater_scores, **positions)
+    if config.method2 == "sparsevlm":
+      block = sparsevlm_lib.rater_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
+                                            visual_valid=visual_valid, **positions)
   elif source == "last_token":
     rel = relevance_lib.last_token_attention(q[:, :, 0], k, visual=visual, kv_valid=seq.mask,
                                              q_position=sequence.take(seq.positions, last)[:, 0],
                                              k_positions=seq.positions)
     rel = jnp.where(visual_valid, rel, 0.0)
   keys = k.transpose(0, 2, 1, 3).reshape(*k.shape[:1], k.shape[2], -1) if config.method2 == "dart" else None
-  return Scores(visual, visual_valid, rel, text, text_valid, keys)
+  return Scores(visual, visual_valid, rel, text, text_valid, keys, block, chosen)
 
 
 def ratio_counts(ratio: float, num_visual: jax.Array, most: int) -> jax.Array:
@@ -144,11 +186,21 @@ def ratio_counts(ratio: float, num_visual: jax.Array, most: int) -> jax.Array:
   return jnp.asarray(table)[jnp.clip(num_visual, 0, most)]
 
 
-def choose(model, config: PruningConfig, seq: sequence.Seq, keep: int, scores: Scores, key, hp: dict[str, Any],
-           count: jax.Array | None = None) -> Choice:
+def choose(model, config: PruningConfig, seq: sequence.Seq, bound: Bound, scores: Scores, key, hp: dict[str, Any],
+           count: jax.Array | None = None, step: int = 0) -> Choice:
   """The method's selection order over the candidates (hidden states entering the pruned layer); count int32[B]
-  (default `keep`) is cut to `keep`."""
+  (default `keep`) is cut to `keep`. SparseVLM: its official step `step` (`tops_jax.sparsevlm.prune_step`: rank
+  based or fixed count, top-k of the raters' mean attention, recycled clusters as inserted rows)."""
+  keep = bound.keep
   feats = sequence.take(seq.hidden, scores.visual)
+  if config.method2 == "sparsevlm":
+    official = sparsevlm_lib.schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps[step]
+    out = sparsevlm_lib.prune_step(scores.block, scores.raters, feats, scores.visual_valid, max_keep=keep,
+                                   count=official.count, scale=official.scale, bias=official.bias,
+                                   max_deleted=bound.max_deleted, key=key)
+    c = scores.visual.shape[1]
+    return Choice(order=jnp.minimum(out.kept, c - 1), count=out.num_kept, extra=out.recycled.tokens,
+                  extra_valid=out.recycled.valid)
   hp = dict(hp)
   if config.method2 == "dart":
     norm = model.language_model.norm

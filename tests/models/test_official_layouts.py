@@ -48,7 +48,8 @@ T = G * G
 NOMINAL = 5 * T
 SIZES = ((29, 47), (10, 13))            # (height, width)
 GRIDS = ((2, 2), (1, 2))                # (rows nh, cols nw) of grid crops, hand-checked for the tiny pinpoints
-BUDGET = 24                             # CDPruner 24 // 5 = 4 per crop; SCOPE int(24 / 5) = 4, int(24 / 3) = 8
+BUDGET = 24                             # SCOPE int(24 / 5) = 4, int(24 / 3) = 8 per crop; DivPrune 16 and 13
+CDPRUNER_BUDGET = 14                    # 14 // 5 = 2 per crop: some unpadded canvas rows keep no token
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 _TOKENS = jax.jit(lambda m, px, layout: m.image_tokens(px, layout, cls_attention=True))
@@ -261,7 +262,7 @@ def test_cdpruner_official_layout(llava_next):
   """T // 5 per crop over its 16 tokens before unpadding (relevance: negated CLIP cosine, min-max over all the
   image's crops), masks tiled + unpadded, every newline of the unpadded rows kept; base crop, then the grid rows."""
   model = llava_next
-  cfg = pruning.method_config("cdpruner", family="llava-next", target=BUDGET, num_layers=3)
+  cfg = pruning.method_config("cdpruner", family="llava-next", target=CDPRUNER_BUDGET, num_layers=3)
   assert (cfg.stage1_scope, cfg.stage1_grid, cfg.newlines, cfg.stage1_relevance) == (
       "crop_fixed", "padded_unpad", "keep", "clip_text")
   ids, mask, px, sizes = _next_batch("left", 1)
@@ -272,7 +273,7 @@ def test_cdpruner_official_layout(llava_next):
   image_embeds = np.asarray(clip.image_head(jnp.asarray(crop_features)))
   text = np.asarray(clip.text_embeds)
   hp = dict(cfg.stage1_hparams, rescale=False)
-  rows, kept, slots, cut = [], [], [], 0
+  rows, kept, slots, cut, empty = [], [], [], 0, 0
   for r, (size, grid) in enumerate(zip(SIZES, GRIDS)):
     crops = 1 + grid[0] * grid[1]
     unit = image_embeds[r, :crops] / np.linalg.norm(image_embeds[r, :crops], axis=-1, keepdims=True)
@@ -281,15 +282,16 @@ def test_cdpruner_official_layout(llava_next):
     seq = _packed_ids(size, grid)
     got_rel = np.asarray(out.stage1.relevance)[r, :len(seq)]
     np.testing.assert_allclose(got_rel[seq >= 0], rel.reshape(-1)[seq[seq >= 0]], rtol=1e-4, atol=1e-6)
-    order = [np.asarray(prune.select_order("cdpruner", crop_embeds[r, c], keep=BUDGET // 5, relevance=rel[c],
-                                           **hp)) for c in range(crops)]
+    order = [np.asarray(prune.select_order("cdpruner", crop_embeds[r, c], keep=CDPRUNER_BUDGET // 5,
+                                           relevance=rel[c], **hp)) for c in range(crops)]
     masks = _pick_masks(order, crops)
+    empty += (~_unpad(_canvas(masks[1:], grid), size).any(axis=1)).sum()
     llm_ids, llm_slots = _cdpruner_llm(masks, size, grid)
     rows.append(_embeds_of(llm_ids, crop_embeds[r], newline))
     kept.append(llm_slots[llm_ids >= 0])
     slots.append(llm_slots)
     cut += masks.sum() - (llm_ids >= 0).sum()
-  assert cut > 0, "unpadding must remove some picks for this test to check that they are dropped"
+  assert cut > 0 and empty > 0, "the case must have picks that unpadding removes and rows that keep no token"
   _check(out, model, ids, mask, "left", image_rows=rows, kept=kept, slots=slots)
 
 

@@ -90,3 +90,19 @@ def test_bad_requests_name_the_problem(kwargs, match):
 def test_inconsistent_layouts_raise(fields, match):
   with pytest.raises(ValueError, match=match):
     pruning.PruningConfig(**fields)
+
+
+def test_vispruner_uses_cdpruners_per_crop_layout_on_vision_features():
+  c = _cfg("vispruner")
+  assert (c.stage1_scope, c.stage1_grid, c.newlines, c.stage1_features) == ("crop_fixed", "padded_unpad", "keep",
+                                                                            "vision")
+  assert _cfg("vispruner", family="llava-1.5", target=64).stage1_scope == "global"
+
+
+def test_prumerge_plus_is_llava_1_5_only_with_the_fixed_branch():
+  c = _cfg("prumerge_plus", family="llava-1.5", target=64)
+  assert dict(c.stage1_hparams) == {"mode": "fixed"} and c.stage1_scope == "global"
+  assert dict(_cfg("prumerge_plus", family="llava-1.5", target=64, mode="adaptive").stage1_hparams)["mode"] == \
+      "adaptive"
+  with pytest.raises(ValueError, match="no llava-next protocol"):
+    _cfg("prumerge_plus")

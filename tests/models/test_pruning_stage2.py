@@ -403,3 +403,74 @@ def test_after_timing_layer_range_and_score_layers(llava):
   ids, mask, px, _ = _batch("llava", "left", seed=0)
   with pytest.raises(ValueError, match="pruning layers lie in \\[0, 2\\)"):
     pruning.forward(llava, pruning.PruningConfig("tops", stage2=((2, 4),), stage2_timing="after"), ids, mask, px)
+
+
+# ------------------------------------------------------------------------------------------------------ SparseVLM
+
+
+def _sparsevlm_official(model, ids, mask, h0, layers, step_args):
+  """SparseVLM v1's `LlamaDynamicvitModel.forward` per unpadded row: raters once from the input embeddings; at each
+  pruning layer p the layer runs on the whole sequence, its head-mean attention rows of the text (raters) over the
+  visual tokens rate them, the OUTPUT of p is cut to [prefix; kept; merged; text] and positions restart at 0. The
+  step itself (rank count, top-k, recycling) is `tops_jax.sparsevlm.prune_step` + `assemble`, checked against
+  NumPy in tests/tops_jax/test_sparsevlm.py. Returns (kept packed slots per step per row, -1 for merged tokens;
+  last-token logits)."""
+  from tops_jax import sparsevlm  # pylint: disable=g-import-not-at-top
+  num_layers = model.config.text.num_hidden_layers
+  kept, logits = [[] for _ in layers], []
+  for r in range(ids.shape[0]):
+    real = np.flatnonzero(mask[r])
+    h = h0[r, real][None]
+    v_start = int(np.flatnonzero(ids[r, real] == IMAGE)[0])
+    v_num = int((ids[r, real] == IMAGE).sum())
+    text = np.arange(v_start + v_num, len(real))
+    visual = np.arange(v_start, v_start + v_num)
+    rating = set(_sparsevlm_raters(h[0], visual, text))
+    raters = np.array([t in rating for t in text])
+    slots = np.arange(v_num)
+    done = 0
+    for step, p in enumerate(layers):
+      positions = np.arange(h.shape[1])[None]
+      ones = np.ones(h.shape[:2], bool)
+      h = _run(model, h, positions, ones, done, p)
+      attn = _np_attention(model, p, h, positions, ones)[0]
+      h = _run(model, h, positions, ones, p, p + 1)
+      text_start = v_start + v_num
+      block = attn[text_start:, v_start:text_start].astype(np.float32)
+      out = sparsevlm.prune_step(jnp.asarray(block)[None], jnp.asarray(raters)[None],
+                                 jnp.asarray(h[:, v_start:text_start]), max_keep=v_num, **step_args)
+      seg = sparsevlm.assemble(jnp.asarray(h[:, v_start:text_start]), out)
+      n_new = int(np.asarray(seg.valid).sum())
+      origin = np.asarray(seg.origin)[0, :n_new]
+      slots = np.where(origin < v_num, slots[np.minimum(origin, v_num - 1)], -1)
+      kept[step].append(slots)
+      h = np.concatenate([h[:, :v_start], np.asarray(seg.tokens)[:, :n_new], h[:, text_start:]], 1)
+      v_num, done = n_new, p + 1
+    h = _run(model, h, np.arange(h.shape[1])[None], np.ones(h.shape[:2], bool), done, num_layers)
+    logits.append(np.asarray(model.head(jnp.asarray(h[:, -1:])))[0, 0])
+  return kept, np.stack(logits)
+
+
+def test_sparsevlm_matches_the_official_loop(llava):
+  """Short questions (rank below N) so that both steps prune and recycle; left padding, batch of 2."""
+  model = llava
+  rng = np.random.RandomState(14)
+  ids, mask = _rows(rng, (6, 9), (N, N), (5, 4), "left")
+  px = rng.randn(2, 3, 28, 28).astype(np.float32)
+  cfg = pruning.PruningConfig("sparsevlm", stage2=((0, N), (1, N)), stage2_relevance="raters",
+                              stage2_raters="sparsevlm", stage2_timing="after",
+                              stage2_hparams={"version": "v1", "budget": 64})
+  out = pruning.forward(model, cfg, ids, mask, px)
+  kept, want = _sparsevlm_official(model, ids, mask, _inputs_embeds(model, ids, mask, px, None), (0, 1),
+                                   dict(scale=0.8, bias=0.0))
+  assert any(len(k) < N for k in kept[0]), "the first step must prune for this test to mean anything"
+  assert any((k == -1).any() for k in kept[1]), "the second step must see a recycled token"
+  for step in range(2):
+    got = np.asarray(out.stage2[step].kept)
+    for r in range(2):
+      n_kept = int((np.asarray(out.segments[step + 1].visual[r])).sum())
+      assert n_kept == len(kept[step][r])
+      np.testing.assert_array_equal(got[r, :len(kept[step][r])], np.where(kept[step][r] >= 0, kept[step][r], -1))
+  np.testing.assert_allclose(np.asarray(out.logits)[:, 0], want, **TOL)
+  gen = pruning.greedy(model, cfg, ids, mask, pixel_values=px, max_new_tokens=2)   # static cache capacity holds
+  np.testing.assert_array_equal(np.asarray(gen.tokens)[:, 0], want.argmax(-1))

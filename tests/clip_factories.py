@@ -1,0 +1,71 @@
+"""Tiny random CLIP checkpoints for CDPruner's CLIP text relevance (a helper module, not a test).
+
+    path = tiny_clip(tmp_path / "clip", vision_hidden_size=32)     # vision width = the LLaVA tower's width
+
+A `transformers.CLIPModel` (text tower of 2 layers, width 32, 16 positions per chunk; projection width 12) with every
+parameter re-drawn by `model_factories._randomize`, saved with `save_pretrained`, plus a CLIP BPE tokenizer in the
+OpenAI layout (vocab.json + merges.txt: the 256 byte characters, their end-of-word forms, a few merges, then
+<|startoftext|> and <|endoftext|> as the two highest ids), as `models.clip_text.ClipTextRelevance` and transformers'
+`CLIPTokenizerFast` read it. The vision width must equal the LLaVA vision tower's: CDPruner's image head
+(`post_layernorm` + `visual_projection`) reads that tower's layer -2 features.
+"""
+
+import json
+import pathlib
+
+import torch
+import transformers
+
+import model_factories as mf
+
+__all__ = ["CHUNK", "VOCAB", "tiny_clip"]
+
+CHUNK = 16                     # max_position_embeddings of the tiny text tower (77 in OpenAI CLIP)
+_MERGES = (("t", "h"), ("th", "e</w>"), ("i", "s</w>"), ("a", "t</w>"), ("w", "h"), ("c", "at</w>"))
+
+
+def _byte_chars() -> list[str]:
+  """The 256 printable stand-ins of GPT-2/CLIP byte-level BPE, in the order their table builds them."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs, extra = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + extra)
+      extra += 1
+  return [chr(c) for c in cs]
+
+
+VOCAB = 2 * 256 + len(_MERGES) + 2
+
+
+def _write_tokenizer(directory: pathlib.Path) -> None:
+  chars = _byte_chars()
+  vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in _MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+  assert len(vocab) == VOCAB
+  (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
+
+
+def tiny_clip(directory, *, vision_hidden_size: int, seed: int = 0, eos_token_id: int = 2) -> pathlib.Path:
+  """Writes a tiny random CLIP checkpoint and its tokenizer into `directory`; returns the directory.
+
+  vision_hidden_size: width Dv of the vision side (post_layernorm, visual_projection's input).
+  eos_token_id: the text config's (2, the legacy value of OpenAI's configs: pooling at argmax(input_ids)).
+  """
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _write_tokenizer(directory)
+  text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=CHUNK, eos_token_id=eos_token_id, bos_token_id=VOCAB - 2, pad_token_id=1,
+              projection_dim=12)
+  vision = dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_hidden_layers=1,
+                num_attention_heads=4, image_size=28, patch_size=7, projection_dim=12, layer_norm_eps=1e-5)
+  config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(config).eval()
+  for i, part in enumerate((model.text_model, model.vision_model, model.text_projection, model.visual_projection)):
+    mf._randomize(part, seed + 10 * i)          # every parameter but the scalar logit_scale (never read)
+  model.save_pretrained(directory)
+  return directory
