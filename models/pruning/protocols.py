@@ -9,15 +9,21 @@ layout selects what the global one does.
 | method | official protocol (LLaVA-NeXT) | source read |
 |---|---|---|
 | tops | the paper's schedule: Stage I N -> 2T (CLS relevance, (0.5, 0.5)), L12: -> T, L24: -> T/4 with text raters | arXiv 2606.27161, Alg. 1-2 |
-| cdpruner | CLIP text relevance (negated, min-max over all crops), T // 5 per crop among its 576 tokens before unpadding, picks unpadding removes dropped, every newline kept | Theia-4869/CDPruner llava/model/llava_arch.py |
+| cdpruner | CLIP text relevance (negated, min-max over all crops), T // 5 per crop among its 576 tokens; the picks go to the LLM on the padded canvas (base crop, then the grid canvas row-major), NO unpadding and NO newlines: its `prepare_inputs_labels_for_multimodal` strips "_unpad" from spatial_unpad before the merge | Theia-4869/CDPruner @9541616 llava/model/llava_arch.py |
 | divprune | the whole packed sequence (newlines too) is the candidate set, round(T / 2880 x its length) kept, packed order | vbdi/divprune LLaVA/llava/model/llava_arch.py |
 | scope | CLIP layer -2 features, CLS attention saliency; int(T / crops) per crop over the padded crops, no unpadding, no newlines; base crop, then the grid canvas row-major | kinredon/SCOPE scope/clip_encoder.py, llava_arch.py |
 | visionzip | per crop [CLS, dominant, contextual] (T // 5 per crop, 54 : 10 of every 64), merged in the vision space; base crop, grid dominant (canvas row-major), grid CLS, grid contextual | dvlab-research/VisionZip visionzip/main.py, llava_arch.py |
 | dart | pruning before layer 2 to 4 + 8 floor(T / 8) tokens, original positions | ZichenWen1/DART, llmc dart.py |
 | fastv | layer-1 last-token attention, pruning before layer 2 to T, original positions | pkunlp-icler/FastV |
-| vispruner | CLS-attention important tokens (half of each crop's budget) + diverse remainder on layer -2 features; T // 5 per crop before unpadding, picks unpadding removes dropped, every newline kept (CDPruner's layout, same authors) | Theia-4869/VisPruner llava/model/llava_arch.py |
+| vispruner | CLS-attention important tokens (half of each crop's budget) + diverse remainder on layer -2 features; T // 5 per crop, CDPruner's padded-canvas layout (the same "_unpad" strip: no unpadding, no newlines) | Theia-4869/VisPruner @aefa01a llava/model/llava_arch.py |
 | prumerge_plus | LLaVA-1.5 only: the last CLIP layer's full-width CLS attention, the fixed-count branch (T/2 by attention + T/2 strided), each merged with its 32 nearest tokens by key, then the extra token of the rest: T + 1 rows in its order | 42Shawn/LLaVA-PruMerge clip_encoder.py |
 | trimtokenator, random, pooling | T per image, globally (no official LLaVA-NeXT layout: TrimTokenator's code is not public) | |
+
+CDPruner and VisPruner also override LLaVA's `select_best_resolution` with the single resolution 672 x 672 (their
+comment: "to get 2880 visual tokens"), so every image there has a 2 x 2 grid. That is image preprocessing, shared by
+every run of an invocation, so it is not part of a method's config: `--resolution=fixed_672` gives the same crop count
+(5) but squashes the image to 672 x 672 instead of padding it inside 672 x 672; with native resolution an image has
+3 to 5 crops and each real crop still gets T // 5.
 
 Named overrides (keyword arguments; unknown ones raise, naming the method's accepted set):
 - `scope`: "official" (default) or a `PruningConfig.stage1_scope` ("global", "per_crop", "ratio", "crop_fixed",
@@ -152,8 +158,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
   if method == "tops":
     return _tops(target, family, num_layers, o)
   if method == "cdpruner":
-    layout = (dict(stage1_scope="crop_fixed", stage1_grid="padded_unpad", newlines="keep") if nxt
-              else dict(stage1_scope="global"))
+    layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
     return _stage1(method, target, family, o, stage1_relevance="clip_text", **layout)
   if method == "divprune":
     layout = dict(stage1_scope="ratio", newlines="candidates") if nxt else dict(stage1_scope="global")
@@ -179,8 +184,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
                          stage2_relevance="last_token" if method == "fastv" else "none",
                          positions=o.get("positions", "original"), stage2_hparams=o.get("hparams", {}))
   if method == "vispruner":
-    layout = (dict(stage1_scope="crop_fixed", stage1_grid="padded_unpad", newlines="keep") if nxt
-              else dict(stage1_scope="global"))
+    layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
     return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
   if method == "prumerge_plus":
     return PruningConfig(method=method, stage1_budget=target, stage1_relevance="cls", stage1_features="vision",

@@ -258,11 +258,14 @@ def test_reference_sequence_is_the_model_packing(llava_next):
   assert len(_packed_ids(SIZES[0], GRIDS[0])) == 16 + 4 * 9 and len(_packed_ids(SIZES[1], GRIDS[1])) == 16 + 4 * 7
 
 
-def test_cdpruner_official_layout(llava_next):
-  """T // 5 per crop over its 16 tokens before unpadding (relevance: negated CLIP cosine, min-max over all the
-  image's crops), masks tiled + unpadded, every newline of the unpadded rows kept; base crop, then the grid rows."""
+def test_cdpruner_unpadded_variant_layout(llava_next):
+  """The padded_unpad variant (what CDPruner's `unpad` branch would do, were it not stripped; the official layout is
+  tested in test_cdpruner_clip.py): T // 5 per crop over its 16 tokens before unpadding (relevance: negated CLIP
+  cosine, min-max over all the image's crops), masks tiled + unpadded, every newline of the unpadded rows kept; base
+  crop, then the grid rows."""
   model = llava_next
-  cfg = pruning.method_config("cdpruner", family="llava-next", target=CDPRUNER_BUDGET, num_layers=3)
+  cfg = pruning.method_config("cdpruner", family="llava-next", target=CDPRUNER_BUDGET, num_layers=3,
+                              grid="padded_unpad", newlines="keep")
   assert (cfg.stage1_scope, cfg.stage1_grid, cfg.newlines, cfg.stage1_relevance) == (
       "crop_fixed", "padded_unpad", "keep", "clip_text")
   ids, mask, px, sizes = _next_batch("left", 1)

@@ -12,7 +12,7 @@ def _cfg(method, family="llava-next", target=320, **o):
 
 def test_cdpruner_official_next_layout():
   c = _cfg("cdpruner")
-  assert (c.stage1_budget, c.stage1_scope, c.stage1_grid, c.newlines) == (320, "crop_fixed", "padded_unpad", "keep")
+  assert (c.stage1_budget, c.stage1_scope, c.stage1_grid, c.newlines) == (320, "crop_fixed", "padded", "drop")
   assert c.stage1_relevance == "clip_text"
   one = _cfg("cdpruner", family="llava-1.5", target=64)
   assert (one.stage1_scope, one.stage1_grid, one.stage1_relevance) == ("global", "unpadded", "clip_text")
@@ -94,8 +94,7 @@ def test_inconsistent_layouts_raise(fields, match):
 
 def test_vispruner_uses_cdpruners_per_crop_layout_on_vision_features():
   c = _cfg("vispruner")
-  assert (c.stage1_scope, c.stage1_grid, c.newlines, c.stage1_features) == ("crop_fixed", "padded_unpad", "keep",
-                                                                            "vision")
+  assert (c.stage1_scope, c.stage1_grid, c.newlines, c.stage1_features) == ("crop_fixed", "padded", "drop", "vision")
   assert _cfg("vispruner", family="llava-1.5", target=64).stage1_scope == "global"
 
 
