@@ -160,6 +160,7 @@ class Resolved:
   checkpoint_fingerprint: str
   protocol: str | None = None
   conv_template: str | None = None
+  skipped: tuple[str, ...] = ()       # runs of --method=all without an official protocol here, and why
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -212,6 +213,8 @@ def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.Pru
     o["relevance"] = "text"
   if method == "pooling":
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
+  if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
+    o["num_visual"] = model.config.max_image_tokens
   return pruning.method_config(method, family=ctx.family, target=t, num_layers=model.config.text.num_hidden_layers,
                                **o)
 
@@ -293,6 +296,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
                      "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "
                      "(LLM-embedding relevance, a different method) with --overrides=cdpruner.relevance=text")
   runs = [RunSpec("full", None, None, FULL, "full")]
+  skipped: list[str] = []
   subsets = [c for r in (1, 2, 3) for c in itertools.combinations(tops_lib.CRITERIA, r)]
   for method in methods:
     variants = [(method, ctx)]
@@ -301,7 +305,13 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
                   for s in subsets]
     for label, variant in variants:
       for t, ratio in budgets:
-        config = method_config(method, t, model, variant)
+        try:
+          config = method_config(method, t, model, variant)
+        except pruning.NoProtocol as e:
+          if list(run.methods) != ["all"]:
+            raise ValueError(f"--method={method}: {e}") from None
+          skipped.append(f"{label}@T={t}: {e}")
+          continue
         config.check_model(model)
         if method == "cdpruner" and config.stage1_relevance != "clip_text":
           label = "cdpruner-text"      # the fallback is another method: never reported under CDPruner's name
@@ -310,7 +320,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
                       keep_ratios=tuple(r for _, r in budgets), nominal_tokens=backbone.nominal_tokens,
                       max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
                       checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
-                      conv_template=template)
+                      conv_template=template, skipped=tuple(skipped))
   return resolved, runs
 
 

@@ -87,7 +87,7 @@ from models.pruning.config import (NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES
                                    sparsevlm_schedule, tops_layers, tops_schedule)
 from models.pruning.driver import PrunedPrefill, decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
-from models.pruning.protocols import OFFICIAL_METHODS, method_config, overrides_of, supports
+from models.pruning.protocols import OFFICIAL_METHODS, NoProtocol, method_config, overrides_of, supports
 from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 

@@ -17,6 +17,8 @@ layout selects what the global one does.
 | fastv | layer-1 last-token attention, pruning before layer 2 to T, original positions | pkunlp-icler/FastV |
 | vispruner | CLS-attention important tokens (half of each crop's budget) + diverse remainder on layer -2 features; T // 5 per crop, CDPruner's padded-canvas layout (the same "_unpad" strip: no unpadding, no newlines) | Theia-4869/VisPruner @aefa01a llava/model/llava_arch.py |
 | prumerge_plus | LLaVA-1.5 only: the last CLIP layer's full-width CLS attention, the fixed-count branch (T/2 by attention + T/2 strided), each merged with its 32 nearest tokens by key, then the extra token of the rest: T + 1 rows in its order | 42Shawn/LLaVA-PruMerge clip_encoder.py |
+| pdrop | before layers 8, 16, 24 (7B and 13B alike) the last instruction token's attention keeps int(n lambda^s) of each image's n tokens, contiguous positions; T is its "average visual tokens per layer" (its Table 2), lambda solved for it (0.5 is the published 192-of-576 setting), layers (2, 8, 16) where (8, 16, 24) cannot reach T (the author's 64-token answer, issue #29) | Cooperx521/PyramidDrop @6444f30 `modeling_llama_pdrop.py` |
+| sparsevlm | LLaVA-1.5 only: text raters chosen once from the input embeddings, pruning after layers 2, 6, 15, 19 with the rank-based count (scale, bias) of the published 192 / 128 / 64 settings, recycled tokens clustered (DPC-KNN) and merged after the kept ones | Gumpest/SparseVLMs v1 @b72c5d6 `modelling_sparse_llama.py`, `score.py`, `utils.py` |
 | trimtokenator, random, pooling | T per image, globally (no official LLaVA-NeXT layout: TrimTokenator's code is not public) | |
 
 CDPruner and VisPruner also override LLaVA's `select_best_resolution` with the single resolution 672 x 672 (their
@@ -51,7 +53,7 @@ from models.pruning.config import PruningConfig
 from tops_jax import dart as dart_lib
 from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports"]
+__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports", "NoProtocol"]
 
 FAMILIES = ("llava-1.5", "llava-next", "testbed")
 _LAYOUT = ("scope", "grid", "newlines", "features", "relevance", "hparams")
@@ -69,14 +71,22 @@ _OVERRIDES = {
     "pooling": ("hparams",),
     "vispruner": _LAYOUT,
     "prumerge_plus": ("mode", "hparams"),
+    "pdrop": ("layers", "lam", "num_visual", "hparams"),
+    "sparsevlm": ("version", "num_visual"),
 }
 OFFICIAL_METHODS = tuple(_OVERRIDES)
 # Methods whose official code has no path for a family (method_config raises; the runner leaves them out there).
-_UNSUPPORTED = {"prumerge_plus": ("llava-next", "testbed")}
+_UNSUPPORTED = {"prumerge_plus": ("llava-next", "testbed"), "sparsevlm": ("llava-next", "testbed")}
+
+
+class NoProtocol(ValueError):
+  """The method's official code has no setting for this backbone, depth or budget (`method_config` raises it; the
+  runner's "all" leaves such runs out and names them)."""
 
 
 def supports(method: str, family: str) -> bool:
-  """Whether `method` has a protocol on `family` (PruMerge+'s official code is LLaVA-1.5 only)."""
+  """Whether `method` has a protocol on `family` at all (PruMerge+'s and SparseVLM's official code are LLaVA-1.5
+  only); depth and budget can still rule a run out (`NoProtocol`)."""
   return family not in _UNSUPPORTED.get(method, ())
 
 
@@ -136,6 +146,24 @@ def _visionzip_split(per_crop: int) -> dict[str, int]:
   return {"dominant": dominant, "contextual": contextual}
 
 
+def _pdrop(target, family, num_layers, o):
+  """PyramidDrop's published layers (8, 16, 24) (or its author's (2, 8, 16) for small budgets) with the lambda whose
+  average kept tokens per layer is T (`config.pdrop_schedule`)."""
+  num_visual = o.get("num_visual")
+  if family == "testbed" and "layers" not in o:
+    raise NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the testbed's "
+                     f"{num_layers}-layer decoder has none of them (pass layers= to run a variant)")
+  try:
+    cfg = config_lib.pdrop_schedule(num_layers, target, family=family, num_visual=num_visual,
+                                    layers=o.get("layers"), lam=o.get("lam") if "layers" in o and target is None
+                                    else None)
+  except ValueError as e:
+    raise NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
+  if o.get("hparams"):
+    cfg = dataclasses.replace(cfg, stage2_hparams=dict(cfg.stage2_hparams, **o["hparams"]))
+  return cfg
+
+
 def method_config(method: str, *, family: str, target: int, num_layers: int, **overrides) -> PruningConfig:
   """The official protocol of `method` on `family` at budget `target` (see the module docstring), with overrides.
 
@@ -153,7 +181,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
                      f"{', '.join(_OVERRIDES[method])}")
   o = {k: v for k, v in overrides.items() if v is not None}
   if not supports(method, family):
-    raise ValueError(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
+    raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
   nxt = _next(family)
   if method == "tops":
     return _tops(target, family, num_layers, o)
@@ -189,6 +217,14 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
   if method == "prumerge_plus":
     return PruningConfig(method=method, stage1_budget=target, stage1_relevance="cls", stage1_features="vision",
                          stage1_hparams=dict({"mode": o.get("mode", "fixed")}, **o.get("hparams", {})))
+  if method == "pdrop":
+    return _pdrop(target, family, num_layers, o)
+  if method == "sparsevlm":
+    try:
+      return config_lib.sparsevlm_schedule(num_layers, target, version=o.get("version", "v1"),
+                                           num_visual=o.get("num_visual", 576))
+    except ValueError as e:
+      raise NoProtocol(f"sparsevlm at T={target} on {num_layers} layers: {e}") from None
   if method == "pooling":
     return PruningConfig(method="pooling", stage1_budget=target, stage1_relevance="none",
                          stage1_hparams=o.get("hparams", {}))

@@ -25,7 +25,7 @@ def _resolve(model, tmp_path, **fields):
 def test_every_run_is_the_methods_official_protocol(model, tmp_path):
   _, runs = _resolve(model, tmp_path)
   by_method = {r.method: r for r in runs if r.budget}
-  assert set(by_method) == {m for m in plan.RUNNABLE if pruning.supports(m, "testbed")}
+  assert set(by_method) == {m for m in plan.RUNNABLE if pruning.supports(m, "testbed")} - {"pdrop"}
   assert "prumerge_plus" not in by_method and "vispruner" in by_method   # PruMerge+ is LLaVA-1.5 only
   layers = model.config.text.num_hidden_layers
   for method, spec in by_method.items():
@@ -87,3 +87,13 @@ def test_parse_values():
 def test_a_method_without_a_protocol_on_the_backbone_is_named(model, tmp_path):
   with pytest.raises(ValueError, match="prumerge_plus has no protocol on --backbone=testbed"):
     _resolve(model, tmp_path, methods=("prumerge_plus",))
+
+
+def test_all_leaves_out_runs_without_a_protocol_and_names_them(model, tmp_path):
+  resolved, runs = _resolve(model, tmp_path)
+  names = {r.method for r in runs}
+  assert "pdrop" not in names and "sparsevlm" not in names
+  assert any(s.startswith("pdrop@T=20: ") and "testbed" in s for s in resolved.skipped)
+  assert "sparsevlm" not in resolved.methods                 # no protocol on the family at all
+  with pytest.raises(ValueError, match="--method=pdrop: pdrop prunes at decoder layers"):
+    _resolve(model, tmp_path, methods=("pdrop",))

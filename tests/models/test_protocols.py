@@ -105,3 +105,23 @@ def test_prumerge_plus_is_llava_1_5_only_with_the_fixed_branch():
       "adaptive"
   with pytest.raises(ValueError, match="no llava-next protocol"):
     _cfg("prumerge_plus")
+
+
+def test_pdrop_average_tokens_match_the_budget_and_small_budgets_have_no_protocol():
+  c = _cfg("pdrop", family="llava-1.5", target=64)
+  assert [layer for layer, _ in c.stage2] == [2, 8, 16] and c.method == "pdrop"
+  kept = [576] * 2 + [int(576 * r) for r, n in zip(c.stage2_ratios, (6, 8, 16)) for _ in range(n)]
+  assert abs(sum(kept) / 32 - 64) < 3                  # PyramidDrop's "average visual tokens per layer"
+  with pytest.raises(pruning.NoProtocol, match="pdrop at T=32"):
+    _cfg("pdrop", family="llava-1.5", target=32)
+  with pytest.raises(pruning.NoProtocol, match="testbed"):
+    _cfg("pdrop", family="testbed", target=20)
+
+
+def test_sparsevlm_has_only_its_published_llava_1_5_settings():
+  c = _cfg("sparsevlm", family="llava-1.5", target=128)
+  assert [layer for layer, _ in c.stage2] == [2, 6, 15, 19]
+  assert (c.stage2_raters, c.stage2_timing) == ("sparsevlm", "after")
+  for family, target in (("llava-1.5", 32), ("llava-next", 320)):
+    with pytest.raises(pruning.NoProtocol):
+      _cfg("sparsevlm", family=family, target=target)

@@ -417,7 +417,8 @@ def test_stage2_matches_reference(request, family, method, relevance, positions,
         text = [p for p in np.flatnonzero(msk[r]) if p > vis[-1] and not visual[r, p]]
         flat = keys[r].reshape(keys.shape[1], -1).astype(np.float32)
         kept = np.asarray(prune.select("dart", _np_rmsnorm(model, h[r, vis]), keep=keep, keys=flat[vis],
-                                       text_features=_np_rmsnorm(model, h[r, text]), text_keys=flat[text]))
+                                       text_features=_np_rmsnorm(model, h[r, text]), text_keys=flat[text],
+                                       positions=pos[r, vis], text_positions=pos[r, text]))
       np.testing.assert_array_equal(np.asarray(got.kept[r]), packed[r, vis[kept]])
       kept_rows.append([p for p in np.flatnonzero(msk[r]) if not visual[r, p] or p in set(vis[kept])])
     index = _layout_rows(kept_rows, out.segments[step + 1].source.shape[1], left)

@@ -3,6 +3,7 @@ models.saving: a tiny testbed-shaped LLaVA-NeXT learns, saves, reloads exactly t
 gives transformers' logits when transformers loads the same directory."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -33,18 +34,29 @@ TINY = dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=
                         projection_dim=16),
             text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2))
+# XLA's LLVM backend at optimisation level 0: the tests' jitted programs compile in half the CPU time (60% of the wall
+# time) and run a little slower, which the few calls of each do not notice.
+FAST_COMPILE = dict(compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _init(make):
+  """The module `make()` builds, its initialisers run as one compiled program (2 s of CPU for the model and heads
+  here): run eagerly, each parameter shape compiles its own truncated-normal program (9 s)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()), **FAST_COMPILE)())
 
 
 def _randomize(model, seed):
   """Re-draws every parameter (norm scales around 1, the rest N(0, 0.5/sqrt(fan_in))) so no weight sits at a trivial
-  init and a transposed or dropped tensor shows in the numbers."""
+  init and a transposed or dropped tensor shows in the numbers. NumPy draws: jax.random would compile a program per
+  parameter shape."""
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [1.0 + 0.1 * jax.random.normal(k, a.shape) if a.ndim == 1 else
-         jax.random.normal(k, a.shape) * 0.5 / np.sqrt(a.shape[-2] if a.ndim >= 2 else 1.0)
-         for k, a in zip(keys, leaves)]
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
+  rng = np.random.default_rng(seed)
+  new = [1.0 + 0.1 * rng.normal(size=a.shape) if a.ndim == 1 else
+         rng.normal(size=a.shape) * 0.5 / np.sqrt(a.shape[-2] if a.ndim >= 2 else 1.0)
+         for a in leaves]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x, a.dtype) for x, a in zip(new, leaves)]))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +65,23 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def model(hf):
-  return _randomize(testbed.make_model(hf, seed=0), seed=1)
+def fresh(hf):
+  """(model, heads): the testbed's initialisation (`make_model`, not re-drawn) and the auxiliary heads with the
+  text-side ones. Tests read them and train copies of their state; none mutates them."""
+  heads = _init(lambda: heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"],
+                                           rngs=nnx.Rngs(1)))
+  return _init(lambda: testbed.make_model(hf, seed=0)), heads
+
+
+@pytest.fixture(scope="module")
+def vision_only(hf):
+  """Auxiliary heads without the text-side ones: the loss terms that read those raise."""
+  return _init(lambda: heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1)))
+
+
+@pytest.fixture(scope="module")
+def model(fresh):
+  return _randomize(fresh[0], seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +109,37 @@ def ckpt(tmp_path_factory, model, hf, processor):
   return saving.save_pretrained(model, hf, tmp_path_factory.mktemp("ckpt"), tokenizer_dir=tok)
 
 
+# Ops run eagerly are compiled once per shape, the bulk of these tests' time: the tests that run the model eagerly all
+# use batches of 5 (`examples`, `train_batch`, the probe's), so most of the forward's ops compile once for the module.
+@pytest.fixture(scope="module")
+def train_batch(hf, processor):
+  """A training batch (numpy) of 5 examples: two spatial, two counting (different answers), one attribute. The
+  relation and order terms have spatial rows to read and others to mask out, the count terms counting rows and
+  others; masked means run over two rows, not one, so a sum in place of a mean shows."""
+  pool = vqa.make_split("train", 20, seed=4)
+  picked = [ex for family, n in (("spatial", 2), ("counting", 2), ("attribute", 1))
+            for ex in [e for e in pool if e.family == family][:n]]
+  return batches.encode(picked, processor, hf, with_answer=True, labels=True)
+
+
+LOSS_WEIGHTS = losses.LossWeights(grounding=1.0, caption=0.5, count=1.0, position=1.0, relation=1.0)
+
+
+@pytest.fixture(scope="module")
+def loss_and_grad(fresh):
+  """jit(value_and_grad) of `loss_fn` with LOSS_WEIGHTS over params = (model state, heads state), train_vision
+  static: test_loss_goes_down and test_frozen_tower_gets_no_gradient share its train_vision=True program."""
+  graphdefs = (nnx.graphdef(fresh[0]), nnx.graphdef(fresh[1]))
+
+  @functools.partial(jax.jit, static_argnames="train_vision", **FAST_COMPILE)
+  def fn(params, batch, train_vision):
+    def objective(p):
+      return losses.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch, LOSS_WEIGHTS,
+                            train_vision=train_vision)
+    return jax.value_and_grad(objective, has_aux=True)(params)
+  return fn
+
+
 def _jnp(batch):
   return {k: (v if k == "layout" else jnp.asarray(v)) for k, v in batch.items()}
 
@@ -94,30 +152,23 @@ def test_config_is_valid_for_both_libraries():
   assert len(set(pruning.tops_layers(config.text_config.num_hidden_layers))) == 2
 
 
-def test_loss_goes_down(hf):
-  model = testbed.make_model(hf, seed=0)
-  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  batch = _jnp(batches.encode(vqa.make_split("train", 4, seed=0), testbed.make_processor(hf), hf, with_answer=True,
-                              labels=True))
-  graphdefs, params = zip(nnx.split(model), nnx.split(heads))
-  graphdefs, params = (graphdefs[0], graphdefs[1]), (params[0], params[1])
+def test_loss_goes_down(fresh, train_batch, loss_and_grad):
+  params = (nnx.state(fresh[0]), nnx.state(fresh[1]))
+  batch = _jnp(train_batch)
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state):
-    def objective(p):
-      return losses.loss_fn(nnx.merge(graphdefs[0], p[0]), nnx.merge(graphdefs[1], p[1]), batch,
-                            losses.LossWeights(grounding=1.0, caption=0.5, count=1.0, position=1.0, relation=1.0))
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  @functools.partial(jax.jit, **FAST_COMPILE)
+  def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, metrics["answer_loss"]
+    return optax.apply_updates(params, updates), opt_state
 
   total, answer = [], []
   for _ in range(8):
-    params, opt_state, loss, answer_loss = step(params, opt_state)
+    (loss, metrics), grads = loss_and_grad(params, batch, train_vision=True)
+    params, opt_state = update(grads, opt_state, params)
     total.append(float(loss))
-    answer.append(float(answer_loss))
+    answer.append(float(metrics["answer_loss"]))
   assert np.all(np.isfinite(total))
   assert total[-1] < 0.8 * total[0], total
   assert answer[-1] < answer[0], answer
@@ -244,8 +295,9 @@ def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examp
   kept["input_ids"][:, :n], kept["attention_mask"][:, :n] = short["input_ids"], short["attention_mask"]
   np.testing.assert_array_equal(short["target_positions"],
                                 full["target_positions"] - (full["layout"].counts - t)[:, None])
-  got = testbed_model.forward(model, _jnp(short), jnp.asarray(short["target_positions"])).logits
-  want = testbed_model.forward(model, _jnp(kept), jnp.asarray(short["target_positions"])).logits
+  forward = jax.jit(testbed_model.forward, **FAST_COMPILE)    # the two shapes are new to the module: compiled whole
+  got = forward(model, _jnp(short), jnp.asarray(short["target_positions"])).logits
+  want = forward(model, _jnp(kept), jnp.asarray(short["target_positions"])).logits
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)
   with pytest.raises(ValueError, match="base_only and keep_fraction"):
     batches.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
@@ -278,25 +330,16 @@ def test_count_loss_matches_numpy():
   assert float(losses.count_loss(jnp.asarray(target[[1]] * 0.999 + 1e-4), jnp.asarray(target[[1]]))) < 0.01
 
 
-def test_frozen_tower_gets_no_gradient(hf, processor):
-  model = testbed.make_model(hf, seed=0)
-  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
-  batch = _jnp(batches.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
-  graphdef, params = nnx.split(model)
-
-  def grads(train_vision):
-    loss = lambda p: losses.loss_fn(nnx.merge(graphdef, p), heads, batch,
-                                    losses.LossWeights(grounding=1.0, caption=0.5, position=1.0),
-                                    train_vision=train_vision)[0]
-    return nnx.State(jax.grad(loss)(params))
-
-  norm = lambda tree: sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(tree))
-  frozen, trained = grads(False), grads(True)
+def test_frozen_tower_gets_no_gradient(fresh, train_batch, loss_and_grad):
+  params = (nnx.state(fresh[0]), nnx.state(fresh[1]))
+  batch = _jnp(train_batch)
+  norm = lambda tree: sum(float(np.sum(np.square(a))) for a in jax.tree.leaves(tree))
+  frozen, trained = (loss_and_grad(params, batch, train_vision=v)[1][0] for v in (False, True))
   assert norm(frozen["vision_tower"]) == 0.0 and norm(trained["vision_tower"]) > 0.0
   assert norm(frozen["multi_modal_projector"]) > 0.0 and norm(frozen["language_model"]) > 0.0
 
 
-def test_position_targets_and_loss(hf, processor):
+def test_position_targets_and_loss(fresh, vision_only, train_batch):
   target = losses.position_targets(36)
   assert target.shape == (36, 2)
   np.testing.assert_allclose(target[0], [1 / 12, 1 / 12])
@@ -311,16 +354,14 @@ def test_position_targets_and_loss(hf, processor):
   shift = np.array([0.1, -0.2], np.float32)
   np.testing.assert_allclose(float(losses.position_loss(head, tokens + shift)), np.sum(shift ** 2), rtol=1e-5)
   # loss_fn needs the projector-side head for the term
-  model = testbed.make_model(hf, seed=0)
-  batch = _jnp(batches.encode(vqa.make_split("train", 2, seed=3), processor, hf, with_answer=True, labels=True))
-  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  model, both = fresh
+  batch = _jnp(train_batch)
   with pytest.raises(ValueError, match="text_width"):
     losses.loss_fn(model, vision_only, batch, losses.LossWeights(position=1.0))
-  both = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
   assert float(losses.loss_fn(model, both, batch, losses.LossWeights(position=1.0))[1]["position"]) > 0.0
 
 
-def test_relation_targets_and_loss(hf, processor):
+def test_relation_targets_and_loss(hf, processor, fresh, vision_only, train_batch):
   examples = vqa.make_split("train", 10, seed=4)
   batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
   for i, ex in enumerate(examples):
@@ -346,11 +387,12 @@ def test_relation_targets_and_loss(hf, processor):
     np.testing.assert_allclose(batch["order_target"][i],
                                np.abs(flip - batch["relation_target"][i, [axis, 2 + axis]]), rtol=1e-6)
   assert batch["relation_valid"].any() and not batch["relation_valid"].all()
-  model = testbed.make_model(hf, seed=0)
-  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  # the loss terms, on the shared training batch: two spatial rows and three others
+  batch = train_batch
+  assert batch["relation_valid"].sum() == 2 and batch["direction_evidence"][batch["relation_valid"]].any(-1).all()
+  model, heads = fresh
   with pytest.raises(ValueError, match="text_width"):
     losses.loss_fn(model, vision_only, _jnp(batch), losses.LossWeights(relation=1.0))
-  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
   _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(relation=1.0))
   residual = testbed_model.forward(
       model, _jnp(batch), None, residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
@@ -370,7 +412,7 @@ def test_relation_targets_and_loss(hf, processor):
                              rtol=1e-4)
 
 
-def test_count_readout_target_and_loss(hf, processor):
+def test_count_readout_target_and_loss(hf, processor, fresh, vision_only, train_batch):
   """count_value is a counting question's answer n as n / 6 (its evidence lists the n counted objects), only on
   counting rows; the count_read term is the masked squared error of heads.count read where the relation term
   reads."""
@@ -381,15 +423,19 @@ def test_count_readout_target_and_loss(hf, processor):
   expected = [vqa.NUMBER_WORDS.index(ex.answer) / 6 if ex.family == "counting" else 0.0 for ex in examples]
   np.testing.assert_allclose(batch["count_value"], expected, rtol=1e-6)
   assert len(set(np.round(batch["count_value"][counting] * 6).tolist())) > 2
-  model = testbed.make_model(hf, seed=0)
-  heads = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], hf["text_config"]["hidden_size"], rngs=nnx.Rngs(1))
+  # the loss terms, on the shared training batch: two counting rows with different answers and three others, of
+  # which one (attribute) has a counting-head target too
+  batch = train_batch
+  counting = batch["count_valid"]
+  assert counting.sum() == 2 and len(set(batch["count_value"][counting].tolist())) == 2
+  assert (batch["count_target"].sum(-1) > 0).sum() == 3
+  model, heads = fresh
   _, metrics = losses.loss_fn(model, heads, _jnp(batch), losses.LossWeights(count_read=1.0))
   residual = testbed_model.forward(
       model, _jnp(batch), None, residual_positions=jnp.asarray(batch["target_positions"][:, :1])).residuals[-2][:, 0]
   err = (np.asarray(heads.count(residual))[:, 0] - batch["count_value"]) ** 2
   np.testing.assert_allclose(float(metrics["count_read"]), err[counting].mean(), rtol=1e-4)
   assert "count_read" not in losses.loss_fn(model, heads, _jnp(batch))[1]
-  vision_only = heads_lib.AuxHeads(hf["vision_config"]["hidden_size"], rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="weights.count_read"):
     losses.loss_fn(model, vision_only, _jnp(batch), losses.LossWeights(count_read=1.0))
   # count_heads=2: the counting term is the mean over head 2 of the middle and of the last grounded layer (TINY has 3
@@ -581,8 +627,8 @@ def test_probe_ridge_recovers_planted_signals_and_not_noise():
 
 
 def test_probe_runs_on_spatial_questions_and_rejects_others(model):
-  spatial = vqa.make_split("validation", 24, seed=0, weights={f: float(f == "spatial") for f in vqa.FAMILIES})
-  result = probes.probe(model, spatial, batch_size=8)
+  spatial = vqa.make_split("validation", 25, seed=0, weights={f: float(f == "spatial") for f in vqa.FAMILIES})
+  result = probes.probe(model, spatial, batch_size=5)
   masses = [v for k, v in result.items() if k.startswith("evidence_mass")]
   assert len(masses) == 4 and all(0.0 <= m <= 1.0 for m in masses), result
   assert {"position_r2_tower", "position_r2_projected"} <= set(result) and result["position_r2_tower"] <= 1.0
