@@ -330,12 +330,9 @@ def load_clip(path: str | os.PathLike, dtype=jnp.float32) -> CLIPForRelevance:
     if st_dtype not in loading._FLOAT_DTYPES:
       mistyped.append(f"{name}: dtype {st_dtype} (expected floating point)")
       continue
-    want = tuple(leaves[rule.target].get_value().shape)
-    want = want[1:] if rule.layer is not None else want
-    rank = conversion.TRANSFORM_RANK.get(rule.transform)
-    got = conversion.transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
-    if got != want:
-      misshaped.append(f"{name}: shape {list(shape)}, expected {list(conversion.checkpoint_shape(want, rule.transform))}")
+    problem = loading._shape_problem(name, shape, rule, leaves)
+    if problem:
+      misshaped.append(problem)
   problems = [(t, items) for t, items in (("missing", missing), ("unexpected", sorted(unexpected)),
                                           ("duplicated", duplicated), ("wrong shape", misshaped),
                                           ("wrong dtype", mistyped)) if items]
@@ -343,24 +340,9 @@ def load_clip(path: str | os.PathLike, dtype=jnp.float32) -> CLIPForRelevance:
     raise ValueError(f"CLIP checkpoint {path!r} does not match its config.json:\n"
                      + "\n".join(loading._listing(t, items) for t, items in problems))
 
-  host: dict[tuple[str, ...], np.ndarray] = {}
-  non_finite = []
-  for file in sorted({file for file, _, _ in found.values()}):
-    with loading._open_shard(file) as f:
-      for name in (n for n, (fl, _, _) in found.items() if fl == file):
-        rule = table[name]
-        raw = f.get_tensor(name)
-        with np.errstate(over="ignore"):
-          array = conversion.TRANSFORMS[rule.transform](raw).astype(np_dtype)
-        problem = loading._non_finite(name, file, raw, array)
-        if problem:
-          non_finite.append(problem)
-        if rule.layer is None:
-          host[rule.target] = array
-        else:
-          if rule.target not in host:
-            host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
-          host[rule.target][rule.layer] = array
+  by_file = {file: [(n, table[n]) for n, (fl, _, _) in found.items() if fl == file]
+             for file in sorted({file for file, _, _ in found.values()})}
+  host, non_finite = loading._read_weights(by_file, leaves, np_dtype)
   if non_finite:
     raise ValueError(f"CLIP checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
                      + loading._listing("tensors with NaN/inf", sorted(non_finite)))

@@ -188,6 +188,46 @@ def _non_finite(name: str, file: str, raw: np.ndarray, array: np.ndarray) -> str
   return f"{where}: {int(np.isnan(raw).sum())} NaN, {int(np.isinf(raw).sum())} inf of {raw.size} values"
 
 
+def _shape_problem(name: str, shape: tuple[int, ...], rule: conversion.Rule, leaves: dict) -> str | None:
+  """None when checkpoint tensor `name` of `shape`, transformed by `rule`, fits its parameter (one layer of it when
+  the rule names a layer); else the line for the error, with the checkpoint shape that was expected."""
+  want = tuple(leaves[rule.target].get_value().shape)
+  if rule.layer is not None:
+    want = want[1:]
+  rank = conversion.TRANSFORM_RANK.get(rule.transform)
+  got = conversion.transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
+  if got == want:
+    return None
+  return f"{name}: shape {list(shape)}, expected {list(conversion.checkpoint_shape(want, rule.transform))}"
+
+
+def _read_weights(by_file: dict[str, list[tuple[str, conversion.Rule]]], leaves: dict,
+                  np_dtype: np.dtype) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
+  """Reads, transforms and casts each shard's (checkpoint name, rule) tensors on the host.
+
+  Returns (arrays by parameter path, a stacked parameter filled layer by layer; the `_non_finite` lines of the
+  tensors that hold NaN/inf after the cast, for the caller's error).
+  """
+  host: dict[tuple[str, ...], np.ndarray] = {}
+  non_finite = []
+  for file, reads in by_file.items():
+    with _open_shard(file) as f:
+      for name, rule in reads:
+        raw = f.get_tensor(name)
+        with np.errstate(over="ignore"):            # an overflowing cast is reported by `_non_finite`, with the name
+          array = conversion.TRANSFORMS[rule.transform](raw).astype(np_dtype)
+        problem = _non_finite(name, file, raw, array)
+        if problem:
+          non_finite.append(problem)
+        if rule.layer is None:
+          host[rule.target] = array
+        else:
+          if rule.target not in host:
+            host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
+          host[rule.target][rule.layer] = array
+  return host, non_finite
+
+
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
   """Builds the NNX model for a local HF checkpoint directory and fills it with the checkpoint's weights.
 
@@ -241,14 +281,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
       continue
     if rule.target not in leaves:
       raise ValueError(f"conversion table bug: {canon} -> {rule.target}, which is not a parameter of the model")
-    want = tuple(leaves[rule.target].get_value().shape)
-    if rule.layer is not None:
-      want = want[1:]
-    rank = conversion.TRANSFORM_RANK.get(rule.transform)
-    got = conversion.transformed_shape(shape, rule.transform) if rank is None or len(shape) == rank else None
-    if got != want:
-      expected = conversion.checkpoint_shape(want, rule.transform)
-      misshaped.append(f"{name}: shape {list(shape)}, expected {list(expected)}")
+    problem = _shape_problem(name, shape, rule, leaves)
+    if problem:
+      misshaped.append(problem)
   problems = [(t, items) for t, items in (("missing (transformers-5 names)", missing),
                                           ("unexpected", sorted(unexpected)), ("duplicated", duplicated),
                                           ("wrong shape", misshaped), ("wrong dtype", mistyped)) if items]
@@ -268,28 +303,10 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
       raise ValueError(f"conversion table bug: stacked parameter {'/'.join(key)} misses layers "
                        f"{sorted(set(range(var.get_value().shape[0])) - layers)}")
 
-  host: dict[tuple[str, ...], np.ndarray] = {}
-  by_file: dict[str, list[str]] = {}
-  non_finite = []
-  for canon in table:
-    by_file.setdefault(found[canon][0], []).append(canon)
-  for file, names in by_file.items():
-    with _open_shard(file) as f:
-      for canon in names:
-        rule = table[canon]
-        raw = f.get_tensor(found[canon][1])
-        with np.errstate(over="ignore"):            # an overflowing cast is reported below, with the tensor's name
-          array = conversion.TRANSFORMS[rule.transform](raw).astype(np_dtype)
-        problem = _non_finite(found[canon][1], file, raw, array)
-        if problem:
-          non_finite.append(problem)
-        if rule.layer is None:
-          host[rule.target] = array
-        else:
-          if rule.target not in host:
-            host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
-          host[rule.target][rule.layer] = array
-
+  by_file: dict[str, list[tuple[str, conversion.Rule]]] = {}
+  for canon, rule in table.items():
+    by_file.setdefault(found[canon][0], []).append((found[canon][1], rule))
+  host, non_finite = _read_weights(by_file, leaves, np_dtype)
   if non_finite:
     raise ValueError(f"checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
                      + _listing("tensors with NaN/inf", sorted(non_finite)))

@@ -29,15 +29,10 @@ What the official code computes (batch size 1; L = decoder layers, p = a pruning
 4. The top-count visual tokens by score are kept, in ascending position order (`select_kept`).
 5. Recycling (when at least one token was deleted): the deleted tokens, listed in ascending position, are ranked by
    score (torch.topk, best first) and the first int(n_deleted * 0.3) + 1 are recycled; they are clustered into
-   int(n_recycled / 10) + 1 clusters by DPC-KNN (`cluster_and_merge`):
-   - d(i, j) = ||x_i - x_j||_2 / sqrt(D) over the recycled tokens' hidden states;
-   - density_i = exp(-mean of d^2 over the k nearest, self included), k = the number of clusters; plus
-     torch.rand * 1e-6 noise "to ensure no tokens have the same density";
-   - delta_i = min d(i, j) over the j of higher density, or the largest d of the matrix when there is none;
-   - centers = top-C tokens by delta * density (best first); every token joins its nearest center (first center on
-     ties), centers join themselves;
-   - merged token of a cluster = sum of its members * 1 / (member count + 1e-6) (a mean), clusters in center order.
-   (`recycle_counts`, `cluster_merge`, `recycle`.)
+   int(n_recycled / 10) + 1 clusters by DPC-KNN over the recycled tokens' hidden states (utils.py
+   `cluster_and_merge`, k nearest = the number of clusters, plus torch.rand * 1e-6 density noise "to ensure no tokens
+   have the same density"), each cluster merged into the mean of its members, clusters in center order: the
+   computation and its deviations are in `tops_jax.dpc_knn`. (`recycle_counts`, `cluster_merge`, `recycle`.)
 6. The hidden states recycled and kept are those OUTPUT by layer p. The new visual segment is [kept tokens in
    ascending position; merged tokens in center order] (`assemble`); the sequence becomes [prefix; new visual; text]
    and the position ids are cut to the new length, i.e. re-indexed 0..S'-1. Merged tokens are ordinary visual tokens
@@ -71,10 +66,8 @@ Choices and deviations (the official code runs batch size 1 in float16 on CUDA):
   densities then stay equal: neither is the other's higher-density neighbour), and a `key` adds
   1e-6 * jax.random.uniform(row_key, (M,)) per recycled slot (row_key = key, or fold_in(key, row) over the
   flattened leading axes): the same distribution, not torch's stream.
-- Arithmetic in float32 (the official runs float16 end to end; its merge eps 1e-6 vanishes in float16 and is kept
-  here). Distances use the Gram form (||a||^2 + ||b||^2 - 2 a.b, clamped at 0, diagonal exactly 0, vectors shifted
-  by one recycled token first) instead of the official M x M x D difference tensor, which does not fit in memory
-  for thousands of tokens; the two agree to float32 rounding.
+- Arithmetic in float32 (the official runs float16 end to end). The clustering's distances use the Gram form
+  (`tops_jax.dpc_knn`: the official M x M x D difference tensor does not fit in memory for thousands of tokens).
 - The rank is an SVD in XLA rather than cuSOLVER: a singular value within rounding of the tolerance may fall on
   the other side.
 - No raters (every text score equal, T = 1): the official selects none and its scores are NaN; `select_raters`
@@ -96,6 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tops_jax import dpc_knn
 from tops_jax import greedy
 from tops_jax import relevance
 
@@ -106,9 +100,9 @@ __all__ = ["Step", "Schedule", "Sizes", "Clusters", "Recycled", "Pruned", "Segme
 
 # int(n_deleted * 0.3) + 1 deleted tokens are recycled (computed as 3 n // 10 + 1, equal for every n < 10^5)
 CLUSTER_DIVISOR = 10     # int(n_recycled / 10) + 1 clusters
-MERGE_EPS = 1e-6         # merged = sum(members) / (count + 1e-6)
 DENSITY_NOISE = 1e-6     # density += uniform[0, 1) * 1e-6
 _HIGHEST = jax.lax.Precision.HIGHEST
+Clusters = dpc_knn.Clusters  # re-exported: `cluster_merge` returns it
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -517,62 +511,6 @@ def select_kept(scores: jax.Array, count: jax.Array, visual_valid: jax.Array | N
 # ------------------------------------------------------------------------------------------------ recycling
 
 
-class Clusters(NamedTuple):
-  """DPC-KNN output over M tokens: C cluster slots, valid ones first, in the official center order."""
-  tokens: jax.Array      # float[..., C, D] merged tokens (zeros in invalid slots)
-  valid: jax.Array       # bool[..., C]
-  centers: jax.Array     # int32[..., C] index (into M) of each cluster's center; M in invalid slots
-  assignment: jax.Array  # int32[..., M] cluster slot of each token; -1 for invalid tokens
-
-
-def _distances(x, valid):
-  """||x_i - x_j|| / sqrt(D) from Gram products: float32[M, M], diagonal exactly 0.
-
-  The vectors are first shifted by one valid token (distances do not change): hidden states share large offsets
-  (a few massive channels), which the Gram form would otherwise cancel badly. Small-integer inputs stay exact.
-  """
-  m, d = x.shape
-  origin = x[jnp.argmax(valid)]
-  xc = jnp.where(valid[:, None], x - origin, 0.0)
-  gram = jnp.matmul(xc, xc.T, precision=_HIGHEST)
-  sq = jnp.diagonal(gram)
-  dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)) / np.sqrt(d)
-  return jnp.where(jnp.eye(m, dtype=bool), 0.0, dist)
-
-
-def _cluster_row(x, num_clusters, valid, noise, *, max_clusters):
-  m_max = x.shape[0]
-  valid = _valid(valid, m_max)
-  xf = x.astype(jnp.float32)
-  k = jnp.clip(num_clusters, 0, jnp.minimum(jnp.sum(valid), max_clusters))
-  dist = _distances(xf, valid)
-  # Local density: mean squared distance to the k nearest valid tokens (self included at distance 0).
-  nearest = jnp.sort(jnp.where(valid[None, :], dist, jnp.inf), axis=-1)
-  take = jnp.arange(m_max)[None, :] < k
-  density = jnp.exp(-jnp.sum(jnp.where(take, nearest * nearest, 0.0), axis=-1) / jnp.maximum(k, 1))
-  if noise is not None:
-    density = density + noise
-  # Distance to the nearest token of higher density; the largest distance when none is denser.
-  pair = valid[:, None] & valid[None, :]
-  dist_max = jnp.max(jnp.where(pair, dist, -jnp.inf))
-  dist_max = jnp.where(jnp.isfinite(dist_max), dist_max, 0.0)
-  denser = valid[None, :] & (density[None, :] > density[:, None])
-  delta = jnp.min(jnp.where(denser, dist, dist_max), axis=-1)
-  score = delta * density
-  centers = greedy.topk_order(jnp.where(valid, score, -jnp.inf), valid, max_clusters)
-  center_ok = jnp.arange(max_clusters) < k
-  to_center = jnp.where(center_ok[:, None], dist[centers], jnp.inf)          # [C, M]
-  assign = jnp.argmin(to_center, axis=0).astype(jnp.int32)                  # first nearest center
-  slots = jnp.arange(max_clusters, dtype=jnp.int32)
-  assign = assign.at[centers].set(jnp.where(center_ok, slots, assign[centers]))
-  assign = jnp.where(valid & (k > 0), assign, -1)
-  onehot = (assign[:, None] == slots[None, :]).astype(jnp.float32)          # [M, C]
-  weight = 1.0 / (jnp.sum(onehot, axis=0) + MERGE_EPS)
-  tokens = jnp.einsum("mc,md->cd", onehot * weight[None, :], xf, precision=_HIGHEST)
-  tokens = jnp.where(center_ok[:, None], tokens, 0.0).astype(x.dtype)
-  return Clusters(tokens, center_ok, jnp.where(center_ok, centers, m_max).astype(jnp.int32), assign)
-
-
 def cluster_merge(x: jax.Array, num_clusters: jax.Array, valid: jax.Array | None = None, *, max_clusters: int,
                   density_noise: jax.Array | None = None) -> Clusters:
   """Official `cluster_and_merge` (DPC-KNN, k nearest = number of clusters, mean merge) with dynamic counts.
@@ -616,7 +554,7 @@ def _recycle_row(hidden, scores, deleted, noise, *, m_max, c_max):
   c = jnp.where(m > 0, m // CLUSTER_DIVISOR + 1, 0)
   members = greedy.topk_order(jnp.where(deleted, scores, -jnp.inf), deleted, m_max)
   member_ok = jnp.arange(m_max) < m
-  cl = _cluster_row(hidden[members], c, member_ok, noise, max_clusters=c_max)
+  cl = dpc_knn.cluster_row(hidden[members], c, member_ok, noise, max_clusters=c_max)
   centers = jnp.where(cl.valid, members[jnp.minimum(cl.centers, m_max - 1)], n).astype(jnp.int32)
   return Recycled(cl.tokens, cl.valid, centers, jnp.where(member_ok, members, n).astype(jnp.int32), member_ok,
                   cl.assignment)
@@ -735,5 +673,5 @@ def assemble(hidden: jax.Array, pruned: Pruned) -> Segment:
               kind="assemble", n_lead=len(lead), params=())
 
 
-_ROWS = {"scores": _scores_row, "rank": _rank_row, "select": _select_row, "cluster": _cluster_row,
+_ROWS = {"scores": _scores_row, "rank": _rank_row, "select": _select_row, "cluster": dpc_knn.cluster_row,
          "recycle": _recycle_row, "step": _step_row, "assemble": _assemble_row}
