@@ -173,6 +173,7 @@ class MethodContext:
   tops: TopsOptions = TopsOptions()
   criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
   overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # --overrides, per method
+  nominal_tokens: int | None = None          # the backbone's N_ref (its crops x tokens per crop behind T)
 
 
 def _parse_value(text: str):
@@ -215,8 +216,9 @@ def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.Pru
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
   if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
     o["num_visual"] = model.config.max_image_tokens
+  crops = max(1, ctx.nominal_tokens // model.config.vision.num_patches) if ctx.nominal_tokens else None
   return pruning.method_config(method, family=ctx.family, target=t, num_layers=model.config.text.num_hidden_layers,
-                               **o)
+                               crops=crops, **o)
 
 
 def cdpruner_fallback(ctx: MethodContext) -> bool:
@@ -290,7 +292,8 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
     raise ValueError("--tasks=vqa_jsonl needs --data_dir (a directory with questions.jsonl)")
   protocol, template = _benchmark_settings(run, backbone, model)
 
-  ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides)
+  ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides,
+                      nominal_tokens=backbone.nominal_tokens)
   if "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint:
     raise ValueError("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a "
                      "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "

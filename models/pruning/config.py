@@ -76,6 +76,9 @@ class PruningConfig:
     feature layer's hidden states, before the projector).
   stage1_relevance: "cls" | "text" | "clip_text" (CDPruner: CLIP text-image relevance, needs `clip`) | "none".
   visionzip_cls: VisionZip keeps each crop's CLS token and lays the rows out as its official code (`stage1`).
+  stage1_crops: the nominal crops per image behind the papers' budgets (LLaVA-NeXT: 5, so 2880 = 5 x 576 tokens;
+    LLaVA-1.5: 1): "crop_fixed" keeps stage1_budget // stage1_crops per crop, "ratio" reads N_nominal = stage1_crops x
+    the crop's tokens. None: the model's `max_num_crops`.
   stage1_hparams: keyword arguments of the method (dict or pairs), e.g. {"alpha": 0.5, "lam": 0.5}.
   newlines: LLaVA-NeXT Stage I newline policy "drop" | "rows" | "keep".
   stage2: ((layer, keep), ...) pruning steps inside the LLM: layers increasing in [1, L) ("after": [0, L - 1)),
@@ -100,6 +103,7 @@ class PruningConfig:
   stage1_grid: str = "unpadded"
   stage1_features: str = "projector"
   visionzip_cls: bool = False
+  stage1_crops: int | None = None
   newlines: str = "drop"
   stage2: tuple[tuple[int, int], ...] = ()
   stage2_method: str | None = None
@@ -135,6 +139,9 @@ class PruningConfig:
       raise ValueError(f"{self.method} prunes between decoder layers only: it has no Stage I (stage1_budget)")
     # Hyperparameters are checked here, where the config is built (a NaN alpha from a flag would otherwise reach
     # the jitted forward as a traced value that nothing can reject).
+    crops = self.stage1_crops
+    if crops is not None and (isinstance(crops, bool) or not isinstance(crops, int) or crops < 1):
+      raise ValueError(f"stage1_crops must be a positive int or None, got {crops!r}")
     if budget is not None and self.visionzip_cls:
       _check_visionzip_split(dict(self.stage1_hparams))
     elif budget is not None:

@@ -172,7 +172,8 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
     if config.stage1_grid == "padded" and sequence.concrete(layout.grid):
       grid = np.asarray(layout.grid)
       crops = 1 + grid[:, 0] * grid[:, 1]
-      per_crop = (config.stage1_budget // model.config.max_num_crops if config.stage1_scope == "crop_fixed"
+      per_crop = (config.stage1_budget // stage1_lib.nominal_crops(config, model.config)
+                  if config.stage1_scope == "crop_fixed"
                   else config.stage1_budget // crops)
       need = per_crop * crops
       if np.any(need > counts):

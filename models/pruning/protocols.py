@@ -101,7 +101,7 @@ def _next(family: str) -> bool:
 
 def _stage1(method: str, target: int, family: str, o: dict[str, Any], **official) -> PruningConfig:
   """A Stage I config: the official fields, then the layout overrides."""
-  fields = dict(method=method, stage1_budget=target, **official)
+  fields = dict(method=method, stage1_budget=target, stage1_crops=o.get("crops"), **official)
   if "scope" in o and o["scope"] != "official":
     fields.update(stage1_scope=o["scope"], stage1_grid="unpadded", visionzip_cls=False)
     if fields.get("newlines") in (None, "keep", "candidates"):
@@ -164,10 +164,14 @@ def _pdrop(target, family, num_layers, o):
   return cfg
 
 
-def method_config(method: str, *, family: str, target: int, num_layers: int, **overrides) -> PruningConfig:
+def method_config(method: str, *, family: str, target: int, num_layers: int, crops: int | None = None,
+                  **overrides) -> PruningConfig:
   """The official protocol of `method` on `family` at budget `target` (see the module docstring), with overrides.
 
-  Raises ValueError naming the method, the family or the override that does not apply.
+  crops: the nominal crops per image behind T (N_nominal / tokens per crop: LLaVA-NeXT 2880 / 576 = 5, LLaVA-1.5 1;
+    the runner passes its backbone's); None: 5 on LLaVA-NeXT families, 1 on LLaVA-1.5.
+  Raises ValueError naming the method, the family or the override that does not apply (`NoProtocol` where the
+  official code has no setting for this family, depth or budget).
   """
   if method not in _OVERRIDES:
     raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(_OVERRIDES)}")
@@ -180,6 +184,11 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
     raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
                      f"{', '.join(_OVERRIDES[method])}")
   o = {k: v for k, v in overrides.items() if v is not None}
+  if crops is None:
+    crops = 5 if _next(family) else 1
+  if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
+    raise ValueError(f"crops must be a positive int, got {crops!r}")
+  o["crops"] = crops
   if not supports(method, family):
     raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
   nxt = _next(family)
@@ -196,7 +205,6 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, **o
     return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
   if method == "visionzip":
     if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
-      crops = 5 if nxt else 1
       hp = _visionzip_split(target // crops)
       return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision",
                      stage1_scope="crop_fixed", stage1_grid="padded", visionzip_cls=True, stage1_hparams=hp)

@@ -16,11 +16,11 @@ order of the rows:
 | per_crop / unpadded | each crop's packed tokens | K split evenly, water-filled | packed |
 | ratio / unpadded | the packed tokens | round(K * n / N_nominal) of the n candidates | packed |
 | crop_fixed / padded_unpad | each real crop's T tokens before unpadding | K // P_nominal per crop; picks that unpadding removes are dropped | packed |
-| crop_fixed / padded | each real crop's T tokens | K // P_nominal per crop | crop by crop |
-| crop_divided / padded | each real crop's T tokens | int(K / P_real) per crop | crop by crop |
+| crop_fixed / padded | each real crop's T tokens | K // P_nominal per crop | canvas: base crop, then the grid canvas row-major |
+| crop_divided / padded | each real crop's T tokens | int(K / P_real) per crop | canvas |
 
-N_nominal is `model.config.nominal_image_tokens` (LLaVA-NeXT: 5 x 576 = 2880) and P_nominal `max_num_crops` (5), so
-K // P_nominal is the papers' "T/5 per crop whatever the crop count". Newlines (packed order only): "drop" none,
+P_nominal is `PruningConfig.stage1_crops` (default the model's `max_num_crops`; LLaVA-NeXT: 5) and N_nominal = P_nominal
+x T (2880 = 5 x 576), so K // P_nominal is the papers' "T/5 per crop whatever the crop count". Newlines (packed order only): "drop" none,
 "rows" the newline of every grid row that keeps a token, "keep" all, "candidates" all candidates of the selection.
 LLaVA-1.5 has one crop and no padding or newlines, so every layout selects the same K tokens there (`ratio`: K of
 576 exactly).
@@ -45,7 +45,7 @@ from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["ClipText", "Rows", "image_tokens", "capacity", "crop_quotas", "row_newlines", "select", "run"]
+__all__ = ["ClipText", "Rows", "image_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
 
 
 class ClipText(NamedTuple):
@@ -74,8 +74,17 @@ def image_tokens(model, config: PruningConfig, pixel_values, layout, stage1: boo
                             keys=vz, cls=vz and config.visionzip_cls, **extra)
 
 
+def nominal_crops(config: PruningConfig, model_config) -> int:
+  """The crops behind the budget: `stage1_crops`, else the model's most crops per image."""
+  return config.stage1_crops or model_config.max_num_crops
+
+
 def _per_crop_quota(config: PruningConfig, model_config) -> int:
-  return config.stage1_budget // model_config.max_num_crops
+  return config.stage1_budget // nominal_crops(config, model_config)
+
+
+def _nominal_tokens(config: PruningConfig, model_config) -> int:
+  return nominal_crops(config, model_config) * model_config.vision.num_patches
 
 
 def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int, num_crops: int) -> int:
@@ -88,7 +97,7 @@ def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int,
   if config.method == "prumerge_plus":
     return k + 1                            # the kept tokens and PruMerge+'s extra token
   if scope == "ratio":
-    return min(visual, round(k * visual / model_config.nominal_image_tokens)) + newlines
+    return min(visual, round(k * visual / _nominal_tokens(config, model_config))) + newlines
   if scope == "crop_fixed":
     return _per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
   return k + newlines
@@ -275,7 +284,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
     hp["rescale"] = False                   # clip_text_relevance rescaled it over the image already
   if scope == "ratio":
     n = jnp.sum(candidate, axis=-1, dtype=jnp.int32)
-    quota = jnp.round(budget * n / mc.nominal_image_tokens).astype(jnp.int32)
+    quota = jnp.round(budget * n / _nominal_tokens(config, mc)).astype(jnp.int32)
     keep = min(cap, candidate.shape[1])
     order = prune.select_order(config.method, feats, keep=keep, relevance=rel, valid=candidate, key=key, **hp)
     rank = jnp.full(candidate.shape, keep, jnp.int32).at[rows_b, order].set(jnp.arange(keep, dtype=jnp.int32))

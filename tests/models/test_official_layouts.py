@@ -364,7 +364,7 @@ def test_llava_official_layouts_keep_the_global_selection(llava, method):
   model = llava
   budget = 6
   ids, mask, px = _llava_batch(4)
-  nxt = pruning.method_config(method, family="llava-next", target=budget, num_layers=3)
+  nxt = pruning.method_config(method, family="llava-next", target=budget, num_layers=3, crops=1)   # one crop
   one = pruning.method_config(method, family="llava-1.5", target=budget, num_layers=3)
   assert one.stage1_scope == "global" and nxt.stage1_scope != "global"
   clip = _clip(model) if method == "cdpruner" else None
