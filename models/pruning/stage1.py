@@ -339,8 +339,13 @@ def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Ro
   feats = images.crop_features
   b, p, t, dv = feats.shape
   dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
-  if dominant + contextual > t:
-    raise ValueError(f"visionzip: dominant + contextual = {dominant + contextual} exceeds the {t} tokens of a crop")
+  quota = _per_crop_quota(config, model.config)
+  if dominant + contextual != quota:        # the rows must fill exactly the layout's static per-crop share
+    raise ValueError(f"visionzip_cls: dominant + contextual = {dominant + contextual} must equal the per-crop budget "
+                     f"stage1_budget // stage1_crops = {config.stage1_budget} // "
+                     f"{nominal_crops(config, model.config)} = {quota}")
+  if quota > t:
+    raise ValueError(f"visionzip: dominant + contextual = {quota} exceeds the {t} tokens of a crop")
   flat = lambda x: x.reshape(b * p, *x.shape[2:])
   tokens, source, kind = visionzip_lib.compress(
       flat(feats), flat(images.crop_cls_attention), flat(images.crop_keys), flat(images.cls_features),
