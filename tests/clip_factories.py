@@ -18,10 +18,10 @@ import transformers
 
 import model_factories as mf
 
-__all__ = ["CHUNK", "VOCAB", "tiny_clip"]
+__all__ = ["CHUNK", "MERGES", "VOCAB", "tiny_clip", "write_tokenizer"]
 
 CHUNK = 16                     # max_position_embeddings of the tiny text tower (77 in OpenAI CLIP)
-_MERGES = (("t", "h"), ("th", "e</w>"), ("i", "s</w>"), ("a", "t</w>"), ("w", "h"), ("c", "at</w>"))
+MERGES = (("t", "h"), ("th", "e</w>"), ("i", "s</w>"), ("a", "t</w>"), ("w", "h"), ("c", "at</w>"))
 
 
 def _byte_chars() -> list[str]:
@@ -37,15 +37,17 @@ def _byte_chars() -> list[str]:
   return [chr(c) for c in cs]
 
 
-VOCAB = 2 * 256 + len(_MERGES) + 2
+VOCAB = 2 * 256 + len(MERGES) + 2
 
 
-def _write_tokenizer(directory: pathlib.Path) -> None:
+def write_tokenizer(directory: pathlib.Path) -> int:
+  """vocab.json + merges.txt in the OpenAI CLIP layout (BOS, EOS = the two highest ids); returns the vocab size."""
   chars = _byte_chars()
-  vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in _MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+  vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
   assert len(vocab) == VOCAB
   (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+  return len(vocab)
 
 
 def tiny_clip(directory, *, vision_hidden_size: int, seed: int = 0, eos_token_id: int = 2) -> pathlib.Path:
@@ -56,7 +58,7 @@ def tiny_clip(directory, *, vision_hidden_size: int, seed: int = 0, eos_token_id
   """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  _write_tokenizer(directory)
+  write_tokenizer(directory)
   text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=CHUNK, eos_token_id=eos_token_id, bos_token_id=VOCAB - 2, pad_token_id=1,
               projection_dim=12)

@@ -14,48 +14,23 @@ import safetensors.numpy
 import torch
 import transformers
 
+from clip_factories import CHUNK, VOCAB, write_tokenizer
 import model_factories as mf
 from models import clip_text
 from tops_jax import relevance as relevance_lib
 
-CHUNK = 16                     # max_position_embeddings of the tiny text tower (77 in OpenAI CLIP)
 GQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 MEDIUM = "What is the cat on the mat doing at the window?"                  # 2 chunks of 16 (tiny vocabulary)
 LONG = ("What is the cat on the mat doing while the other cat sits at the window and what is the weather like "
         "outside?")                                                          # 4 chunks
 
 
-def _byte_chars() -> list[str]:
-  """The 256 printable stand-ins of GPT-2/CLIP byte-level BPE, in byte order of first appearance."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-  cs, extra = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + extra)
-      extra += 1
-  return [chr(c) for c in cs]
-
-
-MERGES = (("t", "h"), ("th", "e</w>"), ("i", "s</w>"), ("a", "t</w>"), ("w", "h"), ("c", "at</w>"))
-
-
-def _write_tokenizer(directory: pathlib.Path) -> int:
-  """vocab.json + merges.txt in the OpenAI CLIP layout (BOS, EOS = the two highest ids); returns the vocab size."""
-  chars = _byte_chars()
-  vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
-  (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-  return len(vocab)
-
-
-VOCAB = len(_byte_chars()) * 2 + len(MERGES) + 2
 BOS, EOS = VOCAB - 2, VOCAB - 1
 
 
 def _make_clip(directory: pathlib.Path, *, eos_token_id: int, seed: int = 0, **text_overrides) -> pathlib.Path:
   directory.mkdir(parents=True, exist_ok=True)
-  assert _write_tokenizer(directory) == VOCAB
+  assert write_tokenizer(directory) == VOCAB
   text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=CHUNK, eos_token_id=eos_token_id, bos_token_id=BOS, pad_token_id=1,
               projection_dim=12)
