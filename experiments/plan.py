@@ -47,6 +47,7 @@ _SUFFIX = "\nAnswer the question using a single word or phrase."
 class Backbone:
   family: str                 # models.pruning.tops_schedule family
   nominal_tokens: int         # N_ref for --keep_ratio
+  nominal_crops: int          # the crops behind N_ref (LLaVA-NeXT 2880 = 5 x 576): T // this per crop (crop_fixed)
   max_new_tokens: int
   prompt: str                 # with {question}; "<image>" where the image goes
   model_type: str             # config.json model_type of its checkpoints
@@ -57,12 +58,12 @@ class Backbone:
 def _backbones() -> dict[str, Backbone]:
   from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face only: no training code)
   return {
-      "testbed": Backbone(family="testbed", nominal_tokens=5 * 36, max_new_tokens=1, prompt=testbed.PROMPT,
+      "testbed": Backbone(family="testbed", nominal_tokens=5 * 36, nominal_crops=5, max_new_tokens=1, prompt=testbed.PROMPT,
                           model_type="llava_next"),
-      "llava_1_5": Backbone(family="llava-1.5", nominal_tokens=576, max_new_tokens=8,
+      "llava_1_5": Backbone(family="llava-1.5", nominal_tokens=576, nominal_crops=1, max_new_tokens=8,
                             prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava",
                             protocol="llava", square_pad=True),
-      "llava_next": Backbone(family="llava-next", nominal_tokens=2880, max_new_tokens=8,
+      "llava_next": Backbone(family="llava-next", nominal_tokens=2880, nominal_crops=5, max_new_tokens=8,
                              prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava_next",
                              protocol="lmms_eval"),
   }
@@ -173,7 +174,7 @@ class MethodContext:
   tops: TopsOptions = TopsOptions()
   criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
   overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # --overrides, per method
-  nominal_tokens: int | None = None          # the backbone's N_ref (its crops x tokens per crop behind T)
+  nominal_crops: int | None = None           # the backbone's crops behind T (`Backbone.nominal_crops`)
 
 
 def _parse_value(text: str):
@@ -216,9 +217,8 @@ def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.Pru
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
   if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
     o["num_visual"] = model.config.max_image_tokens
-  crops = max(1, ctx.nominal_tokens // model.config.vision.num_patches) if ctx.nominal_tokens else None
   return pruning.method_config(method, family=ctx.family, target=t, num_layers=model.config.text.num_hidden_layers,
-                               crops=crops, **o)
+                               crops=ctx.nominal_crops, **o)
 
 
 def cdpruner_fallback(ctx: MethodContext) -> bool:
@@ -293,7 +293,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   protocol, template = _benchmark_settings(run, backbone, model)
 
   ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides,
-                      nominal_tokens=backbone.nominal_tokens)
+                      nominal_crops=backbone.nominal_crops)
   if "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint:
     raise ValueError("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a "
                      "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "

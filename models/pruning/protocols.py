@@ -189,6 +189,11 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
   if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
     raise ValueError(f"crops must be a positive int, got {crops!r}")
   o["crops"] = crops
+  per_crop_official = method in ("cdpruner", "vispruner", "visionzip") and _next(family) and \
+      o.get("scope", "official") == "official" and o.get("visionzip_cls", True)
+  if per_crop_official and target // crops < (2 if method == "visionzip" else 1):
+    raise ValueError(f"{method}'s official layout keeps T // {crops} tokens per crop: T={target} leaves "
+                     f"{target // crops} (use a larger T or a global override such as scope=global)")
   if not supports(method, family):
     raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
   nxt = _next(family)

@@ -97,7 +97,7 @@ def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int,
   if config.method == "prumerge_plus":
     return k + 1                            # the kept tokens and PruMerge+'s extra token
   if scope == "ratio":
-    return min(visual, round(k * visual / _nominal_tokens(config, model_config))) + newlines
+    return max(1, min(visual, round(k * visual / _nominal_tokens(config, model_config)))) + newlines
   if scope == "crop_fixed":
     return _per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
   return k + newlines

@@ -46,7 +46,8 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   out = str(tmp_path / "out")
   args = [f"--backbone=llava_next", f"--checkpoint={next_ckpt}", "--tasks=pope", f"--data_dir={root}",
           "--method=divprune,tops", "--budget=8", "--limit=4", "--batch_size=2",
-          "--max_new_tokens=3", f"--output_dir={out}", "--pictures=0", "--stage2_alpha=0.5", "--stage2_lam=0.5"]
+          "--max_new_tokens=3", f"--output_dir={out}", "--pictures=0", "--stage2_alpha=0.5", "--stage2_lam=0.5",
+          "--overrides=divprune.scope=global"]       # exactly T per image (the official layout keeps a ratio)
   _main(*args)
   printed = capsys.readouterr().out
   rows = _rows(out)

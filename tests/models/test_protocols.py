@@ -125,3 +125,9 @@ def test_sparsevlm_has_only_its_published_llava_1_5_settings():
   for family, target in (("llava-1.5", 32), ("llava-next", 320)):
     with pytest.raises(pruning.NoProtocol):
       _cfg("sparsevlm", family=family, target=target)
+
+
+def test_a_budget_below_one_token_per_crop_is_named():
+  with pytest.raises(ValueError, match=r"T // 5 tokens per crop: T=4 leaves 0"):
+    _cfg("cdpruner", target=4)
+  assert _cfg("cdpruner", target=4, scope="global").stage1_budget == 4
