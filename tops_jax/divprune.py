@@ -3,7 +3,9 @@
 Axes: N visual tokens, D width, K kept.
 
 Max-min diversity greedy on the cosine distance d = 1 - F of the token features (the projector outputs in the paper,
-one global budget over the whole LLaVA-NeXT sequence):
+one global budget over the whole LLaVA-NeXT sequence: the official code (vbdi/divprune @799e2d9,
+`LLaVA/llava/model/llava_arch.py`, `DivPrune`) takes every packed image token, newlines included, as candidates and
+keeps int(round(r x length)); `models.pruning.method_config("divprune", ...)` runs that layout):
 
     seed   the token whose nearest other valid token is farthest:   argmax_i min_{j valid, j != i} d[i, j]
     step   argmax over candidates i of min_{k in S} d[i, k]         (the running minimum is updated with one row of d)

@@ -18,6 +18,10 @@ the score is a product); an additive variant score = gain + saliency ** alpha ex
 max(0, F[i, j] - m_j) = 0 up to rounding because m_j >= F[j, j] = 1, so summing over all valid tokens is the
 official rule, with padding excluded.
 
+On LLaVA-NeXT the official code (kinredon/SCOPE @6bf7306, `scope/clip_encoder.py`, `scope/llava_arch.py`) selects
+int(T / crops) per crop over the padded crop (base crop counted) and hands the picks to the LLM on the padded canvas,
+without unpadding or newlines: `models.pruning.method_config("scope", ...)` runs that layout.
+
 Choices where the paper is silent: negative relevance is clamped to 0 before the power, so a fractional alpha
 cannot produce NaN; invalid tokens are neither candidates nor counted in the coverage sum. Each step reads F once,
 in a fused subtract-clamp-mask-sum; ties go to the lowest index.
