@@ -99,7 +99,7 @@ def _next(family: str) -> bool:
   return family in ("llava-next", "testbed")
 
 
-def _stage1(method: str, target: int, family: str, o: dict[str, Any], **official) -> PruningConfig:
+def _stage1(method: str, target: int, o: dict[str, Any], **official) -> PruningConfig:
   """A Stage I config: the official fields, then the layout overrides."""
   fields = dict(method=method, stage1_budget=target, stage1_crops=o.get("crops"), **official)
   if "scope" in o and o["scope"] != "official":
@@ -111,7 +111,6 @@ def _stage1(method: str, target: int, family: str, o: dict[str, Any], **official
     if name in o:
       fields[field] = o[name]
   hp = dict(fields.pop("stage1_hparams", {}), **o.get("hparams", {}))
-  del family
   return PruningConfig(stage1_hparams=hp, **fields)
 
 
@@ -201,20 +200,20 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
     return _tops(target, family, num_layers, o)
   if method == "cdpruner":
     layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, family, o, stage1_relevance="clip_text", **layout)
+    return _stage1(method, target, o, stage1_relevance="clip_text", **layout)
   if method == "divprune":
     layout = dict(stage1_scope="ratio", newlines="candidates") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, family, o, stage1_relevance="none", **layout)
+    return _stage1(method, target, o, stage1_relevance="none", **layout)
   if method == "scope":
     layout = dict(stage1_scope="crop_divided", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
+    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision", **layout)
   if method == "visionzip":
     if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
       hp = _visionzip_split(target // crops)
-      return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision",
+      return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision",
                      stage1_scope="crop_fixed", stage1_grid="padded", visionzip_cls=True, stage1_hparams=hp)
     o = dict(o, visionzip_cls=False)
-    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision")
+    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision")
   if method in ("dart", "fastv"):
     keep = target
     if method == "dart" and o.get("dart_count", "official") == "official":
@@ -226,7 +225,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
                          positions=o.get("positions", "original"), stage2_hparams=o.get("hparams", {}))
   if method == "vispruner":
     layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, family, o, stage1_relevance="cls", stage1_features="vision", **layout)
+    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision", **layout)
   if method == "prumerge_plus":
     return PruningConfig(method=method, stage1_budget=target, stage1_relevance="cls", stage1_features="vision",
                          stage1_hparams=dict({"mode": o.get("mode", "fixed")}, **o.get("hparams", {})))
@@ -242,4 +241,4 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
     return PruningConfig(method="pooling", stage1_budget=target, stage1_relevance="none",
                          stage1_hparams=o.get("hparams", {}))
   relevance = {"trimtokenator": "text", "random": "none"}[method]
-  return _stage1(method, target, family, o, stage1_relevance=relevance)
+  return _stage1(method, target, o, stage1_relevance=relevance)
