@@ -43,12 +43,11 @@ import jax
 import jax.numpy as jnp
 
 from tops_jax import greedy
+from tops_jax import relevance as relevance_lib
 from tops_jax import similarity
 
 __all__ = ["order", "kernel_relevance"]
 
-_FLOOR = 1e-6  # the official code's offset: the least relevant token keeps a nonzero kernel diagonal
-_TINY = 1e-12
 
 
 class _Carry(NamedTuple):
@@ -57,16 +56,15 @@ class _Carry(NamedTuple):
   d2: jax.Array  # float32[N], residual variances
 
 
-def kernel_relevance(relevance: jax.Array, valid: jax.Array, theta: float | None = None) -> jax.Array:
+def kernel_relevance(relevance: jax.Array, valid: jax.Array, theta: float | None = None, *,
+                     rescale: bool = True) -> jax.Array:
   """The per-token factor r of the kernel diag(r) F diag(r): float32[N] relevance, bool[N] -> float32[N].
 
-  Min-max rescaled over the valid tokens with the official 1e-6 offset, optionally sharpened by
-  exp(theta / (2 (1 - theta)) r); 0 at invalid positions.
+  Min-max rescaled over the valid tokens with the official 1e-6 offset (`relevance.cdpruner_rescale`; rescale=False:
+  taken as given, already rescaled over a larger set), optionally sharpened by exp(theta / (2 (1 - theta)) r); 0 at
+  invalid positions.
   """
-  x = relevance.astype(jnp.float32)
-  lo, hi = greedy.minmax_over(x, valid)
-  span = hi - lo
-  r = jnp.where(span > _TINY, (x - lo + _FLOOR) / jnp.where(span > _TINY, span, 1.0), 1.0)
+  r = relevance_lib.cdpruner_rescale(relevance, valid) if rescale else relevance.astype(jnp.float32)
   if theta is not None:
     r = jnp.exp(theta / (2.0 * (1.0 - theta)) * r)
   return jnp.where(valid, r, 0.0)
@@ -94,13 +92,7 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None,
   if relevance is None:
     raise ValueError("cdpruner: the DPP kernel needs a relevance vector (relevance=float[..., N], larger = more "
                      "relevant; the official code uses the negated mean CLIP image-text similarity)")
-  if rescale:
-    r = kernel_relevance(relevance, valid, theta)
-  else:
-    r = relevance.astype(jnp.float32)
-    if theta is not None:
-      r = jnp.exp(theta / (2.0 * (1.0 - theta)) * r)
-    r = jnp.where(valid, r, 0.0)
+  r = kernel_relevance(relevance, valid, theta, rescale=rescale)
   kernel = r[:, None] * similarity.cosine_similarity(features) * r[None, :]
   n = kernel.shape[0]
 

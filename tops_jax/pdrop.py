@@ -28,9 +28,8 @@ hides that fewer than K tokens are valid, the last slots hold the lowest-index p
 """
 
 import jax
-import jax.numpy as jnp
 
-from tops_jax import greedy
+from tops_jax import fastv
 
 __all__ = ["order"]
 
@@ -49,8 +48,6 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
   Returns:
     int32[K] indices, highest attention first (the first k of the order are the top-k for every k <= K).
   """
-  del features, key
   if relevance is None:
     raise ValueError("pdrop: needs relevance=float[N] (last instruction token attention, see tops_jax.relevance)")
-  score = jnp.where(valid, relevance.astype(jnp.float32), -jnp.inf)
-  return greedy.topk_order(score, valid, keep)
+  return fastv.order(features, relevance, valid, key, keep=keep)     # the same top-k of an attention row

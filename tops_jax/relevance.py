@@ -40,8 +40,10 @@ import numpy as np
 
 from tops_jax import similarity
 
-__all__ = ["cls_attention", "last_token_attention", "text_rater_attention", "select_raters",
-           "sparsevlm_rater_scores", "text_embedding_cosine", "clip_text_relevance"]
+__all__ = ["cls_attention", "last_token_attention", "text_rater_attention", "text_visual_attention",
+           "rater_relevance", "select_raters",
+           "sparsevlm_rater_scores", "text_embedding_cosine", "clip_text_relevance",
+           "cdpruner_rescale"]
 
 _TINY = 1e-30
 
@@ -208,6 +210,42 @@ def select_raters(scores: jax.Array, text_valid: jax.Array | None = None) -> jax
   return jnp.where(jnp.any(raters, axis=-1, keepdims=True), raters, valid)
 
 
+def text_visual_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale: float | None = None,
+                          kv_valid: jax.Array | None = None, text_valid: jax.Array | None = None,
+                          visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
+                          k_positions: jax.Array | None = None, name: str = "text_visual_attention") -> jax.Array:
+  """The text -> visual block of one layer's attention map, mean over heads: float32[..., T, N].
+
+  Arguments as `text_rater_attention` (without `rater_scores`). The softmax runs over every key the model lets the
+  query see, so the rows equal the model's own attention map; invalid text rows and invalid visual columns are 0.
+  SparseVLM's rank-based count reads this block (`tops_jax.sparsevlm`); `rater_relevance` averages it over raters.
+  """
+  lead, _, _, s, _ = _check_qk(name, q_text, k, 3)
+  t = _shape(q_text)[-2]
+  _check_mask(name, "kv_valid", kv_valid, (*lead, s))
+  _check_mask(name, "text_valid", text_valid, (*lead, t))
+  _check_positions(name, q_positions, k_positions, (*lead, t), (*lead, s))
+  n = _check_visual(name, visual, lead, s)
+  _check_mask(name, "visual_valid", visual_valid, (*lead, n))
+  rows = _attention_rows(q_text, k, scale=scale, kv_valid=kv_valid, q_positions=q_positions, k_positions=k_positions)
+  block = _gather_keys(rows, visual)                                       # float32[..., T, N]
+  if text_valid is not None:
+    block = jnp.where(text_valid[..., :, None], block, 0.0)
+  if visual_valid is not None:
+    block = jnp.where(visual_valid[..., None, :], block, 0.0)
+  return block
+
+
+def rater_relevance(block: jax.Array, text_valid: jax.Array | None = None,
+                    rater_scores: jax.Array | None = None) -> jax.Array:
+  """Mean over the raters of a text -> visual attention block float32[..., T, N] -> float32[..., N]; raters by
+  `select_raters` of `rater_scores` (default each text row's attention mass to the visual tokens)."""
+  scores = jnp.sum(block, axis=-1) if rater_scores is None else rater_scores
+  raters = select_raters(scores, text_valid)
+  weight = raters.astype(jnp.float32) / jnp.maximum(jnp.sum(raters, axis=-1, keepdims=True), 1)
+  return jnp.einsum("...t,...tn->...n", weight, block, precision=jax.lax.Precision.HIGHEST)
+
+
 def text_rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale: float | None = None,
                          kv_valid: jax.Array | None = None, text_valid: jax.Array | None = None,
                          visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
@@ -234,24 +272,12 @@ def text_rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, 
     float32[..., N].
   """
   name = "text_rater_attention"
-  lead, _, _, s, _ = _check_qk(name, q_text, k, 3)
-  t = _shape(q_text)[-2]
-  _check_mask(name, "kv_valid", kv_valid, (*lead, s))
-  _check_mask(name, "text_valid", text_valid, (*lead, t))
-  _check_positions(name, q_positions, k_positions, (*lead, t), (*lead, s))
-  n = _check_visual(name, visual, lead, s)
-  _check_mask(name, "visual_valid", visual_valid, (*lead, n))
-  if rater_scores is not None and _shape(rater_scores) != (*lead, t):
-    raise ValueError(f"{name}: rater_scores must have shape {(*lead, t)}, got {_shape(rater_scores)}")
-
-  rows = _attention_rows(q_text, k, scale=scale, kv_valid=kv_valid, q_positions=q_positions, k_positions=k_positions)
-  to_visual = _gather_keys(rows, visual)                                   # float32[..., T, N]
-  if visual_valid is not None:
-    to_visual = jnp.where(visual_valid[..., None, :], to_visual, 0.0)
-  scores = jnp.sum(to_visual, axis=-1) if rater_scores is None else rater_scores
-  raters = select_raters(scores, text_valid)
-  weight = raters.astype(jnp.float32) / jnp.maximum(jnp.sum(raters, axis=-1, keepdims=True), 1)
-  return jnp.einsum("...t,...tn->...n", weight, to_visual, precision=jax.lax.Precision.HIGHEST)
+  block = text_visual_attention(q_text, k, visual=visual, scale=scale, kv_valid=kv_valid, text_valid=text_valid,
+                                visual_valid=visual_valid, q_positions=q_positions, k_positions=k_positions,
+                                name=name)                              # checks the shapes first
+  if rater_scores is not None and _shape(rater_scores) != block.shape[:-1]:
+    raise ValueError(f"{name}: rater_scores must have shape {block.shape[:-1]}, got {_shape(rater_scores)}")
+  return rater_relevance(block, text_valid, rater_scores)
 
 
 def sparsevlm_rater_scores(visual: jax.Array, text: jax.Array, *, visual_valid: jax.Array | None = None,
@@ -301,6 +327,7 @@ def text_embedding_cosine(visual: jax.Array, text: jax.Array, text_valid: jax.Ar
 
 
 _CDPRUNER_FLOOR = 1e-6  # the official offset: the least relevant token keeps a nonzero kernel diagonal
+_CDPRUNER_TINY = 1e-12  # a span at or below this is a constant row
 
 
 def clip_text_relevance(image_embeds: jax.Array, text_embeds: jax.Array, valid: jax.Array | None = None, *,
@@ -333,9 +360,15 @@ def clip_text_relevance(image_embeds: jax.Array, text_embeds: jax.Array, valid: 
                       precision=jax.lax.Precision.HIGHEST)
   if not normalize:
     return score if valid is None else jnp.where(valid, score, 0.0)
-  where = jnp.ones(vs[:-1], bool) if valid is None else valid
-  lo = jnp.min(jnp.where(where, score, jnp.inf), axis=-1, keepdims=True)
-  hi = jnp.max(jnp.where(where, score, -jnp.inf), axis=-1, keepdims=True)
+  return cdpruner_rescale(score, jnp.ones(vs[:-1], bool) if valid is None else valid)
+
+
+def cdpruner_rescale(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """CDPruner's relevance rescaling over each row's valid entries: (x - min + 1e-6) / (max - min), 1 where the row
+  is constant (the official code divides by zero), 0 at invalid entries: float[..., N], bool[..., N] -> float32."""
+  x = x.astype(jnp.float32)
+  lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=-1, keepdims=True)
+  hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1, keepdims=True)
   span = hi - lo
-  r = jnp.where(span > 0, (score - lo + _CDPRUNER_FLOOR) / jnp.where(span > 0, span, 1.0), 1.0)
-  return jnp.where(where, r, 0.0)
+  ok = span > _CDPRUNER_TINY
+  return jnp.where(valid, jnp.where(ok, (x - lo + _CDPRUNER_FLOOR) / jnp.where(ok, span, 1.0), 1.0), 0.0)

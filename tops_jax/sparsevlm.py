@@ -356,30 +356,12 @@ def rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale
                     kv_valid: jax.Array | None = None, text_valid: jax.Array | None = None,
                     visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
                     k_positions: jax.Array | None = None) -> jax.Array:
-  """The text -> visual block of one layer's attention map, mean over heads: what `P` is cut from.
-
-  Arguments as `relevance.text_rater_attention` (q_text float[..., H, T, Dh] post-RoPE queries of the text tokens
-  after the image, k float[..., Hkv, S, Dh] post-RoPE keys of the whole sequence, visual int[..., N] the key
-  positions of the current visual tokens, masks and positions). The softmax runs over every key the model lets the
-  query see, so the rows equal the model's own attention map. Returns float32[..., T, N]; invalid text rows and
-  invalid visual columns are 0.
-  """
-  name = "sparsevlm.rater_attention"
-  lead, _, _, s, _ = relevance._check_qk(name, q_text, k, 3)  # pylint: disable=protected-access
-  t = _shape(q_text)[-2]
-  relevance._check_mask(name, "kv_valid", kv_valid, (*lead, s))  # pylint: disable=protected-access
-  relevance._check_mask(name, "text_valid", text_valid, (*lead, t))  # pylint: disable=protected-access
-  relevance._check_positions(name, q_positions, k_positions, (*lead, t), (*lead, s))  # pylint: disable=protected-access
-  n = relevance._check_visual(name, visual, lead, s)  # pylint: disable=protected-access
-  relevance._check_mask(name, "visual_valid", visual_valid, (*lead, n))  # pylint: disable=protected-access
-  rows = relevance._attention_rows(q_text, k, scale=scale, kv_valid=kv_valid,  # pylint: disable=protected-access
-                                   q_positions=q_positions, k_positions=k_positions)
-  block = relevance._gather_keys(rows, visual)  # pylint: disable=protected-access
-  if text_valid is not None:
-    block = jnp.where(text_valid[..., :, None], block, 0.0)
-  if visual_valid is not None:
-    block = jnp.where(visual_valid[..., None, :], block, 0.0)
-  return block
+  """The text -> visual block of one layer's attention map, mean over heads: what `P` is cut from
+  (`relevance.text_visual_attention`, whose arguments it takes). Returns float32[..., T, N]; invalid text rows and
+  invalid visual columns are 0."""
+  return relevance.text_visual_attention(q_text, k, visual=visual, scale=scale, kv_valid=kv_valid,
+                                         text_valid=text_valid, visual_valid=visual_valid, q_positions=q_positions,
+                                         k_positions=k_positions, name="sparsevlm.rater_attention")
 
 
 def _check_block(fn, attn, raters, visual_valid):

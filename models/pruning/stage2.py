@@ -165,11 +165,12 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
       # none passes and every valid text token rates, the same set).
       rater_scores = chosen.astype(jnp.float32)
     positions = dict(q_positions=sequence.take(seq.positions, text), k_positions=seq.positions)
-    rel = relevance_lib.text_rater_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
-                                             visual_valid=visual_valid, rater_scores=rater_scores, **positions)
-    if config.method2 == "sparsevlm":
-      block = sparsevlm_lib.rater_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
-                                            visual_valid=visual_valid, **positions)
+    # One text -> visual block serves both the rater mean and SparseVLM's rank (the attention rows once).
+    block = relevance_lib.text_visual_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
+                                                visual_valid=visual_valid, **positions)
+    rel = relevance_lib.rater_relevance(block, text_valid, rater_scores)
+    if config.method2 != "sparsevlm":
+      block = None
   elif source == "last_token":
     rel = relevance_lib.last_token_attention(q[:, :, 0], k, visual=visual, kv_valid=seq.mask,
                                              q_position=sequence.take(seq.positions, last)[:, 0],
