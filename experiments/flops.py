@@ -1,29 +1,383 @@
-"""Prefill FLOPs of a LLaMA-style decoder when the sequence length changes from layer to layer.
+"""FLOPs, KV-cache and weight bytes of LLaVA prefill and decode under any token-pruning schedule.
 
-Counted as the token-pruning papers count them: per layer, 2 * S * (parameters of the layer's matmuls) for the
-projections and the MLP, plus 4 * S^2 * H * Dh for attention scores and the weighted sum (no causal halving).
-Norms, RoPE and softmax are left out; the vision tower costs the same for every Stage I/II method, so it is left out
-too. The LM head (2 * D * V per position) is counted at `lm_head_positions` positions: the runner's timed prefill
-computes it at one position per row (the last), so its FLOPs and its time measure the same decoder work.
+Axes: L decoder layers, S tokens a layer processes (queries), K keys a query attends to, D width, H query heads, Hkv
+key/value heads, Dh head width, M MLP width, V vocabulary; vision tower: P = N + 1 positions of a crop (CLS first),
+N patches, Dv width, Mv MLP width, C channels, p patch size.
+
+Counted as the token-pruning papers count them: a matmul of an [S, a] by an [a, b] matrix costs 2 * S * a * b
+(one multiply-add = 2 FLOPs). One decoder layer on S queries over K keys:
+
+    2 * S * (D * (H + 2 Hkv) * Dh + H * Dh * D + 3 * D * M)      q, k, v, o projections and the SwiGLU MLP
+    + 4 * S * K * H * Dh                                          scores q k^T and the weighted sum p v
+
+Prefill has K = S (no causal halving: as the papers count, and as one masked `jax.nn.dot_product_attention` call
+computes). Norms, RoPE, softmax, activations, residuals and biases are left out; the LM head
+costs 2 * D * V per position where logits are computed. Stage II pruning gives every layer its own S
+(`schedule_seq_lens`), and after it each layer its own KV-cache length, so decode is counted per layer too:
+
+    decoder_decode_flops(c, kv_lens)     one generated token; kv_lens[l] = keys it attends to in layer l (its own
+                                         slot included)
+    decoder_generate_flops(c, lens, n)   the n - 1 decode steps after a prefill that left lens[l] tokens in layer l's
+                                         cache (the first new token comes from the prefill's logits)
+
+What the port executes can differ in the attention term. Decoding (a `models.llama.KVCache` of capacity W that
+already holds tokens) attends over all W slots, masked: its FLOPs are `decoder_decode_flops(c, [W] * L)`, the
+algorithmic ones those with K = each layer's real cache length. A prefill whose attention runs in query blocks,
+each against the keys up to its last row (the hidden blocks skipped), does K = `causal_keys(S, block)` on average
+(about (S + block) / 2); K = S is the papers' count and one masked call's.
+
+Whole pipeline (`llava_prefill_flops`): per crop, the CLIP patch embedding (2 * N * C p^2 * Dv) and the encoder layers
+the port runs (up to the feature layer: hidden state -2 of 24 layers runs 23), each 2 * P * (4 Dv^2 + 2 Dv Mv) +
+4 * P^2 * Dv, plus the CLS attention the Stage I scorers read (the CLS row's query and logits; its keys are those of
+the layer's own k projection, which XLA shares: that layer always runs as a one-layer segment); the projector,
+2 * (Dv' D + D^2) per crop token; the decoder; the LM head. The port's LLaVA-NeXT runs the tower on every crop slot
+of `pixel_values` (5 with the LLaVA-1.6 pinpoints, padding crops included), so `num_crops` defaults to
+`config.max_num_crops`.
+
+Memory: `kv_cache_bytes` is sum_l 2 * kv_lens[l] * Hkv * Dh * itemsize (keys and values); the port preallocates W
+slots in every layer, i.e. `kv_cache_bytes(c, [W] * L)` plus a bool[L, B, W] validity mask. `*_params` count every
+parameter of the ports (biases and norms included), `*_weight_bytes` times the itemsize.
+
+The TOPS paper's 41.7 TFLOPs (LLaVA-NeXT-7B, 2,880 visual tokens; METHODS.md "Efficiency") is this decoder count on
+the 2,880 visual tokens alone: 32 layers x (2 * 2880 * 202.4M + 4 * 2880^2 * 4096) = 41.65e12 (`tests/experiments/
+test_flops.py` derives it and what a full count adds). TOPS' 2T -> T -> T/4 at layers 0, 12, 24 of 32 feeds the
+layers 38T / 32 visual tokens on average, 18.75% more than a one-shot pre-LLM method at T (+16.6% / +18.8% decoder
+FLOPs at T = 320 / 640 with a 60-token prompt).
+
+XLA: `hlo_dot_flops(compiled.as_text())` counts the dot and convolution FLOPs of an optimized HLO module (2 per
+multiply-add, a while body times its known trip count), because `cost_analysis()["flops"]` counts a while body once
+(a `jax.lax.scan` over L layers reads as one layer) and adds the elementwise work. The tests check the count above
+against both on the port's programs.
 """
 
-from typing import Sequence
+import math
+import re
+from typing import NamedTuple, Sequence
 
-__all__ = ["layer_prefill_flops", "decoder_prefill_flops"]
+import jax.numpy as jnp
+
+from models import clip
+
+__all__ = ["layer_flops", "layer_prefill_flops", "decoder_prefill_flops", "lm_head_flops", "decoder_decode_flops",
+           "decoder_generate_flops", "causal_keys", "schedule_seq_lens", "kv_cache_bytes", "decoder_params",
+           "vision_params", "projector_params", "llava_params", "decoder_weight_bytes", "llava_weight_bytes",
+           "vision_layers_run", "vision_flops", "projector_flops", "PipelineFlops", "llava_prefill_flops",
+           "hlo_dot_flops"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder
+
+
+def _layer_matmul_weights(c) -> int:
+  q_width = c.num_attention_heads * c.head_dim
+  kv_width = c.num_key_value_heads * c.head_dim
+  return c.hidden_size * (q_width + 2 * kv_width) + q_width * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+
+
+def layer_flops(text_config, queries: float, keys: float) -> float:
+  """FLOPs of one decoder layer on `queries` tokens, each attending to `keys` keys."""
+  q_width = text_config.num_attention_heads * text_config.head_dim
+  return 2.0 * queries * _layer_matmul_weights(text_config) + 4.0 * queries * keys * q_width
 
 
 def layer_prefill_flops(text_config, seq_len: float) -> float:
   """FLOPs of one decoder layer on `seq_len` tokens (fractional means: averaged over a batch)."""
-  c = text_config
-  q_width = c.num_attention_heads * c.head_dim
-  kv_width = c.num_key_value_heads * c.head_dim
-  weights = c.hidden_size * (q_width + 2 * kv_width) + q_width * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-  return 2.0 * seq_len * weights + 4.0 * seq_len * seq_len * q_width
+  return layer_flops(text_config, seq_len, seq_len)
+
+
+def lm_head_flops(text_config, positions: float = 1) -> float:
+  """The LM head (D x V) at `positions` positions."""
+  return 2.0 * positions * text_config.hidden_size * text_config.vocab_size
+
+
+def _check_layers(text_config, lens: Sequence[float], what: str):
+  if len(lens) != text_config.num_hidden_layers:
+    raise ValueError(f"{what} has {len(lens)} entries, the decoder has {text_config.num_hidden_layers} layers")
 
 
 def decoder_prefill_flops(text_config, seq_lens: Sequence[float], lm_head_positions: int = 0) -> float:
   """Total over layers (`seq_lens[l]`: the tokens layer l processes) plus the LM head at `lm_head_positions`."""
-  if len(seq_lens) != text_config.num_hidden_layers:
-    raise ValueError(f"seq_lens has {len(seq_lens)} entries, the decoder has {text_config.num_hidden_layers} layers")
-  head = 2.0 * lm_head_positions * text_config.hidden_size * text_config.vocab_size
-  return sum(layer_prefill_flops(text_config, s) for s in seq_lens) + head
+  _check_layers(text_config, seq_lens, "seq_lens")
+  return sum(layer_prefill_flops(text_config, s) for s in seq_lens) + lm_head_flops(text_config, lm_head_positions)
+
+
+def decoder_decode_flops(text_config, kv_lens: Sequence[float], lm_head: bool = True) -> float:
+  """One generated token through every layer (`kv_lens[l]`: the keys it attends to in layer l, its own included)
+  and, with `lm_head`, its logits."""
+  _check_layers(text_config, kv_lens, "kv_lens")
+  return sum(layer_flops(text_config, 1, k) for k in kv_lens) + lm_head_flops(text_config, 1 if lm_head else 0)
+
+
+def decoder_generate_flops(text_config, cache_lens: Sequence[float], new_tokens: int, lm_head: bool = True) -> float:
+  """The decode steps of `new_tokens` greedy tokens after a prefill that left `cache_lens[l]` tokens in layer l's
+  cache: the first token comes from the prefill's logits, step i = 1 .. n - 1 feeds token i, which attends to
+  cache_lens[l] + i keys in layer l (`models.generate.decode`)."""
+  return sum(decoder_decode_flops(text_config, [k + i for k in cache_lens], lm_head) for i in range(1, new_tokens))
+
+
+def causal_keys(seq_len: int, block: int | None = None) -> float:
+  """Mean keys per query of causal attention on `seq_len` tokens computed in query blocks of `block` rows, each
+  block against keys [0, its last row]: None (one block, the full masked S x S scores) gives S, 1 gives (S + 1) / 2."""
+  block = seq_len if block is None else block
+  ends = [min(seq_len, start + block) for start in range(0, seq_len, block)]
+  return sum(end * (end - start) for start, end in zip(range(0, seq_len, block), ends)) / seq_len
+
+
+def schedule_seq_lens(num_layers: int, text_tokens: float, visual_tokens: float,
+                      stage2: Sequence[tuple[int, int]] = (), timing: str = "before") -> list[float]:
+  """Tokens each decoder layer processes under a pruning schedule.
+
+  Args:
+    num_layers: L.
+    text_tokens: the prompt's non-visual tokens (system prompt, question, template), never pruned.
+    visual_tokens: visual tokens entering the decoder (after Stage I, e.g. 2T for TOPS).
+    stage2: ((layer, keep), ...) Stage II steps as `models.pruning.PruningConfig.stage2`: `keep` visual tokens from
+      `layer` on ("before": layer `layer` is the first to run on them) or from `layer + 1` on ("after").
+    timing: "before" | "after" (`PruningConfig.stage2_timing`).
+
+  Returns:
+    L floats, text_tokens + the visual tokens of each layer (also each layer's KV-cache length after the prefill).
+  """
+  if timing not in ("before", "after"):
+    raise ValueError(f"timing must be 'before' or 'after', got {timing!r}")
+  shift = timing == "after"
+  visual = [float(visual_tokens)] * num_layers
+  for layer, keep in stage2:
+    first = layer + shift
+    if not 0 <= first < num_layers:
+      raise ValueError(f"stage II step at layer {layer} ({timing}) is outside the {num_layers} layers")
+    visual[first:] = [min(v, float(keep)) for v in visual[first:]]
+  return [text_tokens + v for v in visual]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _itemsize(dtype) -> int:
+  return jnp.dtype(dtype).itemsize                     # jnp knows "bfloat16" by name
+
+
+def kv_cache_bytes(text_config, kv_lens: Sequence[float], dtype="bfloat16", batch: int = 1) -> float:
+  """Keys and values of `kv_lens[l]` tokens in every layer l, for `batch` rows."""
+  _check_layers(text_config, kv_lens, "kv_lens")
+  per_token = 2 * text_config.num_key_value_heads * text_config.head_dim * _itemsize(dtype)
+  return float(batch * per_token * sum(kv_lens))
+
+
+def decoder_params(text_config) -> int:
+  """Parameters of `models.llama.LlamaForCausalLM`: embeddings, layers, final norm, LM head (unless tied)."""
+  c = text_config
+  q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+  layer = _layer_matmul_weights(c) + 2 * c.hidden_size                        # + input/post-attention norms
+  if c.attention_bias:
+    layer += q_width + 2 * kv_width + c.hidden_size
+  if c.mlp_bias:
+    layer += 2 * c.intermediate_size + c.hidden_size
+  head = 0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size
+  return c.vocab_size * c.hidden_size + c.num_hidden_layers * layer + c.hidden_size + head
+
+
+def vision_params(vision_config) -> int:
+  """Parameters of `models.clip.CLIPVisionModel` (all layers and post_layernorm, which the checkpoint holds)."""
+  v = vision_config
+  d, m = v.hidden_size, v.intermediate_size
+  embeddings = d + v.num_channels * v.patch_size ** 2 * d + (v.num_patches + 1) * d
+  layer = 4 * (d * d + d) + (d * m + m) + (m * d + d) + 2 * 2 * d
+  return embeddings + 2 * 2 * d + v.num_hidden_layers * layer
+
+
+def _feature_width(config) -> int:
+  return config.vision.hidden_size * config.num_feature_layers
+
+
+def projector_params(config) -> int:
+  """Parameters of `models.llava.LlavaMultiModalProjector` (linear_1: Dv' -> D, linear_2: D -> D)."""
+  d = config.text.hidden_size
+  bias = 2 * d if config.multimodal_projector_bias else 0
+  return _feature_width(config) * d + d * d + bias
+
+
+def _is_next(config) -> bool:
+  return hasattr(config, "image_grid_pinpoints")
+
+
+def llava_params(config) -> int:
+  """Parameters of a LLaVA-1.5 or LLaVA-NeXT port (NeXT adds `image_newline`)."""
+  newline = config.text.hidden_size if _is_next(config) else 0
+  return vision_params(config.vision) + projector_params(config) + decoder_params(config.text) + newline
+
+
+def decoder_weight_bytes(text_config, dtype="bfloat16") -> float:
+  return float(decoder_params(text_config) * _itemsize(dtype))
+
+
+def llava_weight_bytes(config, dtype="bfloat16") -> float:
+  return float(llava_params(config) * _itemsize(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vision tower, projector, whole pipeline
+
+
+def _feature_layers(config) -> list[int]:
+  layers = config.vision_feature_layer
+  layers = (layers,) if isinstance(layers, int) else tuple(layers)
+  return [clip.resolve_hidden_state_index(layer, config.vision.num_hidden_layers) for layer in layers]
+
+
+def vision_layers_run(config) -> int:
+  """Encoder layers `CLIPVisionModel.features` runs: hidden state h is layer h - 1's output, so the deepest feature
+  layer h needs h layers (-2 of 24 layers: 23)."""
+  return max(_feature_layers(config))
+
+
+def vision_flops(config, cls_attention: bool = True) -> float:
+  """One crop through the port's CLIP tower up to the feature layer; `cls_attention`: also the CLS attention of the
+  layer that produced the last feature layer (`CLIPAttention.cls_attention`: the CLS row's q_proj and logits)."""
+  v = config.vision
+  d, n = v.hidden_size, v.num_patches
+  p = n + 1
+  patches = 2.0 * n * v.num_channels * v.patch_size ** 2 * d
+  layer = 2.0 * p * (4 * d * d + 2 * d * v.intermediate_size) + 4.0 * p * p * d
+  total = patches + vision_layers_run(config) * layer
+  if cls_attention and _feature_layers(config)[-1] >= 1:
+    total += 2.0 * d * d + 2.0 * p * d                # q_proj of the CLS row, its logits (XLA shares the k_proj)
+  return total
+
+
+def projector_flops(config, tokens: float) -> float:
+  """The projector on `tokens` feature rows."""
+  d = config.text.hidden_size
+  return 2.0 * tokens * (_feature_width(config) * d + d * d)
+
+
+class PipelineFlops(NamedTuple):
+  """FLOPs of one prompt's prefill by part."""
+  vision: float
+  projector: float
+  decoder: float
+  lm_head: float
+
+  @property
+  def total(self) -> float:
+    return self.vision + self.projector + self.decoder + self.lm_head
+
+
+def llava_prefill_flops(config, seq_lens: Sequence[float], *, num_crops: int | None = None,
+                        lm_head_positions: int = 1, cls_attention: bool = True) -> PipelineFlops:
+  """A LLaVA / LLaVA-NeXT prefill: `num_crops` crops (default `config.max_num_crops`, what the port encodes per
+  image) through the tower and projector (every patch of every crop: pruning comes after), then the decoder on
+  `seq_lens` and the LM head at `lm_head_positions`."""
+  crops = config.max_num_crops if num_crops is None else num_crops
+  rows = config.vision.num_patches + (config.vision_feature_select_strategy == "full")
+  decoder = decoder_prefill_flops(config.text, seq_lens)
+  return PipelineFlops(vision=crops * vision_flops(config, cls_attention),
+                       projector=crops * projector_flops(config, rows), decoder=decoder,
+                       lm_head=lm_head_flops(config.text, lm_head_positions))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# XLA
+
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*->.*\{\s*$")
+_ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>[a-z]\w*\[[\d,]*\])\S*\s+"
+                    r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<attrs>.*)$")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _dims(shape: str) -> list[int]:
+  inner = shape[shape.index("[") + 1:shape.index("]")]
+  return [int(x) for x in inner.split(",") if x]
+
+
+def _operand_dims(shapes: dict[str, list[int]], operand: str) -> list[int]:
+  operand = operand.strip()
+  inline = re.match(r"[a-z]\w*\[[\d,]*\]", operand)         # some printers write the shape before the name
+  return _dims(inline.group(0)) if inline else shapes[operand.split()[-1].lstrip("%")]
+
+
+def _dot_flops(shapes: dict[str, list[int]], out: str, args: str, attrs: str) -> float:
+  lhs = _operand_dims(shapes, args.split(",")[0])
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+  contracted = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) if contracting else 1
+  return 2.0 * math.prod(_dims(out)) * contracted
+
+
+def _convolution_flops(shapes: dict[str, list[int]], out: str, args: str, attrs: str) -> float:
+  """Each output element is a sum over the kernel's spatial and input-feature dims (all its dims but `o`)."""
+  kernel = _operand_dims(shapes, args.split(",")[1])
+  labels = re.search(r"dim_labels=\w+_(\w+)->\w+", attrs).group(1)
+  return 2.0 * math.prod(_dims(out)) * math.prod(kernel) / kernel[labels.index("o")]
+
+
+_COUNTED = {"dot": _dot_flops, "convolution": _convolution_flops}
+
+
+class _Computation(NamedTuple):
+  flops: float                                      # its own dots and convolutions
+  calls: list[tuple[str, int | None, str]]          # (callee, times per run, kind)
+
+
+def _parse_hlo(hlo_text: str) -> tuple[dict[str, _Computation], str]:
+  computations, entry, current, shapes = {}, None, None, {}
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):                 # instructions are indented, headers are not
+      current, shapes = header.group("name"), {}
+      computations[current] = _Computation(0.0, [])
+      entry = current if line.startswith("ENTRY") else entry
+      continue
+    if current is None or line.strip() in ("", "}"):
+      continue
+    array = _ARRAY.match(line)
+    if array:
+      shapes[array.group("name")] = _dims(array.group("shape"))
+      count = _COUNTED.get(array.group("op"))
+      if count:
+        flops = count(shapes, array.group("shape"), array.group("args"), array.group("attrs"))
+        computations[current] = computations[current]._replace(flops=computations[current].flops + flops)
+    trip = _TRIP.search(line)
+    for kind, callee in _CALLEE.findall(line):
+      if kind == "body" and trip is None:
+        raise ValueError(f"a while loop without a known trip count: {line.strip()[:200]}")
+      computations[current].calls.append((callee, int(trip.group(1)) if kind == "body" else 1, kind))
+    branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+    if branches:
+      computations[current].calls.extend((b.strip().lstrip("%"), None, "branch")
+                                         for b in branches.group(1).split(","))
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return computations, entry
+
+
+def hlo_dot_flops(hlo_text: str) -> float:
+  """Matmul FLOPs (2 per multiply-add) of an HLO module's text (`jax.jit(f).lower(...).compile().as_text()`): every
+  `dot` and `convolution` of the entry computation and of what it calls, a while body times its `known_trip_count`.
+
+  Raises ValueError for a while loop without a known trip count and for a conditional whose branches hold dots
+  (the count would depend on the data). What XLA turned into something else is not counted: dots lowered to library
+  calls (cuBLAS custom-calls on GPU: use it on CPU-compiled modules) or, for some small shapes, rewritten as
+  multiply + reduce.
+  """
+  computations, entry = _parse_hlo(hlo_text)
+  memo = {}
+
+  def total(name: str) -> float:
+    if name not in memo:
+      own = computations.get(name, _Computation(0.0, []))
+      count = own.flops
+      for callee, times, kind in own.calls:
+        if kind == "condition":                               # compares only
+          continue
+        sub = total(callee)
+        if kind == "branch" and sub:
+          raise ValueError(f"conditional branch {callee} holds dots: the executed count depends on the data")
+        count += 0.0 if kind == "branch" else times * sub
+      memo[name] = count
+    return memo[name]
+
+  return total(entry)

@@ -65,7 +65,7 @@ def _text_config(model) -> llama.TextConfig:
 def default_prefill(model, batch: dict, cache: llama.KVCache, args=None) -> Prefill:
   """The model's own forward with a cache (one segment: every layer)."""
   del args
-  out = model(**batch, cache=cache)
+  out = model(**batch, cache=cache, cache_empty=True)     # the cache was just allocated: nothing is in it yet
   last_positions = llama.position_ids_from_mask(batch["attention_mask"])[:, -1:]
   return Prefill(logits=out.logits[:, -1], cache=out.cache, positions=last_positions)
 

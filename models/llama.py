@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import attention
 from models import checks
 from models import config_fields
 from models import conversion
@@ -214,18 +215,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def make_attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
   """Which keys each query sees. query_slots int[S] (index of each query among the keys), key_valid bool[B, Sk] ->
-  bool[B, 1, S, Sk] (broadcast over heads): real keys at or before the query, within the sliding window if any.
-
-  Every query also sees its own slot, so a padding query (whose own key is not real) never has an empty row: fused
-  attention kernels may return NaN for empty rows, and 0 * NaN would leak into real rows through later layers. Real
-  queries are unaffected (their own slot is real); padding rows differ from transformers' (they are garbage in both).
-  """
-  key_slots = jnp.arange(key_valid.shape[-1])
-  delta = query_slots[:, None] - key_slots[None, :]            # [S, Sk]
-  allowed = delta >= 0
-  if sliding_window is not None:
-    allowed = allowed & (delta < sliding_window)
-  return ((key_valid[:, None, :] & allowed[None]) | (delta == 0)[None])[:, None]
+  bool[B, 1, S, Sk] (broadcast over heads): `models.attention.visible` with the keys at slots 0..Sk-1."""
+  return attention.visible(query_slots, jnp.arange(key_valid.shape[-1]), key_valid, sliding_window)
 
 
 def _linear(din, dout, dtype, rngs, use_bias):
@@ -263,11 +254,14 @@ class LlamaAttention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-  def attend(self, q, k, v, mask):
+  def attend(self, q, k, v, mask, implementation: str = "auto"):
     """q float[B, S, H, Dh], k/v float[B, Sk, Hkv, Dh] (Sk: S, or the W cache slots), mask bool[B, 1, S, Sk] ->
     float[B, S, D]."""
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=None)
-    return self.o_proj(out.reshape(*q.shape[:2], -1))
+    return self.output(attention.masked(q, k, v, mask, implementation))
+
+  def output(self, heads):
+    """float[B, S, H, Dh] attention output -> float[B, S, D] (o_proj)."""
+    return self.o_proj(heads.reshape(*heads.shape[:2], -1))
 
   def probs(self, q, k, mask):
     """Attention probabilities float32[B, H, S, S] (transformers' eager: float32 softmax, cast to the dtype)."""
@@ -303,20 +297,25 @@ class LlamaDecoderLayer(nnx.Module):
   def qkv(self, x, cos, sin):
     return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
-  def finish(self, x, q, k, v, mask):
-    x = x + self.self_attn.attend(q, k, v, mask)
+  def finish(self, x, heads):
+    """The residual stream after attention (heads: float[B, S, H, Dh], its output before o_proj) and the MLP."""
+    x = x + self.self_attn.output(heads)
     return x + self.mlp(self.post_attention_layernorm(x))
 
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, implementation: str = "auto"):
     q, k, v = self.qkv(x, cos, sin)
-    return self.finish(x, q, k, v, mask)
+    return self.finish(x, attention.masked(q, k, v, mask, implementation))
 
 
 class LlamaModel(nnx.Module):
   """transformers' LlamaModel / MistralModel: embed_tokens, stacked layers, norm (no lm_head)."""
 
-  def __init__(self, config: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attention_impl: str = "auto"):
     self.config = config
+    # How the layers schedule `jax.nn.dot_product_attention` (`models.attention`); a static attribute: setting it
+    # (lm.attention_impl = "xla") recompiles the programs that take the model.
+    attention.resolve(attention_impl)      # checks the name
+    self.attention_impl = attention_impl
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     @nnx.split_rngs(splits=config.num_hidden_layers)
@@ -349,7 +348,7 @@ class LlamaModel(nnx.Module):
 
   def run_layers(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None, *,
                  start: int = 0, stop: int | None = None, cache: KVCache | None = None,
-                 collect_hidden: bool = False) -> DecoderOutput:
+                 cache_empty: bool = False, collect_hidden: bool = False) -> DecoderOutput:
     """Runs decoder layers [start, stop) on hidden states.
 
     Args:
@@ -358,6 +357,9 @@ class LlamaModel(nnx.Module):
       attention_mask: bool/int[B, S], True/1 for real tokens; None means all real.
       start, stop: static layer segment (stop=None: to the last layer).
       cache: a `KVCache`; the S tokens are written at each segment layer's `end` and attend to the cached slots.
+      cache_empty: a static promise that the segment's layers hold nothing in `cache` yet (a prefill, where each layer
+        runs once): the tokens go to slots [0, S) and attend among themselves like the no-cache call, so attention
+        skips the key blocks the causal mask hides (`models.attention.causal`) instead of reading all W slots.
       collect_hidden: also return the input of every layer of the segment.
 
     Returns:
@@ -371,15 +373,19 @@ class LlamaModel(nnx.Module):
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     chex.assert_shape(valid, (b, t))
     cos, sin = rope_cos_sin(self.config, positions, x.dtype)
-    window = self.config.sliding_window
+    window, impl = self.config.sliding_window, self.attention_impl
     graphdef, state = nnx.split(self.layers)
     state = jax.tree.map(lambda a: a[start:stop], state)
 
+    def self_attention(layer, h):
+      q, k, v = layer.qkv(h, cos, sin)
+      return q, k, v, attention.causal(q, k, v, valid, sliding_window=window, implementation=impl)
+
     if cache is None:
-      mask = make_attention_mask(jnp.arange(t), valid, window)
 
       def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), h if collect_hidden else None
+        layer = nnx.merge(graphdef, layer_state)
+        return layer.finish(h, self_attention(layer, h)[3]), h if collect_hidden else None
 
       x, inputs = jax.lax.scan(body, x, state)
       return DecoderOutput(hidden=x, hidden_states=inputs)
@@ -387,7 +393,9 @@ class LlamaModel(nnx.Module):
     if cache.k.shape[:2] != (self.config.num_hidden_layers, b):
       raise ValueError(f"cache holds {cache.k.shape[:2]} (layers, batch), expected "
                        f"{(self.config.num_hidden_layers, b)}")
-    ends = cache.end[start:stop]
+    if cache_empty and t > cache.capacity:
+      raise ValueError(f"{t} tokens do not fit a cache of {cache.capacity} slots")
+    ends = jnp.zeros((stop - start,), jnp.int32) if cache_empty else cache.end[start:stop]
     seg_valid = jax.vmap(lambda vl, e: jax.lax.dynamic_update_slice(vl, valid, (0, e)))(cache.valid[start:stop], ends)
     new_valid = cache.valid.at[start:stop].set(seg_valid)
 
@@ -395,17 +403,23 @@ class LlamaModel(nnx.Module):
       h, k_all, v_all = carry
       layer_state, end, l, key_valid = xs
       layer = nnx.merge(graphdef, layer_state)
-      q, k, v = layer.qkv(h, cos, sin)
+      if cache_empty:
+        q, k, v, heads = self_attention(layer, h)
+      else:
+        q, k, v = layer.qkv(h, cos, sin)
       k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (l, 0, end, 0, 0))
       v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (l, 0, end, 0, 0))
-      keys = jax.lax.dynamic_index_in_dim(k_all, l, keepdims=False)
-      values = jax.lax.dynamic_index_in_dim(v_all, l, keepdims=False)
-      mask = make_attention_mask(end + jnp.arange(t), key_valid, window)
-      return (layer.finish(h, q, keys, values, mask), k_all, v_all), h if collect_hidden else None
+      if not cache_empty:
+        keys = jax.lax.dynamic_index_in_dim(k_all, l, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(v_all, l, keepdims=False)
+        mask = make_attention_mask(end + jnp.arange(t), key_valid, window)
+        heads = attention.masked(q, keys, values, mask, impl)
+      return (layer.finish(h, heads), k_all, v_all), h if collect_hidden else None
 
     xs = (state, ends, jnp.arange(start, stop), seg_valid)
     (x, k_all, v_all), inputs = jax.lax.scan(cached_body, (x, cache.k, cache.v), xs)
-    new_cache = KVCache(k=k_all, v=v_all, valid=new_valid, end=cache.end.at[start:stop].add(t))
+    new_end = (cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t))
+    new_cache = KVCache(k=k_all, v=v_all, valid=new_valid, end=new_end)
     return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
 
   def query_keys(self, layer: int, x: jax.Array, positions: jax.Array,
@@ -456,10 +470,11 @@ class LlamaModel(nnx.Module):
     return self.layer(layer).self_attn.probs(q, k, mask)
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None, *,
-               cache: KVCache | None = None, output_hidden_states: bool = False):
+               cache: KVCache | None = None, cache_empty: bool = False, output_hidden_states: bool = False):
     """All layers then the final norm: -> (last_hidden_state float[B, S, D], hidden_states float[L + 1, B, S, D] |
-    None, cache | None)."""
-    out = self.run_layers(inputs_embeds, positions, attention_mask, cache=cache, collect_hidden=output_hidden_states)
+    None, cache | None). `cache_empty` as in `run_layers`."""
+    out = self.run_layers(inputs_embeds, positions, attention_mask, cache=cache, cache_empty=cache_empty,
+                          collect_hidden=output_hidden_states)
     hidden_states = None
     if output_hidden_states:
       hidden_states = jnp.concatenate([out.hidden_states, out.hidden[None]], axis=0)
@@ -485,16 +500,17 @@ class LlamaForCausalLM(nnx.Module):
     return lm_logits(self.model, self.lm_head, self.model.norm(hidden))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, *, cache: KVCache | None = None,
+               position_ids: jax.Array | None = None, *, cache: KVCache | None = None, cache_empty: bool = False,
                output_hidden_states: bool = False, all_logits: bool = False) -> CausalLMOutput:
     """input_ids int[B, S]; position_ids default to `position_ids_from_mask(attention_mask)` (arange without one).
     Logits at each row's last real position, float32[B, 1, V], unless `all_logits` (float32[B, S, V]).
-    Empty input_ids, and concrete ids outside the vocabulary, raise ValueError (`models.checks`)."""
+    `cache_empty` as in `LlamaModel.run_layers`. Empty input_ids, and concrete ids outside the vocabulary, raise
+    ValueError (`models.checks`)."""
     checks.check_input_ids(input_ids, self.config.vocab_size)
     if position_ids is None:
       position_ids = default_positions(input_ids.shape, attention_mask)
     h, hidden_states, cache = self.model(self.model.embed(input_ids), position_ids, attention_mask, cache=cache,
-                                         output_hidden_states=output_hidden_states)
+                                         cache_empty=cache_empty, output_hidden_states=output_hidden_states)
     if all_logits:
       logits = lm_logits(self.model, self.lm_head, h)
     else:

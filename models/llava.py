@@ -292,7 +292,7 @@ class LlavaForConditionalGeneration(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
-               image_sizes: jax.Array | None = None, *, cache: llama.KVCache | None = None,
+               image_sizes: jax.Array | None = None, *, cache: llama.KVCache | None = None, cache_empty: bool = False,
                output_hidden_states: bool = False, all_logits: bool = False) -> LlavaOutput:
     """Full forward (see the module docstring for the pieces).
 
@@ -303,6 +303,7 @@ class LlavaForConditionalGeneration(nnx.Module):
       position_ids: int[B, S]; default cumsum(mask) - 1 (arange without a mask).
       image_sizes: ignored (LLaVA-1.5); accepted for a signature shared with LLaVA-NeXT.
       cache: optional `llama.KVCache` to write the keys/values into (prefill).
+      cache_empty: static promise that `cache` holds nothing yet (`llama.LlamaModel.run_layers`).
       output_hidden_states: also return the per-layer hidden states.
       all_logits: logits at every position (float32[B, S, V], transformers' default); otherwise only at each row's
         last real position (float32[B, 1, V], transformers' `logits_to_keep=1` for left padding), so the LM head
@@ -325,7 +326,7 @@ class LlavaForConditionalGeneration(nnx.Module):
     x = self.embed(input_ids, image_embeds)
     if position_ids is None:
       position_ids = llama.default_positions(input_ids.shape, attention_mask)
-    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache,
+    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
                                          collect_hidden=output_hidden_states)
     hidden_states = None
     if output_hidden_states:

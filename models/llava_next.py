@@ -246,7 +246,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
                image_sizes: jax.Array | None = None, *, layout: anyres.PackLayout | None = None,
-               cache: llama.KVCache | None = None, output_hidden_states: bool = False,
+               cache: llama.KVCache | None = None, cache_empty: bool = False, output_hidden_states: bool = False,
                all_logits: bool = False) -> LlavaNextOutput:
     """Full forward.
 
@@ -258,6 +258,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       image_sizes: int[I, 2] original (height, width) per image; concrete or traced (see module docstring).
       layout: precomputed `pack_layout(image_sizes)` (arrays); when given, `image_sizes` is not read.
       cache: optional `llama.KVCache` to write the keys/values into (prefill).
+      cache_empty: static promise that `cache` holds nothing yet (`llama.LlamaModel.run_layers`).
       output_hidden_states: also return the per-layer hidden states.
       all_logits: logits at every position float32[B, S, V]; otherwise at each row's last real one, float32[B, 1, V].
 
@@ -296,7 +297,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       x = self.embed(input_ids)
     if position_ids is None:
       position_ids = llama.default_positions(input_ids.shape, attention_mask)
-    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache,
+    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
                                          collect_hidden=output_hidden_states)
     hidden_states = None
     if output_hidden_states:

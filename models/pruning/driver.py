@@ -29,7 +29,9 @@ __all__ = ["forward", "greedy", "prefill", "decode_step", "prepare", "PrunedPref
 def _run(model, seq: sequence.Seq, start: int, stop: int, cache):
   if start == stop:
     return seq, cache
-  out = model.language_model.run_layers(seq.hidden, seq.positions, seq.mask, start=start, stop=stop, cache=cache)
+  # A prefill runs each layer once, so its layers' caches are still empty (causal attention skips hidden blocks).
+  out = model.language_model.run_layers(seq.hidden, seq.positions, seq.mask, start=start, stop=stop, cache=cache,
+                                        cache_empty=True)
   return seq._replace(hidden=out.hidden), out.cache
 
 

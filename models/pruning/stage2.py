@@ -20,6 +20,14 @@ Timing (`stage2_timing`; the driver's loop, this module's inputs). A step at lay
 Generation is exact under both: the cache of each layer holds the sequence that layer saw (the segment bounds are
 `prune_layer`), and a new token's position in a segment continues that segment's positions.
 
+What the attention rows cost. The rows are exact softmax rows of the scoring layer, computed from Q query rows
+(raters, the last token) against the S keys: O(Q S Dh) per head plus one k projection of the layer input, never the
+S x S map and never an eager layer. Under "before" timing the scoring layer never runs on the unpruned sequence (it
+runs on the pruned one), so no full-sequence attention call exists whose logsumexp residual
+(`jax.nn.dot_product_attention(..., return_residual=True)`) could normalise the rows: the normaliser over the S keys
+is the work a residual would have saved, and it is the same O(Q S) as the rows. For LLaVA-NeXT-7B at T = 320 the
+recomputed k projections of the two TOPS steps are 0.6% of the pruned prefill's FLOPs (BUILD.md "Speed").
+
 Text raters (`stage2_raters`, relevance "raters"): relevance = attention of the raters to the visual tokens at the
 scoring layer, mean over raters and heads (`relevance.text_rater_attention`); the modes differ in who rates.
 - "attention" (default): re-chosen at every step from that layer's attention, the text tokens after the image whose

@@ -1,0 +1,482 @@
+r"""End-to-end speed: vision tower, selection, prefill, decode and memory of pruned LLaVA, beside transformers.
+
+    python -m experiments.bench_e2e --shape=scaled-next                       # the issue's CPU shape
+    python -m experiments.bench_e2e --shape=llava-next-7b --dtype=bfloat16 --batch_sizes=1,8   # GPU
+    python -m experiments.bench_e2e --checkpoint=/ckpt/llava-v1.6-vicuna-7b-hf --dtype=bfloat16
+    python -m experiments.bench_e2e --smoke                                   # tiny shapes, one repeat (tests)
+
+One process builds the model (a local llava-hf checkpoint, or random weights at a named shape from `SHAPES`), and for
+each batch size, method and budget T (`models.pruning.method_config`, the official protocol) times, compiled and
+warm, median of --repeats calls after one warm-up call, `block_until_ready` on every output:
+
+  vision     the vision tower + projector of every crop (the same for every method; timed once per batch size)
+  selection  every selection pass of the method at the pipeline's shapes (Stage I over the packed candidates with
+             the projector width, each Stage II step over the previous step's tokens with the decoder width),
+             jitted `tops_jax.prune.select` calls, vmapped over the batch; methods that only merge or only run inside
+             the decoder have no entry. A lower bound of the in-pipeline cost (XLA may overlap inside the prefill).
+  prefill    the whole pruned prefill (`models.pruning.prefill` under one jit: tower, Stage I, decoder segments,
+             Stage II, the KV cache, last logits): the time to the first token
+  decode     per generated token (`models.pruning.decode` of --decode_tokens tokens, no stop token) / tokens
+  memory     XLA's `memory_analysis()` of the compiled prefill (arguments + outputs + temporaries; the weights are
+             arguments) and, on GPU, the device's peak bytes in use
+  compiles   XLA compilations inside the timed loops (must be 0: every shape compiles once, in the warm-up)
+
+Beside them, in the same process on the same inputs, transformers (PyTorch, sdpa attention) at the same shape and
+dtype with its own random weights (--torch): the unpruned prefill (`logits_to_keep=1`, with its KV cache) and
+decode, and the decoder at the pruned length text + T fed through `inputs_embeds` after the tower (what any one-shot
+pre-LLM pruner costs in PyTorch, selection excluded). Ratios are the claim (`speedup` columns); absolute times mean
+something only with the device named (printed in every row).
+
+Rows go to --output (JSONL, one per measurement) and a markdown table to stdout. FLOPs per row come from
+`experiments.flops` (decoder prefill at the row's tokens per layer).
+"""
+
+import copy
+import dataclasses
+import inspect
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import flops as flops_lib
+from experiments import plan
+from models import generate
+from models import llava
+from models import llava_next
+from models import loading
+from models import pruning
+from tops_jax import prune
+
+_SHAPE = flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (see SHAPES), unless --checkpoint.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+_METHODS = flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")
+_BUDGETS = flags.DEFINE_list("budgets", ["640"], "Budgets T (visual tokens, the papers' T).")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "method.name=value options of pruning.method_config, as the runner.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
+_DECODE = flags.DEFINE_integer("decode_tokens", 16, "Tokens generated for the per-token decode time.")
+_TEXT = flags.DEFINE_integer("text_tokens", 26, "Text tokens around the image (POPE's prompt is about 26).")
+_TORCH = flags.DEFINE_boolean("torch", True, "Time transformers (PyTorch, sdpa) beside it.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "Decoder attention schedule (models.attention).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL file for the rows.")
+_SMOKE = flags.DEFINE_boolean("smoke", False, "Tiny shape, one repeat, two decode tokens (for the tests).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
+
+_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+_VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              image_size=336, patch_size=14, projection_dim=768)
+_VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A random-weight model: transformers config fields of the two towers, the family and the image size."""
+  family: str                     # "llava-next" | "llava-1.5"
+  vision: dict[str, Any]
+  text: dict[str, Any]
+  image_size: tuple[int, int]     # (height, width) of every image; 672 x 672 is 5 crops on LLaVA-NeXT
+  pinpoints: tuple[tuple[int, int], ...] = _NEXT_PINPOINTS
+
+
+SHAPES = {
+    # The issue's CPU shape: CLIP 256 wide x 6 layers at 336 px, LLaMA 512 wide x 8 layers, one 672 x 672 image.
+    "scaled-next": Shape("llava-next", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                                            num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256),
+                         dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096),
+                         (672, 672)),
+    "llava-next-7b": Shape("llava-next", _VIT_L, _VICUNA_7B, (672, 672)),
+    "llava-1.5-7b": Shape("llava-1.5", _VIT_L, dict(_VICUNA_7B, vocab_size=32000), (336, 336), ()),
+    # Smoke: 56 px crops of 16 tokens (88 packed at 112 x 112), a narrow 32-layer decoder (the papers' schedules).
+    "tiny-next": Shape("llava-next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+                       dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+                       (112, 112), tuple((h // 6, w // 6) for h, w in _NEXT_PINPOINTS)),
+}
+
+
+def hf_config(shape: Shape):
+  """The transformers config of a random-weight shape (image token = the last id of the vocabulary)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  text = dict(shape.text)
+  vision = transformers.CLIPVisionConfig(**shape.vision)
+  text_config = transformers.LlamaConfig(**text)
+  image_token = text["vocab_size"] - 1
+  if shape.family == "llava-next":
+    return transformers.LlavaNextConfig(vision_config=vision, text_config=text_config, image_token_index=image_token,
+                                        image_grid_pinpoints=[list(p) for p in shape.pinpoints])
+  tokens = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
+  return transformers.LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=image_token,
+                                  image_seq_length=tokens)
+
+
+def build_jax(hf: dict[str, Any], dtype, seed: int):
+  """Our model with random weights, initialised on the device under jit (never materialised on the host)."""
+  family = loading._family(hf["model_type"])  # pylint: disable=protected-access
+  config = family.config.from_hf(hf)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def init():
+    return nnx.split(family.model(config, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: family.model(config, dtype=dtype, rngs=nnx.Rngs(seed))))
+  return nnx.merge(graphdef, init())
+
+
+@dataclasses.dataclass
+class Inputs:
+  ids: np.ndarray          # int32[B, S]
+  mask: np.ndarray         # bool[B, S]
+  pixels: np.ndarray       # float[B, P, 3, H, W] (NeXT) | float[B, 3, H, W]
+  sizes: np.ndarray        # int[B, 2]
+  text: int                # real text tokens per row
+  visual: int              # image tokens per row
+
+
+def make_inputs(model, batch: int, image_size: tuple[int, int], text_tokens: int, seed: int) -> Inputs:
+  """B identical-shape rows: a few text tokens, one image's <image> run, the rest of the text (a POPE-like prompt)."""
+  rng = np.random.default_rng(seed)
+  config = model.config
+  crop = config.vision.image_size
+  sizes = np.tile(np.asarray(image_size), (batch, 1))
+  if isinstance(model, llava_next.LlavaNextForConditionalGeneration):
+    layout = model.pack_layout(sizes)
+    visual = int(layout.counts[0])
+    crops = config.max_num_crops
+    pixels = rng.standard_normal((batch, crops, 3, crop, crop)).astype(np.float32)
+  else:
+    visual = config.max_image_tokens
+    pixels = rng.standard_normal((batch, 3, crop, crop)).astype(np.float32)
+  head = min(5, text_tokens)
+  text = rng.integers(3, config.image_token_id, size=(batch, text_tokens))
+  image = np.full((batch, visual), config.image_token_id)
+  ids = np.concatenate([text[:, :head], image, text[:, head:]], axis=1).astype(np.int32)
+  return Inputs(ids, np.ones(ids.shape, bool), pixels, sizes, text_tokens, visual)
+
+
+def _calls(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = jax.block_until_ready,
+           setup: Callable[[], Any] | None = None) -> tuple[float, Any]:
+  """Median seconds of `repeats` calls (each after an untimed `setup()` whose result it takes) and the last output."""
+  times, out = [], None
+  for _ in range(repeats):
+    arg = () if setup is None else (setup(),)
+    t0 = time.perf_counter()
+    out = sync(fn(*arg))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
+def _median_time(fn, repeats, sync=jax.block_until_ready, setup=None) -> tuple[float, Any]:
+  """One warm-up call (compiles, allocates), then `_calls`."""
+  sync(fn(*(() if setup is None else (setup(),))))
+  return _calls(fn, repeats, sync, setup)
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (jax.monitoring's compile-duration event) while active."""
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **kwargs):
+    del duration, kwargs
+    if self.active and event == self.EVENT:
+      self.count += 1
+
+  def timed(self, fn: Callable[[], Any], repeats: int) -> tuple[float, Any, int]:
+    """Warm-up call (compiles), then the median of `repeats` calls; returns (seconds, output, compiles in the loop)."""
+    jax.block_until_ready(fn())
+    self.count, self.active = 0, True
+    try:
+      seconds, out = _calls(fn, repeats)
+    finally:
+      self.active = False
+    return seconds, out, self.count
+
+
+def _family(model) -> str:
+  return "llava-next" if isinstance(model, llava_next.LlavaNextForConditionalGeneration) else "llava-1.5"
+
+
+def _configs(model, methods, budgets, overrides) -> list[tuple[str, int | None, pruning.PruningConfig]]:
+  runs = [("full", None, pruning.PruningConfig(method="tops"))]
+  layers = model.config.text.num_hidden_layers
+  for method in methods:
+    for t in budgets:
+      try:
+        runs.append((method, t, pruning.method_config(method, family=_family(model), target=t, num_layers=layers,
+                                                      **overrides.get(method, {}))))
+      except (pruning.NoProtocol, ValueError) as e:
+        print(f"skipped {method} T={t}: {e}")
+  return runs
+
+
+def _accepted(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+  """The hyperparameters `prune.select` takes (Stage I layouts also read their own, e.g. VisionZip's split)."""
+  out = {}
+  for k, v in hparams.items():
+    try:
+      prune.check_hparams(method, **{k: v})
+      out[k] = v
+    except ValueError:
+      pass
+  return out
+
+
+def selection_fn(config: pruning.PruningConfig, batch: int, candidates: int, crops: tuple[int, int],
+                 dims: tuple[int, int], dtype) -> Callable[[], Any] | None:
+  """Every selection pass of `config` at the pipeline's shapes (see the module docstring), or None.
+
+  candidates: packed image tokens per row; crops: (crops per image, tokens per crop) for the per-crop scopes, which
+  select budget // crops tokens in each crop; dims: (Stage I width, decoder width)."""
+  passes = []
+  if config.stage1_budget is not None and config.method in prune.METHODS:
+    hp = _accepted(config.method, dict(config.stage1_hparams))
+    if config.stage1_scope in ("global", "ratio"):
+      passes.append((config.method, batch, candidates, config.stage1_budget, dims[0], hp))
+    else:
+      passes.append((config.method, batch * crops[0], crops[1], config.stage1_budget // crops[0], dims[0], hp))
+  prev = config.stage1_budget or candidates
+  for _, keep in config.stage2:
+    if config.method2 in prune.METHODS:
+      passes.append((config.method2, batch, prev, keep, dims[1], _accepted(config.method2,
+                                                                            dict(config.stage2_hparams))))
+    prev = keep
+  if not passes:
+    return None
+  key = jax.random.key(0)
+  inputs = []
+  for i, (method, rows, n, keep, d, hp) in enumerate(passes):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    feats = jax.random.normal(k1, (rows, n, d), dtype)
+    rel = jax.nn.softmax(jax.random.normal(k2, (rows, n)), axis=-1)
+    needs = prune.needs_relevance(method, **hp)
+    inputs.append((method, feats, rel if needs else None, keep, hp))
+
+  def run():
+    return [prune.select(m, f, keep=k, relevance=r, key=key, **hp) for m, f, r, k, hp in inputs]
+  return run
+
+
+def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int, decode_tokens: int, device: str,
+             dtype) -> list[dict[str, Any]]:
+  """One row per (method, T) at this batch size, plus the vision tower row."""
+  b = inputs.ids.shape[0]
+  text = model.config.text
+  layout = model.layout(inputs.sizes, b) if isinstance(model, llava_next.LlavaNextForConditionalGeneration) else None
+  pixels = jnp.asarray(inputs.pixels, dtype)
+  encode = jax.jit(lambda m, p: m.project(m.encode_images(p, cls_attention=False).features))
+  vision_s, _, vision_compiles = counter.timed(lambda: encode(model, pixels), repeats)
+  rows = [dict(impl="jax", part="vision", batch=b, vision_ms=vision_s * 1e3, compiles=vision_compiles,
+               device=device)]
+  ids, mask = jnp.asarray(inputs.ids), jnp.asarray(inputs.mask)
+  full_prefill = None
+  for name, t, config in runs:
+    common = dict(layout=layout, max_new_tokens=decode_tokens, text_len=inputs.text, visual_len=inputs.visual)
+    run_prefill = jax.jit(lambda m, i, k, p, config=config, common=common: pruning.prefill(
+        m, config, i, k, pixel_values=p, **common))
+    memory = run_prefill.lower(model, ids, mask, pixels).compile().memory_analysis()
+    prefill_s, start, prefill_compiles = counter.timed(lambda: run_prefill(model, ids, mask, pixels), repeats)
+    decode = lambda: pruning.decode(model, config, start, max_new_tokens=decode_tokens)
+    decode_s, out, decode_compiles = counter.timed(decode, repeats)
+    tokens = np.asarray(start.extra.tokens_per_layer).mean(axis=0)
+    crops = (inputs.pixels.shape[1] if inputs.pixels.ndim == 5 else 1, model.config.vision.num_patches)
+    select = selection_fn(config, b, inputs.visual, crops, (text.hidden_size, text.hidden_size), dtype)
+    select_s, select_compiles = None, 0
+    if select is not None:
+      select_s, _, select_compiles = counter.timed(select, repeats)
+    row = dict(impl="jax", part="pipeline", method=name, T=t, batch=b, device=device,
+               prefill_ms=prefill_s * 1e3, decode_ms_per_token=decode_s * 1e3 / decode_tokens,
+               selection_ms=None if select_s is None else select_s * 1e3,
+               tokens_per_layer=[float(x) for x in tokens],
+               prefill_flops=flops_lib.decoder_prefill_flops(text, tokens.tolist(), lm_head_positions=1),
+               memory_bytes=_memory_bytes(memory), device_peak_bytes=_device_peak(),
+               compiles=prefill_compiles + decode_compiles + select_compiles,
+               generated=int(np.asarray(out.num_tokens).min()))
+    if name == "full":
+      full_prefill = row["prefill_ms"]
+    row["speedup_vs_full"] = full_prefill / row["prefill_ms"] if full_prefill else None
+    rows.append(row)
+  return rows
+
+
+def _memory_bytes(memory) -> int | None:
+  if memory is None:
+    return None
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+             - memory.alias_size_in_bytes)
+
+
+def _device_peak() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def torch_rows(hf_cfg, family: str, inputs: Inputs, kept: list[int | None], repeats: int, decode_tokens: int,
+               dtype_name: str, seed: int, checkpoint: str | None) -> list[dict[str, Any]]:
+  """transformers (sdpa) prefill/decode unpruned, and its decoder at text + T tokens for each T in `kept`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  cuda = torch.cuda.is_available()
+  dev = torch.device("cuda" if cuda else "cpu")
+  dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[dtype_name]
+  torch.manual_seed(seed)
+  next_family = family == "llava-next"
+  cls = transformers.LlavaNextForConditionalGeneration if next_family else transformers.LlavaForConditionalGeneration
+  if checkpoint:
+    model = cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+  else:
+    hf_cfg._attn_implementation = "sdpa"  # pylint: disable=protected-access
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+      with dev:
+        model = cls(hf_cfg)
+    finally:
+      torch.set_default_dtype(previous)
+  model = model.to(dev).eval()
+  sync = (lambda out: (torch.cuda.synchronize(), out)[1]) if cuda else (lambda out: out)
+  b = inputs.ids.shape[0]
+  ids = torch.tensor(inputs.ids, device=dev)
+  mask = torch.tensor(inputs.mask, device=dev).long()
+  pixels = torch.tensor(inputs.pixels, device=dev, dtype=dtype)
+  extra = dict(image_sizes=torch.tensor(inputs.sizes, device=dev)) if next_family else {}
+  device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+  rows = []
+  with torch.inference_mode():
+    if cuda:
+      torch.cuda.reset_peak_memory_stats()
+    prefill = lambda: model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True,
+                            logits_to_keep=1, **extra)
+    prefill_s, out = _median_time(prefill, repeats, sync)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    # transformers >= 5.2x names the KV cache `cache` (argument and output); older releases `past_key_values`.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def decode(cache):
+      tok, m = out.logits[:, -1].argmax(-1), mask
+      for _ in range(decode_tokens):
+        m = torch.cat([m, torch.ones((b, 1), dtype=m.dtype, device=dev)], dim=1)
+        step = model(input_ids=tok[:, None], attention_mask=m, use_cache=True, **{name: cache})
+        cache, tok = getattr(step, name), step.logits[:, -1].argmax(-1)
+      return tok
+
+    # The cache grows in place: every call starts from an untimed copy of the prefill's.
+    decode_s, _ = _median_time(decode, repeats, sync, setup=lambda: copy.deepcopy(getattr(out, name)))
+    rows.append(dict(impl="torch", part="pipeline", method="full", T=None, batch=b, device=device,
+                     prefill_ms=prefill_s * 1e3, decode_ms_per_token=decode_s * 1e3 / decode_tokens,
+                     device_peak_bytes=peak))
+    vision = lambda: model.model.get_image_features(pixel_values=pixels, **extra)
+    vision_s, _ = _median_time(vision, repeats, sync)
+    rows.append(dict(impl="torch", part="vision", batch=b, vision_ms=vision_s * 1e3, device=device))
+    lm = model.model.language_model
+    width = lm.config.hidden_size
+    for t in sorted({k for k in kept if k is not None}):
+      embeds = torch.randn((b, inputs.text + t, width), device=dev, dtype=dtype)
+      decoder = lambda embeds=embeds: model.lm_head(lm(inputs_embeds=embeds, use_cache=True).last_hidden_state[:, -1:])
+      dec_s, _ = _median_time(decoder, repeats, sync)
+      rows.append(dict(impl="torch", part="decoder_at_T", method="one-shot", T=t, batch=b, device=device,
+                       decoder_ms=dec_s * 1e3, prefill_ms=(dec_s + vision_s) * 1e3))
+  return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """The markdown table of a run: one line per pipeline row, vision rows folded into a note."""
+  head = ["impl", "method", "T", "B", "vision ms", "selection ms", "prefill ms", "decode ms/token", "GFLOPs",
+          "memory MB", "x full (jax)", "x full (torch)", "compiles"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)
+  torch_full = {r["batch"]: r["prefill_ms"] for r in rows if r["impl"] == "torch" and r.get("method") == "full"}
+  vision = {(r["impl"], r["batch"]): r["vision_ms"] for r in rows if r["part"] == "vision"}
+  for r in rows:
+    if r["part"] == "vision":
+      continue
+    tf = torch_full.get(r["batch"])
+    lines.append("| " + " | ".join([
+        r["impl"], r["method"] + (" (decoder at T)" if r["part"] == "decoder_at_T" else ""), fmt(r["T"], "{}"),
+        str(r["batch"]), fmt(vision.get((r["impl"], r["batch"]))), fmt(r.get("selection_ms")),
+        fmt(r.get("prefill_ms")), fmt(r.get("decode_ms_per_token"), "{:.2f}"),
+        fmt(None if r.get("prefill_flops") is None else r["prefill_flops"] / 1e9, "{:.3g}"),
+        fmt(None if r.get("memory_bytes") is None else r["memory_bytes"] / 2**20, "{:.0f}"),
+        fmt(r.get("speedup_vs_full"), "{:.2f}"),
+        fmt(None if tf is None or r.get("prefill_ms") is None else tf / r["prefill_ms"], "{:.2f}"),
+        fmt(r.get("compiles"), "{}")]) + " |")
+  return "\n".join(lines)
+
+
+def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budgets, batch_sizes, repeats: int,
+        decode_tokens: int, text_tokens: int, with_torch: bool, seed: int, attention: str = "auto",
+        overrides=(), output: str | None = None) -> list[dict[str, Any]]:
+  """The whole benchmark (see the module docstring); returns the rows."""
+  dtype = jnp.dtype(dtype_name)
+  if checkpoint:
+    model = loading.load_pretrained(checkpoint, dtype=dtype)
+    hf_cfg, image_size = None, (672, 672)
+  else:
+    if shape_name not in SHAPES:
+      raise ValueError(f"unknown --shape {shape_name!r}; known: {', '.join(SHAPES)}")
+    shape = SHAPES[shape_name]
+    hf_cfg = hf_config(shape)
+    model = build_jax(hf_cfg.to_dict(), dtype, seed)
+    image_size = shape.image_size
+  model.language_model.attention_impl = attention
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+  print(f"device: {device}; jax {jax.__version__}; shape {checkpoint or shape_name}; {dtype_name}")
+  counter = CompileCounter()
+  runs = _configs(model, methods, budgets, plan.parse_overrides(overrides))
+  rows = []
+
+  def keep(new_rows):   # written as measured: a run cut short (a device time limit) keeps what it measured
+    rows.extend(new_rows)
+    if output:
+      with open(output, "a", encoding="utf-8") as f:
+        for r in new_rows:
+          f.write(json.dumps(dict(r, shape=checkpoint or shape_name, dtype=dtype_name)) + "\n")
+    print(table(new_rows), flush=True)
+
+  for b in batch_sizes:
+    inputs = make_inputs(model, b, image_size, text_tokens, seed)
+    print(f"batch {b}: {inputs.ids.shape[1]} tokens per row ({inputs.visual} image tokens)", flush=True)
+    keep(jax_rows(model, inputs, runs, counter, repeats, decode_tokens, device, dtype))
+    if with_torch:
+      keep(torch_rows(hf_cfg, _family(model), inputs, [t for _, t, _ in runs], repeats, decode_tokens, dtype_name,
+                      seed, checkpoint))
+  print(table(rows))
+  return rows
+
+
+def main(argv):
+  del argv
+  if _SMOKE.value:
+    smoke()
+    return
+  run(_SHAPE.value, _CHECKPOINT.value, _DTYPE.value, _METHODS.value, [int(t) for t in _BUDGETS.value],
+      [int(b) for b in _BATCH_SIZES.value], _REPEATS.value, _DECODE.value, _TEXT.value, _TORCH.value, _SEED.value,
+      _ATTENTION.value, _OVERRIDES.value, _OUTPUT.value)
+
+
+def smoke(output: str | None = None, with_torch: bool = True) -> list[dict[str, Any]]:
+  """Tiny shape, one repeat, two decode tokens, batch 1 and 2 (T = 40 has no paper Stage II setting: TOPS takes
+  the 640-token one)."""
+  return run("tiny-next", None, "float32", ["tops", "visionzip", "divprune"], [40], [1, 2], 1, 2, 26, with_torch, 0,
+             overrides=["tops.stage2_alpha=0.5", "tops.stage2_lam=0.5"], output=output)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the speed issue in one run (BUILD.md "Speed"), for a lent device with a system Python that
+# has jax (CUDA), flax, transformers and torch. From the repository root:
+#
+#   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh            # LLaVA-NeXT-7B shapes, bf16, random weights
+#   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh --smoke    # tiny shapes on any machine (checks the script)
+#
+# Writes $OUT/device.txt, $OUT/select.jsonl (selection passes alone), $OUT/e2e.jsonl + $OUT/e2e.md (the pipeline
+# beside transformers). Rows are appended as they are measured, so a run cut short keeps what it measured. The
+# cheapest and most important rows come first: batch 1, then batch 8.
+set -euo pipefail
+OUT=${OUT:-runs/gpu}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+  $PY -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+if [[ "${1:-}" == "--smoke" ]]; then
+  $PY -m experiments.bench_select --n=96 --keep=32 --d=64 --methods=tops,divprune --dtypes=float32 --eager= \
+      --repeats=1 --output="$OUT/select.jsonl"
+  $PY -m experiments.bench_e2e --smoke --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
+  exit 0
+fi
+# TOPS at T=320 on NeXT-7B runs 2880 -> 640, 640 -> 320, 320 -> 80: every pass, bf16 and float32 features.
+$PY -m experiments.bench_select --n=2880,640,320 --keep=640,320,80 --d=4096 --methods=tops,divprune,visionzip \
+    --dtypes=bfloat16,float32 --eager= --repeats=5 --output="$OUT/select.jsonl"
+$PY -m experiments.bench_e2e --shape=llava-next-7b --dtype=bfloat16 --methods=tops,visionzip --budgets=320 \
+    --batch_sizes=1,8 --repeats=5 --decode_tokens=32 --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
