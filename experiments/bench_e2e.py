@@ -447,7 +447,8 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
     if output:
       with open(output, "a", encoding="utf-8") as f:
         for r in new_rows:
-          f.write(json.dumps(dict(r, shape=checkpoint or shape_name, dtype=dtype_name)) + "\n")
+          f.write(json.dumps(dict(r, shape=checkpoint or shape_name, dtype=dtype_name,
+                                  attention=attention if r["impl"] == "jax" else "sdpa")) + "\n")
     print(table(new_rows), flush=True)
 
   for b in batch_sizes:

@@ -7,8 +7,10 @@ Every attention in the decoder is `jax.nn.dot_product_attention`; what changes w
 S x Sk score matrix one call sees:
 
 - "xla": one call over the whole sequence with a bool[B, 1, S, Sk] mask (XLA's fused attention on GPU/TPU).
-- "cudnn": the same call with implementation="cudnn" (flash attention on NVIDIA GPUs; cuDNN supports a subset of
-  shapes and dtypes and raises otherwise).
+- "cudnn": implementation="cudnn" (flash attention on NVIDIA GPUs; cuDNN supports a subset of shapes and dtypes
+  and raises otherwise). cuDNN takes no arbitrary mask: a causal prefill passes is_causal plus per-row lengths,
+  which is exact for rows whose real tokens come first (no padding, or right padding); left-padded batches must use
+  "xla". Unverified here (no GPU was lent; `scripts/gpu_bench.sh` checks it against "xla" first).
 - "blocked": for a causal prefill (`causal`), queries in blocks of C rows, each block against only the keys it can
   see ([0, end of block), or the sliding window), one call per (row, key/value head) under `lax.map`. XLA:CPU does not
   fuse the score matmul with the softmax, so one call over the whole sequence writes and re-reads the f32
@@ -27,7 +29,7 @@ its own slot (see `visible`).
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLEMENTATIONS", "resolve", "visible", "causal", "masked", "BLOCK"]
+__all__ = ["IMPLEMENTATIONS", "resolve", "visible", "causal", "masked", "with_cache", "BLOCK"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blocked")
 BLOCK = 512     # query rows per block; 256-1024 measured within 15% of each other on the 2-core CPU (BUILD.md)
@@ -65,6 +67,32 @@ def masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
   return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
 
 
+def with_cache(q: jax.Array, k_old: jax.Array, v_old: jax.Array, old_visible: jax.Array, k_new: jax.Array,
+               v_new: jax.Array, new_visible: jax.Array, implementation: str = "auto") -> jax.Array:
+  """Attention of S new tokens over W cached slots and over themselves, without writing them into the cache first.
+
+  q float[B, S, H, Dh]; k_old/v_old float[B, W, Hkv, Dh] with old_visible bool[B, 1, S, W]; k_new/v_new
+  float[B, S, Hkv, Dh] with new_visible bool[B, 1, S, S] (every query sees its own slot, so this part is never
+  empty) -> float[B, S, H, Dh]. Two `jax.nn.dot_product_attention` calls return their logsumexp residuals; the
+  softmax over the union of the keys is their outputs weighted by exp(lse_part - lse_union), exactly. A query that
+  sees no cached slot gets weight 0 from that part.
+  """
+  resolve(implementation)     # cuDNN takes no arbitrary mask: both parts are XLA's call on every backend
+  dtype = q.dtype
+  o_old, lse_old = jax.nn.dot_product_attention(q, k_old.astype(dtype), v_old.astype(dtype), mask=old_visible,
+                                                return_residual=True)
+  o_new, lse_new = jax.nn.dot_product_attention(q, k_new.astype(dtype), v_new.astype(dtype), mask=new_visible,
+                                                return_residual=True)
+  seen = jnp.any(old_visible, axis=-1).transpose(0, 2, 1)               # [B, S, 1]: broadcasts over heads
+  lse_old = jnp.where(seen, lse_old.astype(jnp.float32), -jnp.inf)
+  lse_new = lse_new.astype(jnp.float32)
+  top = jnp.maximum(lse_old, lse_new)
+  w_old, w_new = jnp.exp(lse_old - top)[..., None], jnp.exp(lse_new - top)[..., None]
+  o_old = jnp.where(seen[..., None], o_old.astype(jnp.float32), 0.0)
+  out = (o_old * w_old + o_new.astype(jnp.float32) * w_new) / (w_old + w_new)
+  return out.astype(dtype)
+
+
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, sliding_window: int | None = None,
            implementation: str = "auto", block: int | None = None) -> jax.Array:
   """Causal self-attention of a fresh sequence (the query at index s sits in slot s, keys are the same tokens).
@@ -76,6 +104,12 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, slidin
   block = BLOCK if block is None else block
   b, s, h, dh = q.shape
   slots = jnp.arange(s)
+  if impl == "cudnn":
+    lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                        local_window_size=window, implementation="cudnn")
   if impl != "blocked" or s <= block:
     return masked(q, k, v, visible(slots, slots, valid, sliding_window), impl)
   hkv = k.shape[2]

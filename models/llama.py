@@ -38,8 +38,8 @@ KV cache (`KVCache`, preallocated, static capacity W)
 A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each layer it runs, attends over all W slots
 (masked) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
 layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
-at that layer's own `end`. Writing past W cannot raise under jit (indices clamp): size W for prompt + new tokens
-(`models.generate` does). RoPE positions are independent of slots: the caller passes them.
+at that layer's own `end`. Writing past W cannot raise under jit (the writes past W are dropped): size W for
+prompt + new tokens (`models.generate` does). RoPE positions are independent of slots: the caller passes them.
 
 (Over 400 lines on purpose, like transformers' modeling_llama.py: config, RoPE, masks, layer, decoder, KV cache and
 the checkpoint table are one port whose numerics are checked together against transformers.)
@@ -396,30 +396,36 @@ class LlamaModel(nnx.Module):
     if cache_empty and t > cache.capacity:
       raise ValueError(f"{t} tokens do not fit a cache of {cache.capacity} slots")
     ends = jnp.zeros((stop - start,), jnp.int32) if cache_empty else cache.end[start:stop]
-    seg_valid = jax.vmap(lambda vl, e: jax.lax.dynamic_update_slice(vl, valid, (0, e)))(cache.valid[start:stop], ends)
+    old_valid = cache.valid[start:stop]
+    seg_valid = jax.vmap(lambda vl, e: jax.lax.dynamic_update_slice(vl, valid, (0, e)))(old_valid, ends)
     new_valid = cache.valid.at[start:stop].set(seg_valid)
+    new_visible = attention.visible(jnp.arange(t), jnp.arange(t), valid, window)
 
-    def cached_body(carry, xs):
-      h, k_all, v_all = carry
-      layer_state, end, l, key_valid = xs
+    # The cache is read, never carried: each layer attends over its cached slots (read-only) and the S new tokens,
+    # the two parts merged through their logsumexps; the new keys/values leave the scan and are scattered into the
+    # cache once, so a decode step writes B x S slots per layer instead of copying the cache in every layer.
+    def cached_body(h, xs):
+      layer_state, k_old, v_old, end, valid_old = xs
       layer = nnx.merge(graphdef, layer_state)
       if cache_empty:
         q, k, v, heads = self_attention(layer, h)
       else:
         q, k, v = layer.qkv(h, cos, sin)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (l, 0, end, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (l, 0, end, 0, 0))
-      if not cache_empty:
-        keys = jax.lax.dynamic_index_in_dim(k_all, l, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(v_all, l, keepdims=False)
-        mask = make_attention_mask(end + jnp.arange(t), key_valid, window)
-        heads = attention.masked(q, keys, values, mask, impl)
-      return (layer.finish(h, heads), k_all, v_all), h if collect_hidden else None
+        old_visible = valid_old[:, None, None, :]                # cached slots are all before the new tokens
+        if window is not None:
+          delta = (end + jnp.arange(t))[:, None] - jnp.arange(cache.capacity)[None, :]
+          old_visible = old_visible & (delta < window)[None, None]
+        heads = attention.with_cache(q, k_old, v_old, old_visible, k, v, new_visible, impl)
+      return layer.finish(h, heads), (k, v, h if collect_hidden else None)
 
-    xs = (state, ends, jnp.arange(start, stop), seg_valid)
-    (x, k_all, v_all), inputs = jax.lax.scan(cached_body, (x, cache.k, cache.v), xs)
-    new_end = (cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t))
-    new_cache = KVCache(k=k_all, v=v_all, valid=new_valid, end=new_end)
+    xs = ((state, ends, ends, ends, ends) if cache_empty else
+          (state, cache.k[start:stop], cache.v[start:stop], ends, old_valid))
+    x, (ks, vs, inputs) = jax.lax.scan(cached_body, x, xs)
+    where = (jnp.arange(start, stop)[:, None, None], jnp.arange(b)[None, :, None],
+             (ends[:, None] + jnp.arange(t)[None, :])[:, None, :])             # [Lseg, B, S] layer, row, slot
+    new_cache = KVCache(k=cache.k.at[where].set(ks.astype(cache.k.dtype), mode="drop"),
+                        v=cache.v.at[where].set(vs.astype(cache.v.dtype), mode="drop"), valid=new_valid,
+                        end=cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t))
     return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
 
   def query_keys(self, layer: int, x: jax.Array, positions: jax.Array,

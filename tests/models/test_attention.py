@@ -107,3 +107,21 @@ def test_blocked_decoder_matches_transformers(tmp_path, monkeypatch, text, overr
   np.testing.assert_array_equal(np.asarray(fresh.cache.valid), np.asarray(general.cache.valid))
   np.testing.assert_array_equal(np.asarray(fresh.cache.end), np.asarray(general.cache.end))
   assert int(fresh.cache.end[0]) == 260
+
+
+def test_with_cache_merges_to_one_softmax_over_both_parts():
+  """Cached slots + new tokens through two calls merged by their logsumexps == one call over the concatenated keys;
+  row 1 sees no cached slot at all (its cache part gets weight 0)."""
+  rng = np.random.default_rng(2)
+  b, w, s, h, hkv, dh = 2, 11, 3, 4, 2, 8
+  q = rng.standard_normal((b, s, h, dh)).astype(np.float32)
+  k_old, v_old = (rng.standard_normal((b, w, hkv, dh)).astype(np.float32) for _ in range(2))
+  k_new, v_new = (rng.standard_normal((b, s, hkv, dh)).astype(np.float32) for _ in range(2))
+  old_visible = np.zeros((b, 1, s, w), bool)
+  old_visible[0, 0, :, :7] = True
+  old_visible[0, 0, 2, 0] = False                       # a per-query difference (a sliding window's edge)
+  new_visible = np.asarray(attention.visible(jnp.arange(s), jnp.arange(s), jnp.ones((b, s), bool), None))
+  got = attention.with_cache(q, k_old, v_old, old_visible, k_new, v_new, new_visible)
+  want = jax.nn.dot_product_attention(q, np.concatenate([k_old, k_new], 1), np.concatenate([v_old, v_new], 1),
+                                      mask=np.concatenate([old_visible, new_visible], -1))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6)
