@@ -49,6 +49,17 @@ def test_matches_reference(n, d, keep, seed):
   assert np.all(valid[np.asarray(got)])
 
 
+@pytest.mark.parametrize("combine", ["multiply", "add"])
+def test_dense_engine_matches_reference(combine):
+  # The default engine carries the coverage gain; the dense one, kept for comparisons, recomputes it every step.
+  rng = np.random.default_rng(17)
+  x = rng.normal(size=(50, 8)).astype(np.float32)
+  rel = rng.uniform(0.05, 1.0, size=50).astype(np.float32)
+  valid = valid_mask(rng, 50, 15)
+  got = prune.select_order("scope", x, keep=15, relevance=rel, valid=valid, combine=combine, engine="dense")
+  np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, 15, combine=combine))
+
+
 @pytest.mark.parametrize("alpha,combine", [(0.5, "multiply"), (2.0, "multiply"), (1.0, "add")])
 def test_alpha_and_combine_match_reference(alpha, combine):
   rng = np.random.default_rng(31)
@@ -113,3 +124,7 @@ def test_bad_arguments_raise():
     prune.select("scope", x, keep=2)
   with pytest.raises(ValueError, match="combine"):
     prune.select("scope", x, keep=2, relevance=np.ones(8, np.float32), combine="max")
+  with pytest.raises(ValueError, match="engine must be one of"):
+    prune.select("scope", x, keep=2, relevance=np.ones(8, np.float32), engine="sparse")
+  with pytest.raises(ValueError, match="chunk must be a positive int"):
+    prune.select("scope", x, keep=2, relevance=np.ones(8, np.float32), chunk=-4)

@@ -97,6 +97,15 @@ def test_matches_numpy_reference(seed, n, d, keep, normalize):
   check_greedy_rule(got, features, relevance, valid, keep, normalize=normalize)
 
 
+@pytest.mark.parametrize("normalize", ["mean", "minmax", "none"])
+def test_dense_engine_matches_numpy_reference(normalize):
+  # The default engine carries the coverage gain; the dense one, kept for comparisons, recomputes it every step.
+  features, relevance, valid = _inputs(8, 45, 8, masked=True)
+  got = prune.select_order("tops", features, keep=20, relevance=relevance, valid=valid, normalize=normalize,
+                           engine="dense")
+  check_greedy_rule(got, features, relevance, valid, 20, normalize=normalize)
+
+
 @pytest.mark.parametrize("normalize", ["mean", "minmax"])
 def test_run_to_exhaustion_follows_the_greedy_rule(normalize):
   features, relevance, valid = _inputs(3, 48, 3)
@@ -201,6 +210,10 @@ def test_bad_criteria_and_missing_relevance():
     prune.select("tops", features, keep=3)
   with pytest.raises(ValueError, match="normalize must be"):
     prune.select("tops", features, keep=3, relevance=relevance, normalize="zscore")
+  with pytest.raises(ValueError, match="engine must be one of"):
+    prune.select("tops", features, keep=3, relevance=relevance, engine="sparse")
+  with pytest.raises(ValueError, match="chunk must be a positive int"):
+    prune.select("tops", features, keep=3, relevance=relevance, chunk=0)
 
 
 def test_alpha_sweep_does_not_recompile():
