@@ -11,14 +11,17 @@ S x Sk score matrix one call sees:
   and raises otherwise). cuDNN takes no arbitrary mask: a causal prefill passes is_causal plus per-row lengths,
   which is exact for rows whose real tokens come first (no padding, or right padding); left-padded batches must use
   "xla". Unverified here (no GPU was lent; `scripts/gpu_bench.sh` checks it against "xla" first).
-- "blocked": for a causal prefill (`causal`), queries in blocks of C rows, each block against only the keys it can
-  see ([0, end of block), or the sliding window), one call per (row, key/value head) under `lax.map`. XLA:CPU does not
-  fuse the score matmul with the softmax, so one call over the whole sequence writes and re-reads the f32
-  [B, H, S, Sk] scores in memory (8 heads x 2,954^2 x 4 bytes = 280 MB per layer, 0.42 s per layer on this project's
-  2-core CPU against 0.05 s for PyTorch's CPU flash kernel); a block of C x Sk scores per head stays in cache, and the
-  blocks the causal mask hides entirely are never computed (about half the work). Same numbers as "xla" up to float
-  rounding (the softmax of each row sees exactly the same keys). The general masked case (a cache with earlier
-  slots, decoding) takes the "xla" call.
+- "blocked" (the CPU schedule of a causal prefill, `causal`): flash attention written in jax.numpy. Queries in
+  blocks of C rows (the G query heads of one key/value head stacked), each block against only the keys it can see
+  ([0, end of block), or the sliding window) in tiles of C keys, with a running max and denominator (online
+  softmax), one (row, key/value head) at a time under `lax.map`. Why not `jax.nn.dot_product_attention` here: XLA:CPU
+  does not fuse the score matmul with the softmax, so one call over the whole sequence writes and re-reads the f32
+  [B, H, S, Sk] scores (8 heads x 2,954^2 x 4 bytes = 280 MB per layer: 0.42 s per layer on this project's 2-core
+  CPU, PyTorch's CPU flash kernel 0.05 s); calling it per query block and head is 0.15 s, and per tile with its
+  logsumexp residuals merged 0.15 s too, while this loop is 0.08 s (BUILD.md "Speed"): its C x C tiles stay in
+  cache and the tiles the causal mask hides are never computed. Same numbers as "xla" up to float rounding (every
+  row's softmax sees exactly the same keys; tests/models/test_attention.py). The general masked case (a cache with
+  earlier slots: decoding) takes the "xla" call.
 - "auto": "blocked" on CPU, "xla" elsewhere.
 
 Masks are built from slots, never passed in as S x Sk tensors: a key slot is visible to a query when it holds a real
@@ -29,10 +32,10 @@ its own slot (see `visible`).
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLEMENTATIONS", "resolve", "visible", "causal", "masked", "with_cache", "BLOCK"]
+__all__ = ["IMPLEMENTATIONS", "resolve", "visible", "causal", "bidirectional", "masked", "with_cache", "BLOCK"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blocked")
-BLOCK = 512     # query rows per block; 256-1024 measured within 15% of each other on the 2-core CPU (BUILD.md)
+BLOCK = 512     # query rows per block and keys per tile ("blocked"); 256 and 1024 within 5% on the 2-core CPU
 
 
 def resolve(implementation: str) -> str:
@@ -60,11 +63,35 @@ def visible(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
   return ((key_valid[:, None, :] & allowed[None]) | (delta == 0)[None])[:, None]
 
 
-def masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "auto") -> jax.Array:
+def masked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           implementation: str = "auto") -> jax.Array:
   """One `jax.nn.dot_product_attention` call: q float[B, S, H, Dh], k/v float[B, Sk, Hkv, Dh], mask bool[B, 1, S, Sk]
-  -> float[B, S, H, Dh]."""
+  (None: every key) -> float[B, S, H, Dh]."""
   impl = "cudnn" if resolve(implementation) == "cudnn" else None
   return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
+
+
+def bidirectional(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                  implementation: str = "auto") -> jax.Array:
+  """Unmasked (or masked) attention over all keys, the vision tower's: q/k/v float[B, S, H, Dh] -> float[B, S, H, Dh].
+
+  "blocked" without a mask and S <= 2 * BLOCK: one (row, head) at a time under `lax.map`, its S x S scores in cache
+  (CLIP's 577 tokens x 4 heads x 5 crops: 21 ms per layer against 45 ms for one call on the 2-core CPU); otherwise
+  one `jax.nn.dot_product_attention` call.
+  """
+  impl = resolve(implementation)
+  b, s, h, dh = q.shape
+  if impl != "blocked" or mask is not None or s > 2 * BLOCK or k.shape[2] != h:
+    return masked(q, k, v, mask, "xla" if impl == "blocked" else impl)
+  heads = lambda a: a.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * h, s, dh)
+
+  def one(xs):
+    qi, ki, vi = xs
+    logits = jnp.dot(qi * jnp.asarray(dh ** -0.5, qi.dtype), ki.T, preferred_element_type=jnp.float32)
+    return jnp.dot(jax.nn.softmax(logits, axis=-1).astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+
+  out = jax.lax.map(one, (heads(q), heads(k), heads(v))).astype(q.dtype)
+  return out.reshape(b, h, s, dh).transpose(0, 2, 1, 3)
 
 
 def with_cache(q: jax.Array, k_old: jax.Array, v_old: jax.Array, old_visible: jax.Array, k_new: jax.Array,
@@ -98,7 +125,7 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, slidin
   """Causal self-attention of a fresh sequence (the query at index s sits in slot s, keys are the same tokens).
 
   q float[B, S, H, Dh], k/v float[B, S, Hkv, Dh], valid bool[B, S] real tokens -> float[B, S, H, Dh]. block: query
-  rows per block of the "blocked" schedule (default the module's `BLOCK`, read at call time).
+  rows per block and keys per tile of the "blocked" schedule (default the module's `BLOCK`, read at call time).
   """
   impl = resolve(implementation)
   block = BLOCK if block is None else block
@@ -114,23 +141,54 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, slidin
     return masked(q, k, v, visible(slots, slots, valid, sliding_window), impl)
   hkv = k.shape[2]
   g = h // hkv
-  k, v = k.astype(q.dtype), v.astype(q.dtype)
-  # [B * Hkv, S, G, Dh] query groups and [B * Hkv, S, 1, Dh] their key/value head: one small call per element.
-  qg = q.reshape(b, s, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b * hkv, s, g, dh)
-  kg = k.transpose(0, 2, 1, 3).reshape(b * hkv, s, 1, dh)
-  vg = v.transpose(0, 2, 1, 3).reshape(b * hkv, s, 1, dh)
+  # One element per (row, key/value head): its G query heads stacked as G x C query rows of each block.
+  qg = q.reshape(b, s, hkv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b * hkv, g, s, dh)
+  kg = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * hkv, s, dh)
+  vg = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * hkv, s, dh)
   validg = jnp.repeat(valid, hkv, axis=0)
   outs = []
-  for lo_q in range(0, s, block):
-    hi = min(s, lo_q + block)
-    lo_k = 0 if sliding_window is None else max(0, lo_q - sliding_window + 1)
-    q_slots, k_slots = jnp.arange(lo_q, hi), jnp.arange(lo_k, hi)
+  for lo in range(0, s, block):
+    hi = min(s, lo + block)
+    lo_k = 0 if sliding_window is None else max(0, lo - sliding_window + 1)
 
-    def one(xs, lo_q=lo_q, hi=hi, lo_k=lo_k, q_slots=q_slots, k_slots=k_slots):
+    def one(xs, lo=lo, hi=hi, lo_k=lo_k):
       qi, ki, vi, vali = xs
-      mask = visible(q_slots, k_slots, vali[None, lo_k:hi], sliding_window)
-      return jax.nn.dot_product_attention(qi[None, lo_q:hi], ki[None, lo_k:hi], vi[None, lo_k:hi], mask=mask)[0]
+      return _online_softmax(qi[:, lo:hi], ki, vi, vali, lo, hi, lo_k, sliding_window, block)
 
     outs.append(jax.lax.map(one, (qg, kg, vg, validg)))
-  out = jnp.concatenate(outs, axis=1)                          # [B * Hkv, S, G, Dh]
-  return out.reshape(b, hkv, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh)
+  out = jnp.concatenate(outs, axis=2)                          # [B * Hkv, G, S, Dh]
+  return out.reshape(b, hkv, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h, dh)
+
+
+_MASKED = -1e30     # finite: a tile a row cannot see gives exp(_MASKED - max) = 0, never inf - inf
+
+
+def _online_softmax(q, k, v, valid, lo: int, hi: int, lo_k: int, sliding_window: int | None, tile: int):
+  """Flash attention of one query block over its keys, tile by tile (the CPU "blocked" schedule).
+
+  q float[G, C, Dh] (queries at slots lo..hi-1), k/v float[S, Dh], valid bool[S] -> float[G, C, Dh]. Keys
+  [lo_k, hi) in tiles of `tile`; a running max, denominator and weighted sum per query (float32), rescaled when a
+  later tile raises the max. Masking as `visible`.
+  """
+  gq, c, dh = q.shape
+  rows = q.reshape(gq * c, dh) * jnp.asarray(dh ** -0.5, q.dtype)
+  q_slots = jnp.tile(jnp.arange(lo, hi), gq)[:, None]
+  top = jnp.full((gq * c, 1), _MASKED, jnp.float32)
+  den = jnp.zeros((gq * c, 1), jnp.float32)
+  acc = jnp.zeros((gq * c, dh), jnp.float32)
+  for t0 in range(lo_k, hi, tile):
+    t1 = min(hi, t0 + tile)
+    k_slots = jnp.arange(t0, t1)[None, :]
+    logits = jnp.dot(rows, k[t0:t1].T, preferred_element_type=jnp.float32)
+    delta = q_slots - k_slots
+    seen = (delta >= 0) & valid[None, t0:t1]
+    if sliding_window is not None:
+      seen = seen & (delta < sliding_window)
+    logits = jnp.where(seen | (delta == 0), logits, _MASKED)
+    new_top = jnp.maximum(top, jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.exp(logits - new_top)
+    scale = jnp.exp(top - new_top)
+    den = den * scale + jnp.sum(p, axis=-1, keepdims=True)
+    acc = acc * scale + jnp.dot(p.astype(v.dtype), v[t0:t1], preferred_element_type=jnp.float32)
+    top = new_top
+  return (acc / den).astype(q.dtype).reshape(gq, c, dh)

@@ -17,7 +17,8 @@ is the output of encoder layer h - 1; negative indices count from L + 1 (so -2 i
 `features` runs only the layers it needs (for -2 it skips the last layer; the numbers are identical).
 
 CLS attention: computed from the CLS query row only (q of one token against the keys of all P tokens), never the
-full P x P map, so the tower's own attention can stay a fused kernel (`jax.nn.dot_product_attention`).
+full P x P map, so the tower's own attention stays one schedule of `models.attention.bidirectional` (one
+`jax.nn.dot_product_attention` call off CPU; per head on CPU).
 
 Layers are stacked along a leading L axis (`nnx.vmap` at construction) and run with `jax.lax.scan` over a slice
 [start, stop), so compile time does not grow with depth.
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import attention
 from models import config_fields
 from models import conversion
 from models.activations import ACTIVATIONS
@@ -140,7 +142,7 @@ class CLIPAttention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x: float[I, P, Dv] -> float[I, P, Dv]; mask: bool[I, 1, P, P] keys each query may see (default all)."""
     q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+    out = attention.bidirectional(q, k, v, mask)
     return self.out_proj(out.reshape(x.shape))
 
   def keys(self, x: jax.Array) -> jax.Array:
