@@ -33,6 +33,8 @@ _EAGER_MAX_KEEP = flags.DEFINE_integer("eager_max_keep", 100_000, "Skip eager re
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (median reported).")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional JSONL file for the rows.")
 _SEED = flags.DEFINE_integer("seed", 0, "Input seed.")
+_ENGINES = flags.DEFINE_list("engines", ["incremental"], "Coverage engines of tops and scope to time side by side "
+                             "(incremental, dense); rows after the first engine say whether the picks are the same.")
 
 
 # --- eager references, in the peers' style: one tensor expression per criterion per greedy step ---------------------
@@ -167,7 +169,7 @@ def main(argv):
   eager = [e for e in _EAGER.value if e == "numpy" or (e == "torch" and torch is not None)]
   rows = []
   out = open(_OUTPUT.value, "a") if _OUTPUT.value else None
-  header = f"{'method':<14}{'dtype':<10}{'N':>6}{'keep':>6}{'compiled ms':>13}" + "".join(
+  header = f"{'method':<22}{'dtype':<10}{'N':>6}{'keep':>6}{'compiled ms':>13}" + "".join(
       f"{e + ' ms':>12}{'x':>7}" for e in eager)
   print(header)
   key = jax.random.key(_SEED.value)
@@ -177,17 +179,28 @@ def main(argv):
       for keep in map(int, _KEEP.value):
         if keep > n:
           continue
-        for method in _METHODS.value:
+        for method, engine in [(m, e) for m in _METHODS.value
+                               for e in (_ENGINES.value if m in ("tops", "scope") else [None])]:
           if method == "pooling" and int(round(n ** 0.5)) ** 2 != n:
             continue  # spatial pooling needs a grid; N=2880 is 5 crops (pooled per crop in the model hooks)
           kwargs = _kwargs(method, relevance, key)
           kwargs.pop("grid", None)
-          fn = jax.jit(lambda f, kw, m=method, k=keep: prune.select(m, f, keep=k, **kw))
+          static = {} if engine is None else dict(engine=engine)
+          fn = jax.jit(lambda f, kw, m=method, k=keep, st=static: prune.select(m, f, keep=k, **kw, **st))
           compiled, got = _median_seconds(lambda: fn(features, kwargs).block_until_ready(), _REPEATS.value)
           row = dict(method=method, dtype=dtype, n=n, keep=keep, d=_D.value, compiled_s=compiled, device=device_name,
                      torch=torch_version)
-          line = f"{method:<14}{dtype:<10}{n:>6}{keep:>6}{compiled * 1e3:>13.1f}"
-          if method in ("tops", "divprune") and keep <= _EAGER_MAX_KEEP.value:
+          label = method if engine is None else f"{method}[{engine}]"
+          line = f"{label:<22}{dtype:<10}{n:>6}{keep:>6}{compiled * 1e3:>13.1f}"
+          if engine is not None:
+            row["engine"] = engine
+            if engine == _ENGINES.value[0]:
+              first = (np.asarray(got), compiled)
+            else:
+              row["same_picks"] = bool(np.array_equal(np.asarray(got), first[0]))
+              row["x_first"] = compiled / first[1]
+              line += f"  same picks: {row['same_picks']}, {row['x_first']:.1f}x the {_ENGINES.value[0]} time"
+          if method in ("tops", "divprune") and keep <= _EAGER_MAX_KEEP.value and engine in (None, _ENGINES.value[0]):
             for e in eager:
               if e == "numpy":
                 # The eager references see the same (possibly bf16-rounded) values the compiled selector sees.

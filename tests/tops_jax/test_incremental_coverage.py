@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from selection_helpers import np_normalize
 from tops_jax import greedy
 from tops_jax import prune
 from tops_jax import similarity
@@ -77,16 +78,6 @@ def _corpus(seed, b, n, d, dtype, keep):
   return jnp.asarray(x, dtype), relevance, valid
 
 
-def _np_normalize(x, cand, how):
-  if how == "mean":
-    mean = x[cand].mean()
-    return x / mean if mean > 1e-12 else x
-  if how == "minmax":
-    lo, hi = x[cand].min(), x[cand].max()
-    return (x - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(x)
-  return x
-
-
 def _np_gain(sim, floor, counted):
   terms = np.maximum(sim - floor[None, :].astype(np.float32), np.float32(0)).astype(np.float64)
   return np.where(counted[None, :], terms, 0.0).sum(1)
@@ -100,11 +91,11 @@ def _tops_scores(sim, relevance, valid, prefix, normalize, criteria, alpha=0.5, 
   cand = valid & ~chosen
   total = np.zeros(len(sim))
   if "relevance" in criteria:
-    total += _np_normalize(relevance.astype(np.float64), cand, normalize)
+    total += np_normalize(relevance.astype(np.float64), cand, normalize)
   if "diversity" in criteria:
-    total += alpha * _np_normalize(1.0 - best.astype(np.float64), cand, normalize)
+    total += alpha * np_normalize(1.0 - best.astype(np.float64), cand, normalize)
   if "coverage" in criteria:
-    total += lam * _np_normalize(_np_gain(sim, best, cand), cand, normalize)
+    total += lam * np_normalize(_np_gain(sim, best, cand), cand, normalize)
   return total
 
 

@@ -7,20 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from selection_helpers import np_normalize
 from tops_jax import prune
 from tops_jax import tops
 
 ALL_SUBSETS = [c for r in (1, 2, 3) for c in itertools.combinations(tops.CRITERIA, r)]
-
-
-def _np_normalize(x, cand, how):
-  if how == "mean":
-    mean = x[cand].mean()
-    return x / mean if mean > 1e-12 else x
-  if how == "minmax":
-    lo, hi = x[cand].min(), x[cand].max()
-    return (x - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(x)
-  return x
 
 
 def np_tops(features, relevance, valid, keep, alpha=0.5, lam=0.5, normalize="mean", criteria=tops.CRITERIA,
@@ -43,13 +34,13 @@ def np_tops(features, relevance, valid, keep, alpha=0.5, lam=0.5, normalize="mea
     cand[chosen] = False
     total = np.zeros(n, np.float32)
     if "relevance" in criteria:
-      total += _np_normalize(relevance.astype(np.float32), cand, normalize)
+      total += np_normalize(relevance.astype(np.float32), cand, normalize)
     if "diversity" in criteria:
-      total += alpha * _np_normalize(1.0 - best, cand, normalize)
+      total += alpha * np_normalize(1.0 - best, cand, normalize)
     if "coverage" in criteria:
       gain = np.array([sum(max(0.0, sim[i, j] - best[j]) for j in range(n) if cand[j]) for i in range(n)],
                       np.float32)
-      total += lam * _np_normalize(gain, cand, normalize)
+      total += lam * np_normalize(gain, cand, normalize)
     total[~cand] = -np.inf
     return total
 
