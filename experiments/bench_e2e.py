@@ -55,21 +55,6 @@ from models import loading
 from models import pruning
 from tops_jax import prune
 
-_SHAPE = flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (see SHAPES), unless --checkpoint.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
-_METHODS = flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")
-_BUDGETS = flags.DEFINE_list("budgets", ["640"], "Budgets T (visual tokens, the papers' T).")
-_OVERRIDES = flags.DEFINE_list("overrides", [], "method.name=value options of pruning.method_config, as the runner.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
-_DECODE = flags.DEFINE_integer("decode_tokens", 16, "Tokens generated for the per-token decode time.")
-_TEXT = flags.DEFINE_integer("text_tokens", 26, "Text tokens around the image (POPE's prompt is about 26).")
-_TORCH = flags.DEFINE_boolean("torch", True, "Time transformers (PyTorch, sdpa) beside it.")
-_ATTENTION = flags.DEFINE_string("attention", "auto", "Decoder attention schedule (models.attention).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL file for the rows.")
-_SMOKE = flags.DEFINE_boolean("smoke", False, "Tiny shape, one repeat, two decode tokens (for the tests).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
 
 _NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 _VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -462,14 +447,34 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
   return rows
 
 
+def _define_flags():
+  """The command line, defined only when this module runs as a script: tests import it beside the runner, whose flags
+  share names (--checkpoint, --output, ...), and the library functions take arguments."""
+  flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (see SHAPES), unless --checkpoint.")
+  flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+  flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")
+  flags.DEFINE_list("budgets", ["640"], "Budgets T (visual tokens, the papers' T).")
+  flags.DEFINE_list("overrides", [], "method.name=value options of pruning.method_config, as the runner.")
+  flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes.")
+  flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
+  flags.DEFINE_integer("decode_tokens", 16, "Tokens generated for the per-token decode time.")
+  flags.DEFINE_integer("text_tokens", 26, "Text tokens around the image (POPE's prompt is about 26).")
+  flags.DEFINE_boolean("torch", True, "Time transformers (PyTorch, sdpa) beside it.")
+  flags.DEFINE_string("attention", "auto", "Decoder attention schedule (models.attention).")
+  flags.DEFINE_string("output", None, "JSONL file for the rows.")
+  flags.DEFINE_boolean("smoke", False, "Tiny shape, one repeat, two decode tokens (for the tests).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
+
+
 def main(argv):
   del argv
-  if _SMOKE.value:
+  f = flags.FLAGS
+  if f.smoke:
     smoke()
     return
-  run(_SHAPE.value, _CHECKPOINT.value, _DTYPE.value, _METHODS.value, [int(t) for t in _BUDGETS.value],
-      [int(b) for b in _BATCH_SIZES.value], _REPEATS.value, _DECODE.value, _TEXT.value, _TORCH.value, _SEED.value,
-      _ATTENTION.value, _OVERRIDES.value, _OUTPUT.value)
+  run(f.shape, f.checkpoint, f.dtype, f.methods, [int(t) for t in f.budgets], [int(b) for b in f.batch_sizes],
+      f.repeats, f.decode_tokens, f.text_tokens, f.torch, f.seed, f.attention, f.overrides, f.output)
 
 
 def smoke(output: str | None = None, with_torch: bool = True) -> list[dict[str, Any]]:
@@ -480,4 +485,5 @@ def smoke(output: str | None = None, with_torch: bool = True) -> list[dict[str, 
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

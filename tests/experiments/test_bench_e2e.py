@@ -58,3 +58,14 @@ def test_sweep_compiles_once_per_shape():
                              stage2_lam=0.5), 9)
   counter.active = False
   assert counter.count >= 1          # a new budget is a new shape: the counter does see compiles
+
+
+def test_command_line_defines_its_flags_only_as_a_script():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  # absl prints the help and exits with status 1.
+  out = subprocess.run([sys.executable, "-m", "experiments.bench_e2e", "--helpshort"], capture_output=True, text=True,
+                       check=False).stdout
+  assert "--shape" in out and "--attention" in out and "--overrides" in out
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  assert "shape" not in flags.FLAGS        # importing the module (as this test does) defines none
