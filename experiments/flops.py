@@ -21,8 +21,8 @@ costs 2 * D * V per position where logits are computed. Stage II pruning gives e
                                          cache (the first new token comes from the prefill's logits)
 
 What the port executes can differ in the attention term. Decoding (a `models.llama.KVCache` of capacity W that
-already holds tokens) attends over all W slots, masked: its FLOPs are `decoder_decode_flops(c, [W] * L)`, the
-algorithmic ones those with K = each layer's real cache length. A prefill whose attention runs in query blocks,
+already holds tokens) attends over all W slots, masked, and over the new token itself: its FLOPs are
+`decoder_decode_flops(c, [W + 1] * L)`, the algorithmic ones those with K = each layer's real cache length. A prefill whose attention runs in query blocks,
 each against the keys up to its last row (the hidden blocks skipped), does K = `causal_keys(S, block)` on average
 (about (S + block) / 2); K = S is the papers' count and one masked call's.
 

@@ -28,15 +28,17 @@ are read, by `attention_probs` and by the in-LLM scorers (`models.pruning.stage2
 Attention masks: `attention_mask: bool[B, S]` marks real (non-padding) tokens; a key is visible to a query when it is
 real, not after the query (by index in the sequence or cache, as transformers' causal mask) and, with
 `sliding_window` W, fewer than W slots before it (transformers' index-based sliding window). Attention itself is
-`jax.nn.dot_product_attention` (implementation=None: XLA on CPU, swappable for a fused kernel); the probabilities are
-only materialised by `attention_probs`.
+scheduled by `models.attention` (`LlamaModel.attention_impl`): one `jax.nn.dot_product_attention` call per layer on
+GPU/TPU (XLA or cuDNN), a tiled flash loop for the causal prefill on CPU; the probabilities are only materialised by
+`attention_probs`.
 
 KV cache (`KVCache`, preallocated, static capacity W)
     k, v:   dtype[L, B, W, Hkv, Dh] keys (after RoPE) and values of every layer
     valid:  bool[L, B, W]           slot holds a real token (written slots of padding tokens stay False)
     end:    int32[L]                next free slot of each layer
-A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each layer it runs, attends over all W slots
-(masked) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
+A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each layer it runs, attends over the cached
+slots (masked) and over the S tokens themselves (`models.attention.with_cache`; a prefill that promises an empty cache
+attends among its tokens only) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
 layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
 at that layer's own `end`. Writing past W cannot raise under jit (the writes past W are dropped): size W for
 prompt + new tokens (`models.generate` does). RoPE positions are independent of slots: the caller passes them.
@@ -312,7 +314,7 @@ class LlamaModel(nnx.Module):
 
   def __init__(self, config: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attention_impl: str = "auto"):
     self.config = config
-    # How the layers schedule `jax.nn.dot_product_attention` (`models.attention`); a static attribute: setting it
+    # The attention schedule of the layers (`models.attention.IMPLEMENTATIONS`); a static attribute: setting it
     # (lm.attention_impl = "xla") recompiles the programs that take the model.
     attention.resolve(attention_impl)      # checks the name
     self.attention_impl = attention_impl

@@ -215,17 +215,21 @@ def test_prefill_flops_match_xla(shape):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_key_value_heads=4)], ids=["gqa", "mha"])
 def test_decode_step_flops_match_xla_over_the_caches_capacity(overrides):
-  """The port's decode attends over every one of the cache's W slots (masked), so its FLOPs are the model's with
-  W keys in every layer, whatever the layer's real cache length."""
+  """The port's decode attends over every one of the cache's W slots (masked) and over the new token itself
+  (`models.attention.with_cache`), so its FLOPs are the model's with W + 1 keys in every layer, whatever the layer's
+  real cache length."""
   config, model = _lm(overrides)
   capacity = 80
   cache = jax.eval_shape(lambda: llama.init_cache(config, 1, capacity))
   token = jax.ShapeDtypeStruct((1,), jnp.int32)
-  want = flops.decoder_decode_flops(config, [capacity] * 4)
+  want = flops.decoder_decode_flops(config, [capacity + 1] * 4)
+  # XLA:CPU rewrites one or both one-key dots of the new-token part (q . k_new, p . v_new) as multiplies, which
+  # hlo_dot_flops does not count: the dots counted lie between the model with W and with W + 1 keys.
+  low = flops.decoder_decode_flops(config, [capacity] * 4)
   for segments in (((0, 1), (1, 2), (2, 3), (3, 4)), ((0, 3), (3, 4))):
     step = lambda m, c, t, p, segments=segments: generate.decode_step(m, c, t, p, segments)
     compiled = _compile(step, model, cache, token, jax.ShapeDtypeStruct((1, len(segments)), jnp.int32))
-    assert flops.hlo_dot_flops(compiled.as_text()) == want
+    assert low <= flops.hlo_dot_flops(compiled.as_text()) <= want
     if len(segments) == 4:
       assert want <= compiled.cost_analysis()["flops"] <= want * (1 + ELEMENTWISE)
 
