@@ -38,6 +38,7 @@ from flax import nnx
 from models import attention
 from models import config_fields
 from models import conversion
+from models import sharding
 from models.activations import ACTIVATIONS
 from models.outputs import VisionOutput
 
@@ -217,6 +218,7 @@ class CLIPEncoder(nnx.Module):
     state = jax.tree.map(lambda a: a[start:stop], state)
 
     def body(h, layer_state):
+      h = sharding.constrain(h, "batch", "seq", None)          # under a mesh: images over (data, fsdp)
       return nnx.merge(graphdef, layer_state)(h, mask), None
 
     x, _ = jax.lax.scan(body, x, state)

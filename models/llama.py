@@ -60,6 +60,7 @@ from models import attention
 from models import checks
 from models import config_fields
 from models import conversion
+from models import sharding
 from models.activations import ACTIVATIONS
 from models.outputs import DecoderOutput
 
@@ -180,8 +181,16 @@ class KVCache(NamedTuple):
 def init_cache(config: TextConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
   """An empty cache for `batch` rows and `capacity` slots (static)."""
   shape = (config.num_hidden_layers, batch, capacity, config.num_key_value_heads, config.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 valid=jnp.zeros(shape[:3], bool), end=jnp.zeros((config.num_hidden_layers,), jnp.int32))
+  return _constrain_cache(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                                  valid=jnp.zeros(shape[:3], bool),
+                                  end=jnp.zeros((config.num_hidden_layers,), jnp.int32)))
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+  """Under a mesh, the cache is sharded like the activations: rows over (data, fsdp), key/value heads over tensor."""
+  kv = ("layers", "batch", "seq", "cache_heads", "head_dim")
+  return cache._replace(k=sharding.constrain(cache.k, *kv), v=sharding.constrain(cache.v, *kv),
+                        valid=sharding.constrain(cache.valid, "layers", "batch", "seq"))
 
 
 def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -386,6 +395,7 @@ class LlamaModel(nnx.Module):
     if cache is None:
 
       def body(h, layer_state):
+        h = sharding.constrain(h, "batch", "seq", None)        # under a mesh: rows over (data, fsdp)
         layer = nnx.merge(graphdef, layer_state)
         return layer.finish(h, self_attention(layer, h)[3]), h if collect_hidden else None
 
@@ -408,6 +418,7 @@ class LlamaModel(nnx.Module):
     # cache once, so a decode step writes B x S slots per layer instead of copying the cache in every layer.
     def cached_body(h, xs):
       layer_state, k_old, v_old, end, valid_old = xs
+      h = sharding.constrain(h, "batch", "seq", None)
       layer = nnx.merge(graphdef, layer_state)
       if cache_empty:
         q, k, v, heads = self_attention(layer, h)
@@ -425,9 +436,10 @@ class LlamaModel(nnx.Module):
     x, (ks, vs, inputs) = jax.lax.scan(cached_body, x, xs)
     where = (jnp.arange(start, stop)[:, None, None], jnp.arange(b)[None, :, None],
              (ends[:, None] + jnp.arange(t)[None, :])[:, None, :])             # [Lseg, B, S] layer, row, slot
-    new_cache = KVCache(k=cache.k.at[where].set(ks.astype(cache.k.dtype), mode="drop"),
-                        v=cache.v.at[where].set(vs.astype(cache.v.dtype), mode="drop"), valid=new_valid,
-                        end=cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t))
+    new_cache = _constrain_cache(KVCache(
+        k=cache.k.at[where].set(ks.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[where].set(vs.astype(cache.v.dtype), mode="drop"), valid=new_valid,
+        end=cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t)))
     return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
 
   def query_keys(self, layer: int, x: jax.Array, positions: jax.Array,

@@ -5,7 +5,9 @@
 
 The directory holds `config.json` and either `model.safetensors` or shards listed in `model.safetensors.index.json`
 (the layout `save_pretrained` writes). Torch is never imported: tensors are read with `safetensors` (numpy, bfloat16
-through ml_dtypes), converted on the host, cast to `dtype` and put on the default device once.
+through ml_dtypes), converted on the host, cast to `dtype` and put on the default device one parameter at a time;
+with `mesh=` each parameter is created in its shards (`models.sharding`) and each shard is read on its own, over its
+slice of the checkpoint tensors (`safe_open.get_slice`): no host ever holds the whole model.
 
 Family protocol (how `llava_next` and others plug in)
 `FAMILIES` maps the config's `model_type` to a `Family(config, model, conversion_table)`; a family module exposes:
@@ -54,6 +56,7 @@ from models import conversion
 from models import llama
 from models import llava
 from models import llava_next
+from models import sharding as sharding_lib
 
 __all__ = ["Family", "FAMILIES", "read_config", "load_pretrained"]
 
@@ -201,43 +204,58 @@ def _shape_problem(name: str, shape: tuple[int, ...], rule: conversion.Rule, lea
   return f"{name}: shape {list(shape)}, expected {list(conversion.checkpoint_shape(want, rule.transform))}"
 
 
-def _read_weights(by_file: dict[str, list[tuple[str, conversion.Rule]]], leaves: dict,
-                  np_dtype: np.dtype) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
-  """Reads, transforms and casts each shard's (checkpoint name, rule) tensors on the host.
+class _Reader:
+  """Reads parameters from the open shards, one index (one device's shard) at a time.
 
-  Returns (arrays by parameter path, a stacked parameter filled layer by layer; the `_non_finite` lines of the
-  tensors that hold NaN/inf after the cast, for the caller's error).
+  `get(target, index)` returns the slice `index` (a tuple of slices of the model-side shape) of the parameter at
+  `target`: each checkpoint tensor behind it is read only over the matching checkpoint slice (`safe_open.get_slice`),
+  transformed, cast; a stacked parameter reads the layers in `index[0]`. Tensors holding NaN/inf after the cast are
+  noted in `non_finite` (one line per tensor), for the caller's one error.
   """
-  host: dict[tuple[str, ...], np.ndarray] = {}
-  non_finite = []
-  for file, reads in by_file.items():
-    with _open_shard(file) as f:
-      for name, rule in reads:
-        raw = f.get_tensor(name)
-        with np.errstate(over="ignore"):            # an overflowing cast is reported by `_non_finite`, with the name
-          array = conversion.TRANSFORMS[rule.transform](raw).astype(np_dtype)
-        problem = _non_finite(name, file, raw, array)
-        if problem:
-          non_finite.append(problem)
-        if rule.layer is None:
-          host[rule.target] = array
-        else:
-          if rule.target not in host:
-            host[rule.target] = np.empty(leaves[rule.target].get_value().shape, np_dtype)
-          host[rule.target][rule.layer] = array
-  return host, non_finite
+
+  def __init__(self, by_target: dict, handles: dict, np_dtype: np.dtype):
+    self.by_target, self.handles, self.np_dtype = by_target, handles, np_dtype
+    self.non_finite: dict[str, str] = {}
+
+  def _tensor(self, file: str, name: str, rule: conversion.Rule, index: tuple) -> np.ndarray:
+    axes = conversion.AXES[rule.transform]
+    checkpoint_index = index if axes is None else tuple(index[i] for i in np.argsort(axes))
+    raw = self.handles[file].get_slice(name)[checkpoint_index]
+    with np.errstate(over="ignore"):            # an overflowing cast is reported by `_non_finite`, with the name
+      array = conversion.TRANSFORMS[rule.transform](raw).astype(self.np_dtype)
+    if name not in self.non_finite:
+      problem = _non_finite(name, file, raw, array)
+      if problem:
+        self.non_finite[name] = problem
+    return array
+
+  def get(self, target: tuple[str, ...], shape: tuple[int, ...], index: tuple | None) -> np.ndarray:
+    index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
+    reads = self.by_target[target]
+    if None in reads:                            # one tensor for the whole parameter
+      return self._tensor(*reads[None], index)
+    layers = range(*index[0].indices(shape[0]))
+    out = np.empty((len(layers),) + tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:])),
+                   self.np_dtype)
+    for row, layer in enumerate(layers):
+      out[row] = self._tensor(*reads[layer], index[1:])
+    return out
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
   """Builds the NNX model for a local HF checkpoint directory and fills it with the checkpoint's weights.
 
   Args:
     path: directory with config.json and model.safetensors (or sharded with model.safetensors.index.json).
     dtype: parameter (and compute) dtype, a floating dtype such as jnp.float32 or jnp.bfloat16; weights are cast on
       the host.
+    mesh: a `models.sharding.make_mesh` mesh: each parameter is created directly in its shards
+      (`sharding.param_shardings`), every device's shard read from the checkpoint on its own (multi-host: each
+      process reads only the shards of its devices). None: the default device.
 
   Returns:
-    The model (e.g. `models.llava.LlavaForConditionalGeneration`), its parameters on the default device.
+    The model (e.g. `models.llava.LlavaForConditionalGeneration`), its parameters on the default device or sharded
+    over `mesh`.
 
   Raises:
     ValueError: a non-floating dtype; missing directory/config.json/weights; config.json that is not an object, has
@@ -303,13 +321,29 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
       raise ValueError(f"conversion table bug: stacked parameter {'/'.join(key)} misses layers "
                        f"{sorted(set(range(var.get_value().shape[0])) - layers)}")
 
-  by_file: dict[str, list[tuple[str, conversion.Rule]]] = {}
+  by_target: dict[tuple[str, ...], dict[int | None, tuple[str, str, conversion.Rule]]] = {}
   for canon, rule in table.items():
-    by_file.setdefault(found[canon][0], []).append((found[canon][1], rule))
-  host, non_finite = _read_weights(by_file, leaves, np_dtype)
-  if non_finite:
+    by_target.setdefault(rule.target, {})[rule.layer] = (found[canon][0], found[canon][1], rule)
+  shardings = None
+  if mesh is not None:
+    shardings = dict(nnx.to_flat_state(sharding_lib.param_shardings(abstract_state, mesh)))
+    shardings = {tuple(str(k) for k in key): var.get_value() for key, var in shardings.items()}
+  files = sorted({file for reads in by_target.values() for file, _, _ in reads.values()})
+  handles = {file: _open_shard(file) for file in files}
+  reader = _Reader(by_target, handles, np_dtype)
+  try:
+    # One parameter at a time, and with a mesh one device's shard at a time: the host never holds the whole model.
+    for key, var in leaves.items():
+      shape = tuple(var.get_value().shape)
+      if shardings is None:
+        var.set_value(jax.device_put(reader.get(key, shape, None)))
+      else:
+        var.set_value(jax.make_array_from_callback(shape, shardings[key],
+                                                   lambda index, key=key, shape=shape: reader.get(key, shape, index)))
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
+  if reader.non_finite:
     raise ValueError(f"checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
-                     + _listing("tensors with NaN/inf", sorted(non_finite)))
-  for key, var in leaves.items():
-    var.set_value(jax.device_put(host.pop(key)))
+                     + _listing("tensors with NaN/inf", sorted(reader.non_finite.values())))
   return nnx.merge(graphdef, abstract_state)

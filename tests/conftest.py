@@ -5,6 +5,10 @@ import gc
 import jax
 import pytest
 
+# Eight simulated CPU devices for the sharding tests (meshes data:8, data:2,fsdp:2,tensor:2, ...); every other test
+# runs on the default device as before. Set before any backend starts (measured: no change in the suite's speed).
+jax.config.update("jax_num_cpu_devices", 8)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

@@ -206,16 +206,43 @@ def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp
   b = features.shape[0]
   keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
   hp_axes = {k: (0 if jnp.ndim(v) >= 1 else None) for k, v in dynamic_hp.items()}
-  if jax.default_backend() != "cpu":
-    return jax.vmap(one, in_axes=(0, None if relevance is None else 0, 0, 0, None if keys is None else 0, hp_axes))(
-        features, relevance, valid, ok, keys, dynamic_hp)
-  # On CPU the rows run one after the other (`lax.map`): the same compiled single-row program, where the vmapped
-  # program is 1.8x (TOPS) to 3.5x (DivPrune) slower for 8 rows of 2,880 tokens (batched similarity GEMMs and greedy
-  # loops that run the batch's longest row; BUILD.md "Speed"). The picks are the same.
   per_row = {k: v for k, v in dynamic_hp.items() if hp_axes[k] == 0}
   shared = {k: v for k, v in dynamic_hp.items() if hp_axes[k] is None}
-  return jax.lax.map(lambda xs: one(*xs[:5], {**shared, **xs[5]}),
-                     (features, relevance, valid, ok, keys, per_row))
+
+  def rows(features, relevance, valid, ok, keys, per_row, shared):
+    if jax.default_backend() != "cpu":
+      return jax.vmap(lambda f, r, v, o, k, hp: one(f, r, v, o, k, {**shared, **hp}),
+                      in_axes=(0, None if relevance is None else 0, 0, 0, None if keys is None else 0, 0))(
+                          features, relevance, valid, ok, keys, per_row)
+    # On CPU the rows run one after the other (`lax.map`): the same compiled single-row program, where the vmapped
+    # program is 1.8x (TOPS) to 3.5x (DivPrune) slower for 8 rows of 2,880 tokens (batched similarity GEMMs and
+    # greedy loops that run the batch's longest row; BUILD.md "Speed"). The picks are the same.
+    return jax.lax.map(lambda xs: one(*xs[:5], {**shared, **xs[5]}), (features, relevance, valid, ok, keys, per_row))
+
+  axes = _row_axes(b)
+  if axes:   # under a mesh, each device selects for its own rows (the keys were folded with the global row index)
+    spec = jax.sharding.PartitionSpec(axes)
+    rows = jax.shard_map(rows, in_specs=(spec,) * 6 + (jax.sharding.PartitionSpec(),), out_specs=spec,
+                         axis_names=frozenset(axes), check_vma=False)   # (jnp.searchsorted trips the vma check)
+  return rows(features, relevance, valid, ok, keys, per_row, shared)
+
+
+# The mesh axes a batched selection splits its rows over when a mesh is set (`jax.set_mesh`), each device selecting
+# for its own rows: the batch axes of `models.sharding` (MaxText's data and fsdp). Other mesh axes are left to XLA.
+BATCH_AXES = ("data", "fsdp")
+
+
+def _row_axes(b: int) -> tuple[str, ...]:
+  """The set mesh's batch axes of size > 1 when they divide the b rows, else () (no split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+  shards = 1
+  for a in axes:
+    shards *= sizes[a]
+  return axes if axes and b % shards == 0 else ()
 
 
 def _call(method, features, keep, relevance, valid, key, hparams, want):
