@@ -26,6 +26,7 @@ import numpy as np
 from experiments import conversation
 from experiments import evaluate
 from experiments import flops
+from experiments import hosts as hosts_lib
 from experiments import images as images_lib
 from experiments.benchmarks import base
 from experiments.plan import RunSpec
@@ -111,16 +112,11 @@ def _cut(text: str, stops: Sequence[str]) -> str:
   return text[:cut]
 
 
-def _first_stage_kept(out: pruning.PruneOutput):
-  stage = out.stage1 if out.stage1 is not None else (out.stage2[0] if out.stage2 else None)
-  return None if stage is None else np.asarray(stage.kept)
-
-
 class _Fidelity:
   """The full model's next-token log-probabilities and answer tokens for the current batch."""
 
   def __init__(self, state, tokens, num_tokens):
-    self.logp = np.asarray(jax.nn.log_softmax(state.logits.astype(np.float32), axis=-1))
+    self.logp = hosts_lib.fetch(jax.nn.log_softmax(state.logits.astype(np.float32), axis=-1))
     self.tokens, self.num_tokens = tokens, num_tokens
     self.nll = None
 
@@ -129,8 +125,8 @@ class _Fidelity:
     from models import generate  # pylint: disable=g-import-not-at-top
     segments = config.segments(evaluator.model.config.text.num_hidden_layers)
     n = max(1, int(self.num_tokens.max()))
-    logp = np.asarray(generate.score_tokens(evaluator.model, state._replace(extra=None), self.tokens[:, :n],
-                                            segments=segments), np.float64)
+    logp = hosts_lib.fetch(generate.score_tokens(evaluator.model, state._replace(extra=None), self.tokens[:, :n],
+                                                 segments=segments)).astype(np.float64)
     real = np.arange(n)[None, :] < np.maximum(self.num_tokens, 1)[:, None]
     return -(logp * real).sum(-1)
 
@@ -139,8 +135,13 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
                   examples: Iterable[base.Example], log, hashes: Mapping[str, str], settings: Settings,
                   progress=None, process: str = "") -> int:
   """Evaluates every run on the streamed examples, appending rows to `log` (finished rows are skipped); returns
-  the number of examples. `hashes`: run name -> `evaluate.run_hash` of this task."""
+  the number of examples. `hashes`: run name -> `evaluate.run_hash` of this task.
+
+  Several processes (`evaluator.hosts`): each streams and length-sorts the same examples (reading every image's size)
+  but runs the processor on its own rows of each batch only; `log` is process 0's (None elsewhere), which decides
+  what is finished and writes the rows."""
   text_config = evaluator.model.config.text
+  hosts = evaluator.hosts
   warm: set[tuple[str, tuple[int, ...]]] = set()
   seen, number = set(), 0
   for buffer in _buffers(_limited(examples, settings.limit), settings.batch_size * SORT_BATCHES):
@@ -153,7 +154,8 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
         seen.add(p.example.question_id)
       keys = {spec.name: [f"{hashes[spec.name]}/{spec.name}/{p.example.question_id}" for p in chunk]
               for spec in runs}
-      todo = [spec for spec in runs if not all(log.done(k) for k in keys[spec.name])]
+      finished = hosts.done_flags(log, [keys[spec.name] for spec in runs])    # process 0's log, on every process
+      todo = [spec for spec, done in zip(runs, finished) if not done]
       number += 1
       fewest = min(p.image_tokens for p in chunk)
       for spec in runs:
@@ -166,8 +168,14 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
       if not todo:
         continue
       padded = chunk + [chunk[0]] * (settings.batch_size - len(chunk))      # one compiled shape per length bucket
-      arrays = evaluator.encode_prompts([p.prompt for p in padded], [p.image for p in padded],
-                                        questions=[p.example.text for p in padded])
+      mine = [padded[r] for r in hosts.local_rows(settings.batch_size)]      # this process's rows
+      encode = lambda length=None: evaluator.encode_prompts(
+          [p.prompt for p in mine], [p.image for p in mine], length, questions=[p.example.text for p in mine])
+      arrays = encode()
+      length = hosts.max(arrays["input_ids"].shape[1])
+      if length != arrays["input_ids"].shape[1]:
+        arrays = encode(length)
+      arrays = hosts.assemble(arrays, settings.batch_size)
       evaluator.text_bound = evaluator._text_len(arrays)  # pylint: disable=protected-access
       visual = evaluator.visual_tokens(arrays)
       key = jax.random.fold_in(jax.random.key(settings.seed), number)
@@ -191,12 +199,12 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
           kl = np.zeros(len(padded))
           nll_increase = np.zeros(len(padded))
         else:
-          logp = np.asarray(jax.nn.log_softmax(state.logits.astype(np.float32), axis=-1), np.float64)
+          logp = hosts_lib.fetch(jax.nn.log_softmax(state.logits.astype(np.float32), axis=-1)).astype(np.float64)
           kl = (np.exp(fidelity.logp) * (fidelity.logp - logp)).sum(-1)
           nll_increase = fidelity.answer_nll(evaluator, spec.config, state) - fidelity.nll
         out = state.extra
-        kept = np.asarray(out.visual_per_layer, np.float64)
-        per_layer = np.asarray(out.tokens_per_layer, np.float64)
+        kept = hosts_lib.fetch(out.visual_per_layer).astype(np.float64)
+        per_layer = hosts_lib.fetch(out.tokens_per_layer).astype(np.float64)
         rows = []
         for i, p in enumerate(chunk):
           text = evaluator.tokenizer.decode(tokens[i, :max(int(num_tokens[i]), 0)], skip_special_tokens=True)
@@ -211,7 +219,8 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
               prefill_flops=flops.decoder_prefill_flops(text_config, per_layer[i].tolist(), lm_head_positions=1),
               prefill_ms=elapsed_ms / len(padded), process=process, kl=float(kl[i]),
               nll_increase=float(nll_increase[i])))
-        log.append(rows)
+        if hosts.writer:
+          log.append(rows)
         if progress is not None:
           progress.update(len(rows))
   if not seen:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import flops
+from experiments import hosts as hosts_lib
 from experiments.plan import Backbone, RunSpec
 from experiments.tasks import Item
 from models import anyres
@@ -43,8 +44,10 @@ def _bucket(n: int, step: int = 32) -> int:
 class Evaluator:
   """Encodes batches with the checkpoint's processor and runs the pruned prefill and decoding."""
 
-  def __init__(self, model, processor, backbone: Backbone, max_new_tokens: int):
+  def __init__(self, model, processor, backbone: Backbone, max_new_tokens: int,
+               hosts: hosts_lib.Hosts = hosts_lib.SINGLE):
     self.model, self.processor, self.backbone = model, processor, backbone
+    self.hosts = hosts      # the mesh and this process's rows (`experiments.hosts`)
     self.max_new_tokens = max_new_tokens
     self.tokenizer = processor.tokenizer
     self.image_token_id = model.config.image_token_id
@@ -90,14 +93,6 @@ class Evaluator:
       batch["pixel_values"] = anyres.pad_crops(batch["pixel_values"], self.model.config.max_num_crops)
     return batch
 
-  def fix_shapes(self, batches: Sequence["Batch"]):
-    """One sequence length and text bound for every batch of a task: one compile per run."""
-    length = self.fixed_length = max(b.arrays["input_ids"].shape[1] for b in batches)
-    for b in batches:
-      if b.arrays["input_ids"].shape[1] != length:
-        b.arrays = self.encode(b.items + [b.items[0]] * (len(b.arrays["input_ids"]) - len(b.items)), length)
-    self.text_bound = max(self._text_len(b.arrays) for b in batches)
-
   def layout(self, batch: Mapping[str, np.ndarray]) -> anyres.PackLayout:
     return self.model.layout(batch.get("image_sizes"), len(batch["input_ids"]))
 
@@ -129,12 +124,12 @@ class Evaluator:
     eos = self.tokenizer.eos_token_id
     gen = pruning.decode(self.model, config, state, max_new_tokens=max_new_tokens,
                          eos_token_ids=() if eos is None else (eos,), pad_token_id=self.tokenizer.pad_token_id or 0)
-    return np.asarray(gen.tokens), np.asarray(gen.num_tokens)
+    return hosts_lib.fetch(gen.tokens), hosts_lib.fetch(gen.num_tokens)
 
   def answers(self, config: pruning.PruningConfig, state) -> list[str]:
     """The decoded answers of a `prefill` state (no second prefill)."""
     if self.max_new_tokens == 1:
-      tokens = np.asarray(jnp.argmax(state.logits[:, 0], axis=-1))[:, None]
+      tokens = hosts_lib.fetch(jnp.argmax(state.logits[:, 0], axis=-1))[:, None]
     else:
       tokens, _ = self.generate(config, state, self.max_new_tokens)
     return [normalize_answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in tokens]
@@ -174,35 +169,54 @@ class Batch:
 
 
 def encode_batches(evaluator: Evaluator, items: Sequence[Item], batch_size: int) -> list[Batch]:
-  """Encodes once per task; every run reuses the arrays (the processor is the slow part on a CPU)."""
+  """Encodes once per task; every run reuses the arrays (the processor is the slow part on a CPU).
+
+  Every batch gets one sequence length and the task one text bound: one compile per run. With several processes
+  each encodes only its rows of each batch (`Hosts.local_rows`), the length is agreed over the processes, and the
+  batch is assembled into global arrays (`Hosts.assemble`)."""
+  hosts = evaluator.hosts
+  rows = hosts.local_rows(batch_size)
+  chunks = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+  local = []
+  for chunk in chunks:
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))      # one compiled shape
+    local.append([padded[r] for r in rows])
+  encoded = [evaluator.encode(part) for part in local]
+  length = evaluator.fixed_length = hosts.max(max(a["input_ids"].shape[1] for a in encoded))
   out = []
-  for start in range(0, len(items), batch_size):
-    chunk = list(items[start:start + batch_size])
-    arrays = evaluator.encode(chunk + [chunk[0]] * (batch_size - len(chunk)))  # one compiled shape
+  for chunk, part, arrays in zip(chunks, local, encoded):
+    if arrays["input_ids"].shape[1] != length:
+      arrays = evaluator.encode(part, length)
+    arrays = hosts.assemble(arrays, batch_size)
     out.append(Batch(chunk, arrays, evaluator.visual_tokens(arrays)))
-  evaluator.fix_shapes(out)
+  evaluator.text_bound = max(evaluator._text_len(b.arrays) for b in out)  # pylint: disable=protected-access
   return out
 
 
 def _first_stage_kept(out: pruning.PruneOutput) -> np.ndarray | None:
   """Packed slots kept by the first pruning stage, int[B, K] (None: the full model)."""
   stage = out.stage1 if out.stage1 is not None else (out.stage2[0] if out.stage2 else None)
-  return None if stage is None else np.asarray(stage.kept)
+  return None if stage is None else hosts_lib.fetch(stage.kept)
 
 
 def evaluate_run(evaluator: Evaluator, spec: RunSpec, batches: Sequence[Batch], log, run_hash_: str, seed: int,
                  progress=None, process: str = "", pictured: frozenset[str] = frozenset()) -> None:
   """Evaluates every batch under `spec`, appending one row per example to `log`; finished batches are skipped.
 
+  With several processes (`evaluator.hosts`) every process runs every unfinished batch on its rows; `log` is process
+  0's (None elsewhere), which alone decides what is finished and writes the rows.
+
   process: names the runner invocation that measured `prefill_ms` (timings of different processes differ in warm-up,
   load and machine, so the report flags a time ratio that mixes them). pictured: example ids whose rows also record
   `kept_slots` (the first stage's kept packed slots) for the kept-token pictures, which then need no second pass.
   """
   text_config = evaluator.model.config.text
+  hosts = evaluator.hosts
   warm = False
-  for number, batch in enumerate(batches):
-    keys = [row_key(run_hash_, spec, it) for it in batch.items]
-    if all(log.done(k) for k in keys):
+  all_keys = [[row_key(run_hash_, spec, it) for it in batch.items] for batch in batches]
+  finished = hosts.done_flags(log, all_keys)       # process 0's log, the same answer on every process
+  for number, (batch, keys, done) in enumerate(zip(batches, all_keys, finished)):
+    if done:
       if progress is not None:
         progress.update(len(keys))
       continue
@@ -215,8 +229,8 @@ def evaluate_run(evaluator: Evaluator, spec: RunSpec, batches: Sequence[Batch], 
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     out = evaluator.outputs(state)
     predictions = evaluator.answers(spec.config, state)
-    kept = np.asarray(out.visual_per_layer, np.float64)
-    tokens = np.asarray(out.tokens_per_layer, np.float64)
+    kept = hosts_lib.fetch(out.visual_per_layer).astype(np.float64)
+    tokens = hosts_lib.fetch(out.tokens_per_layer).astype(np.float64)
     slots = _first_stage_kept(out) if pictured else None
     rows = []
     for i, it in enumerate(batch.items):
@@ -230,7 +244,8 @@ def evaluate_run(evaluator: Evaluator, spec: RunSpec, batches: Sequence[Batch], 
       if it.example_id in pictured:
         row["kept_slots"] = None if slots is None else slots[i].tolist()
       rows.append(row)
-    log.append(rows)
+    if hosts.writer:
+      log.append(rows)
     if progress is not None:
       progress.update(len(rows))
 

@@ -109,6 +109,13 @@ class RunConfig:
   resolution: str = "native"          # LLaVA-NeXT benchmark images: "native" | "fixed_672"
   overrides: tuple[str, ...] = ()     # "method.name=value": named variants of the official protocols
   clip_checkpoint: str | None = None  # CDPruner's CLIP text tower (a local CLIP checkpoint directory)
+  # Devices and processes (`experiments.hosts`); they change no row's numbers beyond float rounding, so they are not
+  # hashed: a run resumed on another mesh reuses the finished rows.
+  mesh: str | None = None             # "data:2,fsdp:2,tensor:2" (`models.sharding.parse_mesh`)
+  distributed: bool = False           # jax.distributed.initialize() with the cluster discovered
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
 
   @classmethod
   def from_flags(cls, flag_values) -> "RunConfig":
@@ -121,7 +128,9 @@ class RunConfig:
                tops=TopsOptions(**{f.name: v(f.name) for f in dataclasses.fields(TopsOptions)}),
                ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"),
                protocol=v("protocol"), conv_template=v("conv_template"), resolution=v("resolution"),
-               overrides=tuple(v("overrides") or ()), clip_checkpoint=v("clip_checkpoint"))
+               overrides=tuple(v("overrides") or ()), clip_checkpoint=v("clip_checkpoint"), mesh=v("mesh"),
+               distributed=v("distributed"), coordinator_address=v("coordinator_address"),
+               num_processes=v("num_processes"), process_id=v("process_id"))
 
   def with_defaults(self, default_checkpoint: Callable[[], str]) -> "RunConfig":
     """The checkpoint (testbed: the shipped one) and output_dir (runs/<backbone>) filled in; ValueError when the

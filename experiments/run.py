@@ -27,6 +27,7 @@ of several runner processes. A run locks its output_dir: a second run into it fa
 """
 
 
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ from absl import logging
 import numpy as np
 
 from experiments import evaluate
+from experiments import hosts as hosts_lib
 from experiments import plan
 from experiments import results as results_lib
 from experiments import tasks as tasks_lib
@@ -80,16 +82,25 @@ flags.DEFINE_list("overrides", None, "Named variants of the methods' official pr
                   "models/pruning/protocols.py for each method's names and why they exist.")
 flags.DEFINE_string("clip_checkpoint", None, "Local CLIP checkpoint directory (e.g. a copy of "
                     "openai/clip-vit-large-patch14-336) whose text tower gives CDPruner's relevance.")
+flags.DEFINE_string("mesh", None, "Device mesh, axis:size over the axes data, fsdp, tensor (e.g. data:8, "
+                    "data:2,fsdp:2,tensor:2; one size may be -1: the devices left over); the sizes multiply to the "
+                    "device count of all processes. Default: one device (several processes: data:-1).")
+flags.DEFINE_bool("distributed", False, "Join the other hosts with jax.distributed.initialize() discovering the "
+                  "cluster (Cloud TPU slices, Slurm, Kubernetes); every host runs the same command.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, for an explicit "
+                    "multi-process launch (with --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Processes of an explicit multi-process launch.")
+flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-process launch.")
 flags.DEFINE_enum("resolution", "native", ["native", "fixed_672"], "LLaVA-NeXT benchmark images: native size, or "
                   "resized to the paper's fixed 672 x 672 (2,880 visual tokens before unpadding).")
 
 
-def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str):
+def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str, mesh=None):
   import models  # pylint: disable=g-import-not-at-top
   from transformers import AutoProcessor  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(checkpoint):
     raise ValueError(f"--checkpoint {checkpoint!r} is not a directory")
-  model = models.load_pretrained(checkpoint)
+  model = models.load_pretrained(checkpoint, mesh=mesh)      # with a mesh: each device reads its own shards
   with open(os.path.join(checkpoint, "config.json")) as f:
     model_type = json.load(f).get("model_type")
   if model_type != backbone.model_type:
@@ -146,9 +157,12 @@ def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log,
   fields = dict(settings, max_new_tokens=max_new_tokens, data_fingerprint=_tree_fingerprint(directory))
   hashes = {spec.name: evaluate.run_hash(fields, spec, name, []) for spec in runs}
   total = min(config.limit, task.num_rows) if config.limit and task.num_rows else (config.limit or task.num_rows)
-  with tqdm(total=None if total is None else total * len(runs), desc=name, unit="ex", file=sys.stderr) as progress:
+  with tqdm(total=None if total is None else total * len(runs), desc=name, unit="ex", file=sys.stderr,
+            disable=not evaluator.hosts.writer) as progress:
     benchmark_eval.evaluate_task(evaluator, runs, task, task.examples(directory, protocol, True), log, hashes, bench,
                                  progress, process)
+  if not evaluator.hosts.writer:
+    return {}
   rows = benchmark_eval.task_rows(log, runs, hashes, name)
   entries = benchmark_eval.task_summary(task, rows, runs, protocol)
   table = benchmark_eval.format_summary(task, entries)
@@ -203,16 +217,22 @@ def main(argv):
     from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face: its checkpoint path)
     config = plan.RunConfig.from_flags(flags.FLAGS).with_defaults(lambda: testbed.DEFAULT_CKPT)
     backbone = plan.BACKBONES[config.backbone]
-    model, processor = _load(backbone, config.backbone, config.checkpoint)
+    # Before any use of the devices: join the other processes, build and set the mesh.
+    hosts = hosts_lib.start(config.mesh, distributed=config.distributed, coordinator=config.coordinator_address,
+                            num_processes=config.num_processes, process_id=config.process_id)
+    hosts.check_batch(config.batch_size)
+    model, processor = _load(backbone, config.backbone, config.checkpoint, hosts.mesh)
     resolved, runs = plan.resolve(config, model)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  print("resolved configuration:\n" + resolved.to_json(), flush=True)
-  logging.info("runs: %s", ", ".join(r.name for r in runs))
+  if hosts.writer:
+    print("resolved configuration:\n" + resolved.to_json(), flush=True)
+  logging.info("process %d of %d, mesh %s; runs: %s", hosts.index, hosts.count, hosts.mesh,
+               ", ".join(r.name for r in runs))
 
   out_dir = config.output_dir
   process = _process_name()
-  evaluator = evaluate.Evaluator(model, processor, backbone, resolved.max_new_tokens)
+  evaluator = evaluate.Evaluator(model, processor, backbone, resolved.max_new_tokens, hosts)
   if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
     from models import clip_text  # pylint: disable=g-import-not-at-top
     try:
@@ -222,7 +242,10 @@ def main(argv):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from experiments import report  # pylint: disable=g-import-not-at-top
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
-  with results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) as log:
+  # Only process 0 opens (and locks) the log and writes; the others learn from it what is finished.
+  opened = (results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) if hosts.writer
+            else contextlib.nullcontext(None))
+  with opened as log:
     benchmark_scores = {}
     for task in config.tasks:
       settings = plan.run_hash_fields(resolved, task)
@@ -242,12 +265,15 @@ def main(argv):
       except ValueError as e:
         raise app.UsageError(str(e)) from None
       pictured = items[:config.pictures]
-      with tqdm(total=len(items) * len(runs), desc=task, unit="ex", file=sys.stderr) as progress:
+      with tqdm(total=len(items) * len(runs), desc=task, unit="ex", file=sys.stderr,
+                disable=not hosts.writer) as progress:
         for spec in runs:
           progress.set_postfix_str(spec.name)
           evaluate.evaluate_run(evaluator, spec, batches, log, evaluate.run_hash(settings, spec, task, items),
                                 config.seed, progress, process=process,
                                 pictured=frozenset(it.example_id for it in pictured))
+      if not hosts.writer:
+        continue
       rows = evaluate.task_rows(log, settings, runs, task, items)
       summary = report.summary(rows)
       table = report.format_table(summary)
@@ -259,8 +285,10 @@ def main(argv):
       if pictured:
         shown = [r for r in runs if r.budget is None or r.budget == min(resolved.budgets)]
         _picture(model, shown, pictured, rows, out_dir)
-    if benchmark_scores and len(runs) > 1:
+    if benchmark_scores and len(runs) > 1 and hosts.writer:
       _relative_summary(runs, benchmark_scores, out_dir)
+  if not hosts.writer:
+    return
   print(f"results: {os.path.join(out_dir, 'results.jsonl')}; table, plot and pictures in {out_dir}")
 
 

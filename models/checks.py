@@ -59,6 +59,9 @@ def check_pixel_values(pixel_values) -> None:
   xp = jnp if isinstance(pixel_values, jax.Array) else np
   with jax.ensure_compile_time_eval():
     finite = xp.isfinite(xp.reshape(pixel_values, (shape[0], -1))).all(axis=-1)
+  if isinstance(finite, jax.Array) and not finite.is_fully_addressable:   # multi-host: each process holds its rows
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    finite = multihost_utils.process_allgather(finite, tiled=True)
   bad = np.flatnonzero(~np.asarray(finite))
   if bad.size:
     raise ValueError(f"pixel_values contain NaN/inf in image(s) {bad.tolist()} (index along axis 0, i.e. batch "
