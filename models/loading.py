@@ -326,8 +326,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     by_target.setdefault(rule.target, {})[rule.layer] = (found[canon][0], found[canon][1], rule)
   shardings = None
   if mesh is not None:
-    shardings = dict(nnx.to_flat_state(sharding_lib.param_shardings(abstract_state, mesh)))
-    shardings = {tuple(str(k) for k in key): var.get_value() for key, var in shardings.items()}
+    shardings = sharding_lib.param_shardings(abstract_state, mesh)
   files = sorted({file for reads in by_target.values() for file, _, _ in reads.values()})
   handles = {file: _open_shard(file) for file in files}
   reader = _Reader(by_target, handles, np_dtype)

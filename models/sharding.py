@@ -17,8 +17,9 @@ Mesh axes (MaxText's names and roles, `../shared/SCALE_PERF.md` C.2):
 
 Logical axes. The ports stay mesh-free: every parameter's logical axes come from `PARAM_AXES`, a table keyed by the
 end of the parameter's path in `nnx.state(model)` (the same names as the conversion tables; the leading axis of a
-layer stack is "layers"). `annotate` writes them into each Variable's `out_sharding` metadata (what
-`nnx.with_partitioning` writes), and `nnx.logical_axis_rules(RULES)` maps them to mesh axes, MaxText style: embed ->
+layer stack is "layers"); `logical_specs` gives them by path (what `nnx.with_partitioning` would annotate; the
+Variables themselves carry no annotation, which would make flax demand a mesh wherever one is created), and flax's
+`nnx.logical_axis_rules` mapping turns them into PartitionSpecs with `RULES`, MaxText style: embed ->
 fsdp; heads, kv_heads, mlp, vocab -> tensor; layers, norms and small vectors replicated. Activations: "batch" ->
 (data, fsdp), the KV cache's heads -> tensor (`constrain`, a no-op without a mesh).
 
@@ -33,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXES", "BATCH_AXES", "RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_axes", "annotate",
+__all__ = ["AXES", "BATCH_AXES", "RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_axes", "logical_specs",
            "param_specs", "param_shardings", "shard_model", "create_sharded", "constrain", "batch_spec",
            "put_batch", "batch_divisor", "describe"]
 
@@ -154,59 +156,77 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
                    "(models/sharding.py)")
 
 
-def annotate(state: nnx.State) -> nnx.State:
-  """Writes every parameter's logical axes into its `out_sharding` metadata (as `nnx.with_partitioning` does), so
-  `nnx.get_partition_spec` under `nnx.logical_axis_rules(RULES)` gives its mesh PartitionSpec."""
-  for path, var in nnx.to_flat_state(state):
-    var.set_metadata(out_sharding=logical_axes(path, len(var.get_value().shape)))
-  return state
-
-
 def _mesh_sizes(mesh) -> dict[str, int]:
   return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def param_specs(state: nnx.State, mesh) -> nnx.State:
-  """PartitionSpecs of a (possibly abstract) model state on `mesh`: the logical axes mapped by `RULES`. ValueError
-  naming the parameter, dimension, axis and sizes when a mesh axis does not divide the dimension it shards."""
+def _paths(state: nnx.State) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+  """(path, shape) of every parameter of a (possibly abstract) model state."""
+  return [(tuple(str(k) for k in path), tuple(var.get_value().shape)) for path, var in nnx.to_flat_state(state)]
+
+
+def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """{path: value} -> the nested dict of `nnx.to_pure_dict` (the pytree jit, device_put and the loader see)."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
+def logical_specs(state: nnx.State) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+  """Every parameter's logical axes by path: what `nnx.with_partitioning` would annotate (`PARAM_AXES`). The model's
+  Variables are left as they are: an `out_sharding` annotation would make flax shard every Variable it creates,
+  which needs a mesh even where none is wanted."""
+  return {path: logical_axes(path, len(shape)) for path, shape in _paths(state)}
+
+
+def param_specs(state: nnx.State, mesh) -> dict[tuple[str, ...], P]:
+  """Every parameter's PartitionSpec on `mesh` by path: its logical axes mapped by `RULES` (flax's
+  `nnx.logical_axis_rules` mapping). `mesh` may be a `jax.sharding.AbstractMesh` (only its axis names and sizes
+  are read). ValueError naming the parameter, dimension, axis and sizes when a mesh axis does not divide the
+  dimension it shards."""
   sizes = _mesh_sizes(mesh)
-  annotate(state)
+  shapes = dict(_paths(state))
   with nnx.logical_axis_rules(RULES):
-    specs = nnx.get_partition_spec(state)
-  for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
-    shape = var.get_value().shape
-    logical = var.get_metadata()["out_sharding"]
-    for dim, (size, axes) in enumerate(zip(shape, spec.get_value())):
+    rules = flax_spmd.get_logical_axis_rules()
+  specs = {}
+  for path, logical in logical_specs(state).items():
+    spec = flax_spmd.from_sharding_rules(logical, rules)
+    for dim, (size, axes) in enumerate(zip(shapes[path], spec)):
       names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       shards = int(np.prod([sizes.get(a, 1) for a in names]))
       if size % shards:
-        where = "/".join(str(p) for p in path)
         raise ValueError(f"mesh axis {'+'.join(names)}={shards} does not divide dimension {dim} ({logical[dim]!r}, "
-                         f"size {size}) of {where} (shape {tuple(shape)}); pick a {'+'.join(names)} size that "
-                         f"divides {size}")
+                         f"size {size}) of {'/'.join(path)} (shape {shapes[path]}); pick a {'+'.join(names)} size "
+                         f"that divides {size}")
+    specs[path] = P(*spec)
   return specs
 
 
-def param_shardings(state: nnx.State, mesh) -> nnx.State:
-  """NamedShardings of a (possibly abstract) model state on `mesh` (`param_specs`)."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(state, mesh))
+def param_shardings(state: nnx.State, mesh) -> dict[tuple[str, ...], NamedSharding]:
+  """Every parameter's NamedSharding on `mesh` by path (`param_specs`)."""
+  return {path: NamedSharding(mesh, spec) for path, spec in param_specs(state, mesh).items()}
 
 
 def shard_model(model, mesh):
   """The model with every parameter placed by `param_shardings` (for a model already in memory; loading and
   `create_sharded` build the shards directly)."""
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, param_shardings(nnx.eval_shape(lambda: nnx.state(model)), mesh))
+  placed = jax.device_put(nnx.to_pure_dict(state), _nested(param_shardings(state, mesh)))
+  nnx.replace_by_pure_dict(state, placed)
   return nnx.merge(graphdef, state)
 
 
 def create_sharded(make, mesh):
   """`make()` (a model constructor, e.g. random init) run under jit with each parameter's shards as its outputs:
   every device creates only its own shards, the whole model never exists on one device."""
-  abstract = nnx.eval_shape(make)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = param_shardings(abstract_state, mesh)
-  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  values = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())),
+                   out_shardings=_nested(param_shardings(state, mesh)))()
+  nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state)
 
 
