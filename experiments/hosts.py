@@ -20,6 +20,7 @@ rerun finds the batches process 0 wrote and redoes the rest: rows are never dupl
 and a batch cut short is recomputed whole.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from models import sharding
 
-__all__ = ["Hosts", "start", "SINGLE"]
+__all__ = ["Hosts", "start", "mesh_context", "fetch", "SINGLE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,9 @@ def fetch(x) -> np.ndarray:
 def start(mesh: str | None = None, *, distributed: bool = False, coordinator: str | None = None,
           num_processes: int | None = None, process_id: int | None = None) -> Hosts:
   """Joins the processes (`jax.distributed.initialize`: explicitly with a coordinator address, or discovered on
-  Cloud TPU / Slurm / Kubernetes with `distributed`), builds the mesh and sets it (`jax.set_mesh`). Call before any
-  other use of the devices. Several processes need a mesh (default data:-1, every device on the batch).
+  Cloud TPU / Slurm / Kubernetes with `distributed`) and builds the mesh; the caller runs under
+  `with jax.set_mesh(hosts.mesh)`. Call before any other use of the devices. Several processes need a mesh (default
+  data:-1, every device on the batch).
 
   Raises ValueError naming the flag for an incomplete process description or a mesh that does not fit.
   """
@@ -141,6 +143,9 @@ def start(mesh: str | None = None, *, distributed: bool = False, coordinator: st
   if mesh is None and count > 1:
     mesh = "data:-1"
   made = sharding.make_mesh(mesh) if mesh is not None else None
-  if made is not None:
-    jax.set_mesh(made)
   return Hosts(mesh=made, index=jax.process_index(), count=count)
+
+
+def mesh_context(hosts: Hosts):
+  """`jax.set_mesh(hosts.mesh)` as a context (nothing without a mesh): traced programs see the mesh inside it."""
+  return contextlib.nullcontext() if hosts.mesh is None else jax.set_mesh(hosts.mesh)

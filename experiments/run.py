@@ -217,10 +217,18 @@ def main(argv):
     from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face: its checkpoint path)
     config = plan.RunConfig.from_flags(flags.FLAGS).with_defaults(lambda: testbed.DEFAULT_CKPT)
     backbone = plan.BACKBONES[config.backbone]
-    # Before any use of the devices: join the other processes, build and set the mesh.
+    # Before any use of the devices: join the other processes, build the mesh.
     hosts = hosts_lib.start(config.mesh, distributed=config.distributed, coordinator=config.coordinator_address,
                             num_processes=config.num_processes, process_id=config.process_id)
     hosts.check_batch(config.batch_size)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  with hosts_lib.mesh_context(hosts):       # every program traced in the run sees the mesh
+    _main(config, backbone, hosts)
+
+
+def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts):
+  try:
     model, processor = _load(backbone, config.backbone, config.checkpoint, hosts.mesh)
     resolved, runs = plan.resolve(config, model)
   except ValueError as e:
