@@ -340,17 +340,16 @@ def load_clip(path: str | os.PathLike, dtype=jnp.float32) -> CLIPForRelevance:
     raise ValueError(f"CLIP checkpoint {path!r} does not match its config.json:\n"
                      + "\n".join(loading._listing(t, items) for t, items in problems))
 
-  by_file = {file: [(n, table[n]) for n, (fl, _, _) in found.items() if fl == file]
-             for file in sorted({file for file, _, _ in found.values()})}
-  host, non_finite = loading._read_weights(by_file, leaves, np_dtype)
-  if non_finite:
-    raise ValueError(f"CLIP checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
-                     + loading._listing("tensors with NaN/inf", sorted(non_finite)))
-  unfilled = sorted("/".join(key) for key in leaves if key not in host)
+  by_target: dict = {}
+  for name, (file, _, _) in found.items():
+    by_target.setdefault(table[name].target, {})[table[name].layer] = (file, name, table[name])
+  unfilled = sorted("/".join(key) for key in leaves if key not in by_target)
   if unfilled:
     raise ValueError(f"conversion table bug: parameters not filled by any checkpoint tensor: {unfilled}")
-  for key, var in leaves.items():
-    var.set_value(jax.device_put(host.pop(key)))
+  non_finite = loading._fill(leaves, by_target, np_dtype)
+  if non_finite:
+    raise ValueError(f"CLIP checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
+                     + loading._listing("tensors with NaN/inf", non_finite))
   return nnx.merge(graphdef, abstract_state)
 
 

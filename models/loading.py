@@ -324,9 +324,19 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
   by_target: dict[tuple[str, ...], dict[int | None, tuple[str, str, conversion.Rule]]] = {}
   for canon, rule in table.items():
     by_target.setdefault(rule.target, {})[rule.layer] = (found[canon][0], found[canon][1], rule)
-  shardings = None
-  if mesh is not None:
-    shardings = sharding_lib.param_shardings(abstract_state, mesh)
+  shardings = None if mesh is None else sharding_lib.param_shardings(abstract_state, mesh)
+  non_finite = _fill(leaves, by_target, np_dtype, shardings)
+  if non_finite:
+    raise ValueError(f"checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
+                     + _listing("tensors with NaN/inf", non_finite))
+  return nnx.merge(graphdef, abstract_state)
+
+
+def _fill(leaves: dict, by_target: dict, np_dtype: np.dtype, shardings: dict | None = None) -> list[str]:
+  """Sets every parameter in `leaves` (path -> abstract Variable) from the checkpoint tensors `by_target` names
+  (path -> {layer or None: (file, tensor name, rule)}), one parameter at a time; with `shardings` (path ->
+  NamedSharding) each is created in its shards, every device's shard read on its own (`_Reader`). Returns the
+  sorted lines of the tensors that hold NaN/inf after the cast to `np_dtype`, for the caller's error."""
   files = sorted({file for reads in by_target.values() for file, _, _ in reads.values()})
   handles = {file: _open_shard(file) for file in files}
   reader = _Reader(by_target, handles, np_dtype)
@@ -342,7 +352,4 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
-  if reader.non_finite:
-    raise ValueError(f"checkpoint {path!r} holds weights that are not finite as {np_dtype.name}:\n"
-                     + _listing("tensors with NaN/inf", sorted(reader.non_finite.values())))
-  return nnx.merge(graphdef, abstract_state)
+  return sorted(reader.non_finite.values())
