@@ -19,6 +19,9 @@ Contract
   keywords are annotated with. Python floats (and ints given for a float keyword) are traced (a sweep over alpha does
   not recompile); ints, bools, strings and tuples are static; arrays with a leading batch axis are split per row when
   `features` is batched.
+- Under a device mesh (`jax.set_mesh`) whose batch axes (`BATCH_AXES`: data, fsdp) split the B rows, a batched call
+  runs in a `jax.shard_map` over those axes: each device selects for its own rows, with the same per-row keys and
+  picks as one device.
 
 Errors and non-finite values
 Bad shapes, ranks, dtypes and types (a list instead of an array, `keep=True`, `alpha="x"`), `keep` out of range,
