@@ -97,7 +97,7 @@ def _stages(out):
 def test_every_mesh_computes_what_one_device_computes(family, next_path, llava_path):
   path, batch = (next_path, _next_batch()) if family == "llava-next" else (llava_path, _llava_batch())
   ref = _outputs(loading.load_pretrained(path), family, batch)
-  meshes = MESHES if family == "llava-next" else ("data:2,fsdp:2,tensor:2",)
+  meshes = MESHES
   for spec in meshes:
     mesh = _mesh(spec)
     with jax.set_mesh(mesh):
