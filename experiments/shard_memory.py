@@ -44,6 +44,7 @@ from absl import flags
 from flax import nnx
 
 from experiments import bench_e2e
+from experiments import flops
 from models import llama
 from models import loading
 from models import sharding
@@ -101,28 +102,18 @@ def abstract_mesh(text: str) -> jax.sharding.AbstractMesh:
   return jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES)
 
 
-def _sizes(mesh) -> dict[str, int]:
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def _shards(entry, sizes: Mapping[str, int]) -> int:
-  """How many ways one PartitionSpec entry (None, an axis name or a tuple of them) splits its dimension."""
-  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(sizes[a] for a in names)
-
-
 def param_bytes(state: nnx.State, mesh) -> ParamBytes:
   """Bytes of the parameters of `state` (abstract or real), unsharded and per device of `mesh` (a Mesh or an
   AbstractMesh). ValueError from `sharding.param_specs` when a mesh axis does not divide what it shards."""
   specs = sharding.param_specs(state, mesh)
-  sizes = _sizes(mesh)
+  sizes = sharding.mesh_sizes(mesh)
   total = per_device = 0
   for path, var in nnx.to_flat_state(state):
     value = var.get_value()
     nbytes = math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
     total += nbytes
     spec = specs[tuple(str(k) for k in path)]
-    per_device += nbytes // math.prod(_shards(e, sizes) for e in spec)    # exact: param_specs checked divisibility
+    per_device += nbytes // math.prod(sharding.shards(e, sizes) for e in spec)    # exact: param_specs checked divisibility
   return ParamBytes(total, per_device)
 
 
@@ -140,7 +131,7 @@ def cache_bytes(text_config, sizes: Mapping[str, int], batch: int, capacity: int
     notes.append(f"{c.num_key_value_heads} KV heads do not split over tensor={heads}: cache heads replicated")
     heads = 1
   layers = c.num_hidden_layers
-  kv = 2 * layers * batch * capacity * c.num_key_value_heads * c.head_dim * jnp.dtype(dtype).itemsize
+  kv = int(flops.kv_cache_bytes(c, [capacity] * layers, dtype, batch))
   valid = layers * batch * capacity
   end = layers * jnp.dtype(jnp.int32).itemsize
   return CacheBytes(kv + valid + end, kv // (rows * heads) + valid // rows + end, "; ".join(notes))
@@ -169,7 +160,7 @@ def memory_rows(models: Sequence[str], meshes: Sequence[str], batches: Sequence[
     state = abstract_state(family, config, dtype)
     for text in meshes:
       mesh = abstract_mesh(text)
-      sizes = _sizes(mesh)
+      sizes = sharding.mesh_sizes(mesh)
       row = dict(model=name, mesh=text, devices=mesh.size, dtype=jnp.dtype(dtype).name, capacity=capacity)
       try:
         params = param_bytes(state, mesh)
@@ -246,7 +237,7 @@ def check_against_xla(model, mesh, batch: int, capacity: int, seq: int = 8) -> X
   arguments = embed.lower(model, ids).compile().memory_analysis().argument_size_in_bytes
   with jax.set_mesh(mesh):
     alloc = jax.jit(functools.partial(llama.init_cache, text_config, batch, capacity, dtype)).lower().compile()
-  cache = cache_bytes(text_config, _sizes(mesh), batch, capacity, dtype).per_device
+  cache = cache_bytes(text_config, sharding.mesh_sizes(mesh), batch, capacity, dtype).per_device
   return XlaCheck(params=params.per_device, shards=shards, inputs=inputs, arguments=arguments, cache=cache,
                   cache_outputs=alloc.memory_analysis().output_size_in_bytes,
                   cache_arrays=len(llama.KVCache._fields))

@@ -41,6 +41,7 @@ the file: config.json that is not a JSON object, or whose fields have the wrong 
 NaN/inf are listed by tensor and shard (a float16 cast can overflow a finite checkpoint).
 """
 
+import contextlib
 import json
 import os
 from typing import Any, Callable, NamedTuple
@@ -210,7 +211,8 @@ class _Reader:
   `get(target, index)` returns the slice `index` (a tuple of slices of the model-side shape) of the parameter at
   `target`: each checkpoint tensor behind it is read only over the matching checkpoint slice (`safe_open.get_slice`),
   transformed, cast; a stacked parameter reads the layers in `index[0]`. Tensors holding NaN/inf after the cast are
-  noted in `non_finite` (one line per tensor), for the caller's one error.
+  noted in `non_finite` (one line per tensor; with a mesh the NaN/inf counts are those of the first slice found
+  holding them), for the caller's one error.
   """
 
   def __init__(self, by_target: dict, handles: dict, np_dtype: np.dtype):
@@ -338,18 +340,23 @@ def _fill(leaves: dict, by_target: dict, np_dtype: np.dtype, shardings: dict | N
   NamedSharding) each is created in its shards, every device's shard read on its own (`_Reader`). Returns the
   sorted lines of the tensors that hold NaN/inf after the cast to `np_dtype`, for the caller's error."""
   files = sorted({file for reads in by_target.values() for file, _, _ in reads.values()})
-  handles = {file: _open_shard(file) for file in files}
-  reader = _Reader(by_target, handles, np_dtype)
-  try:
+  with contextlib.ExitStack() as stack:
+    reader = _Reader(by_target, {file: stack.enter_context(_open_shard(file)) for file in files}, np_dtype)
     # One parameter at a time, and with a mesh one device's shard at a time: the host never holds the whole model.
     for key, var in leaves.items():
       shape = tuple(var.get_value().shape)
       if shardings is None:
         var.set_value(jax.device_put(reader.get(key, shape, None)))
-      else:
-        var.set_value(jax.make_array_from_callback(shape, shardings[key],
-                                                   lambda index, key=key, shape=shape: reader.get(key, shape, index)))
-  finally:
-    for handle in handles.values():
-      handle.__exit__(None, None, None)
+        continue
+      # Devices that hold the same shard (replicas along the axes a parameter is not split over) share one read:
+      # make_array_from_callback asks once per device unless the sharding is fully replicated.
+      read: dict[tuple, np.ndarray] = {}
+
+      def shard(index, key=key, shape=shape, read=read):
+        where = tuple((s.start, s.stop, s.step) for s in index)
+        if where not in read:
+          read[where] = reader.get(key, shape, index)
+        return read[where]
+
+      var.set_value(jax.make_array_from_callback(shape, shardings[key], shard))
   return sorted(reader.non_finite.values())

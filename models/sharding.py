@@ -27,6 +27,7 @@ A mesh axis that does not divide the dimension it shards is an error naming the 
 the sizes (`param_specs`): uneven shards would be padded by XLA, and a 13B plan should fail at start, not run slowly.
 """
 
+import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -36,12 +37,14 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from tops_jax import prune
+
 __all__ = ["AXES", "BATCH_AXES", "RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_axes", "logical_specs",
            "param_specs", "param_shardings", "shard_model", "create_sharded", "constrain", "batch_spec",
-           "put_batch", "batch_divisor", "describe"]
+           "put_batch", "batch_divisor", "describe", "mesh_sizes", "axis_names", "shards"]
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")          # MaxText's activation_batch: the rows of a batch split over both
+BATCH_AXES = prune.BATCH_AXES          # ("data", "fsdp"), MaxText's activation_batch: the rows split over both
 
 # Logical axis -> mesh axis (or axes, or None: replicated). Every logical name of PARAM_AXES and `constrain` is here:
 # flax would read an unknown logical name as a mesh axis name.
@@ -155,8 +158,19 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
                    "(models/sharding.py)")
 
 
-def _mesh_sizes(mesh) -> dict[str, int]:
+def mesh_sizes(mesh) -> dict[str, int]:
+  """{axis name: size} of a Mesh or AbstractMesh."""
   return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def axis_names(entry) -> tuple[str, ...]:
+  """The mesh axes one PartitionSpec entry names (None, an axis, or a tuple of axes)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shards(entry, sizes: Mapping[str, int]) -> int:
+  """How many ways one PartitionSpec entry splits its dimension on a mesh of `sizes`."""
+  return math.prod(sizes.get(a, 1) for a in axis_names(entry))
 
 
 def _paths(state: nnx.State) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -187,7 +201,7 @@ def param_specs(state: nnx.State, mesh) -> dict[tuple[str, ...], P]:
   `nnx.logical_axis_rules` mapping). `mesh` may be a `jax.sharding.AbstractMesh` (only its axis names and sizes
   are read). ValueError naming the parameter, dimension, axis and sizes when a mesh axis does not divide the
   dimension it shards."""
-  sizes = _mesh_sizes(mesh)
+  sizes = mesh_sizes(mesh)
   shapes = dict(_paths(state))
   with nnx.logical_axis_rules(RULES):
     rules = flax_spmd.get_logical_axis_rules()
@@ -195,10 +209,9 @@ def param_specs(state: nnx.State, mesh) -> dict[tuple[str, ...], P]:
   for path, logical in logical_specs(state).items():
     spec = flax_spmd.from_sharding_rules(logical, rules)
     for dim, (size, axes) in enumerate(zip(shapes[path], spec)):
-      names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-      shards = int(np.prod([sizes.get(a, 1) for a in names]))
-      if size % shards:
-        raise ValueError(f"mesh axis {'+'.join(names)}={shards} does not divide dimension {dim} ({logical[dim]!r}, "
+      names, ways = axis_names(axes), shards(axes, sizes)
+      if size % ways:
+        raise ValueError(f"mesh axis {'+'.join(names)}={ways} does not divide dimension {dim} ({logical[dim]!r}, "
                          f"size {size}) of {'/'.join(path)} (shape {shapes[path]}); pick a {'+'.join(names)} size "
                          f"that divides {size}")
     specs[path] = P(*spec)
@@ -231,8 +244,7 @@ def create_sharded(make, mesh):
 
 def batch_divisor(mesh) -> int:
   """How many ways the batch is split on `mesh` (data x fsdp)."""
-  sizes = _mesh_sizes(mesh)
-  return int(np.prod([sizes.get(a, 1) for a in BATCH_AXES]))
+  return shards(BATCH_AXES, mesh_sizes(mesh))
 
 
 def batch_spec(ndim: int) -> P:
@@ -258,13 +270,11 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or x.ndim != len(logical):
     return x
-  sizes = _mesh_sizes(mesh)
+  sizes = mesh_sizes(mesh)
   spec = []
   for size, name in zip(x.shape, logical):
-    target = _RULE.get(name) if name is not None else None
-    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    names = tuple(a for a in names if sizes.get(a, 1) > 1)
-    if names and size % int(np.prod([sizes[a] for a in names])):
+    names = tuple(a for a in axis_names(_RULE.get(name) if name is not None else None) if sizes.get(a, 1) > 1)
+    if names and size % shards(names, sizes):
       names = ()
     spec.append(names[0] if len(names) == 1 else (names or None))
   if all(s is None for s in spec):

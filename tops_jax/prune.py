@@ -37,6 +37,7 @@ usable the remaining slots take valid non-finite tokens, then invalid positions,
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -242,10 +243,7 @@ def _row_axes(b: int) -> tuple[str, ...]:
     return ()
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-  shards = 1
-  for a in axes:
-    shards *= sizes[a]
-  return axes if axes and b % shards == 0 else ()
+  return axes if axes and b % math.prod(sizes[a] for a in axes) == 0 else ()
 
 
 def _call(method, features, keep, relevance, valid, key, hparams, want):

@@ -164,6 +164,7 @@ def test_weights_are_partitioned_and_each_device_reads_only_its_shard(spec, next
   # Every read is one device's slice of a checkpoint tensor: with fsdp:8 an MLP kernel is read in eighths.
   up = [n for name, n in reads if name.endswith("layers.0.mlp.up_proj.weight")]
   assert up and max(up) == 64 * 128 // (sizes["fsdp"] * sizes["tensor"])
+  assert len(up) == sizes["fsdp"] * sizes["tensor"]        # once per distinct shard: replicas along data share it
 
 
 def test_no_weight_is_gathered_whole():
