@@ -1,11 +1,11 @@
 """Stage I: choose each image's tokens after the vision tower, before the LLM, and rebuild the prompt to hold them.
 
-Reads the model only through its public image-token interface (`model.image_tokens` -> `models.outputs.ImageTokens`,
-the same for LLaVA-1.5 and LLaVA-NeXT), `model.project`, `model.embed` and `model.language_model.embed`.
+Reads the model only through the family interface (`models.family`: `model.visual_tokens` -> `VisualTokens`,
+`model.project`, `model.embed`, `model.positions`, `model.language_model.embed`).
 Axes: B batch (one image per row), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
-R image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
+O image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
 
-What the LLM receives is a list of R image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
+What the LLM receives is a list of O image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
 each row came from, -1 for rows that have none); the prompt's <image> run is cut to each image's row count. The
 layouts (`PruningConfig.stage1_scope`, `stage1_grid`, `newlines`) decide the candidates, the budget of each and the
 order of the rows:
@@ -35,8 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models import llama
-from models.outputs import ImageTokens
+from models.family import VisualTokens
 from models.pruning import sequence
 from models.pruning.config import PruningConfig
 from models.pruning.outputs import StageOutput
@@ -45,7 +44,7 @@ from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["ClipText", "Rows", "image_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
+__all__ = ["ClipText", "Rows", "visual_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
 
 
 class ClipText(NamedTuple):
@@ -61,17 +60,22 @@ class ClipText(NamedTuple):
 
 class Rows(NamedTuple):
   """The image rows Stage I hands to the LLM, in order."""
-  embeds: jax.Array   # float[B, R, D]
-  valid: jax.Array    # bool[B, R] a prefix of each row
-  packed: jax.Array   # int32[B, R] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
+  embeds: jax.Array   # float[B, O, D]
+  valid: jax.Array    # bool[B, O] a prefix of each row
+  packed: jax.Array   # int32[B, O] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
 
 
-def image_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> ImageTokens:
-  """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys and CLS)."""
+def visual_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> VisualTokens:
+  """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys and CLS,
+  PruMerge+'s last-layer q/k)."""
   vz = stage1 and config.method == "visionzip"
-  extra = {"last_qk": True} if stage1 and config.method == "prumerge_plus" else {}
-  return model.image_tokens(pixel_values, layout, cls_attention=stage1 and config.stage1_relevance == "cls",
-                            keys=vz, cls=vz and config.visionzip_cls, **extra)
+  extras = ("keys",) if vz else ()
+  if vz and config.visionzip_cls:
+    extras += ("cls_features",)
+  if stage1 and config.method == "prumerge_plus":
+    extras += ("last_qk",)
+  relevance = ("cls",) if stage1 and config.stage1_relevance == "cls" else ()
+  return model.visual_tokens(pixel_values, layout, relevance=relevance, extras=extras)
 
 
 def nominal_crops(config: PruningConfig, model_config) -> int:
@@ -142,18 +146,18 @@ def _rank(config: PruningConfig, feats, rel, valid, keep: int, key, hp) -> jax.A
       jnp.arange(order.shape[1], dtype=jnp.int32))
 
 
-def _crop_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+def _crop_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   """Relevance of each crop token: float32[B, P, T] | None."""
   b, p, t = feats.shape[:3]
   source = config.stage1_relevance
   if source == "cls":
-    return images.crop_cls_attention
+    return images.group_relevance.get("cls")
   if source == "text":
     flat = feats.reshape(b, p * t, -1)
     return relevance_lib.text_embedding_cosine(flat, text, text_valid).reshape(b, p, t)
   if source == "clip_text":
-    return _clip_relevance(images.crop_features.reshape(b, p * t, -1), clip_text,
-                           jnp.repeat(images.crop_valid, t, axis=-1)).reshape(b, p, t)
+    return _clip_relevance(images.group_features.reshape(b, p * t, -1), clip_text,
+                           jnp.repeat(images.group_valid, t, axis=-1)).reshape(b, p, t)
   return None
 
 
@@ -162,15 +166,15 @@ def _clip_relevance(features, clip_text, valid):
   return relevance_lib.clip_text_relevance(clip_text.image_head(features), clip_text.text_embeds, valid)
 
 
-def _per_crop(config: PruningConfig, model_config, images: ImageTokens, text, text_valid, clip_text, key, hp):
+def _per_crop(config: PruningConfig, model_config, images: VisualTokens, text, text_valid, clip_text, key, hp):
   """Per-crop selection -> chosen bool[B, P, T] (crop tokens) and relevance float32[B, P, T] | None."""
   vision = config.stage1_features == "vision"
-  feats = images.crop_features if vision else images.crop_embeds
+  feats = images.group_features if vision else images.group_embeds
   b, p, t = feats.shape[:3]
   budget, scope = config.stage1_budget, config.stage1_scope
-  crop_valid = images.crop_valid if images.crop_valid is not None else jnp.ones((b, p), bool)
+  crop_valid = images.group_valid if images.group_valid is not None else jnp.ones((b, p), bool)
   if config.stage1_grid == "unpadded":      # each crop's tokens that unpadding keeps
-    candidate = images.valid & ~images.newline
+    candidate = images.valid & ~images.structural
     slot = jnp.where(candidate, images.source, p * t)
     token_valid = jnp.zeros((b, p * t), bool).at[jnp.arange(b)[:, None], slot].set(True, mode="drop")
     token_valid = token_valid.reshape(b, p, t)
@@ -194,14 +198,14 @@ def _per_crop(config: PruningConfig, model_config, images: ImageTokens, text, te
   return chosen, rel
 
 
-def _packed_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+def _packed_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   source = config.stage1_relevance
   if source == "cls":
-    return images.cls_attention
+    return images.relevance.get("cls")
   if source == "text":
     return relevance_lib.text_embedding_cosine(feats, text, text_valid)
   if source == "clip_text":
-    return _clip_relevance(images.features, clip_text, images.valid & ~images.newline)
+    return _clip_relevance(images.features, clip_text, images.valid & ~images.structural)
   return None
 
 
@@ -212,31 +216,31 @@ def _from_crops(x: jax.Array, source: jax.Array, fill) -> jax.Array:
   return jnp.where(source >= 0, sequence.take(flat, jnp.maximum(source, 0))[..., 0], fill)
 
 
-def _slot_of_source(images: ImageTokens) -> jax.Array:
+def _slot_of_source(images: VisualTokens) -> jax.Array:
   """The packed slot of each crop token (-1: unpadding removed it, or a padding crop): int32[B, P * T]."""
-  b, p, t = images.crop_embeds.shape[:3]
+  b, p, t = images.group_embeds.shape[:3]
   n = images.source.shape[1]
   src = jnp.where(images.source >= 0, images.source, p * t)
   return jnp.full((b, p * t), -1, jnp.int32).at[jnp.arange(b)[:, None], src].set(
       jnp.arange(n, dtype=jnp.int32), mode="drop")
 
 
-def _newline_policy(config: PruningConfig, selected, images: ImageTokens):
+def _newline_policy(config: PruningConfig, selected, images: VisualTokens):
   if config.newlines == "keep":
-    return selected | images.newline
+    return selected | images.structural
   if config.newlines == "rows":
-    return selected | row_newlines(selected, images.newline, images.crop)
+    return selected | row_newlines(selected, images.structural, images.group)
   return selected
 
 
-def _packed_rows(config: PruningConfig, selected, images: ImageTokens, embeds, cap: int):
+def _packed_rows(config: PruningConfig, selected, images: VisualTokens, embeds, cap: int):
   """Rows for a subset of the packed slots (newline policy applied), in packed order -> (Rows, bool[B, N])."""
   selected = _newline_policy(config, selected, images)
   idx, valid = sequence.first(selected, cap)
   return Rows(embeds=sequence.take(embeds, idx), valid=valid, packed=jnp.where(valid, idx, -1)), selected
 
 
-def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
+def select(model, config: PruningConfig, images: VisualTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
            cap: int) -> tuple[Rows, jax.Array | None, StageOutput]:
   """Stage I selection -> (the rows for the LLM, the packed slots they are (bool[B, N]; None when rows are not a
   subset of the packed slots), StageOutput over the packed slots)."""
@@ -246,7 +250,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
   if config.method == "trimtokenator":
     hp.setdefault("text", text)
     hp.setdefault("text_valid", text_valid)
-  candidate = images.valid & ~images.newline
+  candidate = images.valid & ~images.structural
   if config.newlines == "candidates":
     candidate = images.valid
   candidates = jnp.where(candidate, jnp.arange(candidate.shape[1], dtype=jnp.int32), -1)
@@ -255,7 +259,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
 
   if config.method == "visionzip" and config.visionzip_cls:
     rows = _visionzip(model, config, images, key, hp)
-    return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=images.cls_attention)
+    return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=images.relevance.get("cls"))
 
   if config.method == "prumerge_plus":
     rows, rel = _prumerge(model, images, dict(hp, keep=budget))
@@ -270,7 +274,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
       idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), cap)
       idx = jnp.take_along_axis(perm, idx, axis=-1)
       slot = jnp.take_along_axis(_slot_of_source(images), idx, axis=-1)
-      rows = Rows(embeds=sequence.take(images.crop_embeds.reshape(b, p * t, -1), idx), valid=valid,
+      rows = Rows(embeds=sequence.take(images.group_embeds.reshape(b, p * t, -1), idx), valid=valid,
                   packed=jnp.where(valid, slot, -1))
       return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=packed_rel)
     picked = _from_crops(chosen, images.source, False) & candidate       # unpadding drops what it removes
@@ -315,11 +319,11 @@ def _kept(selected, size: int) -> jax.Array:
   return jnp.where(valid, idx, -1).astype(jnp.int32)
 
 
-def canvas_order(images: ImageTokens, t: int) -> jax.Array:
+def canvas_order(images: VisualTokens, t: int) -> jax.Array:
   """The flattened crop tokens [P * T] in the official anyres order, as a permutation int32[B, P * T]: the base
   crop's tokens, then the grid crops' tokens row-major over the padded canvas of the grid (rows cross crops: the
   reshape (rows, cols, g, g) -> permute (0, 2, 1, 3) of the LLaVA-NeXT code before unpadding), then padding crops."""
-  b, p = images.crop_valid.shape
+  b, p = images.group_valid.shape
   g = int(round(t ** 0.5))
   cols = images.grid[:, 1]
   crop = jnp.arange(p)[:, None]
@@ -328,15 +332,15 @@ def canvas_order(images: ImageTokens, t: int) -> jax.Array:
   a, c = tok // g, tok % g
   canvas = (i * g + a) * (cols[:, None, None] * g) + (j * g + c)
   key = jnp.where(crop == 0, tok, t + canvas)
-  key = jnp.where(images.crop_valid[:, :, None], key, p * t + crop * t + tok)
+  key = jnp.where(images.group_valid[:, :, None], key, p * t + crop * t + tok)
   return jnp.argsort(key.reshape(b, p * t), axis=-1, stable=True).astype(jnp.int32)
 
 
-def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Rows:
+def _visionzip(model, config: PruningConfig, images: VisualTokens, key, hp) -> Rows:
   """VisionZip's official output: per crop [CLS, dominant, contextual] merged in the vision space
   (`tops_jax.visionzip.compress`), laid out in its LLaVA-NeXT order (`visionzip.next_order`), then projected."""
   del key
-  feats = images.crop_features
+  feats = images.group_features
   b, p, t, dv = feats.shape
   dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
   quota = _per_crop_quota(config, model.config)
@@ -348,13 +352,13 @@ def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Ro
     raise ValueError(f"visionzip: dominant + contextual = {quota} exceeds the {t} tokens of a crop")
   flat = lambda x: x.reshape(b * p, *x.shape[2:])
   tokens, source, kind = visionzip_lib.compress(
-      flat(feats), flat(images.crop_cls_attention), flat(images.crop_keys), flat(images.cls_features),
+      flat(feats), flat(images.group_relevance.get("cls")), flat(images.group_keys), flat(images.extras["cls_features"]),
       jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
   k = dominant + contextual
   kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
   side = int(round(t ** 0.5))
   perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
-      kind, source, images.grid, images.crop_valid)
+      kind, source, images.grid, images.group_valid)
   order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
   tokens = order(tokens.reshape(b, p * k, dv))
   crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
@@ -365,23 +369,23 @@ def _visionzip(model, config: PruningConfig, images: ImageTokens, key, hp) -> Ro
   return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
 
 
-def _prumerge(model, images: ImageTokens, hp) -> tuple[Rows, jax.Array]:
+def _prumerge(model, images: VisualTokens, hp) -> tuple[Rows, jax.Array]:
   """PruMerge+'s official output (LLaVA-1.5): the merged kept tokens in its order, then the extra token
   (`tops_jax.prumerge.merge_sequence`), projected. Relevance: the last CLIP layer's full-width CLS attention."""
-  if images.last_query is None:
-    raise ValueError("prumerge_plus needs the last vision layer's q/k (LLaVA-1.5's image_tokens(last_qk=True))")
-  rel = prumerge_lib.cls_attention(images.last_query, images.last_keys)
-  keys = images.last_keys[:, 1:]
+  if "last_query" not in images.extras:
+    raise ValueError("prumerge_plus needs the last vision layer's q/k (the family's visual_tokens(extras=('last_qk',)))")
+  rel = prumerge_lib.cls_attention(images.extras["last_query"], images.extras["last_keys"])
+  keys = images.extras["last_keys"][:, 1:]
   hp = dict(hp)
   keep = hp.pop("keep")
   seq = jax.vmap(lambda f, r, v, k_: prumerge_lib.merge_sequence(f, r, v, keep=keep, keys=k_, **hp))(
-      images.features, rel, images.valid & ~images.newline, keys)
+      images.features, rel, images.valid & ~images.structural, keys)
   packed = jnp.concatenate([seq.indices, jnp.full(seq.indices.shape[:1] + (1,), -1, jnp.int32)], axis=-1)
   packed = jnp.where(seq.mask & (jnp.arange(keep + 1) < jnp.minimum(seq.count, keep)[:, None]), packed, -1)
   return Rows(embeds=model.project(seq.tokens), valid=seq.mask, packed=packed.astype(jnp.int32)), rel
 
 
-def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: ImageTokens, clip_text, key, left,
+def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens, clip_text, key, left,
         hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
   """Stage I -> (the sequence entering layer 0, StageOutput)."""
   image_id = model.config.image_token_id
@@ -400,6 +404,6 @@ def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: Im
   visual = (new_ids == image_id) & new_mask
   row_of = jnp.where(visual, jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1, 0)
   seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
-                     positions=llama.position_ids_from_mask(new_mask), mask=new_mask, visual=visual,
+                     positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
                      source=index, packed=jnp.where(visual, jnp.take_along_axis(rows.packed, row_of, axis=-1), -1))
   return seq, stage
