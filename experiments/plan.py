@@ -5,8 +5,8 @@ method's pruning configuration, and the runs (method x budget) they resolve to.
     resolved, runs = plan.resolve(config, model)          # budgets, defaults and fingerprints filled in; RunSpecs
 
 Budgets. `--budget` gives T (visual tokens kept per image) directly; `--keep_ratio` gives T = round(ratio * N_ref)
-with N_ref the backbone's nominal visual-token count (LLaVA-1.5: 576; LLaVA-NeXT: 2880 = 5 crops x 576, so the
-ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180).
+with N_ref the model's nominal visual-token count (`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT
+2880 = 5 crops x 576, so the ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180).
 
 What each method does with T is its official protocol, `models.pruning.method_config` (the table in
 `models/pruning/protocols.py`: CDPruner T // 5 per crop with CLIP text relevance, DivPrune round(T / 2880 x length)
@@ -25,6 +25,7 @@ import json
 import os
 from typing import Any, Callable
 
+from models import backbones
 from models import pruning
 from tops_jax import prune
 from tops_jax import tops as tops_lib
@@ -40,32 +41,34 @@ RATIOS = (2 / 9, 1 / 9, 1 / 18)
 IN_MEMORY_TASKS = ("synthvqa", "vqa_jsonl")     # experiments.tasks; the benchmarks are experiments.benchmarks
 RESOLUTIONS = ("native", "fixed_672")
 
-_SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  family: str                 # models.pruning.tops_schedule family
-  nominal_tokens: int         # N_ref for --keep_ratio
-  nominal_crops: int          # the crops behind N_ref (LLaVA-NeXT 2880 = 5 x 576): T // this per crop (crop_fixed)
+  """A --backbone choice: a model family of `models.backbones` and how the runner uses it. Its nominal tokens and
+  crops (N_ref of --keep_ratio, T // crops per crop) are read from the loaded model's config
+  (`backbones.Backbone.nominal_tokens` / `nominal_groups`)."""
+  model_type: str             # the `models.backbones` family: config.json model_type of its checkpoints
+  family: str                 # the name its methods' protocols know it by (`pruning.method_config(family=)`)
   max_new_tokens: int
   prompt: str                 # with {question}; "<image>" where the image goes
-  model_type: str             # config.json model_type of its checkpoints
   protocol: str | None = None  # default benchmark protocol: what produced the papers' tables
   square_pad: bool = False    # LLaVA-1.5: pad-to-square unless the task keeps the original aspect
 
 
+def _family(model_type: str, family: str) -> Backbone:
+  """A family's preset: everything from its registry entry."""
+  b = backbones.get(model_type)
+  return Backbone(model_type=b.name, family=family, max_new_tokens=b.max_new_tokens, prompt=b.prompt,
+                  protocol=b.protocol, square_pad=b.square_pad)
+
+
 def _backbones() -> dict[str, Backbone]:
   from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face only: no training code)
+  # The testbed is a small LLaVA-NeXT with its own prompt and one-token answers, no paper settings and no benchmark
+  # protocol (its methods' protocols know it as "testbed").
   return {
-      "testbed": Backbone(family="testbed", nominal_tokens=5 * 36, nominal_crops=5, max_new_tokens=1, prompt=testbed.PROMPT,
-                          model_type="llava_next"),
-      "llava_1_5": Backbone(family="llava-1.5", nominal_tokens=576, nominal_crops=1, max_new_tokens=8,
-                            prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava",
-                            protocol="llava", square_pad=True),
-      "llava_next": Backbone(family="llava-next", nominal_tokens=2880, nominal_crops=5, max_new_tokens=8,
-                             prompt="USER: <image>\n{question}" + _SUFFIX + " ASSISTANT:", model_type="llava_next",
-                             protocol="lmms_eval"),
+      "testbed": Backbone(model_type="llava_next", family="testbed", max_new_tokens=1, prompt=testbed.PROMPT),
+      "llava_1_5": _family("llava", "llava-1.5"),
+      "llava_next": _family("llava_next", "llava-next"),
   }
 
 
@@ -183,7 +186,7 @@ class MethodContext:
   tops: TopsOptions = TopsOptions()
   criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
   overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # --overrides, per method
-  nominal_crops: int | None = None           # the backbone's crops behind T (`Backbone.nominal_crops`)
+  nominal_crops: int | None = None           # the family's crops behind T (`backbones.Backbone.nominal_groups`)
 
 
 def _parse_value(text: str):
@@ -240,7 +243,7 @@ RUNNABLE = pruning.OFFICIAL_METHODS
 FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
 
 
-def _budgets(run: RunConfig, backbone: Backbone) -> list[tuple[int, float | None]]:
+def _budgets(run: RunConfig, nominal_tokens: int) -> list[tuple[int, float | None]]:
   if run.budgets and run.keep_ratios:
     raise ValueError("--budget and --keep_ratio are exclusive: give one")
   if run.budgets:
@@ -254,7 +257,7 @@ def _budgets(run: RunConfig, backbone: Backbone) -> list[tuple[int, float | None
     raise ValueError(f"--keep_ratio must be numbers, got {list(run.keep_ratios)}") from None
   if any(not 0 < r <= 1 for r in ratios):
     raise ValueError(f"--keep_ratio values must lie in (0, 1], got {ratios}")
-  return [(max(4, round(r * backbone.nominal_tokens)), r) for r in ratios]
+  return [(max(4, round(r * nominal_tokens)), r) for r in ratios]
 
 
 def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
@@ -276,7 +279,9 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   stray = sorted(set(overrides) - set(methods))
   if stray:
     raise ValueError(f"--overrides names {', '.join(stray)}, which --method={','.join(methods)} does not run")
-  budgets = _budgets(run, backbone)
+  family = backbones.get(backbone.model_type)
+  nominal_tokens = family.nominal_tokens(model.config)
+  budgets = _budgets(run, nominal_tokens)
   if any(t < 1 for t, _ in budgets):
     raise ValueError(f"--budget values must be positive, got {[t for t, _ in budgets]}")
   most = model.config.max_image_tokens
@@ -302,7 +307,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   protocol, template = _benchmark_settings(run, backbone, model)
 
   ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides,
-                      nominal_crops=backbone.nominal_crops)
+                      nominal_crops=family.nominal_groups)
   if "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint:
     raise ValueError("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a "
                      "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "
@@ -329,7 +334,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
           label = "cdpruner-text"      # the fallback is another method: never reported under CDPruner's name
         runs.append(RunSpec(method, t, ratio, config, label))
   resolved = Resolved(run=run, methods=tuple(methods), budgets=tuple(t for t, _ in budgets),
-                      keep_ratios=tuple(r for _, r in budgets), nominal_tokens=backbone.nominal_tokens,
+                      keep_ratios=tuple(r for _, r in budgets), nominal_tokens=nominal_tokens,
                       max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
                       checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
                       conv_template=template, skipped=tuple(skipped))

@@ -3,7 +3,7 @@ spelling of a family along the whole path), holding what is true only of that fa
 
     backbone = backbones.get("llava_next")            # also the older spellings: "llava-next", "llava_1_5", ...
     backbone.model, backbone.config, backbone.conversion_table   # what `models.load_pretrained` builds and fills
-    backbones.nominal_tokens(model.config)            # the papers' N behind --keep_ratio (LLaVA-NeXT: 5 x 576)
+    backbone.nominal_tokens(model.config)             # the papers' N behind --keep_ratio (LLaVA-NeXT: 5 x 576)
 
 A family joins by one entry here, its model file (config with `from_hf`, the model implementing
 `models.family.VisionLanguageModel`, `conversion_table`) and one conformance-suite entry (BUILD.md "Adding a
@@ -19,7 +19,7 @@ from models import llama
 from models import llava
 from models import llava_next
 
-__all__ = ["Backbone", "BACKBONES", "get", "names", "nominal_tokens", "nominal_groups"]
+__all__ = ["Backbone", "BACKBONES", "get", "names"]
 
 # The papers' short-answer instruction (LLaVA's eval scripts and lmms-eval's default post_prompt).
 _SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -38,6 +38,8 @@ class Backbone:
   protocol: the benchmark harness whose numbers the papers report for it ("llava" | "lmms_eval"); None: none.
   square_pad: images are padded to a square before the processor unless a task keeps their aspect (LLaVA-1.5).
   max_new_tokens: the answer length the papers' short-answer benchmarks generate.
+  nominal_groups: the groups behind the papers' N of a full image (LLaVA-NeXT: 5 crops, the most its LLaVA-1.6
+    pinpoints give; LLaVA-1.5: 1): N = nominal_groups x the tokens of a group, and per-group budgets are T // this.
   """
   name: str
   title: str
@@ -49,6 +51,12 @@ class Backbone:
   protocol: str | None = None
   square_pad: bool = False
   max_new_tokens: int = 8
+  nominal_groups: int = 1
+
+  def nominal_tokens(self, model_config) -> int:
+    """The papers' N of a full image, the reference of keep ratios: groups x tokens per group before unpadding or
+    structural slots (LLaVA-1.5: 576; LLaVA-NeXT at 336 px: 5 x 576 = 2880; the testbed: 5 x 36)."""
+    return self.nominal_groups * model_config.vision.num_patches
 
   @property
   def multimodal(self) -> bool:
@@ -63,7 +71,7 @@ BACKBONES: dict[str, Backbone] = {
     "llava_next": Backbone("llava_next", "LLaVA-NeXT", llava_next.LlavaNextConfig,
                            llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table,
                            aliases=("llava-next",), prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:",
-                           protocol="lmms_eval"),
+                           protocol="lmms_eval", nominal_groups=5),
     # Text-only decoders load too (the LLaVA decoders' parity tests).
     "llama": Backbone("llama", "LLaMA", llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
     "mistral": Backbone("mistral", "Mistral", llama.TextConfig, llama.LlamaForCausalLM,
@@ -86,14 +94,3 @@ def get(name: Any) -> Backbone:
     if name in _BY_ALIAS:
       return BACKBONES[_BY_ALIAS[name]]
   raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} (also: {', '.join(_BY_ALIAS)})")
-
-
-def nominal_tokens(model_config) -> int:
-  """The papers' N of a full image, the reference of keep ratios: groups x tokens per group before unpadding or
-  structural slots (LLaVA-1.5: 576; LLaVA-NeXT at 336 px with its pinpoints: 5 x 576 = 2880)."""
-  return model_config.nominal_image_tokens
-
-
-def nominal_groups(model_config) -> int:
-  """The groups behind `nominal_tokens` (LLaVA-NeXT: 5 crops): per-group budgets are T // this."""
-  return model_config.max_num_crops

@@ -71,8 +71,8 @@ class VisionLanguageModel(Protocol):
 
   `config` exposes: `image_token_id`; `text` (the decoder config: `num_hidden_layers`, `vocab_size`,
   `max_position_embeddings`, `sliding_window`); `vision.num_patches` (T); `max_image_tokens` (the most slots one
-  image brings to the LLM), `max_newlines` (the most structural slots), `max_num_crops` (the most groups),
-  `nominal_image_tokens` (the papers' N of a full image, the reference of keep ratios) and `token_grid`.
+  image brings to the LLM), `max_newlines` (the most structural slots), `max_num_crops` (the most groups) and
+  `token_grid`.
   `language_model` is the decoder (`models.llama.LlamaModel`: `embed`, `run_layers`, `query_keys`, `norm`).
   """
   config: Any

@@ -20,15 +20,15 @@ Model protocol (LLaVA, LLaVA-NeXT, text-only LLaMA/Mistral): `model(input_ids=..
 `.cache`; `model.language_model` is the `models.llama.LlamaModel`; `model.head(hidden)` applies the final norm and
 lm_head; `model.config` has the decoder config as `.text` (LLaVA) or is it (text-only).
 
-Prefill seam: `prefill_fn(model, batch, cache, args) -> Prefill(logits float32[B, V] of each row's last prompt token,
-cache, positions int32[B, G] that token's position in each layer segment, extra)` replaces the plain prefill.
-`models.pruning` passes one that runs the Stage I/II schedule: later layer segments then hold shorter caches and
-re-indexed positions, and decoding continues in segment g from `positions[:, g] + 1`. `prefill_fn` is a static
-argument (hashable); `args` is a traced pytree (PRNG keys, hyperparameters); `extra` is returned untouched.
+Where decoding starts: a `Prefill` (logits float32[B, V] of each row's last prompt token, the filled cache,
+positions int32[B, G] of that token in each layer segment, and an `extra` returned untouched). `prefill` is the
+model's own (one segment); `models.pruning.prefill` builds one that runs the Stage I/II schedule, whose later layer
+segments hold shorter caches and re-indexed positions, and decoding continues in segment g from
+`positions[:, g] + 1`. Either way `decode` only reads the `Prefill`: nothing here calls back into the caller.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,8 @@ import numpy as np
 from models import checks
 from models import llama
 
-__all__ = ["GenerateOutput", "Prefill", "greedy", "prefill", "decode", "default_prefill", "decode_step",
-           "score_tokens", "stop_tokens"]
+__all__ = ["GenerateOutput", "Prefill", "greedy", "prefill", "decode", "decode_step", "score_tokens",
+           "stop_tokens"]
 
 Segments = tuple[tuple[int, int], ...]
 
@@ -62,20 +62,13 @@ def _text_config(model) -> llama.TextConfig:
   return config.text if hasattr(config, "text") else config
 
 
-def default_prefill(model, batch: dict, cache: llama.KVCache, args=None) -> Prefill:
-  """The model's own forward with a cache (one segment: every layer)."""
-  del args
+@functools.partial(jax.jit, static_argnames=("capacity", "cache_dtype"))
+def prefill(model, batch: dict, *, capacity: int, cache_dtype) -> Prefill:
+  """The model's own forward into an empty cache of `capacity` slots (one layer segment; jitted)."""
+  cache = llama.init_cache(_text_config(model), batch["input_ids"].shape[0], capacity, cache_dtype)
   out = model(**batch, cache=cache, cache_empty=True)     # the cache was just allocated: nothing is in it yet
   last_positions = llama.position_ids_from_mask(batch["attention_mask"])[:, -1:]
   return Prefill(logits=out.logits[:, -1], cache=out.cache, positions=last_positions)
-
-
-@functools.partial(jax.jit, static_argnames=("prefill_fn", "capacity", "cache_dtype"))
-def prefill(model, batch: dict, args=None, *, prefill_fn: Callable = default_prefill, capacity: int,
-            cache_dtype) -> Prefill:
-  """An empty cache of `capacity` slots, filled by `prefill_fn` (jitted; see the module docstring)."""
-  cache = llama.init_cache(_text_config(model), batch["input_ids"].shape[0], capacity, cache_dtype)
-  return prefill_fn(model, batch, cache, args)
 
 
 def decode_step(model, cache: llama.KVCache, tokens: jax.Array, positions: jax.Array,
@@ -211,7 +204,6 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
   if image_sizes is not None:
     batch["image_sizes"] = jnp.asarray(image_sizes)
   dtype = jnp.dtype(cache_dtype or model.language_model.dtype)
-  start = prefill(model, batch, prefill_fn=default_prefill, capacity=np.shape(input_ids)[1] + max_new_tokens,
-                  cache_dtype=dtype)
+  start = prefill(model, batch, capacity=np.shape(input_ids)[1] + max_new_tokens, cache_dtype=dtype)
   return decode(model, start, max_new_tokens=max_new_tokens, eos_token_ids=stop_tokens(eos_token_ids),
                 pad_token_id=int(pad_token_id))

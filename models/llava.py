@@ -140,12 +140,6 @@ class LlavaConfig:
     return 1
 
   @property
-  def nominal_image_tokens(self) -> int:
-    """The papers' N of a full image: crops x patches before unpadding or newlines (LLaVA-1.5: 576; LLaVA-NeXT at
-    336 px with the LLaVA-1.6 pinpoints: 5 x 576 = 2880), the reference of their keep ratios."""
-    return self.max_num_crops * self.vision.num_patches
-
-  @property
   def token_grid(self) -> tuple[int, int] | None:
     """(rows, cols) of the 2-D grid an image's tokens form in packed order: the patch grid ("full": none, CLS)."""
     g = self.vision.image_size // self.vision.patch_size

@@ -85,14 +85,14 @@ relevance rejects models that have one.
 from models.pruning.config import (NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES, STAGE1_RELEVANCE, STAGE2_RELEVANCE,
                                    STAGE2_RATERS, STAGE2_TIMINGS, PruningConfig, StaticConfig, pdrop_schedule,
                                    sparsevlm_schedule, tops_layers, tops_schedule)
-from models.pruning.driver import PrunedPrefill, decode, decode_step, forward, greedy, prefill
+from models.pruning.driver import decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
 from models.pruning.protocols import OFFICIAL_METHODS, NoProtocol, method_config, overrides_of, supports
 from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
 __all__ = ["PruningConfig", "StaticConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "StageOutput",
-           "Segment", "PruneOutput", "PrunedGeneration", "PrunedPrefill", "forward", "prefill", "greedy", "decode",
+           "Segment", "PruneOutput", "PrunedGeneration", "forward", "prefill", "greedy", "decode",
            "decode_step", "crop_quotas", "row_newlines", "text_length", "STAGE1_RELEVANCE", "STAGE2_RELEVANCE",
            "SCOPES", "POSITIONS", "NEWLINES", "method_config", "overrides_of", "OFFICIAL_METHODS", "ClipText", "supports",
            "STAGE2_RATERS", "STAGE2_TIMINGS", "pdrop_schedule", "sparsevlm_schedule"]

@@ -1,12 +1,11 @@
 """The pruned forward and generation: host checks and static lengths (`prepare`), the prefill that runs Stage I, the
 decoder segments and the Stage II steps (`prefill`), and the jitted entry points `forward` and `greedy`.
 
-Generation is `models.generate`'s decoder with this module's prefill (`PrunedPrefill`) and the config's layer
-segments. Every jitted program takes the config as a `StaticConfig` (structure) plus its float hyperparameters as
+Generation is this module's cached prefill (a `models.generate.Prefill`) decoded by `models.generate.decode` over
+the config's layer segments (generate never calls back here). Every jitted program takes the config as a `StaticConfig` (structure) plus its float hyperparameters as
 traced arguments, so configs that differ only in those share one compile.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -23,7 +22,7 @@ from models.pruning import stage2 as stage2_lib
 from models.pruning.config import PruningConfig, StaticConfig
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment
 
-__all__ = ["forward", "greedy", "prefill", "decode_step", "prepare", "PrunedPrefill"]
+__all__ = ["forward", "greedy", "prefill", "decode_step", "prepare"]
 
 
 def _run(model, seq: sequence.Seq, start: int, stop: int, cache):
@@ -106,16 +105,14 @@ def _forward(model, batch, args, *, static, plan, all_logits):
   return _prefill(model, static, plan, batch, args, None, all_logits)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrunedPrefill:
-  """`models.generate`'s prefill seam for a pruning schedule (hashable: a static argument); args = (key, traced)."""
-  static: StaticConfig
-  plan: sequence.Plan
-
-  def __call__(self, model, batch, cache, args) -> generate.Prefill:
-    out = _prefill(model, self.static, self.plan, batch, args, cache, all_logits=False)
-    return generate.Prefill(logits=out.logits[:, 0], cache=out.cache, positions=out.last_positions,
-                            extra=out._replace(cache=None))
+@functools.partial(jax.jit, static_argnames=("static", "plan", "capacity", "cache_dtype"))
+def _prefill_cached(model, batch, args, *, static, plan, capacity: int, cache_dtype) -> generate.Prefill:
+  """The pruned prefill into an empty cache of `capacity` slots: where `models.generate.decode` starts (`extra`:
+  the PruneOutput without its cache)."""
+  cache = llama.init_cache(model.config.text, batch["input_ids"].shape[0], capacity, cache_dtype)
+  out = _prefill(model, static, plan, batch, args, cache, all_logits=False)
+  return generate.Prefill(logits=out.logits[:, 0], cache=out.cache, positions=out.last_positions,
+                          extra=out._replace(cache=None))
 
 
 def _bound_layout(model, layout, image_sizes, b: int):
@@ -241,7 +238,7 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
     all_logits: logits over the whole last segment, float32[B, S_G, V]; by default only at each row's last real
       token, float32[B, 1, V] (the LM head then runs on B rows).
     cache_capacity: when given, a KV cache of that many slots is filled (the prefill of `models.generate.decode`,
-      through `PrunedPrefill`); it must hold the longest segment plus the tokens to decode. Implies last logits.
+      the pruned prefill `greedy` decodes from); it must hold the longest segment plus the tokens to decode. Implies last logits.
     cache_dtype: the cache's dtype (default the model's).
     clip: `stage1.ClipText` for stage1_relevance="clip_text" (CDPruner): the CLIP image head and each row's CLIP
       text embedding.
@@ -259,9 +256,8 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
     return _forward(model, batch, _args(config, key), static=config.static(), plan=plan, all_logits=all_logits)
   if all_logits:
     raise ValueError("all_logits and cache_capacity are exclusive (a prefill returns the last logits)")
-  start = generate.prefill(model, batch, _args(config, key), prefill_fn=PrunedPrefill(config.static(), plan),
-                           capacity=int(cache_capacity),
-                           cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+  start = _prefill_cached(model, batch, _args(config, key), static=config.static(), plan=plan,
+                          capacity=int(cache_capacity), cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
   return start.extra._replace(cache=start.cache)
 
 
@@ -293,9 +289,9 @@ def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pix
                         visual_len, clip)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
                                                model.config.text.max_position_embeddings)
-  return generate.prefill(model, batch, _args(config, key), prefill_fn=PrunedPrefill(config.static(), plan),
-                          capacity=cache_capacity(config, plan, batch["input_ids"].shape[1], max_new_tokens),
-                          cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+  return _prefill_cached(model, batch, _args(config, key), static=config.static(), plan=plan,
+                         capacity=cache_capacity(config, plan, batch["input_ids"].shape[1], max_new_tokens),
+                         cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
 
 
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,

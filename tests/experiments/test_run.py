@@ -295,9 +295,16 @@ def test_run_hash_covers_the_settings_and_the_keep_ratio():
 
 def test_default_ratios_give_the_papers_budgets():
   """2/9, 1/9, 1/18 of the nominal tokens: LLaVA-NeXT 640/320/160, LLaVA-1.5 128/64/32, testbed 40/20/10."""
+  from experiments import testbed  # pylint: disable=g-import-not-at-top
+  from models import backbones, loading  # pylint: disable=g-import-not-at-top
+  configs = {"llava_next": backbones.get("llava_next").config.from_hf({"model_type": "llava_next",
+                                                                         "image_token_index": 0}),
+             "llava_1_5": backbones.get("llava").config.from_hf({"model_type": "llava", "image_token_index": 0}),
+             "testbed": backbones.get("llava_next").config.from_hf(loading.read_config(testbed.DEFAULT_CKPT))}
   want = {"llava_next": [640, 320, 160], "llava_1_5": [128, 64, 32], "testbed": [40, 20, 10]}
   for name, budgets in want.items():
-    got = plan._budgets(plan.RunConfig(backbone=name), plan.BACKBONES[name])  # pylint: disable=protected-access
+    nominal = backbones.get(plan.BACKBONES[name].model_type).nominal_tokens(configs[name])
+    got = plan._budgets(plan.RunConfig(backbone=name), nominal)  # pylint: disable=protected-access
     assert [t for t, _ in got] == budgets, name
 
 
