@@ -21,3 +21,11 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture
+def float32_matmul():
+  """Full float32 matmuls for one test, as the parity references compute (a module takes it for every test with
+  `pytestmark = pytest.mark.usefixtures("float32_matmul")`)."""
+  with jax.default_matmul_precision("float32"):
+    yield

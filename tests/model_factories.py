@@ -14,11 +14,14 @@ Tiny sizes: CLIP 3 layers, width 32, 4 heads, 28 px images with 7 px patches (N 
 import pathlib
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
 __all__ = ["IMAGE_TOKEN_ID", "NUM_PATCHES", "tiny_vision_config", "tiny_text_config", "tiny_llava_config",
-           "tiny_llava", "make_tiny_llava", "tiny_llava_next", "TINY_PINPOINTS", "tiny_causal_lm", "save_tiny"]
+           "tiny_llava", "make_tiny_llava", "tiny_llava_next", "TINY_PINPOINTS", "tiny_causal_lm", "save_tiny",
+           "tiny_llava_hf", "prompt_rows", "mask_positions", "padded_rows", "kept_positions",
+           "packed_slot_ids", "np_attention"]
 
 IMAGE_TOKEN_ID = 255
 NUM_PATCHES = 16
@@ -206,3 +209,86 @@ def tiny_llava_hf(tmp_path, family: str = "llava_next", *, seed: int = 0, text: 
   model.save_pretrained(directory)
   processor.save_pretrained(directory)
   return directory
+
+
+# --- batches for the tiny models and NumPy references of the port's decoder, shared by the pruning tests ---------
+
+
+def prompt_rows(rng: np.random.RandomState, pre, counts, post, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+  """Rows [pre text tokens; <image> x count; post text tokens] padded on `side`, text ids drawn from `rng` in
+  [3, IMAGE_TOKEN_ID - 1): (ids int64[B, S], mask int64[B, S])."""
+  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
+  s = max(lens)
+  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
+  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
+    row = np.concatenate([rng.randint(3, IMAGE_TOKEN_ID - 1, a), np.full(c, IMAGE_TOKEN_ID),
+                          rng.randint(3, IMAGE_TOKEN_ID - 1, b)])
+    at = s - lens[r] if side == "left" else 0
+    ids[r, at:at + lens[r]], mask[r, at:at + lens[r]] = row, 1
+  return ids, mask
+
+
+def mask_positions(mask: np.ndarray) -> np.ndarray:
+  """Position ids of a padded batch: 0, 1, ... over the real tokens, 1 at padding (transformers' convention)."""
+  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+
+
+def padded_rows(rows, size: int, left: bool) -> np.ndarray:
+  """Per-row lists -> int[B, size], -1 padding, packed to the right end (`left` padding) or the left."""
+  out = np.full((len(rows), size), -1)
+  for r, row in enumerate(rows):
+    at = size - len(row) if left else 0
+    out[r, at:at + len(row)] = row
+  return out
+
+
+def kept_positions(ids: np.ndarray, mask: np.ndarray, kept_ranks) -> list[list[int]]:
+  """Per row, the input positions a pruned sequence holds: every real text token, plus the <image> positions whose
+  rank in the row's image run is `in kept_ranks[r]` (a set of ranks, or range(n) for the first n)."""
+  rows = []
+  for r in range(ids.shape[0]):
+    rank, row = 0, []
+    for p in np.flatnonzero(mask[r]):
+      if ids[r, p] == IMAGE_TOKEN_ID:
+        if rank in kept_ranks[r]:
+          row.append(p)
+        rank += 1
+      else:
+        row.append(p)
+    rows.append(row)
+  return rows
+
+
+def packed_slot_ids(hf: transformers.LlavaNextForConditionalGeneration, size, crops: int) -> np.ndarray:
+  """transformers' LLaVA-NeXT packing (`pack_image_features`: canvas, unpad_image, newline column) of an index map
+  over `crops` crops of NUM_PATCHES tokens: int[L] holding crop * NUM_PATCHES + token per slot, -1 at newlines."""
+  ids = torch.arange(crops * NUM_PATCHES, dtype=torch.float32).reshape(crops, NUM_PATCHES, 1)
+  with torch.no_grad():
+    packed, _ = hf.model.pack_image_features([ids], torch.tensor([size]), "default",
+                                             image_newline=torch.tensor([-1.0]))
+  return packed[0][:, 0].numpy().astype(int)
+
+
+def np_attention(model, layer: int, hidden, positions, mask) -> tuple[np.ndarray, np.ndarray]:
+  """NumPy reference of the port's decoder `layer`'s full attention over its input hidden float[B, S, D]:
+  (probs float64[B, H, S, S], causal + padding masked; post-RoPE keys float64[B, S, Hkv, Dh])."""
+  c = model.config.text
+  block = model.language_model.layer(layer)
+  w = lambda lin: np.asarray(lin.kernel[...], np.float64)
+  x = np.asarray(hidden, np.float64)
+  b, s, _ = x.shape
+  xn = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.rms_norm_eps) * np.asarray(block.input_layernorm.scale[...])
+  q = (xn @ w(block.self_attn.q_proj)).reshape(b, s, c.num_attention_heads, c.head_dim)
+  k = (xn @ w(block.self_attn.k_proj)).reshape(b, s, c.num_key_value_heads, c.head_dim)
+  inv = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+  angle = np.asarray(positions, np.float64)[..., None] * inv
+  cos, sin = (np.concatenate([f(angle)] * 2, -1)[:, :, None] for f in (np.cos, np.sin))
+  rot = lambda v: np.concatenate([-v[..., c.head_dim // 2:], v[..., :c.head_dim // 2]], -1)
+  q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+  kk = np.repeat(k, c.num_attention_heads // c.num_key_value_heads, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, kk) / np.sqrt(c.head_dim)
+  allowed = np.asarray(mask, bool)[:, None, None, :] & np.tril(np.ones((s, s), bool))[None, None]
+  logits = np.where(allowed, logits, -np.inf)
+  top = np.max(logits, -1, keepdims=True)
+  e = np.where(allowed, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0)
+  return e / np.maximum(e.sum(-1, keepdims=True), 1e-300), k

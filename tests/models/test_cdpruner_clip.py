@@ -36,18 +36,15 @@ Tiny geometry (tests/model_factories.py): 28 px crops of 7 px patches, g = 4, T 
 the canvas cut by unpadding to columns 1..6 of 8).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
 import clip_factories
 import model_factories as mf
 from models import clip_text
-from models import loading
 from models import pruning
 
 IMAGE = mf.IMAGE_TOKEN_ID
@@ -59,23 +56,13 @@ TARGET = 20
 QUESTIONS = ("Is the cat on the mat?",
              "What is the cat on the mat doing while the other cat sits at the window and what is the weather?")
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
+# The model is llava_next_pair: (transformers, port), from tests/models/conftest.py.
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 
 @pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  hf, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return hf, loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, llava_next):
-  hf, _ = llava_next
+def clip_dir(tmp_path_factory, llava_next_pair):
+  hf, _ = llava_next_pair
   return clip_factories.tiny_clip(tmp_path_factory.mktemp("clip") / "ckpt",
                                   vision_hidden_size=hf.config.vision_config.hidden_size)
 
@@ -90,24 +77,12 @@ def rel(clip_dir):
 
 def _text_embeds(clip_dir, text):
   """clip_encoder.py, the text stream: float[M chunks, E]."""
-  tokenizer = transformers.CLIPTokenizerFast.from_pretrained(clip_dir)
-  tower = transformers.CLIPTextModelWithProjection.from_pretrained(clip_dir, attn_implementation="eager").eval()
-  p = tower.config.max_position_embeddings
-  text_inputs = tokenizer(text=text, return_tensors="pt")
-  segment = (text_inputs.input_ids.shape[1] - 1) // p + 1
-  padding = p * segment - text_inputs.input_ids.shape[1]
-  text_inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], padding))], dim=1).reshape(-1, p)
-                 for k, v in text_inputs.items()}
-  with torch.no_grad():
-    return tower(**text_inputs).text_embeds.numpy().astype(np.float64)
+  return clip_factories.official_text_embeds(clip_dir, text).astype(np.float64)
 
 
 def _image_embeds(clip_dir, features):
   """visual_projection(post_layernorm(features)) of the CLIP checkpoint: float[..., N, Dv] -> float[..., N, E]."""
-  head = transformers.CLIPVisionModelWithProjection.from_pretrained(clip_dir, attn_implementation="eager").eval()
-  with torch.no_grad():
-    x = head.vision_model.post_layernorm(torch.tensor(features, dtype=torch.float32))
-    return head.visual_projection(x.float()).numpy().astype(np.float64)
+  return clip_factories.official_image_embeds(clip_dir, features).astype(np.float64)
 
 
 def _relevance(image_embeds, text_embeds):
@@ -148,14 +123,7 @@ def _hf_crops(hf, pixel_values):
     return features.numpy(), hf.model.multi_modal_projector(features).numpy().astype(np.float64)
 
 
-def _packed_ids(hf, size, crops):
-  """transformers' packing (`pack_image_features`: canvas, unpad_image, newline column) of an index map: int[L]
-  holding crop * T + token per slot, -1 at newline slots."""
-  ids = torch.arange(crops * T, dtype=torch.float32).reshape(crops, T, 1)
-  with torch.no_grad():
-    packed, _ = hf.model.pack_image_features([ids], torch.tensor([size]), "default",
-                                             image_newline=torch.tensor([-1.0]))
-  return packed[0][:, 0].numpy().astype(int)
+_packed_ids = mf.packed_slot_ids    # transformers' packing of an index map: int[L] of crop * T + token, -1 at newlines
 
 
 def _official(hf, clip_dir, pixel_values, size, question, per_crop):
@@ -177,24 +145,13 @@ def _official(hf, clip_dir, pixel_values, size, question, per_crop):
 # --------------------------------------------------------------------------------------------------- checks
 
 
-def _rows(rng, counts, pre, post):
-  """Left-padded rows [text; <image> x count; text]: (ids int64[B, S], mask int64[B, S])."""
-  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
-  s = max(lens)
-  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, IMAGE - 1, a), np.full(c, IMAGE), rng.randint(3, IMAGE - 1, b)])
-    ids[r, s - lens[r]:], mask[r, s - lens[r]:] = row, 1
-  return ids, mask
-
-
 def _batch(hf, seed):
   rng = np.random.RandomState(seed)
   px = rng.randn(2, 5, 3, CROP, CROP).astype(np.float32)
   counts = [len(_packed_ids(hf, size, 1 + np.prod(
       hf_next.get_anyres_image_grid_shape(list(size), hf.config.image_grid_pinpoints, CROP)))) for size in SIZES]
   assert counts == [16 + 4 * 9, 16 + 4 * 7]
-  ids, mask = _rows(rng, counts, (7, 20), (30, 12))
+  ids, mask = mf.prompt_rows(rng, (7, 20), counts, (30, 12))
   return ids, mask, px
 
 
@@ -202,10 +159,10 @@ def _batch(hf, seed):
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(grid="padded", newlines="drop")], ids=["protocol", "explicit"])
-def test_official_next_layout_with_clip_relevance(llava_next, clip_dir, rel, overrides):
+def test_official_next_layout_with_clip_relevance(llava_next_pair, clip_dir, rel, overrides):
   """`protocol`: method_config's default must be the official layout. `explicit`: the same layout asked for by
   overrides (the official code's settings spelled out), which checks the selection apart from the protocol."""
-  hf, model = llava_next
+  hf, model = llava_next_pair
   cfg = pruning.method_config("cdpruner", family="llava-next", target=TARGET, num_layers=3, **overrides)
   assert cfg.stage1_relevance == "clip_text"
   ids, mask, px = _batch(hf, 1)
@@ -254,8 +211,8 @@ def test_official_loop_hand_checked():
   np.testing.assert_allclose(rel, [[1e-6 / 2, 1 / 2 + 1e-6 / 2], [1 + 1e-6 / 2, 1 / 2 - 2 ** -0.5 / 2 + 1e-6 / 2]])
 
 
-def test_forward_without_clip_names_it(llava_next):
-  hf, model = llava_next
+def test_forward_without_clip_names_it(llava_next_pair):
+  hf, model = llava_next_pair
   cfg = pruning.method_config("cdpruner", family="llava-next", target=TARGET, num_layers=3)
   ids, mask, px = _batch(hf, 2)
   with pytest.raises(ValueError, match="`clip`"):

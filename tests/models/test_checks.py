@@ -22,18 +22,7 @@ ENTRY_POINTS = {
     "pruning.forward": lambda m, ids, px: pruning.forward(m, STAGE1, ids, None, px),
     "pruning.greedy": lambda m, ids, px: pruning.greedy(m, STAGE1, ids, pixel_values=px, max_new_tokens=2),
 }
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-  _, path = mf.tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
-  return loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  _, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return loading.load_pretrained(path)
+# The models llava and llava_next come from tests/models/conftest.py.
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """CLIP text tower and image head vs transformers (tiny random CLIPModel with a real CLIP BPE tokenizer), CDPruner's
 text rules (chunking, instruction stripping) against the official code's loop, and the loader's errors."""
 
-import functools
 import json
 import os
 import pathlib
@@ -12,10 +11,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-import transformers
 
-from clip_factories import CHUNK, VOCAB, write_tokenizer
-import model_factories as mf
+import clip_factories
+from clip_factories import CHUNK, VOCAB
 from models import clip_text
 from tops_jax import relevance as relevance_lib
 
@@ -28,22 +26,9 @@ LONG = ("What is the cat on the mat doing while the other cat sits at the window
 BOS, EOS = VOCAB - 2, VOCAB - 1
 
 
-def _make_clip(directory: pathlib.Path, *, eos_token_id: int, seed: int = 0, **text_overrides) -> pathlib.Path:
-  directory.mkdir(parents=True, exist_ok=True)
-  assert write_tokenizer(directory) == VOCAB
-  text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=CHUNK, eos_token_id=eos_token_id, bos_token_id=BOS, pad_token_id=1,
-              projection_dim=12)
-  text.update(text_overrides)
-  vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-                patch_size=7, projection_dim=12)
-  config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)
-  torch.manual_seed(seed)
-  model = transformers.CLIPModel(config).eval()
-  for i, part in enumerate((model.text_model, model.vision_model, model.text_projection, model.visual_projection)):
-    mf._randomize(part, seed + 10 * i)          # every parameter but the scalar logit_scale (never read)
-  model.save_pretrained(directory)
-  return directory
+def _make_clip(directory: pathlib.Path, *, eos_token_id: int, seed: int = 0) -> pathlib.Path:
+  return clip_factories.tiny_clip(directory, vision_hidden_size=24, seed=seed, eos_token_id=eos_token_id,
+                                  vision_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -76,37 +61,9 @@ def either(request):
   return request.getfixturevalue("eos_ckpt"), request.getfixturevalue("eos_rel")
 
 
-@functools.cache
-def _hf_text(path):
-  return transformers.CLIPTextModelWithProjection.from_pretrained(path, attn_implementation="eager").eval()
-
-
-@functools.cache
-def _hf_tokenizer(path):
-  return transformers.CLIPTokenizerFast.from_pretrained(path)
-
-
-def _official_text_embeds(path, text: str) -> np.ndarray:
-  """clip_encoder.py `CLIPVisionTower.forward`, the text stream: tokenize whole, zero-pad to a multiple of
-  max_position_embeddings, reshape into chunks, one batch through CLIPTextModelWithProjection."""
-  tokenizer = _hf_tokenizer(path)
-  tower = _hf_text(path)
-  p = tower.config.max_position_embeddings
-  text_inputs = tokenizer(text=text, return_tensors="pt")
-  segment = (text_inputs.input_ids.shape[1] - 1) // p + 1
-  padding = p * segment - text_inputs.input_ids.shape[1]
-  text_inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], padding))], dim=1).reshape(-1, p)
-                 for k, v in text_inputs.items()}
-  with torch.no_grad():
-    return tower(**text_inputs).text_embeds.numpy()
-
-
-def _official_image_embeds(path, features: np.ndarray) -> np.ndarray:
-  """post_layernorm of the tower, then CLIPVisionModelWithProjection's visual_projection on float32."""
-  tower = transformers.CLIPVisionModelWithProjection.from_pretrained(path, attn_implementation="eager").eval()
-  with torch.no_grad():
-    x = tower.vision_model.post_layernorm(torch.tensor(features))
-    return tower.visual_projection(x.float()).numpy()
+_hf_text = clip_factories.text_tower
+_official_text_embeds = clip_factories.official_text_embeds      # float32[M chunks, E]
+_official_image_embeds = clip_factories.official_image_embeds    # float32[..., N, E]
 
 
 def _official_relevance(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:

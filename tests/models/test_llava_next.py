@@ -29,6 +29,7 @@ CROP, PATCH = 28, 7
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 # (50, 70): wide, 2x2 grid, rows cut by unpad; (100, 20): tall, 3x1 grid, columns cut. 5 and 4 crops.
 IMAGE_SIZES = [(50, 70), (100, 20)]
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 
 def _tokenizer(padding_side: str) -> transformers.PreTrainedTokenizerFast:
@@ -120,12 +121,6 @@ def _hf_reference(model, batch, position_ids):
   split = lambda x: torch.split(x, num_crops)
   return dict(features=split(feats), cls_attention=split(cls_attn), image_embeds=split(proj), packed=packed,
               hidden_states=out.hidden_states, logits=out.logits)
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
 
 
 @pytest.mark.parametrize("text,padding_side,overrides", [

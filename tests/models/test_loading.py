@@ -70,16 +70,8 @@ def test_hub_layout_sharded_with_ignored_buffers(checkpoint, tmp_path):
     hub[name] = value
   hub["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
   hub["vision_tower.vision_model.embeddings.position_ids"] = np.arange(17)[None]
-  names = sorted(hub)
-  out = tmp_path / "hub"
-  out.mkdir()
-  shutil.copy(path / "config.json", out / "config.json")
-  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-  for file, part in shards.items():
-    save_file({n: hub[n] for n in part}, out / file)
-  index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
-  (out / "model.safetensors.index.json").write_text(json.dumps(index))
-  assert any(n.startswith("vision_tower.vision_model.") for n in names)
+  out = _sharded(path, tmp_path / "hub", hub)
+  assert any(n.startswith("vision_tower.vision_model.") for n in hub)
   want, got = _params(models.load_pretrained(path)), _params(models.load_pretrained(out))
   assert want.keys() == got.keys()
   for k in want:
@@ -183,9 +175,10 @@ def test_canonical_names():
 # ------------------------------------------------------------------- malformed files: one error naming file and field
 
 
-def _sharded(path, out):
-  """The checkpoint split over two shards with an index; -> (directory, {shard file: tensor names})."""
-  tensors = load_file(path / "model.safetensors")
+def _sharded(path, out, tensors=None):
+  """The checkpoint at `path` (its config and `tensors`, by default its own weights) split over two shards with an
+  index in `out`; -> out."""
+  tensors = load_file(path / "model.safetensors") if tensors is None else tensors
   names = sorted(tensors)
   out.mkdir()
   shutil.copy(path / "config.json", out / "config.json")

@@ -36,7 +36,6 @@ from flax import nnx
 
 import model_factories as mf
 from models import clip_text
-from models import loading
 from models import pruning
 from tops_jax import prune
 
@@ -51,26 +50,10 @@ GRIDS = ((2, 2), (1, 2))                # (rows nh, cols nw) of grid crops, hand
 BUDGET = 24                             # SCOPE int(24 / 5) = 4, int(24 / 3) = 8 per crop; DivPrune 16 and 13
 CDPRUNER_BUDGET = 14                    # 14 // 5 = 2 per crop: some unpadded canvas rows keep no token
 TOL = dict(rtol=1e-5, atol=1e-5)
+# The models are llava and llava_next: ports of tiny random checkpoints, from tests/models/conftest.py.
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 _TOKENS = jax.jit(lambda m, px, layout: m.visual_tokens(px, layout, relevance=("cls",)))
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  _, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-  _, path = mf.tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
-  return loading.load_pretrained(path)
 
 
 def _clip(model, seed=0, width=8):
@@ -81,22 +64,10 @@ def _clip(model, seed=0, width=8):
                                                                                           keepdims=True)))
 
 
-def _rows(rng, pre, counts, post, side):
-  """Rows [text; image run; text] padded on `side`: (ids int64[B, S], mask int64[B, S])."""
-  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
-  s = max(lens)
-  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, IMAGE - 1, a), np.full(c, IMAGE), rng.randint(3, IMAGE - 1, b)])
-    at = s - lens[r] if side == "left" else 0
-    ids[r, at:at + lens[r]], mask[r, at:at + lens[r]] = row, 1
-  return ids, mask
-
-
 def _next_batch(side, seed):
   rng = np.random.RandomState(seed)
   counts = [len(_packed_ids(size, grid)) for size, grid in zip(SIZES, GRIDS)]
-  ids, mask = _rows(rng, (7, 20), counts, (30, 12), side)
+  ids, mask = mf.prompt_rows(rng, (7, 20), counts, (30, 12), side)
   return ids, mask, rng.randn(2, 5, 3, CROP, CROP).astype(np.float32), np.array(SIZES)
 
 
@@ -174,31 +145,6 @@ def _scope_llm(masks, size, grid):
 # --------------------------------------------------------------------------------------------- the checks
 
 
-def _expected_source(ids, mask, image_rank_kept):
-  """Per row, the input positions the rebuilt sequence holds: text, plus the <image> positions whose rank in the
-  run `image_rank_kept[r]` accepts."""
-  rows = []
-  for r in range(ids.shape[0]):
-    rank, row = 0, []
-    for p in np.flatnonzero(mask[r]):
-      if ids[r, p] == IMAGE:
-        if image_rank_kept[r](rank):
-          row.append(p)
-        rank += 1
-      else:
-        row.append(p)
-    rows.append(row)
-  return rows
-
-
-def _padded(rows, size, left):
-  out = np.full((len(rows), size), -1)
-  for r, row in enumerate(rows):
-    at = size - len(row) if left else 0
-    out[r, at:at + len(row)] = row
-  return out
-
-
 def _check(out, model, ids, mask, side, *, image_rows, kept, slots=None):
   """The decoder input of a Stage I forward against the reference LLM sequence.
 
@@ -210,12 +156,12 @@ def _check(out, model, ids, mask, side, *, image_rows, kept, slots=None):
   size = seg.source.shape[1]
   counts = [len(x) for x in image_rows]
   if slots is None:
-    accept = [lambda k, n=n: k < n for n in counts]
+    accept = [range(n) for n in counts]
   else:
     for s in slots:
       assert list(s) == sorted(s), "a packed-order layout must hand the rows over in packed order"
-    accept = [lambda k, s=frozenset(int(x) for x in s): k in s for s in slots]
-  source = _padded(_expected_source(ids, mask, accept), size, side == "left")
+    accept = [frozenset(int(x) for x in s) for s in slots]
+  source = mf.padded_rows(mf.kept_positions(ids, mask, accept), size, side == "left")
   np.testing.assert_array_equal(np.asarray(seg.source), source)
   real = source >= 0
   np.testing.assert_array_equal(np.asarray(seg.mask), real)
@@ -352,7 +298,7 @@ def test_scope_official_layout(llava_next):
 
 def _llava_batch(seed):
   rng = np.random.RandomState(seed)
-  ids, mask = _rows(rng, (6, 25), (mf.NUM_PATCHES, mf.NUM_PATCHES), (30, 11), "left")
+  ids, mask = mf.prompt_rows(rng, (6, 25), (mf.NUM_PATCHES, mf.NUM_PATCHES), (30, 11), "left")
   return ids, mask, rng.randn(2, 3, CROP, CROP).astype(np.float32)
 
 

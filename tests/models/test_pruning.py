@@ -16,7 +16,6 @@ import torch
 import model_factories as mf
 from models import anyres
 from models import llama
-from models import loading
 from models import pruning
 from tops_jax import prune
 
@@ -25,6 +24,8 @@ N = mf.NUM_PATCHES
 PINPOINTS = mf.TINY_PINPOINTS
 CROP, PATCH, T = 28, 7, 16
 TOL = dict(rtol=1e-4, atol=1e-4)
+# The models are llava_pair and llava_next_pair: (transformers, port), from tests/models/conftest.py.
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 
 # Jitted references (one compile per shape and segment, shared by the tests).
@@ -41,39 +42,9 @@ def _unpruned(model, ids, mask, px, sizes=None):
   return _FULL(model, batch)
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-  hf, path = mf.tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
-  return hf, loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  hf, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return hf, loading.load_pretrained(path)
-
-
-def _rows(rng, pre, counts, post, side):
-  """Rows [text; image run; text] padded on `side`: (ids int64[B, S], mask int64[B, S])."""
-  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
-  s = max(lens)
-  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, IMAGE - 1, a), np.full(c, IMAGE), rng.randint(3, IMAGE - 1, b)])
-    at = s - lens[r] if side == "left" else 0
-    ids[r, at:at + lens[r]], mask[r, at:at + lens[r]] = row, 1
-  return ids, mask
-
-
 def _llava_batch(side="left", seed=0, post=(60, 41)):
   rng = np.random.RandomState(seed)
-  ids, mask = _rows(rng, (6, 25), (N, N), post, side)
+  ids, mask = mf.prompt_rows(rng, (6, 25), (N, N), post, side)
   return ids, mask, rng.randn(2, 3, 28, 28).astype(np.float32)
 
 
@@ -81,38 +52,13 @@ def _next_batch(side="left", seed=0, sizes=((50, 70), (100, 20))):
   """Two images of different crop grids (5 and 4 crops, rows resp. columns cut by unpadding)."""
   rng = np.random.RandomState(seed)
   counts = [anyres.num_image_features(s, PINPOINTS, CROP, PATCH) for s in sizes]
-  ids, mask = _rows(rng, (7, 20), counts, (30, 12), side)
+  ids, mask = mf.prompt_rows(rng, (7, 20), counts, (30, 12), side)
   px = rng.randn(2, 5, 3, CROP, CROP).astype(np.float32)
   return ids, mask, px, np.array(sizes)
 
 
-def _positions(mask):
-  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
-
-
-def _layout_rows(kept_lists, size, left):
-  """Python reference of the rebuilt rows: source positions int[B, size] (-1 padding)."""
-  out = np.full((len(kept_lists), size), -1)
-  for r, kept in enumerate(kept_lists):
-    at = size - len(kept) if left else 0
-    out[r, at:at + len(kept)] = kept
-  return out
-
-
-def _kept_positions(ids, mask, kept_slots):
-  """Per row, the input positions that stay when the image keeps the packed slots `kept_slots[r]`."""
-  rows = []
-  for r in range(ids.shape[0]):
-    rank, row = 0, []
-    for p in np.flatnonzero(mask[r]):
-      if ids[r, p] == IMAGE:
-        if rank in kept_slots[r]:
-          row.append(p)
-        rank += 1
-      else:
-        row.append(p)
-    rows.append(row)
-  return rows
+_positions = mf.mask_positions
+_layout_rows = mf.padded_rows       # Python reference of the rebuilt rows: source positions int[B, size] (-1 padding)
 
 
 def _hf_logits(hf, ids, mask, image_rows):
@@ -160,7 +106,7 @@ def _check_stage1(out, hf, ids, mask, kept_slots, image_rows, image_slots, side)
   seg = out.segments[0]
   size = seg.source.shape[1]
   assert size == ((ids != IMAGE) & (mask > 0)).sum(-1).max() + image_slots
-  want_rows = _kept_positions(ids, mask, kept_slots)
+  want_rows = mf.kept_positions(ids, mask, kept_slots)
   source = _layout_rows(want_rows, size, side == "left")
   np.testing.assert_array_equal(np.asarray(seg.source), source)
   np.testing.assert_array_equal(np.asarray(seg.mask), source >= 0)
@@ -176,8 +122,8 @@ def _check_stage1(out, hf, ids, mask, kept_slots, image_rows, image_slots, side)
 # ------------------------------------------------------------------------------------------------ keep everything
 
 
-def test_keep_all_equals_unpruned_llava(llava):
-  _, model = llava
+def test_keep_all_equals_unpruned_llava(llava_pair):
+  _, model = llava_pair
   ids, mask, px = _llava_batch("left")
   cfg = pruning.PruningConfig("tops", stage1_budget=N, stage2=((1, N), (2, N)))
   out = pruning.forward(model, cfg, ids, mask, px, all_logits=True)
@@ -188,9 +134,9 @@ def test_keep_all_equals_unpruned_llava(llava):
   np.testing.assert_array_equal(np.asarray(out.stage1.kept), np.tile(np.arange(N), (2, 1)))
 
 
-def test_keep_all_equals_unpruned_llava_next(llava_next):
+def test_keep_all_equals_unpruned_llava_next(llava_next_pair):
   """Equal image sizes (equal counts); newlines kept outside the budget; Stage II keeps every image token."""
-  _, model = llava_next
+  _, model = llava_next_pair
   ids, mask, px, sizes = _next_batch("right", sizes=((50, 70), (50, 70)))
   count = int((ids[0] == IMAGE).sum())
   newlines = int(model.pack_layout(sizes).newline[0].sum())
@@ -208,8 +154,8 @@ def test_keep_all_equals_unpruned_llava_next(llava_next):
 
 @pytest.mark.parametrize("method,relevance,side", [("tops", "cls", "left"), ("cdpruner", "text", "right"),
                                                    ("visionzip", "cls", "left")])
-def test_stage1_llava_matches_transformers(llava, method, relevance, side):
-  hf, model = llava
+def test_stage1_llava_matches_transformers(llava_pair, method, relevance, side):
+  hf, model = llava_pair
   ids, mask, px = _llava_batch(side, seed=1)
   budget = 6
   hp = {"alpha": 0.5, "lam": 1.0} if method == "tops" else {}
@@ -258,8 +204,8 @@ def _row_newlines(selected, newline, crop):
 
 
 @pytest.mark.parametrize("scope,newlines,side", [("global", "drop", "left"), ("per_crop", "rows", "right")])
-def test_stage1_llava_next_matches_transformers(llava_next, scope, newlines, side):
-  hf, model = llava_next
+def test_stage1_llava_next_matches_transformers(llava_next_pair, scope, newlines, side):
+  hf, model = llava_next_pair
   ids, mask, px, sizes = _next_batch(side, seed=2)
   budget = 10
   method, hp = ("divprune", {}) if scope == "global" else ("tops", {"alpha": 0.5, "lam": 0.5})
@@ -320,29 +266,7 @@ def test_crop_quotas_and_row_newlines_match_loops():
 # ------------------------------------------------------------------------------------------------------- Stage II
 
 
-def _np_attention(model, layer, hidden, positions, mask):
-  """NumPy reference of decoder `layer`'s full attention: (probs float64[B, H, S, S] causal + padding masked,
-  post-RoPE keys float64[B, S, Hkv, Dh])."""
-  c = model.config.text
-  block = model.language_model.layer(layer)
-  w = lambda lin: np.asarray(lin.kernel[...], np.float64)
-  x = np.asarray(hidden, np.float64)
-  b, s, _ = x.shape
-  xn = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.rms_norm_eps) * np.asarray(block.input_layernorm.scale[...])
-  q = (xn @ w(block.self_attn.q_proj)).reshape(b, s, c.num_attention_heads, c.head_dim)
-  k = (xn @ w(block.self_attn.k_proj)).reshape(b, s, c.num_key_value_heads, c.head_dim)
-  inv = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
-  angle = np.asarray(positions, np.float64)[..., None] * inv
-  cos, sin = (np.concatenate([f(angle)] * 2, -1)[:, :, None] for f in (np.cos, np.sin))
-  rot = lambda v: np.concatenate([-v[..., c.head_dim // 2:], v[..., :c.head_dim // 2]], -1)
-  q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-  kk = np.repeat(k, c.num_attention_heads // c.num_key_value_heads, axis=2)
-  logits = np.einsum("bqhd,bkhd->bhqk", q, kk) / np.sqrt(c.head_dim)
-  allowed = np.asarray(mask, bool)[:, None, None, :] & np.tril(np.ones((s, s), bool))[None, None]
-  logits = np.where(allowed, logits, -np.inf)
-  top = np.max(logits, -1, keepdims=True)
-  e = np.where(allowed, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0)
-  return e / np.maximum(e.sum(-1, keepdims=True), 1e-300), k
+_np_attention = mf.np_attention
 
 
 def _np_relevance(probs, mask, visual, source):
@@ -381,7 +305,7 @@ def _run(model, h, positions, mask, start, stop):
     ("llava", "dart", "none", "contiguous", "right", ((2, 7),)),
 ])
 def test_stage2_matches_reference(request, family, method, relevance, positions, side, steps):
-  hf, model = request.getfixturevalue(family)
+  hf, model = request.getfixturevalue(f"{family}_pair")
   if family == "llava":
     ids, mask, px = _llava_batch(side, seed=3)
     sizes = None
@@ -470,7 +394,7 @@ def _recompute(model, cfg, pre, generated, steps):
 @pytest.mark.parametrize("family,positions", [("llava", "contiguous"), ("llava_next", "original")])
 def test_decoding_with_cache_matches_recomputation(request, family, positions):
   """Prefill with a cache, then `decode_step` token by token; LLaVA-1.5 also runs the jitted `greedy` loop."""
-  _, model = request.getfixturevalue(family)
+  _, model = request.getfixturevalue(f"{family}_pair")
   if family == "llava":
     ids, mask, px = _llava_batch("left", seed=4)
     sizes = None
@@ -538,14 +462,14 @@ def test_bad_configs_raise(kwargs, match):
     pruning.PruningConfig(**kwargs)
 
 
-def test_bad_schedules_and_inputs_raise(llava, llava_next):
+def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
   with pytest.raises(ValueError, match="too shallow"):
     pruning.tops_schedule(2, 64, stage2_alpha=0.5, stage2_lam=0.5)
   with pytest.raises(ValueError, match="no paper Stage II setting"):
     pruning.tops_schedule(32, 100)
   with pytest.raises(ValueError, match="target"):
     pruning.tops_schedule(32, 3)
-  _, model = llava
+  _, model = llava_pair
   ids, mask, px = _llava_batch()
   run = lambda cfg, *a, **kw: pruning.forward(model, cfg, *a, **kw)
   with pytest.raises(ValueError, match="out of range for a decoder with 3 layers"):
@@ -568,7 +492,7 @@ def test_bad_schedules_and_inputs_raise(llava, llava_next):
     run(cfg, ids, mask, px, text_len=10)
   with pytest.raises(ValueError, match="unknown hyperparameter"):
     run(pruning.PruningConfig("tops", stage1_budget=4, stage1_hparams={"beta": 1.0}), ids, mask, px)
-  _, next_model = llava_next
+  _, next_model = llava_next_pair
   ids, mask, px, sizes = _next_batch()
   layout = anyres.pack_layout(sizes, PINPOINTS, CROP, PATCH)
   tokens = (layout.valid & ~layout.newline).sum(-1)
@@ -579,11 +503,11 @@ def test_bad_schedules_and_inputs_raise(llava, llava_next):
     pruning.forward(next_model, pruning.PruningConfig("tops", stage1_budget=4), ids, mask, px)
 
 
-def test_a_hyperparameter_sweep_reuses_one_compile(llava_next):
+def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
   """Float hyperparameters are traced: alpha 0.3 and 0.9 share a program, yet each gets its own picks (those of a
   program compiled afresh for it)."""
   from models.pruning import driver  # pylint: disable=g-import-not-at-top
-  _, model = llava_next
+  _, model = llava_next_pair
   ids, mask, px, sizes = _next_batch("left", seed=5)
   cfg = lambda alpha: pruning.PruningConfig("tops", stage1_budget=8, stage1_hparams={"alpha": alpha, "lam": 0.5},
                                             stage2=((1, 4),), stage2_hparams={"alpha": alpha, "lam": 0.5})
@@ -606,7 +530,7 @@ def test_a_hyperparameter_sweep_reuses_one_compile(llava_next):
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_both_families_expose_one_visual_token_interface(request, family):
   """`visual_tokens` / `layout` / `embed` are what pruning reads; LLaVA-1.5 gives the trivial one-crop layout."""
-  _, model = request.getfixturevalue(family)
+  _, model = request.getfixturevalue(f"{family}_pair")
   if family == "llava":
     ids, mask, px = _llava_batch("left")
     sizes = None

@@ -14,7 +14,6 @@ import model_factories as mf
 from models import anyres
 from models import generate
 from models import llama
-from models import loading
 from models import pruning
 from models.pruning import config as config_lib
 from models.pruning import sequence
@@ -24,50 +23,23 @@ from tops_jax import prune
 IMAGE = mf.IMAGE_TOKEN_ID
 N = mf.NUM_PATCHES
 TOL = dict(rtol=1e-4, atol=1e-4)
+# The models are llava and llava_next: ports of tiny random checkpoints, from tests/models/conftest.py.
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 _FULL = jax.jit(lambda m, b: m(**b, all_logits=True))
 _LAYERS = jax.jit(lambda m, h, p, mask, start, stop: m.language_model.run_layers(h, p, mask, start=start, stop=stop),
                   static_argnames=("start", "stop"))
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-  _, path = mf.tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
-  return loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  _, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return loading.load_pretrained(path)
-
-
-def _rows(rng, pre, counts, post, side):
-  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
-  s = max(lens)
-  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, IMAGE - 1, a), np.full(c, IMAGE), rng.randint(3, IMAGE - 1, b)])
-    at = s - lens[r] if side == "left" else 0
-    ids[r, at:at + lens[r]], mask[r, at:at + lens[r]] = row, 1
-  return ids, mask
-
-
 def _batch(family, side, seed):
   """(ids, mask, pixel_values, image_sizes | None); NeXT images of 70 and 52 tokens (newlines included)."""
   rng = np.random.RandomState(seed)
   if family == "llava":
-    ids, mask = _rows(rng, (6, 25), (N, N), (40, 23), side)
+    ids, mask = mf.prompt_rows(rng, (6, 25), (N, N), (40, 23), side)
     return ids, mask, rng.randn(2, 3, 28, 28).astype(np.float32), None
   sizes = np.array([(50, 70), (100, 20)])
   counts = [anyres.num_image_features(s, mf.TINY_PINPOINTS, 28, 7) for s in sizes]
-  ids, mask = _rows(rng, (7, 20), counts, (30, 12), side)
+  ids, mask = mf.prompt_rows(rng, (7, 20), counts, (30, 12), side)
   return ids, mask, rng.randn(2, 5, 3, 28, 28).astype(np.float32), sizes
 
 
@@ -88,39 +60,11 @@ def _run(model, h, positions, mask, start, stop):
 def _np_attention(model, layer, hidden, positions, mask):
   """Decoder `layer`'s head-mean attention map over its input (NumPy, float64, causal + padding masked):
   float64[B, S, S]."""
-  c = model.config.text
-  block = model.language_model.layer(layer)
-  w = lambda lin: np.asarray(lin.kernel[...], np.float64)
-  x = np.asarray(hidden, np.float64)
-  b, s, _ = x.shape
-  xn = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.rms_norm_eps) * np.asarray(block.input_layernorm.scale[...])
-  q = (xn @ w(block.self_attn.q_proj)).reshape(b, s, c.num_attention_heads, c.head_dim)
-  k = (xn @ w(block.self_attn.k_proj)).reshape(b, s, c.num_key_value_heads, c.head_dim)
-  inv = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
-  angle = np.asarray(positions, np.float64)[..., None] * inv
-  cos, sin = (np.concatenate([f(angle)] * 2, -1)[:, :, None] for f in (np.cos, np.sin))
-  rot = lambda v: np.concatenate([-v[..., c.head_dim // 2:], v[..., :c.head_dim // 2]], -1)
-  q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-  k = np.repeat(k, c.num_attention_heads // c.num_key_value_heads, axis=2)
-  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
-  allowed = np.asarray(mask, bool)[:, None, None, :] & np.tril(np.ones((s, s), bool))[None, None]
-  logits = np.where(allowed, logits, -np.inf)
-  top = np.max(logits, -1, keepdims=True)
-  e = np.where(allowed, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0)
-  return (e / np.maximum(e.sum(-1, keepdims=True), 1e-300)).mean(1)
+  return mf.np_attention(model, layer, hidden, positions, mask)[0].mean(1)
 
 
-def _positions(mask):
-  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
-
-
-def _layout(rows, size, left):
-  """Per-row slot lists -> int[B, size] (-1 padding), packed to the left or right."""
-  out = np.full((len(rows), size), -1)
-  for r, row in enumerate(rows):
-    at = size - len(row) if left else 0
-    out[r, at:at + len(row)] = row
-  return out
+_positions = mf.mask_positions
+_layout = mf.padded_rows            # per-row slot lists -> int[B, size] (-1 padding), packed to the left or right
 
 
 def _sparsevlm_raters(h0, visual, text):
@@ -455,7 +399,7 @@ def test_sparsevlm_matches_the_official_loop(llava):
   """Short questions (rank below N) so that both steps prune and recycle; left padding, batch of 2."""
   model = llava
   rng = np.random.RandomState(14)
-  ids, mask = _rows(rng, (6, 9), (N, N), (5, 4), "left")
+  ids, mask = mf.prompt_rows(rng, (6, 9), (N, N), (5, 4), "left")
   px = rng.randn(2, 3, 28, 28).astype(np.float32)
   cfg = pruning.PruningConfig("sparsevlm", stage2=((0, N), (1, N)), stage2_relevance="raters",
                               stage2_raters="sparsevlm", stage2_timing="after",

@@ -24,12 +24,7 @@ from models import sharding
 MESHES = ("data:8", "fsdp:8", "tensor:2", "data:2,fsdp:2,tensor:2")
 B = 8
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 
 def _mesh(spec):
@@ -50,13 +45,8 @@ def llava_path(tmp_path_factory):
 def _rows(rng, counts):
   """Left-padded rows [text; image run; text] of random lengths: (ids int32[B, S], mask bool[B, S])."""
   pre, post = rng.randint(3, 10, len(counts)), rng.randint(5, 30, len(counts))
-  s = max(a + c + b for a, c, b in zip(pre, counts, post))
-  ids, mask = np.zeros((len(counts), s), np.int32), np.zeros((len(counts), s), bool)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, mf.IMAGE_TOKEN_ID - 1, a), np.full(c, mf.IMAGE_TOKEN_ID),
-                          rng.randint(3, mf.IMAGE_TOKEN_ID - 1, b)])
-    ids[r, s - len(row):], mask[r, s - len(row):] = row, True
-  return ids, mask
+  ids, mask = mf.prompt_rows(rng, pre, counts, post)
+  return ids.astype(np.int32), mask.astype(bool)
 
 
 def _next_batch():

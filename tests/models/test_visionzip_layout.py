@@ -33,7 +33,6 @@ Images: 29x47 (2x2 grid, 5 crops, 50 rows) and 10x13 (1x2 grid, 3 real crops of 
 unpadding cuts the 10x13 canvas, which VisionZip's layout ignores.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,7 +40,6 @@ import torch
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
 import model_factories as mf
-from models import loading
 from models import pruning
 
 IMAGE = mf.IMAGE_TOKEN_ID
@@ -52,24 +50,8 @@ SIZES = ((29, 47), (10, 13))                  # (height, width)
 NEXT_TARGET = 50
 LLAVA_TARGET = 12                             # split 54 : 10 of 12 -> dominant 10 (CLS + 9), contextual 2
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-  with jax.default_matmul_precision("float32"):
-    yield
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-  hf, path = mf.tiny_llava_next(tmp_path_factory.mktemp("llava_next"), "llama")
-  return hf, loading.load_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-  hf, path = mf.tiny_llava(tmp_path_factory.mktemp("llava"), "llama")
-  return hf, loading.load_pretrained(path)
+# The models are llava_pair and llava_next_pair: (transformers, port), from tests/models/conftest.py.
+pytestmark = pytest.mark.usefixtures("float32_matmul")
 
 
 # ------------------------------------------------------------------------------------------ the official loop
@@ -152,28 +134,11 @@ def _official_next_rows(hf, pixel_values, size, dominant, contextual):
 
 
 def _packed_ids(hf, size, grid):
-  """transformers' LLaVA-NeXT packing (`pack_image_features`: canvas, unpad_image, newline column) of an index
-  map: int[L] with crop * T + token per slot, -1 at newline slots."""
-  crops = 1 + grid[0] * grid[1]
-  ids = torch.arange(crops * T, dtype=torch.float32).reshape(crops, T, 1)
-  with torch.no_grad():
-    packed, _ = hf.model.pack_image_features([ids], torch.tensor([size]), "default",
-                                             image_newline=torch.tensor([-1.0]))
-  return packed[0][:, 0].numpy().astype(int)
+  """transformers' LLaVA-NeXT packing of an index map: int[L] with crop * T + token per slot, -1 at newline slots."""
+  return mf.packed_slot_ids(hf, size, 1 + grid[0] * grid[1])
 
 
 # --------------------------------------------------------------------------------------------------- checks
-
-
-def _rows(rng, counts, pre, post):
-  """Left-padded rows [text; <image> x count; text]: (ids int64[B, S], mask int64[B, S])."""
-  lens = [a + c + b for a, c, b in zip(pre, counts, post)]
-  s = max(lens)
-  ids, mask = np.zeros((len(lens), s), np.int64), np.zeros((len(lens), s), np.int64)
-  for r, (a, c, b) in enumerate(zip(pre, counts, post)):
-    row = np.concatenate([rng.randint(3, IMAGE - 1, a), np.full(c, IMAGE), rng.randint(3, IMAGE - 1, b)])
-    ids[r, s - lens[r]:], mask[r, s - lens[r]:] = row, 1
-  return ids, mask
 
 
 def _check_llm_input(hf, out, ids, mask, image_rows):
@@ -195,15 +160,20 @@ def _check_llm_input(hf, out, ids, mask, image_rows):
     np.testing.assert_allclose(emb[r][text], table[ids[r][source[r][text]]], rtol=0, atol=1e-6)
 
 
+def _protocol(family, target):
+  """`method_config("visionzip", ...)` on the 3-layer tiny models: (config, dominant, contextual)."""
+  cfg = pruning.method_config("visionzip", family=family, target=target, num_layers=3)
+  assert cfg.visionzip_cls
+  hp = dict(cfg.stage1_hparams)
+  return cfg, hp["dominant"], hp["contextual"]
+
+
 # ---------------------------------------------------------------------------------------------------- tests
 
 
-def test_llava_next_official_layout(llava_next):
-  hf, model = llava_next
-  cfg = pruning.method_config("visionzip", family="llava-next", target=NEXT_TARGET, num_layers=3)
-  assert cfg.visionzip_cls
-  hp = dict(cfg.stage1_hparams)
-  dominant, contextual = hp["dominant"], hp["contextual"]
+def test_llava_next_official_layout(llava_next_pair):
+  hf, model = llava_next_pair
+  cfg, dominant, contextual = _protocol("llava-next", NEXT_TARGET)
   assert (dominant, contextual) == (8, 2)                      # 50 // 5 = 10 per crop, 54 : 10 (hand-checked)
   rng = np.random.RandomState(3)
   px = rng.randn(2, 5, 3, CROP, CROP).astype(np.float32)
@@ -229,25 +199,22 @@ def test_llava_next_official_layout(llava_next):
   assert counts == [16 + 4 * 9, 16 + 4 * 7]                     # 2x2 grid rows 2..5 of 8; 1x2 columns 1..6 of 8
   assert interleaved and ignored_cut, "the case must interleave crops and keep patches that unpadding cuts"
 
-  ids, mask = _rows(rng, counts, (7, 20), (30, 12))
+  ids, mask = mf.prompt_rows(rng, (7, 20), counts, (30, 12))
   out = pruning.forward(model, cfg, ids, mask, px, np.array(SIZES))
   _check_llm_input(hf, out, ids, mask, want)
 
 
-def test_llava_official_layout(llava):
+def test_llava_official_layout(llava_pair):
   """LLaVA-1.5: the image's [CLS, dominant ascending, contextual], projected, at the first positions of the run."""
-  hf, model = llava
-  cfg = pruning.method_config("visionzip", family="llava-1.5", target=LLAVA_TARGET, num_layers=3)
-  assert cfg.visionzip_cls
-  hp = dict(cfg.stage1_hparams)
-  dominant, contextual = hp["dominant"], hp["contextual"]
+  hf, model = llava_pair
+  cfg, dominant, contextual = _protocol("llava-1.5", LLAVA_TARGET)
   assert (dominant, contextual) == (10, 2)                     # round(12 * 54 / 64) = 10 (hand-checked)
   rng = np.random.RandomState(5)
   px = rng.randn(2, 3, CROP, CROP).astype(np.float32)
   feats, _ = _official_crops(hf, px, dominant, contextual)     # the whole batch in one tower call, as official
   want = [feats[r] for r in range(2)]
   assert all(w.shape[0] == LLAVA_TARGET for w in want)
-  ids, mask = _rows(rng, (mf.NUM_PATCHES, mf.NUM_PATCHES), (6, 25), (30, 11))
+  ids, mask = mf.prompt_rows(rng, (6, 25), (mf.NUM_PATCHES, mf.NUM_PATCHES), (30, 11))
   out = pruning.forward(model, cfg, ids, mask, px)
   _check_llm_input(hf, out, ids, mask, want)
 

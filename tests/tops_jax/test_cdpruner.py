@@ -7,7 +7,8 @@ L[j, j] - L[j, S] L[S, S]^-1 L[S, j], which is the factor det(L[S + j]) / det(L[
 import jax
 import jax.numpy as jnp
 import numpy as np
-from selection_helpers import valid_mask
+from selection_helpers import assert_bfloat16_matches_float32, assert_order, assert_rows_match_unbatched
+from selection_helpers import jit_select_order, valid_mask
 import pytest
 
 from tops_jax import cdpruner
@@ -62,8 +63,7 @@ def test_matches_reference(n, d, keep, seed):
   valid = valid_mask(rng, n, keep)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("cdpruner", x, keep=keep, relevance=rel, valid=valid)
-  np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, keep))
-  assert np.all(valid[np.asarray(got)])
+  assert_order(got, _reference(x, rel, valid, keep), valid)
 
 
 def test_theta_sharpening_matches_reference():
@@ -117,21 +117,16 @@ def test_batched_rows_match_unbatched():
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   rel = rng.normal(size=(b, n)).astype(np.float32)
   valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
-  got = np.asarray(prune.select("cdpruner", x, keep=keep, relevance=rel, valid=valid))
-  for row in range(b):
-    one = np.asarray(prune.select("cdpruner", x[row], keep=keep, relevance=rel[row], valid=valid[row]))
-    np.testing.assert_array_equal(got[row], one)
-    np.testing.assert_array_equal(got[row], np.sort(_reference(x[row], rel[row], valid[row], keep)))
+  want = lambda r: _reference(x[r], rel[r], valid[r], keep)
+  assert_rows_match_unbatched("cdpruner", x, keep, want, relevance=rel, valid=valid)
 
 
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(12)
   x16 = jnp.asarray(rng.normal(size=(48, 16)), jnp.bfloat16)
   rel = rng.normal(size=48).astype(np.float32)
-  got16 = prune.select_order("cdpruner", x16, keep=12, relevance=rel)
-  got32 = prune.select_order("cdpruner", x16.astype(jnp.float32), keep=12, relevance=rel)
-  np.testing.assert_array_equal(np.asarray(got16), np.asarray(got32))
-  np.testing.assert_array_equal(np.asarray(got16), _reference(np.asarray(x16, np.float32), rel, np.ones(48, bool), 12))
+  want = _reference(np.asarray(x16, np.float32), rel, np.ones(48, bool), 12)
+  assert_bfloat16_matches_float32("cdpruner", x16, 12, want, relevance=rel)
 
 
 def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
@@ -140,8 +135,7 @@ def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
   rel = rng.normal(size=20).astype(np.float32)
   valid = np.zeros(20, bool)
   valid[[2, 9, 13, 16]] = True
-  fn = jax.jit(lambda f, r, v: prune.select_order("cdpruner", f, keep=7, relevance=r, valid=v))
-  got = np.asarray(fn(x, rel, valid))
+  got = jit_select_order("cdpruner", x, 7, relevance=rel, valid=valid)
   np.testing.assert_array_equal(got, _reference(x, rel, valid, 7))
   np.testing.assert_array_equal(got[4:], [0, 1, 3])
 

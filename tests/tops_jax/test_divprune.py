@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from selection_helpers import valid_mask
+from selection_helpers import assert_bfloat16_matches_float32, assert_order, assert_rows_match_unbatched
+from selection_helpers import greedy_picks, jit_select_order, valid_mask
 import pytest
 
 from tops_jax import prune
@@ -20,17 +21,8 @@ def _reference(features, valid, keep):
   for i in members:
     others = [dist[i, j] for j in members if j != i]
     seed_score[i] = min(others) if others else np.inf
-  picks = [int(np.argmax(seed_score))] if members else [0]
-  while len(picks) < keep:
-    free = [i for i in members if i not in picks]
-    if not free:  # more picks than valid tokens: lowest-index positions not yet taken
-      picks.append(next(i for i in range(n) if i not in picks))
-      continue
-    score = np.full(n, -np.inf)
-    for i in free:
-      score[i] = min(dist[i, k] for k in picks)
-    picks.append(int(np.argmax(score)))
-  return np.array(picks)
+  seed = [int(np.argmax(seed_score))] if members else [0]
+  return greedy_picks(n, members, keep, lambda i, picks: min(dist[i, k] for k in picks), seed)
 
 
 @pytest.mark.parametrize("n,d,keep,seed", [(16, 4, 5, 0), (40, 8, 12, 1), (64, 16, 20, 2), (64, 16, 20, 3),
@@ -41,8 +33,7 @@ def test_matches_reference(n, d, keep, seed):
   valid = valid_mask(rng, n, keep) if keep < n else np.ones(n, bool)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("divprune", x, keep=keep, valid=valid)
-  np.testing.assert_array_equal(np.asarray(got), _reference(x, valid, keep))
-  assert np.all(valid[np.asarray(got)])
+  assert_order(got, _reference(x, valid, keep), valid)
 
 
 def test_ties_go_to_lowest_index():
@@ -64,20 +55,14 @@ def test_batched_rows_match_unbatched():
   b, n, d, keep = 3, 32, 8, 9
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
-  got = np.asarray(prune.select("divprune", x, keep=keep, valid=valid))
-  for row in range(b):
-    one = np.asarray(prune.select("divprune", x[row], keep=keep, valid=valid[row]))
-    np.testing.assert_array_equal(got[row], one)
-    np.testing.assert_array_equal(got[row], np.sort(_reference(x[row], valid[row], keep)))
+  assert_rows_match_unbatched("divprune", x, keep, lambda r: _reference(x[r], valid[r], keep), valid=valid)
 
 
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(11)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)
-  got16 = prune.select_order("divprune", x16, keep=14)
-  got32 = prune.select_order("divprune", x16.astype(jnp.float32), keep=14)
-  np.testing.assert_array_equal(np.asarray(got16), np.asarray(got32))
-  np.testing.assert_array_equal(np.asarray(got16), _reference(np.asarray(x16, np.float32), np.ones(48, bool), 14))
+  want = _reference(np.asarray(x16, np.float32), np.ones(48, bool), 14)
+  assert_bfloat16_matches_float32("divprune", x16, 14, want)
 
 
 def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
@@ -85,8 +70,7 @@ def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
   x = rng.normal(size=(20, 6)).astype(np.float32)
   valid = np.zeros(20, bool)
   valid[[3, 8, 11, 17]] = True
-  fn = jax.jit(lambda f, v: prune.select_order("divprune", f, keep=7, valid=v))
-  got = np.asarray(fn(x, valid))
+  got = jit_select_order("divprune", x, 7, valid=valid)
   np.testing.assert_array_equal(got, _reference(x, valid, 7))
   np.testing.assert_array_equal(got[4:], [0, 1, 2])
   assert len(set(got.tolist())) == 7

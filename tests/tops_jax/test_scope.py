@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from selection_helpers import valid_mask
+from selection_helpers import assert_bfloat16_matches_float32, assert_order, assert_rows_match_unbatched
+from selection_helpers import jit_select_order, valid_mask
 import pytest
 
 from tops_jax import prune
@@ -45,8 +46,7 @@ def test_matches_reference(n, d, keep, seed):
   valid = valid_mask(rng, n, keep)
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("scope", x, keep=keep, relevance=rel, valid=valid)
-  np.testing.assert_array_equal(np.asarray(got), _reference(x, rel, valid, keep))
-  assert np.all(valid[np.asarray(got)])
+  assert_order(got, _reference(x, rel, valid, keep), valid)
 
 
 @pytest.mark.parametrize("combine", ["multiply", "add"])
@@ -89,21 +89,16 @@ def test_batched_rows_match_unbatched():
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   rel = rng.uniform(0.05, 1.0, size=(b, n)).astype(np.float32)
   valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
-  got = np.asarray(prune.select("scope", x, keep=keep, relevance=rel, valid=valid))
-  for row in range(b):
-    one = np.asarray(prune.select("scope", x[row], keep=keep, relevance=rel[row], valid=valid[row]))
-    np.testing.assert_array_equal(got[row], one)
-    np.testing.assert_array_equal(got[row], np.sort(_reference(x[row], rel[row], valid[row], keep)))
+  want = lambda r: _reference(x[r], rel[r], valid[r], keep)
+  assert_rows_match_unbatched("scope", x, keep, want, relevance=rel, valid=valid)
 
 
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(13)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)
   rel = rng.uniform(0.05, 1.0, size=48).astype(np.float32)
-  got16 = prune.select_order("scope", x16, keep=12, relevance=rel)
-  got32 = prune.select_order("scope", x16.astype(jnp.float32), keep=12, relevance=rel)
-  np.testing.assert_array_equal(np.asarray(got16), np.asarray(got32))
-  np.testing.assert_array_equal(np.asarray(got16), _reference(np.asarray(x16, np.float32), rel, np.ones(48, bool), 12))
+  want = _reference(np.asarray(x16, np.float32), rel, np.ones(48, bool), 12)
+  assert_bfloat16_matches_float32("scope", x16, 12, want, relevance=rel)
 
 
 def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
@@ -112,8 +107,7 @@ def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
   rel = rng.uniform(0.05, 1.0, size=20).astype(np.float32)
   valid = np.zeros(20, bool)
   valid[[1, 7, 12, 19]] = True
-  fn = jax.jit(lambda f, r, v: prune.select_order("scope", f, keep=7, relevance=r, valid=v))
-  got = np.asarray(fn(x, rel, valid))
+  got = jit_select_order("scope", x, 7, relevance=rel, valid=valid)
   np.testing.assert_array_equal(got, _reference(x, rel, valid, 7))
   np.testing.assert_array_equal(got[4:], [0, 2, 3])
 

@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from selection_helpers import valid_mask
+from selection_helpers import assert_bfloat16_matches_float32, assert_order, assert_rows_match_unbatched
+from selection_helpers import greedy_picks, jit_select_order, valid_mask
 import pytest
 
 from tops_jax import prune
@@ -33,17 +34,8 @@ def _reference(features, score, valid, keep, stage1_keep=None):
   survivors = ranked[:p]
   x = _unit(features)
   dist = 1.0 - x @ x.T
-  picks = [survivors[0]] if survivors else [0]
-  while len(picks) < keep:
-    free = [i for i in survivors if i not in picks]
-    if not free:
-      picks.append(next(i for i in range(n) if i not in picks))
-      continue
-    total = np.full(n, -np.inf)
-    for i in free:
-      total[i] = sum(dist[i, k] for k in picks)
-    picks.append(int(np.argmax(total)))
-  return np.array(picks)
+  seed = [survivors[0]] if survivors else [0]
+  return greedy_picks(n, survivors, keep, lambda i, picks: sum(dist[i, k] for k in picks), seed)
 
 
 @pytest.mark.parametrize("estimator", ["l2", "gaussian"])
@@ -73,9 +65,7 @@ def test_matches_reference_with_text(n, d, t, keep, stage1_keep, seed):
   hp = {} if stage1_keep is None else {"stage1_keep": stage1_keep}
   with jax.default_matmul_precision("float32"):
     got = prune.select_order("trimtokenator", x, keep=keep, valid=valid, text=text, text_valid=text_valid, **hp)
-  want = _reference(x, _scores(x, text, text_valid), valid, keep, stage1_keep)
-  np.testing.assert_array_equal(np.asarray(got), want)
-  assert np.all(valid[np.asarray(got)])
+  assert_order(got, _reference(x, _scores(x, text, text_valid), valid, keep, stage1_keep), valid)
 
 
 def test_gaussian_estimator_matches_reference():
@@ -118,25 +108,17 @@ def test_batched_rows_match_unbatched():
   text = rng.normal(size=(b, t, d)).astype(np.float32)
   text_valid = np.array([[True] * 5, [True, True, True, False, False], [True, False, False, False, False]])
   valid = np.stack([valid_mask(rng, n, keep, frac) for frac in (1.0, 0.6, 0.4)])
-  got = np.asarray(prune.select("trimtokenator", x, keep=keep, valid=valid, text=text, text_valid=text_valid))
-  for row in range(b):
-    one = np.asarray(prune.select("trimtokenator", x[row], keep=keep, valid=valid[row], text=text[row],
-                                  text_valid=text_valid[row]))
-    np.testing.assert_array_equal(got[row], one)
-    want = _reference(x[row], _scores(x[row], text[row], text_valid[row]), valid[row], keep)
-    np.testing.assert_array_equal(got[row], np.sort(want))
+  want = lambda r: _reference(x[r], _scores(x[r], text[r], text_valid[r]), valid[r], keep)
+  assert_rows_match_unbatched("trimtokenator", x, keep, want, valid=valid, text=text, text_valid=text_valid)
 
 
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(14)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)
   t16 = jnp.asarray(rng.normal(size=(6, 12)), jnp.bfloat16)
-  got16 = prune.select_order("trimtokenator", x16, keep=12, text=t16)
-  got32 = prune.select_order("trimtokenator", x16.astype(jnp.float32), keep=12, text=t16.astype(jnp.float32))
-  np.testing.assert_array_equal(np.asarray(got16), np.asarray(got32))
   x32, t32 = np.asarray(x16, np.float32), np.asarray(t16, np.float32)
-  np.testing.assert_array_equal(np.asarray(got16), _reference(x32, _scores(x32, t32, np.ones(6, bool)),
-                                                              np.ones(48, bool), 12))
+  want = _reference(x32, _scores(x32, t32, np.ones(6, bool)), np.ones(48, bool), 12)
+  assert_bfloat16_matches_float32("trimtokenator", x16, 12, want, text=t16)
 
 
 def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
@@ -145,8 +127,7 @@ def test_fewer_valid_than_keep_under_jit_fills_lowest_invalid():
   text = rng.normal(size=(4, 6)).astype(np.float32)
   valid = np.zeros(20, bool)
   valid[[0, 5, 6, 18]] = True
-  fn = jax.jit(lambda f, v, tx: prune.select_order("trimtokenator", f, keep=7, valid=v, text=tx))
-  got = np.asarray(fn(x, valid, text))
+  got = jit_select_order("trimtokenator", x, 7, valid=valid, text=text)
   np.testing.assert_array_equal(got, _reference(x, _scores(x, text, np.ones(4, bool)), valid, 7))
   np.testing.assert_array_equal(got[4:], [1, 2, 3])
 
