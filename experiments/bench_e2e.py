@@ -108,7 +108,7 @@ def hf_config(shape: Shape):
 
 def build_jax(hf: dict[str, Any], dtype, seed: int):
   """Our model with random weights, initialised on the device under jit (never materialised on the host)."""
-  family = loading._family(hf["model_type"])  # pylint: disable=protected-access
+  family = loading.family_of(hf["model_type"])
   config = family.config.from_hf(hf)
   from flax import nnx  # pylint: disable=g-import-not-at-top
 

@@ -199,13 +199,9 @@ def projector_params(config) -> int:
   return _feature_width(config) * d + d * d + bias
 
 
-def _is_next(config) -> bool:
-  return hasattr(config, "image_grid_pinpoints")
-
-
 def llava_params(config) -> int:
-  """Parameters of a LLaVA-1.5 or LLaVA-NeXT port (NeXT adds `image_newline`)."""
-  newline = config.text.hidden_size if _is_next(config) else 0
+  """Parameters of a LLaVA-1.5 or LLaVA-NeXT port (a family with structural newline slots adds `image_newline`)."""
+  newline = config.text.hidden_size if config.max_newlines else 0
   return vision_params(config.vision) + projector_params(config) + decoder_params(config.text) + newline
 
 

@@ -83,9 +83,9 @@ class CacheBytes(NamedTuple):
 
 
 def resolve(shape: bench_e2e.Shape):
-  """(family, config) of a random-weight shape: `models.loading.FAMILIES` and the family's `Config.from_hf`."""
+  """(family, config) of a random-weight shape: `models.backbones.BACKBONES` and the family's `Config.from_hf`."""
   hf = bench_e2e.hf_config(shape).to_dict()
-  family = loading.FAMILIES[hf["model_type"]]
+  family = loading.family_of(hf["model_type"])
   return family, family.config.from_hf(hf)
 
 

@@ -3,20 +3,24 @@
     import models
     model = models.load_pretrained("/ckpt/llava-1.5-7b-hf", dtype=jnp.bfloat16)
 
-Modules: `clip` (vision tower), `llama` (LLaMA/Vicuna/Mistral decoder, KV cache), `llava` (LLaVA-1.5),
-`llava_next` (LLaVA-NeXT anyres), `loading` (reading checkpoints, the family registry), `saving` (writing them),
+Modules: `family` (the interface a model family implements for the pruning stages, and `VisualTokens`, the record
+it hands them), `backbones` (the registry of families, keyed by checkpoint `model_type`), `clip` (vision tower),
+`llama` (LLaMA/Vicuna/Mistral decoder, KV cache), `llava` (LLaVA-1.5), `llava_next` (LLaVA-NeXT anyres), `loading`
+(reading checkpoints), `saving` (writing them),
 `conversion` (conversion rules and canonical names), `config_fields` (config.json type checks), `activations`,
 `checks` (input checks), `generate` (greedy decoding), `pruning` (Stage I/II hooks), `outputs` (named outputs).
-`conversion`, `config_fields` and `activations` are leaves: the family modules import them, `loading` imports the
-families, so no import runs in a circle.
+`conversion`, `config_fields`, `activations` and `family` are leaves: the family modules import them, `backbones`
+imports the families and `loading` imports `backbones`, so no import runs in a circle.
 
 Axis legend: one letter per axis along the whole data path (image -> tower -> projector -> Stage I -> decoder
 layers with Stage II -> logits -> answer), used in every docstring and shape comment of `models`, `tops_jax` and
 `experiments`:
 
     B  batch rows (prompts; pruning takes one image per row)     I  images of a batch, in order
-    P  crops per image (anyres: base crop + grid crops, padded)   T  vision tokens per crop (CLS dropped; +1 with it)
+    P  groups per image, the budget unit (`models.family`: crops, tiles, frames; anyres: base crop + grid crops,
+       padded)                                                   T  vision tokens per group (CLS dropped; +1 with it)
     N  packed image tokens per image: the Stage I candidates (LLaVA-1.5: the patches; NeXT: the packing bucket)
+    R  position components (1: RoPE, 3: M-RoPE): position ids are int32[R, B, S]
     K  kept tokens (a stage's budget)                             C  candidates of a Stage II step
     S  sequence positions (tokens of a decoder call; the keys they attend over)
     A  text tokens after the image (the text raters)             Q  query rows read from a layer (raters, last token)

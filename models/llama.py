@@ -65,7 +65,7 @@ from models.activations import ACTIVATIONS
 from models.outputs import DecoderOutput
 
 __all__ = ["TextConfig", "KVCache", "init_cache", "RMSNorm", "LlamaModel", "LlamaForCausalLM", "CausalLMOutput",
-           "position_ids_from_mask", "rope_cos_sin", "apply_rope", "make_attention_mask", "conversion_table",
+           "position_ids_from_mask", "rotary_positions", "rope_cos_sin", "apply_rope", "make_attention_mask", "conversion_table",
            "causal_lm_conversion_table", "default_positions", "lm_logits"]
 
 # transformers' defaults per model_type, for the fields a sparse config.json (llava-1.5's text_config) may omit.
@@ -197,6 +197,18 @@ def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
   """transformers' generate: cumsum(mask) - 1, padding positions set to 1. bool/int[B, S] -> int32[B, S]."""
   m = attention_mask.astype(jnp.int32)
   return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 1).astype(jnp.int32)
+
+
+def rotary_positions(positions: jax.Array, b: int, s: int) -> jax.Array:
+  """The decoder's 1-D rotary positions from int[B, S] or int[1, B, S] (`models.family`'s [R, B, S] with R = 1):
+  -> int[B, S]. M-RoPE positions (R = 3) need a decoder with a multimodal rotary."""
+  if positions.ndim == 3:
+    if positions.shape[0] != 1:
+      raise ValueError(f"the LLaMA decoder's rotary is 1-D: positions must be int[B, S] or int[1, B, S], got shape "
+                       f"{positions.shape}")
+    positions = positions[0]
+  chex.assert_shape(positions, (b, s))
+  return positions
 
 
 def _inv_freq(config: TextConfig) -> np.ndarray:
@@ -364,7 +376,7 @@ class LlamaModel(nnx.Module):
 
     Args:
       x: float[B, S, D] input of layer `start`.
-      positions: int[B, S] RoPE position ids.
+      positions: int[B, S] or int[1, B, S] RoPE position ids.
       attention_mask: bool/int[B, S], True/1 for real tokens; None means all real.
       start, stop: static layer segment (stop=None: to the last layer).
       cache: a `KVCache`; the S tokens are written at each segment layer's `end` and attend to the cached slots.
@@ -380,7 +392,7 @@ class LlamaModel(nnx.Module):
     start, stop = self._segment(start, stop)
     chex.assert_rank(x, 3)
     b, t, _ = x.shape
-    chex.assert_shape(positions, (b, t))
+    positions = rotary_positions(positions, b, t)
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     chex.assert_shape(valid, (b, t))
     cos, sin = rope_cos_sin(self.config, positions, x.dtype)
@@ -450,7 +462,7 @@ class LlamaModel(nnx.Module):
     Args:
       layer: static layer index.
       x: float[B, S, D] the INPUT hidden states of that layer.
-      positions: int[B, S] RoPE position ids.
+      positions: int[B, S] or int[1, B, S] RoPE position ids.
       queries: int[B, Q] token indices of the query rows (clipped to [0, S)).
 
     Returns:
@@ -463,7 +475,7 @@ class LlamaModel(nnx.Module):
     rows = jnp.clip(queries, 0, s - 1)
     pick = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
     normed = block.input_layernorm(x)
-    cos, sin = rope_cos_sin(c, positions, x.dtype)
+    cos, sin = rope_cos_sin(c, rotary_positions(positions, b, s), x.dtype)
     k = block.self_attn.k_proj(normed).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q = block.self_attn.q_proj(pick(normed)).reshape(b, rows.shape[1], c.num_attention_heads, c.head_dim)
     return apply_rope(q, pick(cos), pick(sin)), apply_rope(k, cos, sin)

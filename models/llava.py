@@ -8,7 +8,7 @@ D text width, V vocabulary, L decoder layers.
     out = jax.jit(lambda m, b: m(**b))(model, dict(input_ids=ids, pixel_values=px, attention_mask=mask))
     out.logits                          # float32[B, 1, V] at each row's last real token (all_logits=True: [B, S, V])
     out.cls_attention, out.image_embeds  # Stage I inputs: float32[I, N], float[I, N, D]
-    tokens = model.image_tokens(px)     # ImageTokens: what pruners read, the same interface as LLaVA-NeXT's
+    tokens = model.visual_tokens(px, None, relevance=("cls",))   # VisualTokens: what pruners read (models.family)
 
 The forward is a composition of small methods, which is the seam for token pruning:
 
@@ -47,13 +47,15 @@ import numpy as np
 from flax import nnx
 
 from models import activations
+from models import anyres
 from models import checks
 from models import clip
 from models import config_fields
 from models import conversion
-from models import anyres
+from models import family
 from models import llama
-from models.outputs import ImageTokens, LlavaOutput, VisionOutput
+from models.family import VisualTokens
+from models.outputs import LlavaOutput, VisionOutput
 
 __all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
            "check_image_tokens", "single_crop_layout", "last_logits", "conversion_table"]
@@ -250,26 +252,34 @@ class LlavaForConditionalGeneration(nnx.Module):
     del image_sizes
     return single_crop_layout(num_images, self.config.max_image_tokens)
 
-  def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False, cls: bool = False,
-                   last_qk: bool = False) -> ImageTokens:
-    """The batch's image tokens and what pruners read about them: float[I, 3, H, W] -> `ImageTokens` (one crop per
-    image: N = T = the patches; `layout` is not read). `cls`: also the CLS token's features (and keys)."""
+  def visual_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
+                    relevance: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> VisualTokens:
+    """The batch's visual tokens and what pruners read about them (`models.family`): float[I, 3, H, W] ->
+    `VisualTokens` with one group per image (N = T = the patches; `layout` is not read). relevance: ("cls",);
+    extras: "keys", "cls_features" (the CLS position's features, and its key with "keys"), "last_qk"."""
     del layout
-    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls, last_qk=last_qk)
+    family.check_request("LLaVA-1.5", relevance, extras, provides=("cls",), offers=family.EXTRAS)
+    vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
+                             cls="cls_features" in extras, last_qk="last_qk" in extras)
     embeds = self.project(vis.features)
     i, n = embeds.shape[:2]
     real = jnp.ones((i, n), bool)
-    return ImageTokens(embeds=embeds, valid=real, newline=~real, crop=jnp.zeros((i, n), jnp.int32),
-                       source=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (i, n)),
-                       cls_attention=vis.cls_attention, features=vis.features, keys=vis.keys,
-                       crop_embeds=embeds[:, None],
-                       crop_cls_attention=None if vis.cls_attention is None else vis.cls_attention[:, None],
-                       crop_features=vis.features[:, None], crop_valid=jnp.ones((i, 1), bool),
-                       crop_keys=None if vis.keys is None else vis.keys[:, None],
-                       cls_features=None if vis.cls_features is None else vis.cls_features[:, None],
-                       cls_keys=None if vis.cls_keys is None else vis.cls_keys[:, None],
-                       grid=jnp.zeros((i, 2), jnp.int32), last_query=vis.last_query, last_keys=vis.last_keys)
+    rel = {} if vis.cls_attention is None else {"cls": vis.cls_attention}
+    per_group = lambda a: None if a is None else a[:, None]
+    named = dict(cls_features=per_group(vis.cls_features), cls_keys=per_group(vis.cls_keys),
+                 last_query=vis.last_query, last_keys=vis.last_keys)
+    return VisualTokens(embeds=embeds, valid=real, structural=~real, group=jnp.zeros((i, n), jnp.int32),
+                        source=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (i, n)), features=vis.features,
+                        relevance=rel, keys=vis.keys, group_embeds=embeds[:, None],
+                        group_features=vis.features[:, None], group_valid=jnp.ones((i, 1), bool),
+                        group_relevance={k: v[:, None] for k, v in rel.items()}, group_keys=per_group(vis.keys),
+                        grid=jnp.zeros((i, 2), jnp.int32),
+                        extras={k: v for k, v in named.items() if v is not None})
+
+  def positions(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The prompt's RoPE positions, cumsum(mask) - 1 as transformers' generate: -> int32[1, B, S]."""
+    del input_ids
+    return llama.position_ids_from_mask(attention_mask)[None]
 
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
             valid: jax.Array | None = None) -> jax.Array:

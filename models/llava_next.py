@@ -64,9 +64,11 @@ from flax import nnx
 from models import anyres
 from models import checks
 from models import conversion
+from models import family
 from models import llama
 from models import llava
-from models.outputs import ImageTokens, VisionOutput
+from models.family import VisualTokens
+from models.outputs import VisionOutput
 
 __all__ = ["LlavaNextConfig", "LlavaNextOutput", "LlavaNextForConditionalGeneration", "pack_layout", "crop_valid",
            "conversion_table"]
@@ -213,27 +215,28 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     per_crop = lambda a: None if a is None else a.reshape(i, p, *a.shape[1:])
     return VisionOutput(*(per_crop(a) for a in vis))
 
-  def image_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
-                   cls_attention: bool = True, keys: bool = False, cls: bool = False,
-                   last_qk: bool = False) -> ImageTokens:
-    """The batch's image tokens in packed order: float[I, P, 3, H, W] crops + `layout` -> `ImageTokens`. `cls`: also
-    each crop's CLS features (and keys)."""
+  def visual_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
+                    relevance: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> VisualTokens:
+    """The batch's visual tokens in packed order (`models.family`): float[I, P, 3, H, W] crops + `layout` ->
+    `VisualTokens`, one group per crop, the newlines structural. relevance: ("cls",); extras: "keys",
+    "cls_features" (each crop's CLS features, and its key with "keys")."""
     if layout is None:
-      raise ValueError("LLaVA-NeXT image tokens need the packing layout (model.layout(image_sizes, num_images))")
-    if last_qk:
-      raise ValueError("last_qk (PruMerge+'s last-layer attention) is LLaVA-1.5 only: PruMerge+'s official code has "
-                       "no anyres path")
+      raise ValueError("LLaVA-NeXT visual tokens need the packing layout (model.layout(image_sizes, num_images))")
+    family.check_request("LLaVA-NeXT", relevance, extras, provides=("cls",), offers=("keys", "cls_features"))
     layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
-    vis = self.encode_images(pixel_values, cls_attention=cls_attention, keys=keys, cls=cls)
+    vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
+                             cls="cls_features" in extras)
     img = self.project(vis.features)
     pack = lambda a: self.pack(a, layout, jnp.zeros(a.shape[-1:], a.dtype))
-    cls = vis.cls_attention
-    return ImageTokens(embeds=self.pack(img, layout), valid=layout.valid, newline=layout.newline, crop=layout.crop,
-                       source=layout.source, cls_attention=None if cls is None else pack(cls[..., None])[..., 0],
-                       features=pack(vis.features), keys=None if vis.keys is None else pack(vis.keys),
-                       crop_embeds=img, crop_cls_attention=cls, crop_features=vis.features,
-                       crop_valid=crop_valid(layout, img.shape[1]), crop_keys=vis.keys,
-                       cls_features=vis.cls_features, cls_keys=vis.cls_keys, grid=layout.grid)
+    group_rel = {} if vis.cls_attention is None else {"cls": vis.cls_attention}
+    named = dict(cls_features=vis.cls_features, cls_keys=vis.cls_keys)
+    return VisualTokens(embeds=self.pack(img, layout), valid=layout.valid, structural=layout.newline,
+                        group=layout.crop, source=layout.source, features=pack(vis.features),
+                        relevance={k: pack(v[..., None])[..., 0] for k, v in group_rel.items()},
+                        keys=None if vis.keys is None else pack(vis.keys), group_embeds=img,
+                        group_features=vis.features, group_valid=crop_valid(layout, img.shape[1]),
+                        group_relevance=group_rel, group_keys=vis.keys, grid=layout.grid,
+                        extras={k: v for k, v in named.items() if v is not None})
 
   def pack(self, per_crop: jax.Array, layout: anyres.PackLayout, newline: jax.Array | None = None) -> jax.Array:
     """float[I, P, T, X] per-crop rows -> float[I, N, X] packed rows; newline slots take `newline` (default the

@@ -9,8 +9,8 @@ through ml_dtypes), converted on the host, cast to `dtype` and put on the defaul
 with `mesh=` each parameter is created in its shards (`models.sharding`) and each shard is read on its own, over its
 slice of the checkpoint tensors (`safe_open.get_slice`): no host ever holds the whole model.
 
-Family protocol (how `llava_next` and others plug in)
-`FAMILIES` maps the config's `model_type` to a `Family(config, model, conversion_table)`; a family module exposes:
+Families: `models.backbones.BACKBONES` maps the config's `model_type` to a `Backbone` whose config, model and
+conversion table the loader uses; a family module exposes:
 - a frozen dataclass config with `Config.from_hf(hf: dict) -> Config` (the parsed config.json). It raises ValueError for
   every field the port does not implement that differs from its neutral default (unknown model_type, rope types other
   than default/linear, unsupported activations, ...): a silently ignored field gives plausible wrong numbers.
@@ -44,7 +44,7 @@ NaN/inf are listed by tensor and shard (a float16 cast can overflow a finite che
 import contextlib
 import json
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,30 +52,12 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from models import backbones
 from models import config_fields
 from models import conversion
-from models import llama
-from models import llava
-from models import llava_next
 from models import sharding as sharding_lib
 
-__all__ = ["Family", "FAMILIES", "read_config", "load_pretrained"]
-
-
-class Family(NamedTuple):
-  """A model family: its config class (with `from_hf`), model class and conversion table (see module docstring)."""
-  config: Any
-  model: Any
-  conversion_table: Callable[[Any], dict[str, conversion.Rule]]
-
-
-FAMILIES: dict[str, Family] = {
-    "llava": Family(llava.LlavaConfig, llava.LlavaForConditionalGeneration, llava.conversion_table),
-    "llava_next": Family(llava_next.LlavaNextConfig, llava_next.LlavaNextForConditionalGeneration,
-                         llava_next.conversion_table),
-    "llama": Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
-    "mistral": Family(llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
-}
+__all__ = ["family_of", "read_config", "load_pretrained"]
 
 
 def _read_json_object(path: str, name: str) -> dict[str, Any]:
@@ -146,16 +128,17 @@ def _listing(title: str, items: list[str], limit: int = 25) -> str:
   return f"  {title} ({len(items)}{note}):\n" + "\n".join(f"    {s}" for s in items[:limit]) + more
 
 
-def _family(model_type: Any) -> Family:
-  if not isinstance(model_type, str) or model_type not in FAMILIES:
-    raise ValueError(f"unknown model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
-  return FAMILIES[model_type]
+def family_of(model_type: Any) -> backbones.Backbone:
+  """The registry entry of a config.json `model_type` (exact: no alias); ValueError naming the supported ones."""
+  if not isinstance(model_type, str) or model_type not in backbones.BACKBONES:
+    raise ValueError(f"unknown model_type {model_type!r}; supported: {', '.join(backbones.BACKBONES)}")
+  return backbones.BACKBONES[model_type]
 
 
-def _parse_config(path: str, hf: dict[str, Any]) -> tuple[Family, Any]:
+def _parse_config(path: str, hf: dict[str, Any]) -> tuple[backbones.Backbone, Any]:
   """(family, parsed config); every config error names the file."""
   try:
-    family = _family(hf.get("model_type"))
+    family = family_of(hf.get("model_type"))
     return family, family.config.from_hf(hf)
   except ValueError as e:
     raise ValueError(f"config.json in {path!r}: {e}") from None

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import jax
 
-__all__ = ["VisionOutput", "ImageTokens", "DecoderOutput", "LlavaOutput"]
+__all__ = ["VisionOutput", "DecoderOutput", "LlavaOutput"]
 
 
 class VisionOutput(NamedTuple):
@@ -35,49 +35,6 @@ class VisionOutput(NamedTuple):
   keys: jax.Array | None = None
   cls_features: jax.Array | None = None
   cls_keys: jax.Array | None = None
-  last_query: jax.Array | None = None
-  last_keys: jax.Array | None = None
-
-
-class ImageTokens(NamedTuple):
-  """The image tokens of a batch as the decoder will receive them, and what pruners read about them; the same
-  interface for LLaVA-1.5 (one crop: N = the patches, the trivial layout) and LLaVA-NeXT (anyres packing).
-
-  embeds: float[I, N, D] projector outputs in packed order (NeXT: newline slots hold `image_newline`, padding zeros).
-  valid: bool[I, N] real slots (image tokens and newlines; a prefix of each row).
-  newline: bool[I, N] `image_newline` slots (LLaVA-1.5: none).
-  crop: int32[I, N] crop of each slot: 0 the base crop, 1.. the grid crops; -1 newline and padding.
-  source: int32[I, N] index of each slot in the image's flattened per-crop tokens [P * T]; -1 newline and padding.
-  cls_attention: float32[I, N] | None CLS attention of the feature layer (0 at newline and padding slots).
-  features: float[I, N, Dv] pre-projector vision features (zeros at newline and padding slots).
-  keys: float[I, N, Dh] | None the feature layer's keys, mean over heads (`VisionOutput.keys`), when asked.
-  crop_embeds: float[I, P, T, D] projector outputs per crop, before packing (LLaVA-1.5: P = 1, T = N).
-  crop_cls_attention: float32[I, P, T] | None CLS attention per crop.
-  crop_features: float[I, P, T, Dv] pre-projector vision features per crop, before packing (padded crops included).
-  crop_valid: bool[I, P] real crops (False for the processor's padding crops; LLaVA-1.5: one real crop).
-  crop_keys: float[I, P, T, Dh] | None the feature layer's keys per crop, when asked.
-  cls_features: float[I, P, Dv] | None the CLS token's hidden state of the feature layer per crop, when asked
-    (VisionZip keeps it).
-  cls_keys: float[I, P, Dh] | None the CLS token's key of that layer (mean over heads), when asked.
-  grid: int32[I, 2] (rows, cols) of grid crops per image (LLaVA-1.5: (0, 0), the base crop only).
-  last_query / last_keys: `VisionOutput.last_query` / `last_keys` (LLaVA-1.5 only: PruMerge+), when asked.
-  """
-  embeds: jax.Array
-  valid: jax.Array
-  newline: jax.Array
-  crop: jax.Array
-  source: jax.Array
-  cls_attention: jax.Array | None
-  features: jax.Array
-  keys: jax.Array | None
-  crop_embeds: jax.Array
-  crop_cls_attention: jax.Array | None
-  crop_features: jax.Array | None = None
-  crop_valid: jax.Array | None = None
-  crop_keys: jax.Array | None = None
-  cls_features: jax.Array | None = None
-  cls_keys: jax.Array | None = None
-  grid: jax.Array | None = None
   last_query: jax.Array | None = None
   last_keys: jax.Array | None = None
 

@@ -4,7 +4,7 @@
     models.load_pretrained("/ckpt/testbed")                                   # the same model back, bit for bit
     transformers.LlavaNextForConditionalGeneration.from_pretrained("/ckpt/testbed")    # the same logits
 
-The family's conversion table (`loading.FAMILIES[model_type].conversion_table`) is the single source of truth: every
+The family's conversion table (`backbones.BACKBONES[model_type].conversion_table`) is the single source of truth: every
 rule `canonical name -> Rule(target, transform, layer)` is run backwards (take the state leaf at `target`, the
 `layer`-th slice of a stacked parameter, undo `transform` with `conversion.INVERSE_TRANSFORMS`) and the tensor is
 written under its canonical (transformers-5 module tree) name, which both loaders read. Tensors keep the model's
@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from models import backbones
 from models import conversion
-from models import loading
 
 __all__ = ["checkpoint_tensors", "save_pretrained"]
 
@@ -38,9 +38,9 @@ def checkpoint_tensors(model: nnx.Module, hf_config: Mapping[str, Any]) -> dict[
   parameter is not covered by the table (it would be lost on save).
   """
   model_type = hf_config.get("model_type")
-  if model_type not in loading.FAMILIES:
-    raise ValueError(f"unknown model_type {model_type!r} in hf_config; supported: {', '.join(loading.FAMILIES)}")
-  family = loading.FAMILIES[model_type]
+  if model_type not in backbones.BACKBONES:
+    raise ValueError(f"unknown model_type {model_type!r} in hf_config; supported: {', '.join(backbones.BACKBONES)}")
+  family = backbones.BACKBONES[model_type]
   config = family.config.from_hf(dict(hf_config))
   if not isinstance(model, family.model):
     raise ValueError(f"hf_config describes a {family.model.__name__} (model_type {model_type!r}), got a "
@@ -72,7 +72,7 @@ def save_pretrained(model: nnx.Module, hf_config: Mapping[str, Any], path: str |
   """Writes config.json, model.safetensors and the tokenizer/processor files into `path` (created); returns it.
 
   Args:
-    model: a model of a `loading.FAMILIES` family (e.g. `models.llava_next.LlavaNextForConditionalGeneration`).
+    model: a model of a `backbones.BACKBONES` family (e.g. `models.llava_next.LlavaNextForConditionalGeneration`).
     hf_config: the config.json dict that `load_pretrained` parses into `model.config` (checked).
     path: the checkpoint directory; existing files of the same names are overwritten.
     tokenizer_dir: a directory whose files (tokenizer, processor configs) are copied in; None: none.

@@ -6,7 +6,7 @@ Axes: B batch, P crops, T tokens per crop, N packed image slots per image.
 import jax
 import jax.numpy as jnp
 
-from models.outputs import ImageTokens
+from models.family import VisualTokens
 
 __all__ = ["nominal_crops", "per_crop_quota", "nominal_tokens", "slot_of_source"]
 
@@ -24,9 +24,9 @@ def nominal_tokens(config, model_config) -> int:
   return nominal_crops(config, model_config) * model_config.vision.num_patches
 
 
-def slot_of_source(images: ImageTokens) -> jax.Array:
+def slot_of_source(images: VisualTokens) -> jax.Array:
   """The packed slot of each crop token (-1: unpadding removed it, or a padding crop): int32[B, P * T]."""
-  b, p, t = images.crop_embeds.shape[:3]
+  b, p, t = images.group_embeds.shape[:3]
   n = images.source.shape[1]
   src = jnp.where(images.source >= 0, images.source, p * t)
   return jnp.full((b, p * t), -1, jnp.int32).at[jnp.arange(b)[:, None], src].set(

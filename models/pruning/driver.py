@@ -52,7 +52,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   keys = [None] * (len(config.steps) + 1) if key is None else [jax.random.fold_in(key, i)
                                                                   for i in range(len(config.steps) + 1)]
   stage1 = config.stage1_budget is not None
-  images = stage1_lib.image_tokens(model, config, batch["pixel_values"], batch["layout"], stage1)
+  images = stage1_lib.visual_tokens(model, config, batch["pixel_values"], batch["layout"], stage1)
   if stage1:
     seq, stage1_out = stage1_lib.run(model, config, plan, ids, mask, images, batch.get("clip"), keys[0], left,
                                      static.hparams("stage1", traced))
@@ -60,7 +60,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   else:
     is_image = (ids == image_id) & mask
     seq = sequence.Seq(hidden=model.embed(ids, images.embeds, images.valid),
-                       positions=llama.position_ids_from_mask(mask), mask=mask, visual=is_image,
+                       positions=model.positions(ids, mask), mask=mask, visual=is_image,
                        source=jnp.where(mask, jnp.arange(ids.shape[1]), -1),
                        packed=jnp.where(is_image, jnp.cumsum(is_image, axis=-1, dtype=jnp.int32) - 1, -1))
     stage1_out, candidates = None, plan.visual
@@ -92,7 +92,8 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   bounds = config.segments(num_layers)
   per_layer = lambda flag: jnp.stack([jnp.sum(flag(s), axis=-1, dtype=jnp.int32)
                                       for s, (a, b) in zip(segments, bounds) for _ in range(a, b)], axis=-1)
-  last = jnp.stack([jnp.take_along_axis(s.positions, sequence.last_real(s.mask)[:, None], axis=-1)[:, 0]
+  # Decoding continues after the largest component of the last token's position (text: all components agree).
+  last = jnp.stack([jnp.max(sequence.take_positions(s.positions, sequence.last_real(s.mask)[:, None])[..., 0], axis=0)
                     for s in segments], axis=-1)
   return PruneOutput(logits=model.head(hidden), stage1=stage1_out, stage2=tuple(stages), segments=tuple(segments),
                      inputs_embeds=inputs_embeds, tokens_per_layer=per_layer(lambda s: s.mask),

@@ -69,7 +69,7 @@ class Segment(NamedTuple):
 
   index: int32[B, S_g] row of the previous segment's sequence each slot came from (segment 0: of input_ids); -1 pad.
   source: int32[B, S_g] position in input_ids (-1: padding).
-  positions: int32[B, S_g] RoPE position ids.
+  positions: int32[R, B, S_g] position ids (R: the family's components, `models.family`).
   mask: bool[B, S_g] real tokens.
   visual: bool[B, S_g] tokens at <image> positions.
   """

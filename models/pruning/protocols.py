@@ -6,9 +6,9 @@ the arguments, applies the family's nominal crops and builds the `PruningConfig`
 
 The default is the method's OFFICIAL protocol on that backbone at that budget T (the tokens the papers' tables
 name: 640 / 320 / 160 on LLaVA-NeXT, 128 / 64 / 32 on LLaVA-1.5), as its official code runs it; our own variants are
-named overrides, each documented below with the reason it exists. `family` is "llava-1.5" or "llava-next" (the
-testbed is a small LLaVA-NeXT: "testbed" runs as "llava-next"). On LLaVA-1.5 (one crop, no newlines) every per-crop
-layout selects what the global one does.
+named overrides, each documented below with the reason it exists. `family` is a `models.backbones` name ("llava",
+"llava_next") or an older spelling ("llava-1.5", "llava_1_5", "llava-next"), or "testbed" (a small LLaVA-NeXT: it runs
+LLaVA-NeXT's protocols). On LLaVA-1.5 (one crop, no newlines) every per-crop layout selects what the global one does.
 
 | method | official protocol (LLaVA-NeXT) | source read |
 |---|---|---|
@@ -54,11 +54,12 @@ from models.pruning.config import PruningConfig
 from models.pruning.methods import pdrop as pdrop_lib
 from models.pruning.methods import sparsevlm as sparsevlm_method
 from models.pruning.methods import tops as tops_lib
-from models.pruning.methods.base import FAMILIES, NoProtocol, anyres
+from models.pruning.methods import base
 
 __all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports", "NoProtocol", "tops_schedule",
            "tops_layers", "pdrop_schedule", "PDROP_LAYERS", "PDROP_LAMBDA", "sparsevlm_schedule"]
 
+FAMILIES, NoProtocol = base.FAMILIES, base.NoProtocol
 OFFICIAL_METHODS = tuple(methods.METHODS)
 tops_layers = tops_lib.layers
 PDROP_LAYERS, PDROP_LAMBDA = pdrop_lib.LAYERS, pdrop_lib.LAMBDA
@@ -67,7 +68,7 @@ PDROP_LAYERS, PDROP_LAMBDA = pdrop_lib.LAYERS, pdrop_lib.LAMBDA
 def supports(method: str, family: str) -> bool:
   """Whether `method` has a protocol on `family` at all (PruMerge+'s and SparseVLM's official code are LLaVA-1.5
   only); depth and budget can still rule a run out (`NoProtocol`)."""
-  return family not in methods.get(method).unsupported
+  return base.family(family) not in methods.get(method).unsupported
 
 
 def overrides_of(method: str) -> tuple[str, ...]:
@@ -87,8 +88,10 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
   if method not in methods.METHODS:
     raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(methods.METHODS)}")
   spec = methods.METHODS[method]
-  if family not in FAMILIES:
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+  name = base.family(family)
+  if name not in FAMILIES:
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)} (or their older spellings "
+                     "llava-1.5, llava_1_5, llava-next)")
   if isinstance(target, bool) or not isinstance(target, int) or target < 1:
     raise ValueError(f"target T must be a positive int, got {target!r}")
   unknown = sorted(set(overrides) - set(spec.overrides))
@@ -97,13 +100,13 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
                      f"{', '.join(spec.overrides)}")
   o = {k: v for k, v in overrides.items() if v is not None}
   if crops is None:
-    crops = 5 if anyres(family) else 1
+    crops = 5 if base.anyres(name) else 1
   if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
     raise ValueError(f"crops must be a positive int, got {crops!r}")
   o["crops"] = crops
   if not supports(method, family):
     raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
-  stage1, stage2 = spec.protocol(target, family, num_layers, o)
+  stage1, stage2 = spec.protocol(target, name, num_layers, o)
   return PruningConfig(method=method, stage1=stage1, stage2=stage2)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from models import llama
 
-__all__ = ["Plan", "Seq", "concrete", "take", "first", "compact", "gather_seq", "last_real", "text_after_image",
-           "text_length"]
+__all__ = ["Plan", "Seq", "concrete", "take", "take_positions", "reindexed", "first", "compact", "gather_seq",
+           "last_real", "text_after_image", "text_length"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Plan:
 class Seq(NamedTuple):
   """The sequence entering the next decoder layer, per row."""
   hidden: jax.Array     # float[B, S, D]
-  positions: jax.Array  # int32[B, S]
+  positions: jax.Array  # int32[R, B, S] (R: the family's position components; `models.family`)
   mask: jax.Array       # bool[B, S]
   visual: jax.Array     # bool[B, S]
   source: jax.Array     # int32[B, S]
@@ -42,6 +42,19 @@ def take(x: jax.Array, idx: jax.Array) -> jax.Array:
   """Rows of x: float/int[B, S, ...] at int[B, R] (clipped) -> [B, R, ...]."""
   idx = jnp.clip(idx, 0, x.shape[1] - 1)
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def take_positions(positions: jax.Array, idx: jax.Array) -> jax.Array:
+  """Positions at per-row slots, on the last axis for any R: int32[R, B, S] at int[B, K] (clipped) -> [R, B, K]."""
+  idx = jnp.broadcast_to(jnp.clip(idx, 0, positions.shape[-1] - 1)[None], positions.shape[:1] + idx.shape)
+  return jnp.take_along_axis(positions, idx, axis=-1)
+
+
+def reindexed(mask: jax.Array, components: int) -> jax.Array:
+  """Positions re-indexed from 0 over the real slots (cumsum(mask) - 1, padding at 1) in every component:
+  bool[B, S] -> int32[R, B, S]."""
+  pos = llama.position_ids_from_mask(mask)
+  return jnp.broadcast_to(pos[None], (components,) + pos.shape)
 
 
 def first(flag: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -69,7 +82,9 @@ def compact(keep: jax.Array, size: int, left: jax.Array) -> tuple[jax.Array, jax
 def gather_seq(seq: Seq, index: jax.Array, mask: jax.Array, positions: str) -> Seq:
   """The rows of `seq` at index int32[B, S'] (-1 padding) with mask bool[B, S']; positions re-indexed or kept."""
   pick = lambda x, fill: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 2)), take(x, index), fill)
-  pos = llama.position_ids_from_mask(mask) if positions == "contiguous" else pick(seq.positions, 1)
+  r = seq.positions.shape[0]
+  pos = (reindexed(mask, r) if positions == "contiguous"
+         else jnp.where(mask[None], take_positions(seq.positions, index), 1))
   return Seq(hidden=pick(seq.hidden, 0), positions=pos, mask=mask, visual=pick(seq.visual, False),
               source=pick(seq.source, -1), packed=pick(seq.packed, -1))
 

@@ -1,11 +1,11 @@
 """Stage I: choose each image's tokens after the vision tower, before the LLM, and rebuild the prompt to hold them.
 
-Reads the model only through its public image-token interface (`model.image_tokens` -> `models.outputs.ImageTokens`,
-the same for LLaVA-1.5 and LLaVA-NeXT), `model.project`, `model.embed` and `model.language_model.embed`.
+Reads the model only through the family interface (`models.family`: `model.visual_tokens` -> `VisualTokens`,
+`model.project`, `model.embed`, `model.positions`, `model.language_model.embed`).
 Axes: B batch (one image per row), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
-R image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
+O image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
 
-What the LLM receives is a list of R image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
+What the LLM receives is a list of O image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
 each row came from, -1 for rows that have none); the prompt's <image> run is cut to each image's row count. The
 layouts (`PruningConfig.stage1_scope`, `stage1_grid`, `newlines`) decide the candidates, the budget of each and the
 order of the rows:
@@ -39,8 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models import llama
-from models.outputs import ImageTokens
+from models.family import VisualTokens
 from models.pruning import crops as crops_lib
 from models.pruning import methods
 from models.pruning import selection
@@ -51,7 +50,7 @@ from models.pruning.outputs import Rows, StageOutput
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 
-__all__ = ["ClipText", "Rows", "image_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
+__all__ = ["ClipText", "Rows", "visual_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
 
 
 class ClipText(NamedTuple):
@@ -65,11 +64,12 @@ class ClipText(NamedTuple):
   text_embeds: jax.Array
 
 
-def image_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> ImageTokens:
-  """One tower pass with exactly what the configured Stage I reads (CLS attention, and what the method's `tower`
-  hook asks for: VisionZip's keys and CLS, PruMerge+'s last q/k)."""
-  extra = {"keys": False, "cls": False, **(methods.get(config.method).tower(config) if stage1 else {})}
-  return model.image_tokens(pixel_values, layout, cls_attention=stage1 and config.stage1_relevance == "cls", **extra)
+def visual_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> VisualTokens:
+  """One tower pass with exactly what the configured Stage I reads (CLS attention, and the extras the method's
+  `tower` hook names: VisionZip's keys and CLS features, PruMerge+'s last-layer q/k)."""
+  extras = methods.get(config.method).tower(config) if stage1 else ()
+  relevance = ("cls",) if stage1 and config.stage1_relevance == "cls" else ()
+  return model.visual_tokens(pixel_values, layout, relevance=relevance, extras=extras)
 
 
 def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int, num_crops: int) -> int:
@@ -128,18 +128,18 @@ def _rank(config: PruningConfig, feats, rel, valid, keep: int, key, hp) -> jax.A
       jnp.arange(order.shape[1], dtype=jnp.int32))
 
 
-def _crop_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+def _crop_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   """Relevance of each crop token: float32[B, P, T] | None."""
   b, p, t = feats.shape[:3]
   source = config.stage1_relevance
   if source == "cls":
-    return images.crop_cls_attention
+    return images.group_relevance.get("cls")
   if source == "text":
     flat = feats.reshape(b, p * t, -1)
     return relevance_lib.text_embedding_cosine(flat, text, text_valid).reshape(b, p, t)
   if source == "clip_text":
-    return _clip_relevance(images.crop_features.reshape(b, p * t, -1), clip_text,
-                           jnp.repeat(images.crop_valid, t, axis=-1)).reshape(b, p, t)
+    return _clip_relevance(images.group_features.reshape(b, p * t, -1), clip_text,
+                           jnp.repeat(images.group_valid, t, axis=-1)).reshape(b, p, t)
   return None
 
 
@@ -148,15 +148,15 @@ def _clip_relevance(features, clip_text, valid):
   return relevance_lib.clip_text_relevance(clip_text.image_head(features), clip_text.text_embeds, valid)
 
 
-def _per_crop(config: PruningConfig, model_config, images: ImageTokens, text, text_valid, clip_text, key, hp):
+def _per_crop(config: PruningConfig, model_config, images: VisualTokens, text, text_valid, clip_text, key, hp):
   """Per-crop selection -> chosen bool[B, P, T] (crop tokens) and relevance float32[B, P, T] | None."""
   vision = config.stage1_features == "vision"
-  feats = images.crop_features if vision else images.crop_embeds
+  feats = images.group_features if vision else images.group_embeds
   b, p, t = feats.shape[:3]
   budget, scope = config.stage1_budget, config.stage1_scope
-  crop_valid = images.crop_valid if images.crop_valid is not None else jnp.ones((b, p), bool)
+  crop_valid = images.group_valid if images.group_valid is not None else jnp.ones((b, p), bool)
   if config.stage1_grid == "unpadded":      # each crop's tokens that unpadding keeps
-    candidate = images.valid & ~images.newline
+    candidate = images.valid & ~images.structural
     slot = jnp.where(candidate, images.source, p * t)
     token_valid = jnp.zeros((b, p * t), bool).at[jnp.arange(b)[:, None], slot].set(True, mode="drop")
     token_valid = token_valid.reshape(b, p, t)
@@ -177,14 +177,14 @@ def _per_crop(config: PruningConfig, model_config, images: ImageTokens, text, te
   return chosen, rel
 
 
-def _packed_relevance(config: PruningConfig, images: ImageTokens, feats, text, text_valid, clip_text):
+def _packed_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   source = config.stage1_relevance
   if source == "cls":
-    return images.cls_attention
+    return images.relevance.get("cls")
   if source == "text":
     return relevance_lib.text_embedding_cosine(feats, text, text_valid)
   if source == "clip_text":
-    return _clip_relevance(images.features, clip_text, images.valid & ~images.newline)
+    return _clip_relevance(images.features, clip_text, images.valid & ~images.structural)
   return None
 
 
@@ -195,22 +195,22 @@ def _from_crops(x: jax.Array, source: jax.Array, fill) -> jax.Array:
   return jnp.where(source >= 0, sequence.take(flat, jnp.maximum(source, 0))[..., 0], fill)
 
 
-def _newline_policy(config: PruningConfig, selected, images: ImageTokens):
+def _newline_policy(config: PruningConfig, selected, images: VisualTokens):
   if config.newlines == "keep":
-    return selected | images.newline
+    return selected | images.structural
   if config.newlines == "rows":
-    return selected | row_newlines(selected, images.newline, images.crop)
+    return selected | row_newlines(selected, images.structural, images.group)
   return selected
 
 
-def _packed_rows(config: PruningConfig, selected, images: ImageTokens, embeds, cap: int):
+def _packed_rows(config: PruningConfig, selected, images: VisualTokens, embeds, cap: int):
   """Rows for a subset of the packed slots (newline policy applied), in packed order -> (Rows, bool[B, N])."""
   selected = _newline_policy(config, selected, images)
   idx, valid = sequence.first(selected, cap)
   return Rows(embeds=sequence.take(embeds, idx), valid=valid, packed=jnp.where(valid, idx, -1)), selected
 
 
-def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
+def select(model, config: PruningConfig, images: VisualTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
            cap: int) -> tuple[Rows, jax.Array | None, StageOutput]:
   """Stage I selection -> (the rows for the LLM, the packed slots they are (bool[B, N]; None when rows are not a
   subset of the packed slots), StageOutput over the packed slots)."""
@@ -218,7 +218,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
   budget, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
   spec = methods.get(config.method)
   hp = spec.stage1_hparams(config, dict(hp), text, text_valid)
-  candidate = images.valid & ~images.newline
+  candidate = images.valid & ~images.structural
   if config.newlines == "candidates":
     candidate = images.valid
   candidates = jnp.where(candidate, jnp.arange(candidate.shape[1], dtype=jnp.int32), -1)
@@ -239,7 +239,7 @@ def select(model, config: PruningConfig, images: ImageTokens, text, text_valid, 
       idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), cap)
       idx = jnp.take_along_axis(perm, idx, axis=-1)
       slot = jnp.take_along_axis(crops_lib.slot_of_source(images), idx, axis=-1)
-      rows = Rows(embeds=sequence.take(images.crop_embeds.reshape(b, p * t, -1), idx), valid=valid,
+      rows = Rows(embeds=sequence.take(images.group_embeds.reshape(b, p * t, -1), idx), valid=valid,
                   packed=jnp.where(valid, slot, -1))
       return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=packed_rel)
     picked = _from_crops(chosen, images.source, False) & candidate       # unpadding drops what it removes
@@ -276,11 +276,11 @@ def _kept(selected, size: int) -> jax.Array:
   return jnp.where(valid, idx, -1).astype(jnp.int32)
 
 
-def canvas_order(images: ImageTokens, t: int) -> jax.Array:
+def canvas_order(images: VisualTokens, t: int) -> jax.Array:
   """The flattened crop tokens [P * T] in the official anyres order, as a permutation int32[B, P * T]: the base
   crop's tokens, then the grid crops' tokens row-major over the padded canvas of the grid (rows cross crops: the
   reshape (rows, cols, g, g) -> permute (0, 2, 1, 3) of the LLaVA-NeXT code before unpadding), then padding crops."""
-  b, p = images.crop_valid.shape
+  b, p = images.group_valid.shape
   g = int(round(t ** 0.5))
   cols = images.grid[:, 1]
   crop = jnp.arange(p)[:, None]
@@ -289,11 +289,11 @@ def canvas_order(images: ImageTokens, t: int) -> jax.Array:
   a, c = tok // g, tok % g
   canvas = (i * g + a) * (cols[:, None, None] * g) + (j * g + c)
   key = jnp.where(crop == 0, tok, t + canvas)
-  key = jnp.where(images.crop_valid[:, :, None], key, p * t + crop * t + tok)
+  key = jnp.where(images.group_valid[:, :, None], key, p * t + crop * t + tok)
   return jnp.argsort(key.reshape(b, p * t), axis=-1, stable=True).astype(jnp.int32)
 
 
-def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: ImageTokens, clip_text, key, left,
+def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens, clip_text, key, left,
         hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
   """Stage I -> (the sequence entering layer 0, StageOutput)."""
   image_id = model.config.image_token_id
@@ -312,6 +312,6 @@ def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: Im
   visual = (new_ids == image_id) & new_mask
   row_of = jnp.where(visual, jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1, 0)
   seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
-                     positions=llama.position_ids_from_mask(new_mask), mask=new_mask, visual=visual,
+                     positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
                      source=index, packed=jnp.where(visual, jnp.take_along_axis(rows.packed, row_of, axis=-1), -1))
   return seq, stage

@@ -120,6 +120,7 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
   if source == "none" and not spec.reads_keys:
     return Scores(visual, visual_valid, None, text, text_valid, None)
   last = sequence.last_real(seq.mask)[:, None]
+  slots = jnp.broadcast_to(jnp.arange(seq.mask.shape[1], dtype=jnp.int32), seq.mask.shape)
   q, k = lm.query_keys(layer, seq.hidden, seq.positions, last if source == "last_token" else text)
   q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)          # [B, H, Q, Dh], [B, Hkv, S, Dh]
   rel = block = chosen = None
@@ -131,7 +132,8 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
       # 1 for the raters, 0 for the others: exactly they pass `select_raters`' strict above-mean test (all raters:
       # none passes and every valid text token rates, the same set).
       rater_scores = chosen.astype(jnp.float32)
-    positions = dict(q_positions=sequence.take(seq.positions, text), k_positions=seq.positions)
+    # Causal order is the slot order (the decoder's own mask), whatever the position components.
+    positions = dict(q_positions=text, k_positions=slots)
     # One text -> visual block serves both the rater mean and SparseVLM's rank (the attention rows once).
     block = relevance_lib.text_visual_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
                                                 visual_valid=visual_valid, **positions)
@@ -140,8 +142,7 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
       block = None
   elif source == "last_token":
     rel = relevance_lib.last_token_attention(q[:, :, 0], k, visual=visual, kv_valid=seq.mask,
-                                             q_position=sequence.take(seq.positions, last)[:, 0],
-                                             k_positions=seq.positions)
+                                             q_position=last[:, 0], k_positions=slots)
     rel = jnp.where(visual_valid, rel, 0.0)
   keys = k.transpose(0, 2, 1, 3).reshape(*k.shape[:1], k.shape[2], -1) if spec.reads_keys else None
   return Scores(visual, visual_valid, rel, text, text_valid, keys, block, chosen)
@@ -221,7 +222,7 @@ def rebuild(config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, keep:
   joined = sequence.Seq(
       hidden=jnp.concatenate([seq.hidden, choice.extra.astype(seq.hidden.dtype)], axis=1),
       positions=jnp.concatenate([seq.positions, jnp.broadcast_to(
-          jnp.take_along_axis(seq.positions, last_image[:, None], axis=-1), (b, e))], axis=1),
+          sequence.take_positions(seq.positions, last_image[:, None]), seq.positions.shape[:2] + (e,))], axis=-1),
       mask=jnp.concatenate([seq.mask, extra_valid], axis=1),
       visual=jnp.concatenate([seq.visual, fill(seq.visual, True)], axis=1),
       source=jnp.concatenate([seq.source, fill(seq.source, -1)], axis=1),

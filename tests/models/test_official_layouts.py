@@ -4,7 +4,7 @@ Each reference rebuilds what the method's official `prepare_inputs_labels_for_mu
 per-crop picks as boolean masks over the crop's T tokens, the grid crops tiled into one canvas
 (view(nh, nw, g, g) -> permute(0, 2, 1, 3) -> (nh*g, nw*g)), LLaVA's `unpad_image` (PIL (width, height) order,
 `int()` rounding), the newline column, row-major flattening. The references read only the model's per-crop
-intermediates (`image_tokens`: projector outputs, vision features, CLS attention; the CLIP image head for CDPruner's
+intermediates (`visual_tokens`: projector outputs, vision features, CLS attention; the CLIP image head for CDPruner's
 relevance) and never `models.pruning.stage1`. Selection is `prune.select_order` on ONE crop (DivPrune: one packed
 image) at a time: the selection rules are tested in tests/tops_jax, the layouts here.
 
@@ -52,7 +52,7 @@ BUDGET = 24                             # SCOPE int(24 / 5) = 4, int(24 / 3) = 8
 CDPRUNER_BUDGET = 14                    # 14 // 5 = 2 per crop: some unpadded canvas rows keep no token
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-_TOKENS = jax.jit(lambda m, px, layout: m.image_tokens(px, layout, cls_attention=True))
+_TOKENS = jax.jit(lambda m, px, layout: m.visual_tokens(px, layout, relevance=("cls",)))
 
 
 @pytest.fixture(autouse=True)
@@ -219,7 +219,7 @@ def _check(out, model, ids, mask, side, *, image_rows, kept, slots=None):
   np.testing.assert_array_equal(np.asarray(seg.source), source)
   real = source >= 0
   np.testing.assert_array_equal(np.asarray(seg.mask), real)
-  np.testing.assert_array_equal(np.asarray(seg.positions)[real], (np.cumsum(real, axis=-1) - 1)[real])
+  np.testing.assert_array_equal(np.asarray(seg.positions)[0][real], (np.cumsum(real, axis=-1) - 1)[real])
   new_ids = np.where(real, np.take_along_axis(ids, np.maximum(source, 0), 1), -1)
   visual = new_ids == IMAGE
   np.testing.assert_array_equal(np.asarray(seg.visual), visual)
@@ -239,7 +239,7 @@ def _check(out, model, ids, mask, side, *, image_rows, kept, slots=None):
 
 def _intermediates(model, px, sizes):
   tokens = _TOKENS(model, jnp.asarray(px), model.layout(sizes, 2))
-  return (np.asarray(tokens.crop_embeds), np.asarray(tokens.crop_features), np.asarray(tokens.crop_cls_attention),
+  return (np.asarray(tokens.group_embeds), np.asarray(tokens.group_features), np.asarray(tokens.group_relevance["cls"]),
           np.asarray(tokens.embeds), np.asarray(model.image_newline[...]))
 
 
@@ -369,8 +369,8 @@ def test_llava_official_layouts_keep_the_global_selection(llava, method):
   assert one.stage1_scope == "global" and nxt.stage1_scope != "global"
   clip = _clip(model) if method == "cdpruner" else None
 
-  tokens = jax.jit(lambda m, x: m.image_tokens(x, None, cls_attention=True))(model, jnp.asarray(px))
-  proj, feats, cls = (np.asarray(a) for a in (tokens.embeds, tokens.features, tokens.cls_attention))
+  tokens = jax.jit(lambda m, x: m.visual_tokens(x, None, relevance=("cls",)))(model, jnp.asarray(px))
+  proj, feats, cls = (np.asarray(a) for a in (tokens.embeds, tokens.features, tokens.relevance["cls"]))
   hp = dict(one.stage1_hparams)
   if method == "cdpruner":
     emb = np.asarray(clip.image_head(jnp.asarray(feats)))

@@ -164,7 +164,7 @@ def _check_stage1(out, hf, ids, mask, kept_slots, image_rows, image_slots, side)
   source = _layout_rows(want_rows, size, side == "left")
   np.testing.assert_array_equal(np.asarray(seg.source), source)
   np.testing.assert_array_equal(np.asarray(seg.mask), source >= 0)
-  np.testing.assert_array_equal(np.asarray(seg.positions), _positions(source >= 0))
+  np.testing.assert_array_equal(np.asarray(seg.positions), _positions(source >= 0)[None])   # [R = 1, B, S]
   new_ids = np.where(source >= 0, np.take_along_axis(ids, np.maximum(source, 0), 1), 0)
   new_mask = (source >= 0).astype(np.int64)
   np.testing.assert_array_equal(np.asarray(out.visual_per_layer[:, 0]), (new_ids == IMAGE).sum(-1))
@@ -426,7 +426,7 @@ def test_stage2_matches_reference(request, family, method, relevance, positions,
     take = lambda x: np.take_along_axis(x, np.maximum(index, 0).reshape(index.shape + (1,) * (x.ndim - 2)), 1)
     new_pos = _positions(new_mask) if positions == "contiguous" else np.where(new_mask, take(pos), 1)
     np.testing.assert_array_equal(np.asarray(out.segments[step + 1].index), index)
-    np.testing.assert_array_equal(np.asarray(out.segments[step + 1].positions), new_pos)
+    np.testing.assert_array_equal(np.asarray(out.segments[step + 1].positions), new_pos[None])
     h, pos, msk = take(h), new_pos, new_mask
     visual, packed = take(visual) & new_mask, np.where(new_mask, take(packed), -1)
     done = layer
@@ -459,7 +459,7 @@ def _recompute(model, cfg, pre, generated, steps):
       index = np.asarray(seg.index)
       rows = np.take_along_axis(h[:, :prompt], np.maximum(index, 0)[..., None], 1) * (index >= 0)[..., None]
       new = h[:, prompt:]
-    seg_mask, seg_pos = np.asarray(seg.mask), np.asarray(seg.positions)
+    seg_mask, seg_pos = np.asarray(seg.mask), np.asarray(seg.positions)[0]
     last = np.where(seg_mask, seg_pos, -1).max(-1)
     pos = np.concatenate([seg_pos, last[:, None] + 1 + np.arange(steps)], 1)
     prompt = rows.shape[1]
@@ -606,8 +606,8 @@ def test_a_hyperparameter_sweep_reuses_one_compile(llava_next):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_both_families_expose_one_image_token_interface(request, family):
-  """`image_tokens` / `layout` / `embed` are what pruning reads; LLaVA-1.5 gives the trivial one-crop layout."""
+def test_both_families_expose_one_visual_token_interface(request, family):
+  """`visual_tokens` / `layout` / `embed` are what pruning reads; LLaVA-1.5 gives the trivial one-crop layout."""
   _, model = request.getfixturevalue(family)
   if family == "llava":
     ids, mask, px = _llava_batch("left")
@@ -615,33 +615,33 @@ def test_both_families_expose_one_image_token_interface(request, family):
   else:
     ids, mask, px, sizes = _next_batch("left")
   layout = model.layout(sizes, 2)
-  tokens = model.image_tokens(jnp.asarray(px), layout, cls_attention=True, keys=True)
+  tokens = model.visual_tokens(jnp.asarray(px), layout, relevance=("cls",), extras=("keys",))
   vis = model.encode_images(jnp.asarray(px), cls_attention=True, keys=True)
   n = tokens.embeds.shape[1]
   if family == "llava":
     np.testing.assert_array_equal(layout.source, np.tile(np.arange(N), (2, 1)))
     assert not layout.newline.any() and layout.valid.all() and (layout.crop == 0).all()
     np.testing.assert_array_equal(layout.counts, [N, N])
-    assert tokens.crop_embeds.shape[:3] == (2, 1, N)
+    assert tokens.group_embeds.shape[:3] == (2, 1, N)
   else:
-    assert tokens.crop_embeds.shape[:3] == (2, px.shape[1], T)
+    assert tokens.group_embeds.shape[:3] == (2, px.shape[1], T)
   # Every packed slot holds the per-crop row that `source` names (zeros at newline and padding slots).
   src = np.asarray(tokens.source)
   real = src >= 0
-  assert (real == (np.asarray(tokens.valid) & ~np.asarray(tokens.newline))).all()
+  assert (real == (np.asarray(tokens.valid) & ~np.asarray(tokens.structural))).all()
   flat = lambda a: np.asarray(a).reshape(2, -1, *np.shape(a)[3:])
-  for got, per_crop in ((tokens.embeds, tokens.crop_embeds), (tokens.features, vis.features),
-                        (tokens.keys, vis.keys), (tokens.cls_attention, vis.cls_attention)):
+  for got, per_crop in ((tokens.embeds, tokens.group_embeds), (tokens.features, vis.features),
+                        (tokens.keys, vis.keys), (tokens.relevance["cls"], vis.cls_attention)):
     per_crop = np.asarray(per_crop).reshape(2, 1, N, -1) if family == "llava" else np.asarray(per_crop)
     want = np.take_along_axis(flat(per_crop.reshape(*per_crop.shape[:3], -1)), np.maximum(src, 0)[..., None], 1)
     got = np.asarray(got).reshape(2, n, -1)
     np.testing.assert_array_equal(got[real], want[real])
   if family == "llava_next":
-    newline = np.asarray(tokens.newline)
+    newline = np.asarray(tokens.structural)
     assert newline.any()
     np.testing.assert_array_equal(np.asarray(tokens.embeds)[newline],
                                   np.broadcast_to(np.asarray(model.image_newline[...]), (newline.sum(), model.config.text.hidden_size)))
-    for side_channel in (tokens.features, tokens.keys, tokens.cls_attention):     # read at candidates only: zeros
+    for side_channel in (tokens.features, tokens.keys, tokens.relevance["cls"]):     # read at candidates only: zeros
       np.testing.assert_array_equal(np.asarray(side_channel)[~real], 0)
   # One embed: the k-th image token of the batch takes the k-th real packed row, for both families.
   x = np.asarray(model.embed(jnp.asarray(ids), tokens.embeds, tokens.valid))

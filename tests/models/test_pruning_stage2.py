@@ -289,7 +289,7 @@ def test_rebuild_with_row_counts_and_inserted_rows_is_exact(llava, side):
   msk, pos = mask.astype(bool), _positions(mask)
   h0 = _inputs_embeds(model, ids, mask, px, None)
   visual = (ids == IMAGE) & msk
-  seq = sequence.Seq(hidden=jnp.asarray(h0), positions=jnp.asarray(pos, jnp.int32), mask=jnp.asarray(msk),
+  seq = sequence.Seq(hidden=jnp.asarray(h0), positions=jnp.asarray(pos, jnp.int32)[None], mask=jnp.asarray(msk),
                      visual=jnp.asarray(visual), source=jnp.asarray(np.where(msk, np.arange(ids.shape[1]), -1)),
                      packed=jnp.asarray(np.where(visual, np.cumsum(visual, -1) - 1, -1)))
   steps, keep = 2, 6
@@ -326,7 +326,7 @@ def test_rebuild_with_row_counts_and_inserted_rows_is_exact(llava, side):
     np.testing.assert_array_equal(np.asarray(stage.kept[r]), kept_slots[r] + [-1] * (keep - count[r]))
   new_mask = want_index >= 0
   np.testing.assert_array_equal(np.asarray(seq2.mask), new_mask)
-  np.testing.assert_array_equal(np.asarray(seq2.positions), _positions(new_mask))
+  np.testing.assert_array_equal(np.asarray(seq2.positions), _positions(new_mask)[None])
   np.testing.assert_array_equal(np.asarray(seq2.visual), new_mask & (
       (want_index >= s) | np.take_along_axis(visual, np.clip(want_index, 0, s - 1), 1)))
   joined = np.concatenate([h1, extra], 1)
@@ -356,7 +356,7 @@ def test_rebuild_with_row_counts_and_inserted_rows_is_exact(llava, side):
 
 def test_inserted_rows_take_the_image_runs_last_position_with_original_positions():
   b, s, d = 1, 6, 2
-  seq = sequence.Seq(hidden=jnp.zeros((b, s, d)), positions=jnp.asarray([[0, 1, 2, 3, 4, 5]], jnp.int32),
+  seq = sequence.Seq(hidden=jnp.zeros((b, s, d)), positions=jnp.asarray([[[0, 1, 2, 3, 4, 5]]], jnp.int32),
                      mask=jnp.ones((b, s), bool), visual=jnp.asarray([[False, True, True, True, False, False]]),
                      source=jnp.arange(s)[None], packed=jnp.asarray([[-1, 0, 1, 2, -1, -1]]))
   scores = stage2.Scores(jnp.asarray([[1, 2, 3]]), jnp.ones((1, 3), bool), None, jnp.asarray([[4, 5]]),
@@ -366,7 +366,7 @@ def test_inserted_rows_take_the_image_runs_last_position_with_original_positions
   out, index, _ = stage2.rebuild(cfg, sequence.Plan(text_len=3, visual=3, newlines=0), seq, 2, scores, choice,
                                  jnp.asarray(False))
   np.testing.assert_array_equal(np.asarray(index), [[0, 1, 3, 6, 4, 5]])
-  np.testing.assert_array_equal(np.asarray(out.positions), [[0, 1, 3, 3, 4, 5]])
+  np.testing.assert_array_equal(np.asarray(out.positions), [[[0, 1, 3, 3, 4, 5]]])   # [R = 1, B, S]
   np.testing.assert_array_equal(np.asarray(out.source), [[0, 1, 3, -1, 4, 5]])
   np.testing.assert_array_equal(np.asarray(out.visual), [[False, True, True, True, False, False]])
 

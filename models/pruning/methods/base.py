@@ -2,23 +2,33 @@
 
 A `Method`'s defaults are a plain `tops_jax.prune` method (select or merge over the candidates, nothing of its own);
 a method module fills in what is true only of it. The stages and `PruningConfig` read these fields and never ask for
-a method by name. Backbone names appear here only as `FAMILIES` (the spellings `method_config` accepts).
+a method by name. Backbones are named by their `models.backbones` registry name ("llava", "llava_next"; `family`
+turns the older spellings into it), plus "testbed" (the small LLaVA-NeXT of the tests and the synthetic benchmark,
+run with LLaVA-NeXT's protocols).
 """
 
 from typing import Any, Callable, NamedTuple
 
+from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "anyres", "stage1", "check_per_crop"]
+__all__ = ["Method", "NoProtocol", "FAMILIES", "family", "anyres", "stage1", "check_per_crop"]
 
-# The backbone families `method_config` accepts ("testbed": the small LLaVA-NeXT of the tests and the synthetic
-# benchmark, run with LLaVA-NeXT's protocols).
-FAMILIES = ("llava-1.5", "llava-next", "testbed")
+# The backbones the methods have protocols for (registry names), and the testbed.
+FAMILIES = ("llava", "llava_next", "testbed")
 
 
-def anyres(family: str) -> bool:
+def family(name: str) -> str:
+  """The registry name of a backbone spelling ("llava-1.5", "llava_1_5" -> "llava"; "llava-next" -> "llava_next");
+  "testbed" and names the registry does not know come back as given."""
+  if name == "testbed" or name not in backbones.names():
+    return name
+  return backbones.get(name).name
+
+
+def anyres(name: str) -> bool:
   """Whether the family packs several crops per image (LLaVA-NeXT's anyres)."""
-  return family in ("llava-next", "testbed")
+  return family(name) in ("llava_next", "testbed")
 
 
 class NoProtocol(ValueError):
@@ -26,8 +36,8 @@ class NoProtocol(ValueError):
   runner's "all" leaves such runs out and names them)."""
 
 
-def _no_tower(config) -> dict[str, Any]:
-  return {}
+def _no_tower(config) -> tuple[str, ...]:
+  return ()
 
 
 def _same_hparams(config, hp: dict[str, Any], text, text_valid) -> dict[str, Any]:
@@ -62,7 +72,7 @@ class Method(NamedTuple):
   clip_text: reads CDPruner's CLIP text relevance (stage1_relevance="clip_text").
   own_layouts: Stage I layouts only this method has (VisionZip's CLS layout).
   reads_keys / reads_block: Stage II reads the scoring layer's keys (DART) / the text -> candidate attention block.
-  tower(config) -> extra `model.image_tokens` keyword arguments Stage I needs (keys, CLS features, last q/k).
+  tower(config) -> the `model.visual_tokens` extras Stage I needs by name (keys, CLS features, last q/k).
   capacity(config, model_config) -> the static rows per image, when its own rows fix them (None: the layout's).
   stage1_hparams(config, hp, text, text_valid) -> hp: the keyword arguments of its Stage I selection.
   stage1_rows(model, config, images, key, hp) -> (Rows, kept, relevance) | None: its own Stage I output.

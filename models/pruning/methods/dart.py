@@ -32,8 +32,8 @@ def stage2_inputs(model, seq, scores, feats, hp):
   hp.setdefault("text_features", norm(sequence.take(seq.hidden, scores.text)))
   hp.setdefault("text_keys", sequence.take(scores.keys, scores.text))
   hp.setdefault("text_valid", scores.text_valid)
-  hp.setdefault("positions", sequence.take(seq.positions, scores.visual))
-  hp.setdefault("text_positions", sequence.take(seq.positions, scores.text))
+  hp.setdefault("positions", sequence.take_positions(seq.positions, scores.visual)[0])
+  hp.setdefault("text_positions", sequence.take_positions(seq.positions, scores.text)[0])
   return feats, hp
 
 

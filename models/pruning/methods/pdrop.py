@@ -7,7 +7,7 @@ pdrop_eval/*.sh; the author's answer on small budgets in issue #29.
 
 import dataclasses
 
-from models.pruning.methods import base
+from models.pruning.methods import base as base_lib
 from models.pruning.modes import Stage2
 
 __all__ = ["METHOD", "LAYERS", "LAMBDA", "schedule", "protocol"]
@@ -21,7 +21,7 @@ LAMBDA = 0.5
 # 64 of 576 tokens; any lambda > 0 on (8, 16, 24) keeps more than 8/32 of the tokens on average).
 _LOW_LAYERS = (2, 8, 16)
 # The token counts the TOPS tables' budgets are fractions of (METHODS.md section 4: NeXT's 5 x 576).
-_BASE_TOKENS = {"llava-1.5": 576, "llava-next": 2880}
+_BASE_TOKENS = {"llava": 576, "llava_next": 2880}
 
 
 def _average(layers, lam: float, num_layers: int) -> float:
@@ -31,7 +31,7 @@ def _average(layers, lam: float, num_layers: int) -> float:
   return sum((b - a) * lam ** s for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))) / num_layers
 
 
-def schedule(num_layers: int, target: int | None = None, *, family: str = "llava-1.5",
+def schedule(num_layers: int, target: int | None = None, *, family: str = "llava",
                    num_visual: int | None = None, layers: tuple[int, ...] | None = None,
                    lam: float | None = None) -> Stage2:
   """PyramidDrop (method "pdrop"): at each layer l of `layers`, before layer l runs, keep int(n * lam^(s+1)) of each
@@ -39,7 +39,7 @@ def schedule(num_layers: int, target: int | None = None, *, family: str = "llava
 
   target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`).
   target T: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L,
-    the measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava-1.5", 2880 for "llava-next": the
+    the measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for "llava_next": the
     TOPS tables' budgets; other families: `num_visual`). The paper's per-budget settings are not published; the layers
     are (8, 16, 24) when they can reach T and otherwise the author's (2, 8, 16) (issue #29), and lambda solves the
     continuous average equation, rounded to two decimals as the author reports it (T = 64 of 576 on 32 layers:
@@ -47,7 +47,7 @@ def schedule(num_layers: int, target: int | None = None, *, family: str = "llava
   num_visual: the most image tokens an image brings to the LLM (static keeps int(num_visual * ratio); LLaVA-NeXT:
     `model.config.max_image_tokens`, so that every image's own int(n * ratio) fits); default N_family.
   """
-  base = _BASE_TOKENS.get(family, num_visual)
+  base = _BASE_TOKENS.get(base_lib.family(family), num_visual)
   num_visual = base if num_visual is None else int(num_visual)
   if num_visual is None or num_visual < 1:
     raise ValueError(f"family {family!r} has no reference token count: pass num_visual (the image's tokens)")
@@ -85,16 +85,16 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
   average kept tokens per layer is T (`schedule`)."""
   num_visual = o.get("num_visual")
   if family == "testbed" and "layers" not in o:
-    raise base.NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the "
-                          f"testbed's {num_layers}-layer decoder has none of them (pass layers= to run a variant)")
+    raise base_lib.NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the "
+                              f"testbed's {num_layers}-layer decoder has none of them (pass layers= to run a variant)")
   try:
     stage2 = schedule(num_layers, target, family=family, num_visual=num_visual, layers=o.get("layers"),
                       lam=o.get("lam") if "layers" in o and target is None else None)
   except ValueError as e:
-    raise base.NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
+    raise base_lib.NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
   if o.get("hparams"):
     stage2 = dataclasses.replace(stage2, params=dict(stage2.params, **o["hparams"]))
   return None, stage2
 
 
-METHOD = base.Method(protocol=protocol, variable_count=True, overrides=("layers", "lam", "num_visual", "hparams"))
+METHOD = base_lib.Method(protocol=protocol, variable_count=True, overrides=("layers", "lam", "num_visual", "hparams"))

@@ -30,22 +30,22 @@ _V15_96_SOURCE = ("Gumpest/SparseVLMs@26a5f48 (main, USE_VERSION=1_0): llava/mod
 
 def _v1(budget, scale, bias):
   steps = tuple(sparsevlm_lib.Step(layer, scale=scale, bias=bias) for layer in (2, 6, 15, 19))
-  return sparsevlm_lib.Schedule("llava-1.5", "v1", budget, steps, _V1_SOURCE)
+  return sparsevlm_lib.Schedule("llava", "v1", budget, steps, _V1_SOURCE)
 
 
 def _v15(budget, counts, source=_V15_SOURCE):
   steps = tuple(sparsevlm_lib.Step(layer, count=c) for layer, c in zip((2, 6, 15), counts))
-  return sparsevlm_lib.Schedule("llava-1.5", "v1.5", budget, steps, source)
+  return sparsevlm_lib.Schedule("llava", "v1.5", budget, steps, source)
 
 
 SCHEDULES: dict[tuple[str, str, int], sparsevlm_lib.Schedule] = {
-    ("v1", "llava-1.5", 192): _v1(192, 13.5, 0.0),
-    ("v1", "llava-1.5", 128): _v1(128, 9.0, 6.0),
-    ("v1", "llava-1.5", 64): _v1(64, 0.8, 0.0),
-    ("v1.5", "llava-1.5", 192): _v15(192, (300, 200, 110)),
-    ("v1.5", "llava-1.5", 128): _v15(128, (303, 110, 36)),
-    ("v1.5", "llava-1.5", 96): _v15(96, (238, 48, 26), _V15_96_SOURCE),
-    ("v1.5", "llava-1.5", 64): _v15(64, (66, 30, 17)),
+    ("v1", "llava", 192): _v1(192, 13.5, 0.0),
+    ("v1", "llava", 128): _v1(128, 9.0, 6.0),
+    ("v1", "llava", 64): _v1(64, 0.8, 0.0),
+    ("v1.5", "llava", 192): _v15(192, (300, 200, 110)),
+    ("v1.5", "llava", 128): _v15(128, (303, 110, 36)),
+    ("v1.5", "llava", 96): _v15(96, (238, 48, 26), _V15_96_SOURCE),
+    ("v1.5", "llava", 64): _v15(64, (66, 30, 17)),
 }
 
 
@@ -53,10 +53,11 @@ def schedule(family: str, budget: int, version: str = "v1") -> sparsevlm_lib.Sch
   """The official layers and counts of `version` ("v1" rank based, "v1.5" fixed counts) for a published budget."""
   if version not in ("v1", "v1.5"):
     raise ValueError(f"sparsevlm schedule: version must be 'v1' or 'v1.5', got {version!r}")
-  if family == "llava-next":
+  family = base.family(family)
+  if family == "llava_next":
     raise ValueError("sparsevlm schedule: the official SparseVLM code has no LLaVA-NeXT schedule (image_shape is "
                      "576 by default and the anyres path fails in llava_arch.py); build Step tuples explicitly")
-  if family != "llava-1.5":
+  if family != "llava":
     raise ValueError(f"sparsevlm schedule: family must be 'llava-1.5' (or 'llava-next', which has no official "
                      f"schedule), got {family!r}")
   found = SCHEDULES.get((version, family, budget))
@@ -80,7 +81,7 @@ class SparseVLMParams(Params):
     return (("budget", self.budget), ("version", self.version))
 
   def official(self) -> sparsevlm_lib.Schedule:
-    return schedule("llava-1.5", self.budget, self.version)
+    return schedule("llava", self.budget, self.version)
 
 
 def stage2(num_layers: int, target: int = 192, *, version: str = "v1",
@@ -92,7 +93,7 @@ def stage2(num_layers: int, target: int = 192, *, version: str = "v1",
   (its mean visual tokens per layer). The keeps are static bounds on the kept counts over every prompt (v1: rank
   <= min(T, N) with T = N), for images of at most `num_visual` tokens; the driver tightens them per batch.
   """
-  plan = schedule("llava-1.5", target, version)
+  plan = schedule("llava", target, version)
   layers = tuple(step.layer for step in plan.steps)
   if layers[-1] + 1 >= num_layers:
     raise ValueError(f"a decoder of {num_layers} layers is too shallow for SparseVLM's layers {layers}")
@@ -140,7 +141,7 @@ def choose(model, config, seq, bound: Bound, scores, key, hp: dict[str, Any], st
   attention, recycled clusters as inserted rows)."""
   del model
   feats = sequence.take(seq.hidden, scores.visual)
-  official = schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps[step]
+  official = schedule("llava", hp.get("budget", 192), hp.get("version", "v1")).steps[step]
   out = sparsevlm_lib.prune_step(scores.block, scores.raters, feats, scores.visual_valid, max_keep=bound.keep,
                                  count=official.count, scale=official.scale, bias=official.bias,
                                  max_deleted=bound.max_deleted, key=key)
@@ -149,6 +150,6 @@ def choose(model, config, seq, bound: Bound, scores, key, hp: dict[str, Any], st
                 extra_valid=out.recycled.valid)
 
 
-METHOD = base.Method(protocol=protocol, overrides=("version", "num_visual"), unsupported=("llava-next", "testbed"),
+METHOD = base.Method(protocol=protocol, overrides=("version", "num_visual"), unsupported=("llava_next", "testbed"),
                      params=SparseVLMParams, stage2_only=True, reads_block=True, check_stage2=check,
                      stage2_bounds=step_bounds, stage2_choose=choose)

@@ -12,12 +12,13 @@ from models.pruning.modes import Layout, Stage1, Stage2
 
 __all__ = ["METHOD", "STAGE2", "layers", "schedule", "protocol"]
 
-# TOPS Stage II (alpha, lambda) from the paper, by (family, decoder layers) and then target T.
+# TOPS Stage II (alpha, lambda) from the paper (its hyperparameter table: LLaVA-1.5-7B / 13B, LLaVA-NeXT-7B / 13B), by
+# (backbone, decoder layers) and then target T.
 STAGE2 = {
-    ("llava-1.5", 32): {128: (0.5, 0.5), 64: (0.5, 1.0), 32: (0.5, 1.0)},
-    ("llava-1.5", 40): {128: (0.5, 0.4), 64: (0.5, 0.4), 32: (0.5, 0.4)},
-    ("llava-next", 32): {640: (0.5, 0.5), 320: (0.5, 0.4), 160: (0.5, 0.5)},
-    ("llava-next", 40): {640: (0.5, 0.5), 320: (0.5, 0.5), 160: (0.5, 0.5)},
+    ("llava", 32): {128: (0.5, 0.5), 64: (0.5, 1.0), 32: (0.5, 1.0)},
+    ("llava", 40): {128: (0.5, 0.4), 64: (0.5, 0.4), 32: (0.5, 0.4)},
+    ("llava_next", 32): {640: (0.5, 0.5), 320: (0.5, 0.4), 160: (0.5, 0.5)},
+    ("llava_next", 40): {640: (0.5, 0.5), 320: (0.5, 0.5), 160: (0.5, 0.5)},
 }
 
 
@@ -30,7 +31,7 @@ def layers(num_layers: int) -> tuple[int, int]:
   return l1, l2
 
 
-def schedule(num_layers: int, target: int, *, family: str = "llava-1.5", stage1_alpha: float = 0.5,
+def schedule(num_layers: int, target: int, *, family: str = "llava", stage1_alpha: float = 0.5,
                   stage1_lam: float = 0.5, stage2_alpha: float | None = None, stage2_lam: float | None = None,
                   stage1_scope: str = "global", newlines: str = "drop", raters: str = "attention",
                   timing: str = "before") -> tuple[Stage1, Stage2]:
@@ -46,7 +47,7 @@ def schedule(num_layers: int, target: int, *, family: str = "llava-1.5", stage1_
   if not isinstance(target, int) or target < 4:
     raise ValueError(f"target T must be an int >= 4 (the last Stage II step keeps T // 4), got {target!r}")
   l1, l2 = layers(num_layers)
-  paper = STAGE2.get((family, num_layers), {}).get(target)
+  paper = STAGE2.get((base.family(family), num_layers), {}).get(target)
   if stage2_alpha is None or stage2_lam is None:
     if paper is None:
       raise ValueError(f"no paper Stage II setting for family={family!r}, {num_layers} layers, T={target}; "
@@ -63,7 +64,7 @@ def schedule(num_layers: int, target: int, *, family: str = "llava-1.5", stage1_
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, Stage2]:
   """The paper's schedule on `family` ("testbed": LLaVA-NeXT's table, else the paper's default pair (0.5, 0.5)),
   with the named overrides."""
-  schedule_family = "llava-next" if family == "testbed" else family
+  schedule_family = "llava_next" if family == "testbed" else family
   stage2 = dict(stage2_alpha=o.get("stage2_alpha"), stage2_lam=o.get("stage2_lam"))
   if family == "testbed":   # no paper setting for the testbed: the paper's default pair
     stage2 = {k: (0.5 if v is None else v) for k, v in stage2.items()}

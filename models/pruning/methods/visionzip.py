@@ -11,7 +11,7 @@ T patch tokens globally (`tops_jax.prune.merge("visionzip")` over the vision fea
 import jax
 import jax.numpy as jnp
 
-from models.outputs import ImageTokens
+from models.family import VisualTokens
 from models.pruning import crops as crops_lib
 from models.pruning.crops import nominal_crops
 from models.pruning.methods import base
@@ -36,15 +36,15 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1
   return base.stage1(target, dict(o, visionzip_cls=False), relevance="cls", features="vision"), None
 
 
-def _tower(config) -> dict:
-  return {"keys": True, "cls": config.visionzip_cls}
+def _tower(config) -> tuple[str, ...]:
+  return ("keys", "cls_features") if config.visionzip_cls else ("keys",)
 
 
-def _rows(model, config, images: ImageTokens, key, hp) -> Rows:
+def _rows(model, config, images: VisualTokens, key, hp) -> Rows:
   """VisionZip's official output: per crop [CLS, dominant, contextual] merged in the vision space
   (`tops_jax.visionzip.compress`), laid out in its LLaVA-NeXT order (`visionzip.next_order`), then projected."""
   del key
-  feats = images.crop_features
+  feats = images.group_features
   b, p, t, dv = feats.shape
   dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
   quota = crops_lib.per_crop_quota(config, model.config)
@@ -56,13 +56,13 @@ def _rows(model, config, images: ImageTokens, key, hp) -> Rows:
     raise ValueError(f"visionzip: dominant + contextual = {quota} exceeds the {t} tokens of a crop")
   flat = lambda x: x.reshape(b * p, *x.shape[2:])
   tokens, source, kind = visionzip_lib.compress(
-      flat(feats), flat(images.crop_cls_attention), flat(images.crop_keys), flat(images.cls_features),
-      jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
+      flat(feats), flat(images.group_relevance.get("cls")), flat(images.group_keys),
+      flat(images.extras["cls_features"]), jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
   k = dominant + contextual
   kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
   side = int(round(t ** 0.5))
   perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
-      kind, source, images.grid, images.crop_valid)
+      kind, source, images.grid, images.group_valid)
   order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
   tokens = order(tokens.reshape(b, p * k, dv))
   crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
@@ -73,14 +73,14 @@ def _rows(model, config, images: ImageTokens, key, hp) -> Rows:
   return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
 
 
-def _stage1_rows(model, config, images: ImageTokens, key, hp):
+def _stage1_rows(model, config, images: VisualTokens, key, hp):
   if config.stage1.layout is not Layout.VISIONZIP_CLS:
     return None
   rows = _rows(model, config, images, key, hp)
-  return rows, rows.packed, images.cls_attention
+  return rows, rows.packed, images.relevance.get("cls")
 
 
-def _merge_inputs(config, images: ImageTokens, feats, hp):
+def _merge_inputs(config, images: VisualTokens, feats, hp):
   """Merged in the vision space with the tower's keys, then projected."""
   del feats
   hp.setdefault("keys", images.keys)

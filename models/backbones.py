@@ -1,0 +1,99 @@
+"""The backbone registry: one entry per model family, keyed by its checkpoints' config.json `model_type` (the one
+spelling of a family along the whole path), holding what is true only of that family outside its model file.
+
+    backbone = backbones.get("llava_next")            # also the older spellings: "llava-next", "llava_1_5", ...
+    backbone.model, backbone.config, backbone.conversion_table   # what `models.load_pretrained` builds and fills
+    backbones.nominal_tokens(model.config)            # the papers' N behind --keep_ratio (LLaVA-NeXT: 5 x 576)
+
+A family joins by one entry here, its model file (config with `from_hf`, the model implementing
+`models.family.VisionLanguageModel`, `conversion_table`) and one conformance-suite entry (BUILD.md "Adding a
+backbone"). The methods' per-backbone settings (TOPS' Stage II table, ...) live with each method
+(`models.pruning.methods`), keyed by these names.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+from models import conversion
+from models import llama
+from models import llava
+from models import llava_next
+
+__all__ = ["Backbone", "BACKBONES", "get", "names", "nominal_tokens", "nominal_groups"]
+
+# The papers' short-answer instruction (LLaVA's eval scripts and lmms-eval's default post_prompt).
+_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A model family.
+
+  name: the checkpoints' `model_type` (the registry key).
+  title: how tables and messages name it.
+  config / model / conversion_table: the family's config class (`from_hf`), model class and checkpoint table.
+  aliases: older spellings still accepted by `get` (the runner's flag and `pruning.method_config` took them).
+  prompt: the papers' prompt for a question, with {question} and "<image>" where the image goes ("" for text-only
+    families).
+  protocol: the benchmark harness whose numbers the papers report for it ("llava" | "lmms_eval"); None: none.
+  square_pad: images are padded to a square before the processor unless a task keeps their aspect (LLaVA-1.5).
+  max_new_tokens: the answer length the papers' short-answer benchmarks generate.
+  """
+  name: str
+  title: str
+  config: Any
+  model: Any
+  conversion_table: Callable[[Any], dict[str, conversion.Rule]]
+  aliases: tuple[str, ...] = ()
+  prompt: str = ""
+  protocol: str | None = None
+  square_pad: bool = False
+  max_new_tokens: int = 8
+
+  @property
+  def multimodal(self) -> bool:
+    return bool(self.prompt)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "llava": Backbone("llava", "LLaVA-1.5", llava.LlavaConfig, llava.LlavaForConditionalGeneration,
+                      llava.conversion_table, aliases=("llava-1.5", "llava_1_5"),
+                      prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:", protocol="llava",
+                      square_pad=True),
+    "llava_next": Backbone("llava_next", "LLaVA-NeXT", llava_next.LlavaNextConfig,
+                           llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table,
+                           aliases=("llava-next",), prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:",
+                           protocol="lmms_eval"),
+    # Text-only decoders load too (the LLaVA decoders' parity tests).
+    "llama": Backbone("llama", "LLaMA", llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
+    "mistral": Backbone("mistral", "Mistral", llama.TextConfig, llama.LlamaForCausalLM,
+                        llama.causal_lm_conversion_table),
+}
+
+_BY_ALIAS = {alias: b.name for b in BACKBONES.values() for alias in b.aliases}
+
+
+def names() -> tuple[str, ...]:
+  """Every spelling `get` accepts."""
+  return tuple(BACKBONES) + tuple(_BY_ALIAS)
+
+
+def get(name: Any) -> Backbone:
+  """The backbone named by its `model_type` or an alias; ValueError listing the known names otherwise."""
+  if isinstance(name, str):
+    if name in BACKBONES:
+      return BACKBONES[name]
+    if name in _BY_ALIAS:
+      return BACKBONES[_BY_ALIAS[name]]
+  raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} (also: {', '.join(_BY_ALIAS)})")
+
+
+def nominal_tokens(model_config) -> int:
+  """The papers' N of a full image, the reference of keep ratios: groups x tokens per group before unpadding or
+  structural slots (LLaVA-1.5: 576; LLaVA-NeXT at 336 px with its pinpoints: 5 x 576 = 2880)."""
+  return model_config.nominal_image_tokens
+
+
+def nominal_groups(model_config) -> int:
+  """The groups behind `nominal_tokens` (LLaVA-NeXT: 5 crops): per-group budgets are T // this."""
+  return model_config.max_num_crops
