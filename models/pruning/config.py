@@ -89,6 +89,12 @@ class PruningConfig:
           s2, params=params_lib.of(self.method2, s2.params, cls=self.spec2.params, name="stage2_hparams")))
       self._check_stage2()
 
+  def __repr__(self):
+    """The flat spelling, field for field as the flat config wrote it: the runner's row keys hash this repr
+    (`experiments.evaluate.run_hash`), so results written before the typed config still resume."""
+    flat = ", ".join(f"{name}={getattr(self, 'steps' if name == 'stage2' else name)!r}" for name in _FLAT_DEFAULTS)
+    return f"PruningConfig(method={self.method!r}, {flat})"
+
   @classmethod
   def full(cls) -> "PruningConfig":
     """The unpruned model: no Stage I, no Stage II."""

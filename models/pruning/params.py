@@ -124,5 +124,5 @@ def of(method: str, value, *, cls: type | None = None, name: str = "hparams", sp
       raise ValueError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; {method} takes: "
                        f"{', '.join(known)}")
     return cls(**hp)
-  hp = prune.check_hparams(method, want="merge" if merge else "order", **hp)
-  return PARAMS[method](**hp)
+  prune.check_hparams(method, want="merge" if merge else "order", **hp)
+  return PARAMS[method](**hp)           # as given: an int for a float keyword stays static, as `select` takes it

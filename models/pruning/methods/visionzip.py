@@ -19,13 +19,20 @@ from models.pruning.modes import Layout, Stage1
 from models.pruning.outputs import Rows
 from tops_jax import visionzip as visionzip_lib
 
-__all__ = ["METHOD", "protocol", "split"]
+__all__ = ["METHOD", "SPLITS", "protocol", "split"]
 
 
 def split(per_crop: int) -> dict[str, int]:
   """VisionZip's official (dominant, contextual) for `per_crop` tokens, CLS counted in dominant: 54 : 10 of 64."""
   dominant, contextual = visionzip_lib.split(per_crop)
   return {"dominant": dominant, "contextual": contextual}
+
+
+# The published settings (README, eval scripts): per image on LLaVA-1.5, per crop (T // 5) on LLaVA-NeXT.
+SPLITS = {
+    "llava": {t: visionzip_lib.split(t) for t in (64, 128, 192)},             # (54, 10), (108, 20), (162, 30)
+    "llava_next": {t: visionzip_lib.split(t // 5) for t in (640, 320, 160)},  # (108, 20), (54, 10), (27, 5)
+}
 
 
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
