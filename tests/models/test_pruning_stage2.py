@@ -262,7 +262,7 @@ def test_pdrop_schedule_settings():
   assert low.steps == ((2, 109), (8, 20), (16, 3)) and low.stage2_ratios == (0.19, 0.0361, 0.006859)
   assert pruning.pdrop_schedule(32, 128).stage2_ratios[0] == 0.42
   mid = pruning.pdrop_schedule(32, 192)
-  assert [layer for layer, _ in mid.stage2] == [8, 16, 24] and mid.stage2_ratios[0] == 0.25
+  assert [layer for layer, _ in mid.steps] == [8, 16, 24] and mid.stage2_ratios[0] == 0.25
   nxt = pruning.pdrop_schedule(32, 640, family="llava-next", num_visual=2928)
   assert nxt.steps == ((2, int(2928 * 0.42)), (8, int(2928 * 0.1764)), (16, int(2928 * 0.074088)))
   with pytest.raises(ValueError, match="above target=32"):

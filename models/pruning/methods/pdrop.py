@@ -38,11 +38,11 @@ def schedule(num_layers: int, target: int | None = None, *, family: str = "llava
   image's n tokens, ranked by the attention of the last instruction token at layer l; contiguous positions.
 
   target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`).
-  target T: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L,
-    the measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for "llava_next": the
-    TOPS tables' budgets; other families: `num_visual`). The paper's per-budget settings are not published; the layers
-    are (8, 16, 24) when they can reach T and otherwise the author's (2, 8, 16) (issue #29), and lambda solves the
-    continuous average equation, rounded to two decimals as the author reports it (T = 64 of 576 on 32 layers:
+  target T: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L, the
+    measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for "llava_next":
+    the TOPS tables' budgets; other families: `num_visual`). The paper's per-budget settings are not published; the
+    layers are (8, 16, 24) when they can reach T and otherwise the author's (2, 8, 16) (issue #29), and lambda solves
+    the continuous average equation, rounded to two decimals as the author reports it (T = 64 of 576 on 32 layers:
     0.19, as in issue #29). `layers` and `lam` override.
   num_visual: the most image tokens an image brings to the LLM (static keeps int(num_visual * ratio); LLaVA-NeXT:
     `model.config.max_image_tokens`, so that every image's own int(n * ratio) fits); default N_family.

@@ -26,7 +26,8 @@ def _merge_sequence(model, images: VisualTokens, hp) -> tuple[Rows, jax.Array]:
   """PruMerge+'s official output (LLaVA-1.5): the merged kept tokens in its order, then the extra token
   (`tops_jax.prumerge.merge_sequence`), projected. Relevance: the last CLIP layer's full-width CLS attention."""
   if "last_query" not in images.extras:
-    raise ValueError("prumerge_plus needs the last vision layer's q/k (the family's visual_tokens(extras=('last_qk',)))")
+    raise ValueError("prumerge_plus needs the last vision layer's q/k "
+                     "(the family's visual_tokens(extras=('last_qk',)))")
   rel = prumerge_lib.cls_attention(images.extras["last_query"], images.extras["last_keys"])
   keys = images.extras["last_keys"][:, 1:]
   hp = dict(hp)
