@@ -237,7 +237,7 @@ def selection_fn(config: pruning.PruningConfig, batch: int, candidates: int, cro
     else:
       passes.append((config.method, batch * crops[0], crops[1], config.stage1_budget // crops[0], dims[0], hp))
   prev = config.stage1_budget or candidates
-  for _, keep in config.stage2:
+  for _, keep in config.steps:
     if config.method2 in prune.METHODS:
       passes.append((config.method2, batch, prev, keep, dims[1], _accepted(config.method2,
                                                                             dict(config.stage2_hparams))))

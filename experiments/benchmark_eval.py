@@ -159,7 +159,7 @@ def evaluate_task(evaluator: evaluate.Evaluator, runs: Sequence[RunSpec], task: 
       number += 1
       fewest = min(p.image_tokens for p in chunk)
       for spec in runs:
-        first = spec.config.stage1_budget or (spec.config.stage2[0][1] if spec.config.stage2 else 0)
+        first = spec.config.stage1_budget or (spec.config.steps[0][1] if spec.config.steps else 0)
         if first > fewest:
           raise ValueError(f"{spec.name} keeps {first} visual tokens in its first stage, but an image of task "
                            f"{task.name} has only {fewest}; lower --budget/--keep_ratio")

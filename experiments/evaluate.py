@@ -254,7 +254,7 @@ def check_budgets(runs: Sequence[RunSpec], batches: Sequence[Batch], task: str):
   """Before anything is written: every image must hold each run's first budget. Raises ValueError."""
   fewest = min(int(v) for b in batches for v in b.visual[:len(b.items)])
   for spec in runs:
-    first = spec.config.stage1_budget or (spec.config.stage2[0][1] if spec.config.stage2 else 0)
+    first = spec.config.stage1_budget or (spec.config.steps[0][1] if spec.config.steps else 0)
     if first > fewest:
       raise ValueError(f"{spec.name} keeps {first} visual tokens in its first stage, but an image of task "
                        f"{task} has only {fewest}; lower --budget/--keep_ratio")

@@ -132,7 +132,7 @@ def schedule_seq_lens(num_layers: int, text_tokens: float, visual_tokens: float,
     num_layers: L.
     text_tokens: the prompt's non-visual tokens (system prompt, question, template), never pruned.
     visual_tokens: visual tokens entering the decoder (after Stage I, e.g. 2T for TOPS).
-    stage2: ((layer, keep), ...) Stage II steps as `models.pruning.PruningConfig.stage2`: `keep` visual tokens from
+    stage2: ((layer, keep), ...) Stage II steps as `models.pruning.PruningConfig.steps`: `keep` visual tokens from
       `layer` on ("before": layer `layer` is the first to run on them) or from `layer + 1` on ("after").
     timing: "before" | "after" (`PruningConfig.stage2_timing`).
 

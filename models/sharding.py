@@ -37,14 +37,12 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from tops_jax import prune
-
 __all__ = ["AXES", "BATCH_AXES", "RULES", "PARAM_AXES", "parse_mesh", "make_mesh", "logical_axes", "logical_specs",
            "param_specs", "param_shardings", "shard_model", "create_sharded", "constrain", "batch_spec",
-           "put_batch", "batch_divisor", "describe", "mesh_sizes", "axis_names", "shards"]
+           "put_batch", "batch_divisor", "describe", "mesh_sizes", "axis_names", "shards", "row_axes"]
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = prune.BATCH_AXES          # ("data", "fsdp"), MaxText's activation_batch: the rows split over both
+BATCH_AXES = ("data", "fsdp")          # MaxText's activation_batch: the rows split over both
 
 # Logical axis -> mesh axis (or axes, or None: replicated). Every logical name of PARAM_AXES and `constrain` is here:
 # flax would read an unknown logical name as a mesh axis name.
@@ -161,6 +159,17 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
 def mesh_sizes(mesh) -> dict[str, int]:
   """{axis name: size} of a Mesh or AbstractMesh."""
   return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def row_axes(b: int) -> tuple[str, ...]:
+  """The set mesh's batch axes of size > 1 when they divide b rows, else () (no split): the axes over which each
+  device can work on its own rows (`models.pruning.selection`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  sizes = mesh_sizes(mesh)
+  axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+  return axes if axes and b % math.prod(sizes[a] for a in axes) == 0 else ()
 
 
 def axis_names(entry) -> tuple[str, ...]:

@@ -12,16 +12,15 @@ Contract
 - `keep` is static (it fixes the output shape); 1 <= keep <= N.
 - `relevance: float[..., N]` where the method reads one (see `NEEDS_RELEVANCE`); `valid: bool[..., N]` masks
   padding, which is never selected; `key` is an explicit PRNG key for random methods (batched rows use
-  `fold_in(key, row)`).
+  `fold_in(key, row)`, or `key` holds one key per row, key[B], used as given).
 - Returns `int32[..., K]` original token indices in ascending order (spatial order kept).
 - Deterministic: equal scores go to the lowest index.
 - Hyperparameters are keyword arguments of the method (documented in its module), checked against the types their
   keywords are annotated with. Python floats (and ints given for a float keyword) are traced (a sweep over alpha does
   not recompile); ints, bools, strings and tuples are static; arrays with a leading batch axis are split per row when
   `features` is batched.
-- Under a device mesh (`jax.set_mesh`) whose batch axes (`BATCH_AXES`: data, fsdp) split the B rows, a batched call
-  runs in a `jax.shard_map` over those axes: each device selects for its own rows, with the same per-row keys and
-  picks as one device.
+- Pure of any device layout: a caller that splits the rows over devices (`models.pruning.selection`, a
+  `jax.shard_map` over a mesh's batch axes) calls these per device with the rows' own keys.
 
 Errors and non-finite values
 Bad shapes, ranks, dtypes and types (a list instead of an array, `keep=True`, `alpha="x"`), `keep` out of range,
@@ -37,7 +36,6 @@ usable the remaining slots take valid non-finite tokens, then invalid positions,
 
 import functools
 import inspect
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -59,7 +57,7 @@ from tops_jax import vispruner
 from tops_jax import visionzip
 
 __all__ = ["METHODS", "Method", "NEEDS_RELEVANCE", "MERGE_METHODS", "check_hparams", "needs_relevance",
-           "relevance_role", "select", "select_order", "merge"]
+           "relevance_role", "select", "select_order", "merge", "row_keys"]
 
 
 class Method(NamedTuple):
@@ -208,7 +206,7 @@ def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp
   if not batched:
     return one(features, relevance, valid, ok, key, dynamic_hp)
   b = features.shape[0]
-  keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+  keys = None if key is None else key if _per_row(key) else row_keys(key, b)
   hp_axes = {k: (0 if jnp.ndim(v) >= 1 else None) for k, v in dynamic_hp.items()}
   per_row = {k: v for k, v in dynamic_hp.items() if hp_axes[k] == 0}
   shared = {k: v for k, v in dynamic_hp.items() if hp_axes[k] is None}
@@ -223,27 +221,17 @@ def _run(features, relevance, valid, key, dynamic_hp, *, method, keep, static_hp
     # greedy loops that run the batch's longest row; BUILD.md "Speed"). The picks are the same.
     return jax.lax.map(lambda xs: one(*xs[:5], {**shared, **xs[5]}), (features, relevance, valid, ok, keys, per_row))
 
-  axes = _row_axes(b)
-  if axes:   # under a mesh, each device selects for its own rows (the keys were folded with the global row index)
-    spec = jax.sharding.PartitionSpec(axes)
-    rows = jax.shard_map(rows, in_specs=(spec,) * 6 + (jax.sharding.PartitionSpec(),), out_specs=spec,
-                         axis_names=frozenset(axes), check_vma=False)   # (jnp.searchsorted trips the vma check)
   return rows(features, relevance, valid, ok, keys, per_row, shared)
 
 
-# The mesh axes a batched selection splits its rows over when a mesh is set (`jax.set_mesh`), each device selecting
-# for its own rows: the batch axes of `models.sharding` (MaxText's data and fsdp). Other mesh axes are left to XLA.
-BATCH_AXES = ("data", "fsdp")
+def row_keys(key: jax.Array, b: int) -> jax.Array:
+  """The per-row keys of a batched call: fold_in(key, row) for rows 0..b-1, key[B]."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
 
 
-def _row_axes(b: int) -> tuple[str, ...]:
-  """The set mesh's batch axes of size > 1 when they divide the b rows, else () (no split)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-  return axes if axes and b % math.prod(sizes[a] for a in axes) == 0 else ()
+def _per_row(key) -> bool:
+  """Whether `key` holds one key per row (key[B]; raw uint32 keys: uint32[B, 2])."""
+  return jnp.ndim(key) == (1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
 
 
 def _call(method, features, keep, relevance, valid, key, hparams, want):

@@ -37,7 +37,8 @@ What the official code computes (batch size 1; L = decoder layers, p = a pruning
    ascending position; merged tokens in center order] (`assemble`); the sequence becomes [prefix; new visual; text]
    and the position ids are cut to the new length, i.e. re-indexed 0..S'-1. Merged tokens are ordinary visual tokens
    at later pruning layers.
-7. Layers and counts (`schedule`, `SCHEDULES`): v1 prunes at p in (2, 6, 15, 19) (`LlamaDynamicvitModel` default
+7. Layers and counts (a table by backbone, so it lives with the protocol in `models.pruning.methods.sparsevlm`;
+   `Step` / `Schedule` here are its records): v1 prunes at p in (2, 6, 15, 19) (`LlamaDynamicvitModel` default
    `pruning_loc`) with (scale, bias) per budget from the README / eval scripts: 192 tokens (13.5, 0) in mme.sh,
    128 tokens (9, 6) in pope.sh, 64 tokens (0.8, 0) in textvqa.sh. v1.5 prunes at p in (2, 6, 15) with the counts of
    score.py `sparse_token_dict`: 192 -> (300, 200, 110), 128 -> (303, 110, 36), 64 -> (66, 30, 17); 96 -> (238, 48,
@@ -45,10 +46,10 @@ What the official code computes (batch size 1; L = decoder layers, p = a pruning
    tokens per decoder layer that `forward` prints ("equal token number"; it records a pruning layer with its new
    count, score.py: "2*576 4*300 10*200 16*110"), not the count of a step; recycled clusters add a few tokens.
    There is no LLaVA-NeXT schedule in any branch: `image_shape` defaults to 576 and llava_arch.py sets it from
-   `image_features.shape[1]`, which fails on the anyres path (a list of per-image features); `schedule` raises.
+   `image_features.shape[1]`, which fails on the anyres path (a list of per-image features).
 
 Wiring into a model (the Stage II integrator's part):
-    plan = sparsevlm.schedule("llava-1.5", 128)                          # Step(layer, scale, bias) x 4
+    plan = models.pruning.methods.sparsevlm.schedule("llava-1.5", 128)   # Step(layer, scale, bias) x 4
     bounds = sparsevlm.sizes(plan, num_visual=576, num_text=A)          # static K, deleted, M, C, next N per step
     raters = sparsevlm.text_raters(embeds_visual, embeds_text, visual_valid=vv, text_valid=tv)   # before layer 0
     # at each step i (layer p = plan.steps[i].layer), after running layer p on the whole sequence:
@@ -93,7 +94,7 @@ from tops_jax import dpc_knn
 from tops_jax import greedy
 from tops_jax import relevance
 
-__all__ = ["Step", "Schedule", "Sizes", "Clusters", "Recycled", "Pruned", "Segment", "SCHEDULES", "schedule",
+__all__ = ["Step", "Schedule", "Sizes", "Clusters", "Recycled", "Pruned", "Segment",
            "step_sizes", "sizes", "text_raters", "rater_attention", "visual_scores", "attention_rank",
            "rank_keep_count", "fixed_keep_count", "select_kept", "recycle_counts", "cluster_merge", "recycle",
            "prune_step", "assemble"]
@@ -128,52 +129,6 @@ class Schedule(NamedTuple):
   budget: int             # the official "equal token number": mean visual tokens per decoder layer
   steps: tuple[Step, ...]
   source: str
-
-
-_V1_SOURCE = ("Gumpest/SparseVLMs@b72c5d6 (v1, code of 91fb6d9): modelling_sparse_llama.py pruning_loc=[2, 6, 15, 19]; "
-              "README.md and scripts/v1_5/eval/{mme,pope,textvqa}.sh --scale/--bias")
-_V15_SOURCE = ("Gumpest/SparseVLMs@535f8ba (v1.5): modelling_sparse_llama.py pruning_loc=[2, 6, 15]; "
-               "llava/model/language_model/score.py layer_dict, sparse_token_dict")
-_V15_96_SOURCE = ("Gumpest/SparseVLMs@26a5f48 (main, USE_VERSION=1_0): llava/model/language_model/score.py "
-                  "sparse_token_list_96")
-
-
-def _v1(budget, scale, bias):
-  steps = tuple(Step(layer, scale=scale, bias=bias) for layer in (2, 6, 15, 19))
-  return Schedule("llava-1.5", "v1", budget, steps, _V1_SOURCE)
-
-
-def _v15(budget, counts, source=_V15_SOURCE):
-  steps = tuple(Step(layer, count=c) for layer, c in zip((2, 6, 15), counts))
-  return Schedule("llava-1.5", "v1.5", budget, steps, source)
-
-
-SCHEDULES: dict[tuple[str, str, int], Schedule] = {
-    ("v1", "llava-1.5", 192): _v1(192, 13.5, 0.0),
-    ("v1", "llava-1.5", 128): _v1(128, 9.0, 6.0),
-    ("v1", "llava-1.5", 64): _v1(64, 0.8, 0.0),
-    ("v1.5", "llava-1.5", 192): _v15(192, (300, 200, 110)),
-    ("v1.5", "llava-1.5", 128): _v15(128, (303, 110, 36)),
-    ("v1.5", "llava-1.5", 96): _v15(96, (238, 48, 26), _V15_96_SOURCE),
-    ("v1.5", "llava-1.5", 64): _v15(64, (66, 30, 17)),
-}
-
-
-def schedule(family: str, budget: int, version: str = "v1") -> Schedule:
-  """The official layers and counts of `version` ("v1" rank based, "v1.5" fixed counts) for a published budget."""
-  if version not in ("v1", "v1.5"):
-    raise ValueError(f"sparsevlm.schedule: version must be 'v1' or 'v1.5', got {version!r}")
-  if family == "llava-next":
-    raise ValueError("sparsevlm.schedule: the official SparseVLM code has no LLaVA-NeXT schedule (image_shape is "
-                     "576 by default and the anyres path fails in llava_arch.py); build Step tuples explicitly")
-  if family != "llava-1.5":
-    raise ValueError(f"sparsevlm.schedule: family must be 'llava-1.5' (or 'llava-next', which has no official "
-                     f"schedule), got {family!r}")
-  found = SCHEDULES.get((version, family, budget))
-  if found is None:
-    known = sorted(b for v, f, b in SCHEDULES if v == version and f == family)
-    raise ValueError(f"sparsevlm.schedule: budget={budget!r} has no official {version} setting; published: {known}")
-  return found
 
 
 class Sizes(NamedTuple):

@@ -62,8 +62,8 @@ import numpy as np
 from tops_jax import greedy
 from tops_jax import similarity
 
-__all__ = ["order", "merge", "compress", "next_order", "split", "default_dominant", "LLAVA_15_SPLITS",
-           "LLAVA_NEXT_SPLITS", "KIND_CLS", "KIND_DOMINANT", "KIND_CONTEXTUAL"]
+__all__ = ["order", "merge", "compress", "next_order", "split", "default_dominant", "KIND_CLS", "KIND_DOMINANT",
+           "KIND_CONTEXTUAL"]
 
 DOMINANT_RATIO = 54 / 64
 KIND_CLS, KIND_DOMINANT, KIND_CONTEXTUAL = 0, 1, 2
@@ -80,10 +80,6 @@ def split(tokens: int) -> tuple[int, int]:
     raise ValueError(f"visionzip: tokens must be a Python int >= 2, got {tokens!r}")
   dom = default_dominant(tokens)
   return dom, int(tokens) - dom
-
-
-LLAVA_15_SPLITS = {t: split(t) for t in (64, 128, 192)}          # (54, 10), (108, 20), (162, 30)
-LLAVA_NEXT_SPLITS = {t: split(t // 5) for t in (640, 320, 160)}  # per crop: (108, 20), (54, 10), (27, 5)
 
 
 def _split(keep: int, dominant: int | None) -> tuple[int, int]:

@@ -1,10 +1,13 @@
 """Visual token pruning inside the LLaVA-1.5 / LLaVA-NeXT ports, driven by a `PruningConfig`, through the models'
 public seams only (image_tokens -> Stage I -> embed -> run_layers segments, query_keys -> Stage II -> head).
 
-Modules: `config` (PruningConfig, the TOPS schedule, the static / traced split), `protocols` (each method's official
-protocol: `method_config`), `sequence` (static lengths and the row gathers that rebuild a sequence), `stage1` (before
-the LLM), `stage2` (between decoder layers), `driver`
-(`forward`, `prefill`, `greedy`), `outputs` (what they return). Nothing here branches on the model family: both
+Modules: `config` (PruningConfig, the static / traced split), `modes` (its typed parts: `Stage1`, `Stage2`, the
+`Layout` rows, the modes), `params` (each method's typed hyperparameters), `methods` (one module per method: its
+official protocol on every backbone with its sources, its traits and the hooks the stages call), `protocols`
+(`method_config`, `tops_schedule`, `pdrop_schedule`, `sparsevlm_schedule`), `sequence` (static lengths and the row
+gathers that rebuild a sequence), `crops` (Stage I's crop arithmetic), `stage1` (before the LLM), `stage2` (between
+decoder layers), `driver` (`forward`, `prefill`, `greedy`), `outputs` (what they return and hand each other).
+Nothing here branches on the model family or on a method's name: both
 LLaVA classes expose the same `image_tokens` / `layout` / `embed` interface (LLaVA-1.5: one crop, no newlines).
 
 Axes (the legend of `models`): B batch (one image per row), S sequence, N packed image slots per image (LLaVA-1.5:
@@ -13,6 +16,9 @@ C candidates, A text tokens after the image, D text width, Dv vision width, H / 
 width, L decoder layers, G layer segments (one more than the Stage II steps), V vocabulary, M new tokens.
 
     cfg = pruning.tops_schedule(num_layers=32, target=128)             # 576 -> 256 | L12: -> 128 | L24: -> 32
+    cfg = pruning.PruningConfig("divprune", stage1=pruning.Stage1(budget=64, relevance="none"))   # typed
+    cfg = pruning.PruningConfig.flat("divprune", stage1_budget=64, stage1_relevance="none")        # the same, flat
+    pruning.FULL                      # the unpruned model (= PruningConfig(method="tops"): no stage)
     out = pruning.forward(model, cfg, input_ids, attention_mask, pixel_values, image_sizes)
     out.logits                        # float32[B, 1, V] at each row's last token (all_logits=True: [B, S', V])
     out.stage1.kept, out.stage2[0].kept   # int32[B, K] packed image positions kept by each stage
@@ -21,7 +27,8 @@ width, L decoder layers, G layer segments (one more than the Stage II steps), V 
 
 Stage I (after the vision tower, before the merge; `stage1`). Each image hands the LLM a list of rows (`stage1.Rows`:
 embeddings, a validity prefix, the packed slot of each row) and its <image> run is cut to that count; the layout
-fields of the config decide the candidates, the budgets and the order (the table in `stage1`'s docstring):
+fields of the config (`Stage1`; named below by their flat spelling) decide the candidates, the budgets and the order
+(the table in `stage1`'s docstring; `Stage1.layout` is one of its rows, a `Layout`):
 - `stage1_scope`: "global" (K of the packed tokens), "per_crop" (K split evenly over the crops, water-filled: ours),
   "ratio" (round(K * n / N_nominal) of the n candidates: DivPrune), "crop_fixed" (K // P_nominal per crop whatever
   the crop count: CDPruner, VisionZip), "crop_divided" (int(K / P_real) per crop: SCOPE);
@@ -82,17 +89,19 @@ Limits: one image per row (I = B); the attention relevance does not model a slid
 relevance rejects models that have one.
 """
 
-from models.pruning.config import (NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES, STAGE1_RELEVANCE, STAGE2_RELEVANCE,
-                                   STAGE2_RATERS, STAGE2_TIMINGS, PruningConfig, StaticConfig, pdrop_schedule,
-                                   sparsevlm_schedule, tops_layers, tops_schedule)
+from models.pruning.config import (FULL, NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES, STAGE1_RELEVANCE,
+                                   STAGE2_RATERS, STAGE2_RELEVANCE, STAGE2_TIMINGS, Layout, PruningConfig, Stage1,
+                                   Stage2, StaticConfig)
 from models.pruning.driver import decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
-from models.pruning.protocols import OFFICIAL_METHODS, NoProtocol, method_config, overrides_of, supports
+from models.pruning.protocols import (OFFICIAL_METHODS, NoProtocol, method_config, overrides_of, pdrop_schedule,
+                                      sparsevlm_schedule, supports, tops_layers, tops_schedule)
 from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
-__all__ = ["PruningConfig", "StaticConfig", "tops_schedule", "tops_layers", "PER_CROP_METHODS", "StageOutput",
-           "Segment", "PruneOutput", "PrunedGeneration", "forward", "prefill", "greedy", "decode",
-           "decode_step", "crop_quotas", "row_newlines", "text_length", "STAGE1_RELEVANCE", "STAGE2_RELEVANCE",
-           "SCOPES", "POSITIONS", "NEWLINES", "method_config", "overrides_of", "OFFICIAL_METHODS", "ClipText", "supports",
-           "STAGE2_RATERS", "STAGE2_TIMINGS", "pdrop_schedule", "sparsevlm_schedule"]
+__all__ = ["PruningConfig", "Stage1", "Stage2", "Layout", "FULL", "StaticConfig", "tops_schedule", "tops_layers",
+           "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput", "PrunedGeneration",
+           "forward", "prefill", "greedy", "decode", "decode_step", "crop_quotas", "row_newlines", "text_length",
+           "STAGE1_RELEVANCE", "STAGE2_RELEVANCE", "SCOPES", "POSITIONS", "NEWLINES", "method_config",
+           "overrides_of", "OFFICIAL_METHODS", "ClipText", "supports", "STAGE2_RATERS", "STAGE2_TIMINGS",
+           "pdrop_schedule", "sparsevlm_schedule"]

@@ -48,8 +48,8 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   left = ~jnp.any(~mask[:, -1])
   num_layers = model.config.text.num_hidden_layers
   image_id = model.config.image_token_id
-  keys = [None] * (len(config.stage2) + 1) if key is None else [jax.random.fold_in(key, i)
-                                                                  for i in range(len(config.stage2) + 1)]
+  keys = [None] * (len(config.steps) + 1) if key is None else [jax.random.fold_in(key, i)
+                                                                  for i in range(len(config.steps) + 1)]
   stage1 = config.stage1_budget is not None
   images = stage1_lib.visual_tokens(model, config, batch["pixel_values"], batch["layout"], stage1)
   if stage1:
@@ -71,7 +71,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   num_visual, most = jnp.sum(seq.visual & seq.mask, axis=-1, dtype=jnp.int32), candidates
   bounds = stage2_lib.step_bounds(config, candidates, plan.text_len)
   segments, stages, done, index = [], [], 0, seq.source
-  for step, ((layer, _), bound) in enumerate(zip(config.stage2, bounds)):
+  for step, ((layer, _), bound) in enumerate(zip(config.steps, bounds)):
     segments.append(_segment(seq, index))
     scoring, cut = config.score_layer(layer), config.prune_layer(layer)
     seq, cache = _run(model, seq, done, scoring, cache)
@@ -187,8 +187,8 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
     available = counts
     if config.stage1_budget is not None:
       available = config.stage1_budget + np.asarray(layout.newline).sum(-1) * (config.newlines == "keep")
-    if config.stage2 and not config.stage2_counts_vary and config.stage2[0][1] > available.min():
-      raise ValueError(f"stage2 keeps {config.stage2[0][1]} tokens, more than the {int(available.min())} image "
+    if config.stage2 and not config.stage2_counts_vary and config.steps[0][1] > available.min():
+      raise ValueError(f"stage2 keeps {config.steps[0][1]} tokens, more than the {int(available.min())} image "
                        f"tokens image {int(available.argmin())} brings to the LLM")
   if sequence.concrete(input_ids) and (attention_mask is None or sequence.concrete(attention_mask)):
     ids_np, mask_np = np.asarray(ids), np.asarray(mask)

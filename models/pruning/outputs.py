@@ -1,10 +1,53 @@
-"""What the pruned forward returns: per-stage kept tokens, the sequence each layer segment ran on, the logits."""
+"""What the pruned forward returns (per-stage kept tokens, the sequence each layer segment ran on, the logits) and
+the records the stages and the methods' hooks hand each other (Stage I's `Rows`; Stage II's `Scores`, `Bound`,
+`Choice`)."""
 
 from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["StageOutput", "Segment", "PruneOutput", "PrunedGeneration"]
+__all__ = ["StageOutput", "Segment", "PruneOutput", "PrunedGeneration", "Rows", "Scores", "Bound", "Choice"]
+
+
+class Rows(NamedTuple):
+  """The image rows Stage I hands to the LLM, in order."""
+  embeds: jax.Array   # float[B, R, D]
+  valid: jax.Array    # bool[B, R] a prefix of each row
+  packed: jax.Array   # int32[B, R] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
+
+
+class Scores(NamedTuple):
+  """What a Stage II step reads, gathered once at the scoring layer."""
+  visual: jax.Array           # int32[B, C] sequence positions of the candidates
+  visual_valid: jax.Array     # bool[B, C]
+  relevance: jax.Array | None  # float32[B, C]
+  text: jax.Array             # int32[B, A] sequence positions of the text after the image
+  text_valid: jax.Array       # bool[B, A]
+  keys: jax.Array | None      # float[B, S, Hkv * Dh] keys of the scoring layer (DART)
+  block: jax.Array | None = None   # float32[B, A, C] text -> candidate attention, mean over heads (SparseVLM)
+  raters: jax.Array | None = None  # bool[B, A] the text raters (SparseVLM)
+
+
+class Bound(NamedTuple):
+  """Static sizes of one step: at most `keep` kept candidates and `extra` inserted rows (the next step's candidates:
+  keep + extra); `max_deleted` bounds SparseVLM's deleted count (None for the other methods)."""
+  keep: int
+  extra: int = 0
+  max_deleted: int | None = None
+
+
+class Choice(NamedTuple):
+  """What a step keeps, per row.
+
+  order: int32[B, K] candidate indices (into `Scores.visual`) in selection order.
+  count: int32[B] how many of `order` the row keeps (<= K; invalid candidates are never kept).
+  extra: float[B, E, D] rows inserted after the row's image run, or None.
+  extra_valid: bool[B, E] which inserted rows are real (None: all, when `extra` is given).
+  """
+  order: jax.Array
+  count: jax.Array
+  extra: jax.Array | None = None
+  extra_valid: jax.Array | None = None
 
 
 class StageOutput(NamedTuple):

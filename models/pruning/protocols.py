@@ -1,10 +1,14 @@
-"""How each method is run: `method_config(method, family=, target=, num_layers=, **overrides) -> PruningConfig`.
+"""How each method is run: `method_config(method, family=, target=, num_layers=, **overrides) -> PruningConfig`, and
+the public schedule builders (`tops_schedule`, `pdrop_schedule`, `sparsevlm_schedule`).
+
+Each method's protocol, its tables and its sources live in its module of `models.pruning.methods`; this module checks
+the arguments, applies the family's nominal crops and builds the `PruningConfig`. The table below is their index.
 
 The default is the method's OFFICIAL protocol on that backbone at that budget T (the tokens the papers' tables
 name: 640 / 320 / 160 on LLaVA-NeXT, 128 / 64 / 32 on LLaVA-1.5), as its official code runs it; our own variants are
-named overrides, each documented below with the reason it exists. `family` is "llava-1.5" or "llava-next" (the
-testbed is a small LLaVA-NeXT: "testbed" runs as "llava-next"). On LLaVA-1.5 (one crop, no newlines) every per-crop
-layout selects what the global one does.
+named overrides, each documented below with the reason it exists. `family` is a `models.backbones` name ("llava",
+"llava_next") or an older spelling ("llava-1.5", "llava_1_5", "llava-next"), or "testbed" (a small LLaVA-NeXT: it runs
+LLaVA-NeXT's protocols). On LLaVA-1.5 (one crop, no newlines) every per-crop layout selects what the global one does.
 
 | method | official protocol (LLaVA-NeXT) | source read |
 |---|---|---|
@@ -45,122 +49,31 @@ Named overrides (keyword arguments; unknown ones raise, naming the method's acce
 - `hparams`: extra keyword arguments of the method (merged into its stage's hyperparameters).
 """
 
-import dataclasses
-from typing import Any
-
-from models.pruning import config as config_lib
+from models.pruning import methods
 from models.pruning.config import PruningConfig
-from tops_jax import dart as dart_lib
-from tops_jax import visionzip as visionzip_lib
+from models.pruning.methods import pdrop as pdrop_lib
+from models.pruning.methods import sparsevlm as sparsevlm_method
+from models.pruning.methods import tops as tops_lib
+from models.pruning.methods import base
 
-__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports", "NoProtocol"]
+__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports", "NoProtocol", "tops_schedule",
+           "tops_layers", "pdrop_schedule", "PDROP_LAYERS", "PDROP_LAMBDA", "sparsevlm_schedule"]
 
-FAMILIES = ("llava-1.5", "llava-next", "testbed")
-_LAYOUT = ("scope", "grid", "newlines", "features", "relevance", "hparams")
-_OVERRIDES = {
-    "tops": ("stage1_alpha", "stage1_lam", "stage2_alpha", "stage2_lam", "normalize", "criteria", "scope",
-             "newlines", "hparams", "stage2_hparams", "raters", "timing"),
-    "cdpruner": _LAYOUT,
-    "divprune": _LAYOUT,
-    "scope": _LAYOUT,
-    "visionzip": _LAYOUT + ("visionzip_cls",),
-    "dart": ("dart_count", "hparams", "positions"),
-    "fastv": ("hparams", "positions"),
-    "trimtokenator": _LAYOUT,
-    "random": _LAYOUT,
-    "pooling": ("hparams",),
-    "vispruner": _LAYOUT,
-    "prumerge_plus": ("mode", "hparams"),
-    "pdrop": ("layers", "lam", "num_visual", "hparams"),
-    "sparsevlm": ("version", "num_visual"),
-}
-OFFICIAL_METHODS = tuple(_OVERRIDES)
-# Methods whose official code has no path for a family (method_config raises; the runner leaves them out there).
-_UNSUPPORTED = {"prumerge_plus": ("llava-next", "testbed"), "sparsevlm": ("llava-next", "testbed")}
-
-
-class NoProtocol(ValueError):
-  """The method's official code has no setting for this backbone, depth or budget (`method_config` raises it; the
-  runner's "all" leaves such runs out and names them)."""
+FAMILIES, NoProtocol = base.FAMILIES, base.NoProtocol
+OFFICIAL_METHODS = tuple(methods.METHODS)
+tops_layers = tops_lib.layers
+PDROP_LAYERS, PDROP_LAMBDA = pdrop_lib.LAYERS, pdrop_lib.LAMBDA
 
 
 def supports(method: str, family: str) -> bool:
   """Whether `method` has a protocol on `family` at all (PruMerge+'s and SparseVLM's official code are LLaVA-1.5
   only); depth and budget can still rule a run out (`NoProtocol`)."""
-  return family not in _UNSUPPORTED.get(method, ())
+  return base.family(family) not in methods.get(method).unsupported
 
 
 def overrides_of(method: str) -> tuple[str, ...]:
   """The named overrides `method_config` accepts for `method`."""
-  return _OVERRIDES[method]
-
-
-def _next(family: str) -> bool:
-  return family in ("llava-next", "testbed")
-
-
-def _stage1(method: str, target: int, o: dict[str, Any], **official) -> PruningConfig:
-  """A Stage I config: the official fields, then the layout overrides."""
-  fields = dict(method=method, stage1_budget=target, stage1_crops=o.get("crops"), **official)
-  if "scope" in o and o["scope"] != "official":
-    fields.update(stage1_scope=o["scope"], stage1_grid="unpadded", visionzip_cls=False)
-    if fields.get("newlines") in (None, "keep", "candidates"):
-      fields["newlines"] = "drop"
-  for name, field in (("grid", "stage1_grid"), ("newlines", "newlines"), ("features", "stage1_features"),
-                      ("relevance", "stage1_relevance"), ("visionzip_cls", "visionzip_cls")):
-    if name in o:
-      fields[field] = o[name]
-  hp = dict(fields.pop("stage1_hparams", {}), **o.get("hparams", {}))
-  return PruningConfig(stage1_hparams=hp, **fields)
-
-
-def _tops(target, family, num_layers, o):
-  schedule_family = "llava-next" if family == "testbed" else family
-  stage2 = dict(stage2_alpha=o.get("stage2_alpha"), stage2_lam=o.get("stage2_lam"))
-  if family == "testbed":   # no paper setting for the testbed: the paper's default pair
-    stage2 = {k: (0.5 if v is None else v) for k, v in stage2.items()}
-  alpha, lam = o.get("stage1_alpha"), o.get("stage1_lam")
-  extra = {k: o[k] for k in ("raters", "timing") if k in o}
-  cfg = config_lib.tops_schedule(num_layers, target, family=schedule_family,
-                                 stage1_alpha=0.5 if alpha is None else alpha, stage1_lam=0.5 if lam is None else lam,
-                                 **stage2, **extra)
-  fields = {}
-  if o.get("scope", "official") != "official":
-    fields["stage1_scope"] = o["scope"]
-  if "newlines" in o:
-    fields["newlines"] = o["newlines"]
-  hp = {}
-  if o.get("normalize"):
-    hp["normalize"] = o["normalize"]
-  if o.get("criteria"):
-    hp["criteria"] = tuple(o["criteria"])
-  hp1 = dict(cfg.stage1_hparams, **hp, **o.get("hparams", {}))
-  hp2 = dict(cfg.stage2_hparams, **hp, **o.get("stage2_hparams", {}))
-  return dataclasses.replace(cfg, stage1_hparams=hp1, stage2_hparams=hp2, **fields)
-
-
-def _visionzip_split(per_crop: int) -> dict[str, int]:
-  """VisionZip's official (dominant, contextual) for `per_crop` tokens, CLS counted in dominant: 54 : 10 of 64."""
-  dominant, contextual = visionzip_lib.split(per_crop)
-  return {"dominant": dominant, "contextual": contextual}
-
-
-def _pdrop(target, family, num_layers, o):
-  """PyramidDrop's published layers (8, 16, 24) (or its author's (2, 8, 16) for small budgets) with the lambda whose
-  average kept tokens per layer is T (`config.pdrop_schedule`)."""
-  num_visual = o.get("num_visual")
-  if family == "testbed" and "layers" not in o:
-    raise NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the testbed's "
-                     f"{num_layers}-layer decoder has none of them (pass layers= to run a variant)")
-  try:
-    cfg = config_lib.pdrop_schedule(num_layers, target, family=family, num_visual=num_visual,
-                                    layers=o.get("layers"), lam=o.get("lam") if "layers" in o and target is None
-                                    else None)
-  except ValueError as e:
-    raise NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
-  if o.get("hparams"):
-    cfg = dataclasses.replace(cfg, stage2_hparams=dict(cfg.stage2_hparams, **o["hparams"]))
-  return cfg
+  return methods.get(method).overrides
 
 
 def method_config(method: str, *, family: str, target: int, num_layers: int, crops: int | None = None,
@@ -172,73 +85,45 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
   Raises ValueError naming the method, the family or the override that does not apply (`NoProtocol` where the
   official code has no setting for this family, depth or budget).
   """
-  if method not in _OVERRIDES:
-    raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(_OVERRIDES)}")
-  if family not in FAMILIES:
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+  if method not in methods.METHODS:
+    raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(methods.METHODS)}")
+  spec = methods.METHODS[method]
+  name = base.family(family)
+  if name not in FAMILIES:
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)} (or their older spellings "
+                     "llava-1.5, llava_1_5, llava-next)")
   if isinstance(target, bool) or not isinstance(target, int) or target < 1:
     raise ValueError(f"target T must be a positive int, got {target!r}")
-  unknown = sorted(set(overrides) - set(_OVERRIDES[method]))
+  unknown = sorted(set(overrides) - set(spec.overrides))
   if unknown:
     raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
-                     f"{', '.join(_OVERRIDES[method])}")
+                     f"{', '.join(spec.overrides)}")
   o = {k: v for k, v in overrides.items() if v is not None}
   if crops is None:
-    crops = 5 if _next(family) else 1
+    crops = 5 if base.anyres(name) else 1
   if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
     raise ValueError(f"crops must be a positive int, got {crops!r}")
   o["crops"] = crops
-  per_crop_official = method in ("cdpruner", "vispruner", "visionzip") and _next(family) and \
-      o.get("scope", "official") == "official" and o.get("visionzip_cls", True)
-  if per_crop_official and target // crops < (2 if method == "visionzip" else 1):
-    raise ValueError(f"{method}'s official layout keeps T // {crops} tokens per crop: T={target} leaves "
-                     f"{target // crops} (use a larger T or a global override such as scope=global)")
   if not supports(method, family):
     raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
-  nxt = _next(family)
-  if method == "tops":
-    return _tops(target, family, num_layers, o)
-  if method == "cdpruner":
-    layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, o, stage1_relevance="clip_text", **layout)
-  if method == "divprune":
-    layout = dict(stage1_scope="ratio", newlines="candidates") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, o, stage1_relevance="none", **layout)
-  if method == "scope":
-    layout = dict(stage1_scope="crop_divided", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision", **layout)
-  if method == "visionzip":
-    if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
-      hp = _visionzip_split(target // crops)
-      return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision",
-                     stage1_scope="crop_fixed", stage1_grid="padded", visionzip_cls=True, stage1_hparams=hp)
-    o = dict(o, visionzip_cls=False)
-    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision")
-  if method in ("dart", "fastv"):
-    keep = target
-    if method == "dart" and o.get("dart_count", "official") == "official":
-      keep = dart_lib.kept_count(target)
-    elif method == "dart" and o["dart_count"] != "exact":
-      raise ValueError(f"dart_count must be 'official' or 'exact', got {o['dart_count']!r}")
-    return PruningConfig(method=method, stage2=((2, keep),),
-                         stage2_relevance="last_token" if method == "fastv" else "none",
-                         positions=o.get("positions", "original"), stage2_hparams=o.get("hparams", {}))
-  if method == "vispruner":
-    layout = dict(stage1_scope="crop_fixed", stage1_grid="padded") if nxt else dict(stage1_scope="global")
-    return _stage1(method, target, o, stage1_relevance="cls", stage1_features="vision", **layout)
-  if method == "prumerge_plus":
-    return PruningConfig(method=method, stage1_budget=target, stage1_relevance="cls", stage1_features="vision",
-                         stage1_hparams=dict({"mode": o.get("mode", "fixed")}, **o.get("hparams", {})))
-  if method == "pdrop":
-    return _pdrop(target, family, num_layers, o)
-  if method == "sparsevlm":
-    try:
-      return config_lib.sparsevlm_schedule(num_layers, target, version=o.get("version", "v1"),
-                                           num_visual=o.get("num_visual", 576))
-    except ValueError as e:
-      raise NoProtocol(f"sparsevlm at T={target} on {num_layers} layers: {e}") from None
-  if method == "pooling":
-    return PruningConfig(method="pooling", stage1_budget=target, stage1_relevance="none",
-                         stage1_hparams=o.get("hparams", {}))
-  relevance = {"trimtokenator": "text", "random": "none"}[method]
-  return _stage1(method, target, o, stage1_relevance=relevance)
+  stage1, stage2 = spec.protocol(target, name, num_layers, o)
+  return PruningConfig(method=method, stage1=stage1, stage2=stage2)
+
+
+def tops_schedule(num_layers: int, target: int, **kwargs) -> PruningConfig:
+  """The TOPS schedule for target T (`methods.tops.schedule`, its arguments): Stage I N -> 2T, layer
+  round(12/32 L): -> T, layer round(24/32 L): -> T // 4, the paper's (alpha, lambda)."""
+  stage1, stage2 = tops_lib.schedule(num_layers, target, **kwargs)
+  return PruningConfig(method="tops", stage1=stage1, stage2=stage2)
+
+
+
+def pdrop_schedule(num_layers: int, target: int | None = None, **kwargs) -> PruningConfig:
+  """PyramidDrop (method "pdrop"), `methods.pdrop.schedule` (its arguments)."""
+  return PruningConfig(method="pdrop", stage2=pdrop_lib.schedule(num_layers, target, **kwargs))
+
+
+def sparsevlm_schedule(num_layers: int, target: int = 192, **kwargs) -> PruningConfig:
+  """SparseVLM (method "sparsevlm") as its official code runs on LLaVA-1.5, `methods.sparsevlm.stage2` (its
+  arguments)."""
+  return PruningConfig(method="sparsevlm", stage2=sparsevlm_method.stage2(num_layers, target, **kwargs))

@@ -25,9 +25,13 @@ x T (2880 = 5 x 576), so K // P_nominal is the papers' "T/5 per crop whatever th
 LLaVA-1.5 has one crop and no padding or newlines, so every layout selects the same K tokens there (`ratio`: K of
 576 exactly).
 
-VisionZip with `cls=True` keeps each crop's CLS token and merges in the vision space (`_visionzip`): the rows are, per
-image, [base crop: CLS, dominant, contextual], then the grid crops' dominant tokens in row-major order over the
-padded grid of grid crops, their CLS tokens, then their contextual tokens (the official LLaVA-NeXT layout).
+`config.Layout` names each row of the table (plus crop_fixed / crop_divided over the unpadded tokens or padded_unpad,
+which the scope overrides reach, and VisionZip's CLS layout). A method with its own output hands its rows through its
+`stage1_rows` hook (`models.pruning.methods`).
+
+VisionZip with `cls=True` keeps each crop's CLS token and merges in the vision space (`methods.visionzip`): the rows
+are, per image, [base crop: CLS, dominant, contextual], then the grid crops' dominant tokens in row-major order over
+the padded grid of grid crops, their CLS tokens, then their contextual tokens (the official LLaVA-NeXT layout).
 """
 
 from typing import Any, NamedTuple
@@ -36,13 +40,15 @@ import jax
 import jax.numpy as jnp
 
 from models.family import VisualTokens
+from models.pruning import crops as crops_lib
+from models.pruning import methods
+from models.pruning import selection
 from models.pruning import sequence
 from models.pruning.config import PruningConfig
-from models.pruning.outputs import StageOutput
-from tops_jax import prumerge as prumerge_lib
+from models.pruning.crops import nominal_crops
+from models.pruning.outputs import Rows, StageOutput
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
-from tops_jax import visionzip as visionzip_lib
 
 __all__ = ["ClipText", "Rows", "visual_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
 
@@ -58,37 +64,12 @@ class ClipText(NamedTuple):
   text_embeds: jax.Array
 
 
-class Rows(NamedTuple):
-  """The image rows Stage I hands to the LLM, in order."""
-  embeds: jax.Array   # float[B, O, D]
-  valid: jax.Array    # bool[B, O] a prefix of each row
-  packed: jax.Array   # int32[B, O] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
-
-
 def visual_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> VisualTokens:
-  """One tower pass with exactly what the configured Stage I reads (CLS attention, VisionZip's keys and CLS,
-  PruMerge+'s last-layer q/k)."""
-  vz = stage1 and config.method == "visionzip"
-  extras = ("keys",) if vz else ()
-  if vz and config.visionzip_cls:
-    extras += ("cls_features",)
-  if stage1 and config.method == "prumerge_plus":
-    extras += ("last_qk",)
+  """One tower pass with exactly what the configured Stage I reads (CLS attention, and the extras the method's
+  `tower` hook names: VisionZip's keys and CLS features, PruMerge+'s last-layer q/k)."""
+  extras = methods.get(config.method).tower(config) if stage1 else ()
   relevance = ("cls",) if stage1 and config.stage1_relevance == "cls" else ()
   return model.visual_tokens(pixel_values, layout, relevance=relevance, extras=extras)
-
-
-def nominal_crops(config: PruningConfig, model_config) -> int:
-  """The crops behind the budget: `stage1_crops`, else the model's most crops per image."""
-  return config.stage1_crops or model_config.max_num_crops
-
-
-def _per_crop_quota(config: PruningConfig, model_config) -> int:
-  return config.stage1_budget // nominal_crops(config, model_config)
-
-
-def _nominal_tokens(config: PruningConfig, model_config) -> int:
-  return nominal_crops(config, model_config) * model_config.vision.num_patches
 
 
 def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int, num_crops: int) -> int:
@@ -98,12 +79,13 @@ def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int,
   image keeps under newlines="rows"/"keep" (0 otherwise); num_crops: P of pixel_values.
   """
   k, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
-  if config.method == "prumerge_plus":
-    return k + 1                            # the kept tokens and PruMerge+'s extra token
+  own = methods.get(config.method).capacity
+  if own is not None:
+    return own(config, model_config)
   if scope == "ratio":
-    return max(1, min(visual, round(k * visual / _nominal_tokens(config, model_config)))) + newlines
+    return max(1, min(visual, round(k * visual / crops_lib.nominal_tokens(config, model_config)))) + newlines
   if scope == "crop_fixed":
-    return _per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
+    return crops_lib.per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
   return k + newlines
 
 
@@ -141,7 +123,7 @@ def row_newlines(selected: jax.Array, newline: jax.Array, crop: jax.Array) -> ja
 def _rank(config: PruningConfig, feats, rel, valid, keep: int, key, hp) -> jax.Array:
   """Greedy rank of every token (keep for the unranked): float[M, T, X] rows of candidates -> int32[M, T]."""
   m, t = valid.shape
-  order = prune.select_order(config.method, feats, keep=keep, relevance=rel, valid=valid, key=key, **hp)
+  order = selection.select_order(config.method, feats, keep=keep, relevance=rel, valid=valid, key=key, **hp)
   return jnp.full((m, t), t, jnp.int32).at[jnp.arange(m)[:, None], order].set(
       jnp.arange(order.shape[1], dtype=jnp.int32))
 
@@ -184,14 +166,11 @@ def _per_crop(config: PruningConfig, model_config, images: VisualTokens, text, t
   if scope == "per_crop":
     quota, keep = crop_quotas(jnp.sum(token_valid, axis=-1), budget), min(t, budget)
   elif scope == "crop_fixed":
-    q = _per_crop_quota(config, model_config)
+    q = crops_lib.per_crop_quota(config, model_config)
     quota, keep = jnp.full((b, p), q, jnp.int32), q
   else:                                     # crop_divided: int(K / real crops)
     real = jnp.sum(crop_valid, axis=-1, dtype=jnp.int32)
     quota, keep = jnp.broadcast_to((budget // jnp.maximum(real, 1))[:, None], (b, p)), min(t, budget)
-  hp = dict(hp)
-  if rel is not None and config.method == "cdpruner" and config.stage1_relevance == "clip_text":
-    hp["rescale"] = False                   # already min-max rescaled over all crops of the image
   rank = _rank(config, feats.reshape(b * p, t, -1), None if rel is None else rel.reshape(b * p, t),
                token_valid.reshape(b * p, t), keep, key, hp).reshape(b, p, t)
   chosen = (rank < quota[:, :, None]) & token_valid & crop_valid[:, :, None]
@@ -216,15 +195,6 @@ def _from_crops(x: jax.Array, source: jax.Array, fill) -> jax.Array:
   return jnp.where(source >= 0, sequence.take(flat, jnp.maximum(source, 0))[..., 0], fill)
 
 
-def _slot_of_source(images: VisualTokens) -> jax.Array:
-  """The packed slot of each crop token (-1: unpadding removed it, or a padding crop): int32[B, P * T]."""
-  b, p, t = images.group_embeds.shape[:3]
-  n = images.source.shape[1]
-  src = jnp.where(images.source >= 0, images.source, p * t)
-  return jnp.full((b, p * t), -1, jnp.int32).at[jnp.arange(b)[:, None], src].set(
-      jnp.arange(n, dtype=jnp.int32), mode="drop")
-
-
 def _newline_policy(config: PruningConfig, selected, images: VisualTokens):
   if config.newlines == "keep":
     return selected | images.structural
@@ -246,10 +216,8 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
   subset of the packed slots), StageOutput over the packed slots)."""
   mc = model.config
   budget, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
-  hp = dict(hp)
-  if config.method == "trimtokenator":
-    hp.setdefault("text", text)
-    hp.setdefault("text_valid", text_valid)
+  spec = methods.get(config.method)
+  hp = spec.stage1_hparams(config, dict(hp), text, text_valid)
   candidate = images.valid & ~images.structural
   if config.newlines == "candidates":
     candidate = images.valid
@@ -257,13 +225,10 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
   embeds = images.embeds
   rows_b = jnp.arange(embeds.shape[0])[:, None]
 
-  if config.method == "visionzip" and config.visionzip_cls:
-    rows = _visionzip(model, config, images, key, hp)
-    return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=images.relevance.get("cls"))
-
-  if config.method == "prumerge_plus":
-    rows, rel = _prumerge(model, images, dict(hp, keep=budget))
-    return rows, None, StageOutput(candidates=candidates, kept=rows.packed[:, :budget], relevance=rel)
+  own = None if spec.stage1_rows is None else spec.stage1_rows(model, config, images, key, hp)
+  if own is not None:                       # the method's own output (VisionZip's CLS layout, PruMerge+)
+    rows, kept, relevance = own
+    return rows, None, StageOutput(candidates=candidates, kept=kept, relevance=relevance)
 
   if scope in ("per_crop", "crop_fixed", "crop_divided"):
     chosen, rel = _per_crop(config, mc, images, text, text_valid, clip_text, key, hp)
@@ -273,7 +238,7 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
       perm = canvas_order(images, t)
       idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), cap)
       idx = jnp.take_along_axis(perm, idx, axis=-1)
-      slot = jnp.take_along_axis(_slot_of_source(images), idx, axis=-1)
+      slot = jnp.take_along_axis(crops_lib.slot_of_source(images), idx, axis=-1)
       rows = Rows(embeds=sequence.take(images.group_embeds.reshape(b, p * t, -1), idx), valid=valid,
                   packed=jnp.where(valid, slot, -1))
       return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=packed_rel)
@@ -284,28 +249,20 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
 
   feats = images.features if config.stage1_features == "vision" else embeds
   rel = _packed_relevance(config, images, feats, text, text_valid, clip_text)
-  if config.stage1_relevance == "clip_text" and config.method == "cdpruner":
-    hp["rescale"] = False                   # clip_text_relevance rescaled it over the image already
   if scope == "ratio":
     n = jnp.sum(candidate, axis=-1, dtype=jnp.int32)
-    quota = jnp.round(budget * n / _nominal_tokens(config, mc)).astype(jnp.int32)
+    quota = jnp.round(budget * n / crops_lib.nominal_tokens(config, mc)).astype(jnp.int32)
     keep = min(cap, candidate.shape[1])
-    order = prune.select_order(config.method, feats, keep=keep, relevance=rel, valid=candidate, key=key, **hp)
+    order = selection.select_order(config.method, feats, keep=keep, relevance=rel, valid=candidate, key=key, **hp)
     rank = jnp.full(candidate.shape, keep, jnp.int32).at[rows_b, order].set(jnp.arange(keep, dtype=jnp.int32))
     selected = (rank < quota[:, None]) & candidate
-  elif config.method == "visionzip":         # merged in the vision space, then projected
-    hp.setdefault("keys", images.keys)
-    tokens, kept = prune.merge("visionzip", images.features, keep=budget, relevance=rel, valid=candidate, key=key,
-                               **hp)
-    embeds = embeds.at[rows_b, kept].set(model.project(tokens))
-    selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
   elif prune.METHODS[config.method].merge is not None:
-    tokens, kept = prune.merge(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
-    tokens = model.project(tokens) if config.stage1_features == "vision" else tokens
-    embeds = embeds.at[rows_b, kept].set(tokens)
+    merged, hp, project = spec.merge_inputs(config, images, feats, hp)
+    tokens, kept = selection.merge(config.method, merged, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
+    embeds = embeds.at[rows_b, kept].set(model.project(tokens) if project else tokens)
     selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
   else:
-    kept = prune.select(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
+    kept = selection.select(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
     selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
   size = cap if scope == "ratio" else budget
   kept = _kept(selected, size)
@@ -334,55 +291,6 @@ def canvas_order(images: VisualTokens, t: int) -> jax.Array:
   key = jnp.where(crop == 0, tok, t + canvas)
   key = jnp.where(images.group_valid[:, :, None], key, p * t + crop * t + tok)
   return jnp.argsort(key.reshape(b, p * t), axis=-1, stable=True).astype(jnp.int32)
-
-
-def _visionzip(model, config: PruningConfig, images: VisualTokens, key, hp) -> Rows:
-  """VisionZip's official output: per crop [CLS, dominant, contextual] merged in the vision space
-  (`tops_jax.visionzip.compress`), laid out in its LLaVA-NeXT order (`visionzip.next_order`), then projected."""
-  del key
-  feats = images.group_features
-  b, p, t, dv = feats.shape
-  dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
-  quota = _per_crop_quota(config, model.config)
-  if dominant + contextual != quota:        # the rows must fill exactly the layout's static per-crop share
-    raise ValueError(f"visionzip_cls: dominant + contextual = {dominant + contextual} must equal the per-crop budget "
-                     f"stage1_budget // stage1_crops = {config.stage1_budget} // "
-                     f"{nominal_crops(config, model.config)} = {quota}")
-  if quota > t:
-    raise ValueError(f"visionzip: dominant + contextual = {quota} exceeds the {t} tokens of a crop")
-  flat = lambda x: x.reshape(b * p, *x.shape[2:])
-  tokens, source, kind = visionzip_lib.compress(
-      flat(feats), flat(images.group_relevance.get("cls")), flat(images.group_keys), flat(images.extras["cls_features"]),
-      jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
-  k = dominant + contextual
-  kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
-  side = int(round(t ** 0.5))
-  perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
-      kind, source, images.grid, images.group_valid)
-  order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
-  tokens = order(tokens.reshape(b, p * k, dv))
-  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
-  flat_src = jnp.where(source >= 0, crop * t + source, -1).reshape(b, p * k)
-  slot = jnp.where(flat_src >= 0, jnp.take_along_axis(_slot_of_source(images), jnp.maximum(flat_src, 0), axis=-1),
-                   -1)
-  slot = order(slot)
-  return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
-
-
-def _prumerge(model, images: VisualTokens, hp) -> tuple[Rows, jax.Array]:
-  """PruMerge+'s official output (LLaVA-1.5): the merged kept tokens in its order, then the extra token
-  (`tops_jax.prumerge.merge_sequence`), projected. Relevance: the last CLIP layer's full-width CLS attention."""
-  if "last_query" not in images.extras:
-    raise ValueError("prumerge_plus needs the last vision layer's q/k (the family's visual_tokens(extras=('last_qk',)))")
-  rel = prumerge_lib.cls_attention(images.extras["last_query"], images.extras["last_keys"])
-  keys = images.extras["last_keys"][:, 1:]
-  hp = dict(hp)
-  keep = hp.pop("keep")
-  seq = jax.vmap(lambda f, r, v, k_: prumerge_lib.merge_sequence(f, r, v, keep=keep, keys=k_, **hp))(
-      images.features, rel, images.valid & ~images.structural, keys)
-  packed = jnp.concatenate([seq.indices, jnp.full(seq.indices.shape[:1] + (1,), -1, jnp.int32)], axis=-1)
-  packed = jnp.where(seq.mask & (jnp.arange(keep + 1) < jnp.minimum(seq.count, keep)[:, None]), packed, -1)
-  return Rows(embeds=model.project(seq.tokens), valid=seq.mask, packed=packed.astype(jnp.int32)), rel
 
 
 def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens, clip_text, key, left,

@@ -47,17 +47,17 @@ Why "before" is TOPS' default: the paper's schedule table changes the budget AT 
 on), the convention of FastV and PyramidDrop for "pruning at layer l"; and it fits every decoder the schedule fits
 ("after" needs l + 1 < L).
 
-Variable counts and inserted rows (`Choice`, `rebuild`). A step keeps, per row, the first `count` (<= its static
-keep K) candidates of the method's selection order (methods whose first k picks do not depend on K,
-`config.VARIABLE_COUNT_METHODS`), and may insert E extra hidden-state rows (a static maximum, `extra_valid` per row),
-placed right after the row's image run, before the text that follows it (SparseVLM's recycled tokens). The new
-sequence has `text_len + K + E` slots; masks, positions (contiguous: re-indexed; original: inserted rows take the
-position of the image run's last slot) and the KV cache stay exact. Inserted rows are visual (candidates of later
-steps) with source and packed position -1; in `Segment.index` they are S_prev + e (row e of `extra`).
-Per-row counts come from `stage2_ratios` (PyramidDrop: int(n * ratio) of the row's n image tokens entering the LLM,
-Python's float rounding through a static table) or a method's `choose` (SparseVLM).
+Variable counts and inserted rows (`Choice`, `rebuild`). A step keeps, per row, the first `count` (<= its static keep
+K) candidates of the method's selection order (methods whose first k picks do not depend on K,
+`Method.variable_count`, `models.pruning.methods`), and may insert E extra hidden-state rows (a static maximum,
+`extra_valid` per row), placed right after the row's image run, before the text that follows it (SparseVLM's recycled
+tokens). The new sequence has `text_len + K + E` slots; masks, positions (contiguous: re-indexed; original: inserted
+rows take the position of the image run's last slot) and the KV cache stay exact. Inserted rows are visual (candidates
+of later steps) with source and packed position -1; in `Segment.index` they are S_prev + e (row e of `extra`). Per-row
+counts come from `stage2_ratios` (PyramidDrop: int(n * ratio) of the row's n image tokens entering the LLM, Python's
+float rounding through a static table) or a method's `choose` (SparseVLM).
 
-SparseVLM (method "sparsevlm", Stage II only; `config.sparsevlm_schedule` gives the official settings). Raters once
+SparseVLM (method "sparsevlm", Stage II only; `methods.sparsevlm` holds the official settings and its step). Raters once
 from the input embeddings ("sparsevlm" raters), timing "after", contiguous positions. At each step p the text ->
 candidate block of layer p's head-mean attention (`tops_jax.sparsevlm.rater_attention`, all text rows, the raters
 flagged) and the candidates' hidden states OUTPUT by layer p go through `tops_jax.sparsevlm.prune_step` with the
@@ -67,73 +67,31 @@ tokens stay in place and the merged clusters are the inserted rows, in center or
 lists -1 for a kept token that is an earlier step's merged cluster (it has no packed position).
 """
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.pruning import methods
+from models.pruning import selection
 from models.pruning import sequence
 from models.pruning.config import PruningConfig
-from models.pruning.outputs import StageOutput
-from tops_jax import prune
+from models.pruning.outputs import Bound, Choice, Scores, StageOutput
 from tops_jax import relevance as relevance_lib
-from tops_jax import sparsevlm as sparsevlm_lib
 
 __all__ = ["Scores", "Choice", "Bound", "score", "choose", "rebuild", "sparsevlm_raters", "ratio_counts",
            "step_bounds"]
 
 
-class Scores(NamedTuple):
-  """What a Stage II step reads, gathered once at the scoring layer."""
-  visual: jax.Array           # int32[B, C] sequence positions of the candidates
-  visual_valid: jax.Array     # bool[B, C]
-  relevance: jax.Array | None  # float32[B, C]
-  text: jax.Array             # int32[B, A] sequence positions of the text after the image
-  text_valid: jax.Array       # bool[B, A]
-  keys: jax.Array | None      # float[B, S, Hkv * Dh] keys of the scoring layer (DART)
-  block: jax.Array | None = None   # float32[B, A, C] text -> candidate attention, mean over heads (SparseVLM)
-  raters: jax.Array | None = None  # bool[B, A] the text raters (SparseVLM)
-
-
-class Bound(NamedTuple):
-  """Static sizes of one step: at most `keep` kept candidates and `extra` inserted rows (the next step's candidates:
-  keep + extra); `max_deleted` bounds SparseVLM's deleted count (None for the other methods)."""
-  keep: int
-  extra: int = 0
-  max_deleted: int | None = None
-
-
 def step_bounds(config: PruningConfig, num_candidates: int, text_len: int) -> tuple[Bound, ...]:
   """The static sizes of every step, for a first step of `num_candidates` candidates (host side; the driver's trace
-  and the KV cache capacity read the same numbers). SparseVLM: `sparsevlm.step_sizes` over every N <= the
-  candidates and every rank <= min(text_len, N), capped by the config's keep; its `recycle` then allots
-  C = int(M / 10) + 1 rows with M = min(int(0.3 * max_deleted) + 1, N)."""
-  if config.method2 != "sparsevlm":
-    return tuple(Bound(keep) for _, keep in config.stage2)
-  hp = dict(config.stage2_hparams)
-  steps = sparsevlm_lib.schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps
-  out, n = [], num_candidates
-  for (_, keep), step in zip(config.stage2, steps):
-    size = sparsevlm_lib.step_sizes(step, n, text_len)
-    recycled = min((3 * size.deleted) // 10 + 1, n)
-    out.append(Bound(keep=max(min(keep, size.keep), 1), extra=recycled // 10 + 1, max_deleted=size.deleted))
-    n = out[-1].keep + out[-1].extra
-  return tuple(out)
-
-
-class Choice(NamedTuple):
-  """What a step keeps, per row.
-
-  order: int32[B, K] candidate indices (into `Scores.visual`) in selection order.
-  count: int32[B] how many of `order` the row keeps (<= K; invalid candidates are never kept).
-  extra: float[B, E, D] rows inserted after the row's image run, or None.
-  extra_valid: bool[B, E] which inserted rows are real (None: all, when `extra` is given).
-  """
-  order: jax.Array
-  count: jax.Array
-  extra: jax.Array | None = None
-  extra_valid: jax.Array | None = None
+  and the KV cache capacity read the same numbers): each step's keep, or the method's own bounds (SparseVLM's
+  `stage2_bounds`)."""
+  own = methods.get(config.method2).stage2_bounds
+  if own is None:
+    return tuple(Bound(keep) for _, keep in config.steps)
+  return own(config, num_candidates, text_len)
 
 
 def sparsevlm_raters(plan: sequence.Plan, seq: sequence.Seq, num_candidates: int, source_len: int) -> jax.Array:
@@ -158,7 +116,8 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
   visual, visual_valid = sequence.first(seq.visual & seq.mask, num_candidates)
   text, text_valid = sequence.text_after_image(seq.mask, seq.visual, plan.text_len)
   source = config.stage2_relevance
-  if source == "none" and config.method2 != "dart":
+  spec = methods.get(config.method2)
+  if source == "none" and not spec.reads_keys:
     return Scores(visual, visual_valid, None, text, text_valid, None)
   last = sequence.last_real(seq.mask)[:, None]
   slots = jnp.broadcast_to(jnp.arange(seq.mask.shape[1], dtype=jnp.int32), seq.mask.shape)
@@ -179,13 +138,13 @@ def score(model, config: PruningConfig, plan: sequence.Plan, seq: sequence.Seq, 
     block = relevance_lib.text_visual_attention(q, k, visual=visual, kv_valid=seq.mask, text_valid=text_valid,
                                                 visual_valid=visual_valid, **positions)
     rel = relevance_lib.rater_relevance(block, text_valid, rater_scores)
-    if config.method2 != "sparsevlm":
+    if not spec.reads_block:
       block = None
   elif source == "last_token":
     rel = relevance_lib.last_token_attention(q[:, :, 0], k, visual=visual, kv_valid=seq.mask,
                                              q_position=last[:, 0], k_positions=slots)
     rel = jnp.where(visual_valid, rel, 0.0)
-  keys = k.transpose(0, 2, 1, 3).reshape(*k.shape[:1], k.shape[2], -1) if config.method2 == "dart" else None
+  keys = k.transpose(0, 2, 1, 3).reshape(*k.shape[:1], k.shape[2], -1) if spec.reads_keys else None
   return Scores(visual, visual_valid, rel, text, text_valid, keys, block, chosen)
 
 
@@ -201,28 +160,12 @@ def choose(model, config: PruningConfig, seq: sequence.Seq, bound: Bound, scores
   """The method's selection order over the candidates (hidden states entering the pruned layer); count int32[B]
   (default `keep`) is cut to `keep`. SparseVLM: its official step `step` (`tops_jax.sparsevlm.prune_step`: rank
   based or fixed count, top-k of the raters' mean attention, recycled clusters as inserted rows)."""
+  spec = methods.get(config.method2)
+  if spec.stage2_choose is not None:
+    return spec.stage2_choose(model, config, seq, bound, scores, key, hp, step)
   keep = bound.keep
-  feats = sequence.take(seq.hidden, scores.visual)
-  if config.method2 == "sparsevlm":
-    official = sparsevlm_lib.schedule("llava-1.5", hp.get("budget", 192), hp.get("version", "v1")).steps[step]
-    out = sparsevlm_lib.prune_step(scores.block, scores.raters, feats, scores.visual_valid, max_keep=keep,
-                                   count=official.count, scale=official.scale, bias=official.bias,
-                                   max_deleted=bound.max_deleted, key=key)
-    c = scores.visual.shape[1]
-    return Choice(order=jnp.minimum(out.kept, c - 1), count=out.num_kept, extra=out.recycled.tokens,
-                  extra_valid=out.recycled.valid)
-  hp = dict(hp)
-  if config.method2 == "dart":
-    norm = model.language_model.norm
-    feats = norm(feats)
-    hp.setdefault("keys", sequence.take(scores.keys, scores.visual))
-    hp.setdefault("text_features", norm(sequence.take(seq.hidden, scores.text)))
-    hp.setdefault("text_keys", sequence.take(scores.keys, scores.text))
-    hp.setdefault("text_valid", scores.text_valid)
-    # DART visits its pivots in Python set order of their prompt positions (the official loop).
-    hp.setdefault("positions", sequence.take_positions(seq.positions, scores.visual)[0])
-    hp.setdefault("text_positions", sequence.take_positions(seq.positions, scores.text)[0])
-  order = prune.select_order(config.method2, feats, keep=keep, relevance=scores.relevance,
+  feats, hp = spec.stage2_inputs(model, seq, scores, sequence.take(seq.hidden, scores.visual), dict(hp))
+  order = selection.select_order(config.method2, feats, keep=keep, relevance=scores.relevance,
                              valid=scores.visual_valid, key=key, **hp)
   b = order.shape[0]
   count = jnp.full((b,), keep, jnp.int32) if count is None else jnp.minimum(count.astype(jnp.int32), keep)

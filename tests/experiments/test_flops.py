@@ -131,9 +131,9 @@ def test_schedule_seq_lens_follow_the_drivers_segments(timing):
   config = pruning.tops_schedule(num_layers, target, family="llava-next", timing=timing)
   want = []
   for g, (start, stop) in enumerate(config.segments(num_layers)):
-    visual = config.stage1_budget if g == 0 else config.stage2[g - 1][1]
+    visual = config.stage1_budget if g == 0 else config.steps[g - 1][1]
     want += [text + visual] * (stop - start)
-  got = flops.schedule_seq_lens(num_layers, text, config.stage1_budget, config.stage2, config.stage2_timing)
+  got = flops.schedule_seq_lens(num_layers, text, config.stage1_budget, config.steps, config.stage2_timing)
   assert got == want
   with pytest.raises(ValueError, match="outside"):
     flops.schedule_seq_lens(4, text, 8, ((4, 2),))
@@ -338,7 +338,7 @@ def test_tops_over_one_shot_costs_about_a_fifth_more_decoder_flops():
   text = 60
   for target, want_low, want_high, kv_low, kv_high in ((320, 1.16, 1.17, 1.15, 1.16), (640, 1.18, 1.19, 1.17, 1.18)):
     config = pruning.tops_schedule(32, target, family="llava-next")
-    tops = flops.schedule_seq_lens(32, text, config.stage1_budget, config.stage2, config.stage2_timing)
+    tops = flops.schedule_seq_lens(32, text, config.stage1_budget, config.steps, config.stage2_timing)
     visual = [2 * target if l < 12 else target if l < 24 else target // 4 for l in range(32)]   # the paper's table
     assert tops == [text + v for v in visual]
     assert np.mean(visual) / target == 38 / 32

@@ -33,7 +33,7 @@ def test_every_run_is_the_methods_official_protocol(model, tmp_path):
       continue
     assert spec.config == pruning.method_config(method, family="testbed", target=20, num_layers=layers), method
   assert by_method["divprune"].config.stage1_scope == "ratio"
-  assert by_method["dart"].config.stage2 == ((2, 4 + 8 * (20 // 8)),)
+  assert by_method["dart"].config.steps == ((2, 4 + 8 * (20 // 8)),)
 
 
 def test_testbed_cdpruner_runs_the_labelled_fallback(model, tmp_path):
@@ -48,7 +48,7 @@ def test_overrides_reach_the_config(model, tmp_path):
                      overrides=("divprune.scope=global", "dart.dart_count=exact"))
   configs = {r.method: r.config for r in runs if r.budget}
   assert (configs["divprune"].stage1_scope, configs["divprune"].newlines) == ("global", "drop")
-  assert configs["dart"].stage2 == ((2, 20),)
+  assert configs["dart"].steps == ((2, 20),)
 
 
 @pytest.mark.parametrize("items,match", [

@@ -176,8 +176,8 @@ def test_random_rows_follow_the_examples_order_and_the_rest_do_not():
                   max_new_tokens=1, batch_size=2)
   items = [tasks.Item(f"e{i}", np.zeros((4, 4, 3), np.uint8), "q", "a", "vqa", "") for i in range(3)]
   # random draws fold_in(fold_in(seed, batch), row): an example's draw follows its position.
-  random = plan.RunSpec("random", 12, None, pruning.PruningConfig("random", stage1_budget=12), "random")
-  divprune = plan.RunSpec("divprune", 12, None, pruning.PruningConfig("divprune", stage1_budget=12), "divprune")
+  random = plan.RunSpec("random", 12, None, pruning.PruningConfig.flat("random", stage1_budget=12), "random")
+  divprune = plan.RunSpec("divprune", 12, None, pruning.PruningConfig.flat("divprune", stage1_budget=12), "divprune")
   assert evaluate.run_hash(resolved, random, "t", items) != evaluate.run_hash(resolved, random, "t", items[::-1])
   assert evaluate.run_hash(resolved, divprune, "t", items) == evaluate.run_hash(resolved, divprune, "t", items[::-1])
   for field, value in (("max_new_tokens", 2), ("batch_size", 3), ("checkpoint_fingerprint", "g")):
@@ -283,7 +283,7 @@ def test_run_hash_covers_the_settings_and_the_keep_ratio():
   import hashlib  # pylint: disable=g-import-not-at-top
   settings = dict(backbone="testbed", checkpoint="c", checkpoint_fingerprint="f", data_dir=None, split="test", seed=0,
                   max_new_tokens=1, batch_size=25)
-  config = pruning.PruningConfig("divprune", stage1_budget=40)
+  config = pruning.PruningConfig.flat("divprune", stage1_budget=40)
   spec = plan.RunSpec("divprune", 40, 2 / 9, config, "divprune")
   items = [tasks.Item("e0", np.zeros((4, 4, 3), np.uint8), "q", "a", "vqa", "")]
   want = hashlib.sha1(json.dumps(dict(settings, task="synthvqa", config=repr(config), keep_ratio=2 / 9),

@@ -12,8 +12,8 @@ from models import loading
 from models import pruning
 
 IMAGE = mf.IMAGE_TOKEN_ID
-STAGE1 = pruning.PruningConfig(method="divprune", stage1_budget=4, stage1_relevance="none")
-STAGE2_ONLY = pruning.PruningConfig(method="divprune", stage2=((1, 4),), stage2_relevance="none")
+STAGE1 = pruning.PruningConfig.flat(method="divprune", stage1_budget=4, stage1_relevance="none")
+STAGE2_ONLY = pruning.PruningConfig.flat(method="divprune", stage2=((1, 4),), stage2_relevance="none")
 
 # Every entry point that takes a LLaVA batch, called with (model, input_ids, pixel_values).
 ENTRY_POINTS = {

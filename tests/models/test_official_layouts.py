@@ -354,7 +354,7 @@ def test_llava_official_layouts_keep_the_global_selection(llava, method):
 ])
 def test_bad_layouts_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    pruning.PruningConfig(**kwargs)
+    pruning.PruningConfig.flat(**kwargs)
 
 
 def test_bad_official_protocols_and_inputs_raise(llava_next):

@@ -50,19 +50,19 @@ def test_visionzip_official_split_counts_the_cls():
 @pytest.mark.parametrize("target,kept", [(64, 68), (128, 132), (192, 196), (320, 324)])
 def test_dart_official_count(target, kept):
   assert dart.kept_count(target) == kept
-  assert _cfg("dart", family="llava-1.5", target=target).stage2 == ((2, kept),)
-  assert _cfg("dart", family="llava-1.5", target=target, dart_count="exact").stage2 == ((2, target),)
+  assert _cfg("dart", family="llava-1.5", target=target).steps == ((2, kept),)
+  assert _cfg("dart", family="llava-1.5", target=target, dart_count="exact").steps == ((2, target),)
 
 
 def test_tops_is_the_paper_schedule():
   c = _cfg("tops", target=320)
-  assert c.stage1_budget == 640 and c.stage2 == ((12, 320), (24, 80))
+  assert c.stage1_budget == 640 and c.steps == ((12, 320), (24, 80))
   assert dict(c.stage2_hparams) == {"alpha": 0.5, "lam": 0.4}
   assert dict(_cfg("tops", target=320, stage2_lam=0.7).stage2_hparams)["lam"] == 0.7
 
 
 def test_in_llm_methods_keep_original_positions():
-  assert _cfg("fastv").positions == "original" and _cfg("fastv").stage2 == ((2, 320),)
+  assert _cfg("fastv").positions == "original" and _cfg("fastv").steps == ((2, 320),)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -89,7 +89,7 @@ def test_bad_requests_name_the_problem(kwargs, match):
 ])
 def test_inconsistent_layouts_raise(fields, match):
   with pytest.raises(ValueError, match=match):
-    pruning.PruningConfig(**fields)
+    pruning.PruningConfig.flat(**fields)
 
 
 def test_vispruner_uses_cdpruners_per_crop_layout_on_vision_features():
@@ -109,7 +109,7 @@ def test_prumerge_plus_is_llava_1_5_only_with_the_fixed_branch():
 
 def test_pdrop_average_tokens_match_the_budget_and_small_budgets_have_no_protocol():
   c = _cfg("pdrop", family="llava-1.5", target=64)
-  assert [layer for layer, _ in c.stage2] == [2, 8, 16] and c.method == "pdrop"
+  assert [layer for layer, _ in c.steps] == [2, 8, 16] and c.method == "pdrop"
   kept = [576] * 2 + [int(576 * r) for r, n in zip(c.stage2_ratios, (6, 8, 16)) for _ in range(n)]
   assert abs(sum(kept) / 32 - 64) < 3                  # PyramidDrop's "average visual tokens per layer"
   with pytest.raises(pruning.NoProtocol, match="pdrop at T=32"):
@@ -120,7 +120,7 @@ def test_pdrop_average_tokens_match_the_budget_and_small_budgets_have_no_protoco
 
 def test_sparsevlm_has_only_its_published_llava_1_5_settings():
   c = _cfg("sparsevlm", family="llava-1.5", target=128)
-  assert [layer for layer, _ in c.stage2] == [2, 6, 15, 19]
+  assert [layer for layer, _ in c.steps] == [2, 6, 15, 19]
   assert (c.stage2_raters, c.stage2_timing) == ("sparsevlm", "after")
   for family, target in (("llava-1.5", 32), ("llava-next", 320)):
     with pytest.raises(pruning.NoProtocol):

@@ -125,7 +125,7 @@ def _check_stage1(out, hf, ids, mask, kept_slots, image_rows, image_slots, side)
 def test_keep_all_equals_unpruned_llava(llava_pair):
   _, model = llava_pair
   ids, mask, px = _llava_batch("left")
-  cfg = pruning.PruningConfig("tops", stage1_budget=N, stage2=((1, N), (2, N)))
+  cfg = pruning.PruningConfig.flat("tops", stage1_budget=N, stage2=((1, N), (2, N)))
   out = pruning.forward(model, cfg, ids, mask, px, all_logits=True)
   full = _unpruned(model, ids, mask, px)
   real = mask.astype(bool)
@@ -140,8 +140,8 @@ def test_keep_all_equals_unpruned_llava_next(llava_next_pair):
   ids, mask, px, sizes = _next_batch("right", sizes=((50, 70), (50, 70)))
   count = int((ids[0] == IMAGE).sum())
   newlines = int(model.pack_layout(sizes).newline[0].sum())
-  cfg = pruning.PruningConfig("divprune", stage1_budget=count - newlines, stage1_relevance="none", newlines="keep",
-                              stage2=((1, count), (2, count)), stage2_relevance="none")
+  cfg = pruning.PruningConfig.flat("divprune", stage1_budget=count - newlines, stage1_relevance="none", newlines="keep",
+                                   stage2=((1, count), (2, count)), stage2_relevance="none")
   out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
   full = _unpruned(model, ids, mask, px, sizes)
   real = mask.astype(bool)
@@ -159,7 +159,7 @@ def test_stage1_llava_matches_transformers(llava_pair, method, relevance, side):
   ids, mask, px = _llava_batch(side, seed=1)
   budget = 6
   hp = {"alpha": 0.5, "lam": 1.0} if method == "tops" else {}
-  cfg = pruning.PruningConfig(method, stage1_budget=budget, stage1_relevance=relevance, stage1_hparams=hp)
+  cfg = pruning.PruningConfig.flat(method, stage1_budget=budget, stage1_relevance=relevance, stage1_hparams=hp)
   out = pruning.forward(model, cfg, ids, mask, px, all_logits=True)
 
   feats, cls, keys, proj = _hf_vision(hf, px)
@@ -210,8 +210,8 @@ def test_stage1_llava_next_matches_transformers(llava_next_pair, scope, newlines
   budget = 10
   method, hp = ("divprune", {}) if scope == "global" else ("tops", {"alpha": 0.5, "lam": 0.5})
   relevance = "none" if scope == "global" else "cls"
-  cfg = pruning.PruningConfig(method, stage1_budget=budget, stage1_scope=scope, stage1_relevance=relevance,
-                              stage1_hparams=hp, newlines=newlines)
+  cfg = pruning.PruningConfig.flat(method, stage1_budget=budget, stage1_scope=scope, stage1_relevance=relevance,
+                                   stage1_hparams=hp, newlines=newlines)
   out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
 
   layout = anyres.pack_layout(sizes, PINPOINTS, CROP, PATCH)
@@ -312,8 +312,8 @@ def test_stage2_matches_reference(request, family, method, relevance, positions,
   else:
     ids, mask, px, sizes = _next_batch(side, seed=3)
   hp = {"alpha": 0.5, "lam": 0.5} if method == "tops" else {}
-  cfg = pruning.PruningConfig(method, stage2=steps, stage2_relevance=relevance, stage2_hparams=hp,
-                              positions=positions)
+  cfg = pruning.PruningConfig.flat(method, stage2=steps, stage2_relevance=relevance, stage2_hparams=hp,
+                                   positions=positions)
   out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
   num_layers = model.config.text.num_hidden_layers
 
@@ -400,8 +400,8 @@ def test_decoding_with_cache_matches_recomputation(request, family, positions):
     sizes = None
   else:
     ids, mask, px, sizes = _next_batch("left", seed=4)
-  cfg = pruning.PruningConfig("tops", stage1_budget=10, stage2=((1, 6), (2, 3)), positions=positions,
-                              newlines="rows")
+  cfg = pruning.PruningConfig.flat("tops", stage1_budget=10, stage2=((1, 6), (2, 3)), positions=positions,
+                                   newlines="rows")
   steps = 4
   pre = pruning.forward(model, cfg, ids, mask, px, sizes, cache_capacity=ids.shape[1] + steps)
   seg_mask = np.asarray(pre.segments[-1].mask)
@@ -428,16 +428,16 @@ def test_decoding_with_cache_matches_recomputation(request, family, positions):
 
 def test_tops_schedule():
   cfg = pruning.tops_schedule(32, 128)
-  assert (cfg.method, cfg.stage1_budget, cfg.stage2) == ("tops", 256, ((12, 128), (24, 32)))
+  assert (cfg.method, cfg.stage1_budget, cfg.steps) == ("tops", 256, ((12, 128), (24, 32)))
   assert dict(cfg.stage1_hparams) == {"alpha": 0.5, "lam": 0.5} == dict(cfg.stage2_hparams)
   assert (cfg.stage1_relevance, cfg.stage2_relevance, cfg.positions) == ("cls", "raters", "contiguous")
   assert dict(pruning.tops_schedule(32, 64).stage2_hparams) == {"alpha": 0.5, "lam": 1.0}
   big = pruning.tops_schedule(40, 32)
-  assert big.stage2 == ((15, 32), (30, 8)) and dict(big.stage2_hparams) == {"alpha": 0.5, "lam": 0.4}
+  assert big.steps == ((15, 32), (30, 8)) and dict(big.stage2_hparams) == {"alpha": 0.5, "lam": 0.4}
   nxt = pruning.tops_schedule(32, 320, family="llava-next")
-  assert nxt.stage1_budget == 640 and nxt.stage2 == ((12, 320), (24, 80))
+  assert nxt.stage1_budget == 640 and nxt.steps == ((12, 320), (24, 80))
   assert dict(nxt.stage2_hparams) == {"alpha": 0.5, "lam": 0.4}
-  assert pruning.tops_schedule(3, 8, stage2_alpha=0.5, stage2_lam=0.5).stage2 == ((1, 8), (2, 2))
+  assert pruning.tops_schedule(3, 8, stage2_alpha=0.5, stage2_lam=0.5).steps == ((1, 8), (2, 2))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -459,7 +459,7 @@ def test_tops_schedule():
 ])
 def test_bad_configs_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    pruning.PruningConfig(**kwargs)
+    pruning.PruningConfig.flat(**kwargs)
 
 
 def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
@@ -473,10 +473,10 @@ def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
   ids, mask, px = _llava_batch()
   run = lambda cfg, *a, **kw: pruning.forward(model, cfg, *a, **kw)
   with pytest.raises(ValueError, match="out of range for a decoder with 3 layers"):
-    run(pruning.PruningConfig("tops", stage2=((3, 4),)), ids, mask, px)
+    run(pruning.PruningConfig.flat("tops", stage2=((3, 4),)), ids, mask, px)
   with pytest.raises(ValueError, match="exceeds the 16 visual tokens"):
-    run(pruning.PruningConfig("tops", stage1_budget=17), ids, mask, px)
-  cfg = pruning.PruningConfig("tops", stage1_budget=4)
+    run(pruning.PruningConfig.flat("tops", stage1_budget=17), ids, mask, px)
+  cfg = pruning.PruningConfig.flat("tops", stage1_budget=4)
   with pytest.raises(ValueError, match="one image per row"):
     run(cfg, ids, mask, px[:1])
   short = ids.copy()
@@ -491,16 +491,17 @@ def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
   with pytest.raises(ValueError, match="text_len=10 is smaller"):
     run(cfg, ids, mask, px, text_len=10)
   with pytest.raises(ValueError, match="unknown hyperparameter"):
-    run(pruning.PruningConfig("tops", stage1_budget=4, stage1_hparams={"beta": 1.0}), ids, mask, px)
+    run(pruning.PruningConfig.flat("tops", stage1_budget=4, stage1_hparams={"beta": 1.0}), ids, mask, px)
   _, next_model = llava_next_pair
   ids, mask, px, sizes = _next_batch()
   layout = anyres.pack_layout(sizes, PINPOINTS, CROP, PATCH)
   tokens = (layout.valid & ~layout.newline).sum(-1)
   assert tokens[1] < tokens[0]
   with pytest.raises(ValueError, match=f"exceeds the {tokens[1]} image tokens of image 1"):
-    pruning.forward(next_model, pruning.PruningConfig("tops", stage1_budget=int(tokens[1]) + 1), ids, mask, px, sizes)
+    pruning.forward(next_model, pruning.PruningConfig.flat("tops", stage1_budget=int(tokens[1]) + 1), ids, mask, px,
+                    sizes)
   with pytest.raises(ValueError, match="LLaVA-NeXT needs image_sizes"):
-    pruning.forward(next_model, pruning.PruningConfig("tops", stage1_budget=4), ids, mask, px)
+    pruning.forward(next_model, pruning.PruningConfig.flat("tops", stage1_budget=4), ids, mask, px)
 
 
 def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
@@ -509,8 +510,8 @@ def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
   from models.pruning import driver  # pylint: disable=g-import-not-at-top
   _, model = llava_next_pair
   ids, mask, px, sizes = _next_batch("left", seed=5)
-  cfg = lambda alpha: pruning.PruningConfig("tops", stage1_budget=8, stage1_hparams={"alpha": alpha, "lam": 0.5},
-                                            stage2=((1, 4),), stage2_hparams={"alpha": alpha, "lam": 0.5})
+  cfg = lambda alpha: pruning.PruningConfig.flat("tops", stage1_budget=8, stage1_hparams={"alpha": alpha, "lam": 0.5},
+                                                 stage2=((1, 4),), stage2_hparams={"alpha": alpha, "lam": 0.5})
   kept = lambda out: (np.asarray(out.stage1.kept), np.asarray(out.stage2[0].kept))
   low = kept(pruning.forward(model, cfg(0.3), ids, mask, px, sizes))
   compiled = driver._forward._cache_size()  # pylint: disable=protected-access
@@ -523,7 +524,8 @@ def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
     np.testing.assert_array_equal(a, b)
   assert any((a != b).any() for a, b in zip(low, high)), "alpha must change the picks for this test to mean anything"
   # A structural change (another budget, another string option) is another program.
-  pruning.forward(model, dataclasses.replace(cfg(0.9), stage1_budget=9), ids, mask, px, sizes)
+  wider = dataclasses.replace(cfg(0.9), stage1=dataclasses.replace(cfg(0.9).stage1, budget=9))
+  pruning.forward(model, wider, ids, mask, px, sizes)
   assert driver._forward._cache_size() == 2  # pylint: disable=protected-access
 
 

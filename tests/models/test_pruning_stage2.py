@@ -15,7 +15,6 @@ from models import anyres
 from models import generate
 from models import llama
 from models import pruning
-from models.pruning import config as config_lib
 from models.pruning import sequence
 from models.pruning import stage2
 from tops_jax import prune
@@ -88,8 +87,8 @@ def test_after_timing_equals_unpruned_layers_then_pruned_sequence(request, famil
   ids, mask, px, sizes = _batch(family, side, seed=11)
   keep = 7
   hp = {"alpha": 0.5, "lam": 0.5}
-  cfg = pruning.PruningConfig("tops", stage2=((layer, keep),), stage2_timing="after", stage2_raters=raters,
-                              stage2_hparams=hp)
+  cfg = pruning.PruningConfig.flat("tops", stage2=((layer, keep),), stage2_timing="after", stage2_raters=raters,
+                                   stage2_hparams=hp)
   assert cfg.segments(3) == ((0, layer + 1), (layer + 1, 3)) and cfg.score_layer(layer) == layer
   out = pruning.forward(model, cfg, ids, mask, px, sizes, all_logits=True)
 
@@ -183,12 +182,12 @@ def test_pdrop_matches_the_official_loop(request, family, side):
   model = request.getfixturevalue(family)
   ids, mask, px, sizes = _batch(family, side, seed=12)
   counts = (ids == IMAGE).sum(-1)
-  cfg = config_lib.pdrop_schedule(3, layers=(1, 2), lam=0.45, num_visual=int(counts.max()))
+  cfg = pruning.pdrop_schedule(3, layers=(1, 2), lam=0.45, num_visual=int(counts.max()))
   assert cfg.method == "pdrop" and cfg.stage2_relevance == "last_token" and cfg.positions == "contiguous"
-  assert [cfg.score_layer(layer) for layer, _ in cfg.stage2] == [1, 2]
+  assert [cfg.score_layer(layer) for layer, _ in cfg.steps] == [1, 2]
   out = pruning.forward(model, cfg, ids, mask, px, sizes)
   kept, want = _pdrop_official(model, ids, mask, _inputs_embeds(model, ids, mask, px, sizes), (1, 2), cfg.stage2_ratios)
-  for step, (_, keep) in enumerate(cfg.stage2):
+  for step, (_, keep) in enumerate(cfg.steps):
     got = np.asarray(out.stage2[step].kept)
     assert got.shape[1] == keep
     for r in range(2):
@@ -200,24 +199,24 @@ def test_pdrop_matches_the_official_loop(request, family, side):
 
 
 def test_pdrop_schedule_settings():
-  official = config_lib.pdrop_schedule(32)
-  assert official.stage2 == ((8, 288), (16, 144), (24, 72)) and official.stage2_ratios == (0.5, 0.25, 0.125)
-  assert config_lib.pdrop_schedule(40).stage2 == ((8, 288), (16, 144), (24, 72))     # 13B: the same layers
-  low = config_lib.pdrop_schedule(32, 64)
-  assert low.stage2 == ((2, 109), (8, 20), (16, 3)) and low.stage2_ratios == (0.19, 0.0361, 0.006859)
-  assert config_lib.pdrop_schedule(32, 128).stage2_ratios[0] == 0.42
-  mid = config_lib.pdrop_schedule(32, 192)
-  assert [layer for layer, _ in mid.stage2] == [8, 16, 24] and mid.stage2_ratios[0] == 0.25
-  nxt = config_lib.pdrop_schedule(32, 640, family="llava-next", num_visual=2928)
-  assert nxt.stage2 == ((2, int(2928 * 0.42)), (8, int(2928 * 0.1764)), (16, int(2928 * 0.074088)))
+  official = pruning.pdrop_schedule(32)
+  assert official.steps == ((8, 288), (16, 144), (24, 72)) and official.stage2_ratios == (0.5, 0.25, 0.125)
+  assert pruning.pdrop_schedule(40).steps == ((8, 288), (16, 144), (24, 72))     # 13B: the same layers
+  low = pruning.pdrop_schedule(32, 64)
+  assert low.steps == ((2, 109), (8, 20), (16, 3)) and low.stage2_ratios == (0.19, 0.0361, 0.006859)
+  assert pruning.pdrop_schedule(32, 128).stage2_ratios[0] == 0.42
+  mid = pruning.pdrop_schedule(32, 192)
+  assert [layer for layer, _ in mid.steps] == [8, 16, 24] and mid.stage2_ratios[0] == 0.25
+  nxt = pruning.pdrop_schedule(32, 640, family="llava-next", num_visual=2928)
+  assert nxt.steps == ((2, int(2928 * 0.42)), (8, int(2928 * 0.1764)), (16, int(2928 * 0.074088)))
   with pytest.raises(ValueError, match="above target=32"):
-    config_lib.pdrop_schedule(32, 32)
+    pruning.pdrop_schedule(32, 32)
   with pytest.raises(ValueError, match="not both"):
-    config_lib.pdrop_schedule(32, 64, lam=0.5)
+    pruning.pdrop_schedule(32, 64, lam=0.5)
   with pytest.raises(ValueError, match="too shallow"):
-    config_lib.pdrop_schedule(4)
+    pruning.pdrop_schedule(4)
   with pytest.raises(ValueError, match="num_visual"):
-    config_lib.pdrop_schedule(4, 10, family="testbed", layers=(1, 2))
+    pruning.pdrop_schedule(4, 10, family="testbed", layers=(1, 2))
 
 
 # ----------------------------------------------------------------------------- variable counts, inserted rows
@@ -251,7 +250,7 @@ def test_rebuild_with_row_counts_and_inserted_rows_is_exact(llava, side):
   extra = rng.randn(2, 2, h0.shape[-1]).astype(np.float32)
   extra_valid = np.array([[True, False], [True, True]])
   choice = stage2.Choice(jnp.asarray(order), jnp.asarray(count), jnp.asarray(extra), jnp.asarray(extra_valid))
-  cfg = pruning.PruningConfig("tops", stage2=((1, keep),))
+  cfg = pruning.PruningConfig.flat("tops", stage2=((1, keep),))
   seq2, index, stage = stage2.rebuild(cfg, plan, seq1, keep, scores, choice, jnp.asarray(side == "left"))
 
   # By hand: [prefix; kept image tokens ascending; valid inserted rows; suffix], contiguous positions.
@@ -307,7 +306,7 @@ def test_inserted_rows_take_the_image_runs_last_position_with_original_positions
   scores = stage2.Scores(jnp.asarray([[1, 2, 3]]), jnp.ones((1, 3), bool), None, jnp.asarray([[4, 5]]),
                          jnp.ones((1, 2), bool), None)
   choice = stage2.Choice(jnp.asarray([[2, 0]]), jnp.asarray([2]), jnp.ones((1, 1, d)), None)
-  cfg = pruning.PruningConfig("fastv", stage2=((2, 2),), stage2_relevance="last_token", positions="original")
+  cfg = pruning.PruningConfig.flat("fastv", stage2=((2, 2),), stage2_relevance="last_token", positions="original")
   out, index, _ = stage2.rebuild(cfg, sequence.Plan(text_len=3, visual=3, newlines=0), seq, 2, scores, choice,
                                  jnp.asarray(False))
   np.testing.assert_array_equal(np.asarray(index), [[0, 1, 3, 6, 4, 5]])
@@ -334,19 +333,19 @@ def test_bad_stage2_options_raise(kwargs, match):
   fields = dict(method="tops", stage2=((2, 4),))
   fields.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    pruning.PruningConfig(**fields)
+    pruning.PruningConfig.flat(**fields)
 
 
 def test_after_timing_layer_range_and_score_layers(llava):
-  cfg = pruning.PruningConfig("tops", stage2=((0, 8), (1, 4)), stage2_timing="after")
+  cfg = pruning.PruningConfig.flat("tops", stage2=((0, 8), (1, 4)), stage2_timing="after")
   assert cfg.segments(3) == ((0, 1), (1, 2), (2, 3))
-  fastv = pruning.PruningConfig("fastv", stage2=((2, 4),), stage2_relevance="last_token")
+  fastv = pruning.PruningConfig.flat("fastv", stage2=((2, 4),), stage2_relevance="last_token")
   assert fastv.score_layer(2) == 1 and fastv.segments(3) == ((0, 2), (2, 3))
-  late = pruning.PruningConfig("fastv", stage2=((1, 4),), stage2_relevance="last_token", stage2_timing="after")
+  late = pruning.PruningConfig.flat("fastv", stage2=((1, 4),), stage2_relevance="last_token", stage2_timing="after")
   assert late.score_layer(1) == 1 and late.segments(3) == ((0, 2), (2, 3))     # = "before" at 2
   ids, mask, px, _ = _batch("llava", "left", seed=0)
   with pytest.raises(ValueError, match="pruning layers lie in \\[0, 2\\)"):
-    pruning.forward(llava, pruning.PruningConfig("tops", stage2=((2, 4),), stage2_timing="after"), ids, mask, px)
+    pruning.forward(llava, pruning.PruningConfig.flat("tops", stage2=((2, 4),), stage2_timing="after"), ids, mask, px)
 
 
 # ------------------------------------------------------------------------------------------------------ SparseVLM
@@ -401,9 +400,9 @@ def test_sparsevlm_matches_the_official_loop(llava):
   rng = np.random.RandomState(14)
   ids, mask = mf.prompt_rows(rng, (6, 9), (N, N), (5, 4), "left")
   px = rng.randn(2, 3, 28, 28).astype(np.float32)
-  cfg = pruning.PruningConfig("sparsevlm", stage2=((0, N), (1, N)), stage2_relevance="raters",
-                              stage2_raters="sparsevlm", stage2_timing="after",
-                              stage2_hparams={"version": "v1", "budget": 64})
+  cfg = pruning.PruningConfig.flat("sparsevlm", stage2=((0, N), (1, N)), stage2_relevance="raters",
+                                   stage2_raters="sparsevlm", stage2_timing="after",
+                                   stage2_hparams={"version": "v1", "budget": 64})
   out = pruning.forward(model, cfg, ids, mask, px)
   kept, want = _sparsevlm_official(model, ids, mask, _inputs_embeds(model, ids, mask, px, None), (0, 1),
                                    dict(scale=0.8, bias=0.0))

@@ -463,20 +463,26 @@ def test_merge_under_jit_with_non_finite_inputs_gives_distinct_indices_and_finit
 
 
 @pytest.mark.parametrize("method", ["tops", "divprune", "random"])
-def test_under_a_mesh_each_device_selects_its_rows_as_one_device_would(method):
-  """With a mesh set, a batched call splits its rows over the mesh's data x fsdp devices (a shard_map in the traced
-  program) and picks what the unsharded call picks, per-row keys included."""
+def test_selection_is_pure_of_the_mesh_and_takes_per_row_keys(method):
+  """Under a mesh a batched call is the plain program (the per-device split is `models.pruning.selection`'s) with
+  the unsharded picks; one key per row (`row_keys`) picks what the folded single key picks."""
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   feats = rng.randn(8, 40, 16).astype(np.float32)
   rel = rng.rand(8, 40).astype(np.float32)
   valid = rng.rand(8, 40) > 0.2
-  kw = dict(keep=6, relevance=rel, valid=valid, key=jax.random.key(2) if method == "random" else None)
+  key = jax.random.key(2) if method == "random" else None
+  kw = dict(keep=6, relevance=rel, valid=valid, key=key)
   want = prune.select(method, feats, **kw)
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     sharded = jax.device_put(feats, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     got = prune.select(method, sharded, **kw)
-    assert "shard_map" in str(jax.make_jaxpr(lambda f: prune.select(method, f, **kw))(sharded))
-  assert "shard_map" not in str(jax.make_jaxpr(lambda f: prune.select(method, f, **kw))(feats))
+    assert "shard_map" not in str(jax.make_jaxpr(lambda f: prune.select(method, f, **kw))(sharded))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if key is not None:
+    per_row = prune.select(method, feats, **dict(kw, key=prune.row_keys(key, 8)))
+    np.testing.assert_array_equal(np.asarray(per_row), np.asarray(want))
+    raw = jax.random.PRNGKey(2)
+    np.testing.assert_array_equal(np.asarray(prune.select(method, feats, **dict(kw, key=prune.row_keys(raw, 8)))),
+                                  np.asarray(prune.select(method, feats, **dict(kw, key=raw))))

@@ -427,24 +427,6 @@ def test_assemble_order_and_two_chained_steps():
 # ------------------------------------------------------------------------------------------------ schedules
 
 
-def test_official_schedules():
-  v1 = {b: sv.schedule("llava-1.5", b) for b in (192, 128, 64)}
-  assert [s.layer for s in v1[192].steps] == [2, 6, 15, 19]
-  assert {b: (s.steps[0].scale, s.steps[0].bias) for b, s in v1.items()} == {192: (13.5, 0.0), 128: (9.0, 6.0),
-                                                                             64: (0.8, 0.0)}
-  v15 = {b: sv.schedule("llava-1.5", b, "v1.5") for b in (192, 128, 96, 64)}
-  assert {b: tuple((st.layer, st.count) for st in s.steps) for b, s in v15.items()} == {
-      192: ((2, 300), (6, 200), (15, 110)), 128: ((2, 303), (6, 110), (15, 36)),
-      96: ((2, 238), (6, 48), (15, 26)), 64: ((2, 66), (6, 30), (15, 17))}
-  # The budget is the official printed mean of v_token_num over the 32 layers, where the pruning layer p already
-  # counts with its new number (forward appends v_token_num after the update): layers [0, p1) see 576.
-  for b, s in v15.items():
-    counts = [576] + [st.count for st in s.steps]
-    bounds = [0] + [st.layer for st in s.steps] + [32]
-    mean = sum(c * (hi - lo) for c, lo, hi in zip(counts, bounds[:-1], bounds[1:])) / 32
-    assert 0.95 * b <= mean <= b            # recycled clusters add the rest
-
-
 def test_step_sizes_bound_every_reachable_case():
   for step in (sv.Step(2, count=7), sv.Step(2, scale=1.5, bias=2.0), sv.Step(2, scale=0.4, bias=-1.0)):
     nv, nt = 30, 6
@@ -462,23 +444,12 @@ def test_step_sizes_bound_every_reachable_case():
                      visual_out=max(worst["visual_out"], kept + clusters))
     assert (got.keep, got.deleted, got.visual_out) == (worst["keep"], worst["deleted"], worst["visual_out"])
     assert got.recycled == int(got.deleted * 0.3) + 1 and got.clusters == got.recycled // 10 + 1
-  chained = sv.sizes(sv.schedule("llava-1.5", 192, "v1.5"), 576, 40)
+  chained = sv.sizes((sv.Step(2, count=300), sv.Step(6, count=200), sv.Step(15, count=110)), 576, 40)
   assert [s.keep for s in chained] == [300, 200, 110]
   assert chained[0] == sv.Sizes(300, 276, 83, 9, 309)
 
 
 # ------------------------------------------------------------------------------------------------ errors, registry
-
-
-def test_schedule_errors():
-  with pytest.raises(ValueError, match="LLaVA-NeXT"):
-    sv.schedule("llava-next", 640)
-  with pytest.raises(ValueError, match="budget=100"):
-    sv.schedule("llava-1.5", 100)
-  with pytest.raises(ValueError, match="version"):
-    sv.schedule("llava-1.5", 192, "v3")
-  with pytest.raises(ValueError, match="family"):
-    sv.schedule("qwen", 192)
 
 
 def test_bad_inputs_name_the_argument():

@@ -1,0 +1,141 @@
+"""What a method module declares: its official protocol, its traits, and the hooks the stages call.
+
+A `Method`'s defaults are a plain `tops_jax.prune` method (select or merge over the candidates, nothing of its own);
+a method module fills in what is true only of it. The stages and `PruningConfig` read these fields and never ask for
+a method by name. Backbones are named by their `models.backbones` registry name ("llava", "llava_next"; `family`
+turns the older spellings into it), plus "testbed" (the small LLaVA-NeXT of the tests and the synthetic benchmark,
+run with LLaVA-NeXT's protocols).
+"""
+
+from typing import Any, Callable, NamedTuple
+
+from models import backbones
+from models.pruning.modes import Layout, Stage1
+
+__all__ = ["Method", "NoProtocol", "FAMILIES", "family", "anyres", "stage1", "check_per_crop"]
+
+# The backbones the methods have protocols for (registry names), and the testbed.
+FAMILIES = ("llava", "llava_next", "testbed")
+
+
+def family(name: str) -> str:
+  """The registry name of a backbone spelling ("llava-1.5", "llava_1_5" -> "llava"; "llava-next" -> "llava_next");
+  "testbed" and names the registry does not know come back as given."""
+  if name == "testbed" or name not in backbones.names():
+    return name
+  return backbones.get(name).name
+
+
+def anyres(name: str) -> bool:
+  """Whether the family packs several crops per image (LLaVA-NeXT's anyres)."""
+  return family(name) in ("llava_next", "testbed")
+
+
+class NoProtocol(ValueError):
+  """The method's official code has no setting for this backbone, depth or budget (`method_config` raises it; the
+  runner's "all" leaves such runs out and names them)."""
+
+
+def _no_tower(config) -> tuple[str, ...]:
+  return ()
+
+
+def _same_hparams(config, hp: dict[str, Any], text, text_valid) -> dict[str, Any]:
+  return hp
+
+
+def _merge_inputs(config, images, feats, hp):
+  return feats, hp, config.stage1_features == "vision"
+
+
+def _no_check(config, model=None):
+  return None
+
+
+def _stage2_same(model, seq, scores, feats, hp):
+  return feats, hp
+
+
+class Method(NamedTuple):
+  """A method: its official protocol, traits and hooks (defaults: a plain `tops_jax.prune` method).
+
+  protocol: (target, family, num_layers, overrides) -> (Stage1 | None, Stage2 | None), the official setting with the
+    named overrides applied (`models.pruning.protocols.method_config` checks the arguments first).
+  overrides: the named overrides `protocol` accepts.
+  unsupported: families the official code has no path for (`NoProtocol`).
+  params: its hyperparameter class (None: derived from its `tops_jax` keywords, `params.PARAMS`).
+  budget_free: its first k picks are the same for every budget >= k, so data-dependent per-crop shares and per-row
+    counts can be cut from the front of one order.
+  variable_count: Stage II may keep a per-row count from the front of its order (`stage2_ratios`).
+  stage2_only: prunes between decoder layers only, through its own `stage2_choose` (no `tops_jax.prune` entry).
+  scores_previous_layer: under "before" timing its Stage II step reads the layer before the pruned one.
+  clip_text: reads CDPruner's CLIP text relevance (stage1_relevance="clip_text").
+  own_layouts: Stage I layouts only this method has (VisionZip's CLS layout).
+  reads_keys / reads_block: Stage II reads the scoring layer's keys (DART) / the text -> candidate attention block.
+  tower(config) -> the `model.visual_tokens` extras Stage I needs by name (keys, CLS features, last q/k).
+  capacity(config, model_config) -> the static rows per image, when its own rows fix them (None: the layout's).
+  stage1_hparams(config, hp, text, text_valid) -> hp: the keyword arguments of its Stage I selection.
+  stage1_rows(model, config, images, key, hp) -> (Rows, kept, relevance) | None: its own Stage I output.
+  merge_inputs(config, images, feats, hp) -> (features, hp, project): what a merging method merges, and whether the
+    merged tokens are vision features to project.
+  check_model(config, model): raises where the model cannot run its protocol.
+  check_stage2(config): raises where a Stage II config is not one the method runs.
+  stage2_bounds(config, num_candidates, text_len) -> Bound per step (None: each step's static keep).
+  stage2_inputs(model, seq, scores, feats, hp) -> (feats, hp): what its Stage II selection reads.
+  stage2_choose(model, config, seq, bound, scores, key, hp, step) -> Choice: its own Stage II step (None: the
+    `tops_jax.prune` order).
+  """
+  protocol: Callable
+  overrides: tuple[str, ...]
+  unsupported: tuple[str, ...] = ()
+  params: type | None = None
+  budget_free: bool = False
+  variable_count: bool = False
+  stage2_only: bool = False
+  scores_previous_layer: bool = False
+  clip_text: bool = False
+  own_layouts: tuple[Layout, ...] = ()
+  reads_keys: bool = False
+  reads_block: bool = False
+  tower: Callable = _no_tower
+  capacity: Callable | None = None
+  stage1_hparams: Callable = _same_hparams
+  stage1_rows: Callable | None = None
+  merge_inputs: Callable = _merge_inputs
+  check_model: Callable = _no_check
+  check_stage2: Callable = _no_check
+  stage2_bounds: Callable | None = None
+  stage2_inputs: Callable = _stage2_same
+  stage2_choose: Callable | None = None
+
+
+# The named overrides of a Stage I method's layout (`stage1`).
+LAYOUT_OVERRIDES = ("scope", "grid", "newlines", "features", "relevance", "hparams")
+
+
+def stage1(target: int, o: dict[str, Any], *, scope: str = "global", grid: str = "unpadded", newlines: str = "drop",
+           features: str = "projector", relevance: str = "cls", visionzip_cls: bool = False,
+           params: dict[str, Any] | None = None) -> Stage1:
+  """A Stage I: the official fields, then the layout overrides of `o` (a non-official `scope` selects over the
+  unpadded tokens, without newline candidates, unless `grid` / `newlines` say otherwise)."""
+  f = dict(scope=scope, grid=grid, newlines=newlines, features=features, relevance=relevance,
+           visionzip_cls=visionzip_cls)
+  if "scope" in o and o["scope"] != "official":
+    f.update(scope=o["scope"], grid="unpadded", visionzip_cls=False)
+    if f["newlines"] in ("keep", "candidates"):
+      f["newlines"] = "drop"
+  for name in ("grid", "newlines", "features", "relevance", "visionzip_cls"):
+    if name in o:
+      f[name] = o[name]
+  return Stage1(budget=target, layout=Layout.of(f["scope"], f["grid"], f["visionzip_cls"]), relevance=f["relevance"],
+                features=f["features"], newlines=f["newlines"], crops=o.get("crops"),
+                params=dict(params or {}, **o.get("hparams", {})))
+
+
+def check_per_crop(method: str, target: int, family: str, o: dict[str, Any], minimum: int = 1):
+  """The official per-crop layouts keep T // crops tokens per crop: refuse a T that leaves fewer than `minimum`."""
+  crops = o["crops"]
+  official = anyres(family) and o.get("scope", "official") == "official" and o.get("visionzip_cls", True)
+  if official and target // crops < minimum:
+    raise ValueError(f"{method}'s official layout keeps T // {crops} tokens per crop: T={target} leaves "
+                     f"{target // crops} (use a larger T or a global override such as scope=global)")

@@ -1,0 +1,18 @@
+"""FastV: at layer K = 2, the attention of layer K - 1 from the last token to the visual tokens keeps T of them.
+
+Source: pkunlp-icler/FastV (K = 2, last-token attention of layer K - 1, mean over heads; original positions).
+"""
+
+from models.pruning.methods import base
+from models.pruning.modes import Stage2
+
+__all__ = ["METHOD", "protocol"]
+
+
+def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, Stage2]:
+  return None, Stage2(steps=((2, target),), relevance="last_token", positions=o.get("positions", "original"),
+                      params=o.get("hparams", {}))
+
+
+METHOD = base.Method(protocol=protocol, overrides=("hparams", "positions"), budget_free=True, variable_count=True,
+                     scores_previous_layer=True)

@@ -1,0 +1,100 @@
+"""PyramidDrop: drop a fixed fraction of each image's tokens at the end of each stage, by the last instruction token's
+attention; its published layers and lambda, the lambda solved for a budget, and its protocol.
+
+Source: Cooperx521/PyramidDrop @6444f30 `modeling_llama_pdrop.py` (`pdrop_rank_drop`), scripts/v1_5 and v1_6
+pdrop_eval/*.sh; the author's answer on small budgets in issue #29.
+"""
+
+import dataclasses
+
+from models.pruning.methods import base as base_lib
+from models.pruning.modes import Stage2
+
+__all__ = ["METHOD", "LAYERS", "LAMBDA", "schedule", "protocol"]
+
+# PyramidDrop's published inference setting (Cooperx521/PyramidDrop scripts/v1_5/pdrop_eval/*.sh and
+# scripts/v1_6/pdrop_eval/*.sh, LLaVA-1.5 and LLaVA-NeXT, 7B and 13B alike): --layer_list '[8,16,24]'
+# --image_token_ratio_list "[0.5,0.25,0.125]", i.e. lambda = 0.5 per stage, absolute layers (not scaled to depth).
+LAYERS = (8, 16, 24)
+LAMBDA = 0.5
+# The author's advice for budgets that (8, 16, 24) cannot reach (issue #29: "2, 8, 16" with lambda = 0.19 for about
+# 64 of 576 tokens; any lambda > 0 on (8, 16, 24) keeps more than 8/32 of the tokens on average).
+_LOW_LAYERS = (2, 8, 16)
+# The token counts the TOPS tables' budgets are fractions of (METHODS.md section 4: NeXT's 5 x 576).
+_BASE_TOKENS = {"llava": 576, "llava_next": 2880}
+
+
+def _average(layers, lam: float, num_layers: int) -> float:
+  """PyramidDrop's "average tokens" as a fraction of N: sum over layers of the kept fraction / L (lambda^s in
+  stage s)."""
+  bounds = (0,) + tuple(layers) + (num_layers,)
+  return sum((b - a) * lam ** s for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))) / num_layers
+
+
+def schedule(num_layers: int, target: int | None = None, *, family: str = "llava",
+                   num_visual: int | None = None, layers: tuple[int, ...] | None = None,
+                   lam: float | None = None) -> Stage2:
+  """PyramidDrop (method "pdrop"): at each layer l of `layers`, before layer l runs, keep int(n * lam^(s+1)) of each
+  image's n tokens, ranked by the attention of the last instruction token at layer l; contiguous positions.
+
+  target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`).
+  target T: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L, the
+    measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for "llava_next":
+    the TOPS tables' budgets; other families: `num_visual`). The paper's per-budget settings are not published; the
+    layers are (8, 16, 24) when they can reach T and otherwise the author's (2, 8, 16) (issue #29), and lambda solves
+    the continuous average equation, rounded to two decimals as the author reports it (T = 64 of 576 on 32 layers:
+    0.19, as in issue #29). `layers` and `lam` override.
+  num_visual: the most image tokens an image brings to the LLM (static keeps int(num_visual * ratio); LLaVA-NeXT:
+    `model.config.max_image_tokens`, so that every image's own int(n * ratio) fits); default N_family.
+  """
+  base = _BASE_TOKENS.get(base_lib.family(family), num_visual)
+  num_visual = base if num_visual is None else int(num_visual)
+  if num_visual is None or num_visual < 1:
+    raise ValueError(f"family {family!r} has no reference token count: pass num_visual (the image's tokens)")
+  if target is None:
+    layers = LAYERS if layers is None else layers
+    lam = LAMBDA if lam is None else lam
+  elif lam is not None:
+    raise ValueError("give a target (lambda is then solved) or lam, not both")
+  layers = tuple(int(layer) for layer in (layers or ()))
+  if target is not None:
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < base:
+      raise ValueError(f"target must be an int in (0, {base}) (average visual tokens per layer), got {target!r}")
+    fraction = target / base
+    if not layers:
+      layers = LAYERS if _average(LAYERS, 0.0, num_layers) < fraction else _LOW_LAYERS
+    if not _average(layers, 0.0, num_layers) < fraction:
+      raise ValueError(f"layers {layers} keep every token up to layer {layers[0]}: their average is at least "
+                       f"{base * layers[0] / num_layers:.1f} tokens, above target={target}; pass layers=")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+      mid = (lo + hi) / 2
+      lo, hi = (mid, hi) if _average(layers, mid, num_layers) < fraction else (lo, mid)
+    lam = round(lo, 2)
+  if not layers or not 0.0 < lam <= 1.0:
+    raise ValueError(f"need at least one layer and lambda in (0, 1], got layers={layers}, lam={lam}")
+  if layers[-1] >= num_layers:
+    raise ValueError(f"a decoder of {num_layers} layers is too shallow for PyramidDrop layers {layers}")
+  ratios = tuple(round(lam ** (s + 1), 12) for s in range(len(layers)))   # as a hand-written list: 0.42^2 = 0.1764
+  keeps = tuple(max(1, int(num_visual * r)) for r in ratios)
+  return Stage2(steps=tuple(zip(layers, keeps)), relevance="last_token", ratios=ratios, positions="contiguous")
+
+
+def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, Stage2]:
+  """PyramidDrop's published layers (8, 16, 24) (or its author's (2, 8, 16) for small budgets) with the lambda whose
+  average kept tokens per layer is T (`schedule`)."""
+  num_visual = o.get("num_visual")
+  if family == "testbed" and "layers" not in o:
+    raise base_lib.NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the "
+                              f"testbed's {num_layers}-layer decoder has none of them (pass layers= to run a variant)")
+  try:
+    stage2 = schedule(num_layers, target, family=family, num_visual=num_visual, layers=o.get("layers"),
+                      lam=o.get("lam") if "layers" in o and target is None else None)
+  except ValueError as e:
+    raise base_lib.NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
+  if o.get("hparams"):
+    stage2 = dataclasses.replace(stage2, params=dict(stage2.params, **o["hparams"]))
+  return None, stage2
+
+
+METHOD = base_lib.Method(protocol=protocol, variable_count=True, overrides=("layers", "lam", "num_visual", "hparams"))

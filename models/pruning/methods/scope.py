@@ -1,0 +1,18 @@
+"""SCOPE: CLS attention^alpha times the facility-location coverage gain over CLIP layer -2 features; its layout.
+
+Source: kinredon/SCOPE `scope/clip_encoder.py`, `llava_arch.py`: int(T / crops) per real crop over the padded crops,
+no unpadding, no newlines; base crop, then the grid canvas row-major.
+"""
+
+from models.pruning.methods import base
+from models.pruning.modes import Stage1
+
+__all__ = ["METHOD", "protocol"]
+
+
+def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
+  layout = dict(scope="crop_divided", grid="padded") if base.anyres(family) else dict(scope="global")
+  return base.stage1(target, o, relevance="cls", features="vision", **layout), None
+
+
+METHOD = base.Method(protocol=protocol, overrides=base.LAYOUT_OVERRIDES, budget_free=True, variable_count=True)

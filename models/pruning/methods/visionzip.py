@@ -1,0 +1,106 @@
+"""VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity, per crop, in the
+vision space; its official split, LLaVA-NeXT layout and order, and its Stage I hooks.
+
+Source: dvlab-research/VisionZip `visionzip/main.py`, `llava_arch.py`: per crop [CLS, dominant, contextual] with
+T // 5 tokens per crop on LLaVA-NeXT (54 : 10 of every 64, CLS counted in dominant: `tops_jax.visionzip.split`),
+merged in the vision space then projected; the rows go to the LLM as base crop, grid dominant tokens (canvas
+row-major), grid CLS tokens, grid contextual tokens (`tops_jax.visionzip.next_order`). `visionzip_cls=False` (ours):
+T patch tokens globally (`tops_jax.prune.merge("visionzip")` over the vision features with the tower's keys).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from models.family import VisualTokens
+from models.pruning import crops as crops_lib
+from models.pruning.crops import nominal_crops
+from models.pruning.methods import base
+from models.pruning.modes import Layout, Stage1
+from models.pruning.outputs import Rows
+from tops_jax import visionzip as visionzip_lib
+
+__all__ = ["METHOD", "SPLITS", "protocol", "split"]
+
+
+def split(per_crop: int) -> dict[str, int]:
+  """VisionZip's official (dominant, contextual) for `per_crop` tokens, CLS counted in dominant: 54 : 10 of 64."""
+  dominant, contextual = visionzip_lib.split(per_crop)
+  return {"dominant": dominant, "contextual": contextual}
+
+
+# The published settings (README, eval scripts): per image on LLaVA-1.5, per crop (T // 5) on LLaVA-NeXT.
+SPLITS = {
+    "llava": {t: visionzip_lib.split(t) for t in (64, 128, 192)},             # (54, 10), (108, 20), (162, 30)
+    "llava_next": {t: visionzip_lib.split(t // 5) for t in (640, 320, 160)},  # (108, 20), (54, 10), (27, 5)
+}
+
+
+def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
+  base.check_per_crop("visionzip", target, family, o, minimum=2)
+  if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
+    return base.stage1(target, o, relevance="cls", features="vision", scope="crop_fixed", grid="padded",
+                       visionzip_cls=True, params=split(target // o["crops"])), None
+  return base.stage1(target, dict(o, visionzip_cls=False), relevance="cls", features="vision"), None
+
+
+def _tower(config) -> tuple[str, ...]:
+  return ("keys", "cls_features") if config.visionzip_cls else ("keys",)
+
+
+def _rows(model, config, images: VisualTokens, key, hp) -> Rows:
+  """VisionZip's official output: per crop [CLS, dominant, contextual] merged in the vision space
+  (`tops_jax.visionzip.compress`), laid out in its LLaVA-NeXT order (`visionzip.next_order`), then projected."""
+  del key
+  feats = images.group_features
+  b, p, t, dv = feats.shape
+  dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
+  quota = crops_lib.per_crop_quota(config, model.config)
+  if dominant + contextual != quota:        # the rows must fill exactly the layout's static per-crop share
+    raise ValueError(f"visionzip_cls: dominant + contextual = {dominant + contextual} must equal the per-crop budget "
+                     f"stage1_budget // stage1_crops = {config.stage1_budget} // "
+                     f"{nominal_crops(config, model.config)} = {quota}")
+  if quota > t:
+    raise ValueError(f"visionzip: dominant + contextual = {quota} exceeds the {t} tokens of a crop")
+  flat = lambda x: x.reshape(b * p, *x.shape[2:])
+  tokens, source, kind = visionzip_lib.compress(
+      flat(feats), flat(images.group_relevance.get("cls")), flat(images.group_keys),
+      flat(images.extras["cls_features"]), jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
+  k = dominant + contextual
+  kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
+  side = int(round(t ** 0.5))
+  perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
+      kind, source, images.grid, images.group_valid)
+  order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
+  tokens = order(tokens.reshape(b, p * k, dv))
+  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
+  flat_src = jnp.where(source >= 0, crop * t + source, -1).reshape(b, p * k)
+  slot = jnp.where(flat_src >= 0,
+                   jnp.take_along_axis(crops_lib.slot_of_source(images), jnp.maximum(flat_src, 0), axis=-1), -1)
+  slot = order(slot)
+  return Rows(embeds=model.project(tokens), valid=valid, packed=jnp.where(valid, slot, -1))
+
+
+def _stage1_rows(model, config, images: VisualTokens, key, hp):
+  if config.stage1.layout is not Layout.VISIONZIP_CLS:
+    return None
+  rows = _rows(model, config, images, key, hp)
+  return rows, rows.packed, images.relevance.get("cls")
+
+
+def _merge_inputs(config, images: VisualTokens, feats, hp):
+  """Merged in the vision space with the tower's keys, then projected."""
+  del feats
+  hp.setdefault("keys", images.keys)
+  return images.features, hp, True
+
+
+def _check_model(config, model):
+  c = model.config
+  if config.stage1 is not None and (not isinstance(c.vision_feature_layer, int)
+                                    or c.vision_feature_select_strategy != "default"):
+    raise ValueError("visionzip needs a single int vision_feature_layer and the 'default' strategy")
+
+
+METHOD = base.Method(protocol=protocol, overrides=base.LAYOUT_OVERRIDES + ("visionzip_cls",),
+                     own_layouts=(Layout.VISIONZIP_CLS,), tower=_tower, stage1_rows=_stage1_rows,
+                     merge_inputs=_merge_inputs, check_model=_check_model)
