@@ -54,10 +54,10 @@ class Backbone:
   square_pad: bool = False    # LLaVA-1.5: pad-to-square unless the task keeps the original aspect
 
 
-def _family(model_type: str, family: str) -> Backbone:
+def _family(model_type: str) -> Backbone:
   """A family's preset: everything from its registry entry."""
   b = backbones.get(model_type)
-  return Backbone(model_type=b.name, family=family, max_new_tokens=b.max_new_tokens, prompt=b.prompt,
+  return Backbone(model_type=b.name, family=b.name, max_new_tokens=b.max_new_tokens, prompt=b.prompt,
                   protocol=b.protocol, square_pad=b.square_pad)
 
 
@@ -67,8 +67,8 @@ def _backbones() -> dict[str, Backbone]:
   # protocol (its methods' protocols know it as "testbed").
   return {
       "testbed": Backbone(model_type="llava_next", family="testbed", max_new_tokens=1, prompt=testbed.PROMPT),
-      "llava_1_5": _family("llava", "llava-1.5"),
-      "llava_next": _family("llava_next", "llava-next"),
+      "llava_1_5": _family("llava"),
+      "llava_next": _family("llava_next"),
   }
 
 
