@@ -4,11 +4,13 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import bench_e2e
 from models import pruning
 
 
+@pytest.mark.slow
 def test_smoke_rows(tmp_path):
   out = tmp_path / "rows.jsonl"
   rows = bench_e2e.smoke(output=str(out))
@@ -33,6 +35,7 @@ def test_smoke_rows(tmp_path):
   assert "| jax | tops | 40 | 2 |" in bench_e2e.table(rows)
 
 
+@pytest.mark.slow
 def test_sweep_compiles_once_per_shape():
   """New batches of the same shapes and new float hyperparameters reuse the compiled prefill (counted compiles)."""
   model = bench_e2e.build_jax(bench_e2e.hf_config(bench_e2e.SHAPES["tiny-next"]).to_dict(), np.float32, 0)

@@ -9,6 +9,8 @@ import resource
 import subprocess
 import sys
 
+import pytest
+
 import lmms_fixtures
 import model_factories as mf
 
@@ -35,6 +37,7 @@ def _peak_rss_kb(args, cwd) -> int:
   return int(out.stdout.rsplit("MAXRSS_KB", 1)[1].split()[0])
 
 
+@pytest.mark.slow
 def test_peak_rss_does_not_grow_from_20_to_200_examples(tmp_path):
   ckpt = mf.tiny_llava_hf(tmp_path / "ckpt", "llava", crop=56, text_layers=2)
   size = (320, 320)                 # 200 decoded images hold 61 MB, their PNGs about as much again

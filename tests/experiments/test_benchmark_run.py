@@ -40,6 +40,7 @@ _main = runner_helpers.run_main
 _rows = runner_helpers.read_rows
 
 
+@pytest.mark.slow
 def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   root = str(tmp_path / "data")
   _pope(root, 5)
@@ -154,6 +155,7 @@ def test_score_rejects_bad_prediction_files(tmp_path):
     score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), {"999": "yes"}, "lmms_eval")
 
 
+@pytest.mark.slow
 def test_several_benchmarks_from_one_root_and_their_relative_summary(next_ckpt, tmp_path):
   """--data_dir=ROOT with ROOT/POPE and ROOT/MME: both tasks run, the relative summary covers POPE and MME."""
   root = str(tmp_path / "data")
@@ -180,6 +182,7 @@ def test_several_benchmarks_from_one_root_and_their_relative_summary(next_ckpt, 
   assert "divprune@T=8: Rel (b) mean of per-benchmark ratios, MME-P+C (VisionZip, DART)" in relative
 
 
+@pytest.mark.slow
 def test_pope_on_a_mesh_writes_the_one_device_rows(next_ckpt, tmp_path):
   """Benchmark tasks under a mesh (8 simulated devices: rows over data x fsdp, heads, MLP and vocabulary over
   tensor): the same rows (predictions, parsed answers, kept tokens, KL and NLL fidelity), hence the same task

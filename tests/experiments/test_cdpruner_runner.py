@@ -40,6 +40,7 @@ def _args(setup, out):
           "--pictures=0"]
 
 
+@pytest.mark.slow
 def test_cdpruner_with_clip_checkpoint_writes_rows_under_its_name(setup, tmp_path, capsys):
   _, clip, _ = setup
   out = str(tmp_path / "out")

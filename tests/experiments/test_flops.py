@@ -197,6 +197,7 @@ def _compile(fn, *args):
   return jax.jit(fn).lower(*args).compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(_SHAPES))
 def test_prefill_flops_match_xla(shape):
   overrides, lens = _SHAPES[shape]
@@ -213,6 +214,7 @@ def test_prefill_flops_match_xla(shape):
   assert flops.hlo_dot_flops(scanned.as_text()) == flops.decoder_prefill_flops(config, seg_lens, lm_head_positions=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(), dict(num_key_value_heads=4)], ids=["gqa", "mha"])
 def test_decode_step_flops_match_xla_over_the_caches_capacity(overrides):
   """The port's decode attends over every one of the cache's W slots (masked) and over the new token itself
@@ -244,6 +246,7 @@ def _text():
                                        num_attention_heads=4, num_key_value_heads=2))
 
 
+@pytest.mark.slow
 def test_llava_next_prefill_flops_match_xla_and_params_match_the_port():
   """Whole pipeline: 5 crop slots through the tower (feature layer -2: 2 of 3 layers) with the CLS attention, the
   projector on every patch, the decoder over the packed sequence, the LM head at the last token."""
@@ -261,6 +264,7 @@ def test_llava_next_prefill_flops_match_xla_and_params_match_the_port():
   assert (flops.llava_params(config), flops.llava_weight_bytes(config, np.float32)) == _params(model)
 
 
+@pytest.mark.slow
 def test_llava_vision_flops_with_two_feature_layers_and_the_cls_token_match_xla():
   """LLaVA-1.5 with features (-3, -1) concatenated ("full": CLS kept): all 3 layers run, the projector reads 2 Dv."""
   config = llava.LlavaConfig(vision=_vision(), text=_text(), image_token_id=95, vision_feature_layer=(-3, -1),

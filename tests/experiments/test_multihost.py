@@ -55,6 +55,7 @@ def reference(tmp_path_factory):
   return _rows(out_dir)
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_process_writes_and_resume_exactly(reference, tmp_path):
   out_dir = str(tmp_path / "two")
   outputs = _two_processes(out_dir)
@@ -77,6 +78,7 @@ def test_two_processes_write_what_one_process_writes_and_resume_exactly(referenc
   assert _rows(out_dir) == reference
 
 
+@pytest.mark.slow
 def test_single_host_mesh_matches_one_device(reference, tmp_path):
   out_dir = str(tmp_path / "mesh")
   runner_helpers.run_main(*ARGS, f"--output_dir={out_dir}", "--mesh=data:4,fsdp:2")

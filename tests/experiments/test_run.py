@@ -44,6 +44,7 @@ _main = runner_helpers.run_main
 _rows = runner_helpers.read_rows
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(checkpoint, tmp_path, capsys):
   out = str(tmp_path / "out")
   _main(f"--checkpoint={checkpoint}", "--method=tops,random", "--keep_ratio=0.111", "--limit=10", "--batch_size=5",
@@ -66,6 +67,7 @@ def test_end_to_end_outputs(checkpoint, tmp_path, capsys):
   assert "tops" in printed and "random" in printed
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path):
   out = str(tmp_path / "out")
   common = [f"--checkpoint={checkpoint}", "--method=divprune", "--budget=12", "--batch_size=5", f"--output_dir={out}",
@@ -85,6 +87,7 @@ def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path
   assert len(_rows(out)) == 20 and os.path.getmtime(path) == mtime
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--method=topz"], "unknown method(s) topz"),
     (["--budget=10", "--keep_ratio=0.1"], "--budget and --keep_ratio are exclusive"),
@@ -126,6 +129,7 @@ def _table(printed, task="synthvqa"):
   return {ln.split()[0]: ln.split() for ln in body}, [ln for ln in block if ln.startswith("*")]
 
 
+@pytest.mark.slow
 def test_table_holds_only_this_invocations_rows_and_flags_mixed_timings(checkpoint, tmp_path, capsys):
   out = str(tmp_path / "out")
   common = [f"--checkpoint={checkpoint}", "--method=divprune", "--budget=12", "--batch_size=2", f"--output_dir={out}",
@@ -150,6 +154,7 @@ def test_table_holds_only_this_invocations_rows_and_flags_mixed_timings(checkpoi
   assert len(_rows(out)) == 2 * 4
 
 
+@pytest.mark.slow
 def test_rows_are_not_reused_across_settings_that_change_them(checkpoint, tmp_path):
   out = str(tmp_path / "out")
   ckpt = str(tmp_path / "ckpt")
@@ -185,6 +190,7 @@ def test_random_rows_follow_the_examples_order_and_the_rest_do_not():
         resolved, divprune, "t", items), field
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_output_dir_fails_naming_the_holder(checkpoint, tmp_path):
   out = str(tmp_path / "out")
   with results.DirectoryLock(out):
@@ -209,6 +215,7 @@ def _q(i, **fields):
   return dict(dict(id=f"q{i}", image=f"{i}.png", question="What color is the circle?", answer="red"), **fields)
 
 
+@pytest.mark.slow
 def test_duplicate_ids_fail_naming_both_lines(checkpoint, tmp_path):
   data = _questions(tmp_path, [_q(0), _q(1), _q(2, id="q0")])
   with pytest.raises(ValueError, match=r"questions.jsonl:3: id 'q0' is also on line 1"):
@@ -220,6 +227,7 @@ def test_duplicate_ids_fail_naming_both_lines(checkpoint, tmp_path):
     tasks.synthvqa(str(tmp_path / "synth"), "test", 0, 0)
 
 
+@pytest.mark.slow
 def test_vqa_jsonl_skips_blank_lines_and_an_edited_example_gets_new_rows(checkpoint, tmp_path, capsys):
   data = _questions(tmp_path, [_q(0), "", "   ", _q(1, answer=3)])
   items = tasks.vqa_jsonl(data, "test", 0, 0)

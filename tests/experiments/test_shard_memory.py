@@ -111,6 +111,7 @@ def next_model():
   return family.model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,devices,batch", [("data:4", 4, 4), ("fsdp:4", 4, 4), ("tensor:4", 4, 2),
                                                 ("data:2,fsdp:2,tensor:2", 8, 4)])
 def test_counts_match_xla_memory_analysis(next_model, mesh, devices, batch):

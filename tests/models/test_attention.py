@@ -70,6 +70,7 @@ def test_implementation_names_are_checked():
     llama.LlamaModel(cfg, rngs=nnx.Rngs(0), attention_impl="flash")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,overrides", [("llama", {}), ("mistral", dict(sliding_window=40))])
 def test_blocked_decoder_matches_transformers(tmp_path, monkeypatch, text, overrides):
   """The blocked schedule over 4 blocks of 64 (260 tokens, left padding) gives transformers' logits at every real

@@ -158,6 +158,7 @@ def _batch(hf, seed):
 # ---------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, dict(grid="padded", newlines="drop")], ids=["protocol", "explicit"])
 def test_official_next_layout_with_clip_relevance(llava_next_pair, clip_dir, rel, overrides):
   """`protocol`: method_config's default must be the official layout. `explicit`: the same layout asked for by
@@ -211,6 +212,7 @@ def test_official_loop_hand_checked():
   np.testing.assert_allclose(rel, [[1e-6 / 2, 1 / 2 + 1e-6 / 2], [1 + 1e-6 / 2, 1 / 2 - 2 ** -0.5 / 2 + 1e-6 / 2]])
 
 
+@pytest.mark.slow
 def test_forward_without_clip_names_it(llava_next_pair):
   hf, model = llava_next_pair
   cfg = pruning.method_config("cdpruner", family="llava-next", target=TARGET, num_layers=3)

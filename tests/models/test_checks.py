@@ -121,6 +121,7 @@ def test_bad_max_new_tokens(lm, llava, value, message):
     pruning.greedy(llava, STAGE1, ids, pixel_values=px, max_new_tokens=value)
 
 
+@pytest.mark.slow
 def test_max_new_tokens_within_max_position_embeddings(lm):
   """The longest real prompt (6 tokens; rows left-padded to 10) plus max_new_tokens may fill the 32 positions."""
   ids = np.full((2, 10), 9)
@@ -134,6 +135,7 @@ def test_max_new_tokens_within_max_position_embeddings(lm):
     generate.greedy(lm, ids, mask, max_new_tokens=27)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, prompt", [(STAGE1, 12), (STAGE2_ONLY, 24)])
 def test_pruned_generation_past_max_position_embeddings(llava, config, prompt):
   """Stage I re-indexes positions over text_len + budget = 8 + 4 tokens; without it the prompt keeps all 24."""

@@ -82,6 +82,7 @@ def _official_relevance(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np
 # ------------------------------------------------------------------------------------------------------ parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["a cat", MEDIUM, LONG])
 def test_text_embeds_match_transformers_per_chunk(either, text):
   ckpt, rel = either
@@ -123,6 +124,7 @@ def test_image_embeds_match_transformers(ckpt, rel):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("question", ["What is the cat?" + GQA_SUFFIX, LONG + GQA_SUFFIX])
 def test_relevance_end_to_end_matches_official_next_layout(ckpt, rel, question):
   """A LLaVA-NeXT image of 3 crops: one min-max over all crops' tokens, text from the stripped question."""

@@ -23,6 +23,7 @@ def _check(ours, theirs, max_new_tokens, pad=0):
   np.testing.assert_array_equal(tokens[:, theirs.shape[1]:], pad)
 
 
+@pytest.mark.slow
 def test_llava_greedy_matches_transformers(tmp_path):
   hf, path = mf.tiny_llava(tmp_path, "llama")
   model = models.load_pretrained(path)
@@ -50,6 +51,7 @@ def test_llava_greedy_matches_transformers(tmp_path):
   assert (generate.prefill._cache_size(), generate.decode._cache_size()) == compiled
 
 
+@pytest.mark.slow
 def test_text_greedy_with_sliding_window_matches_transformers(tmp_path):
   """Mistral with a 24-token window: decoding runs past the window, so stale slots must drop out of the mask."""
   hf, path = mf.tiny_causal_lm(tmp_path, "mistral", sliding_window=24)
@@ -74,6 +76,7 @@ def test_rejects_bad_arguments(tmp_path):
     generate.greedy(model, ids, np.array([[1, 1, 1, 1, 0]]), max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_score_tokens_equals_the_full_forward_over_prompt_and_continuation(tmp_path):
   """Teacher-forced log-probabilities from a prefill state equal log_softmax of one cache-free forward over the
   prompt followed by the continuation (transformers' way of scoring a continuation)."""

@@ -53,6 +53,7 @@ def test_text_model_matches_transformers_with_attention_rows(tmp_path):
   np.testing.assert_allclose(probs, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_segments_and_per_layer_cache(tmp_path):
   """Prefill with a pruned second segment leaves per-layer cache lengths; chunked prefill and a decode step then
   agree with cache-free segment runs on the equivalent sequences (Mistral, sliding window 40)."""

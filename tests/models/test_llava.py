@@ -89,7 +89,7 @@ _LINEAR_ROPE = dict(rope_parameters=dict(rope_type="linear", factor=2.5, rope_th
 # The default (unscaled) RoPE path runs in the option tests below.
 @pytest.mark.parametrize("text, text_overrides", [
     ("llama", _LINEAR_ROPE),
-    ("mistral", dict(sliding_window=48)),
+    pytest.param("mistral", dict(sliding_window=48), marks=pytest.mark.slow),
 ])
 def test_matches_transformers_stage_by_stage(tmp_path, text, text_overrides):
   hf, path = mf.tiny_llava(tmp_path, text, text_overrides=text_overrides)
@@ -99,6 +99,7 @@ def test_matches_transformers_stage_by_stage(tmp_path, text, text_overrides):
   _check_all(_run(model, ids, mask, px), features, cls, ref, mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="default", projector_hidden_act="silu"),
     dict(vision_feature_layer=-1, vision_feature_select_strategy="full", multimodal_projector_bias=False,
@@ -134,6 +135,7 @@ def test_merge_matches_numpy_masked_scatter():
     llava.merge_image_features(ids, embeds, image[1:], 9)
 
 
+@pytest.mark.slow
 def test_composed_seam_equals_forward(tmp_path):
   """encode -> project -> merge -> two decoder segments -> head reproduces __call__."""
   _, path = mf.tiny_llava(tmp_path, "llama", text_overrides=_LINEAR_ROPE)     # shares _FORWARD's compile

@@ -125,8 +125,8 @@ def _hf_reference(model, batch, position_ids):
 
 @pytest.mark.parametrize("text,padding_side,overrides", [
     ("llama", "right", {}),
-    ("mistral", "left", {"sliding_window": 128}),      # window shorter than the ~330-token batch
-    ("llama", "left", {"vision_feature_layer": [-3, -1]}),
+    pytest.param("mistral", "left", {"sliding_window": 128}, marks=pytest.mark.slow),   # window < the ~330 tokens
+    pytest.param("llama", "left", {"vision_feature_layer": [-3, -1]}, marks=pytest.mark.slow),
 ])
 def test_matches_transformers_stage_by_stage(tiny_pair, text, padding_side, overrides):
   hf_model, model = tiny_pair(text, **overrides)
@@ -173,6 +173,7 @@ def test_matches_transformers_stage_by_stage(tiny_pair, text, padding_side, over
   np.testing.assert_allclose(np.asarray(got.logits)[real], want["logits"].numpy()[real], rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_layout_paths_and_crop_padding_agree(tiny_pair):
   """Traced image_sizes (pure_callback) and a precomputed `layout=` with pixel_values padded past max_num_crops give
   the same numbers."""
@@ -205,6 +206,7 @@ def test_processor_writes_num_image_features_tokens():
   np.testing.assert_array_equal(counts, (batch["input_ids"] == IMAGE_TOKEN_ID).sum(-1))
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(tiny_pair):
   hf_model, model = tiny_pair("llama")
   batch = _inputs("left", seed=2)

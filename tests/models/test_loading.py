@@ -78,6 +78,7 @@ def test_hub_layout_sharded_with_ignored_buffers(checkpoint, tmp_path):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint(tmp_path):
   hf, path = mf.tiny_llava(tmp_path, "mistral", dtype=torch.bfloat16)
   assert load_file(path / "model.safetensors")["language_model.lm_head.weight"].dtype == ml_dtypes.bfloat16

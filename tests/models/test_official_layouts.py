@@ -189,6 +189,7 @@ def _intermediates(model, px, sizes):
           np.asarray(tokens.embeds), np.asarray(model.image_newline[...]))
 
 
+@pytest.mark.slow
 def test_reference_sequence_is_the_model_packing(llava_next):
   """The official NumPy build (canvas, unpad, newline column) gives the model's packed sequence, the anchor every
   reference below stands on."""
@@ -204,6 +205,7 @@ def test_reference_sequence_is_the_model_packing(llava_next):
   assert len(_packed_ids(SIZES[0], GRIDS[0])) == 16 + 4 * 9 and len(_packed_ids(SIZES[1], GRIDS[1])) == 16 + 4 * 7
 
 
+@pytest.mark.slow
 def test_cdpruner_unpadded_variant_layout(llava_next):
   """The padded_unpad variant (what CDPruner's `unpad` branch would do, were it not stripped; the official layout is
   tested in test_cdpruner_clip.py): T // 5 per crop over its 16 tokens before unpadding (relevance: negated CLIP
@@ -244,6 +246,7 @@ def test_cdpruner_unpadded_variant_layout(llava_next):
   _check(out, model, ids, mask, "left", image_rows=rows, kept=kept, slots=slots)
 
 
+@pytest.mark.slow
 def test_divprune_official_layout(llava_next):
   """The whole packed sequence (newlines too) is one candidate set; int(round(T / 2880 * L)) kept, packed order."""
   model = llava_next
@@ -265,6 +268,7 @@ def test_divprune_official_layout(llava_next):
   _check(out, model, ids, mask, "right", image_rows=rows, kept=kept, slots=kept)
 
 
+@pytest.mark.slow
 def test_scope_official_layout(llava_next):
   """int(T / crops) per real crop over its 16 layer -2 tokens (CLS attention saliency), no unpadding, no newlines;
   base crop ascending, then the grid picks row-major over the padded canvas."""
@@ -302,6 +306,7 @@ def _llava_batch(seed):
   return ids, mask, rng.randn(2, 3, CROP, CROP).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cdpruner", "divprune", "scope"])
 def test_llava_official_layouts_keep_the_global_selection(llava, method):
   """One crop, no padding, no newlines: the NeXT layout of each method keeps what one global selection keeps. The
@@ -357,6 +362,7 @@ def test_bad_layouts_raise(kwargs, match):
     pruning.PruningConfig.flat(**kwargs)
 
 
+@pytest.mark.slow
 def test_bad_official_protocols_and_inputs_raise(llava_next):
   with pytest.raises(ValueError, match="newlines must be 'drop'"):
     pruning.method_config("scope", family="llava-next", target=BUDGET, num_layers=3, newlines="keep")

@@ -134,6 +134,7 @@ def test_keep_all_equals_unpruned_llava(llava_pair):
   np.testing.assert_array_equal(np.asarray(out.stage1.kept), np.tile(np.arange(N), (2, 1)))
 
 
+@pytest.mark.slow
 def test_keep_all_equals_unpruned_llava_next(llava_next_pair):
   """Equal image sizes (equal counts); newlines kept outside the budget; Stage II keeps every image token."""
   _, model = llava_next_pair
@@ -152,6 +153,7 @@ def test_keep_all_equals_unpruned_llava_next(llava_next_pair):
 # -------------------------------------------------------------------------------------------------------- Stage I
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,relevance,side", [("tops", "cls", "left"), ("cdpruner", "text", "right"),
                                                    ("visionzip", "cls", "left")])
 def test_stage1_llava_matches_transformers(llava_pair, method, relevance, side):
@@ -203,6 +205,7 @@ def _row_newlines(selected, newline, crop):
   return keep
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,newlines,side", [("global", "drop", "left"), ("per_crop", "rows", "right")])
 def test_stage1_llava_next_matches_transformers(llava_next_pair, scope, newlines, side):
   hf, model = llava_next_pair
@@ -299,6 +302,7 @@ def _run(model, h, positions, mask, start, stop):
   return np.asarray(_LAYERS(model, jnp.asarray(h), jnp.asarray(positions), jnp.asarray(mask), start, stop).hidden)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,method,relevance,positions,side,steps", [
     ("llava", "tops", "raters", "contiguous", "left", ((1, 9), (2, 4))),
     ("llava_next", "fastv", "last_token", "original", "right", ((2, 20),)),
@@ -391,6 +395,7 @@ def _recompute(model, cfg, pre, generated, steps):
   return np.asarray(model.head(jnp.asarray(h[:, prompt + t - 1])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,positions", [("llava", "contiguous"), ("llava_next", "original")])
 def test_decoding_with_cache_matches_recomputation(request, family, positions):
   """Prefill with a cache, then `decode_step` token by token; LLaVA-1.5 also runs the jitted `greedy` loop."""
@@ -462,6 +467,7 @@ def test_bad_configs_raise(kwargs, match):
     pruning.PruningConfig.flat(**kwargs)
 
 
+@pytest.mark.slow
 def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
   with pytest.raises(ValueError, match="too shallow"):
     pruning.tops_schedule(2, 64, stage2_alpha=0.5, stage2_lam=0.5)
@@ -504,6 +510,7 @@ def test_bad_schedules_and_inputs_raise(llava_pair, llava_next_pair):
     pruning.forward(next_model, pruning.PruningConfig.flat("tops", stage1_budget=4), ids, mask, px)
 
 
+@pytest.mark.slow
 def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
   """Float hyperparameters are traced: alpha 0.3 and 0.9 share a program, yet each gets its own picks (those of a
   program compiled afresh for it)."""
@@ -529,6 +536,7 @@ def test_a_hyperparameter_sweep_reuses_one_compile(llava_next_pair):
   assert driver._forward._cache_size() == 2  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_both_families_expose_one_visual_token_interface(request, family):
   """`visual_tokens` / `layout` / `embed` are what pruning reads; LLaVA-1.5 gives the trivial one-crop layout."""

@@ -78,6 +78,7 @@ def _sparsevlm_raters(h0, visual, text):
 # ---------------------------------------------------------------------------------------------- timing "after"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,raters,side,layer", [("llava", "sparsevlm", "left", 1),
                                                        ("llava_next", "attention", "right", 0)])
 def test_after_timing_equals_unpruned_layers_then_pruned_sequence(request, family, raters, side, layer):
@@ -176,6 +177,7 @@ def _pdrop_official(model, ids, mask, h0, layers, ratios):
   return kept, np.stack(logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,side", [("llava", "right"), ("llava_next", "left")])
 def test_pdrop_matches_the_official_loop(request, family, side):
   """Every step's kept image tokens and the logits; on NeXT the two images keep their own int(n * ratio)."""
@@ -222,6 +224,7 @@ def test_pdrop_schedule_settings():
 # ----------------------------------------------------------------------------- variable counts, inserted rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_rebuild_with_row_counts_and_inserted_rows_is_exact(llava, side):
   """A synthetic selector: row 0 keeps 3 of K = 6 and one of its two inserted rows, row 1 keeps 6 and both.
@@ -336,6 +339,7 @@ def test_bad_stage2_options_raise(kwargs, match):
     pruning.PruningConfig.flat(**fields)
 
 
+@pytest.mark.slow
 def test_after_timing_layer_range_and_score_layers(llava):
   cfg = pruning.PruningConfig.flat("tops", stage2=((0, 8), (1, 4)), stage2_timing="after")
   assert cfg.segments(3) == ((0, 1), (1, 2), (2, 3))
@@ -394,6 +398,7 @@ def _sparsevlm_official(model, ids, mask, h0, layers, step_args):
   return kept, np.stack(logits)
 
 
+@pytest.mark.slow
 def test_sparsevlm_matches_the_official_loop(llava):
   """Short questions (rank below N) so that both steps prune and recycle; left padding, batch of 2."""
   model = llava

@@ -83,6 +83,7 @@ def _stages(out):
   return ([] if out.stage1 is None else [out.stage1.kept]) + [s.kept for s in out.stage2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava-next", "llava-1.5"])
 def test_every_mesh_computes_what_one_device_computes(family, next_path, llava_path):
   path, batch = (next_path, _next_batch()) if family == "llava-next" else (llava_path, _llava_batch())
@@ -129,6 +130,7 @@ def _expected_shard(path: str, shape, sizes):
   return tuple(out[:1] + body if stacked else body)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["fsdp:8", "tensor:2", "data:2,fsdp:2,tensor:2"])
 def test_weights_are_partitioned_and_each_device_reads_only_its_shard(spec, next_path, monkeypatch):
   mesh = _mesh(spec)
@@ -157,6 +159,7 @@ def test_weights_are_partitioned_and_each_device_reads_only_its_shard(spec, next
   assert len(up) == sizes["fsdp"] * sizes["tensor"]        # once per distinct shard: replicas along data share it
 
 
+@pytest.mark.slow
 def test_no_weight_is_gathered_whole():
   """Tensor parallel never moves a weight; FSDP gathers one layer at a time inside the layer loop, never a stacked
   parameter: read from the optimized HLO's all-gathers and XLA's per-device memory (weights dominate this model)."""
@@ -212,6 +215,7 @@ def test_mesh_size_must_match_the_devices():
                     sharding.make_mesh("data:-1,tensor:2").axis_sizes])) == dict(data=4, fsdp=1, tensor=2)
 
 
+@pytest.mark.slow
 def test_an_axis_that_does_not_divide_a_weight_is_named(next_path):
   mesh = sharding.make_mesh("tensor:3", jax.devices()[:3])
   with pytest.raises(ValueError, match=r"mesh axis tensor=3 does not divide dimension 0 \('vocab', size 256\) of "

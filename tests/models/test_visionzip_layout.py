@@ -171,6 +171,7 @@ def _protocol(family, target):
 # ---------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_llava_next_official_layout(llava_next_pair):
   hf, model = llava_next_pair
   cfg, dominant, contextual = _protocol("llava-next", NEXT_TARGET)
@@ -204,6 +205,7 @@ def test_llava_next_official_layout(llava_next_pair):
   _check_llm_input(hf, out, ids, mask, want)
 
 
+@pytest.mark.slow
 def test_llava_official_layout(llava_pair):
   """LLaVA-1.5: the image's [CLS, dominant ascending, contextual], projected, at the first positions of the run."""
   hf, model = llava_pair

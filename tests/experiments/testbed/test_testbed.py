@@ -152,6 +152,7 @@ def test_config_is_valid_for_both_libraries():
   assert len(set(pruning.tops_layers(config.text_config.num_hidden_layers))) == 2
 
 
+@pytest.mark.slow
 def test_loss_goes_down(fresh, train_batch, loss_and_grad):
   params = (nnx.state(fresh[0]), nnx.state(fresh[1]))
   batch = _jnp(train_batch)
@@ -279,6 +280,7 @@ def test_answer_heads_and_count_targets(hf, processor):
       assert ex.family != "existence" or ex.answer == "yes" or len(marked) == 0
 
 
+@pytest.mark.slow
 def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examples):
   """encode(base_only=True) (the short training phase's cheap view) is the same model input as Stage I keeping
   exactly the base crop's 36 rows, so the two give the same answer logits."""
@@ -303,6 +305,7 @@ def test_base_only_view_equals_keeping_the_base_rows(model, processor, hf, examp
     batches.encode(examples, processor, hf, base_only=True, keep_fraction=0.5)
 
 
+@pytest.mark.slow
 def test_forward_residuals_are_the_stream_the_logits_come_from(model, processor, hf, examples):
   batch = _jnp(batches.encode(examples, processor, hf, with_answer=True))
   at = jnp.asarray(batch["target_positions"])                                   # text positions: ":" and the answer
@@ -330,6 +333,7 @@ def test_count_loss_matches_numpy():
   assert float(losses.count_loss(jnp.asarray(target[[1]] * 0.999 + 1e-4), jnp.asarray(target[[1]]))) < 0.01
 
 
+@pytest.mark.slow
 def test_frozen_tower_gets_no_gradient(fresh, train_batch, loss_and_grad):
   params = (nnx.state(fresh[0]), nnx.state(fresh[1]))
   batch = _jnp(train_batch)
@@ -339,6 +343,7 @@ def test_frozen_tower_gets_no_gradient(fresh, train_batch, loss_and_grad):
   assert norm(frozen["multi_modal_projector"]) > 0.0 and norm(frozen["language_model"]) > 0.0
 
 
+@pytest.mark.slow
 def test_position_targets_and_loss(fresh, vision_only, train_batch):
   target = losses.position_targets(36)
   assert target.shape == (36, 2)
@@ -361,6 +366,7 @@ def test_position_targets_and_loss(fresh, vision_only, train_batch):
   assert float(losses.loss_fn(model, both, batch, losses.LossWeights(position=1.0))[1]["position"]) > 0.0
 
 
+@pytest.mark.slow
 def test_relation_targets_and_loss(hf, processor, fresh, vision_only, train_batch):
   examples = vqa.make_split("train", 10, seed=4)
   batch = batches.encode(examples, processor, hf, with_answer=True, labels=True)
@@ -412,6 +418,7 @@ def test_relation_targets_and_loss(hf, processor, fresh, vision_only, train_batc
                              rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_count_readout_target_and_loss(hf, processor, fresh, vision_only, train_batch):
   """count_value is a counting question's answer n as n / 6 (its evidence lists the n counted objects), only on
   counting rows; the count_read term is the masked squared error of heads.count read where the relation term
@@ -514,6 +521,7 @@ def test_patch_labels_agree_with_the_processed_pixels(hf, processor):
     assert (labels[~crop_valid] == np.array([0, 0, 0, -1, -1])).all()
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_is_exact(ckpt, model):
   loaded = models.load_pretrained(ckpt)
   assert type(loaded) is type(model) and loaded.config == model.config
@@ -524,6 +532,7 @@ def test_save_load_round_trip_is_exact(ckpt, model):
     np.testing.assert_array_equal(np.asarray(got[key].get_value()), np.asarray(var.get_value()), err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, processor, hf, examples):
   torch_model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(
       ckpt, attn_implementation="eager", output_loading_info=True)
@@ -549,6 +558,7 @@ def test_transformers_loads_the_checkpoint_with_the_same_logits(ckpt, model, pro
   assert predictions == [vocab.words()[t] for t in want[rows, batch["last"]].argmax(-1)]
 
 
+@pytest.mark.slow
 def test_random_keep_merges_the_chosen_rows(model, processor, hf, examples):
   full = batches.encode(examples, processor, hf)
   pruned = batches.encode(examples, processor, hf, keep_fraction=0.056, seed=3)
@@ -578,6 +588,7 @@ def test_random_keep_merges_the_chosen_rows(model, processor, hf, examples):
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
   with pytest.raises(ValueError, match="at least one example"):
     batches.encode([], processor, hf)
@@ -595,6 +606,7 @@ def test_bad_inputs_raise(model, hf, processor, examples, tmp_path):
     saving.save_pretrained(model, hf, tmp_path / "c", tokenizer_dir=tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_is_the_default_recipe_and_answers_from_the_image():
   """The committed experiments/testbed_ckpt has the default architecture, and its answers depend on the image:
   on the same questions it does much better with all visual tokens than with none of the objects visible (every
@@ -626,6 +638,7 @@ def test_probe_ridge_recovers_planted_signals_and_not_noise():
     probes.ridge_fit(x, x[:10, 0], ridge=1.0)
 
 
+@pytest.mark.slow
 def test_probe_runs_on_spatial_questions_and_rejects_others(model):
   spatial = vqa.make_split("validation", 25, seed=0, weights={f: float(f == "spatial") for f in vqa.FAMILIES})
   result = probes.probe(model, spatial, batch_size=5)

@@ -120,6 +120,7 @@ def test_flags_give_the_shipped_recipe():
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry, flag", [("experiments.testbed.train", "--output_dir"),
                                          ("experiments.testbed.probe", "--checkpoint")])
 def test_entry_points_show_their_help(entry, flag):
@@ -127,6 +128,7 @@ def test_entry_points_show_their_help(entry, flag):
   assert flag in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]   # absl's --help exits 1
 
 
+@pytest.mark.slow
 def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
   """One step of each phase on a tiny model, then the test evaluations and transformers' answers on the saved
   checkpoint: the whole entry point runs."""
