@@ -1,4 +1,4 @@
-"""`PruningConfig`: what to prune, where and how, as typed records; the TOPS schedule of the paper.
+"""`PruningConfig`: what to prune, where and how, as typed records (the methods' schedules: `models.pruning.methods`).
 
     PruningConfig(method, stage1=Stage1(budget, layout=Layout.GLOBAL, ...) | None, stage2=Stage2(steps, ...) | None)
     PruningConfig.full()           # the unpruned model (FULL); PruningConfig(method="tops") means the same
@@ -10,7 +10,8 @@ config is built. The config is hashable (a static argument of the jitted program
 hyperparameters, which the programs take as traced arguments: `StaticConfig` is the config with them held out of its
 hash, so a sweep over alpha or lambda reuses one compiled forward (`traced_hparams` are the values). The flat
 attribute names of the keyword spelling (`stage1_budget`, `stage1_scope`, `stage2_hparams`, ...) stay readable as
-properties: the runner, its overrides and its error messages speak them.
+properties (the runner, its overrides and its error messages speak them; `steps` are Stage II's (layer, keep)
+steps), and the repr is that spelling's, which the runner's row keys hash.
 """
 
 import dataclasses
