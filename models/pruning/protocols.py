@@ -100,7 +100,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
                      f"{', '.join(spec.overrides)}")
   o = {k: v for k, v in overrides.items() if v is not None}
   if crops is None:
-    crops = 5 if base.anyres(name) else 1
+    crops = base.nominal_groups(name)
   if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
     raise ValueError(f"crops must be a positive int, got {crops!r}")
   o["crops"] = crops

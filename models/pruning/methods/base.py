@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "anyres", "stage1", "check_per_crop"]
+__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "nominal_groups", "anyres", "stage1", "check_per_crop"]
 
 # The backbones the methods have protocols for (registry names), and the testbed.
 FAMILIES = ("llava", "llava_next", "testbed")
@@ -26,9 +26,16 @@ def family(name: str) -> str:
   return backbones.get(name).name
 
 
+def nominal_groups(name: str) -> int:
+  """The groups behind the papers' budgets on the family (`models.backbones.Backbone.nominal_groups`: LLaVA-NeXT's
+  5 crops, LLaVA-1.5's 1; the testbed is a LLaVA-NeXT)."""
+  name = family(name)
+  return backbones.get("llava_next" if name == "testbed" else name).nominal_groups
+
+
 def anyres(name: str) -> bool:
-  """Whether the family packs several crops per image (LLaVA-NeXT's anyres)."""
-  return family(name) in ("llava_next", "testbed")
+  """Whether the family encodes an image as several groups (LLaVA-NeXT's anyres crops)."""
+  return nominal_groups(name) > 1
 
 
 class NoProtocol(ValueError):
