@@ -12,7 +12,8 @@ from typing import Any, Callable, NamedTuple
 from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "nominal_groups", "anyres", "stage1", "check_per_crop"]
+__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "nominal_groups", "anyres", "stage1",
+           "check_per_crop"]
 
 # The backbones the methods have protocols for (registry names), and the testbed.
 FAMILIES = ("llava", "llava_next", "testbed")
