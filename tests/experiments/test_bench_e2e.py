@@ -62,6 +62,7 @@ def test_sweep_compiles_once_per_shape():
   assert counter.count >= 1          # a new budget is a new shape: the counter does see compiles
 
 
+@pytest.mark.slow
 def test_command_line_defines_its_flags_only_as_a_script():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

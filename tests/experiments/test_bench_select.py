@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_engines_side_by_side(tmp_path):
   out = tmp_path / "rows.jsonl"
   subprocess.run([sys.executable, "-m", "experiments.bench_select", "--n=64", "--keep=16", "--d=16",

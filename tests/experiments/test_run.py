@@ -110,6 +110,7 @@ def test_inconsistent_flags_fail_at_start(checkpoint, tmp_path, args, message):
   assert not os.path.exists(os.path.join(tmp_path, "results.jsonl"))
 
 
+@pytest.mark.slow
 def test_unknown_flag_and_missing_checkpoint_exit_with_a_message(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   unknown = subprocess.run([sys.executable, "-m", "experiments.run", "--bugdet=10"], cwd=REPO, env=env,

@@ -161,6 +161,7 @@ def test_mesh_axis_that_does_not_divide_raises():
     shard_memory.abstract_mesh("data:-1")
 
 
+@pytest.mark.slow
 def test_command_line():
   out = subprocess.run([sys.executable, "-m", "experiments.shard_memory", "--models=llava-next-13b",
                         "--meshes=fsdp:4;tensor:3", "--batch=shard,8", "--capacity=1024"], capture_output=True,

@@ -49,6 +49,7 @@ def test_blocked_causal_matches_loop_and_one_call(window, block):
   np.testing.assert_allclose(np.asarray(one_call), want, rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_blocked_causal_bfloat16_matches_one_call():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.bfloat16) for _ in range(3))
@@ -110,6 +111,7 @@ def test_blocked_decoder_matches_transformers(tmp_path, monkeypatch, text, overr
   assert int(fresh.cache.end[0]) == 260
 
 
+@pytest.mark.slow
 def test_with_cache_merges_to_one_softmax_over_both_parts():
   """Cached slots + new tokens through two calls merged by their logsumexps == one call over the concatenated keys;
   row 1 sees no cached slot at all (its cache part gets weight 0)."""

@@ -104,6 +104,7 @@ def test_batch_with_padding_matches_official_per_row():
     np.testing.assert_array_equal(kept[b], wants[b])
 
 
+@pytest.mark.slow
 def test_jit_equals_prune():
   rng = np.random.default_rng(8)
   states, keys = _sequence(rng, 35, 40, 8)
@@ -134,6 +135,7 @@ def test_kept_count():
 
 # --- CPython set order ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_set_iteration_order_is_cpython():
   rng = np.random.default_rng(9)
   fn = jax.jit(jax.vmap(dart.set_iteration_order))
@@ -212,6 +214,7 @@ def test_norm_order_matches_reference(n, keep, pivots, seed, ties):
   np.testing.assert_array_equal(got, np_norm_order(f, v, keep, pivots, keys, text, None, tv))
 
 
+@pytest.mark.slow
 def test_exact_budget_and_distinct_valid_tokens():
   rng = np.random.default_rng(6)
   f, keys, v = _case(rng, 40, p_valid=0.6)

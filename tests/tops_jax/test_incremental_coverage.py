@@ -130,6 +130,7 @@ TOPS_CASES = [  # (n, keep, d, dtype, normalize, criteria)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,keep,d,dtype,normalize,criteria", TOPS_CASES)
 def test_tops_engines_pick_the_same_tokens(n, keep, d, dtype, normalize, criteria):
   for seed in range(SEEDS):
@@ -150,6 +151,7 @@ SCOPE_CASES = [  # (n, keep, d, dtype, combine)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,keep,d,dtype,combine", SCOPE_CASES)
 def test_scope_engines_pick_the_same_tokens(n, keep, d, dtype, combine):
   for seed in range(SEEDS):
@@ -160,6 +162,7 @@ def test_scope_engines_pick_the_same_tokens(n, keep, d, dtype, combine):
         sim, relevance[row], valid[row], prefix, combine))
 
 
+@pytest.mark.slow
 def test_chunk_size_does_not_change_the_picks():
   # The carried gain is the exact sum rounded once, whatever the grouping of columns into chunks.
   features, relevance, valid = _corpus(5, 3, 80, 16, jnp.float32, 60)

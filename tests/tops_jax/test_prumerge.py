@@ -110,6 +110,7 @@ def _check_sequence(out, want_tokens, want_ids, keep):
     np.testing.assert_allclose(tokens[packed], want_tokens[-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,seed,p_valid,neighbors,tied_keys", [
     (40, 0, 1.0, 32, False), (64, 1, 1.0, 32, True), (50, 2, 0.7, 8, False), (90, 3, 0.8, 32, True),
     (36, 4, 1.0, 5, True)])
@@ -233,6 +234,7 @@ def test_cls_attention_is_a_full_width_softmax():
     prumerge.cls_attention(q, k[:, :, :4])
 
 
+@pytest.mark.slow
 def test_batch_with_padding_and_jit_equal_per_row_reference():
   rng = np.random.default_rng(9)
   cases = [_case(rng, 40, p_valid=p) for p in (1.0, 0.7, 0.8)]

@@ -62,6 +62,7 @@ def test_order_is_a_permutation_of_select(method):
   np.testing.assert_array_equal(np.sort(order), np.asarray(prune.select(method, features, keep=7, **kwargs)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_jit_equals_eager(method):
   features, relevance = _inputs(4)
@@ -71,6 +72,7 @@ def test_jit_equals_eager(method):
   np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_vmap_and_batch_equal_a_loop(method):
   features, relevance = _inputs(5, batch=3)
@@ -91,6 +93,7 @@ def test_vmap_and_batch_equal_a_loop(method):
   np.testing.assert_array_equal(np.asarray(jax.vmap(one)(features, relevance, valid, keys)), np.stack(rows))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_bfloat16_close_to_float32(method):
   features, relevance = _inputs(6)
@@ -271,6 +274,7 @@ def _usable(method, kwargs, valid, bad_f, bad_r):
 _KINDS = ["nan_token", "inf_token", "all_nan", "nan_relevance", "all_nan_relevance"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", _KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_values_under_jit_and_vmap_give_unique_valid_indices(method, kind):

@@ -295,6 +295,7 @@ def test_patch_view_equals_compress_without_its_cls():
   np.testing.assert_allclose(merged, np.asarray(tokens)[1:][perm], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_patch_view_batched_equals_per_row_and_jit_equals_eager():
   rng = np.random.default_rng(7)
   cases = [_case(rng, 20) for _ in range(3)]

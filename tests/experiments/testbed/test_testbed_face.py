@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from experiments import testbed
 from experiments.testbed import vocab
 
@@ -15,6 +17,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 TRAINING = ("train", "losses", "heads", "targets", "optimizer", "batches", "evaluation", "probes", "probe")
 
 
+@pytest.mark.slow
 def test_product_modules_do_not_load_training_code():
   code = textwrap.dedent("""
       import json, sys

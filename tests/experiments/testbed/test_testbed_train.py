@@ -70,6 +70,7 @@ def test_tower_filter_selects_what_the_key_path_predicate_selected(text_heads):
   assert set(jax.tree.leaves(nothing)) == {"trained"}
 
 
+@pytest.mark.slow
 def test_optimizer_never_moves_frozen_parameters():
   hf = testbed.hf_config(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      projection_dim=16),
