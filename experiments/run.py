@@ -10,9 +10,9 @@ With no flags it evaluates the shipped testbed (a small LLaVA-NeXT trained by `e
 `experiments/testbed_ckpt/`) on the synthetic VQA benchmark's test split with every method at the papers' three
 ratios (22.2%, 11.1%, 5.6% of visual tokens kept) plus the full model, and prints a table.
 
-Budgets and what each method does with T: `experiments.plan`. The flags are read once into a frozen
+Budgets and what each method does with T: `experiments.runner.plan`. The flags are read once into a frozen
 `plan.RunConfig`; `plan.resolve` checks it against the model. Each batch runs one pruned prefill, timed, whose
-outputs are scored (`experiments.evaluate`); tasks are in `experiments.tasks`.
+outputs are scored (`experiments.runner.evaluate`); tasks are in `experiments.runner.tasks`.
 
 Output (`--output_dir`, default runs/<backbone>): results.jsonl (one row per evaluated example, appended and flushed
 as it goes; an interrupted run resumes where it stopped: every finished row is skipped, nothing recomputed), then
@@ -39,12 +39,12 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from experiments import evaluate
-from experiments import hosts as hosts_lib
-from experiments import plan
-from experiments import results as results_lib
-from experiments import tasks as tasks_lib
-from experiments import vqa
+from experiments.runner import evaluate
+from experiments.runner import hosts as hosts_lib
+from experiments.runner import plan
+from experiments.runner import results as results_lib
+from experiments.runner import tasks as tasks_lib
+from experiments.synthvqa import vqa
 
 assert set(tasks_lib.TASKS) == set(plan.IN_MEMORY_TASKS), "plan.IN_MEMORY_TASKS must name every in-memory task"
 
@@ -118,7 +118,7 @@ def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str, mesh=Non
 def _picture(model, specs, items, rows, out_dir):
   """kept_tokens.png: for a few examples, the image area each method's Stage I (or first step) kept, read from the
   `kept_slots` their rows recorded."""
-  from experiments import pictures  # pylint: disable=g-import-not-at-top
+  from experiments.analysis import pictures  # pylint: disable=g-import-not-at-top
   by_key = {(r["run"], r["example_id"]): r for r in rows}
   masks, titles = [], []
   for spec in specs:
@@ -143,7 +143,7 @@ def _picture(model, specs, items, rows, out_dir):
 def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log, out_dir, process):
   """One benchmark task: stream, evaluate every run batch-major, then its table and predictions files."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from experiments import benchmark_eval  # pylint: disable=g-import-not-at-top
+  from experiments.runner import benchmark_eval  # pylint: disable=g-import-not-at-top
   from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   task = registry.TASKS[name]
   protocol = resolved.protocol
@@ -248,7 +248,7 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--clip_checkpoint: {e}") from None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from experiments import report  # pylint: disable=g-import-not-at-top
+  from experiments.analysis import report  # pylint: disable=g-import-not-at-top
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
   # Only process 0 opens (and locks) the log and writes; the others learn from it what is finished.
   opened = (results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) if hosts.writer

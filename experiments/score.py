@@ -18,9 +18,9 @@ import sys
 from absl import app
 from absl import flags
 
-from experiments import vqa
 from experiments.benchmarks import base
 from experiments.benchmarks import registry
+from experiments.synthvqa import vqa
 
 __all__ = ["read_predictions", "score"]
 

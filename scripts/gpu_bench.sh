@@ -17,9 +17,9 @@ mkdir -p "$OUT"
   $PY -c "import jax; print('jax', jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 if [[ "${1:-}" == "--smoke" ]]; then
-  $PY -m experiments.bench_select --n=96 --keep=32 --d=64 --methods=tops,divprune --dtypes=float32 --eager= \
+  $PY -m experiments.bench.selection --n=96 --keep=32 --d=64 --methods=tops,divprune --dtypes=float32 --eager= \
       --repeats=1 --output="$OUT/select.jsonl"
-  $PY -m experiments.bench_e2e --smoke --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
+  $PY -m experiments.bench.e2e --smoke --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
   exit 0
 fi
 # cuDNN flash attention against the one-call XLA path at NeXT-7B head shapes (bf16, no padding), before using it.
@@ -36,13 +36,13 @@ except Exception as e:  # pylint: disable=broad-except
   print("cudnn unavailable:", type(e).__name__, str(e)[:300])
 PYEOF
 # TOPS at T=320 on NeXT-7B runs 2880 -> 640, 640 -> 320, 320 -> 80: every pass, bf16 and float32 features.
-$PY -m experiments.bench_select --n=2880,640,320 --keep=640,320,80 --d=4096 --methods=tops,divprune,visionzip \
+$PY -m experiments.bench.selection --n=2880,640,320 --keep=640,320,80 --d=4096 --methods=tops,divprune,visionzip \
     --dtypes=bfloat16,float32 --eager= --repeats=5 --output="$OUT/select.jsonl"
-$PY -m experiments.bench_e2e --shape=llava-next-7b --dtype=bfloat16 --methods=tops,visionzip --budgets=320 \
+$PY -m experiments.bench.e2e --shape=llava-next-7b --dtype=bfloat16 --methods=tops,visionzip --budgets=320 \
     --batch_sizes=1,8 --repeats=5 --decode_tokens=32 --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
 # The same at batch 1 with cuDNN flash attention in the prefill (if the check above passed), transformers not rerun.
 if grep -q "max abs diff" "$OUT/cudnn_check.txt"; then
-  $PY -m experiments.bench_e2e --shape=llava-next-7b --dtype=bfloat16 --methods=tops,visionzip --budgets=320 \
+  $PY -m experiments.bench.e2e --shape=llava-next-7b --dtype=bfloat16 --methods=tops,visionzip --budgets=320 \
       --batch_sizes=1 --repeats=5 --decode_tokens=32 --attention=cudnn --notorch --output="$OUT/e2e_cudnn.jsonl" \
       | tee "$OUT/e2e_cudnn.md"
 fi

@@ -1,5 +1,5 @@
-"""The testbed: a small LLaVA-NeXT trained on the synthetic VQA benchmark (`experiments.vqa`), and the research that
-trains and probes it.
+"""The testbed: a small LLaVA-NeXT trained on the synthetic VQA benchmark (`experiments.synthvqa.vqa`), and the research
+that trains and probes it.
 
 This face exports what product code (the runner and its tests) uses: the model, its processor, its checkpoint and
 its prompt. It imports only `model` and `vocab`: never the training code (targets, heads, losses, `train`, probes),

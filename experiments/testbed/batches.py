@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import model
 from experiments.testbed import targets
 from experiments.testbed import vocab

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import batches
 from experiments.testbed import model as model_lib
 from experiments.testbed import vocab

@@ -7,7 +7,7 @@ Axes: B batch, P crops per image (base + grid, padded), T patches per crop (CLS 
 import jax
 from flax import nnx
 
-from experiments import scenes
+from experiments.synthvqa import scenes
 
 __all__ = ["NUM_COLORS", "NUM_SHAPES", "TEXT_SIDE", "TOWER_SIDE", "AuxHeads"]
 

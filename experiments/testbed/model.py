@@ -1,4 +1,4 @@
-"""The testbed model: a small LLaVA-NeXT for the synthetic VQA benchmark (`experiments.vqa`), its config, its
+"""The testbed model: a small LLaVA-NeXT for the synthetic VQA benchmark (`experiments.synthvqa.vqa`), its config, its
 initialisation for training from scratch, its processor, and the forward the testbed's training and evaluation run.
 
 Axes: B batch (one image per example), S sequence (padded), P crops per image (base + grid, padded), T patches per

@@ -27,7 +27,7 @@ from absl import app
 from absl import flags
 
 import models
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import model as model_lib
 from experiments.testbed import probes
 

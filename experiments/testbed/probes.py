@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import batches
 from experiments.testbed import losses
 from experiments.testbed import model as model_lib

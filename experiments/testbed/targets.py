@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from experiments import scenes
-from experiments import vqa
+from experiments.synthvqa import scenes
+from experiments.synthvqa import vqa
 from experiments.testbed import model
 from experiments.testbed import vocab
 from models import anyres
@@ -51,8 +51,8 @@ def patch_labels(scene: scenes.Scene, hf: Mapping, num_crops: int | None = None,
   crops past the image's own count are padding (labels 0, -1 for the dot and owner columns, crop_valid False).
   Columns: see `NUM_LABELS`. A patch belongs to the object drawn on most of 4 x 4 sample points spread over it (at
   least 3 of the 16; else background): a pixel is drawn by object i when it lies in i's box and is not grey
-  (backgrounds and clutter are grey by construction, see `experiments.scenes`). `image` is `scenes.render(scene)`
-  (rendered when not given).
+  (backgrounds and clutter are grey by construction, see `experiments.synthvqa.scenes`). `image` is
+  `scenes.render(scene)` (rendered when not given).
   """
   pinpoints, crop, patch = model.geometry(hf)
   g = crop // patch

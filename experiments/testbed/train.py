@@ -62,7 +62,7 @@ from absl import logging
 from flax import nnx
 
 import models
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import batches
 from experiments.testbed import evaluation
 from experiments.testbed import heads as heads_lib

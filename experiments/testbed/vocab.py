@@ -27,7 +27,7 @@ import os
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 
 __all__ = [
     "PAD", "BOS", "EOS", "UNK", "IMAGE", "SPECIAL_TOKENS", "PROMPT", "CROP_SIZE", "PATCH_SIZE", "GRID_PINPOINTS",
@@ -39,8 +39,8 @@ PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
 PROMPT = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
 
-# Image-size assumptions of the testbed (see experiments.scenes): a 48-px vision crop, 8-px patches (6x6 = 36 tokens per
-# crop) and anyres pinpoints (height, width) that the default scene sizes fit exactly (96x128 / 128x96 get padded).
+# Image-size assumptions of the testbed (see experiments.synthvqa.scenes): a 48-px vision crop, 8-px patches (6x6 = 36
+# tokens per crop) and anyres pinpoints (height, width) that the default scene sizes fit exactly (96x128 / 128x96 get padded).
 CROP_SIZE = 48
 PATCH_SIZE = 8
 GRID_PINPOINTS = ((96, 96), (96, 144), (144, 96))

@@ -12,9 +12,9 @@ import pytest
 import lmms_fixtures
 import model_factories as mf
 import runner_helpers
-from experiments import benchmark_eval
-from experiments import conversation
-from experiments import images
+from experiments.runner import benchmark_eval
+from experiments.runner import conversation
+from experiments.runner import images
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

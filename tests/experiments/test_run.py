@@ -14,12 +14,12 @@ import pytest
 
 import runner_helpers
 
-from experiments import evaluate
-from experiments import plan
-from experiments import results
-from experiments import tasks
 from experiments import testbed
-from experiments import vqa
+from experiments.runner import evaluate
+from experiments.runner import plan
+from experiments.runner import results
+from experiments.runner import tasks
+from experiments.synthvqa import vqa
 from models import pruning
 from models import saving
 

@@ -16,9 +16,9 @@ import transformers
 from flax import nnx
 
 import models
-from experiments import scenes
 from experiments import testbed
-from experiments import vqa
+from experiments.synthvqa import scenes
+from experiments.synthvqa import vqa
 from experiments.testbed import batches
 from experiments.testbed import evaluation
 from experiments.testbed import heads as heads_lib

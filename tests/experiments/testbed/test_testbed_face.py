@@ -21,8 +21,8 @@ TRAINING = ("train", "losses", "heads", "targets", "optimizer", "batches", "eval
 def test_product_modules_do_not_load_training_code():
   code = textwrap.dedent("""
       import json, sys
-      import experiments.testbed, experiments.run, experiments.report, experiments.results, experiments.vqa
-      import experiments.flops
+      import experiments.testbed, experiments.run, experiments.score
+      import experiments.analysis.report, experiments.analysis.flops, experiments.runner.results, experiments.synthvqa.vqa
       print(json.dumps(sorted(m for m in sys.modules if m.startswith("experiments"))))
   """)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")

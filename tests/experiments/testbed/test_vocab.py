@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, LlavaNextProcessor, PreTrainedTokenizerFast
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 from experiments.testbed import vocab
 
 

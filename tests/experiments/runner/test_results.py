@@ -1,4 +1,5 @@
-"""Tests for experiments.results: what each kind of damage on disk gets, the atomic repair and the directory lock."""
+"""Tests for experiments.runner.results: what each kind of damage on disk gets, the atomic repair and the directory
+lock."""
 
 import json
 import os
@@ -10,9 +11,9 @@ import textwrap
 
 import pytest
 
-from experiments import results
+from experiments.runner import results
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _write(path, lines):
@@ -63,7 +64,7 @@ def test_a_repair_that_cannot_be_written_loses_nothing(tmp_path):
   limit = len(before) // 2  # room for half the rows: a rewrite in place would keep about 175 of them
   child = _python(f"""
       import resource
-      from experiments import results
+      from experiments.runner import results
       resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
       results.ResultsLog({path!r})
   """)
@@ -116,7 +117,7 @@ def test_second_writer_fails_naming_the_holder_and_a_dead_holder_does_not_block(
   path = str(tmp_path / "results.jsonl")
   holder = _python(f"""
       import sys, time
-      from experiments import results
+      from experiments.runner import results
       log = results.ResultsLog({path!r})
       print("holding", flush=True)
       time.sleep(120)

@@ -8,8 +8,8 @@ Figure 2, label-free:
 - `kl`: KL(full || pruned) of the next-token distributions at the first answer position;
 - `nll_increase`: the full model's answer (its greedy tokens up to its stop token) scored under the pruned model,
   minus its NLL under the full model (teacher-forced, `models.generate.score_tokens`).
-Per row: the rendered prompt, `prediction` (the raw generation cut at the task's stop strings), the parsed `answer`, the target
-and meta (JSON), and the prefill's kept tokens, FLOPs and time (as `experiments.evaluate`). Rows append to
+Per row: the rendered prompt, `prediction` (the raw generation cut at the task's stop strings), the parsed `answer`,
+the target and meta (JSON), and the prefill's kept tokens, FLOPs and time (as `experiments.runner.evaluate`). Rows append to
 results.jsonl and resume by key; per run, `predictions/<task>/<run>.jsonl` holds one object per question
 (question_id, prompt, prediction, answer), lmms-eval's spirit; the task's metrics come from `Task.score`.
 """
@@ -23,13 +23,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from experiments import conversation
-from experiments import evaluate
-from experiments import flops
-from experiments import hosts as hosts_lib
-from experiments import images as images_lib
+from experiments.analysis import flops
 from experiments.benchmarks import base
-from experiments.plan import RunSpec
+from experiments.runner import conversation
+from experiments.runner import evaluate
+from experiments.runner import hosts as hosts_lib
+from experiments.runner import images as images_lib
+from experiments.runner.plan import RunSpec
 from models import pruning
 
 __all__ = ["SORT_BATCHES", "Settings", "task_dir", "evaluate_task", "task_summary", "write_predictions",

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 
 __all__ = ["Item", "TASKS"]
 

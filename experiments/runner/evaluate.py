@@ -4,7 +4,8 @@ call whose outputs are scored), decode, score, append rows.
 Per batch the work is: `Evaluator.prefill` (Stage I, the decoder with its Stage II steps, the LM head at each row's
 last token; with --max_new_tokens > 1 it also fills the KV cache), then `Evaluator.answers` (the first token from the
 prefill logits; the rest from `models.generate.decode` on the prefill's cache). `prefill_ms` times the first call,
-and `prefill_flops` (`experiments.flops`) counts the same decoder work, the LM head at one position per row included.
+and `prefill_flops` (`experiments.analysis.flops`) counts the same decoder work, the LM head at one position per row
+included.
 The first batch of a run is run once untimed before (compilation), and its result discarded.
 
 Row keys (`row_key`) hold a hash of every setting that changes a row's numbers (`run_hash`) and a hash of the
@@ -21,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import flops
-from experiments import hosts as hosts_lib
-from experiments.plan import Backbone, RunSpec
-from experiments.tasks import Item
+from experiments.analysis import flops
+from experiments.runner import hosts as hosts_lib
+from experiments.runner.plan import Backbone, RunSpec
+from experiments.runner.tasks import Item
 from models import anyres
 from models import pruning
 from tops_jax import prune
@@ -47,7 +48,7 @@ class Evaluator:
   def __init__(self, model, processor, backbone: Backbone, max_new_tokens: int,
                hosts: hosts_lib.Hosts = hosts_lib.SINGLE):
     self.model, self.processor, self.backbone = model, processor, backbone
-    self.hosts = hosts      # the mesh and this process's rows (`experiments.hosts`)
+    self.hosts = hosts      # the mesh and this process's rows (`experiments.runner.hosts`)
     self.max_new_tokens = max_new_tokens
     self.tokenizer = processor.tokenizer
     self.image_token_id = model.config.image_token_id

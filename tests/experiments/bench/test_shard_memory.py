@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import bench_e2e
-from experiments import flops
-from experiments import shard_memory
+from experiments.analysis import flops
+from experiments.bench import shard_memory
+from models import shapes
 from models import sharding
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
                patch_size=14, projection_dim=32)
 _TEXT = dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
-_NEXT = dataclasses.replace(bench_e2e.SHAPES["tiny-next"], vision=_VISION, text=_TEXT)
-_V15 = bench_e2e.Shape("llava-1.5", _VISION, _TEXT, (56, 56), ())
+_NEXT = dataclasses.replace(shapes.SHAPES["tiny-next"], vision=_VISION, text=_TEXT)
+_V15 = shapes.Shape("llava-1.5", _VISION, _TEXT, (56, 56), ())
 
 
 def _hand_param_bytes(shape, f: int, t: int, itemsize: int) -> tuple[int, int]:
@@ -163,7 +163,7 @@ def test_mesh_axis_that_does_not_divide_raises():
 
 @pytest.mark.slow
 def test_command_line():
-  out = subprocess.run([sys.executable, "-m", "experiments.shard_memory", "--models=llava-next-13b",
+  out = subprocess.run([sys.executable, "-m", "experiments.bench.shard_memory", "--models=llava-next-13b",
                         "--meshes=fsdp:4;tensor:3", "--batch=shard,8", "--capacity=1024"], capture_output=True,
                        text=True, check=True).stdout
   rows = [line for line in out.splitlines() if line.startswith("| llava-next-13b")]

@@ -1,7 +1,7 @@
 r"""Selection speed: every selector compiled, and TOPS / DivPrune against eager step-by-step versions.
 
-    python -m experiments.bench_select                       # the full grid of the issue (long on a CPU)
-    python -m experiments.bench_select --n=2880 --keep=1280 --methods=tops --dtypes=float32
+    python -m experiments.bench.selection                       # the full grid of the issue (long on a CPU)
+    python -m experiments.bench.selection --n=2880 --keep=1280 --methods=tops --dtypes=float32
 
 Grid: N in --n, keep in --keep (pairs with keep > N are skipped), D = --d, dtypes in --dtypes. Each compiled timing
 is the median of --repeats calls after one warm-up call (compilation excluded), with `block_until_ready`. For TOPS and

@@ -5,7 +5,7 @@ Axes: H image height, W image width (pixels), 3 RGB channels.
 A `Scene` is a plain description (objects with shape, colour, size, centre, drawn RGB and an optional small dot;
 the background kind and its seed); `render(scene) -> uint8[H, W, 3]` is a pure function of it, so a scene stored as
 JSON re-renders byte for byte. `sample_scene(rng, specs, config)` places objects chosen by the caller (the question
-generators in `experiments.vqa` decide what must be in a scene) at random non-overlapping positions.
+generators in `experiments.synthvqa.vqa` decide what must be in a scene) at random non-overlapping positions.
 
 Choices made for the benchmark (no paper defines it):
 - Every shape is drawn inside the axis-aligned box [cx - r, cx + r] x [cy - r, cy + r] (r = the size's radius) and

@@ -6,14 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import bench_e2e
+from experiments.bench import e2e
 from models import pruning
+from models import shapes
 
 
 @pytest.mark.slow
 def test_smoke_rows(tmp_path):
   out = tmp_path / "rows.jsonl"
-  rows = bench_e2e.smoke(output=str(out))
+  rows = e2e.smoke(output=str(out))
   assert len(out.read_text().splitlines()) == len(rows)
   assert all(json.loads(line)["shape"] == "tiny-next" for line in out.read_text().splitlines())
   jax_rows = {(r["method"], r["batch"]): r for r in rows if r["impl"] == "jax" and r["part"] == "pipeline"}
@@ -32,20 +33,20 @@ def test_smoke_rows(tmp_path):
   assert full[0] == full[-1] == 26 + 88
   torch_rows = [r for r in rows if r["impl"] == "torch"]
   assert {(r["part"], r["batch"]) for r in torch_rows} == {(p, 2) for p in ("pipeline", "vision", "decoder_at_T")}
-  assert "| jax | tops | 40 | 2 |" in bench_e2e.table(rows)
+  assert "| jax | tops | 40 | 2 |" in e2e.table(rows)
 
 
 @pytest.mark.slow
 def test_sweep_compiles_once_per_shape():
   """New batches of the same shapes and new float hyperparameters reuse the compiled prefill (counted compiles)."""
-  model = bench_e2e.build_jax(bench_e2e.hf_config(bench_e2e.SHAPES["tiny-next"]).to_dict(), np.float32, 0)
-  counter = bench_e2e.CompileCounter()
+  model = e2e.build_jax(shapes.hf_config(shapes.SHAPES["tiny-next"]).to_dict(), np.float32, 0)
+  counter = e2e.CompileCounter()
   configs = [pruning.method_config("tops", family="llava-next", target=40, num_layers=32, stage2_alpha=a,
                                    stage2_lam=0.5, stage1_alpha=a) for a in (0.5, 1.0)]
   layout = model.layout(np.array([[112, 112]] * 2), 2)
 
   def call(config, seed):
-    x = bench_e2e.make_inputs(model, 2, (112, 112), 26, seed)
+    x = e2e.make_inputs(model, 2, (112, 112), 26, seed)
     return jax.block_until_ready(pruning.forward(model, config, x.ids, x.mask, x.pixels, layout=layout,
                                                  text_len=26, visual_len=x.visual).logits)
 
@@ -67,7 +68,7 @@ def test_command_line_defines_its_flags_only_as_a_script():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   # absl prints the help and exits with status 1.
-  out = subprocess.run([sys.executable, "-m", "experiments.bench_e2e", "--helpshort"], capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "experiments.bench.e2e", "--helpshort"], capture_output=True, text=True,
                        check=False).stdout
   assert "--shape" in out and "--attention" in out and "--overrides" in out
   from absl import flags  # pylint: disable=g-import-not-at-top

@@ -38,7 +38,7 @@ __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSp
 # default budgets are their T: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
 # 0.222 would give 639) and 40 / 20 / 10 of the testbed's 180.
 RATIOS = (2 / 9, 1 / 9, 1 / 18)
-IN_MEMORY_TASKS = ("synthvqa", "vqa_jsonl")     # experiments.tasks; the benchmarks are experiments.benchmarks
+IN_MEMORY_TASKS = ("synthvqa", "vqa_jsonl")     # experiments.runner.tasks; the benchmarks are experiments.benchmarks
 RESOLUTIONS = ("native", "fixed_672")
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +108,12 @@ class RunConfig:
   max_new_tokens: int | None = None
   pictures: int = 3
   protocol: str | None = None         # benchmarks: "llava" | "lmms_eval" (None: the backbone's)
-  conv_template: str | None = None    # benchmarks: experiments.conversation template (None: the checkpoint's)
+  conv_template: str | None = None    # benchmarks: experiments.runner.conversation template (None: the checkpoint's)
   resolution: str = "native"          # LLaVA-NeXT benchmark images: "native" | "fixed_672"
   overrides: tuple[str, ...] = ()     # "method.name=value": named variants of the official protocols
   clip_checkpoint: str | None = None  # CDPruner's CLIP text tower (a local CLIP checkpoint directory)
-  # Devices and processes (`experiments.hosts`); they change no row's numbers beyond float rounding, so they are not
-  # hashed: a run resumed on another mesh reuses the finished rows.
+  # Devices and processes (`experiments.runner.hosts`); they change no row's numbers beyond float rounding, so they are
+  # not hashed: a run resumed on another mesh reuses the finished rows.
   mesh: str | None = None             # "data:2,fsdp:2,tensor:2" (`models.sharding.parse_mesh`)
   distributed: bool = False           # jax.distributed.initialize() with the cluster discovered
   coordinator_address: str | None = None
@@ -348,7 +348,7 @@ def task_names() -> tuple[str, ...]:
 
 def _benchmark_settings(run: RunConfig, backbone: Backbone, model) -> tuple[str | None, str | None]:
   """(protocol, conversation template) of the benchmark tasks, checked; (None, None) without benchmark tasks."""
-  from experiments import conversation  # pylint: disable=g-import-not-at-top
+  from experiments.runner import conversation  # pylint: disable=g-import-not-at-top
   from experiments.benchmarks import base  # pylint: disable=g-import-not-at-top
   benchmarks = [t for t in run.tasks if t not in IN_MEMORY_TASKS]
   if not benchmarks:

@@ -1,4 +1,4 @@
-"""experiments.flops against the ports themselves (parameter counts, cache arrays), against XLA (the dot and
+"""experiments.analysis.flops against the ports themselves (parameter counts, cache arrays), against XLA (the dot and
 convolution FLOPs of the compiled programs, and `cost_analysis`), against long-hand counts written from the
 architectures, and against the TOPS paper's 41.7 TFLOPs.
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import flops
+from experiments.analysis import flops
 from models import clip
 from models import generate
 from models import llama

@@ -1,4 +1,4 @@
-"""Tests for experiments.report: summary numbers against loops written here, table and picture files, and the
+"""Tests for experiments.analysis.report: summary numbers against loops written here, table and picture files, and the
 token -> pixel geometry against transformers' own image processors (an image whose pixels encode their coordinates
 goes through the processor; each patch's centre must read back the centre of the box `token_boxes` gives it)."""
 
@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from transformers import LlavaImageProcessorPil
 
-from experiments import pictures
-from experiments import report
 from experiments import testbed
+from experiments.analysis import pictures
+from experiments.analysis import report
 from experiments.testbed import vocab
 from models import anyres
 from models import llava_next

@@ -1,4 +1,5 @@
-"""Tests for experiments.vqa: every answer re-derived from the Scene by an independent parser, splits, storage."""
+"""Tests for experiments.synthvqa.vqa: every answer re-derived from the Scene by an independent parser, splits,
+storage."""
 
 import collections
 import dataclasses
@@ -8,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from experiments import scenes, vqa
-from experiments.scenes import COLOR_RGB, COLORS, SHAPES
+from experiments.synthvqa import scenes, vqa
+from experiments.synthvqa.scenes import COLOR_RGB, COLORS, SHAPES
 
 N = 280  # 56 per family: multiples of 14 and 7 keep every balanced quantity exact
 

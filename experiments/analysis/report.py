@@ -27,7 +27,7 @@ define the two relative-accuracy protocols, METHODS.md section 4, not the rest):
   runner process that timed them (`process`); a ratio over rows of several processes (a resumed run) is starred in
   the tables, with a footnote, since timings of different processes are not comparable.
 
-The kept-token pictures are `experiments.pictures`. Figures are drawn on matplotlib's Agg canvas directly (no
+The kept-token pictures are `experiments.analysis.pictures`. Figures are drawn on matplotlib's Agg canvas directly (no
 pyplot, no global backend switch).
 """
 
@@ -41,7 +41,7 @@ from matplotlib import ticker
 from matplotlib.backends import backend_agg
 import numpy as np
 
-from experiments import vqa
+from experiments.synthvqa import vqa
 
 __all__ = ["REQUIRED", "summary", "format_table", "to_markdown", "plot", "write_report", "new_figure"]
 
@@ -50,7 +50,7 @@ REQUIRED = ("run", "method", "budget", "keep_ratio", "example_id", "family", "co
 FULL = "full"
 DPI = 120
 PLOT_SIZE = (7.0, 4.5)     # inches: 840 x 540 px at DPI
-CELL_SIZE = 2.0            # inches per picture cell (experiments.pictures): 240 x 240 px at DPI
+CELL_SIZE = 2.0            # inches per picture cell (experiments.analysis.pictures): 240 x 240 px at DPI
 
 
 # --- summary ---------------------------------------------------------------------------------------------------------

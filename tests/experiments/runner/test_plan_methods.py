@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from experiments import plan
 from experiments import testbed
+from experiments.runner import plan
 from models import pruning
 
 

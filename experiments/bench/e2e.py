@@ -1,12 +1,12 @@
 r"""End-to-end speed: vision tower, selection, prefill, decode and memory of pruned LLaVA, beside transformers.
 
-    python -m experiments.bench_e2e --shape=scaled-next                       # the issue's CPU shape
-    python -m experiments.bench_e2e --shape=llava-next-7b --dtype=bfloat16 --batch_sizes=1,8   # GPU
-    python -m experiments.bench_e2e --checkpoint=/ckpt/llava-v1.6-vicuna-7b-hf --dtype=bfloat16
-    python -m experiments.bench_e2e --smoke                                   # tiny shapes, one repeat (tests)
+    python -m experiments.bench.e2e --shape=scaled-next                       # the issue's CPU shape
+    python -m experiments.bench.e2e --shape=llava-next-7b --dtype=bfloat16 --batch_sizes=1,8   # GPU
+    python -m experiments.bench.e2e --checkpoint=/ckpt/llava-v1.6-vicuna-7b-hf --dtype=bfloat16
+    python -m experiments.bench.e2e --smoke                                   # tiny shapes, one repeat (tests)
 
-One process builds the model (a local llava-hf checkpoint, or random weights at a named shape from `SHAPES`), and for
-each batch size, method and budget T (`models.pruning.method_config`, the official protocol) times, compiled and
+One process builds the model (a local llava-hf checkpoint, or random weights at a named shape from
+`models.shapes.SHAPES`), and for each batch size, method and budget T (`models.pruning.method_config`, the official protocol) times, compiled and
 warm, median of --repeats calls after one warm-up call, `block_until_ready` on every output:
 
   vision     the vision tower + projector of every crop (the same for every method; timed once per batch size)
@@ -28,7 +28,7 @@ pre-LLM pruner costs in PyTorch, selection excluded). Ratios are the claim (`spe
 something only with the device named (printed in every row).
 
 Rows go to --output (JSONL, one per measurement) and a markdown table to stdout. FLOPs per row come from
-`experiments.flops` (decoder prefill at the row's tokens per layer).
+`experiments.analysis.flops` (decoder prefill at the row's tokens per layer).
 """
 
 import copy
@@ -46,64 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import flops as flops_lib
-from experiments import plan
+from experiments.analysis import flops as flops_lib
+from experiments.runner import plan
 from models import generate
 from models import llava
 from models import llava_next
 from models import loading
 from models import pruning
+from models import shapes
 from tops_jax import prune
-
-
-_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-_VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-              image_size=336, patch_size=14, projection_dim=768)
-_VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """A random-weight model: transformers config fields of the two towers, the family and the image size."""
-  family: str                     # "llava-next" | "llava-1.5"
-  vision: dict[str, Any]
-  text: dict[str, Any]
-  image_size: tuple[int, int]     # (height, width) of every image; 672 x 672 is 5 crops on LLaVA-NeXT
-  pinpoints: tuple[tuple[int, int], ...] = _NEXT_PINPOINTS
-
-
-SHAPES = {
-    # The issue's CPU shape: CLIP 256 wide x 6 layers at 336 px, LLaMA 512 wide x 8 layers, one 672 x 672 image.
-    "scaled-next": Shape("llava-next", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                                            num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256),
-                         dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096),
-                         (672, 672)),
-    "llava-next-7b": Shape("llava-next", _VIT_L, _VICUNA_7B, (672, 672)),
-    "llava-1.5-7b": Shape("llava-1.5", _VIT_L, dict(_VICUNA_7B, vocab_size=32000), (336, 336), ()),
-    # Smoke: 56 px crops of 16 tokens (88 packed at 112 x 112), a narrow 32-layer decoder (the papers' schedules).
-    "tiny-next": Shape("llava-next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
-                       dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-                       (112, 112), tuple((h // 6, w // 6) for h, w in _NEXT_PINPOINTS)),
-}
-
-
-def hf_config(shape: Shape):
-  """The transformers config of a random-weight shape (image token = the last id of the vocabulary)."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  text = dict(shape.text)
-  vision = transformers.CLIPVisionConfig(**shape.vision)
-  text_config = transformers.LlamaConfig(**text)
-  image_token = text["vocab_size"] - 1
-  if shape.family == "llava-next":
-    return transformers.LlavaNextConfig(vision_config=vision, text_config=text_config, image_token_index=image_token,
-                                        image_grid_pinpoints=[list(p) for p in shape.pinpoints])
-  tokens = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2
-  return transformers.LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=image_token,
-                                  image_seq_length=tokens)
 
 
 def build_jax(hf: dict[str, Any], dtype, seed: int):
@@ -416,10 +367,10 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
     model = loading.load_pretrained(checkpoint, dtype=dtype)
     hf_cfg, image_size = None, (672, 672)
   else:
-    if shape_name not in SHAPES:
-      raise ValueError(f"unknown --shape {shape_name!r}; known: {', '.join(SHAPES)}")
-    shape = SHAPES[shape_name]
-    hf_cfg = hf_config(shape)
+    if shape_name not in shapes.SHAPES:
+      raise ValueError(f"unknown --shape {shape_name!r}; known: {', '.join(shapes.SHAPES)}")
+    shape = shapes.SHAPES[shape_name]
+    hf_cfg = shapes.hf_config(shape)
     model = build_jax(hf_cfg.to_dict(), dtype, seed)
     image_size = shape.image_size
   model.language_model.attention_impl = attention
@@ -452,7 +403,7 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
 def _define_flags():
   """The command line, defined only when this module runs as a script: tests import it beside the runner, whose flags
   share names (--checkpoint, --output, ...), and the library functions take arguments."""
-  flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (see SHAPES), unless --checkpoint.")
+  flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (models.shapes.SHAPES), unless --checkpoint.")
   flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
   flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")

@@ -1,4 +1,4 @@
-"""Tests for experiments.scenes: placement, rendering checked pixel by pixel against the Scene description."""
+"""Tests for experiments.synthvqa.scenes: placement, rendering checked pixel by pixel against the Scene description."""
 
 import dataclasses
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import scenes
-from experiments.scenes import COLOR_RGB, COLORS, SHAPES, ObjectSpec, SceneConfig
+from experiments.synthvqa import scenes
+from experiments.synthvqa.scenes import COLOR_RGB, COLORS, SHAPES, ObjectSpec, SceneConfig
 
 
 def _random_specs(rng, n, dot_p=0.5):

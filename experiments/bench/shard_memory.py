@@ -1,7 +1,7 @@
 r"""Memory per device of a LLaVA port on a (data, fsdp, tensor) mesh, for evaluation: parameters and the KV cache.
 
-    python -m experiments.shard_memory                       # the default models and meshes, a markdown table
-    python -m experiments.shard_memory --models=llava-next-13b --meshes='fsdp:4;tensor:4' --batch=shard,4
+    python -m experiments.bench.shard_memory                       # the default models and meshes, a markdown table
+    python -m experiments.bench.shard_memory --models=llava-next-13b --meshes='fsdp:4;tensor:4' --batch=shard,4
 
 Axes: L decoder layers, B batch rows (global), W cache slots (capacity), Hkv key/value heads, Dh head width,
 D text width, V vocabulary; mesh sizes d (data), f (fsdp), t (tensor).
@@ -20,7 +20,7 @@ An axis group that does not divide its dimension is dropped by the constraint (`
 is then replicated (the row's note says so; e.g. the 40 key/value heads of a 13B on tensor:16, whose weights split).
 
 Not counted: the prefill's activations and XLA temporaries (the vision tower over every crop, hidden states,
-attention scores, logits; `experiments.bench_e2e` measures them per program), and the runtime's share (JAX on GPU
+attention scores, logits; `experiments.bench.e2e` measures them per program), and the runtime's share (JAX on GPU
 takes 75% of the memory by default, XLA_PYTHON_CLIENT_MEM_FRACTION). "fits" compares parameters + cache with 16e9
 and 80e9 bytes: GB are decimal throughout, a little under the 16 and 80 GiB the devices hold.
 
@@ -43,10 +43,10 @@ from absl import app
 from absl import flags
 from flax import nnx
 
-from experiments import bench_e2e
-from experiments import flops
+from experiments.analysis import flops
 from models import llama
 from models import loading
+from models import shapes
 from models import sharding
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "DEFAULT_MESHES", "DEVICE_GB", "ParamBytes", "CacheBytes", "XlaCheck",
@@ -57,12 +57,12 @@ __all__ = ["MODELS", "DEFAULT_MODELS", "DEFAULT_MESHES", "DEVICE_GB", "ParamByte
 _VICUNA_13B = dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                    num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
 
-MODELS: dict[str, bench_e2e.Shape] = {
-    "llava-next-7b": bench_e2e.SHAPES["llava-next-7b"],
-    "llava-next-13b": dataclasses.replace(bench_e2e.SHAPES["llava-next-7b"], text=_VICUNA_13B),
-    "llava-1.5-7b": bench_e2e.SHAPES["llava-1.5-7b"],
-    "llava-1.5-13b": dataclasses.replace(bench_e2e.SHAPES["llava-1.5-7b"], text=dict(_VICUNA_13B, vocab_size=32000)),
-    "tiny-next": bench_e2e.SHAPES["tiny-next"],
+MODELS: dict[str, shapes.Shape] = {
+    "llava-next-7b": shapes.SHAPES["llava-next-7b"],
+    "llava-next-13b": dataclasses.replace(shapes.SHAPES["llava-next-7b"], text=_VICUNA_13B),
+    "llava-1.5-7b": shapes.SHAPES["llava-1.5-7b"],
+    "llava-1.5-13b": dataclasses.replace(shapes.SHAPES["llava-1.5-7b"], text=dict(_VICUNA_13B, vocab_size=32000)),
+    "tiny-next": shapes.SHAPES["tiny-next"],
 }
 DEFAULT_MODELS = ("llava-next-7b", "llava-next-13b", "llava-1.5-7b", "llava-1.5-13b")
 DEFAULT_MESHES = ("data:1", "data:8", "fsdp:8", "tensor:8", "fsdp:4", "tensor:4", "data:2,fsdp:2,tensor:2",
@@ -82,9 +82,9 @@ class CacheBytes(NamedTuple):
   note: str           # dimensions the constraint leaves replicated ("" when rows and heads both split)
 
 
-def resolve(shape: bench_e2e.Shape):
+def resolve(shape: shapes.Shape):
   """(family, config) of a random-weight shape: `models.backbones.BACKBONES` and the family's `Config.from_hf`."""
-  hf = bench_e2e.hf_config(shape).to_dict()
+  hf = shapes.hf_config(shape).to_dict()
   family = loading.family_of(hf["model_type"])
   return family, family.config.from_hf(hf)
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import report
+from experiments.analysis import report
 from models import anyres
 
 __all__ = ["Box", "token_boxes", "grid_boxes", "slot_boxes", "kept_mask", "shade", "kept_picture"]

@@ -1,6 +1,6 @@
 r"""How close greedy TOPS gets to the exhaustive optimum of its objective on small instances.
 
-    python -m experiments.tops_approx --n=12 --keep=4 --trials=50
+    python -m experiments.analysis.tops_approx --n=12 --keep=4 --trials=50
 
 For each random instance (clustered features, uniform relevance) this enumerates every subset of size `keep` and
 compares `tops.objective` of the TOPS greedy set (normalize="none", so greedy and objective use the same units) with

@@ -1,4 +1,4 @@
-"""Procedural visual question answering: five question families over `experiments.scenes`, with exact splits.
+"""Procedural visual question answering: five question families over `experiments.synthvqa.scenes`, with exact splits.
 
 Axes: H image height, W image width (pixels), 3 RGB channels.
 
@@ -48,8 +48,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from experiments import scenes
-from experiments.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneConfig
+from experiments.synthvqa import scenes
+from experiments.synthvqa.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneConfig
 
 __all__ = [
     "FAMILIES", "SUBTYPES", "SPLITS", "NUMBER_WORDS", "CHANCE", "Example", "answer_vocab", "question_words",
@@ -398,7 +398,7 @@ def read_split(data_dir: str, split: str) -> list[Example]:
   path = os.path.join(data_dir, split)
   if not os.path.exists(os.path.join(path, "questions.jsonl")):
     raise ValueError(f"no benchmark split at {path} (expected images.npz and questions.jsonl); "
-                     "write one with experiments.vqa.write_split")
+                     "write one with experiments.synthvqa.vqa.write_split")
   with np.load(os.path.join(path, "images.npz")) as data:
     pixels, shapes, offsets = data["pixels"], data["shapes"], data["offsets"]
   rows = _read_jsonl(os.path.join(path, "questions.jsonl"))

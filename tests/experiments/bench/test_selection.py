@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_engines_side_by_side(tmp_path):
   out = tmp_path / "rows.jsonl"
-  subprocess.run([sys.executable, "-m", "experiments.bench_select", "--n=64", "--keep=16", "--d=16",
+  subprocess.run([sys.executable, "-m", "experiments.bench.selection", "--n=64", "--keep=16", "--d=16",
                   "--methods=tops,scope,divprune", "--dtypes=float32", "--eager=numpy", "--engines=incremental,dense",
                   "--repeats=1", f"--output={out}"], check=True, capture_output=True, text=True)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
