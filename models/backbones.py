@@ -19,7 +19,7 @@ from models import llama
 from models import llava
 from models import llava_next
 
-__all__ = ["Backbone", "BACKBONES", "get", "names"]
+__all__ = ["Backbone", "BACKBONES", "get", "names", "of_model"]
 
 # The papers' short-answer instruction (LLaVA's eval scripts and lmms-eval's default post_prompt).
 _SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -38,6 +38,8 @@ class Backbone:
   protocol: the benchmark harness whose numbers the papers report for it ("llava" | "lmms_eval"); None: none.
   square_pad: images are padded to a square before the processor unless a task keeps their aspect (LLaVA-1.5).
   max_new_tokens: the answer length the papers' short-answer benchmarks generate.
+  pixel_crops: the processor's pixel_values carry a crops axis, float[I, P, 3, H, W] (LLaVA-NeXT) rather than
+    float[I, 3, H, W], and the model reads `image_sizes`.
   nominal_groups: the groups behind the papers' N of a full image (LLaVA-NeXT: 5 crops, the most its LLaVA-1.6
     pinpoints give; LLaVA-1.5: 1): N = nominal_groups x the tokens of a group, and per-group budgets are T // this.
   """
@@ -51,6 +53,7 @@ class Backbone:
   protocol: str | None = None
   square_pad: bool = False
   max_new_tokens: int = 8
+  pixel_crops: bool = False
   nominal_groups: int = 1
 
   def nominal_tokens(self, model_config) -> int:
@@ -71,7 +74,7 @@ BACKBONES: dict[str, Backbone] = {
     "llava_next": Backbone("llava_next", "LLaVA-NeXT", llava_next.LlavaNextConfig,
                            llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table,
                            aliases=("llava-next",), prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:",
-                           protocol="lmms_eval", nominal_groups=5),
+                           protocol="lmms_eval", pixel_crops=True, nominal_groups=5),
     # Text-only decoders load too (the LLaVA decoders' parity tests).
     "llama": Backbone("llama", "LLaMA", llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
     "mistral": Backbone("mistral", "Mistral", llama.TextConfig, llama.LlamaForCausalLM,
@@ -94,3 +97,11 @@ def get(name: Any) -> Backbone:
     if name in _BY_ALIAS:
       return BACKBONES[_BY_ALIAS[name]]
   raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} (also: {', '.join(_BY_ALIAS)})")
+
+
+def of_model(model) -> Backbone:
+  """The registry entry of a model instance (by its class); ValueError for a class no family registers."""
+  for backbone in BACKBONES.values():
+    if type(model) is backbone.model:  # pylint: disable=unidiomatic-typecheck  (subclasses are other families)
+      return backbone
+  raise ValueError(f"{type(model).__name__} is not the model class of any family in models.backbones.BACKBONES")

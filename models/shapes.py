@@ -1,7 +1,7 @@
 """Random-weight model shapes: the transformers configs of LLaVA models at named sizes, without a checkpoint.
 
     hf = shapes.hf_config(shapes.SHAPES["llava-next-7b"])     # a transformers LlavaNextConfig
-    model_type = hf.to_dict()["model_type"]                    # -> models.loading.FAMILIES
+    model_type = hf.to_dict()["model_type"]                    # -> models.backbones.BACKBONES
 
 The speed benchmark (`experiments.bench.e2e`) builds models at these shapes with random weights, and the memory
 model (`experiments.bench.shard_memory`) sizes them on meshes; the tests use "tiny-next".
@@ -23,7 +23,7 @@ _VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, n
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """A random-weight model: transformers config fields of the two towers, the family and the image size."""
-  family: str                     # "llava-next" | "llava-1.5"
+  model_type: str                 # its `models.backbones` family: "llava_next" | "llava"
   vision: dict[str, Any]
   text: dict[str, Any]
   image_size: tuple[int, int]     # (height, width) of every image; 672 x 672 is 5 crops on LLaVA-NeXT
@@ -32,15 +32,15 @@ class Shape:
 
 SHAPES = {
     # The issue's CPU shape: CLIP 256 wide x 6 layers at 336 px, LLaMA 512 wide x 8 layers, one 672 x 672 image.
-    "scaled-next": Shape("llava-next", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+    "scaled-next": Shape("llava_next", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                                             num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256),
                          dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096),
                          (672, 672)),
-    "llava-next-7b": Shape("llava-next", _VIT_L, _VICUNA_7B, (672, 672)),
-    "llava-1.5-7b": Shape("llava-1.5", _VIT_L, dict(_VICUNA_7B, vocab_size=32000), (336, 336), ()),
+    "llava-next-7b": Shape("llava_next", _VIT_L, _VICUNA_7B, (672, 672)),
+    "llava-1.5-7b": Shape("llava", _VIT_L, dict(_VICUNA_7B, vocab_size=32000), (336, 336), ()),
     # Smoke: 56 px crops of 16 tokens (88 packed at 112 x 112), a narrow 32-layer decoder (the papers' schedules).
-    "tiny-next": Shape("llava-next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    "tiny-next": Shape("llava_next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
                        dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
@@ -55,7 +55,7 @@ def hf_config(shape: Shape):
   vision = transformers.CLIPVisionConfig(**shape.vision)
   text_config = transformers.LlamaConfig(**text)
   image_token = text["vocab_size"] - 1
-  if shape.family == "llava-next":
+  if shape.model_type == "llava_next":
     return transformers.LlavaNextConfig(vision_config=vision, text_config=text_config, image_token_index=image_token,
                                         image_grid_pinpoints=[list(p) for p in shape.pinpoints])
   tokens = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2

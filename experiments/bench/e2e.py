@@ -48,9 +48,8 @@ import numpy as np
 
 from experiments.analysis import flops as flops_lib
 from experiments.runner import plan
+from models import backbones
 from models import generate
-from models import llava
-from models import llava_next
 from models import loading
 from models import pruning
 from models import shapes
@@ -87,14 +86,9 @@ def make_inputs(model, batch: int, image_size: tuple[int, int], text_tokens: int
   config = model.config
   crop = config.vision.image_size
   sizes = np.tile(np.asarray(image_size), (batch, 1))
-  if isinstance(model, llava_next.LlavaNextForConditionalGeneration):
-    layout = model.pack_layout(sizes)
-    visual = int(layout.counts[0])
-    crops = config.max_num_crops
-    pixels = rng.standard_normal((batch, crops, 3, crop, crop)).astype(np.float32)
-  else:
-    visual = config.max_image_tokens
-    pixels = rng.standard_normal((batch, 3, crop, crop)).astype(np.float32)
+  visual = int(np.asarray(model.layout(sizes, batch).counts)[0])
+  crops = (config.max_num_crops,) if backbones.of_model(model).pixel_crops else ()
+  pixels = rng.standard_normal((batch, *crops, 3, crop, crop)).astype(np.float32)
   head = min(5, text_tokens)
   text = rng.integers(3, config.image_token_id, size=(batch, text_tokens))
   image = np.full((batch, visual), config.image_token_id)
@@ -145,17 +139,13 @@ class CompileCounter:
     return seconds, out, self.count
 
 
-def _family(model) -> str:
-  return "llava-next" if isinstance(model, llava_next.LlavaNextForConditionalGeneration) else "llava-1.5"
-
-
 def _configs(model, methods, budgets, overrides) -> list[tuple[str, int | None, pruning.PruningConfig]]:
   runs = [("full", None, pruning.PruningConfig(method="tops"))]
   layers = model.config.text.num_hidden_layers
   for method in methods:
     for t in budgets:
       try:
-        runs.append((method, t, pruning.method_config(method, family=_family(model), target=t, num_layers=layers,
+        runs.append((method, t, pruning.method_config(method, family=backbones.of_model(model).name, target=t, num_layers=layers,
                                                       **overrides.get(method, {}))))
       except (pruning.NoProtocol, ValueError) as e:
         print(f"skipped {method} T={t}: {e}")
@@ -214,7 +204,7 @@ def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int,
   """One row per (method, T) at this batch size, plus the vision tower row."""
   b = inputs.ids.shape[0]
   text = model.config.text
-  layout = model.layout(inputs.sizes, b) if isinstance(model, llava_next.LlavaNextForConditionalGeneration) else None
+  layout = model.layout(inputs.sizes, b)
   pixels = jnp.asarray(inputs.pixels, dtype)
   encode = jax.jit(lambda m, p: m.project(m.encode_images(p, cls_attention=False).features))
   vision_s, _, vision_compiles = counter.timed(lambda: encode(model, pixels), repeats)
@@ -265,7 +255,7 @@ def _device_peak() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def torch_rows(hf_cfg, family: str, inputs: Inputs, kept: list[int | None], repeats: int, decode_tokens: int,
+def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, kept: list[int | None], repeats: int, decode_tokens: int,
                dtype_name: str, seed: int, checkpoint: str | None) -> list[dict[str, Any]]:
   """transformers (sdpa) prefill/decode unpruned, and its decoder at text + T tokens for each T in `kept`."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -274,17 +264,16 @@ def torch_rows(hf_cfg, family: str, inputs: Inputs, kept: list[int | None], repe
   dev = torch.device("cuda" if cuda else "cpu")
   dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[dtype_name]
   torch.manual_seed(seed)
-  next_family = family == "llava-next"
-  cls = transformers.LlavaNextForConditionalGeneration if next_family else transformers.LlavaForConditionalGeneration
+  auto = transformers.AutoModelForImageTextToText
   if checkpoint:
-    model = cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+    model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
   else:
     hf_cfg._attn_implementation = "sdpa"  # pylint: disable=protected-access
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
       with dev:
-        model = cls(hf_cfg)
+        model = auto.from_config(hf_cfg)
     finally:
       torch.set_default_dtype(previous)
   model = model.to(dev).eval()
@@ -293,7 +282,7 @@ def torch_rows(hf_cfg, family: str, inputs: Inputs, kept: list[int | None], repe
   ids = torch.tensor(inputs.ids, device=dev)
   mask = torch.tensor(inputs.mask, device=dev).long()
   pixels = torch.tensor(inputs.pixels, device=dev, dtype=dtype)
-  extra = dict(image_sizes=torch.tensor(inputs.sizes, device=dev)) if next_family else {}
+  extra = dict(image_sizes=torch.tensor(inputs.sizes, device=dev)) if backbone.pixel_crops else {}
   device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
   rows = []
   with torch.inference_mode():
@@ -394,7 +383,7 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
     print(f"batch {b}: {inputs.ids.shape[1]} tokens per row ({inputs.visual} image tokens)", flush=True)
     keep(jax_rows(model, inputs, runs, counter, repeats, decode_tokens, device, dtype))
     if with_torch:
-      keep(torch_rows(hf_cfg, _family(model), inputs, [t for _, t, _ in runs], repeats, decode_tokens, dtype_name,
+      keep(torch_rows(hf_cfg, backbones.of_model(model), inputs, [t for _, t, _ in runs], repeats, decode_tokens, dtype_name,
                       seed, checkpoint))
   print(table(rows))
   return rows

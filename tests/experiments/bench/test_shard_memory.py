@@ -47,7 +47,7 @@ def _hand_param_bytes(shape, f: int, t: int, itemsize: int) -> tuple[int, int]:
     weights += [(dv * dv, f * t)] * 4 + [(dv, t)] * 3 + [(dv, 1)]                # q, k, v, out kernels; biases
     weights += [(dv * mv, f * t), (mv, t), (mv * dv, t * f), (dv, 1), (2 * dv, 1), (2 * dv, 1)]
   weights += [(dv * d, f * t), (d, t), (d * d, t * f), (d, 1)]                     # projector
-  if shape.family == "llava-next":
+  if shape.model_type == "llava_next":
     weights.append((d, 1))                                                         # image_newline
   for n, ways in weights:
     assert n % ways == 0, (n, ways)
