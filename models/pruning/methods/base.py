@@ -16,7 +16,7 @@ __all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "no
            "check_per_crop"]
 
 # The backbones the methods have protocols for (registry names), and the testbed.
-FAMILIES = ("llava", "llava_next", "testbed")
+FAMILIES = tuple(name for name, b in backbones.BACKBONES.items() if b.multimodal) + ("testbed",)
 
 
 def family(name: str) -> str:
