@@ -28,8 +28,8 @@ of several runner processes. A run locks its output_dir: a second run into it fa
 
 
 import contextlib
+import dataclasses
 import datetime
-import json
 import os
 import socket
 import sys
@@ -37,10 +37,10 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from experiments.runner import evaluate
 from experiments.runner import hosts as hosts_lib
+from experiments.runner import outputs
 from experiments.runner import plan
 from experiments.runner import results as results_lib
 from experiments.runner import tasks as tasks_lib
@@ -95,116 +95,6 @@ flags.DEFINE_enum("resolution", "native", ["native", "fixed_672"], "LLaVA-NeXT b
                   "resized to the paper's fixed 672 x 672 (2,880 visual tokens before unpadding).")
 
 
-def _load(backbone: plan.Backbone, backbone_name: str, checkpoint: str, mesh=None):
-  import models  # pylint: disable=g-import-not-at-top
-  from transformers import AutoProcessor  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(checkpoint):
-    raise ValueError(f"--checkpoint {checkpoint!r} is not a directory")
-  model = models.load_pretrained(checkpoint, mesh=mesh)      # with a mesh: each device reads its own shards
-  with open(os.path.join(checkpoint, "config.json")) as f:
-    model_type = json.load(f).get("model_type")
-  if model_type != backbone.model_type:
-    raise ValueError(f"--backbone={backbone_name} expects a {backbone.model_type} checkpoint; {checkpoint} is "
-                     f"{model_type}")
-  if backbone_name == "testbed":
-    from experiments import testbed  # pylint: disable=g-import-not-at-top
-    processor = testbed.make_processor(testbed.hf_from_model(model), directory=checkpoint)
-  else:
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    processor.tokenizer.padding_side = "left"
-  return model, processor
-
-
-def _picture(model, specs, items, rows, out_dir):
-  """kept_tokens.png: for a few examples, the image area each method's Stage I (or first step) kept, read from the
-  `kept_slots` their rows recorded."""
-  from experiments.analysis import pictures  # pylint: disable=g-import-not-at-top
-  by_key = {(r["run"], r["example_id"]): r for r in rows}
-  masks, titles = [], []
-  for spec in specs:
-    row_masks = []
-    for it in items:
-      h, w = it.image.shape[:2]
-      row = by_key[(spec.name, it.example_id)]
-      slots = row.get("kept_slots")
-      if slots is None:       # the full model keeps everything
-        if "kept_slots" not in row and spec.budget is not None:
-          logging.warning("kept_tokens.png: the row of %s for %s predates recorded kept slots; shown unshaded",
-                          spec.name, it.example_id)
-        row_masks.append(np.ones((h, w), bool))
-        continue
-      layout = model.layout(np.array([[h, w]]), 1)
-      row_masks.append(pictures.kept_mask((h, w), pictures.slot_boxes((h, w), layout, 0, model.config), slots))
-    masks.append(row_masks)
-    titles.append(spec.name)
-  pictures.kept_picture([it.image for it in items], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
-
-
-def _benchmark(evaluator, backbone, config, resolved, runs, name, settings, log, out_dir, process):
-  """One benchmark task: stream, evaluate every run batch-major, then its table and predictions files."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from experiments.runner import benchmark_eval  # pylint: disable=g-import-not-at-top
-  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
-  task = registry.TASKS[name]
-  protocol = resolved.protocol
-  single = sum(t not in plan.IN_MEMORY_TASKS for t in config.tasks) == 1
-  directory = benchmark_eval.task_dir(config.data_dir, task, single)
-  max_new_tokens = config.max_new_tokens or task.max_new_tokens[protocol]
-  aspect = task.image_aspect[protocol] if backbone.square_pad else config.resolution
-  bench = benchmark_eval.Settings(protocol=protocol, template=resolved.conv_template, aspect=aspect,
-                                  max_new_tokens=max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-                                  limit=config.limit)
-  fields = dict(settings, max_new_tokens=max_new_tokens, data_fingerprint=_tree_fingerprint(directory))
-  hashes = {spec.name: evaluate.run_hash(fields, spec, name, []) for spec in runs}
-  total = min(config.limit, task.num_rows) if config.limit and task.num_rows else (config.limit or task.num_rows)
-  with tqdm(total=None if total is None else total * len(runs), desc=name, unit="ex", file=sys.stderr,
-            disable=not evaluator.hosts.writer) as progress:
-    benchmark_eval.evaluate_task(evaluator, runs, task, task.examples(directory, protocol, True), log, hashes, bench,
-                                 progress, process)
-  if not evaluator.hosts.writer:
-    return {}
-  rows = benchmark_eval.task_rows(log, runs, hashes, name)
-  entries = benchmark_eval.task_summary(task, rows, runs, protocol)
-  table = benchmark_eval.format_summary(task, entries)
-  print(f"\n{name} (protocol {protocol}, template {resolved.conv_template}, images {aspect})\n{table}", flush=True)
-  with open(os.path.join(out_dir, f"summary_{name}.md"), "w") as f:
-    f.write(table + "\n")
-  benchmark_eval.write_predictions(out_dir, name, rows)
-  if task.judged:      # MM-Vet: the judge scripts' input, one file per run
-    from experiments.benchmarks import mmvet  # pylint: disable=g-import-not-at-top
-    for run_name, run_rows in rows.items():
-      mmvet.write_judge_file(run_rows, os.path.join(out_dir, "predictions", name, f"{run_name}.judge.json"),
-                             expected=None if config.limit else task.num_rows)
-  return {e["run"]: e["metrics"] for e in entries}
-
-
-def _tree_fingerprint(directory: str) -> str:
-  """Relative path, size and mtime of every file under a snapshot, hashed: an edited or re-downloaded snapshot at
-  the same path gets new rows (cheap: no file is read)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-  entries = []
-  for folder, _, names in sorted(os.walk(directory)):
-    for name in sorted(names):
-      info = os.stat(os.path.join(folder, name))
-      entries.append((os.path.relpath(os.path.join(folder, name), directory), info.st_size, info.st_mtime_ns))
-  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
-
-
-def _relative_summary(runs, scores, out_dir):
-  """summary_benchmarks.md: each pruned run's two relative-% summaries against the full model over the benchmark
-  tasks of this invocation (`experiments.benchmarks.summary`)."""
-  from experiments.benchmarks import summary  # pylint: disable=g-import-not-at-top
-  full = {task: by_run[runs[0].name] for task, by_run in scores.items() if runs[0].name in by_run}
-  lines = []
-  for spec in runs[1:]:
-    run_scores = {task: by_run[spec.name] for task, by_run in scores.items() if spec.name in by_run}
-    lines.append(summary.format_relative(spec.name, summary.relative(full, run_scores)))
-  text = "\n\n".join(lines)
-  print("\nrelative to the full model\n" + text, flush=True)
-  with open(os.path.join(out_dir, "summary_benchmarks.md"), "w") as f:
-    f.write(text + "\n")
-
-
 def _process_name() -> str:
   """Names this runner invocation in every row it measures (two invocations in one Python process differ too)."""
   return f"{socket.gethostname()}:{os.getpid()}:{datetime.datetime.now().isoformat(timespec='microseconds')}"
@@ -229,75 +119,60 @@ def main(argv):
 
 def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts):
   try:
-    model, processor = _load(backbone, config.backbone, config.checkpoint, hosts.mesh)
-    resolved, runs = plan.resolve(config, model)
+    evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts)
+    resolved, runs = plan.resolve(config, evaluator.model)
+    if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
+      evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if hosts.writer:
     print("resolved configuration:\n" + resolved.to_json(), flush=True)
   logging.info("process %d of %d, mesh %s; runs: %s", hosts.index, hosts.count, hosts.mesh,
                ", ".join(r.name for r in runs))
-
-  out_dir = config.output_dir
-  process = _process_name()
-  evaluator = evaluate.Evaluator(model, processor, backbone, resolved.max_new_tokens, hosts)
-  if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
-    from models import clip_text  # pylint: disable=g-import-not-at-top
-    try:
-      evaluator.clip = clip_text.ClipTextRelevance(config.clip_checkpoint)
-    except (OSError, ValueError) as e:
-      raise app.UsageError(f"--clip_checkpoint: {e}") from None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from experiments.analysis import report  # pylint: disable=g-import-not-at-top
+  out_dir, process = config.output_dir, _process_name()
   # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
   # Only process 0 opens (and locks) the log and writes; the others learn from it what is finished.
   opened = (results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) if hosts.writer
             else contextlib.nullcontext(None))
   with opened as log:
     benchmark_scores = {}
-    for task in config.tasks:
-      settings = plan.run_hash_fields(resolved, task)
-      if task not in tasks_lib.TASKS:
-        try:
-          benchmark_scores[task] = _benchmark(evaluator, backbone, config, resolved, runs, task, settings, log,
-                                              out_dir, process)
-        except ValueError as e:
-          raise app.UsageError(str(e)) from None
-        continue
-      items = tasks_lib.TASKS[task](config.data_dir, config.split, config.limit, config.seed)
-      if not items:
-        raise app.UsageError(f"task {task} has no examples")
-      batches = evaluate.encode_batches(evaluator, items, config.batch_size)
+    task_run = lambda name: tasks_lib.task_run(name, config, resolved, backbone, evaluator.processor)
+    for name in config.tasks:
+      # An in-memory task's bad data raises as it is read (ValueError naming the file and line); anything else a
+      # task raises is the invocation's error.
+      job = task_run(name) if name in tasks_lib.TASKS else None
       try:
-        evaluate.check_budgets(runs, batches, task)
+        job = job or task_run(name)
+        scores = _task(evaluator, config, resolved, runs, job, log, out_dir, process)
       except ValueError as e:
         raise app.UsageError(str(e)) from None
-      pictured = items[:config.pictures]
-      with tqdm(total=len(items) * len(runs), desc=task, unit="ex", file=sys.stderr,
-                disable=not hosts.writer) as progress:
-        for spec in runs:
-          progress.set_postfix_str(spec.name)
-          evaluate.evaluate_run(evaluator, spec, batches, log, evaluate.run_hash(settings, spec, task, items),
-                                config.seed, progress, process=process,
-                                pictured=frozenset(it.example_id for it in pictured))
-      if not hosts.writer:
-        continue
-      rows = evaluate.task_rows(log, settings, runs, task, items)
-      summary = report.summary(rows)
-      table = report.format_table(summary)
-      print(f"\n{task} ({len(items)} examples; relative accuracy: (a) ratio of mean scores, (b) mean of per-family "
-            f"ratios)\n{table}", flush=True)
-      with open(os.path.join(out_dir, f"summary_{task}.md"), "w") as f:
-        f.write(report.to_markdown(summary) + "\n")
-      report.plot(summary, os.path.join(out_dir, f"relative_accuracy_{task}.png"))
-      if pictured:
-        shown = [r for r in runs if r.budget is None or r.budget == min(resolved.budgets)]
-        _picture(model, shown, pictured, rows, out_dir)
+      if job.benchmark is not None and hosts.writer:
+        benchmark_scores[name] = scores
     if benchmark_scores and len(runs) > 1 and hosts.writer:
-      _relative_summary(runs, benchmark_scores, out_dir)
-  if not hosts.writer:
-    return
-  print(f"results: {os.path.join(out_dir, 'results.jsonl')}; table, plot and pictures in {out_dir}")
+      outputs.relative_summary(runs, benchmark_scores, out_dir)
+  if hosts.writer:
+    print(f"results: {os.path.join(out_dir, 'results.jsonl')}; table, plot and pictures in {out_dir}")
+
+
+def _task(evaluator, config, resolved, runs, job, log, out_dir, process):
+  """One task: every run evaluated (rows appended to `log`), then its outputs (process 0)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  order = [ex.question_id for ex in job.examples] if job.in_memory else ()
+  hashes = {spec.name: evaluate.run_hash(job.settings, spec, job.name, order) for spec in runs}
+  pictured = list(job.examples[:config.pictures]) if job.in_memory else []
+  total = len(job.examples) if job.in_memory else job.benchmark.num_rows
+  if not job.in_memory and config.limit:
+    total = min(config.limit, total) if total else config.limit
+  with tqdm(total=None if total is None else total * len(runs), desc=job.name, unit="ex", file=sys.stderr,
+            disable=not evaluator.hosts.writer) as progress:
+    covered = evaluate.evaluate_task(evaluator, runs, job, log, hashes, config.batch_size, config.seed, progress,
+                                     process, frozenset(ex.question_id for ex in pictured))
+  if not evaluator.hosts.writer:
+    return {}
+  return outputs.write_task(job, runs, evaluate.task_rows(log, covered), out_dir, model=evaluator.model,
+                            pictured=pictured, pictured_budget=min(resolved.budgets), protocol=resolved.protocol,
+                            template=resolved.conv_template,
+                            expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import pytest
 import lmms_fixtures
 import model_factories as mf
 import runner_helpers
-from experiments.runner import benchmark_eval
 from experiments.runner import conversation
 from experiments.runner import images
+from experiments.runner import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,10 +131,10 @@ def test_task_dir_prefers_the_repository_folder(tmp_path):
   from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   task = registry.TASKS["pope"]
   os.makedirs(tmp_path / "POPE")
-  assert benchmark_eval.task_dir(str(tmp_path), task, single=False) == str(tmp_path / "POPE")
-  assert benchmark_eval.task_dir(str(tmp_path / "POPE"), task, single=True) == str(tmp_path / "POPE")
+  assert tasks.task_dir(str(tmp_path), task, single=False) == str(tmp_path / "POPE")
+  assert tasks.task_dir(str(tmp_path / "POPE"), task, single=True) == str(tmp_path / "POPE")
   with pytest.raises(ValueError, match="one folder per dataset repository"):
-    benchmark_eval.task_dir(str(tmp_path / "POPE"), task, single=False)
+    tasks.task_dir(str(tmp_path / "POPE"), task, single=False)
 
 
 def test_score_rejects_bad_prediction_files(tmp_path):

@@ -1,0 +1,163 @@
+"""What the runner writes after evaluating a task: its table, plot and kept-token pictures (an in-memory task), or
+its metrics table and predictions files (a benchmark), and the benchmarks' summary relative to the full model.
+
+A benchmark's table holds the task's metrics (`Task.score`, the official formulas), means of kept tokens per layer
+and FLOPs, the fidelity columns (KL, dNLL; `experiments.runner.evaluate`) and FLOPs / time ratios against the full
+run; per run, `predictions/<task>/<run>.jsonl` holds one object per question (question_id, prompt, prediction,
+answer), lmms-eval's spirit, which `experiments.score` re-scores. An in-memory task's table and plot are
+`experiments.analysis.report`'s, its pictures `experiments.analysis.pictures`'.
+"""
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+
+from experiments.benchmarks import base
+from experiments.runner.plan import RunSpec
+from experiments.runner.tasks import TaskRun
+
+__all__ = ["write_task", "relative_summary", "task_summary", "format_summary", "write_predictions"]
+
+
+def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
+               out_dir: str, *, model=None, pictured: Sequence[base.Example] = (), pictured_budget: int | None = None,
+               protocol: str | None = None, template: str | None = None,
+               expected: int | None = None) -> dict[str, dict[str, float]]:
+  """Prints and writes the task's outputs into `out_dir`; returns a benchmark's metrics by run name ({} for an
+  in-memory task). pictured: the examples kept_tokens.png shows (in-memory tasks), for the runs at
+  `pictured_budget` and the full one. expected: the judge file's expected question count (MM-Vet; None: any)."""
+  if job.benchmark is None:
+    _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_budget)
+    return {}
+  task = job.benchmark
+  entries = task_summary(task, rows_by_run, runs, protocol)
+  table = format_summary(task, entries)
+  print(f"\n{job.name} (protocol {protocol}, template {template}, images {job.aspect})\n{table}", flush=True)
+  with open(os.path.join(out_dir, f"summary_{job.name}.md"), "w") as f:
+    f.write(table + "\n")
+  write_predictions(out_dir, job.name, rows_by_run)
+  if task.judged:      # MM-Vet: the judge scripts' input, one file per run
+    from experiments.benchmarks import mmvet  # pylint: disable=g-import-not-at-top
+    for run_name, run_rows in rows_by_run.items():
+      mmvet.write_judge_file(run_rows, os.path.join(out_dir, "predictions", job.name, f"{run_name}.judge.json"),
+                             expected=expected)
+  return {e["run"]: e["metrics"] for e in entries}
+
+
+def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_budget):
+  from experiments.analysis import report  # pylint: disable=g-import-not-at-top
+  rows = [row for spec in runs for row in rows_by_run[spec.name]]
+  summary = report.summary(rows)
+  table = report.format_table(summary)
+  print(f"\n{job.name} ({len(job.examples)} examples; relative accuracy: (a) ratio of mean scores, (b) mean of "
+        f"per-family ratios)\n{table}", flush=True)
+  with open(os.path.join(out_dir, f"summary_{job.name}.md"), "w") as f:
+    f.write(report.to_markdown(summary) + "\n")
+  report.plot(summary, os.path.join(out_dir, f"relative_accuracy_{job.name}.png"))
+  if pictured:
+    shown = [r for r in runs if r.budget is None or r.budget == pictured_budget]
+    _picture(model, shown, pictured, rows, out_dir)
+
+
+def _picture(model, specs: Sequence[RunSpec], examples: Sequence[base.Example], rows, out_dir: str):
+  """kept_tokens.png: for a few examples, the image area each method's Stage I (or first step) kept, read from the
+  `kept_slots` their rows recorded."""
+  from experiments.analysis import pictures  # pylint: disable=g-import-not-at-top
+  by_key = {(r["run"], r["example_id"]): r for r in rows}
+  masks, titles = [], []
+  for spec in specs:
+    row_masks = []
+    for ex in examples:
+      h, w = ex.image.shape[:2]
+      row = by_key[(spec.name, ex.question_id)]
+      slots = row.get("kept_slots")
+      if slots is None:       # the full model keeps everything
+        if "kept_slots" not in row and spec.budget is not None:
+          logging.warning("kept_tokens.png: the row of %s for %s predates recorded kept slots; shown unshaded",
+                          spec.name, ex.question_id)
+        row_masks.append(np.ones((h, w), bool))
+        continue
+      layout = model.layout(np.array([[h, w]]), 1)
+      row_masks.append(pictures.kept_mask((h, w), pictures.slot_boxes((h, w), layout, 0, model.config), slots))
+    masks.append(row_masks)
+    titles.append(spec.name)
+  pictures.kept_picture([ex.image for ex in examples], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
+
+
+def relative_summary(runs: Sequence[RunSpec], scores: Mapping[str, Mapping[str, Mapping[str, float]]], out_dir: str):
+  """summary_benchmarks.md: each pruned run's two relative-% summaries against the full model over the benchmark
+  tasks of this invocation (`experiments.benchmarks.summary`). scores: task -> run name -> metrics."""
+  from experiments.benchmarks import summary  # pylint: disable=g-import-not-at-top
+  full = {task: by_run[runs[0].name] for task, by_run in scores.items() if runs[0].name in by_run}
+  lines = []
+  for spec in runs[1:]:
+    run_scores = {task: by_run[spec.name] for task, by_run in scores.items() if spec.name in by_run}
+    lines.append(summary.format_relative(spec.name, summary.relative(full, run_scores)))
+  text = "\n\n".join(lines)
+  print("\nrelative to the full model\n" + text, flush=True)
+  with open(os.path.join(out_dir, "summary_benchmarks.md"), "w") as f:
+    f.write(text + "\n")
+
+
+def task_summary(task: base.Task, rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
+                 runs: Sequence[RunSpec], protocol: str) -> list[dict[str, Any]]:
+  """One entry per run: the task's metrics (`Task.score`), means of kept tokens per layer, FLOPs, KL and NLL
+  increase, and FLOPs / time ratios against the full run over the shared questions."""
+  full = {r["question_id"]: r for r in rows_by_run.get(runs[0].name, [])}
+  entries = []
+  for spec in runs:
+    rows = rows_by_run[spec.name]
+    if not rows:
+      continue
+    shared = [r for r in rows if r["question_id"] in full]
+    ratio = lambda field: (sum(r[field] for r in shared) / sum(full[r["question_id"]][field] for r in shared)
+                           if shared and sum(full[r["question_id"]][field] for r in shared) > 0 else None)
+    entries.append(dict(
+        run=spec.name, method=spec.label, budget=spec.budget, n=len(rows), metrics=task.score(rows, protocol),
+        kept_per_layer=float(np.mean([np.mean(r["kept_per_layer"]) for r in rows])),
+        prefill_flops=float(np.mean([r["prefill_flops"] for r in rows])),
+        kl=float(np.mean([r["kl"] for r in rows])), nll_increase=float(np.mean([r["nll_increase"] for r in rows])),
+        flops_ratio=ratio("prefill_flops"), time_ratio=ratio("prefill_ms"),
+        processes=len({r["process"] for r in rows})))
+  return entries
+
+
+def format_summary(task: base.Task, entries: Sequence[Mapping[str, Any]]) -> str:
+  """The task's markdown table: run, T, n, every metric, kept/layer, GFLOPs, flops and time ratios, KL, dNLL."""
+  names = sorted({k for e in entries for k in e["metrics"]})
+  cell = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+  head = ["method", "T", "n", *names, "kept/layer", "GFLOPs", "flops", "time", "KL", "dNLL"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for e in entries:
+    time_cell = cell(e["time_ratio"]) + ("*" if e["processes"] > 1 else "")
+    lines.append("| " + " | ".join([e["method"], "-" if e["budget"] is None else str(e["budget"]), str(e["n"]),
+                                    *(cell(e["metrics"].get(k)) for k in names), f"{e['kept_per_layer']:.1f}",
+                                    f"{e['prefill_flops'] / 1e9:.3g}", cell(e["flops_ratio"]), time_cell,
+                                    f"{e['kl']:.4g}", f"{e['nll_increase']:.4g}"]) + " |")
+  note = (f"\n{task.name} ({task.repo}): metrics from the official code's formulas; KL = KL(full || pruned) of the "
+          "next-token distribution at the answer position, dNLL = increase of the full model's answer NLL; "
+          "flops, time: prefill FLOPs and time / full's; * = timings from several runner processes.")
+  if task.judged:
+    note += " No local metric exists for this task (an LLM judge scores it): the predictions files are its output."
+  return "\n".join(lines) + "\n" + note
+
+
+def write_predictions(directory: str, task: str, rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+  """predictions/<task>/<run>.jsonl per run (question_id, prompt, prediction = the raw generation cut at the stop
+  strings, answer = the parsed one), written atomically; `experiments.score` re-scores such a file."""
+  paths = []
+  folder = os.path.join(directory, "predictions", task)
+  os.makedirs(folder, exist_ok=True)
+  for run, rows in rows_by_run.items():
+    path = os.path.join(folder, run.replace("/", "_") + ".jsonl")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps(dict(question_id=r["question_id"], prompt=r["prompt"], prediction=r["prediction"],
+                                answer=r["answer"]), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    paths.append(path)
+  return paths
