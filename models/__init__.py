@@ -8,7 +8,8 @@ it hands them), `backbones` (the registry of families, keyed by checkpoint `mode
 `llama` (LLaMA/Vicuna/Mistral decoder, KV cache), `llava` (LLaVA-1.5), `llava_next` (LLaVA-NeXT anyres), `loading`
 (reading checkpoints), `saving` (writing them),
 `conversion` (conversion rules and canonical names), `config_fields` (config.json type checks), `activations`,
-`checks` (input checks), `generate` (greedy decoding), `pruning` (Stage I/II hooks), `outputs` (named outputs).
+`checks` (input checks), `generate` (greedy decoding), `pruning` (Stage I/II hooks), `outputs` (named outputs),
+`shapes` (random-weight model shapes for the benchmarks), `sharding` (meshes), `attention`, `anyres`, `clip_text`.
 `conversion`, `config_fields`, `activations` and `family` are leaves: the family modules import them, `backbones`
 imports the families and `loading` imports `backbones`, so no import runs in a circle.
 
