@@ -9,37 +9,8 @@ OpenAI CLIP), D text width, Dv vision width, E projection width, N visual tokens
     image = relevance.image_embeds(vision_features)       # float[..., N, Dv] (vision layer -2 patches) -> [..., N, E]
     r = tops_jax.relevance.clip_text_relevance(image, text, valid)           # float32[B, N]
 
-What CDPruner computes (official repo Theia-4869/CDPruner, commit 9541616c40fcd5625de1cdb8ea6c33c129eb7864):
-- `llava/model/multimodal_encoder/clip_encoder.py`, `CLIPVisionTower.load_text_tower` / `forward`: the text tower is
-  `CLIPTextModelWithProjection` and the tokenizer `CLIPTokenizerFast`, both from the same directory as the vision
-  tower (openai/clip-vit-large-patch14-336); `visual_projection` comes from `CLIPVisionModelWithProjection` of that
-  directory. The question is tokenized whole (BOS ... EOS, no truncation), right-padded with id 0 and attention
-  mask 0 to a multiple of `max_position_embeddings` and cut into C = (len - 1) // 77 + 1 chunks of 77: only the first
-  chunk has BOS, only the last has EOS, every chunk restarts at position 0. The chunks are one batch through the text
-  tower; `text_embeds` [C, E] is the projected pooled output. The image side is
-  `visual_projection(post_layernorm(hidden_states[-2][:, 1:]))`, i.e. the LLaVA features (layer -2, CLS dropped)
-  through the CLIP head, in float32.
-- `llava/model/llava_arch.py`, `encode_images`: both sides are L2-normalised, relevance = mean over the C chunks of
-  the negated cosine, then (r - min + 1e-6) / (max - min) (see `tops_jax.relevance.clip_text_relevance`).
-- `llava/eval/model_vqa_loader.py` (GQA, POPE, TextVQA, MME, ...) removes "\\nAnswer the question using a single word
-  or phrase." from the question; `model_vqa_science.py` removes "<image>\\n" and "\\nAnswer with the option's letter
-  from the given choices directly."; `model_vqa_mmbench.py` never appends its answer instruction (English or
-  Chinese) to the text it encodes; `model_vqa.py` (MM-Vet) encodes the question as is. `question_text` removes all
-  of these, so it gives each script's text from the prompt's user question.
-
-Pooling follows transformers for the checkpoint's `text_config.eos_token_id`: the legacy value 2 (what OpenAI's
-converted configs hold, e.g. openai/clip-vit-base-patch32's) pools at `argmax(input_ids)`, the highest token id of the row: the EOS (49407) in the
-last chunk, the BOS (49406) at position 0 in a first chunk without EOS, and the highest-id word token in a middle
-chunk. Any other value pools at the first occurrence of that id (position 0 in a chunk without it). The official
-code inherits whichever the checkpoint selects; so does this port.
-
-Since the relevance is linear in each unit text vector, the mean over chunks of the cosines equals the cosine with
-the mean of the unit chunk vectors (not renormalised): `encode` returns that mean, one vector per question.
-
-Deviations: none in the numbers. The vision encoder itself is not here (its features come from the LLaVA
-checkpoint's tower, as in the official code, where `post_layernorm` is the LLaVA tower's: it receives no gradient in
-LLaVA training, so it equals the CLIP checkpoint's, which is what `load_clip` reads). Chunk batches are padded to a
-power of two (at least 4) with copies of a real chunk (discarded) to bound recompilation.
+Official code: Theia-4869/CDPruner @9541616c40fcd5625de1cdb8ea6c33c129eb7864 (clip_encoder.py, llava_arch.py, the
+eval scripts). What CDPruner computes, pooling, the chunk mean and the deviations: models/MODELS.md#clip_text.
 """
 
 import dataclasses

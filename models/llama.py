@@ -5,43 +5,12 @@ one), W cache capacity, Q chosen query rows, D width, H query heads, Hkv key/val
 width, L layers, V vocabulary.
 
     lm = LlamaModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))     # or filled by models.load_pretrained
-    x = lm.embed(input_ids)                                            # float[B, S, D]
-    pos = position_ids_from_mask(mask)                                 # int32[B, S], like transformers' generate
     seg = lm.run_layers(x, pos, mask, start=0, stop=12)                # DecoderOutput(hidden=float[B, S, D], ...)
     # ... prune the sequence to S' rows (new x, positions re-indexed or kept, mask) ...
     seg = lm.run_layers(x2, pos2, mask2, start=12, stop=config.num_hidden_layers)
-    h = lm.norm(seg.hidden)
 
-Architecture: pre-RMSNorm layers (RMSNorm -> GQA attention with rotate-half RoPE -> residual, RMSNorm -> SwiGLU MLP
--> residual), final RMSNorm, untied lm_head (tied supported: logits = h @ embed_tokens^T). RoPE: `rope_type` "default"
-or "linear" (inverse frequencies divided by `factor`); cos/sin computed in float32 and cast to the compute dtype,
-like transformers. RMSNorm: statistics in float32, cast back to the input dtype, then times the weight.
-
-Decoder segments (the Stage II seam)
-Layer parameters are stacked along a leading L axis (built with `nnx.vmap`) and `run_layers` runs a contiguous
-segment [start, stop) with `jax.lax.scan` over the sliced stack: one compiled layer body whatever the depth, and a
-segment can run on any sequence length, so a pruning step between segments just changes the shapes it passes on.
-`start`/`stop` are static Python ints. `query_keys` returns one layer's post-RoPE queries of chosen rows (text
-raters, the last token) and keys of every token from that layer's input hidden states: the one way attention rows
-are read, by `attention_probs` and by the in-LLM scorers (`models.pruning.stage2`).
-
-Attention masks: `attention_mask: bool[B, S]` marks real (non-padding) tokens; a key is visible to a query when it is
-real, not after the query (by index in the sequence or cache, as transformers' causal mask) and, with
-`sliding_window` W, fewer than W slots before it (transformers' index-based sliding window). Attention itself is
-scheduled by `models.attention` (`LlamaModel.attention_impl`): one `jax.nn.dot_product_attention` call per layer on
-GPU/TPU (XLA or cuDNN), a tiled flash loop for the causal prefill on CPU; the probabilities are only materialised by
-`attention_probs`.
-
-KV cache (`KVCache`, preallocated, static capacity W)
-    k, v:   dtype[L, B, W, Hkv, Dh] keys (after RoPE) and values of every layer
-    valid:  bool[L, B, W]           slot holds a real token (written slots of padding tokens stay False)
-    end:    int32[L]                next free slot of each layer
-A call with a cache writes its S tokens at slots [end[l], end[l] + S) of each layer it runs, attends over the cached
-slots (masked) and over the S tokens themselves (`models.attention.with_cache`; a prefill that promises an empty cache
-attends among its tokens only) and advances `end` for those layers. `end` and `valid` are per layer because Stage II pruning leaves the
-layers before a pruning point with a longer cache than the layers after it; decoding then appends one token per layer
-at that layer's own `end`. Writing past W cannot raise under jit (the writes past W are dropped): size W for
-prompt + new tokens (`models.generate` does). RoPE positions are independent of slots: the caller passes them.
+The architecture, the decoder segments (the Stage II seam: `run_layers`, `query_keys`), attention masks and the KV
+cache (`KVCache`): models/MODELS.md#llama.
 
 (Over 400 lines on purpose, like transformers' modeling_llama.py: config, RoPE, masks, layer, decoder, KV cache and
 the checkpoint table are one port whose numerics are checked together against transformers.)

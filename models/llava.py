@@ -7,34 +7,11 @@ D text width, V vocabulary, L decoder layers.
     model = models.load_pretrained(path, dtype=jnp.bfloat16)
     out = jax.jit(lambda m, b: m(**b))(model, dict(input_ids=ids, pixel_values=px, attention_mask=mask))
     out.logits                          # float32[B, 1, V] at each row's last real token (all_logits=True: [B, S, V])
-    out.cls_attention, out.image_embeds  # Stage I inputs: float32[I, N], float[I, N, D]
     tokens = model.visual_tokens(px, None, relevance=("cls",))   # VisualTokens: what pruners read (models.family)
 
-The forward is a composition of small methods, which is the seam for token pruning:
-
-    vis = model.encode_images(pixel_values)        # VisionOutput: features float[I, N, Dv], cls_attention float32[I, N]
-    img = model.project(vis.features)              # float[I, N, D]
-    # -- Stage I hook: pick/merge K of the N rows per image (pre-LLM pruning); rebuild input_ids with K image
-    #    tokens per image (and the attention mask) to match.
-    x = model.embed(input_ids, img)                # float[B, S, D] text embeddings with image rows merged in
-    pos = llama.default_positions(input_ids.shape, attention_mask)
-    seg = model.language_model.run_layers(x, pos, attention_mask, start=0, stop=12)
-    # -- Stage II hook: score with model.language_model.attention_probs(12, seg.hidden, ...) and seg.hidden,
-    #    gather the kept rows of hidden/positions/mask, then continue on the shorter sequence.
-    seg = model.language_model.run_layers(seg.hidden, pos, attention_mask, start=12)
-    logits = model.head(seg.hidden)                # final norm + lm_head, float32
-
-`__call__` is exactly that chain without pruning. The merge is the jit-safe form of transformers' `masked_scatter`:
-the k-th image-token position of the flattened batch (row-major over [B, S]) takes the k-th row of the flattened
-image embeddings [I * N, D]. A count mismatch raises on concrete inputs; under `jit` it cannot be checked (extra
-image tokens then repeat the last row), so callers keep the counts consistent (`check_image_tokens`).
-
-Position ids default to `cumsum(attention_mask) - 1` (transformers' generate; left padding aware). Note that
-transformers' plain forward uses `arange` instead when no position_ids are passed; pass them explicitly to compare.
-
-Vision features: `vision_feature_layer` (int or list, concatenated along the width) and
-`vision_feature_select_strategy` ("default" drops CLS, "full" keeps it), as in transformers. `image_sizes` is accepted
-for a call signature shared with LLaVA-NeXT and ignored: every LLaVA-1.5 image is image_size x image_size.
+The forward is a composition of small methods (`encode_images`, `project`, `embed`, `language_model.run_layers`,
+`head`), the seam for token pruning. The chain step by step, the image-token merge, position ids and the vision
+feature options: models/MODELS.md#llava.
 """
 
 import dataclasses

@@ -5,52 +5,14 @@ Axes: B batch, S sequence, I images (all images of the batch in order), P crops 
 padded), T vision tokens per crop (CLS dropped), N packed image tokens per image (padded), Dv vision width, D text
 width, V vocabulary, L decoder layers.
 
-    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(...), tokenizer=..., patch_size=14,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    batch = dict(proc(images=images, text=prompts, padding=True, return_tensors="np"))
     model = models.load_pretrained(path, dtype=jnp.bfloat16)
-    out = jax.jit(lambda m, b: m(**b))(model, batch)
+    out = jax.jit(lambda m, b: m(**b))(model, batch)   # batch: LlavaNextProcessor(..., return_tensors="np") outputs
     out.logits                                  # float32[B, 1, V] (all_logits=True: [B, S, V])
-    out.image_embeds, out.cls_attention         # per crop: float[I, P, T, D], float32[I, P, T]
     out.packed_embeds, out.layout               # packed: float[I, N, D] + where each token comes from
 
-The forward is LLaVA-1.5's chain (`models.llava`) with two extra steps, and the same seams:
-
-    layout = model.pack_layout(image_sizes)          # host: anyres.PackLayout, int32/bool[I, N] gather indices
-    vis = model.encode_images(pixel_values)          # features float[I, P, T, Dv], cls_attention float32[I, P, T]
-    img = model.project(vis.features)                # float[I, P, T, D]
-    packed = model.pack(img, layout)                 # float[I, N, D]: base crop, unpadded grid rows + image_newline
-    # -- Stage I hook: choose K tokens per image (per crop via layout.crop, or globally), gather them into
-    #    float[I, K, D] and rebuild input_ids with K image tokens per image.
-    x = model.embed(input_ids, packed, layout.valid)  # float[B, S, D]
-    ... decoder segments and model.head(hidden) exactly as in models.llava.
-
-Packing (see `models.anyres`): per-image token counts differ, so every image is packed into a row of fixed length N
-(default `anyres.max_num_features`, 2928 for the LLaVA-1.6 pinpoints at 336 px) with a `valid` mask; the k-th
-<image> token of the flattened batch takes the k-th valid packed token (transformers' masked_scatter order).
-`layout.crop` gives the crop of every packed token (0 = base/global crop, 1..R*C = grid crops row-major,
--1 = newline/padding) and `layout.newline` marks the `image_newline` tokens.
-
-Host geometry. The layout depends on `image_sizes` through Python float arithmetic (transformers'
-`select_best_resolution`, `unpad_image`), which is computed on the host with numpy: eagerly when `image_sizes` is
-concrete, and through `jax.pure_callback` when it is traced (e.g. inside `jax.jit` or `models.generate.greedy`), so
-the jitted program has the same shapes for every image size (under jit, a bad image size fails inside the callback: a
-runtime error wrapping the ValueError). Callers can also pass a precomputed `layout=model.pack_layout(image_sizes)`;
-then `image_sizes` is not read.
-
-The vision tower runs on all I * P crops of `pixel_values` including the processor's zero padding crops (static
-shapes); the padding crops' outputs are never packed (`crop_valid` marks the real ones). To keep P fixed across
-batches, pad with `anyres.pad_crops(pixel_values, anyres.max_num_crops(...))`.
-
-Not supported (ValueError from `LlavaNextConfig.from_hf`): `vision_feature_select_strategy="full"` (transformers'
-packing reshapes T + 1 tokens per crop into a g x g grid and fails), pinpoints that are not multiples of the vision
-tower's image size, `use_image_newline_parameter=False`, `multimodal_patch_merge_type` other than "spatial_unpad", and
-pixel_values as a 4-D list of crops.
-
-Image preprocessing: transformers 5.23's `LlavaNextImageProcessor` is the torchvision backend (falls back to PIL with a
-warning when torchvision is missing, as here); use `LlavaNextImageProcessorPil` directly and `return_tensors="np"`.
-For the llava-hf checkpoints the processor needs `num_additional_image_tokens=1` with "default" (CLS counted, then
-removed) so that it writes `anyres.num_image_features` <image> tokens per image.
+The forward is LLaVA-1.5's chain (`models.llava`) with two extra steps (`pack_layout`, `pack`). The processor setup,
+the seams step by step, packing, the host geometry, padding crops, what is not supported and image preprocessing:
+models/MODELS.md#llava_next.
 """
 
 import dataclasses

@@ -3,42 +3,10 @@
     model = models.load_pretrained("/ckpt/llava-1.5-7b-hf", dtype=jnp.bfloat16)
     out = jax.jit(lambda m, b: m(**b))(model, batch)            # NNX modules are pytrees (flax >= 0.12)
 
-The directory holds `config.json` and either `model.safetensors` or shards listed in `model.safetensors.index.json`
-(the layout `save_pretrained` writes). Torch is never imported: tensors are read with `safetensors` (numpy, bfloat16
-through ml_dtypes), converted on the host, cast to `dtype` and put on the default device one parameter at a time;
-with `mesh=` each parameter is created in its shards (`models.sharding`) and each shard is read on its own, over its
-slice of the checkpoint tensors (`safe_open.get_slice`): no host ever holds the whole model.
-
-Families: `models.backbones.BACKBONES` maps the config's `model_type` to a `Backbone` whose config, model and
-conversion table the loader uses; a family module exposes:
-- a frozen dataclass config with `Config.from_hf(hf: dict) -> Config` (the parsed config.json). It raises ValueError for
-  every field the port does not implement that differs from its neutral default (unknown model_type, rope types other
-  than default/linear, unsupported activations, ...): a silently ignored field gives plausible wrong numbers.
-- the model class, constructed as `Model(config, dtype=..., rngs=nnx.Rngs(0))` (the loader only builds it abstractly
-  with `nnx.eval_shape`, so no random weights are materialised).
-- `conversion_table(config) -> dict[str, conversion.Rule]` keyed by CANONICAL checkpoint names, i.e. the names of the
-  transformers-5 module tree (`model.vision_tower.encoder.layers.0.self_attn.q_proj.weight`,
-  `model.language_model.layers.0.mlp.up_proj.weight`, `model.multi_modal_projector.linear_1.weight`,
-  `model.image_newline`, `lm_head.weight`). `Rule(target, transform, layer)` (`models.conversion`): `target` is the
-  path in `nnx.state(model)`, `transform` one of `TRANSFORMS` ("linear": [out, in] -> [in, out]; "conv": OIHW ->
-  HWIO), and `layer` the index along the leading axis of a stacked (scanned) parameter, or None.
-Sub-tables for shared parts: `models.clip.conversion_table(vision_config, prefix, target)` and
-`models.llama.conversion_table(text_config, prefix, target)` (lm_head is the family's: "lm_head.weight" ->
-`Rule(("lm_head", "kernel"), "linear")` unless tied).
-
-Checkpoint names are canonicalised first by `conversion.LEGACY_PREFIXES` (first matching prefix wins), so the hub
-layout of llava-hf checkpoints (`language_model.model.layers...`, `language_model.lm_head.weight`, `vision_tower.vision_model.*`,
-`multi_modal_projector.*`, `image_newline`) and what transformers 5.23 `save_pretrained` writes
-(`language_model.model.*` with `vision_tower.embeddings...`, no `vision_model`) both load. Names in
-`IGNORED_SUFFIXES` (non-persistent buffers that old checkpoints saved) are skipped.
-
-Validation: the converted shapes are checked against the abstract model (`nnx.eval_shape`); missing, unexpected,
-duplicated, mis-shaped and non-floating weights are gathered and raised as ONE ValueError listing them. Every
-parameter of the model must be filled by the table (a table bug raises too). Every file problem is a ValueError naming
-the file: config.json that is not a JSON object, or whose fields have the wrong JSON type
-(`config_fields.check_field`: a size given as the string "64" is rejected, not coerced); a malformed `model.safetensors.index.json` or one without a
-`weight_map` object; a truncated, empty or foreign shard. After the cast to `dtype` (a floating dtype), weights holding
-NaN/inf are listed by tensor and shard (a float16 cast can overflow a finite checkpoint).
+The directory holds `config.json` and `model.safetensors` or its shards; torch is never imported, and with `mesh=`
+each parameter is created in its shards. Families come from `models.backbones.BACKBONES` (keyed by `model_type`).
+What a family module exposes (config, model class, conversion table), checkpoint-name canonicalisation and the
+validation of files and weights: models/MODELS.md#loading.
 """
 
 import contextlib

@@ -3,38 +3,12 @@ Theia-4869/CDPruner).
 
 Axes: N visual tokens, D width, K kept.
 
-Kernel L = diag(r) F diag(r), with F the cosine similarity of the token features (projector outputs) and r the
-relevance rescaled over the valid tokens as the official code does it:
+Kernel L = diag(r) F diag(r), with F the cosine similarity of the token features and r the relevance rescaled over
+the valid tokens as the official code does; the kept set is the greedy MAP of the DPP (incremental Cholesky rows,
+Chen, Zhang and Zhou, NeurIPS 2018). Pass `relevance` already oriented so larger = more relevant.
 
-    r = (relevance - min + 1e-6) / (max - min)
-
-(the 1e-6 keeps the least relevant token's diagonal off zero). The kept set is the greedy MAP of the DPP, computed
-with the incremental Cholesky rows of Chen, Zhang and Zhou (NeurIPS 2018). The carry holds c: float32[K, N], the
-Cholesky rows built so far, and d2: float32[N], the residual variances (d2 = diag(L) at the start). Each step
-picks j = argmax d2 over the candidates, then
-
-    e = (L[j] - c[:, j] @ c) / sqrt(d2[j]);   c[step] = e;   d2 -= e**2
-
-which is one kernel row and one [K] x [K, N] matvec per step; nothing N x N is read inside the loop.
-
-Relevance orientation: pass `relevance` already oriented so larger = more relevant. The official code computes the
-mean CLIP image-text cosine of each patch (over the text tokens) and negates it before the rescaling; that
-negation, if wanted, belongs to the caller (`tops_jax.relevance`), not to this module.
-
-Choices where the paper and code are silent (documented parameters):
-- `theta`: the official code carries a commented-out relevance sharpening r <- exp(alpha * r) with
-  alpha = theta / (2 (1 - theta)) (Chen et al.'s relevance/diversity trade-off), released disabled. `theta=None`
-  (default) matches the released code; a float in (0, 1) enables it.
-- `eps`: the official loop divides by sqrt(d2[j]) without a guard. Here, once the largest candidate d2 is <= eps
-  (the kernel's rank is used up, or only tokens with negligible relevance are left), the DPP no longer separates
-  the candidates: the remaining picks take the lowest-index remaining valid tokens, and the Cholesky state is no
-  longer updated. The default 1e-5 sits about 20x above the float32 cancellation noise measured in d2 once a
-  unit-diagonal kernel's rank is used up (3e-7 to 6e-7 at ranks 16 to 64, N = 256 to 576).
-- A constant relevance over the valid tokens (max == min; the official code divides by zero) gives r = 1, i.e.
-  a pure diversity DPP on F.
-- Rescaling is per example over the valid tokens (the official code takes min and max over the whole batch
-  tensor, which makes a row's selection depend on its batch mates); invalid tokens get r = 0, never candidates.
-Ties go to the lowest index.
+The kernel and the greedy step, the relevance orientation and the choices where the paper and code are silent
+(`theta`, `eps`, constant relevance, per-example rescaling): tops_jax/METHODS.md#cdpruner.
 """
 
 from typing import NamedTuple

@@ -2,55 +2,14 @@
 
 Axes: N visual tokens, D width, Dk key width, T text tokens, P pivots, K kept.
 
-Source: DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
-More", EMNLP 2025), official code `ZichenWen1/DART` (LLaVA: `get_retained_image_token` and the `DART_K_norm`
-decoder loop, the eval scripts `scripts/v1_5/eval/*.sh`, `scripts/v1_6/eval/*.sh`; read from indexed copies of those
-files: no snapshot of the repository could be fetched, so no commit is known) and the llmc port (`ModelTC/llmc`
-llmc/compression/token_reduction/dart.py, `get_retained_image_token`, commit 05eedff08c58ce5a3a4e2e879133bc922dff6ff5),
-which computes the same. Facts read from that code:
-- Pruning happens before LLM layer K = 2. Pivots are the `pivot_image_token = 4` visual tokens with the largest L1
-  norm of their layer K - 1 keys (after RoPE, heads concatenated), `topk` order, plus `pivot_text_token = 4` tokens
-  chosen the same way among ALL the tokens after the image.
-- Similarity is the cosine of the hidden states entering layer K passed through the model's final RMSNorm.
-- The pivots are visited in the iteration order of a Python `set` of their SEQUENCE POSITIONS
-  (`set(image_indices + query_indices)`, then `list(tmp_set)` of its copy): text pivots are visited too. For each
-  pivot, the TOKEN_TOPK candidates with the lowest cosine similarity to it are kept and leave the candidate set;
-  candidates are the visual tokens that are not visual pivots. Text pivots are removed from the kept set at the end,
-  so the kept visual tokens are the visual pivots plus every pick, and the surviving sequence is sorted by position.
-- TOKEN_TOPK = int(max_num_trunction // (pivot_image_token + pivot_text_token)) with max_num_trunction = the budget
-  B (the scripts run `0.778 128`, ...); the kept count is therefore 4 + 8 * (B // 8), which can EXCEED the budget:
-  68 / 132 / 196 for B = 64 / 128 / 192. LLaVA-NeXT branch (`config.text_length` set): TOKEN_TOPK =
-  min(retain_token_num_for_llava_next, L - 4) // 8 over all L image tokens of the sequence (newlines included),
-  i.e. 644 / 324 / 164 for 640 / 320 / 160 (not verified: the v1_6 scripts read here pass only max_num_trunction,
-  and the argument default of retain_token_num_for_llava_next is 0; ZichenWen1/DART issue #18 asks the same).
-  llmc, when max_num_trunction is None, uses ceil((N * (1 - ratio)) // 8).
-  `kept_count` returns these counts; the caller uses it as the static `keep`.
+`order(features, relevance, valid, key, *, keep, ...)` is registered as "dart" in `tops_jax.prune`; `kept_count(B)`
+gives the official kept count 4 + 8 * (B // 8) for a budget B (`count="exact"`: B), `set_iteration_order` the
+official pivot visiting order (CPython's set iteration order).
 
-API. `order(features, relevance, valid, key, *, keep, ...)` (registered as "dart" in `tops_jax.prune`):
-`features` is the similarity space (the normed layer-K input states), `keys` (float[N, Dk], default the features)
-only choose the visual pivots; the text pivots are optional: `text_features` float[T, D] with `text_keys`
-float[T, Dk] (default the text features) and `text_valid` bool[T]. `positions` int32[N] / `text_positions` int32[T]
-are the tokens' positions in the unpadded prompt sequence (default: the image starts at 0 and the text follows it);
-they matter only for the official visiting order.
-- pivot_order="official" (default): pivots are visited in CPython's set iteration order of their positions,
-  reproduced exactly by `set_iteration_order` (open addressing, LINEAR_PROBES = 9, PERTURB_SHIFT = 5, growth to
-  used * 4 at 3/5 fill, and the `copy()` of the official code; checked against CPython 3.11 `set`). "norm": visual
-  pivots first, in descending key norm, then text pivots (this module's order before it followed the official one).
-- The `keep - P` picks are shared over the visited pivots: pick quota (keep - P) // pivots, the first
-  (keep - P) % pivots pivots in visiting order take one more. With keep = `kept_count(B)` (count="official") every
-  pivot takes exactly TOKEN_TOPK, as the official loop; `kept_count(B, count="exact")` = B keeps exactly the budget
-  (the behaviour before this module followed the official count: a fixed budget makes methods comparable token for
-  token).
-
-Deviations and choices where the code is silent:
-- Ties (equal norms, equal similarities) go to the lowest index (torch.topk leaves them unspecified; the official
-  candidate list, `list(set(range(...)))`, is in ascending position order).
-- Float32 similarities and norms (the official code runs in float16 on the GPU): near-ties may break differently.
-- Padding is never a pivot, never picked and never a text pivot. With fewer than `text_pivots` valid text tokens
-  (the official code raises in `topk`) the pivots that exist are visited and share the picks. If an outer jit hides
-  that fewer than K visual tokens are valid, the last slots hold the lowest-index unused padding (the official
-  `topk` raises).
-- Positions must be distinct non-negative ints below 2**30 (CPython's int hash is the identity there).
+Official code: ZichenWen1/DART (`get_retained_image_token`, the `DART_K_norm` decoder loop, scripts/v1_5/eval/*.sh,
+scripts/v1_6/eval/*.sh; no commit known) and the llmc port ModelTC/llmc @05eedff
+llmc/compression/token_reduction/dart.py. Facts read from that code, the API in full and the deviations:
+tops_jax/METHODS.md#dart.
 """
 
 from typing import NamedTuple

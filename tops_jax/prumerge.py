@@ -3,66 +3,14 @@
 Axes: N visual tokens (patches; the CLS token is not one of them), D width, Dk key width, K kept (static bound),
 k neighbours.
 
-Source: Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models" (arXiv
-2403.15388), PruMerge+ variant; official code 42Shawn/LLaVA-PruMerge at commit 097c041 (2025-06-28),
-`llava/model/multimodal_encoder/clip_encoder.py`: `CLIPVisionTower.token_prune_merge_advanced_plus`,
-`outlier_dectection`, `complement_idx`; `forward` calls it with `if_adaptive=True, reduction_ratio=1/8`. Facts read
-from that code (CLIP ViT-L/14-336: 24 layers, width C = 1024, N = 576):
-- Attention: forward hooks on `encoder.layers[23].self_attn.q_proj` / `k_proj`, i.e. the LAST layer, whose input is
-  hidden state -2 (the LLaVA features). The hooks capture the full-width projections (bias included, heads not
-  split, before HF's query scaling); attn = softmax(q k^T * C ** -0.5) over all N + 1 keys, C = 1024 the full width:
-  a single 1024-wide "head", not a mean of per-head maps. `relevance` = attn[CLS, patches] (`cls_attention` below).
-- Merge space: `keys` = the same layer-23 k_proj outputs of the patches, full width (not averaged over heads).
-  Merged values: `features` = hidden state -2 patches, before the projector.
-- Adaptive count (`mode="adaptive"`, the released inference path): c = number of patches whose attention is
-  strictly above Q3 + 1.5 * IQR (`np.percentile`, linear); the c outliers = `topk(attn, int(N * c / N))`, attention
-  descending. Then step = int(1 / (c / N)) and the positions `arange(0, 575, int(step / 3))` that are not outliers
-  are appended in ascending order. The kept count c + #samples is data dependent.
-- Fixed count (`mode="fixed"`): the `if_adaptive=False` branch (commented "for training"; SCOPE's evaluation code,
-  kinredon/SCOPE, runs it through `NOT_ADAPTIVE=<ratio>` to compare PruMerge+ at fixed budgets): top n_top =
-  int(N * ratio) tokens by attention, then `arange(int(step / 2), 575, step)` with step = int(1 / ratio), appended
-  WITHOUT removing the ones already kept. Here n_top = K // 2 (ratio = n_top / N) and K - n_top strided positions;
-  for N = 576 and K = 32, 64, 96, 128, 192 the official sequence has exactly K - n_top positions.
-- Merge (both modes): for every kept token i (in kept order): the other tokens "rest" = the other kept tokens in kept
-  order, then the complement in ascending index order (`complement_idx`); the k = 32 rest tokens with the largest
-  cosine similarity of keys (`topk`) are its neighbours, kept tokens included; the token becomes
-  x_i + sum_j attn_j * x_j over the neighbours (attention weights NOT normalised: the division is commented out).
-  Neighbours read the original features, so the merge does not depend on the order tokens are updated in.
-- Extra token: sum_j attn_j * x_j over the complement (the tokens not kept) is appended after the kept tokens: the
-  LLM receives K + 1 tokens, kept tokens in kept order (outliers by attention, then samples by index), not sorted.
+`order` / `merge` follow `tops_jax.prune` (static `keep`; `mode="fixed"` by default, `mode="adaptive"` for the
+released inference path with `keep` an upper bound); `merge_sequence` returns what the official code hands to the
+projector (merged tokens in the official order plus the extra token); `adaptive_count` and `cls_attention` give the
+official count and the layer-23 CLS relevance.
 
-API. `order` / `merge` follow `tops_jax.prune` (static `keep`, ascending indices from `prune.select` / `merge`,
-without the extra token). `merge_sequence` returns what the official code hands to the projector: the merged tokens
-in the official order, the extra token after them, a slot mask and the adaptive count. In `mode="adaptive"`,
-`keep` is a static upper bound: the first `count` slots of `order` are the official selection (truncated to K if
-count > K; `keep=N` never truncates) and the remaining slots hold the next tokens by attention (so `prune.select`
-still returns K distinct tokens; `merge` merges them by the same rule, but they are no part of the official
-output and count as "not kept" for the rest order and the extra token). `adaptive_count` gives the official count
-alone. `cls_attention` builds `relevance` from the layer-23 CLS query and keys. The default mode is "fixed": in the
-`prune` contract `keep` is a budget, and fixed-budget tables (64 / 128 / 192 tokens) can only be filled by that
-branch; pass mode="adaptive" (with `keep` an upper bound, e.g. N) for the released inference path.
-
-Scope of the official code: LLaVA-1.5 only (`forward` skips the reduction for a list of images, and there is no
-anyres path); the README evaluates LoRA checkpoints fine-tuned with the module (`llava-v1.5-7b-lora-prunemerge`),
-while training-free comparisons run the module on the base LLaVA-1.5 weights.
-
-Deviations (each only where the official code has no rule or cannot run):
-- Integer arithmetic for int(N * (c / N)) and int(1 / (c / N)): equal to c and N // c for every c when N = 576
-  (checked exhaustively in the tests); for other N the float expressions can differ by one.
-- No outlier (c = 0, the official code divides by zero): the highest-attention token counts as the one outlier.
-  A sample step int(step / 3) of 0 (c > N / 3, impossible for IQR outliers once N >= 9) is raised to 1.
-- The hard-coded 575 is N - 1; with padding, N is the number of valid tokens, sample positions count valid tokens
-  in index order, and padding is never kept, never a neighbour, never in the extra token.
-- Fixed mode: a strided position that is already a top token is kept once (the official code keeps a duplicate,
-  which a set of indices cannot express) and the freed slot, like any slot the strided sequence leaves empty, takes
-  the next token by attention; more strided positions than K - n_top are cut to the first K - n_top. n_top = 0
-  (K = 1) uses step = N.
-- Neighbours: at most the number of other valid tokens (torch.topk raises when k exceeds them); ties go to the
-  earlier position in the official rest order (`torch.topk` leaves ties unspecified). A key row with NaN/inf is
-  nobody's neighbour and gets no neighbours.
-- Batches: the official adaptive path computes one IQR over the whole batch and only runs with batch 1; here each
-  row is one image.
-- Precision: float32 here; the official code runs the attention and merge in float16 on the GPU.
+Official code: 42Shawn/LLaVA-PruMerge @097c041, llava/model/multimodal_encoder/clip_encoder.py
+(`CLIPVisionTower.token_prune_merge_advanced_plus`, `outlier_dectection`, `complement_idx`); LLaVA-1.5 only. Facts
+read from that code, the API in full, its scope and the deviations: tops_jax/METHODS.md#prumerge.
 """
 
 from typing import NamedTuple

@@ -7,31 +7,10 @@ Axes: B batch, N visual tokens, D width, K kept (= `keep`).
     order = prune.select_order("tops", feats, keep=128, relevance=cls_attn)    # greedy order, for analysis
     tokens, idx = prune.merge("visionzip", feats, keep=64, relevance=cls_attn)  # merging methods
 
-Contract
-- `features: float[N, D]` or `float[B, N, D]` (float32 or bfloat16; similarities accumulate in float32).
-- `keep` is static (it fixes the output shape); 1 <= keep <= N.
-- `relevance: float[..., N]` where the method reads one (see `NEEDS_RELEVANCE`); `valid: bool[..., N]` masks
-  padding, which is never selected; `key` is an explicit PRNG key for random methods (batched rows use
-  `fold_in(key, row)`, or `key` holds one key per row, key[B], used as given).
-- Returns `int32[..., K]` original token indices in ascending order (spatial order kept).
-- Deterministic: equal scores go to the lowest index.
-- Hyperparameters are keyword arguments of the method (documented in its module), checked against the types their
-  keywords are annotated with. Python floats (and ints given for a float keyword) are traced (a sweep over alpha does
-  not recompile); ints, bools, strings and tuples are static; arrays with a leading batch axis are split per row when
-  `features` is batched.
-- Pure of any device layout: a caller that splits the rows over devices (`models.pruning.selection`, a
-  `jax.shard_map` over a mesh's batch axes) calls these per device with the rows' own keys.
-
-Errors and non-finite values
-Bad shapes, ranks, dtypes and types (a list instead of an array, `keep=True`, `alpha="x"`), `keep` out of range,
-unknown methods and missing relevance/key raise `ValueError` at trace time, naming the argument. On arguments that
-hold values (eager calls, or concrete arrays closed over inside an outer `jax.jit`), NaN/inf in the inputs a method
-reads raise too: `features` and `relevance` at valid positions (padding is never read, and relevance only by the
-methods that read it, `relevance_role`), float hyperparameters, array hyperparameters; so do fewer valid tokens
-than `keep`. On traced values those checks cannot raise, and every method still returns `keep` distinct indices:
-a token whose read features or relevance are non-finite is treated as padding (picked only after every finite
-valid token, lowest index first), non-finite gains rank below finite ones, and when fewer than `keep` tokens are
-usable the remaining slots take valid non-finite tokens, then invalid positions, in index order.
+`features: float[N, D]` or `float[B, N, D]`; `keep` is static (1 <= keep <= N); returns `int32[..., K]` original
+token indices in ascending order; equal scores go to the lowest index. The full contract (relevance, `valid`, PRNG
+keys, traced and static hyperparameters, device layout) and the handling of errors and non-finite values:
+tops_jax/METHODS.md#prune.
 """
 
 import functools

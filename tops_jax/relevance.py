@@ -4,34 +4,12 @@ Axes: ... leading batch axes, H query heads, Hkv key/value heads (GQA: Hkv divid
 h // (H // Hkv), the Hugging Face `repeat_kv` layout), Dh head width, S keys (the whole sequence), T text queries,
 N visual tokens, D width.
 
-Every attention signal here takes the queries of its raters only (one CLS row, the last row, or the T text rows) and
-the keys of the whole sequence, and builds a raters x keys logit block: never the S x S map. The softmax runs over
-every key the model itself lets the query see (key mask and, where positions are given, causality), so the
-probabilities equal the rows of the model's own attention map, whatever attention kernel the model runs. Logits
-accumulate in float32 whatever the input dtype (bfloat16 queries and keys are upcast exactly). A query that may see
-no key at all gets an all-zero row instead of NaN.
+Every attention signal takes the queries of its raters only and the keys of the whole sequence (never the S x S
+map); its rows equal the rows of the model's own attention map. Signals: `cls_attention`, `last_token_attention`,
+`text_rater_attention` (with `sparsevlm_rater_scores` / `select_raters`), `text_embedding_cosine`,
+`clip_text_relevance` (CDPruner, official Theia-4869/CDPruner llava/model/llava_arch.py `encode_images`).
 
-Signals
-- `cls_attention`: CLS -> patch attention of one vision layer, mean over heads (TOPS Stage I, VisionZip, SCOPE,
-  VisPruner). The softmax includes the CLS key itself; its column is then dropped, so the output is the CLS row of
-  the tower's attention map restricted to the patches and does not sum to one. VisionZip sums heads instead of
-  averaging: a factor H that leaves every ranking unchanged.
-- `last_token_attention`: the last query row at the layer before pruning, mean over heads (FastV).
-- `text_rater_attention`: attention of a dynamic set of text raters to the visual tokens, averaged over raters and
-  heads (SparseVLM; TOPS Stage II). Raters are the valid text tokens whose score is strictly above the mean score
-  over valid text tokens (SparseVLM's `m_v_t > m_v_t.mean()`); when no token passes (all scores equal) every valid
-  text token rates. The default score of a text token is the attention mass it sends to the visual tokens (mean
-  over heads); a total and a mean over visual tokens differ by the constant N and select the same raters. SparseVLM
-  itself scores text tokens from the layer-0 hidden states instead (`sparsevlm_rater_scores`); pass those as
-  `rater_scores` to reproduce it.
-- `text_embedding_cosine`: mean (or max) cosine between each visual token and the text tokens, for encoders without
-  a CLS token (SigLIP-style towers) or a CLIP text-image score.
-- `clip_text_relevance`: CDPruner's relevance (official Theia-4869/CDPruner, llava/model/llava_arch.py,
-  `encode_images`): the negated cosine between each token's CLIP image embedding and the question's CLIP text
-  embedding, averaged over the text chunks, then (r - min + 1e-6) / (max - min). The official code takes min and max
-  over the whole tensor it holds: the 576 tokens of a LLaVA-1.5 image, all crops (before unpadding) of a LLaVA-NeXT
-  image (batch size 1). Here they are taken per row over `valid`, so a row holds one image (all its crops).
-  Deviation: a row whose valid scores are all equal gets 1 (the official code divides by zero there).
+What each signal computes, the methods that read it and the deviations: tops_jax/METHODS.md#relevance.
 """
 
 import jax

@@ -3,38 +3,13 @@ kinredon/SCOPE).
 
 Axes: N visual tokens, D width, K kept.
 
-With F the cosine similarity of the token features (CLIP layer -2 patch features in the paper) and
-m_j = max_{k in S} F[j, k] the coverage of token j by the kept set S (m = 0 before the first pick, as in the
-official code, so negative similarities never count):
+Greedy: score_i = saliency_i ** alpha * gain_i (facility-location coverage gain of token i over the valid tokens,
+saliency = relevance), S += argmax score. `combine="add"` is the official additive variant; `engine` is
+"incremental" (default) or "dense", as in `tops`.
 
-    gain_i  = sum_{j valid} max(0, F[i, j] - m_j)        facility-location coverage gain
-    score_i = saliency_i ** alpha * gain_i               saliency = relevance (CLS attention of layer -2)
-    S += argmax over candidates of score;  m = max(m, F[pick])
-
-Facts from the official code: `alpha` defaults to 1.0 (the `ALPHA` environment variable, set to 1.0 in the released
-run scripts); the saliency is the CLS-to-patch attention summed over heads (a constant factor here, since
-the score is a product); an additive variant score = gain + saliency ** alpha exists behind `COMBINED=add`
-(`combine="add"` here); the coverage sum runs over every token, kept ones included. Kept tokens contribute
-max(0, F[i, j] - m_j) = 0 up to rounding because m_j >= F[j, j] = 1, so summing over all valid tokens is the
-official rule, with padding excluded.
-
-On LLaVA-NeXT the official code (kinredon/SCOPE @6bf7306, `scope/clip_encoder.py`, `scope/llava_arch.py`) selects
-int(T / crops) per crop over the padded crop (base crop counted) and hands the picks to the LLM on the padded canvas,
-without unpadding or newlines: `models.pruning.method_config("scope", ...)` runs that layout.
-
-Choices where the paper is silent: negative relevance is clamped to 0 before the power, so a fractional alpha
-cannot produce NaN; invalid tokens are neither candidates nor counted in the coverage sum; ties go to the lowest
-index.
-
-Coverage engines (`engine`), as in `tops` (whose docstring has the details and the numbers):
-- "dense": each step recomputes the gain of every row, one fused subtract-clamp-mask-sum over F: O(K N^2).
-- "incremental" (default): the gain is carried; a pick changes only the columns j where m_j rose (here the counted
-  set never changes, kept tokens stay in the sum), and those are swapped old term out, new term in, `chunk` columns
-  at a time: O(N * changed columns). The first step from m = 0 changes every column with F[j, pick] > 0 (about half
-  on Gaussian features), then 13-15 per step on average at N=2880, K=1280.
-- Exactness: the incremental gain is the exact sum of the dense engine's float32 terms rounded once (error-free
-  TwoSum accumulation), the dense one a float32 reduction of them; the picks agree except at near-ties within the
-  dense sum's rounding, from where the orders part (tests/tops_jax/test_incremental_coverage.py).
+Official code: kinredon/SCOPE @6bf7306, scope/clip_encoder.py, scope/llava_arch.py. The score, the facts from the
+official code, its LLaVA-NeXT layout, the choices where the paper is silent and the coverage engines:
+tops_jax/METHODS.md#scope.
 """
 
 from typing import NamedTuple

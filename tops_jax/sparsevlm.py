@@ -4,83 +4,16 @@ Axes: ... leading batch axes (every public function maps over them row by row; a
 after the image, N visual tokens of the current visual segment, D width, S sequence keys, H / Hkv query / key-value
 heads, Dh head width, K kept (static bound), M recycled tokens (static bound), C clusters (static bound).
 
-Source: Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference" (ICML
-2025), official code github.com/Gumpest/SparseVLMs. Version 1 is commit 91fb6d9 ("init sparsevlm", 2024-10-05; the
-code is unchanged through b72c5d6, the last v1 commit); version 1.5 is commit 535f8ba (2025-03-03, branch v1.5).
-Files read: llava/model/language_model/modelling_sparse_llama.py (`LlamaDynamicvitModel.forward`), score.py
-(v1 `attn_postprocess_rank`, v1.5 `attn_postprocess_topk` and its count tables), utils.py (`cluster_and_merge`,
-identical in every version), llava/model/llava_arch.py, scripts/v1_5/eval/*.sh and the README of each version.
-
-What the official code computes (batch size 1; L = decoder layers, p = a pruning layer, 0-based):
-1. Raters, once, from the LLM input embeddings: m = softmax over text of (visual @ text^T) (no 1/sqrt(D)), averaged
-   over the visual tokens; the raters are the text tokens after the image with m > mean(m) (strictly). They are
-   indices relative to the text start and are reused at every pruning layer (text is never pruned).
-   = `tops_jax.relevance.sparsevlm_rater_scores` + `relevance.select_raters` (checked; no change needed), wrapped
-   here as `text_raters`.
-2. At each pruning layer p the layer runs on the whole sequence; its attention map (softmax over every key, causal;
-   eager, not flash) is averaged over heads, and P = its rows of the raters restricted to the columns of the current
-   visual tokens (`rater_attention` returns the [T, N] block of all text rows; `raters` picks the rows).
-   Visual scores = mean of P over the raters (`visual_scores`).
-3. Count (v1, `attn_postprocess_rank`): r = torch.linalg.matrix_rank(P.float()) with its default tolerance
-   (sigma > sigma_max * max(rows, cols) * eps_float32). If r == N nothing is pruned (and nothing recycled);
-   otherwise the kept count is min(int(r * scale + bias), N - 1), Python `int` (truncation), `scale` and `bias`
-   from the command line (`attention_rank`, `rank_keep_count`). v1.5 (`attn_postprocess_topk`) keeps
-   min(count[p], N - 1) with a fixed count per layer, and all N when N == 0 (`fixed_keep_count`).
-4. The top-count visual tokens by score are kept, in ascending position order (`select_kept`).
-5. Recycling (when at least one token was deleted): the deleted tokens, listed in ascending position, are ranked by
-   score (torch.topk, best first) and the first int(n_deleted * 0.3) + 1 are recycled; they are clustered into
-   int(n_recycled / 10) + 1 clusters by DPC-KNN over the recycled tokens' hidden states (utils.py
-   `cluster_and_merge`, k nearest = the number of clusters, plus torch.rand * 1e-6 density noise "to ensure no tokens
-   have the same density"), each cluster merged into the mean of its members, clusters in center order: the
-   computation and its deviations are in `tops_jax.dpc_knn`. (`recycle_counts`, `cluster_merge`, `recycle`.)
-6. The hidden states recycled and kept are those OUTPUT by layer p. The new visual segment is [kept tokens in
-   ascending position; merged tokens in center order] (`assemble`); the sequence becomes [prefix; new visual; text]
-   and the position ids are cut to the new length, i.e. re-indexed 0..S'-1. Merged tokens are ordinary visual tokens
-   at later pruning layers.
-7. Layers and counts (a table by backbone, so it lives with the protocol in `models.pruning.methods.sparsevlm`;
-   `Step` / `Schedule` here are its records): v1 prunes at p in (2, 6, 15, 19) (`LlamaDynamicvitModel` default
-   `pruning_loc`) with (scale, bias) per budget from the README / eval scripts: 192 tokens (13.5, 0) in mme.sh,
-   128 tokens (9, 6) in pope.sh, 64 tokens (0.8, 0) in textvqa.sh. v1.5 prunes at p in (2, 6, 15) with the counts of
-   score.py `sparse_token_dict`: 192 -> (300, 200, 110), 128 -> (303, 110, 36), 64 -> (66, 30, 17); 96 -> (238, 48,
-   26) exists only in main's score.py (26a5f48, default USE_VERSION=1_0). A budget names the mean number of visual
-   tokens per decoder layer that `forward` prints ("equal token number"; it records a pruning layer with its new
-   count, score.py: "2*576 4*300 10*200 16*110"), not the count of a step; recycled clusters add a few tokens.
-   There is no LLaVA-NeXT schedule in any branch: `image_shape` defaults to 576 and llava_arch.py sets it from
-   `image_features.shape[1]`, which fails on the anyres path (a list of per-image features).
-
-Wiring into a model (the Stage II integrator's part):
-    plan = models.pruning.methods.sparsevlm.schedule("llava-1.5", 128)   # Step(layer, scale, bias) x 4
-    bounds = sparsevlm.sizes(plan, num_visual=576, num_text=A)          # static K, deleted, M, C, next N per step
     raters = sparsevlm.text_raters(embeds_visual, embeds_text, visual_valid=vv, text_valid=tv)   # before layer 0
-    # at each step i (layer p = plan.steps[i].layer), after running layer p on the whole sequence:
     attn = sparsevlm.rater_attention(q_text, k, visual=vis_pos, ...)    # layer p's queries/keys (its input)
     out = sparsevlm.prune_step(attn, raters, hidden_after_p, vv, max_keep=bounds[i].keep,
                                max_deleted=bounds[i].deleted, scale=step.scale, bias=step.bias)   # or count=
     seg = sparsevlm.assemble(hidden_after_p, out)   # new visual segment, valid first; slice to bounds[i].visual_out
-In this project's Stage II convention (score layer l's attention, prune the input of layer l) an official step at
-p reads layer p's attention and prunes the input of layer p + 1, which is layer p's output.
 
-Choices and deviations (the official code runs batch size 1 in float16 on CUDA):
-- Ties: torch.topk leaves the order of equal scores unspecified; here equal scores go to the lowest index (kept
-  tokens, recycled tokens, cluster centers); argmin ties go to the first center, as torch documents.
-- Density noise: the official torch.rand * 1e-6 is global RNG state. Here `key=None` adds no noise (equal
-  densities then stay equal: neither is the other's higher-density neighbour), and a `key` adds
-  1e-6 * jax.random.uniform(row_key, (M,)) per recycled slot (row_key = key, or fold_in(key, row) over the
-  flattened leading axes): the same distribution, not torch's stream.
-- Arithmetic in float32 (the official runs float16 end to end). The clustering's distances use the Gram form
-  (`tops_jax.dpc_knn`: the official M x M x D difference tensor does not fit in memory for thousands of tokens).
-- The rank is an SVD in XLA rather than cuSOLVER: a singular value within rounding of the tolerance may fall on
-  the other side.
-- No raters (every text score equal, T = 1): the official selects none and its scores are NaN; `select_raters`
-  falls back to every valid text token.
-- A negative int(r * scale + bias) keeps 0 tokens (torch.topk would raise); a count above the static `max_keep` is
-  cut to it (`sizes` gives a bound that never cuts).
-- Batched rows with padding (`visual_valid`, text validity through `raters`): padding is never kept, deleted,
-  recycled or counted in N, and the rank tolerance uses the real row and column counts.
-
-Not a `tops_jax.prune.METHODS` entry: the kept count is data dependent (rank based or capped by N - 1) and the output
-carries merged tokens that have no source index, neither of which fits `order(features, relevance, valid, key, *,
-keep)` (a fixed `keep` of source indices). A top-k of the rater attention alone is `fastv.order` on another signal.
+Official code: Gumpest/SparseVLMs v1 @91fb6d9 (unchanged through b72c5d6), v1.5 @535f8ba:
+llava/model/language_model/modelling_sparse_llama.py, score.py, utils.py. Not a `tops_jax.prune.METHODS` entry (the
+kept count is data dependent and merged tokens have no source index). What the official code computes, the wiring
+into a model, the schedules and the deviations: tops_jax/METHODS.md#sparsevlm.
 """
 
 import functools

@@ -2,51 +2,13 @@
 
 Axes: N visual tokens, D width, K kept.
 
-One TOPS pass builds the kept set greedily. With F the cosine similarity of the token features (computed once, in
-float32) and m_j = max_{k in S} F[j, k] the best similarity of token j to the kept set S:
+One TOPS pass builds the kept set greedily: seed S = {argmax_i r_i}, then at each step the candidate with the best
+score_i = r~_i + alpha * div~_i + lam * cov~_i (relevance, semantic diversity 1 - m_i, facility-location coverage
+gain; ~: normalised over the candidates, `normalize`) joins S. `criteria` switches criteria off for the ablation;
+`engine` is "incremental" (default, coverage carried from step to step, exact TwoSum sums) or "dense".
 
-    seed      S = {argmax_i r_i}
-    each step for every candidate i in U = valid tokens not in S:
-              div_i = 1 - m_i                                   semantic diversity
-              cov_i = sum_{j in U} max(0, F[i, j] - m_j)          information coverage (facility-location gain)
-              score_i = r~_i + alpha * div~_i + lam * cov~_i      (~: normalised over the candidates)
-              S += argmax score;  m = max(m, F[:, pick])
-
-Normalisation: Algorithms 1/2 divide each criterion by its mean over the candidates (`normalize="mean"`, the
-default); the main text says min-max (`normalize="minmax"`); `normalize="none"` adds raw values (used for the
-brute-force objective comparison). Stage I feeds the projector outputs and the vision tower's CLS attention;
-Stage II feeds one LLM layer's visual hidden states and the text-rater attention (`tops_jax.relevance`).
-
-Choices where the paper is silent (all documented parameters):
-- `criteria` switches criteria off for the ablation (any non-empty subset of relevance/diversity/coverage). The seed
-  stays argmax relevance whenever a relevance vector is given, as in Algorithm 1; the switch only removes the term
-  from the per-step score. Without a relevance vector (allowed only when "relevance" is not among the criteria) the
-  seed is the first greedy step from the empty set, with m = 0: diversity is then constant, so a coverage criterion
-  decides, and diversity alone picks the lowest valid index.
-- The coverage sum runs over U, as written: a chosen column's terms are 0 in exact arithmetic (m_j >= F[j, j] = 1),
-  but F[i, j] can exceed 1 by float rounding, so a column's whole contribution goes when it leaves U.
-
-Coverage engines (`engine`; the other criteria are computed alike), costed in reads of F per pass:
-- "dense": every step recomputes cov for all rows, one fused subtract-clamp-mask-sum over F: O(K N^2). The plain
-  form, kept for comparisons and benchmarks.
-- "incremental" (default): cov is carried from step to step. A pick p changes the term of column j only where m_j
-  rose (F[j, p] > m_j) or j left U (p itself); those columns' old terms go out and new terms come in, read as rows of
-  F, `chunk` at a time in a `lax.while_loop` (`greedy.update_coverage_gain`). Cost O(N * changed columns summed over
-  the steps), plus one chunked pass over F for the start. Clustered or Gaussian features at N=2880, D=4096, K=1280:
-  13-15 columns change per step on average (median 4-5, 90th percentile 18-21, ~1,500 at the first step), 17-19
-  thousand column reads per pass against 3.7 million for the dense form. Under `vmap` the loop runs the batch's
-  largest count each step. Reading columns as rows needs F bitwise symmetric, which `similarity`'s GEMM gives on CPU
-  (the same products summed in the same order); where a backend's is not, the terms differ by rounding, and so can
-  picks at near-ties.
-- Exactness: both engines add the very same float32 terms max(0, F[i, j] - m_j). The incremental engine accumulates
-  every change with error-free TwoSum steps into a float32 (hi, lo) pair, so its cov is the exact sum of the terms
-  rounded once to float32, whatever the chunking and the history (no drift, so no periodic refresh). The dense float32
-  reduction rounds along its way, a few ulps from that. The engines therefore pick the same tokens except at a
-  near-tie, two candidates whose scores differ by less than the dense sum's own rounding (relative gaps of 1e-9 to
-  2e-7 where seen: near-duplicate tokens scored by coverage alone); from that step on the orders part. At such a tie
-  neither is "the" answer: the incremental engine goes by the exact sums (then the score's float32 rounding), the
-  dense one by its rounding. tests/tops_jax/test_incremental_coverage.py checks index equality over a corpus and
-  that any difference is such a near-tie.
+The algorithm, the choices where the paper is silent, the coverage engines' costs and their exactness:
+tops_jax/METHODS.md#tops.
 """
 
 from typing import NamedTuple

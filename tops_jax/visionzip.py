@@ -3,54 +3,13 @@
 Axes: B batch, N visual tokens (patches; the CLS token is not one of them), Dv vision width, Dk key width, K kept,
 C contextual, P crops.
 
-Source: VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
-2025), official code `dvlab-research/VisionZip` at commit 3151f6df4fca36a4cd1c985e5956e725b1f9ad02: visionzip/main.py
-(`visionzip(model, dominant, contextual)`), visionzip/utils.py (`CLIPAttention_forward`, `CLIP_EncoderLayer_forward`,
-`apply_info`), visionzip/clip_encoder.py (`CLIPVisionTower_VisionZip.forward`), visionzip/llava_arch.py
-(`restore_image_features_sorted`, `prepare_inputs_labels_for_multimodal_visionzip`). Facts read from that code:
-- Layer -2 of the CLIP tower supplies everything: its attention (`attentions[-2]`), its output hidden states
-  (`hidden_states[-2]`, the LLaVA feature layer, CLS included) and its keys (`metric`: k_proj of the normed layer
-  input, before any scaling, MEAN over heads; recorded because `apply_info` sets r = 1 at layer index 22 of 24).
-- Dominant: the CLS row of that attention to the patches only (`attn[:, :, 0, 1:]`), SUMMED over heads;
-  `topk(dominant - 1)` patches (main.py passes `dominant_num = dominant - 1`). The CLS token is always kept and is
-  never ranked; the `dominant` argument counts it.
-- Contextual: the R remaining tokens (neither CLS nor dominant) in ascending index order; targets at positions
-  `arange(0, R, max(1, R // C))[:C]` among them; each other remaining token goes to the target of highest key
-  cosine (keys divided by their norm, no eps; `argmax`, first target on ties); a target becomes
-  `target + sum(assigned) / max(count, 1)` of the hidden states: the mean is ADDED, an empty target is unchanged.
-- Output per image: `cat([CLS, dominant patches in ascending index order, contextual targets in target order])`,
-  the hidden states of layer -2 (CLS included), then the projector. K = dominant + contextual tokens.
-- LLaVA-NeXT (spatial_unpad): VisionZip runs on every crop with the same (dominant, contextual). The base crop's
-  [CLS, dominant, contextual] comes first; then the grid crops' dominant patches placed on the full grid canvas
-  (rows x cols crops of side x side patches, no unpadding, NO newline tokens) in row-major canvas order; then the
-  grid crops' CLS tokens (crop order); then their contextual tokens (crop order). A single-crop image gets
-  `image_newline` appended. `next_order` computes that order.
-- Settings: the repository gives (dominant, contextual) = (54, 10) for 64 tokens (README) and the default (191, 30).
-  The (108, 20) for 128 and (162, 30) for 192 used by peers are the same 54 : 10 ratio and could not be checked
-  against the official repository (the paper's appendix was not readable here). LLaVA-NeXT: the per-crop setting
-  of budget / 5 (640 -> (108, 20), 320 -> (54, 10), 160 -> (27, 5) by the same ratio, not verified).
-  The llmc port passes its `dominant` straight to `topk` (a patch count, CLS not included).
+API: `compress` (the official computation, CLS included, tokens in the official order), `order` / `merge` (registered
+as "visionzip" in `tops_jax.prune`: `keep` patches, indices ascending, no CLS; our view, not the official output),
+`split(tokens)` (the official (dominant, contextual) for a budget), `next_order` (the official LLaVA-NeXT order).
 
-API.
-- `compress(features, relevance, keys, cls_feature, valid, *, dominant, contextual)`: the official computation, CLS
-  included, tokens in the official order, with `source` and `kind` per output token. `dominant` is the official
-  argument (CLS included). The CLS token's key is never read by the official code (the CLS is kept, not merged), so
-  no CLS key is taken.
-- `order` / `merge` (registered as "visionzip" in `tops_jax.prune`): the patch-only view, `keep` patches, indices
-  ascending, no CLS; `dominant` counts patches there (default round(keep * 54 / 64)). This view is ours: a fixed
-  number of patch tokens, comparable with the selection methods; it is not the official output.
-- `split(tokens)`: the (dominant, contextual) of the official convention for `tokens` per image or crop.
-- `next_order(kind, source, grid, crop_valid, side=)`: the official LLaVA-NeXT token order of per-crop outputs.
-
-Deviations and choices where the code is silent:
-- `relevance` is taken as given: pass the head SUM for the official ranking; a head mean (what
-  `tops_jax.relevance.cls_attention` returns) ranks identically up to float rounding.
-- Ties in CLS attention go to the lowest index (torch.topk leaves them unspecified). Float32 throughout (the official
-  code runs in float16).
-- Padding (valid False) is never dominant, never a target and never merged; R counts valid remaining tokens only
-  (the official code has no padding). If an outer jit hides that fewer than K tokens are valid, missing slots hold
-  the lowest-index unused padding positions. With R < C the official code fails on shapes; here the extra target
-  slots are padding positions (unchanged tokens).
+Official code: dvlab-research/VisionZip @3151f6df4fca36a4cd1c985e5956e725b1f9ad02, visionzip/main.py, utils.py,
+clip_encoder.py, llava_arch.py. Facts read from that code, the settings, the API in full and the deviations:
+tops_jax/METHODS.md#visionzip.
 """
 
 import functools

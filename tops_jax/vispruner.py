@@ -3,45 +3,12 @@
 Axes: N visual tokens (patches; the CLS token is not one of them), D width, K kept, I important, M = N - I residual
 slots, R residual tokens still in play.
 
-Source: Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs"
-(ICCV 2025, arXiv 2412.01818); official code Theia-4869/VisPruner at commit aefa01a (2025-07-01):
-`llava/model/llava_arch.py` (`LlavaMetaForCausalLM.encode_images`) and
-`llava/model/multimodal_encoder/clip_encoder.py` (`CLIPVisionTower.feature_select`). Facts read from that code:
-- Inputs: `features` are the vision hidden states of `mm_vision_select_layer` (-2) with the CLS row dropped, BEFORE
-  the projector (the projector runs after the selection, on all tokens, and the mask is applied afterwards).
-  `relevance` is `attentions[-2][:, :, 0, 1:]` (the attention map of the layer producing those hidden states, CLS
-  query row, patch columns; the softmax included the CLS key) averaged over heads. Only its ranking is read, so a
-  head sum ranks identically. The CLS token itself is never kept.
-- Budget split: important I = int(T * important_ratio), diverse K - I. The evaluation scripts take
-  (T, important_ratio) as arguments; the argparse default ratio is 0.5 and the README's examples run (128, 0.5) and
-  (64, 0.75). `important` here is the integer I (see `default_important`).
-- Important tokens: `argsort(descending=True)` of the relevance, the first I. The residual keeps the REST OF THAT
-  ORDER (relevance descending), which matters because the loop below pairs tokens by position.
-- Diverse tokens: features are L2-normalised. While R > K - I: remove r = min(8, R - (K - I)) tokens: split the
-  residual by position into a = even positions and b = odd positions; score each a token by its largest cosine
-  similarity to any b token; sort the a tokens by that score, descending, and drop the first r (the most duplicated
-  ones); the new residual is the surviving a tokens IN THAT SORTED ORDER followed by every b token in order. The
-  loop ends with exactly K - I residual tokens, which are kept.
-- Output: a boolean mask over the patches, so the LLM sees the kept tokens in spatial order (`prune.select` sorts).
-  `order` returns important (relevance descending) then diverse (final residual order), for analysis.
-- LLaVA-NeXT: `encode_images` runs on every crop (base image and each grid crop) with the same T and ratio, so each
-  crop keeps T tokens; the masks are then unpadded with the features, so crop tokens that fall in the padding are
-  dropped after selection (the final count can be below 5T, plus the always-kept newline tokens). Calling this
-  module once per crop (a batch of crops) reproduces it.
+`order` returns important (relevance descending) then diverse (final residual order); `prune.select` sorts them into
+spatial order, as the official mask does. `default_important` gives the official split I = int(K * important_ratio).
 
-Deviations (each only where the official code has no rule):
-- Ties: equal relevance and equal duplicate scores go to the lowest position (stable sorts); `torch.argsort` is not
-  stable, so the official order on exact ties is unspecified.
-- Indexing corner cases. The official code indexes the ceil(R / 2) - r surviving a tokens with
-  `arange(B).expand(-1, R // 2 - r)`. (1) Odd R (only when N - I is odd; never with N = 576 and an even I): that
-  raises unless R // 2 - r is 1 or -1, and drops the last survivor when it is 0; here every surviving a token is
-  kept (the evident intent). (2) r > ceil(R / 2) (with 8 removals, only near the end and only when K - I <= 6): torch drops every a
-  token when R // 2 - r == -1 and raises when it is smaller; here every such case drops every a token, keeps the b
-  tokens and goes on looping (the residual shrinks by ceil(R / 2) instead of r), as in the case torch runs.
-- Padding (`valid` False) is never important and never in the residual; R counts valid tokens. If an outer jit hides
-  that fewer than K tokens are valid, `prune` fills the missing slots (`greedy.complete_order`).
-- Cosine similarities go through `similarity.cosine_similarity` (float32, scale-free); a zero feature row has
-  similarity 0 here and NaN in the official code.
+Official code: Theia-4869/VisPruner @aefa01a, llava/model/llava_arch.py (`LlavaMetaForCausalLM.encode_images`) and
+llava/model/multimodal_encoder/clip_encoder.py (`CLIPVisionTower.feature_select`). Facts read from that code
+(inputs, budget split, the duplicate-removal loop, LLaVA-NeXT) and the deviations: tops_jax/METHODS.md#vispruner.
 """
 
 import math

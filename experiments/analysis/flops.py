@@ -4,50 +4,12 @@ Axes: L decoder layers, S tokens a layer processes (queries), K keys a query att
 key/value heads, Dh head width, M MLP width, V vocabulary; vision tower: P = N + 1 positions of a crop (CLS first),
 N patches, Dv width, Mv MLP width, C channels, p patch size.
 
-Counted as the token-pruning papers count them: a matmul of an [S, a] by an [a, b] matrix costs 2 * S * a * b
-(one multiply-add = 2 FLOPs). One decoder layer on S queries over K keys:
+Counted as the token-pruning papers count them (one multiply-add = 2 FLOPs; prefill K = S). Entry points:
+`decoder_decode_flops`, `decoder_generate_flops`, `llava_prefill_flops` (the whole pipeline), `kv_cache_bytes`,
+`*_params` / `*_weight_bytes`, `hlo_dot_flops` (the dot FLOPs of a compiled XLA module).
 
-    2 * S * (D * (H + 2 Hkv) * Dh + H * Dh * D + 3 * D * M)      q, k, v, o projections and the SwiGLU MLP
-    + 4 * S * K * H * Dh                                          scores q k^T and the weighted sum p v
-
-Prefill has K = S (no causal halving: as the papers count, and as one masked `jax.nn.dot_product_attention` call
-computes). Norms, RoPE, softmax, activations, residuals and biases are left out; the LM head
-costs 2 * D * V per position where logits are computed. Stage II pruning gives every layer its own S
-(`schedule_seq_lens`), and after it each layer its own KV-cache length, so decode is counted per layer too:
-
-    decoder_decode_flops(c, kv_lens)     one generated token; kv_lens[l] = keys it attends to in layer l (its own
-                                         slot included)
-    decoder_generate_flops(c, lens, n)   the n - 1 decode steps after a prefill that left lens[l] tokens in layer l's
-                                         cache (the first new token comes from the prefill's logits)
-
-What the port executes can differ in the attention term. Decoding (a `models.llama.KVCache` of capacity W that
-already holds tokens) attends over all W slots, masked, and over the new token itself: its FLOPs are
-`decoder_decode_flops(c, [W + 1] * L)`, the algorithmic ones those with K = each layer's real cache length. A prefill whose attention runs in query blocks,
-each against the keys up to its last row (the hidden blocks skipped), does K = `causal_keys(S, block)` on average
-(about (S + block) / 2); K = S is the papers' count and one masked call's.
-
-Whole pipeline (`llava_prefill_flops`): per crop, the CLIP patch embedding (2 * N * C p^2 * Dv) and the encoder layers
-the port runs (up to the feature layer: hidden state -2 of 24 layers runs 23), each 2 * P * (4 Dv^2 + 2 Dv Mv) +
-4 * P^2 * Dv, plus the CLS attention the Stage I scorers read (the CLS row's query and logits; its keys are those of
-the layer's own k projection, which XLA shares: that layer always runs as a one-layer segment); the projector,
-2 * (Dv' D + D^2) per crop token; the decoder; the LM head. The port's LLaVA-NeXT runs the tower on every crop slot
-of `pixel_values` (5 with the LLaVA-1.6 pinpoints, padding crops included), so `num_crops` defaults to
-`config.max_num_crops`.
-
-Memory: `kv_cache_bytes` is sum_l 2 * kv_lens[l] * Hkv * Dh * itemsize (keys and values); the port preallocates W
-slots in every layer, i.e. `kv_cache_bytes(c, [W] * L)` plus a bool[L, B, W] validity mask. `*_params` count every
-parameter of the ports (biases and norms included), `*_weight_bytes` times the itemsize.
-
-The TOPS paper's 41.7 TFLOPs (LLaVA-NeXT-7B, 2,880 visual tokens; METHODS.md "Efficiency") is this decoder count on
-the 2,880 visual tokens alone: 32 layers x (2 * 2880 * 202.4M + 4 * 2880^2 * 4096) = 41.65e12 (`tests/experiments/
-test_flops.py` derives it and what a full count adds). TOPS' 2T -> T -> T/4 at layers 0, 12, 24 of 32 feeds the
-layers 38T / 32 visual tokens on average, 18.75% more than a one-shot pre-LLM method at T (+16.6% / +18.8% decoder
-FLOPs at T = 320 / 640 with a 60-token prompt).
-
-XLA: `hlo_dot_flops(compiled.as_text())` counts the dot and convolution FLOPs of an optimized HLO module (2 per
-multiply-add, a while body times its known trip count), because `cost_analysis()["flops"]` counts a while body once
-(a `jax.lax.scan` over L layers reads as one layer) and adds the elementwise work. The tests check the count above
-against both on the port's programs.
+The formulas, what the port executes against what is counted, the whole pipeline, memory, the TOPS paper's 41.7
+TFLOPs and the XLA count: experiments/EXPERIMENTS.md#flops.
 """
 
 import math

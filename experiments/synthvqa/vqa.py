@@ -2,42 +2,12 @@
 
 Axes: H image height, W image width (pixels), 3 RGB channels.
 
-(Over 400 lines on purpose: one benchmark, whose question generators, split files and scoring must change together;
-a quarter of the length is the family table below.)
+(Over 400 lines on purpose: one benchmark, whose question generators, split files and scoring must change together.)
 
-Every answer is one word from `answer_vocab()` and is scored by exact match. The families and what they probe:
-
-| family    | subtypes                       | example                                   | answers          | chance |
-|-----------|--------------------------------|-------------------------------------------|------------------|--------|
-| attribute | color, shape                   | what color is the star?                   | 7 colours/shapes | 1/7    |
-| counting  | shape, color, total            | how many circles are there?               | zero..six        | 1/7    |
-| existence | random, popular, adversarial   | is there a red circle in the image?       | yes/no           | 1/2    |
-| spatial   | left, right, above, below      | is the red star left of the circle?       | yes/no           | 1/2    |
-| detail    | dot                            | what color is the dot on the blue square? | 7 colours        | 1/7    |
-
-attribute (relevance): the referent is named by its shape (colour question) or its colour (shape question) and that
-  name is unique in the scene; the subtype alternates and the answer cycles over the 7 values (exactly uniform).
-counting (coverage): the count is uniform over 0..6 (`k % 7` for the k-th counting example); counts below
-  `min_objects` are asked about a shape or a colour, larger ones about a shape, a colour or all objects.
-existence (POPE): yes and no alternate exactly; the negative is absent from the scene and drawn as POPE does:
-  random = any absent (shape, colour) pair, uniformly; popular = one of the 5 most popular absent pairs under
-  `scenes.POPULARITY` (the object prior every scene is drawn from); adversarial = an absent pair sharing its shape or
-  its colour with an object that is present. Positives are present pairs. The subtype cycles over the three.
-spatial: two uniquely referable objects (by shape, or by colour and shape, at random when both are unique) whose boxes
-  are disjoint along the asked axis, so the relation is unambiguous; "no" asks the opposite relation.
-  A is left of B iff A's box ends before B's starts (A.cx + A.r < B.cx - B.r); above = smaller row.
-detail (few tokens): the referent carries a 5-px dot at its centre whose colour is asked; other objects carry dots of
-  any other colour with probability 1/2, so the reference has to be resolved; the asked dot's colour cycles over the
-  7 colours and differs from its object's colour.
-
-Chance above is the uniform guess; `question_only_baseline` measures the best blind (text-only) predictor, which is
-the floor an accuracy must clear. `Example.evidence` lists the objects the answer depends on (empty for "no"
-existence answers), so an analysis can ask whether a pruning method kept their tokens.
-
-Splits: `make_split(split, n, seed)`; family counts follow the mixture `weights` by largest remainder, and the k-th
-example of a family is a pure function of (seed, split, family, k) through `np.random.SeedSequence`, with the split
-name folded in by CRC32, so splits use disjoint seed streams and `make_split(s, n, seed)` is byte-identical across
-calls. Example order is a seeded permutation.
+Every answer is one word from `answer_vocab()` and is scored by exact match. The families are attribute, counting,
+existence (POPE), spatial and detail; `question_only_baseline` measures the best blind predictor and
+`make_split(split, n, seed)` builds a split, byte-identical across calls. The family table (subtypes, examples,
+answers, chance), how each family is drawn, `Example.evidence` and the splits: experiments/EXPERIMENTS.md#vqa.
 """
 
 import dataclasses

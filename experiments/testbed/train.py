@@ -2,46 +2,13 @@
 
     python -m experiments.testbed.train --output_dir=experiments/testbed_ckpt     # the defaults: the shipped recipe
 
-Schedule, three phases:
-1. `--vision_steps` steps of the auxiliary vision losses alone (the tower and its heads; no decoder, cheap);
-2. `--short_steps` steps of the full loss (`losses.loss_fn`: answer + "</s>" cross entropy, next-token loss on the
-   question, attention grounding of a few heads, the counting head, image-token captions) on the base crop alone
-   (`batches.encode(base_only=True)`: 36 visual tokens, a 62-token sequence instead of ~300, so a step costs about a
-   third of a full one at twice the batch), without detail questions (the dot is not legible at base resolution);
-   the decoder learns to find, compare and count objects here, where the CPU gives it ~5x the examples per second;
-3. `--steps` steps of the same loss on the real anyres input (all crops, image_newline): the decoder learns to use
-   the grid crops (detail questions come in here) and the ~250-token image.
-Phases 2 and 3 train the projector, `image_newline` and decoder with the tower frozen, as LLaVA's stage 2 does
-(`--nofreeze_vision` trains it in phase 3 too, with the auxiliary losses kept on).
-`--position_weight` (1 in the shipped recipe; 0 turns it off) weighs `losses.position_loss`: linear heads read each
-base-crop token's row and column from the tower's output (phase 1) and from the projector's output (phases 2 and 3; that
-head trains with the projector), because spatial questions need positions the other losses let the projector drop. Three
-spatial terms of `losses.loss_fn` (weights 4, 1, 4 in the order below in the shipped recipe; 0 turns each off) make the
-answer position gather what a relation needs: `--relation_weight` reads the two named objects' places from the decoder's
-residual stream there, `--direction_weight` makes one of its heads attend to the asked relation word, and
-`--order_weight` reads the two objects' coordinates along the asked axis, oriented by that word, so the answer is a
-comparison (without them the grounded heads look at the objects but spatial stays at chance:
-`experiments.testbed.probe`, BUILD.md "Testbed"). `--count_sink` (5 in the shipped recipe) is the weight of "<s>" in the
-counting head's target attention, and `--count_heads=2` (shipped) trains a second counting head in the last layer.
-`--dot_head` (on in the shipped recipe) points one grounded head at the single grid-crop token that holds a detail
-question's dot, and `--full_family_weights` (detail=1.5 in the shipped recipe) samples detail questions, which only
-the full phase sees, 1.5 times as often as each other family there.
-optax adamw (weight decay on matrices only) with linear warmup and cosine decay per phase, global-norm clipping.
-Training examples are `vqa.iter_split("train", n, seed)` in order (fresh examples, never repeated; phase 2 draws its
-own stream with seed + 1), encoded by a background thread; one jitted step per phase (all batches share one padded
-shape). Everything is seeded by `--seed` (model init, data), so a rerun reproduces the checkpoint up to
-floating-point reduction order. Validation accuracy (per family, full anyres input) is logged every `--eval_every`
-steps of phases 2 and 3.
+Three phases: `--vision_steps` of the auxiliary vision losses alone, `--short_steps` of the full loss on the base
+crop alone, `--steps` of the same loss on the real anyres input. The defaults are the recipe of the committed
+`experiments/testbed_ckpt` (see BUILD.md for its time and accuracy). The flags are read once, in `main`, into a frozen
+`TrainConfig`.
 
-The defaults are the recipe of the committed `experiments/testbed_ckpt` (see BUILD.md for its time and accuracy).
-
-At the end the model is evaluated on `--eval_examples` examples of the test split (full tokens) and saved with
-`models.saving.save_pretrained` (config.json, model.safetensors, tokenizer and processor files); the auxiliary heads
-are not saved.
-
-The flags are read once, in `main`, into a frozen `TrainConfig` (the loss weights a `losses.LossWeights`); `train`
-and its helpers take it as an argument. The parameters a phase keeps fixed are nnx filters (`optimizer.TOWER`: the
-vision tower and the heads that read it).
+The schedule and the loss flags in full, the optimizer, data and seeding, validation, the final evaluation and what
+is saved: experiments/EXPERIMENTS.md#train.
 """
 
 import dataclasses

@@ -5,33 +5,9 @@ Reads the model only through the family interface (`models.family`: `model.visua
 Axes: B batch (one image per row), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
 O image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
 
-What the LLM receives is a list of O image rows per image (`Rows`: embeddings, a validity prefix and the packed slot
-each row came from, -1 for rows that have none); the prompt's <image> run is cut to each image's row count. The
-layouts (`PruningConfig.stage1_scope`, `stage1_grid`, `newlines`) decide the candidates, the budget of each and the
-order of the rows:
-
-| scope / grid | candidates | kept | LLM order |
-|---|---|---|---|
-| global / unpadded | the packed tokens (newlines only with newlines="candidates") | K | packed |
-| per_crop / unpadded | each crop's packed tokens | K split evenly, water-filled | packed |
-| ratio / unpadded | the packed tokens | round(K * n / N_nominal) of the n candidates | packed |
-| crop_fixed / padded_unpad | each real crop's T tokens before unpadding | K // P_nominal per crop; picks that unpadding removes are dropped | packed |
-| crop_fixed / padded | each real crop's T tokens | K // P_nominal per crop | canvas: base crop, then the grid canvas row-major |
-| crop_divided / padded | each real crop's T tokens | int(K / P_real) per crop | canvas |
-
-P_nominal is `PruningConfig.stage1_crops` (default the model's `max_num_crops`; LLaVA-NeXT: 5) and N_nominal = P_nominal
-x T (2880 = 5 x 576), so K // P_nominal is the papers' "T/5 per crop whatever the crop count". Newlines (packed order only): "drop" none,
-"rows" the newline of every grid row that keeps a token, "keep" all, "candidates" all candidates of the selection.
-LLaVA-1.5 has one crop and no padding or newlines, so every layout selects the same K tokens there (`ratio`: K of
-576 exactly).
-
-`config.Layout` names each row of the table (plus crop_fixed / crop_divided over the unpadded tokens or padded_unpad,
-which the scope overrides reach, and VisionZip's CLS layout). A method with its own output hands its rows through its
-`stage1_rows` hook (`models.pruning.methods`).
-
-VisionZip with `cls=True` keeps each crop's CLS token and merges in the vision space (`methods.visionzip`): the rows
-are, per image, [base crop: CLS, dominant, contextual], then the grid crops' dominant tokens in row-major order over
-the padded grid of grid crops, their CLS tokens, then their contextual tokens (the official LLaVA-NeXT layout).
+What the LLM receives is a list of O image rows per image (`Rows`); the layouts (`PruningConfig.stage1_scope`,
+`stage1_grid`, `newlines`; the rows of `config.Layout`) decide the candidates, the budget of each and the order of
+the rows. The layout table, newlines, and VisionZip's CLS layout: models/pruning/PRUNING.md#stage1.
 """
 
 from typing import Any, NamedTuple

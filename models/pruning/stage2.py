@@ -7,64 +7,9 @@ image, Q query rows, H / Hkv query / key-value heads, Dh head width, D width, E 
 A step is `score` (the relevance, at `PruningConfig.score_layer`), `choose` (what each row keeps: a `Choice`) and
 `rebuild` (the new sequence). The driver runs them between the layer segments of `PruningConfig.segments`.
 
-Timing (`stage2_timing`; the driver's loop, this module's inputs). A step at layer l:
-- "before" (default): the pruned sequence enters layer l. The scoring layer's attention rows are computed on its
-  input; the features are the hidden states entering layer l. FastV and DART score at layer l - 1 (their official
-  codes: FastV's layer K - 1 attention, DART's layer K - 1 keys), every other method at layer l (PyramidDrop's
-  `pdrop_rank_drop` projects the layer's own q/k from its input, official Cooperx521/PyramidDrop).
-- "after": layer l runs on the full sequence and writes the full sequence into its KV cache; its attention rows
-  score; its OUTPUT is pruned, so layer l + 1 is the first pruned layer and the features are layer l's output. This
-  is SparseVLM's official timing (Gumpest/SparseVLMs v1 and v1.5, modelling_sparse_llama.py
-  `LlamaDynamicvitModel.forward`: the layer in `pruning_loc` runs with the whole sequence, returns its attention,
-  and `layer_outputs[0]` is cut). For FastV / DART, "after" at l equals "before" at l + 1.
-Generation is exact under both: the cache of each layer holds the sequence that layer saw (the segment bounds are
-`prune_layer`), and a new token's position in a segment continues that segment's positions.
-
-What the attention rows cost. The rows are exact softmax rows of the scoring layer, computed from Q query rows
-(raters, the last token) against the S keys: O(Q S Dh) per head plus one k projection of the layer input, never the
-S x S map and never an eager layer. Under "before" timing the scoring layer never runs on the unpruned sequence (it
-runs on the pruned one), so no full-sequence attention call exists whose logsumexp residual
-(`jax.nn.dot_product_attention(..., return_residual=True)`) could normalise the rows: the normaliser over the S keys
-is the work a residual would have saved, and it is the same O(Q S) as the rows. For LLaVA-NeXT-7B at T = 320 the
-recomputed k projections of the two TOPS steps are 0.6% of the pruned prefill's FLOPs (BUILD.md "Speed").
-
-Text raters (`stage2_raters`, relevance "raters"): relevance = attention of the raters to the visual tokens at the
-scoring layer, mean over raters and heads (`relevance.text_rater_attention`); the modes differ in who rates.
-- "attention" (default): re-chosen at every step from that layer's attention, the text tokens after the image whose
-  attention mass to the visual tokens (mean over heads) is strictly above the mean over those text tokens.
-- "sparsevlm": chosen ONCE from the LLM input embeddings and reused at every step, SparseVLM's rule (v1 and v1.5
-  alike, `LlamaDynamicvitModel.forward`): m = softmax over the text tokens of (visual @ text^T) (no 1/sqrt(D)),
-  averaged over the visual tokens; raters = text tokens after the image with m > mean(m) strictly
-  (`relevance.sparsevlm_rater_scores` + `select_raters`). The text after the image is never pruned, so the same
-  tokens rate at every layer; with Stage I the input embeddings are the pruned prompt's.
-Why "attention" is TOPS' default: the paper applies the text-visual relevance threshold inside Algorithm 2, at
-the pruning layer l, on that layer's quantities (its hidden states and attention); the threshold rule itself
-("above the mean over text tokens") is SparseVLM's, which both modes apply. Choosing the raters once from the input
-embeddings is SparseVLM's implementation, not a step the TOPS text states. (TOPS shares authors with SparseVLM, so
-its unreleased code may reuse SparseVLM's rater and timing code: `tops_schedule(raters="sparsevlm",
-timing="after")` runs that reading.)
-Why "before" is TOPS' default: the paper's schedule table changes the budget AT L12 / L24 (2T -> T from layer 12
-on), the convention of FastV and PyramidDrop for "pruning at layer l"; and it fits every decoder the schedule fits
-("after" needs l + 1 < L).
-
-Variable counts and inserted rows (`Choice`, `rebuild`). A step keeps, per row, the first `count` (<= its static keep
-K) candidates of the method's selection order (methods whose first k picks do not depend on K,
-`Method.variable_count`, `models.pruning.methods`), and may insert E extra hidden-state rows (a static maximum,
-`extra_valid` per row), placed right after the row's image run, before the text that follows it (SparseVLM's recycled
-tokens). The new sequence has `text_len + K + E` slots; masks, positions (contiguous: re-indexed; original: inserted
-rows take the position of the image run's last slot) and the KV cache stay exact. Inserted rows are visual (candidates
-of later steps) with source and packed position -1; in `Segment.index` they are S_prev + e (row e of `extra`). Per-row
-counts come from `stage2_ratios` (PyramidDrop: int(n * ratio) of the row's n image tokens entering the LLM, Python's
-float rounding through a static table) or a method's `choose` (SparseVLM).
-
-SparseVLM (method "sparsevlm", Stage II only; `methods.sparsevlm` holds the official settings and its step). Raters once
-from the input embeddings ("sparsevlm" raters), timing "after", contiguous positions. At each step p the text ->
-candidate block of layer p's head-mean attention (`tops_jax.sparsevlm.rater_attention`, all text rows, the raters
-flagged) and the candidates' hidden states OUTPUT by layer p go through `tops_jax.sparsevlm.prune_step` with the
-official step's rule (v1: min(int(rank * scale + bias), N - 1) unless rank == N; v1.5: min(count, N - 1)); the kept
-tokens stay in place and the merged clusters are the inserted rows, in center order, so the new image run is
-[kept ascending; merged], the official `select_and_merge_token`. Static sizes: `step_bounds`. `StageOutput.kept`
-lists -1 for a kept token that is an earlier step's merged cluster (it has no packed position).
+The timings ("before", "after": SparseVLM's, official Gumpest/SparseVLMs modelling_sparse_llama.py), what the
+attention rows cost, the text raters ("attention", "sparsevlm") and why TOPS defaults to "attention" and "before",
+variable counts and inserted rows, and SparseVLM's step: models/pruning/PRUNING.md#stage2.
 """
 
 from typing import Any
