@@ -133,7 +133,7 @@ class CLIPTextTransformer(nnx.Module):
     self.final_layer_norm = clip.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
   def pool_positions(self, input_ids: jax.Array) -> jax.Array:
-    """Where transformers pools each row: int[C, S] -> int32[C] (see the module docstring)."""
+    """Where transformers pools each row: int[C, S] -> int32[C] (see models/MODELS.md#clip_text)."""
     if self.config.eos_token_id == _LEGACY_EOS_ID:
       return jnp.argmax(input_ids, axis=-1).astype(jnp.int32)
     return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1).astype(jnp.int32)

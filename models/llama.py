@@ -34,8 +34,8 @@ from models.activations import ACTIVATIONS
 from models.outputs import DecoderOutput
 
 __all__ = ["TextConfig", "KVCache", "init_cache", "RMSNorm", "LlamaModel", "LlamaForCausalLM", "CausalLMOutput",
-           "position_ids_from_mask", "rotary_positions", "rope_cos_sin", "apply_rope", "make_attention_mask", "conversion_table",
-           "causal_lm_conversion_table", "default_positions", "lm_logits"]
+           "position_ids_from_mask", "rotary_positions", "rope_cos_sin", "apply_rope", "make_attention_mask",
+           "conversion_table", "causal_lm_conversion_table", "default_positions", "lm_logits"]
 
 # transformers' defaults per model_type, for the fields a sparse config.json (llava-1.5's text_config) may omit.
 _DEFAULTS = {
@@ -136,7 +136,7 @@ class CausalLMOutput(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Preallocated per-layer key/value cache (see the module docstring)."""
+  """Preallocated per-layer key/value cache (see models/MODELS.md#llama)."""
   k: jax.Array        # dtype[L, B, W, Hkv, Dh]
   v: jax.Array        # dtype[L, B, W, Hkv, Dh]
   valid: jax.Array    # bool[L, B, W]

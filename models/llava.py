@@ -275,7 +275,7 @@ class LlavaForConditionalGeneration(nnx.Module):
                attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
                image_sizes: jax.Array | None = None, *, cache: llama.KVCache | None = None, cache_empty: bool = False,
                output_hidden_states: bool = False, all_logits: bool = False) -> LlavaOutput:
-    """Full forward (see the module docstring for the pieces).
+    """Full forward (see models/MODELS.md#llava for the pieces).
 
     Args:
       input_ids: int[B, S] with one image token per visual token (N per image).

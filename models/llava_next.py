@@ -220,7 +220,7 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       pixel_values: float[I, P, 3, H, W] crops (processor output) or None (text only).
       attention_mask: bool/int[B, S]; None = all real.
       position_ids: int[B, S]; default cumsum(mask) - 1 (arange without a mask), as `models.llava`.
-      image_sizes: int[I, 2] original (height, width) per image; concrete or traced (see module docstring).
+      image_sizes: int[I, 2] original (height, width) per image; concrete or traced (see models/MODELS.md#llava_next).
       layout: precomputed `pack_layout(image_sizes)` (arrays); when given, `image_sizes` is not read.
       cache: optional `llama.KVCache` to write the keys/values into (prefill).
       cache_empty: static promise that `cache` holds nothing yet (`llama.LlamaModel.run_layers`).

@@ -50,7 +50,7 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None,
 
   Args:
     features: float[N, D] token features.
-    relevance: float32[N], larger = more relevant (see the module docstring for the official negation).
+    relevance: float32[N], larger = more relevant (see tops_jax/METHODS.md#cdpruner for the official negation).
     valid: bool[N]; invalid tokens are never candidates.
     key: unused (deterministic).
     keep: K.

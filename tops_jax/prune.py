@@ -255,7 +255,7 @@ def select_order(method: str, features: jax.Array, *, keep: int, relevance: jax.
 
 def select(method: str, features: jax.Array, *, keep: int, relevance: jax.Array | None = None,
            valid: jax.Array | None = None, key: jax.Array | None = None, **hparams) -> jax.Array:
-  """Kept indices in ascending order: int32[..., K]. See the module docstring for the contract."""
+  """Kept indices in ascending order: int32[..., K]. See tops_jax/METHODS.md#prune for the contract."""
   return jnp.sort(select_order(method, features, keep=keep, relevance=relevance, valid=valid, key=key, **hparams),
                   axis=-1)
 

@@ -44,7 +44,7 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key=None,
     alpha: saliency exponent (official default 1.0).
     combine: "multiply" (the paper's SCOPE score) or "add" (the official code's additive variant).
     engine: "incremental" (coverage gain carried and updated at the changed columns) or "dense" (recomputed from
-      all of F every step); the same picks up to float near-ties, see the module docstring.
+      all of F every step); the same picks up to float near-ties, see tops_jax/METHODS.md#scope.
     chunk: changed columns read per iteration by the incremental engine.
   Returns:
     int32[K] indices in greedy pick order.

@@ -56,7 +56,7 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
     normalize: "mean" | "minmax" | "none" rescaling of each criterion over the candidates.
     criteria: the criteria in the per-step score.
     engine: "incremental" (coverage gain carried and updated at the changed columns) or "dense" (recomputed from
-      all of F every step); the same picks up to float near-ties, see the module docstring.
+      all of F every step); the same picks up to float near-ties, see tops_jax/METHODS.md#tops.
     chunk: changed columns read per iteration by the incremental engine.
   Returns:
     int32[K] indices in greedy pick order.

@@ -38,7 +38,8 @@ def overrides_of(method: str) -> tuple[str, ...]:
 
 def method_config(method: str, *, family: str, target: int, num_layers: int, crops: int | None = None,
                   **overrides) -> PruningConfig:
-  """The official protocol of `method` on `family` at budget `target` (see the module docstring), with overrides.
+  """The official protocol of `method` on `family` at budget `target` (see models/pruning/PRUNING.md#protocols),
+  with overrides.
 
   crops: the nominal crops per image behind T (N_nominal / tokens per crop: LLaVA-NeXT 2880 / 576 = 5, LLaVA-1.5 1;
     the runner passes its backbone's); None: 5 on LLaVA-NeXT families, 1 on LLaVA-1.5.

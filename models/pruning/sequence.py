@@ -16,7 +16,7 @@ __all__ = ["Plan", "Seq", "concrete", "take", "take_positions", "reindexed", "fi
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Static lengths of a batch (see "Static lengths" in the module docstring)."""
+  """Static lengths of a batch (see "Static lengths" in models/pruning/PRUNING.md#package)."""
   text_len: int        # most real non-image tokens in a row
   visual: int          # most image tokens in a row before pruning
   newlines: int        # most newline tokens an image keeps in Stage I ("rows"/"keep"), else 0
