@@ -2,8 +2,9 @@
 decoder segments and the Stage II steps (`prefill`), and the jitted entry points `forward` and `greedy`.
 
 Generation is this module's cached prefill (a `models.generate.Prefill`) decoded by `models.generate.decode` over
-the config's layer segments (generate never calls back here). Every jitted program takes the config as a `StaticConfig` (structure) plus its float hyperparameters as
-traced arguments, so configs that differ only in those share one compile.
+the config's layer segments (generate never calls back here). Every jitted program takes the config as a
+`StaticConfig` (structure) plus its float hyperparameters as traced arguments, so configs that differ only in those
+share one compile.
 """
 
 import functools
@@ -92,8 +93,8 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   per_layer = lambda flag: jnp.stack([jnp.sum(flag(s), axis=-1, dtype=jnp.int32)
                                       for s, (a, b) in zip(segments, bounds) for _ in range(a, b)], axis=-1)
   # Decoding continues after the largest component of the last token's position (text: all components agree).
-  last = jnp.stack([jnp.max(sequence.take_positions(s.positions, sequence.last_real(s.mask)[:, None])[..., 0], axis=0)
-                    for s in segments], axis=-1)
+  last = jnp.stack([jnp.max(sequence.take_positions(s.positions, sequence.last_real(s.mask)[:, None])[..., 0],
+                            axis=0) for s in segments], axis=-1)
   return PruneOutput(logits=model.head(hidden), stage1=stage1_out, stage2=tuple(stages), segments=tuple(segments),
                      inputs_embeds=inputs_embeds, tokens_per_layer=per_layer(lambda s: s.mask),
                      visual_per_layer=per_layer(lambda s: s.visual & s.mask), last_positions=last.astype(jnp.int32),
@@ -237,8 +238,8 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
       `visual_len` across batches (e.g. to `model.config.max_image_tokens`) lets one compiled program serve them all.
     all_logits: logits over the whole last segment, float32[B, S_G, V]; by default only at each row's last real
       token, float32[B, 1, V] (the LM head then runs on B rows).
-    cache_capacity: when given, a KV cache of that many slots is filled (the prefill of `models.generate.decode`,
-      the pruned prefill `greedy` decodes from); it must hold the longest segment plus the tokens to decode. Implies last logits.
+    cache_capacity: when given, a KV cache of that many slots is filled (the pruned prefill `greedy` decodes from);
+      it must hold the longest segment plus the tokens to decode. Implies last logits.
     cache_dtype: the cache's dtype (default the model's).
     clip: `stage1.ClipText` for stage1_relevance="clip_text" (CDPruner): the CLIP image head and each row's CLIP
       text embedding.
@@ -257,7 +258,8 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
   if all_logits:
     raise ValueError("all_logits and cache_capacity are exclusive (a prefill returns the last logits)")
   start = _prefill_cached(model, batch, _args(config, key), static=config.static(), plan=plan,
-                          capacity=int(cache_capacity), cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+                          capacity=int(cache_capacity),
+                          cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
   return start.extra._replace(cache=start.cache)
 
 
