@@ -314,7 +314,7 @@ def test_in_memory_rows_keep_their_keys():
   h = hashlib.sha1(json.dumps(["what color is the star?", "red", "attribute", "color", [4, 5, 3]]).encode())
   h.update(image.tobytes())
   assert tasks.digest(example) == h.hexdigest()[:10]
-  spec = plan.RunSpec("divprune", 40, 2 / 9, pruning.PruningConfig("divprune", stage1_budget=40), "divprune")
+  spec = plan.RunSpec("divprune", 40, 2 / 9, pruning.PruningConfig.flat("divprune", stage1_budget=40), "divprune")
   assert evaluate.row_key("0123456789", spec, f"test/x-1/{tasks.digest(example)}") == (
       f"0123456789/divprune@T=40/test/x-1/{h.hexdigest()[:10]}")
 
