@@ -226,7 +226,7 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
   """The pruned forward of a LLaVA / LLaVA-NeXT port (jitted per config structure and static lengths).
 
   Args:
-    model: `llava.LlavaForConditionalGeneration` or `llava_next.LlavaNextForConditionalGeneration`.
+    model: a `models.family.VisionLanguageModel` (any family of `models.backbones`).
     config: the PruningConfig.
     input_ids: int[B, S] with one contiguous <image> run per row (the processor's expansion).
     attention_mask: bool/int[B, S] (left or right padding); None = all real.
