@@ -7,6 +7,7 @@ Dv width, H heads, Dh head width, L layers.
     out = tower.features(pixel_values, feature_layers=(-2,), select_strategy="default", cls_attention=True)
     out.features        # float[I, N, Dv]  hidden state of layer -2, CLS dropped
     out.cls_attention   # float32[I, N]    CLS-to-patch attention of the layer that produced it, mean over heads
+    # received=True: out.received float32[I, N], the attention each patch receives there (mean over heads, queries)
 
 Architecture (transformers `CLIPVisionModel`): bias-free patch conv, class embedding, learned position embeddings,
 `pre_layrnorm`, pre-LN encoder layers (LayerNorm -> MHA -> residual, LayerNorm -> fc1 -> act -> fc2 -> residual),
@@ -18,7 +19,8 @@ is the output of encoder layer h - 1; negative indices count from L + 1 (so -2 i
 
 CLS attention: computed from the CLS query row only (q of one token against the keys of all P tokens), never the
 full P x P map, so the tower's own attention stays one schedule of `models.attention.bidirectional` (one
-`jax.nn.dot_product_attention` call off CPU; per head on CPU).
+`jax.nn.dot_product_attention` call off CPU; per head on CPU). The received attention needs every query row: it
+recomputes that layer's scores in query blocks (`tops_jax.relevance.received_attention`), never the whole P x P map.
 
 Layers are stacked along a leading L axis (`nnx.vmap` at construction) and run with `jax.lax.scan` over a slice
 [start, stop), so compile time does not grow with depth.
@@ -41,6 +43,7 @@ from models import conversion
 from models import sharding
 from models.activations import ACTIVATIONS
 from models.outputs import VisionOutput
+from tops_jax import relevance
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionModel", "LayerNorm", "conversion_table",
            "resolve_hidden_state_index"]
@@ -157,6 +160,13 @@ class CLIPAttention(nnx.Module):
     logits = jnp.einsum("ihd,iphd->ihp", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
     return jax.nn.softmax(logits, axis=-1).astype(x.dtype).astype(jnp.float32).mean(axis=1)
 
+  def received(self, x: jax.Array, block: int = relevance.RECEIVED_BLOCK) -> jax.Array:
+    """Attention each position receives, mean over heads and over all P queries (CLS included), computed over
+    blocks of at most `block` queries: float[I, P, Dv] -> float32[I, P]."""
+    q = self._heads(self.q_proj(x)).swapaxes(1, 2)                 # [I, H, P, Dh]
+    k = self._heads(self.k_proj(x)).swapaxes(1, 2)
+    return relevance.received_attention(q, k, scale=self.head_dim ** -0.5, block=block)
+
 
 class CLIPMLP(nnx.Module):
 
@@ -184,6 +194,10 @@ class CLIPEncoderLayer(nnx.Module):
   def cls_attention(self, x):
     """CLS attention of this layer given its input x: float[I, P, Dv] -> float32[I, P]."""
     return self.self_attn.cls_attention(self.layer_norm1(x))
+
+  def received(self, x, block: int = relevance.RECEIVED_BLOCK):
+    """Received attention of this layer given its input x: float[I, P, Dv] -> float32[I, P]."""
+    return self.self_attn.received(self.layer_norm1(x), block)
 
   def keys(self, x):
     """This layer's attention keys given its input x, mean over heads: float[I, P, Dv] -> float[I, P, Dh]."""
@@ -269,8 +283,8 @@ class CLIPVisionModel(nnx.Module):
 
   def features(self, pixel_values: jax.Array, *, feature_layers: int | Sequence[int] = -2,
                select_strategy: str = "default", cls_attention: bool = True, keys: bool = False,
-               cls: bool = False, last_qk: bool = False) -> VisionOutput:
-    """LLaVA's image features and (optionally) the CLS attention of the layer that produces them.
+               cls: bool = False, last_qk: bool = False, received: bool = False) -> VisionOutput:
+    """LLaVA's image features and (optionally) the attention signals of the layer that produces them.
 
     Args:
       pixel_values: float[I, C, H, W] (NCHW), H = W = image_size.
@@ -281,10 +295,12 @@ class CLIPVisionModel(nnx.Module):
       cls: also return the CLS position of the features (and of the keys when asked), whatever `select_strategy`.
       last_qk: also return the last layer's full-width q_proj (CLS position) and k_proj (every position) of its
         normed input, hidden state -2 (PruMerge+'s attention hooks).
+      received: also return the attention each position receives in the layer producing the last entry of
+        `feature_layers` (mean over heads and over all P queries), aligned with `features`.
 
     Returns:
       VisionOutput(features float[I, N, Dv * len(feature_layers)] ("full": P rows), cls_attention float32[I, N]
-      ("full": [I, P]) or None, keys float[I, N, Dh] or None).
+      ("full": [I, P]) or None, keys float[I, N, Dh] or None, received float32[I, N] ("full": [I, P]) or None).
     """
     chex.assert_rank(pixel_values, 4)
     if select_strategy not in ("default", "full"):
@@ -295,15 +311,15 @@ class CLIPVisionModel(nnx.Module):
     num = self.config.num_hidden_layers
     wanted = [resolve_hidden_state_index(layer, num) for layer in layers]
     cls_at = wanted[-1] - 1          # layer whose attention is read; its input is hidden state cls_at
-    attention = cls_attention or keys
+    attention = cls_attention or keys or received
     if attention and cls_at < 0:
       raise ValueError(f"feature layer {layers[-1]} is the embedding output: no attention layer produced it, "
-                       "so there is no CLS attention or keys to return")
+                       "so there is no CLS attention, received attention or keys to return")
 
     x = self.pre_layrnorm(self.embeddings(pixel_values))
     last_in = num - 1                # the last layer's input: hidden state -2
     stops = sorted(set(wanted) | ({cls_at} if attention else set()) | ({last_in} if last_qk else set()))
-    states, attn, key_rows, done = {0: x}, None, None, 0
+    states, attn, key_rows, recv, done = {0: x}, None, None, None, 0
     for stop in stops:
       x = self.encoder.run(x, done, stop)
       states[stop], done = x, stop
@@ -311,6 +327,7 @@ class CLIPVisionModel(nnx.Module):
         layer = self.encoder.layer(cls_at)
         attn = layer.cls_attention(x) if cls_attention else None
         key_rows = layer.keys(x) if keys else None
+        recv = layer.received(x) if received else None
     first = 1 if select_strategy == "default" else 0
     features = jnp.concatenate([states[h][:, first:] for h in wanted], axis=-1)
     cls_features = jnp.concatenate([states[h][:, 0] for h in wanted], axis=-1) if cls else None
@@ -322,7 +339,8 @@ class CLIPVisionModel(nnx.Module):
     return VisionOutput(features=features, cls_attention=None if attn is None else attn[:, first:],
                         keys=None if key_rows is None else key_rows[:, first:], cls_features=cls_features,
                         cls_keys=key_rows[:, 0] if cls and key_rows is not None else None,
-                        last_query=last_query, last_keys=last_keys)
+                        last_query=last_query, last_keys=last_keys,
+                        received=None if recv is None else recv[:, first:])
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """Last hidden state (before post_layernorm): float[I, C, H, W] -> float[I, P, Dv]."""

@@ -35,7 +35,7 @@ from models.family import VisualTokens
 from models.outputs import LlavaOutput, VisionOutput
 
 __all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
-           "check_image_tokens", "single_crop_layout", "last_logits", "conversion_table"]
+           "check_image_tokens", "single_crop_layout", "last_logits", "conversion_table", "relevance_of"]
 
 # LlavaConfig's vision tower when config.json has no vision_config (CLIP ViT-L/14 at 336 px).
 _DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -185,6 +185,12 @@ def single_crop_layout(num_images: int, num_tokens: int) -> anyres.PackLayout:
                            grid=np.zeros((num_images, 2), np.int32))
 
 
+def relevance_of(vis: VisionOutput) -> dict[str, jax.Array]:
+  """The relevance signals (`models.family.RELEVANCE`) a tower pass computed, by name: {"cls": cls_attention,
+  "received": received}, each float32[..., N]."""
+  return {name: a for name, a in (("cls", vis.cls_attention), ("received", vis.received)) if a is not None}
+
+
 def last_logits(head, hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
   """`head` at each row's last real position: float[B, S, D] -> float32[B, 1, V] (the LM head runs on B rows)."""
   if attention_mask is None:
@@ -206,12 +212,14 @@ class LlavaForConditionalGeneration(nnx.Module):
         config.text.hidden_size, config.text.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
   def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False,
-                    cls: bool = False, last_qk: bool = False) -> VisionOutput:
+                    cls: bool = False, last_qk: bool = False, received: bool = False) -> VisionOutput:
     """float[I, 3, H, W] (NCHW) -> VisionOutput(features float[I, N, Dv'], cls_attention float32[I, N] | None,
-    keys float[I, N, Dh] | None, cls_features float[I, Dv'] | None, cls_keys float[I, Dh] | None)."""
+    keys float[I, N, Dh] | None, cls_features float[I, Dv'] | None, cls_keys float[I, Dh] | None,
+    received float32[I, N] | None)."""
     return self.vision_tower.features(pixel_values, feature_layers=self.config.vision_feature_layer,
                                       select_strategy=self.config.vision_feature_select_strategy,
-                                      cls_attention=cls_attention, keys=keys, cls=cls, last_qk=last_qk)
+                                      cls_attention=cls_attention, keys=keys, cls=cls, last_qk=last_qk,
+                                      received=received)
 
   def project(self, features: jax.Array) -> jax.Array:
     """float[..., Dv'] -> float[..., D] in the language model's embedding space."""
@@ -226,16 +234,18 @@ class LlavaForConditionalGeneration(nnx.Module):
   def visual_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
                     relevance: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> VisualTokens:
     """The batch's visual tokens and what pruners read about them (`models.family`): float[I, 3, H, W] ->
-    `VisualTokens` with one group per image (N = T = the patches; `layout` is not read). relevance: ("cls",);
-    extras: "keys", "cls_features" (the CLS position's features, and its key with "keys"), "last_qk"."""
+    `VisualTokens` with one group per image (N = T = the patches; `layout` is not read). relevance: "cls",
+    "received" (both of the feature layer; the tower merges no tokens, so "received" is not pooled); extras: "keys",
+    "cls_features" (the CLS position's features, and its key with "keys"), "last_qk"."""
     del layout
-    family.check_request("LLaVA-1.5", relevance, extras, provides=("cls",), offers=family.EXTRAS)
+    family.check_request("LLaVA-1.5", relevance, extras, provides=("cls", "received"), offers=family.EXTRAS)
     vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
-                             cls="cls_features" in extras, last_qk="last_qk" in extras)
+                             cls="cls_features" in extras, last_qk="last_qk" in extras,
+                             received="received" in relevance)
     embeds = self.project(vis.features)
     i, n = embeds.shape[:2]
     real = jnp.ones((i, n), bool)
-    rel = {} if vis.cls_attention is None else {"cls": vis.cls_attention}
+    rel = relevance_of(vis)
     per_group = lambda a: None if a is None else a[:, None]
     named = dict(cls_features=per_group(vis.cls_features), cls_keys=per_group(vis.cls_keys),
                  last_query=vis.last_query, last_keys=vis.last_keys)

@@ -165,32 +165,34 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     return jax.pure_callback(lambda sizes: pack_layout(config, sizes), shapes, image_sizes)
 
   def encode_images(self, pixel_values: jax.Array, *, cls_attention: bool = True, keys: bool = False,
-                    cls: bool = False) -> VisionOutput:
+                    cls: bool = False, received: bool = False) -> VisionOutput:
     """float[I, P, 3, H, W] crops -> VisionOutput(features float[I, P, T, Dv], cls_attention float32[I, P, T] | None,
-    keys float[I, P, T, Dh] | None, cls_features float[I, P, Dv] | None, cls_keys float[I, P, Dh] | None)."""
+    keys float[I, P, T, Dh] | None, cls_features float[I, P, Dv] | None, cls_keys float[I, P, Dh] | None,
+    received float32[I, P, T] | None)."""
     if pixel_values.ndim != 5:
       raise ValueError(f"pixel_values must be float[I, P, 3, H, W] (crops per image, as LlavaNextImageProcessor "
                        f"returns them), got shape {pixel_values.shape}")
     i, p = pixel_values.shape[:2]
     vis = super().encode_images(pixel_values.reshape(i * p, *pixel_values.shape[2:]), cls_attention=cls_attention,
-                                keys=keys, cls=cls)
+                                keys=keys, cls=cls, received=received)
     per_crop = lambda a: None if a is None else a.reshape(i, p, *a.shape[1:])
     return VisionOutput(*(per_crop(a) for a in vis))
 
   def visual_tokens(self, pixel_values: jax.Array, layout: anyres.PackLayout | None = None, *,
                     relevance: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> VisualTokens:
     """The batch's visual tokens in packed order (`models.family`): float[I, P, 3, H, W] crops + `layout` ->
-    `VisualTokens`, one group per crop, the newlines structural. relevance: ("cls",); extras: "keys",
-    "cls_features" (each crop's CLS features, and its key with "keys")."""
+    `VisualTokens`, one group per crop, the newlines structural. relevance: "cls", "received" (per crop, each
+    crop's own tower pass, then packed); extras: "keys", "cls_features" (each crop's CLS features, and its key with
+    "keys")."""
     if layout is None:
       raise ValueError("LLaVA-NeXT visual tokens need the packing layout (model.layout(image_sizes, num_images))")
-    family.check_request("LLaVA-NeXT", relevance, extras, provides=("cls",), offers=("keys", "cls_features"))
+    family.check_request("LLaVA-NeXT", relevance, extras, provides=("cls", "received"), offers=("keys", "cls_features"))
     layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
     vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
-                             cls="cls_features" in extras)
+                             cls="cls_features" in extras, received="received" in relevance)
     img = self.project(vis.features)
     pack = lambda a: self.pack(a, layout, jnp.zeros(a.shape[-1:], a.dtype))
-    group_rel = {} if vis.cls_attention is None else {"cls": vis.cls_attention}
+    group_rel = llava.relevance_of(vis)
     named = dict(cls_features=vis.cls_features, cls_keys=vis.cls_keys)
     return VisualTokens(embeds=self.pack(img, layout), valid=layout.valid, structural=layout.newline,
                         group=layout.crop, source=layout.source, features=pack(vis.features),

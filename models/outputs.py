@@ -29,6 +29,9 @@ class VisionOutput(NamedTuple):
   last_query: float[I, Dv] | None the LAST encoder layer's full-width q_proj of the CLS position, applied to its input
     (hidden state -2), when asked (PruMerge+ reads that layer's attention).
   last_keys: float[I, N + 1, Dv] | None that layer's full-width k_proj of every position (CLS first), when asked.
+  received: float32[I, N] (or [I, N + 1]) | None aligned with `features`, when asked: the mean attention each key of
+    the layer producing the (last) feature layer receives, mean over heads and over all N + 1 queries (CLS
+    included); with "default" the CLS column is dropped (not renormalised), as for `cls_attention`.
   """
   features: jax.Array
   cls_attention: jax.Array | None = None
@@ -37,6 +40,7 @@ class VisionOutput(NamedTuple):
   cls_keys: jax.Array | None = None
   last_query: jax.Array | None = None
   last_keys: jax.Array | None = None
+  received: jax.Array | None = None
 
 
 class DecoderOutput(NamedTuple):

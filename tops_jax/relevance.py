@@ -5,9 +5,11 @@ h // (H // Hkv), the Hugging Face `repeat_kv` layout), Dh head width, S keys (th
 N visual tokens, D width.
 
 Every attention signal takes the queries of its raters only and the keys of the whole sequence (never the S x S
-map); its rows equal the rows of the model's own attention map. Signals: `cls_attention`, `last_token_attention`,
-`text_rater_attention` (with `sparsevlm_rater_scores` / `select_raters`), `text_embedding_cosine`,
-`clip_text_relevance` (CDPruner, official Theia-4869/CDPruner llava/model/llava_arch.py `encode_images`).
+map); its rows equal the rows of the model's own attention map. `received_attention` needs every query row and takes
+them in blocks, so the S x S map still never exists whole. Signals: `cls_attention`, `received_attention`,
+`last_token_attention`, `text_rater_attention` (with `sparsevlm_rater_scores` / `select_raters`),
+`text_embedding_cosine`, `clip_text_relevance` (CDPruner, official Theia-4869/CDPruner llava/model/llava_arch.py
+`encode_images`).
 
 What each signal computes, the methods that read it and the deviations: tops_jax/METHODS.md#relevance.
 """
@@ -18,12 +20,15 @@ import numpy as np
 
 from tops_jax import similarity
 
-__all__ = ["cls_attention", "last_token_attention", "text_rater_attention", "text_visual_attention",
-           "rater_relevance", "select_raters",
+__all__ = ["cls_attention", "received_attention", "RECEIVED_BLOCK", "last_token_attention", "text_rater_attention",
+           "text_visual_attention", "rater_relevance", "select_raters",
            "sparsevlm_rater_scores", "text_embedding_cosine", "clip_text_relevance",
            "cdpruner_rescale"]
 
 _TINY = 1e-30
+# Query rows per block of `received_attention`: float32[..., H, 128, S] scores at a time (CLIP-L/336, 16 heads:
+# 4.3 MB per image); CLIP's 577 queries run as 5 blocks of 116 rows.
+RECEIVED_BLOCK = 128
 
 
 def _shape(x):
@@ -146,6 +151,55 @@ def cls_attention(q_cls: jax.Array, k: jax.Array, *, scale: float | None = None,
     return rows
   c = cls_index % s
   return jnp.concatenate([rows[..., :c], rows[..., c + 1:]], axis=-1)
+
+
+def received_attention(q: jax.Array, k: jax.Array, *, scale: float | None = None, block: int = RECEIVED_BLOCK,
+                       pool=None) -> jax.Array:
+  """The mean attention each token receives in one bidirectional layer: for every key, the mean over heads and over
+  all S queries of softmax(q . k * scale) (towers without a CLS token, whose CLS row cannot rate the patches).
+
+  The queries run in blocks of at most `block` rows (`lax.scan`), so memory is float32[..., H, block, S], never the
+  S x S map. A block holds whole rows, so each row's softmax is exact within its block; the block sums of the
+  probabilities accumulate in float32.
+
+  Args:
+    q: float[..., H, S, Dh] the queries of every token of the layer (after its projection; before RoPE if any).
+    k: float[..., Hkv, S, Dh] the keys of the same S tokens.
+    scale: logit scale; default Dh ** -0.5.
+    block: static, the most query rows per block; the blocks are made equal (ceil(S / ceil(S / block)) rows each,
+      the padding rows add nothing).
+    pool: how the family merges its tokens, applied to the per-key signal: float32[..., S] -> float32[..., M]
+      (e.g. the mean of each 2 x 2 merge of consecutive keys, `lambda r: r.reshape(*r.shape[:-1], -1, 4).mean(-1)`;
+      a merge over a spatial grid reshapes to (rows / 2, 2, cols / 2, 2) and means over the pairs). None: every key
+      is a token.
+
+  Returns:
+    float32[..., S] summing to 1 over the keys (each query row sums to 1), or pool's float32[..., M].
+  """
+  lead, h, hkv, s, dh = _check_qk("received_attention", q, k, 3)
+  if _shape(q)[-2] != s:
+    raise ValueError(f"received_attention: every token queries: {_shape(q)[-2]} queries for {s} keys")
+  if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    raise ValueError(f"received_attention: block must be a positive int, got {block!r}")
+  scale = dh ** -0.5 if scale is None else scale
+  blocks = -(-s // block)
+  rows = -(-s // blocks)
+  g = h // hkv
+  qg = q.reshape(*lead, hkv, g, s, dh)
+  qg = jnp.pad(qg, [(0, 0)] * (qg.ndim - 2) + [(0, blocks * rows - s), (0, 0)])
+  qb = jnp.moveaxis(qg.reshape(*lead, hkv, g, blocks, rows, dh), -3, 0)      # [blocks, ..., Hkv, G, rows, Dh]
+  real = (jnp.arange(blocks * rows) < s).reshape(blocks, rows, 1)
+
+  def add_block(total, xs):
+    qi, ri = xs
+    logits = jnp.einsum("...kgcd,...ksd->...kgcs", qi, k, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+    probs = jnp.where(ri, jax.nn.softmax(logits, axis=-1), 0.0)
+    return total + jnp.sum(probs, axis=(-4, -3, -2)), None
+
+  total, _ = jax.lax.scan(add_block, jnp.zeros((*lead, s), jnp.float32), (qb, real))
+  received = total / (h * s)
+  return received if pool is None else pool(received)
 
 
 def last_token_attention(q_last: jax.Array, k: jax.Array, *, visual: jax.Array, scale: float | None = None,

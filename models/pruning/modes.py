@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 __all__ = ["Layout", "Stage1", "Stage2", "STAGE1_RELEVANCE", "STAGE2_RELEVANCE", "STAGE2_RATERS", "STAGE2_TIMINGS",
            "SCOPES", "GRIDS", "FEATURES", "POSITIONS", "NEWLINES", "check_choice"]
 
-Stage1Relevance = Literal["cls", "text", "clip_text", "none"]
+Stage1Relevance = Literal["cls", "received", "text", "clip_text", "none"]
 Stage2Relevance = Literal["raters", "last_token", "none"]
 Raters = Literal["attention", "sparsevlm"]      # `models.pruning.stage2` argues the default
 Timing = Literal["before", "after"]
@@ -77,7 +77,9 @@ class Stage1:
   budget: visual tokens kept per image.
   layout: the `Layout` row: candidates, per-crop budgets and LLM order; LLaVA-1.5 has one crop, where all select
     the same K.
-  relevance: "cls" | "text" | "clip_text" (CDPruner: CLIP text-image relevance, needs `clip`) | "none".
+  relevance: "cls" (the CLS token's attention) | "received" (the mean attention each token receives; both of the
+    vision feature layer, named signals of the family: `models.family.RELEVANCE`) | "text" | "clip_text" (CDPruner:
+    CLIP text-image relevance, needs `clip`) | "none".
   features: what the method's similarity reads: "projector" (the projector outputs) | "vision" (the vision feature
     layer's hidden states, before the projector).
   newlines: LLaVA-NeXT newline policy "drop" | "rows" | "keep" | "candidates".

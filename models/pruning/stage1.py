@@ -41,10 +41,12 @@ class ClipText(NamedTuple):
 
 
 def visual_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bool) -> VisualTokens:
-  """One tower pass with exactly what the configured Stage I reads (CLS attention, and the extras the method's
-  `tower` hook names: VisionZip's keys and CLS features, PruMerge+'s last-layer q/k)."""
+  """One tower pass with exactly what the configured Stage I reads (the family's relevance signal it names, "cls"
+  or "received", and the extras the method's `tower` hook names: VisionZip's keys and CLS features, PruMerge+'s
+  last-layer q/k)."""
   extras = methods.get(config.method).tower(config) if stage1 else ()
-  relevance = ("cls",) if stage1 and config.stage1_relevance == "cls" else ()
+  named = config.stage1_relevance in ("cls", "received")       # the family's own signals (`models.family.RELEVANCE`)
+  relevance = (config.stage1_relevance,) if stage1 and named else ()
   return model.visual_tokens(pixel_values, layout, relevance=relevance, extras=extras)
 
 
@@ -108,8 +110,8 @@ def _crop_relevance(config: PruningConfig, images: VisualTokens, feats, text, te
   """Relevance of each crop token: float32[B, P, T] | None."""
   b, p, t = feats.shape[:3]
   source = config.stage1_relevance
-  if source == "cls":
-    return images.group_relevance.get("cls")
+  if source in ("cls", "received"):
+    return images.group_relevance.get(source)
   if source == "text":
     flat = feats.reshape(b, p * t, -1)
     return relevance_lib.text_embedding_cosine(flat, text, text_valid).reshape(b, p, t)
@@ -155,8 +157,8 @@ def _per_crop(config: PruningConfig, model_config, images: VisualTokens, text, t
 
 def _packed_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   source = config.stage1_relevance
-  if source == "cls":
-    return images.relevance.get("cls")
+  if source in ("cls", "received"):
+    return images.relevance.get(source)
   if source == "text":
     return relevance_lib.text_embedding_cosine(feats, text, text_valid)
   if source == "clip_text":

@@ -103,7 +103,7 @@ def test_visual_tokens_record(setup):
   _, _, model, batch = setup
   b = batch["input_ids"].shape[0]
   layout = model.layout(batch.get("image_sizes"), b)
-  tokens = model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("cls",))
+  tokens = model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("cls", "received"))
   valid, structural = np.asarray(tokens.valid), np.asarray(tokens.structural)
   group, source = np.asarray(tokens.group), np.asarray(tokens.source)
   i, n = valid.shape
@@ -119,11 +119,12 @@ def test_visual_tokens_record(setup):
   flat = np.asarray(tokens.group_embeds).reshape(i, g * t, -1)
   rows = np.take_along_axis(flat, np.maximum(source, 0)[..., None], 1)
   np.testing.assert_array_equal(np.asarray(tokens.embeds)[content], rows[content])
-  assert set(tokens.relevance) == {"cls"} and set(tokens.group_relevance) == {"cls"}
-  rel = np.asarray(tokens.relevance["cls"])
-  assert rel.shape == (i, n) and (rel[~content] == 0).all() and (rel[content] > 0).all()
-  with pytest.raises(ValueError, match="received"):
-    model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("received",))
+  assert set(tokens.relevance) == set(tokens.group_relevance) == {"cls", "received"}
+  for name in ("cls", "received"):
+    rel = np.asarray(tokens.relevance[name])
+    assert rel.shape == (i, n) and (rel[~content] == 0).all() and (rel[content] > 0).all(), name
+  with pytest.raises(ValueError, match="saliency"):
+    model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("received", "saliency"))
 
 
 def test_positions_hook(setup):
