@@ -16,8 +16,9 @@ import jax
 __all__ = ["VisualTokens", "VisionLanguageModel", "RELEVANCE", "EXTRAS", "check_request"]
 
 # Relevance signals a family may provide by name (`VisualTokens.relevance`): "cls" the CLS token's attention to
-# each token in the feature layer (towers with a CLS token); "received" the mean attention each token receives in a
-# chosen vision layer, pooled as the tokens are merged (towers without one).
+# each token in the feature layer (towers with a CLS token); "received" the mean attention each token receives in the
+# feature layer, over heads and all queries, pooled as the tokens are merged (every tower: the signal of towers
+# without a CLS token; `tops_jax.relevance.received_attention`).
 RELEVANCE = ("cls", "received")
 # Named extras a method may ask for (`VisualTokens.extras`): "cls_features" float[I, P, Dv] and "cls_keys"
 # float[I, P, Dh] the CLS position per group (VisionZip); "last_query" float[I, Dv] / "last_keys" float[I, T + 1, Dv]

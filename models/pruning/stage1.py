@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from models import family
 from models.family import VisualTokens
 from models.pruning import crops as crops_lib
 from models.pruning import methods
@@ -45,7 +46,7 @@ def visual_tokens(model, config: PruningConfig, pixel_values, layout, stage1: bo
   or "received", and the extras the method's `tower` hook names: VisionZip's keys and CLS features, PruMerge+'s
   last-layer q/k)."""
   extras = methods.get(config.method).tower(config) if stage1 else ()
-  named = config.stage1_relevance in ("cls", "received")       # the family's own signals (`models.family.RELEVANCE`)
+  named = config.stage1_relevance in family.RELEVANCE       # the family's own signals
   relevance = (config.stage1_relevance,) if stage1 and named else ()
   return model.visual_tokens(pixel_values, layout, relevance=relevance, extras=extras)
 
@@ -110,7 +111,7 @@ def _crop_relevance(config: PruningConfig, images: VisualTokens, feats, text, te
   """Relevance of each crop token: float32[B, P, T] | None."""
   b, p, t = feats.shape[:3]
   source = config.stage1_relevance
-  if source in ("cls", "received"):
+  if source in family.RELEVANCE:
     return images.group_relevance.get(source)
   if source == "text":
     flat = feats.reshape(b, p * t, -1)
@@ -157,7 +158,7 @@ def _per_crop(config: PruningConfig, model_config, images: VisualTokens, text, t
 
 def _packed_relevance(config: PruningConfig, images: VisualTokens, feats, text, text_valid, clip_text):
   source = config.stage1_relevance
-  if source in ("cls", "received"):
+  if source in family.RELEVANCE:
     return images.relevance.get(source)
   if source == "text":
     return relevance_lib.text_embedding_cosine(feats, text, text_valid)
