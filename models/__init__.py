@@ -17,7 +17,7 @@ Axis legend: one letter per axis along the whole data path (image -> tower -> pr
 layers with Stage II -> logits -> answer), used in every docstring and shape comment of `models`, `tops_jax` and
 `experiments`:
 
-    B  batch rows (prompts; pruning takes one image per row)     I  images of a batch, in order
+    B  batch rows (prompts of zero, one or several images)   I  images of a batch, in order
     P  groups per image, the budget unit (`models.family`: crops, tiles, frames; anyres: base crop + grid crops,
        padded)                                                   T  vision tokens per group (CLS dropped; +1 with it)
     N  packed image tokens per image: the Stage I candidates (LLaVA-1.5: the patches; NeXT: the packing bucket)

@@ -1,14 +1,14 @@
 """Visual token pruning inside the LLaVA-1.5 / LLaVA-NeXT ports, driven by a `PruningConfig`, through the models'
 public seams only (image_tokens -> Stage I -> embed -> run_layers segments, query_keys -> Stage II -> head).
 
-Axes (the legend of `models`): B batch (one image per row), S sequence, N packed image slots per image, P crops, T
+Axes (the legend of `models`): B batch (rows of one or several images), S sequence, N packed image slots per image, P crops, T
 tokens per crop, K kept, C candidates, A text tokens after the image, D text width, Dv vision width, H / Hkv query /
 key-value heads, Dh head width, L decoder layers, G layer segments, V vocabulary, M new tokens.
 
     cfg = pruning.tops_schedule(num_layers=32, target=128)             # 576 -> 256 | L12: -> 128 | L24: -> 32
     cfg = pruning.PruningConfig("divprune", stage1=pruning.Stage1(budget=64, relevance="none"))   # typed
     out = pruning.forward(model, cfg, input_ids, attention_mask, pixel_values, image_sizes)
-    out.stage1.kept, out.stage2[0].kept   # int32[B, K] packed image positions kept by each stage
+    out.stage1.kept, out.stage2[0].kept   # int32[I, K] / int32[B, K] packed image positions kept by each stage
     gen = pruning.greedy(model, cfg, input_ids, attention_mask, pixel_values=px, max_new_tokens=32)
 
 Nothing here branches on the model family or on a method's name. The map of the modules, the full example, Stage I's

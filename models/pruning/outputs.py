@@ -10,10 +10,10 @@ __all__ = ["StageOutput", "Segment", "PruneOutput", "PrunedGeneration", "Rows", 
 
 
 class Rows(NamedTuple):
-  """The image rows Stage I hands to the LLM, in order."""
-  embeds: jax.Array   # float[B, R, D]
-  valid: jax.Array    # bool[B, R] a prefix of each row
-  packed: jax.Array   # int32[B, R] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
+  """The image rows Stage I hands to the LLM per image, in order."""
+  embeds: jax.Array   # float[I, R, D]
+  valid: jax.Array    # bool[I, R] a prefix of each image
+  packed: jax.Array   # int32[I, R] packed slot of each row, -1 for rows that have none (padding, CLS, merged)
 
 
 class Scores(NamedTuple):
@@ -52,6 +52,8 @@ class Choice(NamedTuple):
 
 class StageOutput(NamedTuple):
   """One pruning step. Packed positions index the image's tokens (LLaVA-1.5: patch index; NeXT: packing slot).
+  Stage I is per image (its B axis is the images I); a Stage II step is per row, where image m of a row of several
+  images holds packed positions m * N + slot (N: the images' packed length).
 
   candidates: int32[B, C] packed position of each candidate (-1: none), the order `relevance` follows.
   kept: int32[B, K] packed positions kept, ascending; -1 fills the slots of a data-dependent count (Stage I "ratio",

@@ -1,5 +1,9 @@
-"""Sequence bookkeeping of the pruned forward: the batch's static lengths (`Plan`), the running sequence (`Seq`) and
-the row gathers that rebuild it after a pruning step (static shapes, left or right padding preserved)."""
+"""Sequence bookkeeping of the pruned forward: the batch's static lengths (`Plan`), which images each row holds
+(`ImageRows`), the running sequence (`Seq`) and the row gathers that rebuild it after a pruning step (static shapes,
+left or right padding preserved).
+
+Axes: B rows, I images of the batch (in row order, then prompt order), M most images in a row, S sequence, R position
+components, K slots asked for."""
 
 import dataclasses
 from typing import NamedTuple
@@ -10,17 +14,40 @@ import numpy as np
 
 from models import llama
 
-__all__ = ["Plan", "Seq", "concrete", "take", "take_positions", "reindexed", "first", "compact", "gather_seq",
-           "last_real", "text_after_image", "text_length"]
+__all__ = ["Plan", "Seq", "ImageRows", "concrete", "take", "take_positions", "reindexed", "first", "compact",
+           "gather_seq", "image_slots", "last_real", "text_after_image", "text_length"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static lengths of a batch (see "Static lengths" in models/pruning/PRUNING.md#package)."""
   text_len: int        # most real non-image tokens in a row
-  visual: int          # most image tokens in a row before pruning
+  visual: int          # most image tokens in a row before pruning (all of its images)
   newlines: int        # most newline tokens an image keeps in Stage I ("rows"/"keep"), else 0
   rows: int = 0        # static image rows per image after Stage I (`stage1.capacity`), 0 without Stage I
+  images: int = 1      # most images in a row (M)
+
+  @property
+  def row_slots(self) -> int:
+    """Static image slots per row after Stage I: every image of the row brings at most `rows`."""
+    return self.images * self.rows
+
+
+class ImageRows(NamedTuple):
+  """Which images each row holds: the images of a batch are in row order, each row's in prompt order (its <image>
+  runs, as transformers' masked_scatter fills them)."""
+  image_row: jax.Array    # int32[I] the row of each image
+  row_images: jax.Array   # int32[B, M] the images of each row in prompt order, -1 past the row's count
+
+  @classmethod
+  def from_counts(cls, per_row) -> "ImageRows":
+    """From the number of images in each row (host ints, int[B])."""
+    per_row = np.asarray(per_row, np.int64)
+    most = max(1, int(per_row.max(initial=0)))
+    first_image = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+    m = np.arange(most)
+    row_images = np.where(m[None] < per_row[:, None], first_image[:, None] + m[None], -1).astype(np.int32)
+    return cls(image_row=np.repeat(np.arange(len(per_row)), per_row).astype(np.int32), row_images=row_images)
 
 
 class Seq(NamedTuple):
@@ -30,7 +57,7 @@ class Seq(NamedTuple):
   mask: jax.Array       # bool[B, S]
   visual: jax.Array     # bool[B, S]
   source: jax.Array     # int32[B, S]
-  packed: jax.Array     # int32[B, S] packed position of visual tokens, -1 otherwise
+  packed: jax.Array     # int32[B, S] packed position of visual tokens (image m of the row: m * N + slot), -1 otherwise
 
 
 def concrete(*xs) -> bool:
@@ -89,13 +116,29 @@ def gather_seq(seq: Seq, index: jax.Array, mask: jax.Array, positions: str) -> S
               source=pick(seq.source, -1), packed=pick(seq.packed, -1))
 
 
+def image_slots(visual: jax.Array, row_images: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The image and slot of every visual position: the k-th visual slot of a row belongs to the first of the row's
+  images whose cumulative slot count exceeds k (transformers' masked_scatter order).
+
+  visual: bool[B, S]; row_images: int32[B, M] (`ImageRows`); counts: int32[I] slots each image fills.
+  Returns (ordinal int32[B, S] the image's place in its row, within int32[B, S] the slot inside the image); both 0
+  where `visual` is False.
+  """
+  per_row = jnp.where(row_images >= 0, counts[jnp.maximum(row_images, 0)], 0)
+  ends = jnp.cumsum(per_row, axis=-1)                                       # [B, M]
+  k = jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1                      # [B, S]
+  ordinal = jnp.minimum(jnp.sum(k[..., None] >= ends[:, None, :], axis=-1, dtype=jnp.int32), row_images.shape[1] - 1)
+  start = jnp.take_along_axis(ends - per_row, ordinal, axis=-1)
+  return jnp.where(visual, ordinal, 0), jnp.where(visual, k - start, 0)
+
+
 def last_real(mask: jax.Array) -> jax.Array:
   """Index of each row's last real slot: bool[B, S] -> int32[B]."""
   return (mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)).astype(jnp.int32)
 
 
 def text_after_image(mask: jax.Array, visual: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """Positions of the real text tokens after each row's image: (int32[B, size], bool[B, size])."""
+  """Positions of the real text tokens after each row's last image: (int32[B, size], bool[B, size])."""
   s = mask.shape[1]
   last_visual = jnp.max(jnp.where(visual, jnp.arange(s), -1), axis=-1)
   return first(mask & ~visual & (jnp.arange(s)[None, :] > last_visual[:, None]), size)

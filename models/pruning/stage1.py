@@ -2,7 +2,8 @@
 
 Reads the model only through the family interface (`models.family`: `model.visual_tokens` -> `VisualTokens`,
 `model.project`, `model.embed`, `model.positions`, `model.language_model.embed`).
-Axes: B batch (one image per row), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
+Axes: B batch, I images (`sequence.ImageRows`: one or several per row; the selection functions work per image, and
+their B axis is I), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
 O image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
 
 What the LLM receives is a list of O image rows per image (`Rows`); the layouts (`PruningConfig.stage1_scope`,
@@ -272,25 +273,40 @@ def canvas_order(images: VisualTokens, t: int) -> jax.Array:
   return jnp.argsort(key.reshape(b, p * t), axis=-1, stable=True).astype(jnp.int32)
 
 
-def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens, clip_text, key, left,
-        hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
-  """Stage I -> (the sequence entering layer 0, StageOutput)."""
+def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens,
+        image_rows: sequence.ImageRows, clip_text, key, left, hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
+  """Stage I -> (the sequence entering layer 0, StageOutput over the images [I, ...]). Each image is selected on its
+  own with its row's text; the row then holds its images' rows in prompt order, image m of the row at packed slots
+  m * N + slot (`Seq.packed`)."""
   image_id = model.config.image_token_id
   is_image = (ids == image_id) & mask
   text_idx, text_valid = sequence.text_after_image(mask, is_image, plan.text_len)
   text = sequence.take(model.language_model.embed(ids), text_idx)
-  rows, selected, stage = select(model, config, images, text, text_valid, clip_text, key, hp, plan.rows)
-  run_pos = jnp.where(is_image, jnp.cumsum(is_image, axis=-1, dtype=jnp.int32) - 1, -1)
+  of_image = image_rows.image_row
+  if clip_text is not None:
+    clip_text = clip_text._replace(text_embeds=clip_text.text_embeds[of_image])
+  rows, selected, stage = select(model, config, images, text[of_image], text_valid[of_image], clip_text, key, hp,
+                                 plan.rows)
+  image, within = _image_of_slot(is_image, image_rows, jnp.sum(images.valid, axis=-1, dtype=jnp.int32))
   if selected is not None:      # the kept slots' own <image> positions
-    kept_here = sequence.take(selected[..., None], jnp.maximum(run_pos, 0))[..., 0]
-  else:                         # the first n positions of the run, n = the image's row count
-    kept_here = run_pos < jnp.sum(rows.valid, axis=-1, dtype=jnp.int32)[:, None]
+    kept_here = selected[image, jnp.minimum(within, selected.shape[1] - 1)]
+  else:                         # the first n positions of the image's run, n = the image's row count
+    kept_here = within < jnp.sum(rows.valid, axis=-1, dtype=jnp.int32)[image]
   keep = mask & (~is_image | kept_here)
-  index, new_mask = sequence.compact(keep, plan.text_len + plan.rows, left)
+  index, new_mask = sequence.compact(keep, plan.text_len + plan.row_slots, left)
   new_ids = jnp.where(new_mask, sequence.take(ids, index), 0 if image_id else 1)
   visual = (new_ids == image_id) & new_mask
-  row_of = jnp.where(visual, jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1, 0)
+  ordinal, row = sequence.image_slots(visual, image_rows.row_images, jnp.sum(rows.valid, axis=-1, dtype=jnp.int32))
+  image = jnp.take_along_axis(jnp.maximum(image_rows.row_images, 0), ordinal, axis=-1)
+  packed = rows.packed[image, jnp.minimum(row, rows.packed.shape[1] - 1)]
+  packed = jnp.where(visual & (packed >= 0), packed + ordinal * images.embeds.shape[1], -1)
   seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
                      positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
-                     source=index, packed=jnp.where(visual, jnp.take_along_axis(rows.packed, row_of, axis=-1), -1))
+                     source=index, packed=packed)
   return seq, stage
+
+
+def _image_of_slot(visual, image_rows: sequence.ImageRows, counts) -> tuple[jax.Array, jax.Array]:
+  """(image int32[B, S], slot int32[B, S]) of every visual position (0 elsewhere)."""
+  ordinal, within = sequence.image_slots(visual, image_rows.row_images, counts)
+  return jnp.take_along_axis(jnp.maximum(image_rows.row_images, 0), ordinal, axis=-1), within
