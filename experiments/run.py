@@ -1,4 +1,4 @@
-r"""The experiment runner: evaluate pruning methods x budgets on a backbone and a task, stream results, summarise.
+r"""The experiment runner: evaluate pruning methods x targets on a backbone and a task, stream results, summarise.
 
     python -m experiments.run                                   # the embedded default (see below)
     python -m experiments.run --method=tops --keep_ratio=0.111 --limit=200
@@ -10,7 +10,7 @@ With no flags it evaluates the shipped testbed (a small LLaVA-NeXT trained by `e
 `experiments/testbed_ckpt/`) on the synthetic VQA benchmark's test split with every method at the papers' three
 ratios (22.2%, 11.1%, 5.6% of visual tokens kept) plus the full model, and prints a table.
 
-Budgets and what each method does with T: `experiments.runner.plan`. The flags are read once into a frozen
+Targets and what each method does with one: `experiments.runner.plan`. The flags are read once into a frozen
 `plan.RunConfig`; `plan.resolve` checks it against the model. Each batch runs one pruned prefill, timed, whose
 outputs are scored (`experiments.runner.evaluate`); tasks are in `experiments.runner.tasks`.
 
@@ -53,7 +53,7 @@ flags.DEFINE_string("checkpoint", None, "Local Hugging Face checkpoint directory
                     "(default for testbed: the shipped experiments/testbed_ckpt).")
 flags.DEFINE_list("method", ["all"], "Methods to evaluate ('all' = every method of tops_jax.prune.METHODS); "
                   "the full model is always evaluated too, as the reference.")
-flags.DEFINE_list("budget", None, "Visual tokens kept per image, T (exclusive with --keep_ratio).")
+flags.DEFINE_list("budget", None, "Targets: the papers' visual tokens per image (exclusive with --keep_ratio).")
 flags.DEFINE_list("keep_ratio", None, "Kept fractions of the backbone's nominal visual-token count "
                   "(default 0.222,0.111,0.056 when --budget is not given).")
 flags.DEFINE_list("tasks", ["synthvqa"], "Tasks: synthvqa (the procedural benchmark), vqa_jsonl (data_dir).")
@@ -170,7 +170,7 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process):
   if not evaluator.hosts.writer:
     return {}
   return outputs.write_task(job, runs, evaluate.task_rows(log, covered), out_dir, model=evaluator.model,
-                            pictured=pictured, pictured_budget=min(resolved.budgets), protocol=resolved.protocol,
+                            pictured=pictured, pictured_target=min(resolved.targets), protocol=resolved.protocol,
                             template=resolved.conv_template,
                             expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows)
 

@@ -41,7 +41,8 @@ class Backbone:
   pixel_crops: the processor's pixel_values carry a crops axis, float[I, P, 3, H, W] (LLaVA-NeXT) rather than
     float[I, 3, H, W], and the model reads `image_sizes`.
   nominal_groups: the groups behind the papers' N of a full image (LLaVA-NeXT: 5 crops, the most its LLaVA-1.6
-    pinpoints give; LLaVA-1.5: 1): N = nominal_groups x the tokens of a group, and per-group budgets are T // this.
+    pinpoints give; LLaVA-1.5: 1): N = nominal_groups x the tokens of a group, and a group's quota is
+    target // this.
   """
   name: str
   title: str

@@ -1,10 +1,10 @@
 """DART: keep a few pivot tokens and, for each pivot, the tokens that duplicate it least.
 
-Axes: N visual tokens, D width, Dk key width, T text tokens, P pivots, K kept.
+Axes: N visual tokens, D width, Dk key width, A text tokens (after the image), P pivots, K kept.
 
-`order(features, relevance, valid, key, *, keep, ...)` is registered as "dart" in `tops_jax.prune`; `kept_count(B)`
-gives the official kept count 4 + 8 * (B // 8) for a budget B (`count="exact"`: B), `set_iteration_order` the
-official pivot visiting order (CPython's set iteration order).
+`order(features, relevance, valid, key, *, keep, ...)` is registered as "dart" in `tops_jax.prune`;
+`kept_count(target)` gives the official kept count 4 + 8 * (target // 8) for the papers' token count (`count="exact"`:
+the target), `set_iteration_order` the official pivot visiting order (CPython's set iteration order).
 
 Official code: ZichenWen1/DART (`get_retained_image_token`, the `DART_K_norm` decoder loop, scripts/v1_5/eval/*.sh,
 scripts/v1_6/eval/*.sh; no commit known) and the llmc port ModelTC/llmc @05eedff
@@ -39,7 +39,8 @@ _EMPTY = -1
 
 def kept_count(budget: int, *, count: str = "official", pivots: int = PIVOT_IMAGE_TOKENS,
                text_pivots: int = PIVOT_TEXT_TOKENS, num_tokens: int | None = None) -> int:
-  """Static number of visual tokens DART keeps for `budget` (the official max_num_trunction): the `keep` to use.
+  """Static number of visual tokens DART keeps for the target `budget` (the papers' token count; the official
+  max_num_trunction): the `keep` to use.
 
   count="official": pivots + (pivots + text_pivots) * TOKEN_TOPK with TOKEN_TOPK = budget // (pivots + text_pivots)
   (LLaVA-1.5: 64 -> 68, 128 -> 132, 192 -> 196); with `num_tokens` (the image tokens of the sequence, the official
@@ -70,31 +71,31 @@ def _table_size(minused):
   return jnp.min(jnp.where(sizes > minused, sizes, jnp.int32(2 ** 30)))
 
 
-def _static_capacity(m: int) -> int:
+def _static_table_size(m: int) -> int:
   """The largest table any count <= m of elements reaches (growth while inserting, and the copy)."""
   def size(minused):
     s = _MIN_SIZE
     while s <= minused:
       s <<= 1
     return s
-  cap, table = _MIN_SIZE, _MIN_SIZE
+  largest, table = _MIN_SIZE, _MIN_SIZE
   for fill in range(1, m + 1):
     if fill * 5 >= (table - 1) * 3:
       table = size(fill * 4)
-    cap = max(cap, table, size(2 * fill))
-  return cap
+    largest = max(largest, table, size(2 * fill))
+  return largest
 
 
 def _insert(table, mask, hashes, row, ok):
   """Puts `row` (whose hash is hashes[row]) in the first free slot of CPython's probe sequence, when `ok`."""
-  cap = table.shape[0]
+  slots = table.shape[0]
   lanes = jnp.arange(_LINEAR_PROBES + 1, dtype=jnp.int32)
   h = jnp.where(ok, hashes[jnp.maximum(row, 0)], 0)
 
   def body(state):
     i, perturb, _, _ = state
     linear = i + _LINEAR_PROBES <= mask
-    idx = jnp.minimum(i + lanes, cap - 1)
+    idx = jnp.minimum(i + lanes, slots - 1)
     free = ((lanes == 0) | linear) & (table[idx] == _EMPTY)
     found = jnp.any(free)
     perturb_next = perturb >> _PERTURB_SHIFT
@@ -137,7 +138,7 @@ def set_iteration_order(values: jax.Array, valid: jax.Array | None = None, *, co
     table = jax.lax.cond(grow, lambda: _rebuild(table, new_mask, hashes), lambda: table)
     return table, jnp.where(grow, new_mask, mask), fill
 
-  init = (jnp.full((_static_capacity(m),), _EMPTY, jnp.int32), jnp.int32(_MIN_SIZE - 1), jnp.int32(0))
+  init = (jnp.full((_static_table_size(m),), _EMPTY, jnp.int32), jnp.int32(_MIN_SIZE - 1), jnp.int32(0))
   table, mask, fill = jax.lax.fori_loop(0, m, add, init)
   if copy:   # set_merge into an empty set: one resize to 2 * used first, slot-order reinsertion unless same size
     copy_mask = jnp.where(fill * 5 >= (_MIN_SIZE - 1) * 3, _table_size(2 * fill) - 1, _MIN_SIZE - 1)
@@ -192,15 +193,15 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
     relevance: unused (DART ranks by duplication, not importance).
     valid: bool[N] padding False.
     key: unused.
-    keep: static number of kept tokens K; `kept_count(budget)` for the official count.
+    keep: static number of kept tokens K; `kept_count(target)` for the official count.
     pivots: static number of visual pivots P (official 4); min(P, K) are used.
     keys: float[N, Dk] visual keys whose L1 norm picks the pivots (default `features`).
-    text_features: float[T, D] text states in the same space, or None for visual pivots only.
-    text_keys: float[T, Dk] text keys for the text pivots (default `text_features`).
-    text_valid: bool[T] real text tokens (default all).
+    text_features: float[A, D] text states in the same space, or None for visual pivots only.
+    text_keys: float[A, Dk] text keys for the text pivots (default `text_features`).
+    text_valid: bool[A] real text tokens (default all).
     text_pivots: static number of text pivots (official 4); used only with `text_features`.
     positions: int[N] positions of the visual tokens in the unpadded sequence (default 0..N-1).
-    text_positions: int[T] positions of the text tokens (default N..N+T-1).
+    text_positions: int[A] positions of the text tokens (default N..N+A-1).
     pivot_order: "official" (CPython set order of the pivots' positions) or "norm" (visual, then text, by norm).
 
   Returns:
@@ -228,19 +229,19 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
   row_valid = [jnp.ones((p,), bool)]
   if text_features is not None and text_pivots > 0:
     if jnp.ndim(text_features) != 2 or text_features.shape[1] != features.shape[1]:
-      raise ValueError(f"dart: text_features must be float[T, D={features.shape[1]}], "
+      raise ValueError(f"dart: text_features must be float[A, D={features.shape[1]}], "
                        f"got shape {tuple(jnp.shape(text_features))}")
-    t = text_features.shape[0]
-    _check("text_keys", text_keys, t, f"float[T={t}, Dk]")
-    _check_positions("text_positions", text_positions, t)
-    tv = jnp.ones(t, dtype=bool) if text_valid is None else text_valid
-    if jnp.shape(tv) != (t,) or jnp.result_type(tv) != jnp.bool_:
-      raise ValueError(f"dart: text_valid must be bool[T={t}], got {jnp.result_type(tv)}{tuple(jnp.shape(tv))}")
-    tp = min(text_pivots, t)
+    a = text_features.shape[0]
+    _check("text_keys", text_keys, a, f"float[A={a}, Dk]")
+    _check_positions("text_positions", text_positions, a)
+    tv = jnp.ones(a, dtype=bool) if text_valid is None else text_valid
+    if jnp.shape(tv) != (a,) or jnp.result_type(tv) != jnp.bool_:
+      raise ValueError(f"dart: text_valid must be bool[A={a}], got {jnp.result_type(tv)}{tuple(jnp.shape(tv))}")
+    tp = min(text_pivots, a)
     tnorm = _l1(text_features if text_keys is None else text_keys)
     text_idx = greedy.topk_order(jnp.where(tv, tnorm, -jnp.inf), tv, tp)     # valid text pivots come first
     rows.append(similarity.cosine_similarity(text_features[text_idx], features))
-    tpos = (n + jnp.arange(t, dtype=jnp.int32) if text_positions is None
+    tpos = (n + jnp.arange(a, dtype=jnp.int32) if text_positions is None
             else jnp.asarray(text_positions).astype(jnp.int32))
     hashes.append(tpos[text_idx])
     row_valid.append(tv[text_idx])

@@ -3,9 +3,9 @@
 Axes: N visual tokens, D width, K kept.
 
 Source: FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024) and its official code. At LLM
-layer K (default 2) the visual tokens are ranked by the attention that the last token pays them in layer K-1, mean
-over heads, and the top ones are kept; kept tokens keep their original position ids (the model hook's job). The
-signal is `tops_jax.relevance.last_token_attention`; this module only ranks it.
+layer l (FastV's K, default 2) the visual tokens are ranked by the attention that the last token pays them in layer
+l - 1, mean over heads, and the top ones are kept; kept tokens keep their original position ids (the model hook's
+job). The signal is `tops_jax.relevance.last_token_attention`; this module only ranks it.
 
 Choices: ties go to the lowest index (the official `torch.topk` leaves them unspecified). Padding is never kept;
 if an outer jit hides that fewer than K tokens are valid, the last slots hold the lowest-index padding positions.

@@ -110,9 +110,9 @@ def complete_order(order: jax.Array, ok: jax.Array, valid: jax.Array) -> jax.Arr
   relevance), then invalid positions. For an order of distinct `ok` indices (every method here, whenever at least
   K tokens are ok) this is the identity.
   """
-  n, k = ok.shape[0], order.shape[0]
-  slot = jnp.arange(k)
-  first = jnp.full((n,), k, jnp.int32).at[order].min(slot.astype(jnp.int32))
+  n, keep = ok.shape[0], order.shape[0]
+  slot = jnp.arange(keep)
+  first = jnp.full((n,), keep, jnp.int32).at[order].min(slot.astype(jnp.int32))
   good = ok[order] & (first[order] == slot)
   kept = order[jnp.argsort(~good, stable=True)]
   n_good = jnp.sum(good)
@@ -230,8 +230,8 @@ def update_coverage_gain(sim: jax.Array, gain: CoverageGain, floor_old: jax.Arra
   lane = jnp.arange(chunk, dtype=jnp.int32)
 
   def contribution(rows, cols, live, floor, counted):
-    keep = live & counted[cols]
-    return jnp.where(keep[:, None], jnp.maximum(rows - floor[cols][:, None], 0.0), 0.0)
+    summed = live & counted[cols]
+    return jnp.where(summed[:, None], jnp.maximum(rows - floor[cols][:, None], 0.0), 0.0)
 
   def body(state):
     k, acc, err = state

@@ -176,7 +176,7 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
     relevance: float32[N] `cls_attention` (layer-23 full-width CLS attention probabilities).
     valid: bool[N] padding False.
     key: unused (deterministic).
-    keep: static K: the budget ("fixed") or the upper bound of the official count ("adaptive").
+    keep: static K: the kept count ("fixed") or the upper bound of the official count ("adaptive").
     mode: "fixed" (the official `if_adaptive=False` branch, K // 2 top + strided) or "adaptive" (official inference).
     keys: float[N, Dk] merge similarity space (accepted for a uniform call; the order does not read it).
     neighbors: merge neighbours (official 32; unused by the order).

@@ -1,8 +1,8 @@
 """Relevance signals for visual tokens, computed from the few attention rows they need.
 
 Axes: ... leading batch axes, H query heads, Hkv key/value heads (GQA: Hkv divides H; query head h reads key head
-h // (H // Hkv), the Hugging Face `repeat_kv` layout), Dh head width, S keys (the whole sequence), T text queries,
-N visual tokens, D width.
+h // (H // Hkv), the Hugging Face `repeat_kv` layout), Dh head width, S keys (the whole sequence), Q query rows, A
+text queries (text tokens after the image), N visual tokens, D width.
 
 Every attention signal takes the queries of its raters only and the keys of the whole sequence (never the S x S
 map); its rows equal the rows of the model's own attention map. `received_attention` needs every query row and takes
@@ -36,7 +36,7 @@ def _shape(x):
 
 
 def _check_qk(name: str, q, k, q_rank_tail: int):
-  """Checks q: float[..., H, (T,) Dh] against k: float[..., Hkv, S, Dh]; returns (lead, h, hkv, s, dh)."""
+  """Checks q: float[..., H, (A,) Dh] against k: float[..., Hkv, S, Dh]; returns (lead, h, hkv, s, dh)."""
   qs, ks = _shape(q), _shape(k)
   if len(qs) < q_rank_tail:
     raise ValueError(f"{name}: queries need at least {q_rank_tail} axes, got shape {qs}")
@@ -100,9 +100,9 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _attention_rows(q, k, *, scale, kv_valid, q_positions, k_positions) -> jax.Array:
-  """Head-averaged attention rows. q: float[..., H, Tq, Dh], k: float[..., Hkv, S, Dh] -> float32[..., Tq, S].
+  """Head-averaged attention rows. q: float[..., H, Q, Dh], k: float[..., Hkv, S, Dh] -> float32[..., Q, S].
 
-  kv_valid: bool[..., S] or None; q_positions: int[..., Tq] and k_positions: int[..., S] (both or neither) allow
+  kv_valid: bool[..., S] or None; q_positions: int[..., Q] and k_positions: int[..., S] (both or neither) allow
   key j for query i only when k_positions[j] <= q_positions[i].
   """
   *lead, h, tq, dh = q.shape
@@ -121,7 +121,7 @@ def _attention_rows(q, k, *, scale, kv_valid, q_positions, k_positions) -> jax.A
 
 
 def _gather_keys(rows: jax.Array, visual: jax.Array) -> jax.Array:
-  """rows: float[..., Tq, S], visual: int[..., N] -> float[..., Tq, N]."""
+  """rows: float[..., Q, S], visual: int[..., N] -> float[..., Q, N]."""
   idx = jnp.broadcast_to(visual[..., None, :], (*rows.shape[:-1], visual.shape[-1]))
   return jnp.take_along_axis(rows, idx.astype(jnp.int32), axis=-1)
 
@@ -208,7 +208,7 @@ def last_token_attention(q_last: jax.Array, k: jax.Array, *, visual: jax.Array, 
   """FastV's signal: attention of the last query row to the visual tokens, mean over heads.
 
   Args:
-    q_last: float[..., H, Dh] the query of the last (valid) token at layer K-1 (after RoPE).
+    q_last: float[..., H, Dh] the query of the last (valid) token at the layer before pruning (after RoPE).
     k: float[..., Hkv, S, Dh] the keys of the whole sequence at that layer (after RoPE).
     visual: int[..., N] key positions of the visual tokens (distinct).
     scale: logit scale; default Dh ** -0.5.
@@ -231,7 +231,7 @@ def last_token_attention(q_last: jax.Array, k: jax.Array, *, visual: jax.Array, 
 def select_raters(scores: jax.Array, text_valid: jax.Array | None = None) -> jax.Array:
   """SparseVLM's dynamic rater set: valid text tokens scoring strictly above the mean over valid text tokens.
 
-  scores: float[..., T], text_valid: bool[..., T] -> bool[..., T]. When no token passes (all scores equal) every
+  scores: float[..., A], text_valid: bool[..., A] -> bool[..., A]. When no token passes (all scores equal) every
   valid text token is a rater.
   """
   s = scores.astype(jnp.float32)
@@ -246,21 +246,21 @@ def text_visual_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array,
                           kv_valid: jax.Array | None = None, text_valid: jax.Array | None = None,
                           visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
                           k_positions: jax.Array | None = None, name: str = "text_visual_attention") -> jax.Array:
-  """The text -> visual block of one layer's attention map, mean over heads: float32[..., T, N].
+  """The text -> visual block of one layer's attention map, mean over heads: float32[..., A, N].
 
   Arguments as `text_rater_attention` (without `rater_scores`). The softmax runs over every key the model lets the
   query see, so the rows equal the model's own attention map; invalid text rows and invalid visual columns are 0.
   SparseVLM's rank-based count reads this block (`tops_jax.sparsevlm`); `rater_relevance` averages it over raters.
   """
   lead, _, _, s, _ = _check_qk(name, q_text, k, 3)
-  t = _shape(q_text)[-2]
+  a = _shape(q_text)[-2]
   _check_mask(name, "kv_valid", kv_valid, (*lead, s))
-  _check_mask(name, "text_valid", text_valid, (*lead, t))
-  _check_positions(name, q_positions, k_positions, (*lead, t), (*lead, s))
+  _check_mask(name, "text_valid", text_valid, (*lead, a))
+  _check_positions(name, q_positions, k_positions, (*lead, a), (*lead, s))
   n = _check_visual(name, visual, lead, s)
   _check_mask(name, "visual_valid", visual_valid, (*lead, n))
   rows = _attention_rows(q_text, k, scale=scale, kv_valid=kv_valid, q_positions=q_positions, k_positions=k_positions)
-  block = _gather_keys(rows, visual)                                       # float32[..., T, N]
+  block = _gather_keys(rows, visual)                                       # float32[..., A, N]
   if text_valid is not None:
     block = jnp.where(text_valid[..., :, None], block, 0.0)
   if visual_valid is not None:
@@ -270,7 +270,7 @@ def text_visual_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array,
 
 def rater_relevance(block: jax.Array, text_valid: jax.Array | None = None,
                     rater_scores: jax.Array | None = None) -> jax.Array:
-  """Mean over the raters of a text -> visual attention block float32[..., T, N] -> float32[..., N]; raters by
+  """Mean over the raters of a text -> visual attention block float32[..., A, N] -> float32[..., N]; raters by
   `select_raters` of `rater_scores` (default each text row's attention mass to the visual tokens)."""
   scores = jnp.sum(block, axis=-1) if rater_scores is None else rater_scores
   raters = select_raters(scores, text_valid)
@@ -286,18 +286,18 @@ def text_rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, 
   """Stage II relevance: attention of the text raters to the visual tokens, averaged over raters and heads.
 
   Args:
-    q_text: float[..., H, T, Dh] the queries of the text tokens only (after RoPE).
+    q_text: float[..., H, A, Dh] the queries of the text tokens only (after RoPE).
     k: float[..., Hkv, S, Dh] the keys of the whole sequence at the same layer (after RoPE).
     visual: int[..., N] key positions of the visual tokens (distinct).
     scale: logit scale; default Dh ** -0.5.
     kv_valid: bool[..., S] key mask (padding False).
-    text_valid: bool[..., T] which text queries are real (padding never rates).
+    text_valid: bool[..., A] which text queries are real (padding never rates).
     visual_valid: bool[..., N] which entries of `visual` are real; padded entries get relevance 0 and add nothing
       to the rater scores.
-    q_positions, k_positions: int[..., T] and int[..., S], both or neither: causal masking, key j visible to text
+    q_positions, k_positions: int[..., A] and int[..., S], both or neither: causal masking, key j visible to text
       query i when k_positions[j] <= q_positions[i] (the model's own positions, so the softmax denominator is the
       one the model uses).
-    rater_scores: float[..., T] scores that choose the raters (e.g. `sparsevlm_rater_scores`); default: each text
+    rater_scores: float[..., A] scores that choose the raters (e.g. `sparsevlm_rater_scores`); default: each text
       token's attention mass to the visual tokens, mean over heads.
 
   Returns:
@@ -316,12 +316,12 @@ def sparsevlm_rater_scores(visual: jax.Array, text: jax.Array, *, visual_valid: 
                            text_valid: jax.Array | None = None) -> jax.Array:
   """SparseVLM's text-token scores: softmax over text of visual . text, averaged over visual tokens.
 
-  visual: float[..., N, D], text: float[..., T, D] (the hidden states entering the LLM), masks bool[..., N] /
-  bool[..., T] -> float32[..., T]; padded text tokens score 0 and padded visual tokens are left out of the mean.
+  visual: float[..., N, D], text: float[..., A, D] (the hidden states entering the LLM), masks bool[..., N] /
+  bool[..., A] -> float32[..., A]; padded text tokens score 0 and padded visual tokens are left out of the mean.
   """
   vs, ts = _shape(visual), _shape(text)
   if len(vs) < 2 or len(ts) < 2 or vs[:-2] != ts[:-2] or vs[-1] != ts[-1]:
-    raise ValueError(f"sparsevlm_rater_scores: need visual float[..., N, D] and text float[..., T, D], got {vs}, {ts}")
+    raise ValueError(f"sparsevlm_rater_scores: need visual float[..., N, D] and text float[..., A, D], got {vs}, {ts}")
   _check_mask("sparsevlm_rater_scores", "visual_valid", visual_valid, vs[:-1])
   _check_mask("sparsevlm_rater_scores", "text_valid", text_valid, ts[:-1])
   logits = jnp.einsum("...nd,...td->...nt", visual, text, preferred_element_type=jnp.float32,
@@ -340,16 +340,16 @@ def text_embedding_cosine(visual: jax.Array, text: jax.Array, text_valid: jax.Ar
                           reduce: str = "mean") -> jax.Array:
   """Cosine between each visual token and the text tokens, reduced over valid text tokens.
 
-  visual: float[..., N, D], text: float[..., T, D], text_valid: bool[..., T]; reduce: "mean" or "max" (static).
+  visual: float[..., N, D], text: float[..., A, D], text_valid: bool[..., A]; reduce: "mean" or "max" (static).
   Returns float32[..., N]; with no valid text token the result is 0.
   """
   vs, ts = _shape(visual), _shape(text)
   if len(vs) < 2 or len(ts) < 2 or vs[:-2] != ts[:-2] or vs[-1] != ts[-1]:
-    raise ValueError(f"text_embedding_cosine: need visual float[..., N, D] and text float[..., T, D], got {vs}, {ts}")
+    raise ValueError(f"text_embedding_cosine: need visual float[..., N, D] and text float[..., A, D], got {vs}, {ts}")
   _check_mask("text_embedding_cosine", "text_valid", text_valid, ts[:-1])
   if reduce not in ("mean", "max"):
     raise ValueError(f"text_embedding_cosine: reduce must be 'mean' or 'max', got {reduce!r}")
-  cos = similarity.cosine_similarity(visual, text)                         # float32[..., N, T]
+  cos = similarity.cosine_similarity(visual, text)                         # float32[..., N, A]
   valid = jnp.ones(ts[:-1], dtype=bool) if text_valid is None else text_valid
   valid = valid[..., None, :]
   if reduce == "mean":

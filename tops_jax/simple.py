@@ -7,7 +7,7 @@ i.e. a uniformly random K-subset; the order is the score order).
 
 Pooling: the grid is partitioned into exactly K rectangular windows; `pooling_order` returns one representative
 token per window and `pooling_merge` the mean of each window's valid tokens. Peers pool with a fixed stride (2 x 2
-average pooling, 576 -> 144), which reaches only a few budgets; the partition below reaches every K <= N and equals
+average pooling, 576 -> 144), which reaches only a few K; the partition below reaches every K <= N and equals
 the stride pooling whenever that fits (24 x 24 grid: K = 144 -> 2 x 2 windows, K = 64 -> 3 x 3; K = 32 -> 4 x 8
 windows of 6 x 3 tokens).
 Choices (static, computed in Python from `grid` and K):
@@ -68,11 +68,11 @@ def _grid(n: int, grid) -> tuple[int, int]:
 
 
 def _pooled_shape(gh: int, gw: int, keep: int) -> tuple[int, int]:
-  target = math.log(gh / gw)
+  aspect = math.log(gh / gw)
 
   def cost(shape):
     ph, pw = shape
-    err = round(abs(math.log(ph / pw) - target), 9)   # rounded: 2 x 3 and 3 x 2 must tie exactly
+    err = round(abs(math.log(ph / pw) - aspect), 9)   # rounded: 2 x 3 and 3 x 2 must tie exactly
     return (max(0.0, err - round(_ASPECT_TOLERANCE, 9)), -ph * pw, err, ph)
 
   shapes = [(ph, pw) for ph in range(1, gh + 1) for pw in range(1, gw + 1) if ph * pw <= keep]

@@ -1,6 +1,6 @@
 """SparseVLM: prune visual tokens inside the LLM by text-rater attention, recycle part of the pruned ones by clustering.
 
-Axes: ... leading batch axes (every public function maps over them row by row; a row is one image), T text tokens
+Axes: ... leading batch axes (every public function maps over them row by row; a row is one image), A text tokens
 after the image, N visual tokens of the current visual segment, D width, S sequence keys, H / Hkv query / key-value
 heads, Dh head width, K kept (static bound), M recycled tokens (static bound), C clusters (static bound).
 
@@ -59,7 +59,7 @@ class Schedule(NamedTuple):
   """An official setting: `steps` in layer order, `source` the file it was read from."""
   family: str
   version: str
-  budget: int             # the official "equal token number": mean visual tokens per decoder layer
+  budget: int             # the target: the official "equal token number", mean visual tokens per decoder layer
   steps: tuple[Step, ...]
   source: str
 
@@ -231,8 +231,8 @@ def text_raters(visual: jax.Array, text: jax.Array, *, visual_valid: jax.Array |
                 text_valid: jax.Array | None = None) -> jax.Array:
   """SparseVLM's raters from the LLM input embeddings (computed once, before layer 0).
 
-  visual: float[..., N, D] the image's input embeddings (projector outputs), text: float[..., T, D] the input
-  embeddings of every token after the image; masks bool[..., N] / bool[..., T]. Returns bool[..., T]: valid text
+  visual: float[..., N, D] the image's input embeddings (projector outputs), text: float[..., A, D] the input
+  embeddings of every token after the image; masks bool[..., N] / bool[..., A]. Returns bool[..., A]: valid text
   tokens whose `relevance.sparsevlm_rater_scores` is strictly above its mean over valid text tokens (every valid
   text token when none is).
   """
@@ -245,7 +245,7 @@ def rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale
                     visual_valid: jax.Array | None = None, q_positions: jax.Array | None = None,
                     k_positions: jax.Array | None = None) -> jax.Array:
   """The text -> visual block of one layer's attention map, mean over heads: what `P` is cut from
-  (`relevance.text_visual_attention`, whose arguments it takes). Returns float32[..., T, N]; invalid text rows and
+  (`relevance.text_visual_attention`, whose arguments it takes). Returns float32[..., A, N]; invalid text rows and
   invalid visual columns are 0."""
   return relevance.text_visual_attention(q_text, k, visual=visual, scale=scale, kv_valid=kv_valid,
                                          text_valid=text_valid, visual_valid=visual_valid, q_positions=q_positions,
@@ -254,10 +254,10 @@ def rater_attention(q_text: jax.Array, k: jax.Array, *, visual: jax.Array, scale
 
 def _check_block(fn, attn, raters, visual_valid):
   _check_array(fn, "attn", attn, rank=2, kind="float")
-  *lead, t, n = _shape(attn)
-  _check_like(fn, "raters", raters, (*lead, t), "bool")
+  *lead, a, n = _shape(attn)
+  _check_like(fn, "raters", raters, (*lead, a), "bool")
   _check_like(fn, "visual_valid", visual_valid, (*lead, n), "bool")
-  return tuple(lead), t, n
+  return tuple(lead), a, n
 
 
 def _valid(visual_valid, n):
@@ -274,7 +274,7 @@ def _scores_row(attn, raters, valid):
 def visual_scores(attn: jax.Array, raters: jax.Array, visual_valid: jax.Array | None = None) -> jax.Array:
   """Official `relation_vis_text.mean(1)`: each visual token's head-averaged attention, mean over the raters.
 
-  attn: float[..., T, N] (`rater_attention`), raters: bool[..., T], visual_valid: bool[..., N] ->
+  attn: float[..., A, N] (`rater_attention`), raters: bool[..., A], visual_valid: bool[..., N] ->
   float32[..., N] (0 at padding).
   """
   lead, _, _ = _check_block("visual_scores", attn, raters, visual_valid)
@@ -296,7 +296,7 @@ def _rank_row(attn, raters, valid):
 def attention_rank(attn: jax.Array, raters: jax.Array, visual_valid: jax.Array | None = None) -> jax.Array:
   """Official `torch.linalg.matrix_rank(P.float())`, P = the raters x valid visual block of `attn`.
 
-  attn: float[..., T, N], raters: bool[..., T], visual_valid: bool[..., N] -> int32[...]. Singular values count
+  attn: float[..., A, N], raters: bool[..., A], visual_valid: bool[..., N] -> int32[...]. Singular values count
   when above sigma_max * max(#raters, #valid visual) * eps(float32).
   """
   lead, _, _ = _check_block("attention_rank", attn, raters, visual_valid)
@@ -321,7 +321,7 @@ def rank_keep_count(rank: jax.Array, num_visual: jax.Array, *, scale: float, bia
   """v1 kept count: num_visual when rank == num_visual, else min(int(rank * scale + bias), num_visual - 1).
 
   rank, num_visual: int[...] (same shape); scale, bias: static numbers; max_rank: static bound on `rank` (e.g.
-  min(T, N)), the size of the exact Python-arithmetic table int(r * scale + bias). Returns int32[...] >= 0.
+  min(A, N)), the size of the exact Python-arithmetic table int(r * scale + bias). Returns int32[...] >= 0.
   The number deleted is num_visual - kept.
   """
   fn = "rank_keep_count"
@@ -374,8 +374,8 @@ def select_kept(scores: jax.Array, count: jax.Array, visual_valid: jax.Array | N
   *lead, n = _shape(scores)
   count = _int_arg(fn, "count", count, tuple(lead))
   _check_like(fn, "visual_valid", visual_valid, (*lead, n), "bool")
-  k = _static_int(fn, "max_keep", max_keep, 0, n)
-  return _run((scores, count, visual_valid), None, kind="select", n_lead=len(lead), params=(("max_keep", k),))
+  keep = _static_int(fn, "max_keep", max_keep, 0, n)
+  return _run((scores, count, visual_valid), None, kind="select", n_lead=len(lead), params=(("max_keep", keep),))
 
 
 # ------------------------------------------------------------------------------------------------ recycling
@@ -470,9 +470,9 @@ def prune_step(attn: jax.Array, raters: jax.Array, hidden: jax.Array, visual_val
   """One official pruning step: scores, kept count (v1 rank based or v1.5 fixed), top-k, recycling.
 
   Args:
-    attn: float[..., T, N] head-averaged attention of the text tokens after the image to the current visual tokens
+    attn: float[..., A, N] head-averaged attention of the text tokens after the image to the current visual tokens
       at the pruning layer (`rater_attention`).
-    raters: bool[..., T] (`text_raters`, computed once before layer 0).
+    raters: bool[..., A] (`text_raters`, computed once before layer 0).
     hidden: float[..., N, D] the visual tokens' hidden states output by the pruning layer.
     visual_valid: bool[..., N] padding False.
     max_keep: static K, a bound on the kept count (`step_sizes(...).keep`).
@@ -484,17 +484,17 @@ def prune_step(attn: jax.Array, raters: jax.Array, hidden: jax.Array, visual_val
     `Pruned`. Recycling happens exactly when a token is deleted (num_kept < number of valid tokens).
   """
   fn = "prune_step"
-  lead, t, n = _check_block(fn, attn, raters, visual_valid)
+  lead, a, n = _check_block(fn, attn, raters, visual_valid)
   _check_array(fn, "hidden", hidden, rank=2, kind="float")
   if _shape(hidden)[:-1] != (*lead, n):
     _fail(fn, f"hidden must be float[..., N, D] with leading shape {(*lead, n)}, got {_shape(hidden)}")
   if n == 0:
     _fail(fn, "attn has no visual tokens (N = 0)")
   count, scale, bias = _check_mode(fn, count, scale, bias)
-  k = _static_int(fn, "max_keep", max_keep, 0, n)
+  keep = _static_int(fn, "max_keep", max_keep, 0, n)
   m_max, c_max = _recycle_bounds(n, None if max_deleted is None else _static_int(fn, "max_deleted", max_deleted, 1, n))
-  table = None if count is not None else tuple(_int_table(scale, bias, min(t, n)).tolist())
-  params = (("c_max", c_max), ("count", count), ("m_max", m_max), ("max_keep", k), ("table", table))
+  table = None if count is not None else tuple(_int_table(scale, bias, min(a, n)).tolist())
+  params = (("c_max", c_max), ("count", count), ("m_max", m_max), ("max_keep", keep), ("table", table))
   return _run((attn, raters, hidden, visual_valid), key, kind="step", n_lead=len(lead), params=params)
 
 

@@ -51,7 +51,7 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
     relevance: float32[N] task relevance r (required when "relevance" is among `criteria`).
     valid: bool[N]; invalid tokens are never candidates and never counted in the coverage sum.
     key: unused (deterministic).
-    keep: K, the budget M of the paper.
+    keep: K (the paper's budget M).
     alpha: diversity weight. lam: coverage weight (the paper's lambda).
     normalize: "mean" | "minmax" | "none" rescaling of each criterion over the candidates.
     criteria: the criteria in the per-step score.

@@ -1,11 +1,11 @@
 """TrimTokenator: mutual-information alignment, then Greedy RepMax (Zhang et al. 2025, arXiv 2509.00320).
 
-Axes: N visual tokens, T text tokens, D width, K kept, P stage-1 survivors.
+Axes: N visual tokens, A text tokens, D width, K kept, P stage-1 survivors.
 
 Only the outline of the method is public, so each step below is a documented choice with a parameter.
 
 Stage 1, cross-modal alignment. Each valid visual token v_i is scored by its mutual information with the text
-tokens t_1..t_T (`text`, embeddings in the same width D as the visual tokens, e.g. the LLM input embeddings of the
+tokens t_1..t_A (`text`, embeddings in the same width D as the visual tokens, e.g. the LLM input embeddings of the
 prompt). The paper approximates the mutual information through an L2 distance between embeddings; the estimator
 is `mi_estimator`:
 - "l2" (default): mean over valid text tokens of -||v_i - t||^2. With `normalize=True` (default) both sides are
@@ -15,7 +15,7 @@ is `mi_estimator`:
   kernel-density estimate of how likely v_i is under the text (the Gaussian-channel form of the pointwise MI, up
   to a per-text-token constant). Unlike "l2", being close to a few text tokens outweighs being average to all.
 The P best-scored valid tokens survive, with P = `stage1_keep` (static: it fixes no output shape but it bounds the
-candidate set; default min(N, 2 K), i.e. stage 1 keeps twice the final budget). To derive it from a ratio, pass
+candidate set; default min(N, 2 K), i.e. stage 1 keeps twice the final keep). To derive it from a ratio, pass
 stage1_keep = min(N, max(K, ceil(ratio * N))).
 Without `text`, `relevance` (larger = better aligned) is the stage-1 score; with neither, ValueError.
 
@@ -48,25 +48,25 @@ def alignment_scores(features: jax.Array, text: jax.Array, text_valid: jax.Array
                      mi_estimator: str = "l2", sigma: float = 0.5, normalize: bool = True) -> jax.Array:
   """Stage-1 score of every visual token: its estimated mutual information with the text (larger = better).
 
-  features: float[N, D], text: float[T, D], text_valid: bool[T] or None (all valid) -> float32[N]. With no valid
+  features: float[N, D], text: float[A, D], text_valid: bool[A] or None (all valid) -> float32[N]. With no valid
   text token every score is 0.
   """
   if mi_estimator not in MI_ESTIMATORS:
     raise ValueError(f"trimtokenator: mi_estimator must be one of {MI_ESTIMATORS}, got {mi_estimator!r}")
   if np.ndim(text) != 2 or np.shape(text)[-1] != np.shape(features)[-1]:
-    raise ValueError(f"trimtokenator: text must be float[T, D] per example with D = {np.shape(features)[-1]} "
-                     f"(float[B, T, D] when features are batched), got shape {np.shape(text)}")
-  t_count = np.shape(text)[0]
+    raise ValueError(f"trimtokenator: text must be float[A, D] per example with D = {np.shape(features)[-1]} "
+                     f"(float[B, A, D] when features are batched), got shape {np.shape(text)}")
+  a = np.shape(text)[0]
   if text_valid is None:
-    text_valid = jnp.ones((t_count,), bool)
-  elif np.shape(text_valid) != (t_count,) or jnp.result_type(text_valid) != jnp.bool_:
-    raise ValueError(f"trimtokenator: text_valid must be bool[T] per example with T = {t_count}, got "
+    text_valid = jnp.ones((a,), bool)
+  elif np.shape(text_valid) != (a,) or jnp.result_type(text_valid) != jnp.bool_:
+    raise ValueError(f"trimtokenator: text_valid must be bool[A] per example with A = {a}, got "
                      f"{jnp.result_type(text_valid)}{list(np.shape(text_valid))}")
   if normalize:
     v, t = similarity.l2_normalize(features), similarity.l2_normalize(text)
   else:
     v, t = features.astype(jnp.float32), text.astype(jnp.float32)
-  # ||v - t||^2 from norms and one [N, T] matmul, without an [N, T, D] temporary.
+  # ||v - t||^2 from norms and one [N, A] matmul, without an [N, A, D] temporary.
   dot = jnp.einsum("nd,td->nt", v, t, precision=jax.lax.Precision.HIGHEST)
   sq = jnp.maximum(jnp.sum(v * v, -1)[:, None] + jnp.sum(t * t, -1)[None, :] - 2.0 * dot, 0.0)
   count = jnp.sum(text_valid)
@@ -89,8 +89,8 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
     valid: bool[N]; invalid tokens never survive stage 1.
     key: unused (deterministic).
     keep: K.
-    text: float[T, D] text token embeddings (float[B, T, D] through `prune.select` on a batch).
-    text_valid: bool[T] mask of real text tokens (default all).
+    text: float[A, D] text token embeddings (float[B, A, D] through `prune.select` on a batch).
+    text_valid: bool[A] mask of real text tokens (default all).
     stage1_keep: P, static, keep <= P <= N; default min(N, 2 * keep).
     mi_estimator: "l2" or "gaussian" (see the module docstring).
     sigma: Gaussian kernel width for mi_estimator="gaussian".
@@ -109,7 +109,7 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
   elif relevance is not None:
     score = relevance.astype(jnp.float32)
   else:
-    raise ValueError("trimtokenator: stage 1 needs text embeddings (text=float[T, D], or float[B, T, D] when "
+    raise ValueError("trimtokenator: stage 1 needs text embeddings (text=float[A, D], or float[B, A, D] when "
                      "batched) or, as a fallback, a relevance vector (relevance=float[..., N])")
 
   top = greedy.topk_order(score, valid, int(p))

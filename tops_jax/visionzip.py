@@ -5,7 +5,7 @@ C contextual, P crops.
 
 API: `compress` (the official computation, CLS included, tokens in the official order), `order` / `merge` (registered
 as "visionzip" in `tops_jax.prune`: `keep` patches, indices ascending, no CLS; our view, not the official output),
-`split(tokens)` (the official (dominant, contextual) for a budget), `next_order` (the official LLaVA-NeXT order).
+`split(tokens)` (the official (dominant, contextual) for a keep), `next_order` (the official LLaVA-NeXT order).
 
 Official code: dvlab-research/VisionZip @3151f6df4fca36a4cd1c985e5956e725b1f9ad02, visionzip/main.py, utils.py,
 clip_encoder.py, llava_arch.py. Facts read from that code, the settings, the API in full and the deviations:
@@ -63,7 +63,9 @@ def _first(priority: jax.Array, count: int) -> jax.Array:
 
 
 def _select(relevance, valid, dom_n: int, ctx_n: int):
-  """(dominant int32[dom_n] best first, targets int32[ctx_n] ascending, members bool[N] tokens merged into targets)."""
+  """(dominant int32[dom_n] best first, centers int32[ctx_n] ascending, members bool[N] tokens merged into centers).
+
+  The centers are the official code's `target_indices` (called centers here: a target is the papers' token count)."""
   n = valid.shape[0]
   score = jnp.where(valid, relevance.astype(jnp.float32), -jnp.inf)
   dom = greedy.topk_order(score, valid, dom_n)
@@ -73,27 +75,27 @@ def _select(relevance, valid, dom_n: int, ctx_n: int):
     return dom, jnp.zeros((0,), jnp.int32), jnp.zeros(n, dtype=bool)
   rank = jnp.cumsum(remaining) - 1                           # position among the remaining tokens, ascending index
   step = jnp.maximum(1, jnp.sum(remaining) // ctx_n)
-  is_target = remaining & (rank % step == 0) & (rank < ctx_n * step)
+  is_center = remaining & (rank % step == 0) & (rank < ctx_n * step)
   # Targets in index order, then (only when too few tokens are valid) unused padding, never a dominant token twice.
-  priority = jnp.where(is_target, 0, jnp.where(~valid & ~is_dom, 1, 2))
-  targets = _first(priority, ctx_n)
-  return dom, targets, remaining & ~is_target
+  priority = jnp.where(is_center, 0, jnp.where(~valid & ~is_dom, 1, 2))
+  centers = _first(priority, ctx_n)
+  return dom, centers, remaining & ~is_center
 
 
-def _contextual(x, space, targets, members):
-  """float32[C, Dv]: each target plus the mean of the members whose key is most similar to it."""
-  sim = similarity.cosine_similarity(space, space[targets])                    # float32[N, C]
-  assign = jnp.argmax(sim, axis=-1)                                            # first target on ties
-  onehot = (assign[:, None] == jnp.arange(targets.shape[0])[None, :]) & members[:, None]
+def _contextual(x, space, centers, members):
+  """float32[C, Dv]: each center plus the mean of the members whose key is most similar to it."""
+  sim = similarity.cosine_similarity(space, space[centers])                    # float32[N, C]
+  assign = jnp.argmax(sim, axis=-1)                                            # first center on ties
+  onehot = (assign[:, None] == jnp.arange(centers.shape[0])[None, :]) & members[:, None]
   onehot = onehot.astype(jnp.float32)
   summed = jnp.einsum("nc,nd->cd", onehot, x, precision=jax.lax.Precision.HIGHEST)
   counts = jnp.maximum(jnp.sum(onehot, axis=0), 1.0)[:, None]
-  return x[targets] + summed / counts
+  return x[centers] + summed / counts
 
 
 def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
           keep: int, dominant: int | None = None, keys: jax.Array | None = None) -> jax.Array:
-  """Patch-only view: dominant (best CLS attention first), then contextual targets (ascending).
+  """Patch-only view: dominant (best CLS attention first), then contextual centers (ascending).
 
   Args:
     features: float[N, Dv] (unused by the order; see `merge`).
@@ -111,13 +113,13 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
   _check_keys(keys, features.shape[0])
   if relevance is None:
     raise ValueError("visionzip: needs relevance=float[N] (CLS attention, see tops_jax.relevance.cls_attention)")
-  dom, targets, _ = _select(relevance, valid, *_split(keep, dominant))
-  return jnp.concatenate([dom, targets])
+  dom, centers, _ = _select(relevance, valid, *_split(keep, dominant))
+  return jnp.concatenate([dom, centers])
 
 
 def merge(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.Array | None = None, *,
           keep: int, dominant: int | None = None, keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Patch-only view: dominant patches unchanged, each target plus the mean of the tokens assigned to it.
+  """Patch-only view: dominant patches unchanged, each center plus the mean of the tokens assigned to it.
 
   Args: as `order`; `keys` float[N, Dk] defaults to `features`.
 
@@ -128,13 +130,13 @@ def merge(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
   _check_keys(keys, features.shape[0])
   if relevance is None:
     raise ValueError("visionzip: needs relevance=float[N] (CLS attention, see tops_jax.relevance.cls_attention)")
-  dom, targets, members = _select(relevance, valid, *_split(keep, dominant))
+  dom, centers, members = _select(relevance, valid, *_split(keep, dominant))
   x = features.astype(jnp.float32)
   tokens = x[dom]
-  if targets.shape[0]:
+  if centers.shape[0]:
     space = features if keys is None else keys
-    tokens = jnp.concatenate([tokens, _contextual(x, space, targets, members)])
-  idx = jnp.concatenate([dom, targets])
+    tokens = jnp.concatenate([tokens, _contextual(x, space, centers, members)])
+  idx = jnp.concatenate([dom, centers])
   perm = jnp.argsort(idx)
   return tokens[perm].astype(features.dtype), idx[perm]
 
@@ -146,14 +148,14 @@ def _static_count(name: str, value, low: int) -> int:
 
 
 def _compress_one(features, relevance, keys, cls_feature, valid, dominant, contextual):
-  dom, targets, members = _select(relevance, valid, dominant - 1, contextual)
+  dom, centers, members = _select(relevance, valid, dominant - 1, contextual)
   x = features.astype(jnp.float32)
   dom = jnp.sort(dom)                                               # masked_select keeps the spatial order
   parts = [cls_feature.astype(jnp.float32)[None], x[dom]]
   if contextual:
-    parts.append(_contextual(x, keys, targets, members))
+    parts.append(_contextual(x, keys, centers, members))
   tokens = jnp.concatenate(parts).astype(features.dtype)
-  source = jnp.concatenate([jnp.full((1,), -1, jnp.int32), dom, targets])
+  source = jnp.concatenate([jnp.full((1,), -1, jnp.int32), dom, centers])
   kind = np.repeat(np.array([KIND_CLS, KIND_DOMINANT, KIND_CONTEXTUAL], np.int8), [1, dominant - 1, contextual])
   return tokens, source, jnp.asarray(kind)
 
@@ -180,8 +182,8 @@ def compress(features: jax.Array, relevance: jax.Array, keys: jax.Array, cls_fea
 
   Returns:
     tokens float[..., K, Dv] (dtype of `features`), K = dominant + contextual, ordered
-      [CLS, dominant patches ascending, contextual targets ascending];
-    source int32[..., K] patch index of each token (-1 for the CLS; the target's index for a contextual token);
+      [CLS, dominant patches ascending, contextual centers ascending];
+    source int32[..., K] patch index of each token (-1 for the CLS; the center's index for a contextual token);
     kind int8[..., K] KIND_CLS (0), KIND_DOMINANT (1) or KIND_CONTEXTUAL (2).
   """
   dominant = _static_count("dominant", dominant, 1)
@@ -222,7 +224,7 @@ def next_order(kind: jax.Array, source: jax.Array, grid: jax.Array, crop_valid: 
   Returns:
     (perm int32[P * K] indices into the flattened [P * K] tokens, valid bool[P * K]): base crop [CLS, dominant,
     contextual]; grid dominant patches in row-major order over the (rows * side) x (cols * side) canvas; grid CLS
-    tokens; grid contextual tokens (crop order, then target order). The caller appends `image_newline` when the
+    tokens; grid contextual tokens (crop order, then center order). The caller appends `image_newline` when the
     image has only the base crop, as the official code does.
   """
   side = _static_count("side", side, 1)

@@ -8,7 +8,7 @@ spatial order, as the official mask does. `default_important` gives the official
 
 Official code: Theia-4869/VisPruner @aefa01a, llava/model/llava_arch.py (`LlavaMetaForCausalLM.encode_images`) and
 llava/model/multimodal_encoder/clip_encoder.py (`CLIPVisionTower.feature_select`). Facts read from that code
-(inputs, budget split, the duplicate-removal loop, LLaVA-NeXT) and the deviations: tops_jax/METHODS.md#vispruner.
+(inputs, the split of `keep`, the duplicate-removal loop, LLaVA-NeXT) and the deviations: tops_jax/METHODS.md#vispruner.
 """
 
 import math
@@ -28,7 +28,7 @@ REMOVALS = 8           # tokens dropped per iteration in the official loop
 
 
 def default_important(keep: int, important_ratio: float = IMPORTANT_RATIO) -> int:
-  """Important-token count for a budget: int(keep * important_ratio), the official expression (Python floats)."""
+  """Important-token count for a keep: int(keep * important_ratio), the official expression (Python floats)."""
   return int(keep * important_ratio)
 
 
@@ -85,7 +85,7 @@ def order(features: jax.Array, relevance: jax.Array, valid: jax.Array, key: jax.
     relevance: float32[N] CLS-to-patch attention of the same layer (mean or sum over heads).
     valid: bool[N] padding False.
     key: unused (deterministic).
-    keep: static budget K = T.
+    keep: static K (the official per-crop layout: the crop's quota, target // 5 on LLaVA-NeXT).
     important: static important count I (default `default_important(keep)` = int(K * 0.5)); K - I diverse.
     removals: static tokens removed per iteration (official 8).
 

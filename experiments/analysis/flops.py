@@ -1,10 +1,10 @@
 """FLOPs, KV-cache and weight bytes of LLaVA prefill and decode under any token-pruning schedule.
 
-Axes: L decoder layers, S tokens a layer processes (queries), K keys a query attends to, D width, H query heads, Hkv
+Axes: L decoder layers, S tokens a layer processes (queries), Sk keys a query attends to, D width, H query heads, Hkv
 key/value heads, Dh head width, M MLP width, V vocabulary; vision tower: P = N + 1 positions of a crop (CLS first),
 N patches, Dv width, Mv MLP width, C channels, p patch size.
 
-Counted as the token-pruning papers count them (one multiply-add = 2 FLOPs; prefill K = S). Entry points:
+Counted as the token-pruning papers count them (one multiply-add = 2 FLOPs; prefill Sk = S). Entry points:
 `decoder_decode_flops`, `decoder_generate_flops`, `llava_prefill_flops` (the whole pipeline), `kv_cache_bytes`,
 `*_params` / `*_weight_bytes`, `hlo_dot_flops` (the dot FLOPs of a compiled XLA module).
 
@@ -93,7 +93,7 @@ def schedule_seq_lens(num_layers: int, text_tokens: float, visual_tokens: float,
   Args:
     num_layers: L.
     text_tokens: the prompt's non-visual tokens (system prompt, question, template), never pruned.
-    visual_tokens: visual tokens entering the decoder (after Stage I, e.g. 2T for TOPS).
+    visual_tokens: visual tokens entering the decoder (after Stage I, its budget: 2 x target for TOPS).
     stage2: ((layer, keep), ...) Stage II steps as `models.pruning.PruningConfig.steps`: `keep` visual tokens from
       `layer` on ("before": layer `layer` is the first to run on them) or from `layer + 1` on ("after").
     timing: "before" | "after" (`PruningConfig.stage2_timing`).

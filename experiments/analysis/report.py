@@ -10,8 +10,8 @@ R pictured images (rows), C pictured methods (columns).
 
 Input rows are the runner's JSONL rows (one per evaluated example; see `REQUIRED`). Choices made here (the papers
 define the two relative-accuracy protocols, METHODS.md section 4, not the rest):
-- A run is the set of rows with one `run` name; it must have one method, budget and keep_ratio, and one row per
-  example. The unpruned reference is the run whose method is "full" (at most one).
+- A run is the set of rows with one `run` name; it must have one method, budget (the rows' key for the target) and
+  keep_ratio, and one row per example. The unpruned reference is the run whose method is "full" (at most one).
 - Per-family and overall accuracies are over all of a run's own examples (`n`). Everything compared with the full
   run (both relative accuracies, the FLOPs and time ratios) is over the examples both runs hold (`n_shared`), so a
   partially finished run is compared fairly; with no full run those fields are None.
@@ -80,8 +80,8 @@ def _family_order(families: Iterable[str]) -> list[str]:
 
 
 def _sort_key(entry: Mapping[str, Any]):
-  budget = entry["budget"]
-  return (entry["method"] != FULL, entry["method"], -(math.inf if budget is None else budget), entry["run"])
+  target = entry["budget"]
+  return (entry["method"] != FULL, entry["method"], -(math.inf if target is None else target), entry["run"])
 
 
 def _group(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
@@ -148,7 +148,7 @@ def _process_count(rows: Iterable[Mapping[str, Any]]) -> int:
 
 
 def summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """One entry per run, sorted full first, then by method, then budget descending.
+  """One entry per run, sorted full first, then by method, then target ("budget") descending.
 
   Each entry: run, method, budget, keep_ratio, n, accuracy {family: acc} and overall (over the run's n examples);
   n_shared, rel_mean_score (protocol a), rel_mean_ratio (protocol b), flops_ratio, time_ratio (over the examples
@@ -237,12 +237,12 @@ def _cells(entries: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[s
 
 
 def format_table(entries: Sequence[Mapping[str, Any]]) -> str:
-  """Fixed-width text: a header line, then one line per run (full first, then method, budget descending).
+  """Fixed-width text: a header line, then one line per run (full first, then method, target descending).
 
-  Columns: method, T (budget), n (examples; "n (shared)" when only some are shared with full), kept% (kept_fraction),
-  accuracy per family and overall (%), rel(a)% (protocol a), rel(b)% (protocol b), kept/layer, prefill FLOPs per
-  example (unit by magnitude), flops and time (prefill FLOPs and time ratios vs full). A time ratio whose rows were
-  timed by more than one runner process is starred, and a footnote line follows the table.
+  Columns: method, T (the target, the rows' "budget"), n (examples; "n (shared)" when only some are shared with
+  full), kept% (kept_fraction), accuracy per family and overall (%), rel(a)% (protocol a), rel(b)% (protocol b),
+  kept/layer, prefill FLOPs per example (unit by magnitude), flops and time (prefill FLOPs and time ratios vs full). A
+  time ratio whose rows were timed by more than one runner process is starred, and a footnote line follows the table.
   """
   if not entries:
     raise ValueError("format_table: empty summary")

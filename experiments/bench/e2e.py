@@ -6,8 +6,9 @@ r"""End-to-end speed: vision tower, selection, prefill, decode and memory of pru
     python -m experiments.bench.e2e --smoke                                   # tiny shapes, one repeat (tests)
 
 One process builds the model (a local llava-hf checkpoint, or random weights at a named shape from
-`models.shapes.SHAPES`), and for each batch size, method and budget T (`models.pruning.method_config`, the official protocol) times, compiled and
-warm, median of --repeats calls after one warm-up call, `block_until_ready` on every output:
+`models.shapes.SHAPES`), and for each batch size, method and target (`models.pruning.method_config`, the official
+protocol) times, compiled and warm, median of --repeats calls after one warm-up call, `block_until_ready` on every
+output:
 
   vision     the vision tower + projector of every crop (the same for every method; timed once per batch size)
   selection  every selection pass of the method at the pipeline's shapes (Stage I over the packed candidates with
@@ -23,9 +24,9 @@ warm, median of --repeats calls after one warm-up call, `block_until_ready` on e
 
 Beside them, in the same process on the same inputs, transformers (PyTorch, sdpa attention) at the same shape and
 dtype with its own random weights (--torch): the unpruned prefill (`logits_to_keep=1`, with its KV cache) and
-decode, and the decoder at the pruned length text + T fed through `inputs_embeds` after the tower (what any one-shot
-pre-LLM pruner costs in PyTorch, selection excluded). Ratios are the claim (`speedup` columns); absolute times mean
-something only with the device named (printed in every row).
+decode, and the decoder at the pruned length text + target fed through `inputs_embeds` after the tower (what any
+one-shot pre-LLM pruner costs in PyTorch, selection excluded). Ratios are the claim (`speedup` columns); absolute times
+mean something only with the device named (printed in every row).
 
 Rows go to --output (JSONL, one per measurement) and a markdown table to stdout. FLOPs per row come from
 `experiments.analysis.flops` (decoder prefill at the row's tokens per layer).
@@ -139,16 +140,17 @@ class CompileCounter:
     return seconds, out, self.count
 
 
-def _configs(model, methods, budgets, overrides) -> list[tuple[str, int | None, pruning.PruningConfig]]:
+def _configs(model, methods, targets, overrides) -> list[tuple[str, int | None, pruning.PruningConfig]]:
   runs = [("full", None, pruning.PruningConfig(method="tops"))]
   layers = model.config.text.num_hidden_layers
+  family = backbones.of_model(model).name
   for method in methods:
-    for t in budgets:
+    for target in targets:
       try:
-        runs.append((method, t, pruning.method_config(method, family=backbones.of_model(model).name, target=t, num_layers=layers,
-                                                      **overrides.get(method, {}))))
+        runs.append((method, target, pruning.method_config(method, family=family, target=target, num_layers=layers,
+                                                           **overrides.get(method, {}))))
       except (pruning.NoProtocol, ValueError) as e:
-        print(f"skipped {method} T={t}: {e}")
+        print(f"skipped {method} at target={target}: {e}")
   return runs
 
 
@@ -169,7 +171,7 @@ def selection_fn(config: pruning.PruningConfig, batch: int, candidates: int, cro
   """Every selection pass of `config` at the pipeline's shapes (see the module docstring), or None.
 
   candidates: packed image tokens per row; crops: (crops per image, tokens per crop) for the per-crop scopes, which
-  select budget // crops tokens in each crop; dims: (Stage I width, decoder width)."""
+  select a quota of budget // crops tokens in each crop; dims: (Stage I width, decoder width)."""
   passes = []
   if config.stage1_budget is not None and config.method in prune.METHODS:
     hp = _accepted(config.method, dict(config.stage1_hparams))
@@ -201,7 +203,7 @@ def selection_fn(config: pruning.PruningConfig, batch: int, candidates: int, cro
 
 def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int, decode_tokens: int, device: str,
              dtype) -> list[dict[str, Any]]:
-  """One row per (method, T) at this batch size, plus the vision tower row."""
+  """One row per (method, target) at this batch size (its "T" key), plus the vision tower row."""
   b = inputs.ids.shape[0]
   text = model.config.text
   layout = model.layout(inputs.sizes, b)
@@ -212,7 +214,7 @@ def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int,
                device=device)]
   ids, mask = jnp.asarray(inputs.ids), jnp.asarray(inputs.mask)
   full_prefill = None
-  for name, t, config in runs:
+  for name, target, config in runs:
     common = dict(layout=layout, max_new_tokens=decode_tokens, text_len=inputs.text, visual_len=inputs.visual)
     run_prefill = jax.jit(lambda m, i, k, p, config=config, common=common: pruning.prefill(
         m, config, i, k, pixel_values=p, **common))
@@ -228,7 +230,7 @@ def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int,
     select_s, select_compiles = None, 0
     if select is not None:
       select_s, _, select_compiles = counter.timed(select, repeats)
-    row = dict(impl="jax", part="pipeline", method=name, T=t, batch=b, device=device,
+    row = dict(impl="jax", part="pipeline", method=name, T=target, batch=b, device=device,
                prefill_ms=prefill_s * 1e3, decode_ms_per_token=decode_s * 1e3 / decode_tokens,
                selection_ms=None if select_s is None else select_s * 1e3,
                tokens_per_layer=[float(x) for x in tokens],
@@ -255,9 +257,9 @@ def _device_peak() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, kept: list[int | None], repeats: int, decode_tokens: int,
-               dtype_name: str, seed: int, checkpoint: str | None) -> list[dict[str, Any]]:
-  """transformers (sdpa) prefill/decode unpruned, and its decoder at text + T tokens for each T in `kept`."""
+def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: list[int | None], repeats: int,
+               decode_tokens: int, dtype_name: str, seed: int, checkpoint: str | None) -> list[dict[str, Any]]:
+  """transformers (sdpa) prefill/decode unpruned, and its decoder at text + target tokens for each of `targets`."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   cuda = torch.cuda.is_available()
@@ -314,11 +316,11 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, kept: list[
     rows.append(dict(impl="torch", part="vision", batch=b, vision_ms=vision_s * 1e3, device=device))
     lm = model.model.language_model
     width = lm.config.hidden_size
-    for t in sorted({k for k in kept if k is not None}):
-      embeds = torch.randn((b, inputs.text + t, width), device=dev, dtype=dtype)
+    for target in sorted({t for t in targets if t is not None}):
+      embeds = torch.randn((b, inputs.text + target, width), device=dev, dtype=dtype)
       decoder = lambda embeds=embeds: model.lm_head(lm(inputs_embeds=embeds, use_cache=True).last_hidden_state[:, -1:])
       dec_s, _ = _median_time(decoder, repeats, sync)
-      rows.append(dict(impl="torch", part="decoder_at_T", method="one-shot", T=t, batch=b, device=device,
+      rows.append(dict(impl="torch", part="decoder_at_T", method="one-shot", T=target, batch=b, device=device,
                        decoder_ms=dec_s * 1e3, prefill_ms=(dec_s + vision_s) * 1e3))
   return rows
 
@@ -347,7 +349,7 @@ def table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budgets, batch_sizes, repeats: int,
+def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, targets, batch_sizes, repeats: int,
         decode_tokens: int, text_tokens: int, with_torch: bool, seed: int, attention: str = "auto",
         overrides=(), output: str | None = None) -> list[dict[str, Any]]:
   """The whole benchmark (see the module docstring); returns the rows."""
@@ -366,10 +368,10 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   print(f"device: {device}; jax {jax.__version__}; shape {checkpoint or shape_name}; {dtype_name}")
   counter = CompileCounter()
-  runs = _configs(model, methods, budgets, plan.parse_overrides(overrides))
+  runs = _configs(model, methods, targets, plan.parse_overrides(overrides))
   rows = []
 
-  def keep(new_rows):   # written as measured: a run cut short (a device time limit) keeps what it measured
+  def record(new_rows):   # written as measured: a run cut short (a device time limit) keeps what it measured
     rows.extend(new_rows)
     if output:
       with open(output, "a", encoding="utf-8") as f:
@@ -381,10 +383,10 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, budge
   for b in batch_sizes:
     inputs = make_inputs(model, b, image_size, text_tokens, seed)
     print(f"batch {b}: {inputs.ids.shape[1]} tokens per row ({inputs.visual} image tokens)", flush=True)
-    keep(jax_rows(model, inputs, runs, counter, repeats, decode_tokens, device, dtype))
+    record(jax_rows(model, inputs, runs, counter, repeats, decode_tokens, device, dtype))
     if with_torch:
-      keep(torch_rows(hf_cfg, backbones.of_model(model), inputs, [t for _, t, _ in runs], repeats, decode_tokens, dtype_name,
-                      seed, checkpoint))
+      record(torch_rows(hf_cfg, backbones.of_model(model), inputs, [target for _, target, _ in runs], repeats,
+                        decode_tokens, dtype_name, seed, checkpoint))
   print(table(rows))
   return rows
 
@@ -396,7 +398,7 @@ def _define_flags():
   flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
   flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")
-  flags.DEFINE_list("budgets", ["640"], "Budgets T (visual tokens, the papers' T).")
+  flags.DEFINE_list("budgets", ["640"], "Targets (the papers' visual tokens per image).")
   flags.DEFINE_list("overrides", [], "method.name=value options of pruning.method_config, as the runner.")
   flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes.")
   flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
@@ -415,12 +417,12 @@ def main(argv):
   if f.smoke:
     smoke()
     return
-  run(f.shape, f.checkpoint, f.dtype, f.methods, [int(t) for t in f.budgets], [int(b) for b in f.batch_sizes],
+  run(f.shape, f.checkpoint, f.dtype, f.methods, [int(target) for target in f.budgets], [int(b) for b in f.batch_sizes],
       f.repeats, f.decode_tokens, f.text_tokens, f.torch, f.seed, f.attention, f.overrides, f.output)
 
 
 def smoke(output: str | None = None, with_torch: bool = True) -> list[dict[str, Any]]:
-  """Tiny shape, one repeat, two decode tokens, batch 2 (T = 40 has no paper Stage II setting: TOPS takes the
+  """Tiny shape, one repeat, two decode tokens, batch 2 (target 40 has no paper Stage II setting: TOPS takes the
   640-token one)."""
   return run("tiny-next", None, "float32", ["tops", "visionzip", "divprune"], [40], [2], 1, 2, 26, with_torch, 0,
              overrides=["tops.stage2_alpha=0.5", "tops.stage2_lam=0.5"], output=output)

@@ -1,4 +1,4 @@
-"""Evaluating the runs (each a method at a budget) on a task: one streamed loop, one pruned prefill per batch and run.
+"""Evaluating the runs (each a method at a target) on a task: one streamed loop, one pruned prefill per batch and run.
 
 Per batch (`evaluate_task`): the rows every run has finished are skipped; the batch is encoded once and every run
 evaluates it in turn, the full model first. `Evaluator.prefill` runs Stage I, the decoder with its Stage II steps and
@@ -232,7 +232,8 @@ def _encode(evaluator: Evaluator, mine: Sequence[_Prepared], length: int | None 
 
 def _checked(evaluator: Evaluator, batch: Batch, arrays, runs: Sequence[RunSpec], task: str,
              text_bound: int | None = None) -> Batch:
-  """The batch with its global arrays, visual tokens and text bound, its budgets checked (`check_budgets`)."""
+  """The batch with its global arrays, visual tokens and text bound, its first stages' counts checked
+  (`check_budgets`)."""
   visual = evaluator.visual_tokens(arrays)
   check_budgets(runs, visual[:len(batch.examples)], task)
   return dataclasses.replace(batch, arrays=arrays, visual=visual,
@@ -296,8 +297,9 @@ def _buffers(examples: Iterable[base.Example], size: int) -> Iterator[list[base.
 
 
 def check_budgets(runs: Sequence[RunSpec], visual: Sequence[int], task: str):
-  """Before a batch is evaluated (an in-memory task: before anything is written): every image must hold each run's
-  first budget. visual: the batch's visual tokens per real row. Raises ValueError."""
+  """Before a batch is evaluated (an in-memory task: before anything is written): every image must hold what each
+  run's first stage keeps (Stage I's budget, else the first Stage II step's keep). visual: the batch's visual tokens
+  per real row. Raises ValueError."""
   fewest = min(int(v) for v in visual)
   for spec in runs:
     first = spec.config.stage1_budget or (spec.config.steps[0][1] if spec.config.steps else 0)
@@ -349,7 +351,7 @@ def _rows(evaluator: Evaluator, job: TaskRun, spec: RunSpec, batch: Batch, keys:
   rows = []
   for i, p in enumerate(batch.examples):
     generation = evaluator.tokenizer.decode(tokens[i, :max(int(num_tokens[i]), 0)], skip_special_tokens=True)
-    row = dict(key=keys[i], run=spec.name, method=spec.label, budget=spec.budget, keep_ratio=spec.keep_ratio,
+    row = dict(key=keys[i], run=spec.name, method=spec.label, budget=spec.target, keep_ratio=spec.keep_ratio,
                **job.fields(p.example, p.prompt, generation), visual_tokens=int(batch.visual[i]),
                kept_per_layer=kept[i].tolist(), tokens_per_layer=per_layer[i].tolist(),
                prefill_flops=flops.decoder_prefill_flops(text_config, per_layer[i].tolist(), lm_head_positions=1),
@@ -397,7 +399,7 @@ def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, l
     cache = job.max_new_tokens > 1 or streamed
     reference = None
     for spec in runs:     # full first: the reference of the fidelity columns
-      if spec not in todo and not (streamed and spec.budget is None):
+      if spec not in todo and not (streamed and spec.target is None):
         continue
       if progress is not None:
         progress.set_postfix_str(spec.name)
@@ -411,7 +413,7 @@ def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, l
       tokens, num_tokens = evaluator.generate(spec.config, state, job.max_new_tokens)
       fidelity = None
       if streamed:
-        if spec.budget is None:
+        if spec.target is None:
           reference = _Fidelity(evaluator, spec.config, state, tokens, num_tokens)
           if spec not in todo:
             continue      # full's rows are done; it ran as the reference only

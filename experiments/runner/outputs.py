@@ -23,14 +23,14 @@ __all__ = ["write_task", "relative_summary", "task_summary", "format_summary", "
 
 
 def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
-               out_dir: str, *, model=None, pictured: Sequence[base.Example] = (), pictured_budget: int | None = None,
+               out_dir: str, *, model=None, pictured: Sequence[base.Example] = (), pictured_target: int | None = None,
                protocol: str | None = None, template: str | None = None,
                expected: int | None = None) -> dict[str, dict[str, float]]:
   """Prints and writes the task's outputs into `out_dir`; returns a benchmark's metrics by run name ({} for an
   in-memory task). pictured: the examples kept_tokens.png shows (in-memory tasks), for the runs at
-  `pictured_budget` and the full one. expected: the judge file's expected question count (MM-Vet; None: any)."""
+  `pictured_target` and the full one. expected: the judge file's expected question count (MM-Vet; None: any)."""
   if job.benchmark is None:
-    _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_budget)
+    _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target)
     return {}
   task = job.benchmark
   entries = task_summary(task, rows_by_run, runs, protocol)
@@ -47,7 +47,7 @@ def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, 
   return {e["run"]: e["metrics"] for e in entries}
 
 
-def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_budget):
+def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target):
   from experiments.analysis import report  # pylint: disable=g-import-not-at-top
   rows = [row for spec in runs for row in rows_by_run[spec.name]]
   summary = report.summary(rows)
@@ -58,7 +58,7 @@ def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_bud
     f.write(report.to_markdown(summary) + "\n")
   report.plot(summary, os.path.join(out_dir, f"relative_accuracy_{job.name}.png"))
   if pictured:
-    shown = [r for r in runs if r.budget is None or r.budget == pictured_budget]
+    shown = [r for r in runs if r.target is None or r.target == pictured_target]
     _picture(model, shown, pictured, rows, out_dir)
 
 
@@ -75,7 +75,7 @@ def _picture(model, specs: Sequence[RunSpec], examples: Sequence[base.Example], 
       row = by_key[(spec.name, ex.question_id)]
       slots = row.get("kept_slots")
       if slots is None:       # the full model keeps everything
-        if "kept_slots" not in row and spec.budget is not None:
+        if "kept_slots" not in row and spec.target is not None:
           logging.warning("kept_tokens.png: the row of %s for %s predates recorded kept slots; shown unshaded",
                           spec.name, ex.question_id)
         row_masks.append(np.ones((h, w), bool))
@@ -116,7 +116,7 @@ def task_summary(task: base.Task, rows_by_run: Mapping[str, Sequence[Mapping[str
     ratio = lambda field: (sum(r[field] for r in shared) / sum(full[r["question_id"]][field] for r in shared)
                            if shared and sum(full[r["question_id"]][field] for r in shared) > 0 else None)
     entries.append(dict(
-        run=spec.name, method=spec.label, budget=spec.budget, n=len(rows), metrics=task.score(rows, protocol),
+        run=spec.name, method=spec.label, budget=spec.target, n=len(rows), metrics=task.score(rows, protocol),
         kept_per_layer=float(np.mean([np.mean(r["kept_per_layer"]) for r in rows])),
         prefill_flops=float(np.mean([r["prefill_flops"] for r in rows])),
         kl=float(np.mean([r["kl"] for r in rows])), nll_increase=float(np.mean([r["nll_increase"] for r in rows])),
@@ -126,7 +126,8 @@ def task_summary(task: base.Task, rows_by_run: Mapping[str, Sequence[Mapping[str
 
 
 def format_summary(task: base.Task, entries: Sequence[Mapping[str, Any]]) -> str:
-  """The task's markdown table: run, T, n, every metric, kept/layer, GFLOPs, flops and time ratios, KL, dNLL."""
+  """The task's markdown table: run, T (the target), n, every metric, kept/layer, GFLOPs, flops and time ratios, KL,
+  dNLL."""
   names = sorted({k for e in entries for k in e["metrics"]})
   cell = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
   head = ["method", "T", "n", *names, "kept/layer", "GFLOPs", "flops", "time", "KL", "dNLL"]

@@ -1,17 +1,19 @@
 """What a runner invocation evaluates: the typed run configuration (built once from the flags), the backbones, each
-method's pruning configuration, and the runs (method x budget) they resolve to.
+method's pruning configuration, and the runs (method x target) they resolve to.
 
     config = plan.RunConfig.from_flags(flags.FLAGS)      # frozen; every flag the runner reads, checked
-    resolved, runs = plan.resolve(config, model)          # budgets, defaults and fingerprints filled in; RunSpecs
+    resolved, runs = plan.resolve(config, model)          # targets, defaults and fingerprints filled in; RunSpecs
 
-Budgets. `--budget` gives T (visual tokens kept per image) directly; `--keep_ratio` gives T = round(ratio * N_ref)
-with N_ref the model's nominal visual-token count (`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT
-2880 = 5 crops x 576, so the ratios give the papers' 640/320/160; testbed: 5 crops x 36 = 180).
+Targets (the count vocabulary: `models`). `--budget` gives the targets (the papers' visual tokens per image)
+directly; `--keep_ratio` gives target = round(ratio * N_ref) with N_ref the model's nominal visual-token count
+(`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT 2880 = 5 crops x 576, so the ratios give the
+papers' 640/320/160; testbed: 5 crops x 36 = 180).
 
-What each method does with T is its official protocol, `models.pruning.method_config` (the table in
-`models/pruning/protocols.py`: CDPruner T // 5 per crop with CLIP text relevance, DivPrune round(T / 2880 x length)
-over the packed sequence with newlines, SCOPE int(T / crops) per padded crop, VisionZip [CLS, dominant, contextual]
-per crop, DART 4 + 8 floor(T / 8) at layer 2, FastV T at layer 2, TOPS the paper's schedule). `--overrides`
+What each method does with a target is its official protocol, `models.pruning.method_config` (the table in
+`models/pruning/protocols.py`: CDPruner target // 5 per crop with CLIP text relevance, DivPrune
+round(target / 2880 x length) over the packed sequence with newlines, SCOPE int(target / crops) per padded crop,
+VisionZip [CLS, dominant, contextual] per crop, DART 4 + 8 floor(target / 8) at layer 2, FastV the target at layer 2,
+TOPS the paper's schedule). `--overrides`
 (method.name=value) selects the named variants; `--alpha/--lam` override TOPS Stage I, `--stage2_alpha/--stage2_lam`
 Stage II. CDPruner needs `--clip_checkpoint` (CLIP's text tower) except on the testbed, whose tower is not a CLIP
 checkpoint's: there, or with `--overrides=cdpruner.relevance=text`, it runs the documented fallback relevance and its
@@ -35,7 +37,7 @@ __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSp
            "run_hash_fields"]
 
 # The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
-# default budgets are their T: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
+# default targets are theirs: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
 # 0.222 would give 639) and 40 / 20 / 10 of the testbed's 180.
 RATIOS = (2 / 9, 1 / 9, 1 / 18)
 IN_MEMORY_TASKS = ("synthvqa", "vqa_jsonl")     # experiments.runner.tasks; the benchmarks are experiments.benchmarks
@@ -44,7 +46,7 @@ RESOLUTIONS = ("native", "fixed_672")
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   """A --backbone choice: a model family of `models.backbones` and how the runner uses it. Its nominal tokens and
-  crops (N_ref of --keep_ratio, T // crops per crop) are read from the loaded model's config
+  crops (N_ref of --keep_ratio, a quota of target // crops per crop) are read from the loaded model's config
   (`backbones.Backbone.nominal_tokens` / `nominal_groups`)."""
   model_type: str             # the `models.backbones` family: config.json model_type of its checkpoints
   family: str                 # the name its methods' protocols know it by (`pruning.method_config(family=)`)
@@ -94,7 +96,7 @@ class RunConfig:
   backbone: str = "testbed"
   checkpoint: str | None = None
   methods: tuple[str, ...] = ("all",)
-  budgets: tuple[str, ...] = ()
+  budgets: tuple[str, ...] = ()       # --budget: the targets, as given
   keep_ratios: tuple[str, ...] = ()
   tasks: tuple[str, ...] = ("synthvqa",)
   data_dir: str | None = None
@@ -149,16 +151,17 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One evaluated configuration: `name` keys its rows in results.jsonl."""
+  """One evaluated configuration: `name` keys its rows in results.jsonl (its "@T=" is the target; the rows store the
+  target under the key "budget")."""
   method: str
-  budget: int | None
+  target: int | None
   keep_ratio: float | None
   config: pruning.PruningConfig
   label: str  # method name in tables (ablation subsets get their own)
 
   @property
   def name(self) -> str:
-    return self.label if self.budget is None else f"{self.label}@T={self.budget}"
+    return self.label if self.target is None else f"{self.label}@T={self.target}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +169,7 @@ class Resolved:
   """A checked RunConfig with everything derived from it and the model (printed at start, hashed into row keys)."""
   run: RunConfig
   methods: tuple[str, ...]
-  budgets: tuple[int, ...]
+  targets: tuple[int, ...]
   keep_ratios: tuple[float | None, ...]
   nominal_tokens: int
   max_new_tokens: int
@@ -181,12 +184,12 @@ class Resolved:
 
 @dataclasses.dataclass(frozen=True)
 class MethodContext:
-  """What a method's runner configuration may read besides T and the model."""
+  """What a method's runner configuration may read besides the target and the model."""
   family: str
   tops: TopsOptions = TopsOptions()
   criteria: tuple[str, ...] | None = None    # the TOPS ablation's subset of criteria
   overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # --overrides, per method
-  nominal_crops: int | None = None           # the family's crops behind T (`backbones.Backbone.nominal_groups`)
+  nominal_crops: int | None = None           # the family's crops behind a target (`backbones.Backbone.nominal_groups`)
 
 
 def _parse_value(text: str):
@@ -214,7 +217,7 @@ def parse_overrides(items) -> dict[str, dict[str, Any]]:
   return out
 
 
-def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.PruningConfig:
+def method_config(method: str, target: int, model, ctx: MethodContext) -> pruning.PruningConfig:
   """The run's PruningConfig: `pruning.method_config`'s official protocol with the invocation's overrides."""
   o = dict(ctx.overrides.get(method, {}))
   if method == "tops":
@@ -229,7 +232,7 @@ def method_config(method: str, t: int, model, ctx: MethodContext) -> pruning.Pru
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
   if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
     o["num_visual"] = model.config.max_image_tokens
-  return pruning.method_config(method, family=ctx.family, target=t, num_layers=model.config.text.num_hidden_layers,
+  return pruning.method_config(method, family=ctx.family, target=target, num_layers=model.config.text.num_hidden_layers,
                                crops=ctx.nominal_crops, **o)
 
 
@@ -243,7 +246,8 @@ RUNNABLE = pruning.OFFICIAL_METHODS
 FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
 
 
-def _budgets(run: RunConfig, nominal_tokens: int) -> list[tuple[int, float | None]]:
+def _targets(run: RunConfig, nominal_tokens: int) -> list[tuple[int, float | None]]:
+  """(target, keep ratio or None) per run, from --budget or --keep_ratio."""
   if run.budgets and run.keep_ratios:
     raise ValueError("--budget and --keep_ratio are exclusive: give one")
   if run.budgets:
@@ -281,13 +285,13 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
     raise ValueError(f"--overrides names {', '.join(stray)}, which --method={','.join(methods)} does not run")
   family = backbones.get(backbone.model_type)
   nominal_tokens = family.nominal_tokens(model.config)
-  budgets = _budgets(run, nominal_tokens)
-  if any(t < 1 for t, _ in budgets):
-    raise ValueError(f"--budget values must be positive, got {[t for t, _ in budgets]}")
+  targets = _targets(run, nominal_tokens)
+  if any(target < 1 for target, _ in targets):
+    raise ValueError(f"--budget values must be positive, got {[target for target, _ in targets]}")
   most = model.config.max_image_tokens
-  if any(t > most for t, _ in budgets):
-    raise ValueError(f"--budget {max(t for t, _ in budgets)} exceeds the {most} visual tokens an image of this "
-                     "backbone can have")
+  if any(target > most for target, _ in targets):
+    raise ValueError(f"--budget {max(target for target, _ in targets)} exceeds the {most} visual tokens an image of "
+                     "this backbone can have")
   if run.ablation and methods != ["tops"]:
     raise ValueError("--ablation runs the TOPS criteria subsets: use it with --method=tops")
   if "tops" not in methods and run.tops.given():
@@ -321,20 +325,20 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
       variants = [("tops[" + "+".join(c[0].upper() for c in s) + "]", dataclasses.replace(ctx, criteria=s))
                   for s in subsets]
     for label, variant in variants:
-      for t, ratio in budgets:
+      for target, ratio in targets:
         try:
-          config = method_config(method, t, model, variant)
+          config = method_config(method, target, model, variant)
         except pruning.NoProtocol as e:
           if list(run.methods) != ["all"]:
             raise ValueError(f"--method={method}: {e}") from None
-          skipped.append(f"{label}@T={t}: {e}")
+          skipped.append(f"{label}@T={target}: {e}")
           continue
         config.check_model(model)
         if method == "cdpruner" and config.stage1_relevance != "clip_text":
           label = "cdpruner-text"      # the fallback is another method: never reported under CDPruner's name
-        runs.append(RunSpec(method, t, ratio, config, label))
-  resolved = Resolved(run=run, methods=tuple(methods), budgets=tuple(t for t, _ in budgets),
-                      keep_ratios=tuple(r for _, r in budgets), nominal_tokens=nominal_tokens,
+        runs.append(RunSpec(method, target, ratio, config, label))
+  resolved = Resolved(run=run, methods=tuple(methods), targets=tuple(target for target, _ in targets),
+                      keep_ratios=tuple(r for _, r in targets), nominal_tokens=nominal_tokens,
                       max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
                       checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
                       conv_template=template, skipped=tuple(skipped))

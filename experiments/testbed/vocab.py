@@ -1,6 +1,6 @@
 """The testbed tokenizer: a word-level vocabulary closed over the benchmark's prompts, questions and answers.
 
-Axes: T text tokens.
+Axes: S text tokens of a sequence.
 
 `save_tokenizer(directory)` writes tokenizer.json, tokenizer_config.json and special_tokens_map.json; transformers'
 `AutoTokenizer.from_pretrained(directory)` (or `PreTrainedTokenizerFast`) loads it, and `make_processor` wraps it with

@@ -1,9 +1,8 @@
-"""Visual token pruning inside the LLaVA-1.5 / LLaVA-NeXT ports, driven by a `PruningConfig`, through the models'
-public seams only (image_tokens -> Stage I -> embed -> run_layers segments, query_keys -> Stage II -> head).
+"""Visual token pruning inside a `models.family.VisionLanguageModel`, driven by a `PruningConfig`, through the models'
+public seams only (visual_tokens -> Stage I -> embed -> run_layers segments, query_keys -> Stage II -> head).
 
-Axes (the legend of `models`): B batch (rows of one or several images), S sequence, N packed image slots per image, P crops, T
-tokens per crop, K kept, C candidates, A text tokens after the image, D text width, Dv vision width, H / Hkv query /
-key-value heads, Dh head width, L decoder layers, G layer segments, V vocabulary, M new tokens.
+Axes and counts: the legend and the count vocabulary of `models` (here I images over B rows, the groups P are crops
+of T tokens each).
 
     cfg = pruning.tops_schedule(num_layers=32, target=128)             # 576 -> 256 | L12: -> 128 | L24: -> 32
     cfg = pruning.PruningConfig("divprune", stage1=pruning.Stage1(budget=64, relevance="none"))   # typed

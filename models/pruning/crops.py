@@ -1,6 +1,6 @@
-"""Stage I's crop arithmetic: the nominal crops behind a budget, the per-crop share, each crop token's packed slot.
+"""Stage I's crop arithmetic: the nominal crops behind a budget, a crop's quota, each crop token's packed slot.
 
-Axes: B batch, P crops, T tokens per crop, N packed image slots per image.
+Axes and counts: the legend of `models` (here the groups P are crops, T tokens per crop).
 """
 
 import jax
@@ -17,6 +17,7 @@ def nominal_crops(config, model_config) -> int:
 
 
 def per_crop_quota(config, model_config) -> int:
+  """A crop's quota: the budget // the nominal crops."""
   return config.stage1_budget // nominal_crops(config, model_config)
 
 

@@ -86,7 +86,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
     count = None
     if config.stage2_ratios is not None:
       count = stage2_lib.ratio_counts(config.stage2_ratios[step], num_visual, most)
-    elif plan.images > 1:         # a Stage II budget is per image: a row keeps it for each of its images
+    elif plan.images > 1:         # a step's keep is per image: a row keeps it for each of its images
       count = config.steps[step][1] * num_images
     choice = stage2_lib.choose(model, config, seq, bound, scores, keys[step + 1], hp2, count, step)
     seq, index, stage = stage2_lib.rebuild(config, plan, seq, bound.keep, scores, choice, left)
@@ -124,8 +124,8 @@ def _prefill_cached(model, batch, args, *, static, plan, capacity: int, cache_dt
 
 
 def _step_bounds(config: PruningConfig, plan: sequence.Plan, first: int):
-  """The static sizes of the Stage II steps for a first step of `first` candidates: a budget is per image, so rows
-  of up to M images hold M times each step's keep."""
+  """The static sizes of the Stage II steps for a first step of `first` candidates: a step's keep is per image, so
+  rows of up to J images hold J times each step's keep."""
   bounds = stage2_lib.step_bounds(config, first, plan.text_len)
   return tuple(b._replace(keep=b.keep * plan.images) for b in bounds) if plan.images > 1 else bounds
 
@@ -230,10 +230,9 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
     if config.stage1_grid == "padded" and sequence.concrete(layout.grid):
       grid = np.asarray(layout.grid)
       crops = 1 + grid[:, 0] * grid[:, 1]
-      per_crop = (config.stage1_budget // stage1_lib.nominal_crops(config, model.config)
-                  if config.stage1_scope == "crop_fixed"
-                  else config.stage1_budget // crops)
-      need = per_crop * crops
+      quota = (config.stage1_budget // stage1_lib.nominal_crops(config, model.config)
+               if config.stage1_scope == "crop_fixed" else config.stage1_budget // crops)
+      need = quota * crops
       if np.any(need > counts):
         i = int(np.argmax(need > counts))
         raise ValueError(f"image {i} has {int(counts[i])} <image> tokens, fewer than the {int(need[i])} rows its "

@@ -74,17 +74,18 @@ def check_choice(name: str, value, allowed):
 class Stage1:
   """Stage I, before the LLM (`models.pruning.stage1`).
 
-  budget: visual tokens kept per image.
-  layout: the `Layout` row: candidates, per-crop budgets and LLM order; LLaVA-1.5 has one crop, where all select
-    the same K.
+  budget: visual tokens kept per image (the count vocabulary: `models`).
+  layout: the `Layout` row: candidates, the crops' quotas and LLM order; LLaVA-1.5 has one crop, where all select
+    the same budget.
   relevance: "cls" (the CLS token's attention) | "received" (the mean attention each token receives; both of the
     vision feature layer, named signals of the family: `models.family.RELEVANCE`) | "text" | "clip_text" (CDPruner:
     CLIP text-image relevance, needs `clip`) | "none".
   features: what the method's similarity reads: "projector" (the projector outputs) | "vision" (the vision feature
     layer's hidden states, before the projector).
   newlines: LLaVA-NeXT newline policy "drop" | "rows" | "keep" | "candidates".
-  crops: the nominal crops per image behind the papers' budgets (LLaVA-NeXT: 5, so 2880 = 5 x 576 tokens;
-    LLaVA-1.5: 1): "crop_fixed" keeps budget // crops per crop, "ratio" reads N_nominal = crops x the crop's tokens.
+  crops: the nominal crops per image behind the papers' targets (LLaVA-NeXT: 5, so 2880 = 5 x 576 tokens;
+    LLaVA-1.5: 1): "crop_fixed" keeps a quota of budget // crops per crop, "ratio" reads N_nominal = crops x the
+    crop's tokens.
     None: the model's `max_num_crops`.
   params: the method's hyperparameters (`params.Params`; a dict or pairs is converted by `PruningConfig`).
   """
@@ -114,7 +115,7 @@ class Stage1:
 class Stage2:
   """Stage II, between decoder layers (`models.pruning.stage2`).
 
-  steps: ((layer, keep), ...) layers increasing in [1, L) ("after": [0, L - 1)), budgets non-increasing.
+  steps: ((layer, keep), ...) layers increasing in [1, L) ("after": [0, L - 1)), keeps non-increasing.
   method: the Stage II method (None: the config's `method`).
   relevance: "raters" | "last_token" | "none".
   params: the method's hyperparameters, shared by the steps.

@@ -3,7 +3,7 @@ the public schedule builders (`tops_schedule`, `pdrop_schedule`, `sparsevlm_sche
 
 Each method's protocol, its tables and its sources live in its module of `models.pruning.methods`; this module checks
 the arguments, applies the family's nominal crops and builds the `PruningConfig`. The default is the method's
-OFFICIAL protocol on that backbone at that budget T; our own variants are named overrides (unknown ones raise).
+OFFICIAL protocol on that backbone at that target; our own variants are named overrides (unknown ones raise).
 
 The table of every method's official protocol and the source read, the fixed 672 x 672 resolution, and the named
 overrides with the reason each exists: models/pruning/PRUNING.md#protocols.
@@ -27,7 +27,7 @@ PDROP_LAYERS, PDROP_LAMBDA = pdrop_lib.LAYERS, pdrop_lib.LAMBDA
 
 def supports(method: str, family: str) -> bool:
   """Whether `method` has a protocol on `family` at all (PruMerge+'s and SparseVLM's official code are LLaVA-1.5
-  only); depth and budget can still rule a run out (`NoProtocol`)."""
+  only); depth and target can still rule a run out (`NoProtocol`)."""
   return base.family(family) not in methods.get(method).unsupported
 
 
@@ -38,13 +38,13 @@ def overrides_of(method: str) -> tuple[str, ...]:
 
 def method_config(method: str, *, family: str, target: int, num_layers: int, crops: int | None = None,
                   **overrides) -> PruningConfig:
-  """The official protocol of `method` on `family` at budget `target` (see models/pruning/PRUNING.md#protocols),
-  with overrides.
+  """The official protocol of `method` on `family` at `target` (see models/pruning/PRUNING.md#protocols), with
+  overrides.
 
-  crops: the nominal crops per image behind T (N_nominal / tokens per crop: LLaVA-NeXT 2880 / 576 = 5, LLaVA-1.5 1;
-    the runner passes its backbone's); None: 5 on LLaVA-NeXT families, 1 on LLaVA-1.5.
+  crops: the nominal crops per image behind the target (N_nominal / tokens per crop: LLaVA-NeXT 2880 / 576 = 5,
+    LLaVA-1.5 1; the runner passes its backbone's); None: 5 on LLaVA-NeXT families, 1 on LLaVA-1.5.
   Raises ValueError naming the method, the family or the override that does not apply (`NoProtocol` where the
-  official code has no setting for this family, depth or budget).
+  official code has no setting for this family, depth or target).
   """
   if method not in methods.METHODS:
     raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(methods.METHODS)}")
@@ -54,7 +54,7 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)} (or their older spellings "
                      "llava-1.5, llava_1_5, llava-next)")
   if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-    raise ValueError(f"target T must be a positive int, got {target!r}")
+    raise ValueError(f"target must be a positive int, got {target!r}")
   unknown = sorted(set(overrides) - set(spec.overrides))
   if unknown:
     raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
@@ -72,8 +72,8 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
 
 
 def tops_schedule(num_layers: int, target: int, **kwargs) -> PruningConfig:
-  """The TOPS schedule for target T (`methods.tops.schedule`, its arguments): Stage I N -> 2T, layer
-  round(12/32 L): -> T, layer round(24/32 L): -> T // 4, the paper's (alpha, lambda)."""
+  """The TOPS schedule for `target` (`methods.tops.schedule`, its arguments): Stage I N -> 2 target, layer
+  round(12/32 L): -> target, layer round(24/32 L): -> target // 4, the paper's (alpha, lambda)."""
   stage1, stage2 = tops_lib.schedule(num_layers, target, **kwargs)
   return PruningConfig(method="tops", stage1=stage1, stage2=stage2)
 

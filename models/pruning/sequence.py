@@ -2,7 +2,7 @@
 (`ImageRows`), the running sequence (`Seq`) and the row gathers that rebuild it after a pruning step (static shapes,
 left or right padding preserved).
 
-Axes: B rows, I images of the batch (in row order, then prompt order), M most images in a row, S sequence, R position
+Axes: B rows, I images of the batch (in row order, then prompt order), J most images in a row, S sequence, R position
 components, K slots asked for."""
 
 import dataclasses
@@ -25,7 +25,7 @@ class Plan:
   visual: int          # most image tokens in a row before pruning (all of its images)
   newlines: int        # most newline tokens an image keeps in Stage I ("rows"/"keep"), else 0
   rows: int = 0        # static image rows per image after Stage I (`stage1.capacity`), 0 without Stage I
-  images: int = 1      # most images in a row (M)
+  images: int = 1      # most images in a row (J)
 
   @property
   def row_slots(self) -> int:
@@ -37,7 +37,7 @@ class ImageRows(NamedTuple):
   """Which images each row holds: the images of a batch are in row order, each row's in prompt order (its <image>
   runs, as transformers' masked_scatter fills them)."""
   image_row: jax.Array    # int32[I] the row of each image
-  row_images: jax.Array   # int32[B, M] the images of each row in prompt order, -1 past the row's count
+  row_images: jax.Array   # int32[B, J] the images of each row in prompt order, -1 past the row's count
 
   @classmethod
   def from_counts(cls, per_row) -> "ImageRows":
@@ -120,12 +120,12 @@ def image_slots(visual: jax.Array, row_images: jax.Array, counts: jax.Array) -> 
   """The image and slot of every visual position: the k-th visual slot of a row belongs to the first of the row's
   images whose cumulative slot count exceeds k (transformers' masked_scatter order).
 
-  visual: bool[B, S]; row_images: int32[B, M] (`ImageRows`); counts: int32[I] slots each image fills.
+  visual: bool[B, S]; row_images: int32[B, J] (`ImageRows`); counts: int32[I] slots each image fills.
   Returns (ordinal int32[B, S] the image's place in its row, within int32[B, S] the slot inside the image); both 0
   where `visual` is False.
   """
   per_row = jnp.where(row_images >= 0, counts[jnp.maximum(row_images, 0)], 0)
-  ends = jnp.cumsum(per_row, axis=-1)                                       # [B, M]
+  ends = jnp.cumsum(per_row, axis=-1)                                       # [B, J]
   k = jnp.cumsum(visual, axis=-1, dtype=jnp.int32) - 1                      # [B, S]
   ordinal = jnp.minimum(jnp.sum(k[..., None] >= ends[:, None, :], axis=-1, dtype=jnp.int32), row_images.shape[1] - 1)
   start = jnp.take_along_axis(ends - per_row, ordinal, axis=-1)

@@ -3,11 +3,11 @@
 Reads the model only through the family interface (`models.family`: `model.visual_tokens` -> `VisualTokens`,
 `model.project`, `model.embed`, `model.positions`, `model.language_model.embed`).
 Axes: B batch, I images (`sequence.ImageRows`: one or several per row; the selection functions work per image, and
-their B axis is I), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept,
+their B axis is I), S sequence, N packed image slots per image, P crops, T tokens per crop, K kept (here the budget),
 O image rows handed to the LLM, A text tokens after the image, D text width, Dv vision width.
 
 What the LLM receives is a list of O image rows per image (`Rows`); the layouts (`PruningConfig.stage1_scope`,
-`stage1_grid`, `newlines`; the rows of `config.Layout`) decide the candidates, the budget of each and the order of
+`stage1_grid`, `newlines`; the rows of `config.Layout`) decide the candidates, the quota of each and the order of
 the rows. The layout table, newlines, and VisionZip's CLS layout: models/pruning/PRUNING.md#stage1.
 """
 
@@ -28,7 +28,8 @@ from models.pruning.outputs import Rows, StageOutput
 from tops_jax import prune
 from tops_jax import relevance as relevance_lib
 
-__all__ = ["ClipText", "Rows", "visual_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select", "run"]
+__all__ = ["ClipText", "Rows", "visual_tokens", "capacity", "nominal_crops", "crop_quotas", "row_newlines", "select",
+           "run"]
 
 
 class ClipText(NamedTuple):
@@ -58,30 +59,30 @@ def capacity(config: PruningConfig, model_config, *, visual: int, newlines: int,
   visual: the most packed slots an image of the batch has (newlines included); newlines: the most newline slots an
   image keeps under newlines="rows"/"keep" (0 otherwise); num_crops: P of pixel_values.
   """
-  k, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
+  budget, scope, grid = config.stage1_budget, config.stage1_scope, config.stage1_grid
   own = methods.get(config.method).capacity
   if own is not None:
     return own(config, model_config)
   if scope == "ratio":
-    return max(1, min(visual, round(k * visual / crops_lib.nominal_tokens(config, model_config)))) + newlines
+    return max(1, min(visual, round(budget * visual / crops_lib.nominal_tokens(config, model_config)))) + newlines
   if scope == "crop_fixed":
     return crops_lib.per_crop_quota(config, model_config) * num_crops + (newlines if grid == "padded_unpad" else 0)
-  return k + newlines
+  return budget + newlines
 
 
-def crop_quotas(capacity_: jax.Array, budget: int) -> jax.Array:
-  """Splits `budget` evenly over crops, capped by capacity (water-filling): int[B, P] -> int32[B, P].
+def crop_quotas(available: jax.Array, budget: int) -> jax.Array:
+  """Splits `budget` evenly over crops, each capped by its available tokens (water-filling): int[B, P] -> int32[B, P].
 
-  Every crop gets min(capacity, level) for the largest level whose total fits the budget; the remainder goes one
+  Every crop gets min(available, level) for the largest level whose total fits the budget; the remainder goes one
   token each to the first crops (in crop order) that still have room. The quotas sum to `budget` whenever the
   capacities allow it.
   """
-  capacity_ = capacity_.astype(jnp.int32)
+  available = available.astype(jnp.int32)
   levels = jnp.arange(budget + 1, dtype=jnp.int32)                              # a quota never exceeds the budget
-  filled = jnp.sum(jnp.minimum(capacity_[:, None, :], levels[None, :, None]), axis=-1)    # [B, levels]
+  filled = jnp.sum(jnp.minimum(available[:, None, :], levels[None, :, None]), axis=-1)    # [B, levels]
   level = jnp.sum(filled <= budget, axis=-1, dtype=jnp.int32) - 1
-  base = jnp.minimum(capacity_, level[:, None])
-  room = capacity_ > level[:, None]
+  base = jnp.minimum(available, level[:, None])
+  room = available > level[:, None]
   extra = room & (jnp.cumsum(room, axis=-1) <= (budget - jnp.sum(base, axis=-1))[:, None])
   return base + extra.astype(jnp.int32)
 
@@ -101,7 +102,7 @@ def row_newlines(selected: jax.Array, newline: jax.Array, crop: jax.Array) -> ja
 
 
 def _rank(config: PruningConfig, feats, rel, valid, keep: int, key, hp) -> jax.Array:
-  """Greedy rank of every token (keep for the unranked): float[M, T, X] rows of candidates -> int32[M, T]."""
+  """Greedy rank of every token (keep for the unranked): float[I * P, T, X] rows of candidates -> int32[I * P, T]."""
   m, t = valid.shape
   order = selection.select_order(config.method, feats, keep=keep, relevance=rel, valid=valid, key=key, **hp)
   return jnp.full((m, t), t, jnp.int32).at[jnp.arange(m)[:, None], order].set(
@@ -183,15 +184,15 @@ def _newline_policy(config: PruningConfig, selected, images: VisualTokens):
   return selected
 
 
-def _packed_rows(config: PruningConfig, selected, images: VisualTokens, embeds, cap: int):
+def _packed_rows(config: PruningConfig, selected, images: VisualTokens, embeds, capacity: int):
   """Rows for a subset of the packed slots (newline policy applied), in packed order -> (Rows, bool[B, N])."""
   selected = _newline_policy(config, selected, images)
-  idx, valid = sequence.first(selected, cap)
+  idx, valid = sequence.first(selected, capacity)
   return Rows(embeds=sequence.take(embeds, idx), valid=valid, packed=jnp.where(valid, idx, -1)), selected
 
 
 def select(model, config: PruningConfig, images: VisualTokens, text, text_valid, clip_text, key, hp: dict[str, Any],
-           cap: int) -> tuple[Rows, jax.Array | None, StageOutput]:
+           capacity: int) -> tuple[Rows, jax.Array | None, StageOutput]:
   """Stage I selection -> (the rows for the LLM, the packed slots they are (bool[B, N]; None when rows are not a
   subset of the packed slots), StageOutput over the packed slots)."""
   mc = model.config
@@ -216,15 +217,15 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
     if grid == "padded":                    # every pick goes to the LLM, in canvas order
       b, p, t = chosen.shape
       perm = canvas_order(images, t)
-      idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), cap)
+      idx, valid = sequence.first(jnp.take_along_axis(chosen.reshape(b, p * t), perm, axis=-1), capacity)
       idx = jnp.take_along_axis(perm, idx, axis=-1)
       slot = jnp.take_along_axis(crops_lib.slot_of_source(images), idx, axis=-1)
       rows = Rows(embeds=sequence.take(images.group_embeds.reshape(b, p * t, -1), idx), valid=valid,
                   packed=jnp.where(valid, slot, -1))
       return rows, None, StageOutput(candidates=candidates, kept=rows.packed, relevance=packed_rel)
     picked = _from_crops(chosen, images.source, False) & candidate       # unpadding drops what it removes
-    rows, selected = _packed_rows(config, picked, images, embeds, cap)
-    kept = _kept(picked, budget if scope == "per_crop" else cap)
+    rows, selected = _packed_rows(config, picked, images, embeds, capacity)
+    kept = _kept(picked, budget if scope == "per_crop" else capacity)
     return rows, selected, StageOutput(candidates=candidates, kept=kept, relevance=packed_rel)
 
   feats = images.features if config.stage1_features == "vision" else embeds
@@ -232,7 +233,7 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
   if scope == "ratio":
     n = jnp.sum(candidate, axis=-1, dtype=jnp.int32)
     quota = jnp.round(budget * n / crops_lib.nominal_tokens(config, mc)).astype(jnp.int32)
-    keep = min(cap, candidate.shape[1])
+    keep = min(capacity, candidate.shape[1])
     order = selection.select_order(config.method, feats, keep=keep, relevance=rel, valid=candidate, key=key, **hp)
     rank = jnp.full(candidate.shape, keep, jnp.int32).at[rows_b, order].set(jnp.arange(keep, dtype=jnp.int32))
     selected = (rank < quota[:, None]) & candidate
@@ -244,9 +245,9 @@ def select(model, config: PruningConfig, images: VisualTokens, text, text_valid,
   else:
     kept = selection.select(config.method, feats, keep=budget, relevance=rel, valid=candidate, key=key, **hp)
     selected = jnp.zeros(candidate.shape, bool).at[rows_b, kept].set(True)
-  size = cap if scope == "ratio" else budget
+  size = capacity if scope == "ratio" else budget
   kept = _kept(selected, size)
-  rows, selected = _packed_rows(config, selected, images, embeds, cap)
+  rows, selected = _packed_rows(config, selected, images, embeds, capacity)
   return rows, selected, StageOutput(candidates=candidates, kept=kept, relevance=rel)
 
 

@@ -330,7 +330,7 @@ def test_default_ratios_give_the_papers_budgets():
   want = {"llava_next": [640, 320, 160], "llava_1_5": [128, 64, 32], "testbed": [40, 20, 10]}
   for name, budgets in want.items():
     nominal = backbones.get(plan.BACKBONES[name].model_type).nominal_tokens(configs[name])
-    got = plan._budgets(plan.RunConfig(backbone=name), nominal)  # pylint: disable=protected-access
+    got = plan._targets(plan.RunConfig(backbone=name), nominal)  # pylint: disable=protected-access
     assert [t for t, _ in got] == budgets, name
 
 

@@ -112,7 +112,7 @@ def test_pdrop_average_tokens_match_the_budget_and_small_budgets_have_no_protoco
   assert [layer for layer, _ in c.steps] == [2, 8, 16] and c.method == "pdrop"
   kept = [576] * 2 + [int(576 * r) for r, n in zip(c.stage2_ratios, (6, 8, 16)) for _ in range(n)]
   assert abs(sum(kept) / 32 - 64) < 3                  # PyramidDrop's "average visual tokens per layer"
-  with pytest.raises(pruning.NoProtocol, match="pdrop at T=32"):
+  with pytest.raises(pruning.NoProtocol, match="pdrop at target=32"):
     _cfg("pdrop", family="llava-1.5", target=32)
   with pytest.raises(pruning.NoProtocol, match="testbed"):
     _cfg("pdrop", family="testbed", target=20)
@@ -128,6 +128,6 @@ def test_sparsevlm_has_only_its_published_llava_1_5_settings():
 
 
 def test_a_budget_below_one_token_per_crop_is_named():
-  with pytest.raises(ValueError, match=r"T // 5 tokens per crop: T=4 leaves 0"):
+  with pytest.raises(ValueError, match=r"target // 5 tokens per crop: target=4 leaves 0"):
     _cfg("cdpruner", target=4)
   assert _cfg("cdpruner", target=4, scope="global").stage1_budget == 4

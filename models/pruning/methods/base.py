@@ -72,8 +72,8 @@ class Method(NamedTuple):
   overrides: the named overrides `protocol` accepts.
   unsupported: families the official code has no path for (`NoProtocol`).
   params: its hyperparameter class (None: derived from its `tops_jax` keywords, `params.PARAMS`).
-  budget_free: its first k picks are the same for every budget >= k, so data-dependent per-crop shares and per-row
-    counts can be cut from the front of one order.
+  budget_free: its first n picks are the same for every keep >= n, so data-dependent quotas and per-row counts can be
+    cut from the front of one order.
   variable_count: Stage II may keep a per-row count from the front of its order (`stage2_ratios`).
   stage2_only: prunes between decoder layers only, through its own `stage2_choose` (no `tops_jax.prune` entry).
   scores_previous_layer: under "before" timing its Stage II step reads the layer before the pruned one.
@@ -141,9 +141,10 @@ def stage1(target: int, o: dict[str, Any], *, scope: str = "global", grid: str =
 
 
 def check_per_crop(method: str, target: int, family: str, o: dict[str, Any], minimum: int = 1):
-  """The official per-crop layouts keep T // crops tokens per crop: refuse a T that leaves fewer than `minimum`."""
+  """The official per-crop layouts keep a quota of target // crops tokens per crop: refuse a target that leaves fewer
+  than `minimum`."""
   crops = o["crops"]
   official = anyres(family) and o.get("scope", "official") == "official" and o.get("visionzip_cls", True)
   if official and target // crops < minimum:
-    raise ValueError(f"{method}'s official layout keeps T // {crops} tokens per crop: T={target} leaves "
-                     f"{target // crops} (use a larger T or a global override such as scope=global)")
+    raise ValueError(f"{method}'s official layout keeps target // {crops} tokens per crop: target={target} leaves "
+                     f"{target // crops} (use a larger target or a global override such as scope=global)")

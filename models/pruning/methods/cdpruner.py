@@ -1,9 +1,10 @@
 """CDPruner: a DPP over the projector outputs conditioned on the CLIP text-image relevance; its official layout.
 
 Source: Theia-4869/CDPruner @9541616 `llava/model/llava_arch.py`: relevance = the negated CLIP text-image similarity
-min-max rescaled over all crops of the image (`tops_jax.relevance.clip_text_relevance`), T // 5 per crop among its 576
-tokens on LLaVA-NeXT; the picks go to the LLM on the padded canvas (base crop, then the grid canvas row-major), no
-unpadding and no newlines (its `prepare_inputs_labels_for_multimodal` strips "_unpad" from spatial_unpad).
+min-max rescaled over all crops of the image (`tops_jax.relevance.clip_text_relevance`), target // 5 per crop among
+its 576 tokens on LLaVA-NeXT; the picks go to the LLM on the padded canvas (base crop, then the grid canvas
+row-major), no unpadding and no newlines (its `prepare_inputs_labels_for_multimodal` strips "_unpad" from
+spatial_unpad).
 relevance="text" is the documented fallback without a CLIP checkpoint (`models.pruning.protocols`).
 """
 

@@ -1,7 +1,7 @@
 """DART (duplication-aware token reduction): its official count and protocol, and its Stage II inputs.
 
 Source: ZichenWen1/DART and its llmc port (`dart.py`): pruning before layer 2 (scored from layer 1's keys) to
-max_num_trunction = 4 + 8 floor(T / 8) tokens (`tops_jax.dart.kept_count`), original positions; pivots by the L1
+max_num_trunction = 4 + 8 floor(target / 8) tokens (`tops_jax.dart.kept_count`), original positions; pivots by the L1
 norm of the keys, the kept tokens the least similar to the pivots over the final-norm hidden states.
 """
 
@@ -14,7 +14,8 @@ __all__ = ["METHOD", "protocol", "stage2_inputs"]
 
 
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, Stage2]:
-  """Pruning before layer 2 to 4 + 8 floor(T / 8) tokens ("official") or T ("exact"), original positions."""
+  """Pruning before layer 2 to 4 + 8 floor(target / 8) tokens ("official") or `target` ("exact"), original
+  positions."""
   count = o.get("dart_count", "official")
   if count not in ("official", "exact"):
     raise ValueError(f"dart_count must be 'official' or 'exact', got {o['dart_count']!r}")

@@ -1,7 +1,7 @@
 """DivPrune: max-min diversity over the projector outputs; its official LLaVA-NeXT layout.
 
 Source: vbdi/divprune `LLaVA/llava/model/llava_arch.py`: the whole packed sequence (newlines too) is the candidate
-set, round(T / 2880 x its length) kept, packed order (the "ratio" layout with newline candidates).
+set, round(target / 2880 x its length) kept, packed order (the "ratio" layout with newline candidates).
 """
 
 from models.pruning.methods import base

@@ -1,6 +1,6 @@
-"""FastV: at layer K = 2, the attention of layer K - 1 from the last token to the visual tokens keeps T of them.
+"""FastV: before layer 2, the attention of layer 1 from the last token to the visual tokens keeps `target` of them.
 
-Source: pkunlp-icler/FastV (K = 2, last-token attention of layer K - 1, mean over heads; original positions).
+Source: pkunlp-icler/FastV (its K = 2: last-token attention of layer K - 1, mean over heads; original positions).
 """
 
 from models.pruning.methods import base

@@ -1,5 +1,5 @@
 """PyramidDrop: drop a fixed fraction of each image's tokens at the end of each stage, by the last instruction token's
-attention; its published layers and lambda, the lambda solved for a budget, and its protocol.
+attention; its published layers and lambda, the lambda solved for a target, and its protocol.
 
 Source: Cooperx521/PyramidDrop @6444f30 `modeling_llama_pdrop.py` (`pdrop_rank_drop`), scripts/v1_5 and v1_6
 pdrop_eval/*.sh; the author's answer on small budgets in issue #29.
@@ -17,10 +17,10 @@ __all__ = ["METHOD", "LAYERS", "LAMBDA", "schedule", "protocol"]
 # --image_token_ratio_list "[0.5,0.25,0.125]", i.e. lambda = 0.5 per stage, absolute layers (not scaled to depth).
 LAYERS = (8, 16, 24)
 LAMBDA = 0.5
-# The author's advice for budgets that (8, 16, 24) cannot reach (issue #29: "2, 8, 16" with lambda = 0.19 for about
+# The author's advice for targets that (8, 16, 24) cannot reach (issue #29: "2, 8, 16" with lambda = 0.19 for about
 # 64 of 576 tokens; any lambda > 0 on (8, 16, 24) keeps more than 8/32 of the tokens on average).
 _LOW_LAYERS = (2, 8, 16)
-# The token counts the TOPS tables' budgets are fractions of (METHODS.md section 4: NeXT's 5 x 576).
+# The token counts the TOPS tables' targets are fractions of (METHODS.md section 4: NeXT's 5 x 576).
 _BASE_TOKENS = {"llava": 576, "llava_next": 2880}
 
 
@@ -38,12 +38,12 @@ def schedule(num_layers: int, target: int | None = None, *, family: str = "llava
   image's n tokens, ranked by the attention of the last instruction token at layer l; contiguous positions.
 
   target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`).
-  target T: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L, the
-    measure of its Table 2, issue #22) equals T / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for "llava_next":
-    the TOPS tables' budgets; other families: `num_visual`). The paper's per-budget settings are not published; the
-    layers are (8, 16, 24) when they can reach T and otherwise the author's (2, 8, 16) (issue #29), and lambda solves
-    the continuous average equation, rounded to two decimals as the author reports it (T = 64 of 576 on 32 layers:
-    0.19, as in issue #29). `layers` and `lam` override.
+  target: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L, the
+    measure of its Table 2, issue #22) equals target / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for
+    "llava_next": the TOPS tables' targets; other families: `num_visual`). The paper's per-target settings are not
+    published; the layers are (8, 16, 24) when they can reach the target and otherwise the author's (2, 8, 16) (issue
+    #29), and lambda solves the continuous average equation, rounded to two decimals as the author reports it (target
+    64 of 576 on 32 layers: 0.19, as in issue #29). `layers` and `lam` override.
   num_visual: the most image tokens an image brings to the LLM (static keeps int(num_visual * ratio); LLaVA-NeXT:
     `model.config.max_image_tokens`, so that every image's own int(n * ratio) fits); default N_family.
   """
@@ -81,8 +81,8 @@ def schedule(num_layers: int, target: int | None = None, *, family: str = "llava
 
 
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, Stage2]:
-  """PyramidDrop's published layers (8, 16, 24) (or its author's (2, 8, 16) for small budgets) with the lambda whose
-  average kept tokens per layer is T (`schedule`)."""
+  """PyramidDrop's published layers (8, 16, 24) (or its author's (2, 8, 16) for small targets) with the lambda whose
+  average kept tokens per layer is `target` (`schedule`)."""
   num_visual = o.get("num_visual")
   if family == "testbed" and "layers" not in o:
     raise base_lib.NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the "
@@ -91,7 +91,7 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
     stage2 = schedule(num_layers, target, family=family, num_visual=num_visual, layers=o.get("layers"),
                       lam=o.get("lam") if "layers" in o and target is None else None)
   except ValueError as e:
-    raise base_lib.NoProtocol(f"pdrop at T={target} on {num_layers} layers: {e}") from None
+    raise base_lib.NoProtocol(f"pdrop at target={target} on {num_layers} layers: {e}") from None
   if o.get("hparams"):
     stage2 = dataclasses.replace(stage2, params=dict(stage2.params, **o["hparams"]))
   return None, stage2

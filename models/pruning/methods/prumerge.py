@@ -1,8 +1,9 @@
-"""PruMerge+: the last CLIP layer's full-width CLS attention keeps T/2 tokens by attention and T/2 strided (its
-fixed-count branch), each merged with its nearest tokens by key, then one extra token for the rest; LLaVA-1.5 only.
+"""PruMerge+: the last CLIP layer's full-width CLS attention keeps target / 2 tokens by attention and target / 2
+strided (its fixed-count branch), each merged with its nearest tokens by key, then one extra token for the rest;
+LLaVA-1.5 only.
 
 Source: 42Shawn/LLaVA-PruMerge `clip_encoder.py` (`tops_jax.prumerge` reads it). `mode="adaptive"`: the released
-inference path's IQR-adaptive count, T the static upper bound.
+inference path's IQR-adaptive count, the target its static upper bound.
 """
 
 import jax

@@ -1,7 +1,7 @@
 """SCOPE: CLS attention^alpha times the facility-location coverage gain over CLIP layer -2 features; its layout.
 
-Source: kinredon/SCOPE `scope/clip_encoder.py`, `llava_arch.py`: int(T / crops) per real crop over the padded crops,
-no unpadding, no newlines; base crop, then the grid canvas row-major.
+Source: kinredon/SCOPE `scope/clip_encoder.py`, `llava_arch.py`: int(target / crops) per real crop over the padded
+crops, no unpadding, no newlines; base crop, then the grid canvas row-major.
 """
 
 from models.pruning.methods import base

@@ -1,5 +1,5 @@
 """The methods without an official LLaVA-NeXT layout: TrimTokenator (its code is not public), random and spatial
-pooling (the sanity floors). T per image, globally."""
+pooling (the sanity floors). `target` per image, globally."""
 
 from models.pruning.methods import base
 from models.pruning.modes import Stage1

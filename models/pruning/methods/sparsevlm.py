@@ -50,7 +50,8 @@ SCHEDULES: dict[tuple[str, str, int], sparsevlm_lib.Schedule] = {
 
 
 def schedule(family: str, budget: int, version: str = "v1") -> sparsevlm_lib.Schedule:
-  """The official layers and counts of `version` ("v1" rank based, "v1.5" fixed counts) for a published budget."""
+  """The official layers and counts of `version` ("v1" rank based, "v1.5" fixed counts) for a published target
+  (`budget`: SparseVLM's "equal token number", the kept tokens per layer on average)."""
   if version not in ("v1", "v1.5"):
     raise ValueError(f"sparsevlm schedule: version must be 'v1' or 'v1.5', got {version!r}")
   family = base.family(family)
@@ -69,7 +70,7 @@ def schedule(family: str, budget: int, version: str = "v1") -> sparsevlm_lib.Sch
 
 @dataclasses.dataclass(frozen=True)
 class SparseVLMParams(Params):
-  """The official setting the steps follow."""
+  """The official setting the steps follow (`budget`: its target, as `schedule` names it)."""
   version: Literal["v1", "v1.5"] = "v1"
   budget: int = 192
 
@@ -91,7 +92,8 @@ def stage2(num_layers: int, target: int = 192, *, version: str = "v1",
   settings, v1.5 after layers 2, 6, 15 with fixed counts; raters chosen once from the input embeddings, timing
   "after", contiguous positions, recycled tokens inserted after the kept ones. `target` names the official setting
   (its mean visual tokens per layer). The keeps are static bounds on the kept counts over every prompt (v1: rank
-  <= min(T, N) with T = N), for images of at most `num_visual` tokens; the driver tightens them per batch.
+  <= min(A, N) with A = N text tokens), for images of at most `num_visual` tokens; the driver tightens them per
+  batch.
   """
   plan = schedule("llava", target, version)
   layers = tuple(step.layer for step in plan.steps)
@@ -107,7 +109,7 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
   try:
     return None, stage2(num_layers, target, version=o.get("version", "v1"), num_visual=o.get("num_visual", 576))
   except ValueError as e:
-    raise base.NoProtocol(f"sparsevlm at T={target} on {num_layers} layers: {e}") from None
+    raise base.NoProtocol(f"sparsevlm at target={target} on {num_layers} layers: {e}") from None
 
 
 def check(config):

@@ -1,8 +1,8 @@
 """TOPS (Token Optimal Preservation Sets): the paper's schedule and (alpha, lambda) table, its only hooks.
 
 Source: arXiv 2606.27161, Algorithms 1-2 and the schedule / hyperparameter tables (METHODS.md section 1). Stage I
-N -> 2T with CLS relevance and (alpha, lambda) = (0.5, 0.5); Stage II at round(12/32 L) -> T and round(24/32 L) ->
-T // 4 with text-rater relevance, contiguous positions and the per-backbone values of `STAGE2`.
+N -> 2 target with CLS relevance and (alpha, lambda) = (0.5, 0.5); Stage II at round(12/32 L) -> target and
+round(24/32 L) -> target // 4 with text-rater relevance, contiguous positions and the per-backbone values of `STAGE2`.
 """
 
 import dataclasses
@@ -13,7 +13,7 @@ from models.pruning.modes import Layout, Stage1, Stage2
 __all__ = ["METHOD", "STAGE2", "layers", "schedule", "protocol"]
 
 # TOPS Stage II (alpha, lambda) from the paper (its hyperparameter table: LLaVA-1.5-7B / 13B, LLaVA-NeXT-7B / 13B), by
-# (backbone, decoder layers) and then target T.
+# (backbone, decoder layers) and then target.
 STAGE2 = {
     ("llava", 32): {128: (0.5, 0.5), 64: (0.5, 1.0), 32: (0.5, 1.0)},
     ("llava", 40): {128: (0.5, 0.4), 64: (0.5, 0.4), 32: (0.5, 0.4)},
@@ -35,22 +35,23 @@ def schedule(num_layers: int, target: int, *, family: str = "llava", stage1_alph
                   stage1_lam: float = 0.5, stage2_alpha: float | None = None, stage2_lam: float | None = None,
                   stage1_scope: str = "global", newlines: str = "drop", raters: str = "attention",
                   timing: str = "before") -> tuple[Stage1, Stage2]:
-  """The TOPS schedule for target T: Stage I N -> 2T, layer round(12/32 L): -> T, layer round(24/32 L): -> T // 4.
+  """The TOPS schedule for `target`: Stage I N -> 2 target, layer round(12/32 L): -> target, layer round(24/32 L):
+  -> target // 4.
 
   Stage I uses (alpha, lambda) = (0.5, 0.5) and CLS relevance; Stage II the paper's per-model values (LLaVA-1.5-7B:
-  (0.5, 0.5) at T=128, (0.5, 1.0) at 64 and 32; 13B (0.5, 0.4); NeXT-7B (0.5, 0.5) / (0.5, 0.4) / (0.5, 0.5) at
+  (0.5, 0.5) at target 128, (0.5, 1.0) at 64 and 32; 13B (0.5, 0.4); NeXT-7B (0.5, 0.5) / (0.5, 0.4) / (0.5, 0.5) at
   640 / 320 / 160; NeXT-13B (0.5, 0.5)) with text-rater relevance and contiguous positions. Other models and
   targets need `stage2_alpha` and `stage2_lam`. `raters` and `timing` (the `stage2_raters` / `stage2_timing`
   fields) default to the paper's reading (`models.pruning.stage2` argues it); "sparsevlm" / "after" are the
   SparseVLM code's, for ablations.
   """
   if not isinstance(target, int) or target < 4:
-    raise ValueError(f"target T must be an int >= 4 (the last Stage II step keeps T // 4), got {target!r}")
+    raise ValueError(f"target must be an int >= 4 (the last Stage II step keeps target // 4), got {target!r}")
   l1, l2 = layers(num_layers)
   paper = STAGE2.get((base.family(family), num_layers), {}).get(target)
   if stage2_alpha is None or stage2_lam is None:
     if paper is None:
-      raise ValueError(f"no paper Stage II setting for family={family!r}, {num_layers} layers, T={target}; "
+      raise ValueError(f"no paper Stage II setting for family={family!r}, {num_layers} layers, target={target}; "
                        "pass stage2_alpha and stage2_lam")
     stage2_alpha = paper[0] if stage2_alpha is None else stage2_alpha
     stage2_lam = paper[1] if stage2_lam is None else stage2_lam

@@ -2,10 +2,10 @@
 vision space; its official split, LLaVA-NeXT layout and order, and its Stage I hooks.
 
 Source: dvlab-research/VisionZip `visionzip/main.py`, `llava_arch.py`: per crop [CLS, dominant, contextual] with
-T // 5 tokens per crop on LLaVA-NeXT (54 : 10 of every 64, CLS counted in dominant: `tops_jax.visionzip.split`),
+target // 5 tokens per crop on LLaVA-NeXT (54 : 10 of every 64, CLS counted in dominant: `tops_jax.visionzip.split`),
 merged in the vision space then projected; the rows go to the LLM as base crop, grid dominant tokens (canvas
 row-major), grid CLS tokens, grid contextual tokens (`tops_jax.visionzip.next_order`). `visionzip_cls=False` (ours):
-T patch tokens globally (`tops_jax.prune.merge("visionzip")` over the vision features with the tower's keys).
+`target` patch tokens globally (`tops_jax.prune.merge("visionzip")` over the vision features with the tower's keys).
 """
 
 import jax
@@ -22,16 +22,17 @@ from tops_jax import visionzip as visionzip_lib
 __all__ = ["METHOD", "SPLITS", "protocol", "split"]
 
 
-def split(per_crop: int) -> dict[str, int]:
-  """VisionZip's official (dominant, contextual) for `per_crop` tokens, CLS counted in dominant: 54 : 10 of 64."""
-  dominant, contextual = visionzip_lib.split(per_crop)
+def split(quota: int) -> dict[str, int]:
+  """VisionZip's official (dominant, contextual) for a crop's `quota`, CLS counted in dominant: 54 : 10 of 64."""
+  dominant, contextual = visionzip_lib.split(quota)
   return {"dominant": dominant, "contextual": contextual}
 
 
-# The published settings (README, eval scripts): per image on LLaVA-1.5, per crop (T // 5) on LLaVA-NeXT.
+# The published settings (README, eval scripts), by target: per image on LLaVA-1.5 ((54, 10), (108, 20), (162, 30)),
+# per crop on LLaVA-NeXT, a quota of target // 5 ((108, 20), (54, 10), (27, 5)).
 SPLITS = {
-    "llava": {t: visionzip_lib.split(t) for t in (64, 128, 192)},             # (54, 10), (108, 20), (162, 30)
-    "llava_next": {t: visionzip_lib.split(t // 5) for t in (640, 320, 160)},  # (108, 20), (54, 10), (27, 5)
+    "llava": {target: visionzip_lib.split(target) for target in (64, 128, 192)},
+    "llava_next": {target: visionzip_lib.split(target // 5) for target in (640, 320, 160)},
 }
 
 
@@ -55,8 +56,8 @@ def _rows(model, config, images: VisualTokens, key, hp) -> Rows:
   b, p, t, dv = feats.shape
   dominant, contextual = int(hp["dominant"]), int(hp["contextual"])
   quota = crops_lib.per_crop_quota(config, model.config)
-  if dominant + contextual != quota:        # the rows must fill exactly the layout's static per-crop share
-    raise ValueError(f"visionzip_cls: dominant + contextual = {dominant + contextual} must equal the per-crop budget "
+  if dominant + contextual != quota:        # the rows must fill exactly the layout's static quota
+    raise ValueError(f"visionzip_cls: dominant + contextual = {dominant + contextual} must equal the crop's quota "
                      f"stage1_budget // stage1_crops = {config.stage1_budget} // "
                      f"{nominal_crops(config, model.config)} = {quota}")
   if quota > t:
@@ -65,15 +66,14 @@ def _rows(model, config, images: VisualTokens, key, hp) -> Rows:
   tokens, source, kind = visionzip_lib.compress(
       flat(feats), flat(images.group_relevance.get("cls")), flat(images.group_keys),
       flat(images.extras["cls_features"]), jnp.ones((b * p, t), bool), dominant=dominant, contextual=contextual)
-  k = dominant + contextual
-  kind, source = kind.reshape(b, p, k), source.reshape(b, p, k)
+  kind, source = kind.reshape(b, p, quota), source.reshape(b, p, quota)
   side = int(round(t ** 0.5))
   perm, valid = jax.vmap(lambda kd, src, g, cv: visionzip_lib.next_order(kd, src, g, cv, side=side))(
       kind, source, images.grid, images.group_valid)
   order = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)
-  tokens = order(tokens.reshape(b, p * k, dv))
-  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, k))
-  flat_src = jnp.where(source >= 0, crop * t + source, -1).reshape(b, p * k)
+  tokens = order(tokens.reshape(b, p * quota, dv))
+  crop = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :, None], (b, p, quota))
+  flat_src = jnp.where(source >= 0, crop * t + source, -1).reshape(b, p * quota)
   slot = jnp.where(flat_src >= 0,
                    jnp.take_along_axis(crops_lib.slot_of_source(images), jnp.maximum(flat_src, 0), axis=-1), -1)
   slot = order(slot)

@@ -1,7 +1,7 @@
 """VisPruner: CLS-attention important tokens plus diverse tokens from the rest; CDPruner's padded-canvas layout.
 
-Source: Theia-4869/VisPruner @aefa01a `llava/model/llava_arch.py`: layer -2 features, half of each crop's budget by
-CLS attention, T // 5 per crop on LLaVA-NeXT, the same "_unpad" strip as CDPruner (no unpadding, no newlines).
+Source: Theia-4869/VisPruner @aefa01a `llava/model/llava_arch.py`: layer -2 features, half of each crop's quota by
+CLS attention, target // 5 per crop on LLaVA-NeXT, the same "_unpad" strip as CDPruner (no unpadding, no newlines).
 """
 
 from models.pruning.methods import base

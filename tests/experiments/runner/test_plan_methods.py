@@ -24,7 +24,7 @@ def _resolve(model, tmp_path, **fields):
 
 def test_every_run_is_the_methods_official_protocol(model, tmp_path):
   _, runs = _resolve(model, tmp_path)
-  by_method = {r.method: r for r in runs if r.budget}
+  by_method = {r.method: r for r in runs if r.target}
   assert set(by_method) == {m for m in plan.RUNNABLE if pruning.supports(m, "testbed")} - {"pdrop"}
   assert "prumerge_plus" not in by_method and "vispruner" in by_method   # PruMerge+ is LLaVA-1.5 only
   layers = model.config.text.num_hidden_layers
@@ -46,7 +46,7 @@ def test_testbed_cdpruner_runs_the_labelled_fallback(model, tmp_path):
 def test_overrides_reach_the_config(model, tmp_path):
   _, runs = _resolve(model, tmp_path, methods=("divprune", "dart"),
                      overrides=("divprune.scope=global", "dart.dart_count=exact"))
-  configs = {r.method: r.config for r in runs if r.budget}
+  configs = {r.method: r.config for r in runs if r.target}
   assert (configs["divprune"].stage1_scope, configs["divprune"].newlines) == ("global", "drop")
   assert configs["dart"].steps == ((2, 20),)
 
