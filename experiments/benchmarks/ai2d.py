@@ -18,7 +18,7 @@ from experiments.benchmarks import base, choices, rowio
 __all__ = ["TASKS", "prompt"]
 
 SPLIT = "test"
-COLUMNS = ("question", "options", "answer")
+COLUMNS = {"question": rowio.PROMPT, "options": rowio.PROMPT_TEXTS, "answer": rowio.INT}
 
 
 def prompt(question: str, options: Sequence[str]) -> str:
@@ -31,14 +31,11 @@ def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.
     options = row["options"]
     if not options or len(options) > len(choices.LETTERS):
       raise ValueError(f"{where}: options {options!r} is not a list of 1 to 26 options")
-    try:
-      answer = int(row["answer"])
-    except (TypeError, ValueError):
-      answer = None
-    if answer is None or not 0 <= answer < len(options):
+    answer = row["answer"]
+    if not 0 <= answer < len(options):
       raise ValueError(f"{where}: answer {row['answer']!r} is not an index into its {len(options)} options")
     yield base.Example(question_id=str(position), image=image, text=prompt(row["question"], options),
-                       target=choices.LETTERS[answer], meta={"num_options": len(options)})
+                       target=choices.LETTERS[answer], meta={"num_options": len(options)}, source=where)
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:

@@ -12,9 +12,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PROTOCOLS", "Example", "Task", "decode_image", "parser_by_protocol"]
+from experiments.benchmarks import parquet
+
+__all__ = ["PROTOCOLS", "IMAGE_TOKEN", "Example", "Task", "decode_image", "parser_by_protocol"]
 
 PROTOCOLS = ("llava", "lmms_eval")
+IMAGE_TOKEN = "<image>"   # the processors expand it into the image's features: no question may hold it
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -53,12 +56,14 @@ class Example:
   text: the user turn's text after the image for the protocol (question, options, hint, suffix), no template.
   target: what `Task.score` compares a prediction with (JSON-serialisable: a string, a list of answers, a letter).
   meta: everything else scoring or grouping needs (JSON-serialisable): category, split, image id, group index.
+  source: where the example was read ("file row i"), for messages; no row stores it.
   """
   question_id: str
   image: np.ndarray | None
   text: str
   target: Any
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +78,15 @@ class Task:
   max_new_tokens: per protocol; stop: stop strings of the generation (cut from the raw text before parsing).
   image_aspect: per protocol, "original" where the official task overrides LLaVA-1.5's pad-to-square, else "pad".
   examples(data_dir, protocol, with_images) -> Iterator[Example]: streams the split (memory independent of length);
-    raises ValueError naming the file (and column or row) for a missing split or shard, a missing column, a corrupt
-    image, an empty split.
+    raises ValueError naming the file (and column or row) for a missing split, an incomplete or mixed shard set, a
+    missing column, a field that is null, of the wrong type or not UTF-8, a question holding "<image>", an id used
+    twice, a corrupt image, an empty split (`rowio.split_rows`).
   parse(generation, example_meta, protocol) -> str: the answer the metric reads from a raw generation.
   score(rows, protocol) -> dict[str, float]: the task's metrics from rows {"question_id", "prediction" (raw
     generation), "target", "meta"}; the keys are what the summary tables and `experiments.score` print.
   judged: True when no local metric exists (MM-Vet): `score` then reports counts only, and the predictions file is
     what the judge scripts take.
+  also_reads: the other (config, split)s `examples` reads with images (GQA's images config).
   """
   name: str
   repo: str
@@ -95,3 +102,9 @@ class Task:
   parse: Callable[[str, Mapping[str, Any], str], str]
   score: Callable[[Sequence[Mapping[str, Any]], str], dict[str, float]]
   judged: bool = False
+  also_reads: tuple[tuple[str | None, str], ...] = ()
+
+  def data_files(self, data_dir: str) -> list[str]:
+    """Every parquet file `examples(data_dir, ...)` reads, its shard sets checked (`parquet.split_files`)."""
+    return [path for config, split in ((self.config, self.split),) + self.also_reads
+            for path in parquet.split_files(data_dir, config, split)]

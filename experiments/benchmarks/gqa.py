@@ -27,7 +27,7 @@ import collections
 import string
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet
+from experiments.benchmarks import base, parquet, rowio
 
 __all__ = ["SUFFIX", "IMAGE_CACHE_BYTES", "TASKS", "parse_llava", "parse_lmms_eval", "ImageLookup"]
 
@@ -35,6 +35,7 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 INSTRUCTIONS, IMAGES, SPLIT = "testdev_balanced_instructions", "testdev_balanced_images", "testdev"
 IMAGE_CACHE_BYTES = 256 << 20
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_COLUMNS = {"id": rowio.ID, "imageId": rowio.TEXT, "question": rowio.PROMPT, "answer": rowio.TEXT}
 
 
 def parse_llava(generation: str) -> str:
@@ -111,22 +112,20 @@ class ImageLookup:
 
 
 def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.Example]:
-  if protocol not in base.PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  files = parquet.split_files(data_dir, INSTRUCTIONS, SPLIT)
+  rowio.check_protocol(protocol)
   images = ImageLookup(parquet.split_files(data_dir, IMAGES, SPLIT)) if with_images else None
-  for path, index, row in parquet.iter_rows(files, ["id", "imageId", "question", "answer"]):
-    where = f"{path} row {index}"
+  for _, where, row, _ in rowio.split_rows(data_dir, INSTRUCTIONS, SPLIT, _COLUMNS, False, "id"):
     image = None
     if images is not None:
       image = base.decode_image(images(row["imageId"], where), f"{where} (imageId {row['imageId']!r})")
-    yield base.Example(question_id=str(row["id"]), image=image, text=row["question"] + SUFFIX, target=row["answer"],
-                       meta={"image_id": row["imageId"]})
+    yield base.Example(question_id=row["id"], image=image, text=row["question"] + SUFFIX, target=row["answer"],
+                       meta={"image_id": row["imageId"]}, source=where)
 
 
 TASKS = {
     "gqa": base.Task(
         name="gqa", repo="lmms-lab/GQA", folder="GQA", config=INSTRUCTIONS, split=SPLIT, num_rows=12578,
         id_source="id", max_new_tokens={"llava": 128, "lmms_eval": 16}, stop=(),
-        image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples, parse=_parse, score=_score),
+        image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples, parse=_parse, score=_score,
+        also_reads=((IMAGES, SPLIT),)),
 }

@@ -35,7 +35,8 @@ from experiments.benchmarks import base, rowio
 __all__ = ["TASKS", "process_punctuation", "yorn_extraction", "hallusion_rating"]
 
 SPLIT = "image"
-COLUMNS = ("category", "subcategory", "set_id", "figure_id", "question_id", "question", "gt_answer")
+COLUMNS = {"category": rowio.TEXT, "subcategory": rowio.TEXT, "set_id": rowio.TEXT, "figure_id": rowio.TEXT,
+           "question_id": rowio.TEXT, "question": rowio.PROMPT, "gt_answer": rowio.ANY}
 LLAVA_SUFFIX = "\nPlease answer yes or no."
 ANSWERS = {"1": "Yes", "0": "No"}
 
@@ -95,7 +96,7 @@ def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.
     yield base.Example(question_id=str(position), image=image, text=text, target=ANSWERS[row["gt_answer"]],
                        meta={"category": row["category"], "l2_category": row["subcategory"],
                              "set_id": row["set_id"], "figure_id": row["figure_id"],
-                             "dataset_question_id": row["question_id"]})
+                             "dataset_question_id": row["question_id"]}, source=where)
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:

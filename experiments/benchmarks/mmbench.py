@@ -37,7 +37,8 @@ __all__ = ["TASKS", "prompt", "answer"]
 
 SPLIT = "dev"
 OPTION_LETTERS = "ABCD"
-COLUMNS = ("index", "question", "hint", "answer", *OPTION_LETTERS, "category", "L2-category")
+COLUMNS = {"index": rowio.INT, "question": rowio.PROMPT, "hint": rowio.OPTIONAL_PROMPT, "answer": rowio.TEXT,
+           **{c: rowio.OPTIONAL_PROMPT for c in OPTION_LETTERS}, "category": rowio.ANY, "L2-category": rowio.ANY}
 LMMS_EVAL_OPTIONS = "There are several options:"
 POST_PROMPT = {"lmms_eval": {"en": "\nAnswer with the option's letter from the given choices directly.",
                              "cn": "\n请直接使用所提供的选项字母作为答案回答。"},
@@ -82,17 +83,14 @@ def answer(generation: str, options: Mapping[str, str]) -> str:
 def _examples(lang: str):
   def examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.Example]:
     rowio.check_protocol(protocol)
-    for _, where, row, image in rowio.split_rows(data_dir, lang, SPLIT, COLUMNS, with_images):
-      try:
-        index = int(row["index"])
-      except (TypeError, ValueError):
-        raise ValueError(f"{where}: index {row['index']!r} is not an integer") from None
+    for _, where, row, image in rowio.split_rows(data_dir, lang, SPLIT, COLUMNS, with_images, "index"):
+      index = row["index"]
       options = {c: row[c] for c in OPTION_LETTERS if not _null(row[c])}     # build_choices: what is not NaN
       if row["answer"] not in options:
         raise ValueError(f"{where}: answer {row['answer']!r} is not one of the options {sorted(options)}")
       yield base.Example(question_id=str(index), image=image, text=prompt(row, lang, protocol), target=row["answer"],
                          meta={"index": index, "options": options, "category": row["category"],
-                               "l2_category": row["L2-category"]})
+                               "l2_category": row["L2-category"]}, source=where)
   return examples
 
 

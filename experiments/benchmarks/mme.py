@@ -27,7 +27,7 @@ Protocols (read at lmms-eval 75571cf `tasks/mme/utils.py` + mme.yaml; LLaVA c121
 import collections
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet
+from experiments.benchmarks import base, rowio
 
 __all__ = ["SUFFIX", "PERCEPTION", "COGNITION", "TASKS", "parse_llava", "parse_lmms_eval", "mme_scores"]
 
@@ -35,6 +35,7 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 _DROPPED = " Please answer yes or no."
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+_COLUMNS = {"question_id": rowio.TEXT, "question": rowio.PROMPT, "answer": rowio.TEXT, "category": rowio.TEXT}
 
 
 def _first_four(text: str) -> str:
@@ -89,20 +90,16 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
 
 
 def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.Example]:
-  if protocol not in base.PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  columns = ["question_id", "question", "answer", "category"] + (["image"] if with_images else [])
-  position = 0
-  for path, index, row in parquet.iter_rows(parquet.split_files(data_dir, None, "test"), columns):
-    where = f"{path} row {index}"
-    answer = (row["answer"] or "").lower().strip().replace(".", "")
+  rowio.check_protocol(protocol)
+  for position, where, row, image in rowio.split_rows(data_dir, None, "test", _COLUMNS, with_images):
+    answer = row["answer"].lower().strip().replace(".", "")
     if answer not in ("yes", "no"):
       raise ValueError(f"{where}: answer {row['answer']!r} is not yes/no")
-    image = base.decode_image(parquet.image_bytes(row["image"], where), where) if with_images else None
+    if row["category"] not in PERCEPTION + COGNITION:   # the scores group by it: named now, not after the split ran
+      raise ValueError(f"{where}: category {row['category']!r} is not an MME category")
     text = row["question"].strip().replace(_DROPPED, "") + SUFFIX
     yield base.Example(question_id=str(position), image=image, text=text, target=answer,
-                       meta={"category": row["category"], "image": row["question_id"]})
-    position += 1
+                       meta={"category": row["category"], "image": row["question_id"]}, source=where)
 
 
 TASKS = {

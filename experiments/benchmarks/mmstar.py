@@ -21,7 +21,8 @@ from experiments.benchmarks import base, choices, rowio
 __all__ = ["TASKS", "prompt", "mean_of_l2_means"]
 
 CONFIG, SPLIT = "mmstar", "val"
-COLUMNS = ("index", "question", "answer", "category", "l2_category")
+COLUMNS = {"index": rowio.ID, "question": rowio.PROMPT, "answer": rowio.TEXT, "category": rowio.TEXT,
+           "l2_category": rowio.TEXT}
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly"
 LETTERS = ["A", "B", "C", "D"]
 
@@ -40,12 +41,12 @@ def mean_of_l2_means(items: Sequence[tuple[str, float]]) -> float:
 
 def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.Example]:
   rowio.check_protocol(protocol)
-  for _, where, row, image in rowio.split_rows(data_dir, CONFIG, SPLIT, COLUMNS, with_images):
-    if not isinstance(row["answer"], str) or row["answer"].strip().upper() not in LETTERS:
+  for _, where, row, image in rowio.split_rows(data_dir, CONFIG, SPLIT, COLUMNS, with_images, "index"):
+    if row["answer"].strip().upper() not in LETTERS:
       raise ValueError(f"{where}: answer {row['answer']!r} is not a letter A-D")
-    yield base.Example(question_id=str(row["index"]), image=image, text=prompt(row["question"]),
+    yield base.Example(question_id=row["index"], image=image, text=prompt(row["question"]),
                        target=row["answer"].strip().upper(),
-                       meta={"category": row["category"], "l2_category": row["l2_category"]})
+                       meta={"category": row["category"], "l2_category": row["l2_category"]}, source=where)
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:

@@ -26,7 +26,7 @@ from experiments.benchmarks import base, rowio
 __all__ = ["TASKS", "PRE_PROMPT", "judge_key", "judge_predictions", "write_judge_file"]
 
 SPLIT = "test"
-COLUMNS = ("question_id", "question", "answer", "capability")
+COLUMNS = {"question_id": rowio.ID, "question": rowio.PROMPT, "answer": rowio.TEXT, "capability": rowio.ANY}
 PRE_PROMPT = ("First please perform reasoning, and think step by step to provide best answer to the following "
               "question: \n\n")
 NUM_ROWS = 218
@@ -70,14 +70,14 @@ def write_judge_file(rows: Sequence[Mapping[str, Any]], path: str, expected: int
 
 def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.Example]:
   rowio.check_protocol(protocol)
-  for _, where, row, image in rowio.split_rows(data_dir, None, SPLIT, COLUMNS, with_images):
+  for _, where, row, image in rowio.split_rows(data_dir, None, SPLIT, COLUMNS, with_images, "question_id"):
     try:
       judge_key(row["question_id"])
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
     text = (PRE_PROMPT if protocol == "lmms_eval" else "") + row["question"]
-    yield base.Example(question_id=str(row["question_id"]), image=image, text=text, target=row["answer"],
-                       meta={"capability": row["capability"]})
+    yield base.Example(question_id=row["question_id"], image=image, text=text, target=row["answer"],
+                       meta={"capability": row["capability"]}, source=where)
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:

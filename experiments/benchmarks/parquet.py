@@ -19,20 +19,29 @@ Without that yaml the hub's own defaults apply, and `split_files` tries them in 
 (the layout of the hub's `refs/convert/parquet` branch, `Full/adversarial/0000.parquet`), where `dir` is the config's
 folder, or for the default config `data/` and then the root.
 
+A split's shard set is checked whichever way it was found: every card pattern must match a file (a path the card
+names exactly must exist), and the shards named `{stem}-NNNNN-of-MMMMM.parquet` of one stem must be one complete
+download: one count M and every index below it. A missing shard would shrink the split unseen, and an older download
+left beside a newer one (`test-00000-of-00001` beside `test-0000{0,1}-of-00002`) would read every row twice.
+
 Rows stream: `iter_rows` reads one small record batch of the needed columns at a time (pyarrow decodes one row group
 of those columns beneath it), so memory does not grow with the split.
 """
 
+import collections
 import glob
+import hashlib
+import json
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
-__all__ = ["BATCH_ROWS", "split_files", "iter_rows", "image_bytes"]
+__all__ = ["BATCH_ROWS", "split_files", "fingerprint", "iter_rows", "image_bytes"]
 
 BATCH_ROWS = 16  # rows per record batch: a batch of images is a few MB, not the split
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
+_SHARD = re.compile(r"(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet")
 
 
 def _readme_configs(data_dir: str) -> list[Mapping[str, Any]] | None:
@@ -53,8 +62,10 @@ def _readme_configs(data_dir: str) -> list[Mapping[str, Any]] | None:
   return configs if isinstance(configs, list) else None
 
 
-def _config_patterns(configs: Sequence[Mapping[str, Any]], config: str | None, split: str, readme: str) -> list[str]:
-  """The data_files globs of (config, split) in the card's `configs:` yaml; ValueError listing what the card has."""
+def _config_patterns(configs: Sequence[Mapping[str, Any]], config: str | None, split: str,
+                     readme: str) -> tuple[list[str], bool]:
+  """The data_files globs of (config, split) in the card's `configs:` yaml, and whether each must match a file (the
+  card lists them; not so for the default names within a `data_dir:`); ValueError listing what the card has."""
   name = config or "default"
   by_name = {c.get("config_name", "default"): c for c in configs}
   if name not in by_name:
@@ -62,7 +73,7 @@ def _config_patterns(configs: Sequence[Mapping[str, Any]], config: str | None, s
   data_files = by_name[name].get("data_files", [])
   if not data_files and by_name[name].get("data_dir"):  # `data_dir:` instead of globs: the default names within it
     folder = by_name[name]["data_dir"]
-    return [f"{folder}/{split}-*.parquet", f"{folder}/{split}.parquet", f"{folder}/{split}/*.parquet"]
+    return [f"{folder}/{split}-*.parquet", f"{folder}/{split}.parquet", f"{folder}/{split}/*.parquet"], False
   if isinstance(data_files, Mapping):  # {split: globs}
     entries = [{"split": k, "path": v} for k, v in data_files.items()]
   elif isinstance(data_files, str) or (data_files and not isinstance(data_files[0], Mapping)):
@@ -75,7 +86,7 @@ def _config_patterns(configs: Sequence[Mapping[str, Any]], config: str | None, s
     splits[entry.get("split", "train")] = [paths] if isinstance(paths, str) else list(paths)
   if split not in splits:
     raise ValueError(f"{readme}: config {name!r} has no split {split!r} (splits: {sorted(splits)})")
-  return splits[split]
+  return splits[split], True
 
 
 def _default_patterns(config: str | None, split: str) -> list[list[str]]:
@@ -108,29 +119,79 @@ def _listing(data_dir: str, config: str | None) -> str:
   return "; ".join(seen) if seen else "(the directory does not exist)"
 
 
+def _check_shards(files: Sequence[str], data_dir: str, where: str) -> None:
+  """ValueError naming `where` (the split), the missing shards and the extra ones unless each stem's
+  `-NNNNN-of-MMMMM` shards are one complete set. Where a stem has shards of several counts, the count with the most
+  of its shards present (then the larger) is the download; every other shard is extra."""
+  found: dict[tuple[str, str], dict[int, set[int]]] = collections.defaultdict(lambda: collections.defaultdict(set))
+  for path in files:
+    match = _SHARD.fullmatch(os.path.basename(path))
+    if match:
+      found[(os.path.dirname(path), match["stem"])][int(match["count"])].add(int(match["index"]))
+  missing, extra = [], []
+  for (folder, stem), counts in sorted(found.items()):
+    count = max(counts, key=lambda n: (len(counts[n] & set(range(n))), n))
+    name = lambda i, n, folder=folder, stem=stem: os.path.relpath(
+        os.path.join(folder, f"{stem}-{i:05d}-of-{n:05d}.parquet"), data_dir)
+    missing += [name(i, count) for i in range(count) if i not in counts[count]]
+    extra += [name(i, n) for n in sorted(counts) for i in sorted(counts[n]) if n != count or i >= count]
+  if missing or extra:
+    raise ValueError(f"{where}: the parquet shards are not one complete download: missing {missing}, extra {extra} "
+                     "(a shard absent, or an older download's shards beside the newer ones); fix the snapshot "
+                     "(re-download the split, delete the stale shards)")
+
+
 def split_files(data_dir: str, config: str | None, split: str) -> list[str]:
   """The sorted parquet shards of (config, split) in a snapshot (config None: the default config).
 
   Reads the layout from the README.md `configs:` yaml where there is one, else tries the hub's default layouts (the
   module docstring). Shards sort by name, so `-00000-of-00003` comes first: the row order is the hub's.
-  Raises ValueError naming the directory, the config and split, and what is there when nothing matches.
+  Raises ValueError naming the directory, the config and split, and what is there when nothing matches; naming the
+  card's patterns that match nothing; naming the missing and the extra shards of an incomplete or mixed shard set.
   """
   where = f"{data_dir} (config {config or 'default'!r}, split {split!r})"
   configs = _readme_configs(data_dir)
   if configs is not None:
-    patterns = _config_patterns(configs, config, split, os.path.join(data_dir, "README.md"))
+    patterns, every = _config_patterns(configs, config, split, os.path.join(data_dir, "README.md"))
     files = _glob(data_dir, patterns)
     if not files:
       raise ValueError(f"{where}: no parquet file matches the dataset card's data_files {patterns}; "
                        f"found {_listing(data_dir, config)}")
+    unmatched = [p for p in patterns if every and not _glob(data_dir, [p])]
+    if unmatched:
+      raise ValueError(f"{where}: the dataset card's data_files {unmatched} match no parquet file (missing); "
+                       f"found {_listing(data_dir, config)}")
+    _check_shards(files, data_dir, where)
     return files
   for patterns in _default_patterns(config, split):
     files = _glob(data_dir, patterns)
     if files:
+      _check_shards(files, data_dir, where)
       return files
   raise ValueError(f"{where}: no parquet shards (no README.md `configs:` yaml, and none of the hub's default layouts "
                    f"{{dir}}/{split}-*.parquet, {{dir}}/{split}.parquet, {{dir}}/{split}/*.parquet matches); "
                    f"found {_listing(data_dir, config)}")
+
+
+def fingerprint(data_dir: str, files: Sequence[str]) -> str:
+  """Name (relative to `data_dir`), size and mtime of the data files a task reads, hashed (no file is read): a
+  shard re-downloaded or edited in place gets new rows. Only these files: nothing else under the snapshot (the hub's
+  `.cache/`, a results folder, notes) changes a row, so nothing else may change the fingerprint."""
+  entries = [(os.path.relpath(path, data_dir), info.st_size, info.st_mtime_ns)
+             for path, info in ((path, os.stat(path)) for path in sorted(files))]
+  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
+
+
+def _undecodable(batch, path: str, first: int, error: UnicodeDecodeError) -> ValueError:
+  """The row and column of a record batch whose string bytes are not UTF-8 (`to_pylist` names neither)."""
+  for name in batch.schema.names:
+    column = batch.column(name)
+    for offset in range(batch.num_rows):
+      try:
+        column[offset].as_py()
+      except UnicodeDecodeError as e:
+        return ValueError(f"{path} row {first + offset}: field {name!r} is not valid UTF-8: {e}")
+  return ValueError(f"{path}: rows {first}-{first + batch.num_rows - 1} are not valid UTF-8: {error}")
 
 
 def iter_rows(files: Sequence[str], columns: Sequence[str],
@@ -138,7 +199,8 @@ def iter_rows(files: Sequence[str], columns: Sequence[str],
   """Streams (file, row index within that file, {column: value}) over the shards in order.
 
   Reads only `columns`, `batch_rows` rows at a time. ValueError naming the file for a file that is not parquet or
-  lacks a column (naming the missing columns and those it has), and naming the files when they hold no row at all.
+  lacks a column (naming the missing columns and those it has), naming the file, row and field of a string that is
+  not valid UTF-8, and naming the files when they hold no row at all.
   """
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -158,7 +220,11 @@ def iter_rows(files: Sequence[str], columns: Sequence[str],
       index = 0
       try:
         for batch in reader.iter_batches(batch_size=batch_rows, columns=list(columns)):
-          for row in batch.to_pylist():
+          try:
+            rows = batch.to_pylist()
+          except UnicodeDecodeError as e:
+            raise _undecodable(batch, path, index, e) from None
+          for row in rows:
             yield path, index, row
             index += 1
       except (OSError, pa.ArrowException) as e:

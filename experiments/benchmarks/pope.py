@@ -29,13 +29,13 @@ Protocols (read at LLaVA c121f04 and lmms-eval 75571cf):
 import functools
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet
+from experiments.benchmarks import base, rowio
 
 __all__ = ["SUFFIX", "SPLITS", "TASKS", "parse_llava", "parse_lmms_eval", "confusion_metrics"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLITS = ("adversarial", "popular", "random")
-_COLUMNS = ("question_id", "question", "answer", "category")
+_COLUMNS = {"question_id": rowio.ID, "question": rowio.PROMPT, "answer": rowio.TEXT, "category": rowio.TEXT}
 
 
 def parse_llava(generation: str) -> str:
@@ -100,17 +100,15 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str, pooled: bool) -> di
 
 def _examples(data_dir: str, protocol: str, with_images: bool, config: str | None,
               split: str) -> Iterator[base.Example]:
-  if protocol not in base.PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  columns = _COLUMNS + (("image",) if with_images else ())
-  for path, index, row in parquet.iter_rows(parquet.split_files(data_dir, config, split), columns):
-    where = f"{path} row {index}"
-    answer = (row["answer"] or "").lower().strip()
+  rowio.check_protocol(protocol)
+  for _, where, row, image in rowio.split_rows(data_dir, config, split, _COLUMNS, with_images, "question_id"):
+    answer = row["answer"].lower().strip()
     if answer not in ("yes", "no"):
       raise ValueError(f"{where}: answer {row['answer']!r} is not yes/no")
-    image = base.decode_image(parquet.image_bytes(row["image"], where), where) if with_images else None
-    yield base.Example(question_id=str(row["question_id"]), image=image, text=row["question"].strip() + SUFFIX,
-                       target=answer, meta={"category": row["category"]})
+    if row["category"] not in SPLITS:   # the pooled scores group by it: named now, not after the split ran
+      raise ValueError(f"{where}: category {row['category']!r} is not one of {SPLITS}")
+    yield base.Example(question_id=row["question_id"], image=image, text=row["question"].strip() + SUFFIX,
+                       target=answer, meta={"category": row["category"]}, source=where)
 
 
 def _task(name: str, config: str | None, split: str, num_rows: int) -> base.Task:

@@ -29,7 +29,7 @@ from experiments.benchmarks import base, choices, rowio
 __all__ = ["TASKS", "prompt"]
 
 CONFIG, SPLIT = "ScienceQA-IMG", "test"
-COLUMNS = ("question", "choices", "answer", "hint")
+COLUMNS = {"question": rowio.PROMPT, "choices": rowio.PROMPT_TEXTS, "answer": rowio.INT, "hint": rowio.OPTIONAL_PROMPT}
 
 
 def prompt(question: str, options: Sequence[str], hint: Any, protocol: str) -> str:
@@ -49,11 +49,11 @@ def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.
     if not options or len(options) > len(choices.LETTERS):
       raise ValueError(f"{where}: choices {options!r} is not a list of 1 to 26 options")
     answer = row["answer"]
-    if not isinstance(answer, int) or not 0 <= answer < len(options):
+    if not 0 <= answer < len(options):
       raise ValueError(f"{where}: answer {answer!r} is not an index into its {len(options)} choices")
     yield base.Example(question_id=str(position), image=image,
                        text=prompt(row["question"], options, row["hint"], protocol),
-                       target=choices.LETTERS[answer], meta={"num_choices": len(options)})
+                       target=choices.LETTERS[answer], meta={"num_choices": len(options)}, source=where)
 
 
 def _lmms_eval_answer(generation: str) -> str:

@@ -25,11 +25,13 @@ Protocols (read at lmms-eval 75571cf `tasks/textvqa/utils.py` + `_default_templa
 import functools
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet, vqa_eval
+from experiments.benchmarks import base, rowio, vqa_eval
 
 __all__ = ["SUFFIX", "TASKS", "prompt"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
+_COLUMNS = {"question_id": rowio.ID, "image_id": rowio.ANY, "question": rowio.PROMPT, "answers": rowio.TEXTS}
+_OCR = {"ocr_tokens": rowio.Field("texts", nullable=True, prompt=True)}   # a null list: no tokens, as before
 
 
 def prompt(question: str, ocr_tokens: Sequence[str] | None, protocol: str) -> str:
@@ -57,18 +59,14 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
 
 
 def _examples(data_dir: str, protocol: str, with_images: bool, ocr: bool) -> Iterator[base.Example]:
-  if protocol not in base.PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  columns = ["question_id", "image_id", "question", "answers"] + (["ocr_tokens"] if ocr else [])
-  columns += ["image"] if with_images else []
-  for path, index, row in parquet.iter_rows(parquet.split_files(data_dir, None, "validation"), columns):
-    where = f"{path} row {index}"
+  rowio.check_protocol(protocol)
+  columns = {**_COLUMNS, **(_OCR if ocr else {})}
+  for _, where, row, image in rowio.split_rows(data_dir, None, "validation", columns, with_images, "question_id"):
     if not row["answers"]:
       raise ValueError(f"{where}: no ground-truth answers")
-    image = base.decode_image(parquet.image_bytes(row["image"], where), where) if with_images else None
-    text = prompt(row["question"], (row["ocr_tokens"] or []) if ocr else None, protocol)
-    yield base.Example(question_id=str(row["question_id"]), image=image, text=text, target=list(row["answers"]),
-                       meta={"image_id": row["image_id"]})
+    text = prompt(row["question"], row["ocr_tokens"] if ocr else None, protocol)
+    yield base.Example(question_id=row["question_id"], image=image, text=text, target=row["answers"],
+                       meta={"image_id": row["image_id"]}, source=where)
 
 
 def _task(name: str, ocr: bool) -> base.Task:

@@ -22,11 +22,13 @@ LLaVA c121f04 `scripts/v1_5/eval/vqav2.sh`, `scripts/convert_vqav2_for_submissio
 import functools
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet, vqa_eval
+from experiments.benchmarks import base, rowio, vqa_eval
 
 __all__ = ["SUFFIX", "TASKS"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
+_COLUMNS = {"question_id": rowio.ID, "image_id": rowio.ANY, "question": rowio.PROMPT,
+            "answers": rowio.Field("texts", item_key="answer"), "answer_type": rowio.ANY}
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:
@@ -52,17 +54,13 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
 
 def _examples(data_dir: str, protocol: str, with_images: bool, config: str | None,
               split: str) -> Iterator[base.Example]:
-  if protocol not in base.PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  columns = ["question_id", "image_id", "question", "answers", "answer_type"] + (["image"] if with_images else [])
-  for path, index, row in parquet.iter_rows(parquet.split_files(data_dir, config, split), columns):
-    where = f"{path} row {index}"
+  rowio.check_protocol(protocol)
+  for _, where, row, image in rowio.split_rows(data_dir, config, split, _COLUMNS, with_images, "question_id"):
     if not row["answers"]:
       raise ValueError(f"{where}: no ground-truth answers")
-    image = base.decode_image(parquet.image_bytes(row["image"], where), where) if with_images else None
-    yield base.Example(question_id=str(row["question_id"]), image=image, text=row["question"] + SUFFIX,
-                       target=[a["answer"] for a in row["answers"]],
-                       meta={"image_id": row["image_id"], "answer_type": row["answer_type"]})
+    yield base.Example(question_id=row["question_id"], image=image, text=row["question"] + SUFFIX,
+                       target=row["answers"], meta={"image_id": row["image_id"], "answer_type": row["answer_type"]},
+                       source=where)
 
 
 def _task(name: str, repo: str, config: str | None, split: str, num_rows: int) -> base.Task:

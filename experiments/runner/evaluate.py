@@ -77,8 +77,11 @@ class Evaluator:
              length: int | None = None) -> dict[str, np.ndarray]:
     """Rendered prompts (one "<image>" each) and their images -> arrays padded to `length` (default: the longest
     row, rounded up to a multiple of 32); with a CLIP text tower (`clip`) also `clip_text` float32[B, E], CDPruner's
-    text embedding of each row's question (the user text, as its official eval scripts pass it)."""
-    enc = self.processor(images=list(images), text=list(texts), return_tensors="np", padding=True)
+    text embedding of each row's question (the user text, as its official eval scripts pass it). The images are
+    uint8[H, W, 3], said so: left to guess, the processor reads an image 1 or 3 px high as channels-first (3 x 100
+    as 100 x 3)."""
+    enc = self.processor(images=list(images), text=list(texts), return_tensors="np", padding=True,
+                         input_data_format="channels_last")
     ids = enc["input_ids"].astype(np.int32)
     mask = enc["attention_mask"].astype(bool)
     s = length or _bucket(ids.shape[1])
@@ -211,12 +214,19 @@ class Batch:
 
 
 def _prepare(evaluator: Evaluator, job: TaskRun, example: base.Example, measure: bool) -> _Prepared:
+  """The example rendered; `measure`: with its length, checked to leave room for the answer (ValueError naming the
+  example's file and row, before its batch runs: the model's own check names no example)."""
   image, prompt = job.image(example), job.prompt(example)
   length = 0
   if measure:
     h, w = image.shape[:2]
     count = int(np.asarray(evaluator.model.layout(np.array([[h, w]]), 1).counts)[0])
-    length = len(evaluator.tokenizer(prompt.replace("<image>", ""))["input_ids"]) + count
+    length = len(evaluator.tokenizer(prompt.replace(base.IMAGE_TOKEN, ""))["input_ids"]) + count
+    most = evaluator.model.config.text.max_position_embeddings
+    if length + job.max_new_tokens > most:
+      raise ValueError(f"{example.source or job.name}: question {example.question_id!r} is too long: its prompt "
+                       f"holds {length} tokens ({count} of them the image's), and {length} + max_new_tokens "
+                       f"{job.max_new_tokens} > max_position_embeddings {most}")
   return _Prepared(example, job.key(example), prompt, image, length)
 
 

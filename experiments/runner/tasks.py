@@ -7,13 +7,15 @@ kinds share it:
   first; `TASKS[name](data_dir, split, limit, seed) -> list[Example]` (meta: family, subtype), rows scored by exact
   match after `normalize_answer`, keyed by the example id and its content `digest`;
 - streamed (`experiments.benchmarks.registry`): the papers' benchmarks on local snapshots, rows parsed and scored by
-  the task's official formulas, keyed by the question id.
+  the task's official formulas, keyed by the question id. `task_run` reads the examples the run will evaluate once
+  without their images, so that a bad row is named before any is evaluated; images are checked as they stream.
 Bad data raises ValueError naming the file, line and field, and nothing is skipped silently (a skipped example would
 shrink the benchmark).
 """
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -22,6 +24,7 @@ from absl import logging
 import numpy as np
 
 from experiments.benchmarks import base
+from experiments.benchmarks import parquet
 from experiments.runner import conversation
 from experiments.runner import images as images_lib
 from experiments.runner import plan
@@ -179,10 +182,23 @@ def _cut(text: str, stops: Sequence[str]) -> str:
   return text[:cut]
 
 
+def _read_through(task: base.Task, directory: str, protocol: str, limit: int) -> None:
+  """Reads the first `limit` (0: all) examples without images: every check of the split's rows (`rowio.split_rows`:
+  nulls, types, the image token, ids used twice) raises now, before the first batch is evaluated, not when the
+  stream reaches the row. Costs one pass over the text columns."""
+  for _ in itertools.islice(task.examples(directory, protocol, False), limit or None):
+    pass
+
+
 def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbone: plan.Backbone,
              processor) -> TaskRun:
-  """The `TaskRun` of task `name` under this invocation's configuration. ValueError for a task without examples or
-  a benchmark snapshot that is not there."""
+  """The `TaskRun` of task `name` under this invocation's configuration. ValueError for a task without examples, a
+  benchmark snapshot that is not there or whose shards are not one complete download, or a bad row among the
+  examples the run will evaluate (`_read_through`).
+
+  A benchmark's `data_fingerprint` hashes the data files the task reads (`parquet.fingerprint`), nothing else under
+  the snapshot: an output folder inside it, the hub's `.cache/` or a note change no row, so a resume reuses every
+  finished row."""
   settings = plan.run_hash_fields(resolved, name)
   if name in TASKS:
     examples = TASKS[name](config.data_dir, config.split, config.limit, config.seed)
@@ -207,6 +223,8 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
   max_new_tokens = config.max_new_tokens or task.max_new_tokens[protocol]
   aspect = task.image_aspect[protocol] if backbone.square_pad else config.resolution
   mean = getattr(processor.image_processor, "image_mean", None)
+  fingerprint = parquet.fingerprint(directory, task.data_files(directory))
+  _read_through(task, directory, protocol, config.limit)
 
   def fields(example, prompt, generation):
     generation = _cut(generation, task.stop).strip()
@@ -216,7 +234,7 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
   return TaskRun(name=name, in_memory=False, examples=task.examples(directory, protocol, True), limit=config.limit,
                  max_new_tokens=max_new_tokens,
                  settings=dict(settings, max_new_tokens=max_new_tokens,
-                               data_fingerprint=plan.fingerprint(directory, tree=True)),
+                               data_fingerprint=fingerprint),
                  prompt=lambda ex: conversation.render(resolved.conv_template, ex.text, processor),
                  image=lambda ex: images_lib.prepare(ex.image, aspect, mean), key=lambda ex: ex.question_id,
                  fields=fields, benchmark=task, aspect=aspect)

@@ -112,7 +112,7 @@ def test_bad_data(tmp_path):
     list(EN.examples(str(tmp_path / "a"), "llava", False))
   files = _write(tmp_path / "b", "en", [dict(r, index="x" if r["index"] == 1 else str(r["index"])) for r in ROWS],
                  pa.string())
-  with pytest.raises(ValueError, match=rf"{files[0]} row 1: index 'x' is not an integer"):
+  with pytest.raises(ValueError, match=rf"{files[0]} row 1: field 'index' is str 'x'; expected an integer"):
     list(EN.examples(str(tmp_path / "b"), "llava", False))
   _write(tmp_path / "c", "cn")
   with pytest.raises(ValueError, match="no config 'en'"):

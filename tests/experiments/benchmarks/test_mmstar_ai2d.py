@@ -88,10 +88,12 @@ def test_ai2d_examples_prompt_filter_and_exact_match(tmp_path):
       {"llava": 16, "lmms_eval": 16}, "pad", 3088)
 
 
-@pytest.mark.parametrize("answer", ["3", "x", None])
-def test_ai2d_answer_not_an_option_index(tmp_path, answer):
+@pytest.mark.parametrize("answer, message", [("3", "answer 3 is not an index into its 3 options"),
+                                             ("x", "field 'answer' is str 'x'; expected an integer"),
+                                             (None, "field 'answer' is null")])
+def test_ai2d_answer_not_an_option_index(tmp_path, answer, message):
   rows = _ai2d_rows()
   rows[2]["answer"] = answer
   files = lmms_fixtures.write_split(str(tmp_path), None, "test", rows, AI2D_SCHEMA)
-  with pytest.raises(ValueError, match=rf"{files[0]} row 2: answer .* is not an index into its 3 options"):
+  with pytest.raises(ValueError, match=rf"{files[0]} row 2: {message}"):
     list(AI2D.examples(str(tmp_path), "llava", False))

@@ -45,7 +45,7 @@ def test_split_files_reads_a_cards_data_dir(tmp_path):
   assert parquet.split_files(str(tmp_path), "x", "val") == [str(path)]
 
 
-@pytest.mark.parametrize("config, layout", [(None, "data/{split}-00000-of-00002.parquet"),
+@pytest.mark.parametrize("config, layout", [(None, "data/{split}-00000-of-00001.parquet"),
                                             (None, "{split}-00000-of-00001.parquet"),
                                             ("Full", "Full/{split}-00000-of-00001.parquet"),
                                             ("Full", "Full/{split}/0000.parquet"),
@@ -71,6 +71,57 @@ def test_a_missing_split_names_the_directory_config_split_and_what_is_there(tmp_
     parquet.split_files(root, "Full", "adversarial")
   with pytest.raises(ValueError, match="does not exist"):
     parquet.split_files(str(tmp_path / "nowhere"), None, "test")
+
+
+def test_a_missing_shard_is_named(tmp_path):
+  root = str(tmp_path)
+  lmms_fixtures.write_split(root, None, "test", _pope_rows(6), lmms_fixtures.SCHEMAS["POPE"], num_shards=3)
+  os.remove(tmp_path / "data" / "test-00001-of-00003.parquet")
+  with pytest.raises(ValueError, match=r"split 'test'\): the parquet shards are not one complete download: missing "
+                                       r"\['data/test-00001-of-00003.parquet'\], extra \[\]"):
+    parquet.split_files(root, None, "test")
+  os.remove(tmp_path / "README.md")                 # the hub's default layout is checked alike
+  with pytest.raises(ValueError, match=r"missing \['data/test-00001-of-00003.parquet'\]"):
+    parquet.split_files(root, None, "test")
+
+
+def test_an_older_downloads_shards_beside_the_new_ones_are_named(tmp_path):
+  root = str(tmp_path)
+  lmms_fixtures.write_split(root, None, "test", _pope_rows(2), lmms_fixtures.SCHEMAS["POPE"], num_shards=1)
+  lmms_fixtures.write_split(root, None, "test", _pope_rows(2), lmms_fixtures.SCHEMAS["POPE"], num_shards=2)
+  with pytest.raises(ValueError, match=r"split 'test'\): .*missing \[\], extra \['data/test-00000-of-00001.parquet'\]"):
+    parquet.split_files(root, None, "test")          # was read whole: every row twice
+  pq.write_table(pa.Table.from_pylist(_pope_rows(1), schema=lmms_fixtures.SCHEMAS["POPE"]),
+                 tmp_path / "data" / "test-00002-of-00002.parquet")   # an index past the count
+  with pytest.raises(ValueError, match=r"extra \['data/test-00000-of-00001.parquet', 'data/test-00002-of-00002"):
+    parquet.split_files(root, None, "test")
+
+
+def test_the_files_a_card_names_must_all_be_there(tmp_path):
+  root = str(tmp_path)
+  files = lmms_fixtures.write_split(root, None, "test", _pope_rows(4), lmms_fixtures.SCHEMAS["POPE"], num_shards=2)
+  names = [os.path.relpath(f, root) for f in files]
+  (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                      f"    path: [{names[0]}, {names[1]}, data/test-extra.parquet]\n---\n")
+  with pytest.raises(ValueError, match=r"split 'test'\): the dataset card's data_files \['data/test-extra.parquet'\] "
+                                       r"match no parquet file \(missing\)"):
+    parquet.split_files(root, None, "test")
+  (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                      f"    path: [{names[0]}, {names[1]}]\n---\n")
+  lmms_fixtures.write_split(root, None, "test", _pope_rows(1), lmms_fixtures.SCHEMAS["POPE"], card=False)
+  assert parquet.split_files(root, None, "test") == files   # a file the card does not name is not read
+
+
+def test_the_fingerprint_reads_only_the_data_files(tmp_path):
+  root = str(tmp_path)
+  files = lmms_fixtures.write_split(root, None, "test", _pope_rows(4), lmms_fixtures.SCHEMAS["POPE"], num_shards=2)
+  before = parquet.fingerprint(root, files)
+  for stray in ("out/results.jsonl", "out/.lock", ".cache/huggingface/download/data/x.metadata", "notes.md"):
+    os.makedirs(os.path.dirname(tmp_path / stray) or root, exist_ok=True)
+    (tmp_path / stray).write_text("x")
+  assert parquet.fingerprint(root, parquet.split_files(root, None, "test")) == before
+  os.utime(files[1], ns=(1, 1))                     # a shard re-downloaded in place
+  assert parquet.fingerprint(root, files) != before
 
 
 def test_iter_rows_streams_shards_in_order_with_row_indices_and_only_the_asked_columns(tmp_path):
@@ -129,3 +180,11 @@ def test_image_bytes_and_decoding():
     parquet.image_bytes(None, "f row 5")
   with pytest.raises(ValueError, match="f row 6: the image cannot be decoded"):
     base.decode_image(b"\x89PNG broken", "f row 6")
+
+
+def test_invalid_utf8_names_the_file_row_and_field(tmp_path):
+  path = tmp_path / "test-00000-of-00001.parquet"
+  question = pa.array([b"ok", b"ok", b"\xff bad"], pa.binary()).view(pa.string())
+  pq.write_table(pa.table({"id": ["0", "1", "2"], "question": question}), path, row_group_size=2)
+  with pytest.raises(ValueError, match=rf"{path} row 2: field 'question' is not valid UTF-8"):
+    list(parquet.iter_rows([str(path)], ["id", "question"], batch_rows=2))
