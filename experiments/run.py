@@ -78,7 +78,8 @@ flags.DEFINE_enum("protocol", None, ["llava", "lmms_eval"], "Benchmark protocol:
 flags.DEFINE_string("conv_template", None, "Benchmark prompts' conversation template: vicuna_v1, mistral_instruct, "
                     "chat_template (the checkpoint's), plain (default: the checkpoint's decoder decides).")
 flags.DEFINE_list("overrides", None, "Named variants of the methods' official protocols, method.name=value (e.g. "
-                  "divprune.scope=global, cdpruner.newlines=drop, dart.dart_count=exact); see "
+                  "divprune.scope=global, cdpruner.newlines=drop, dart.dart_count=exact; sequences and dicts join "
+                  "their items with '+': pdrop.layers=2+8+16, tops.hparams=engine:dense); see "
                   "models/pruning/protocols.py for each method's names and why they exist.")
 flags.DEFINE_string("clip_checkpoint", None, "Local CLIP checkpoint directory (e.g. a copy of "
                     "openai/clip-vit-large-patch14-336) whose text tower gives CDPruner's relevance.")
@@ -122,7 +123,7 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
     evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts)
     resolved, runs = plan.resolve(config, evaluator.model)
     if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
-      evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint))
+      evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint, evaluator.model))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if hosts.writer:

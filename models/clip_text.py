@@ -186,9 +186,14 @@ class CLIPVisionProjection(nnx.Module):
     self.post_layernorm = clip.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
     self.visual_projection = _linear(config.hidden_size, projection_dim, dtype, rngs)
 
+  @property
+  def width(self) -> int:
+    """Dv: the width of the vision features it reads (the LLaVA tower's must be the same)."""
+    return self.post_layernorm.scale[...].shape[0]
+
   def __call__(self, features: jax.Array) -> jax.Array:
     """features: float[..., N, Dv] (LLaVA's vision features: layer -2, CLS dropped) -> float32[..., N, E]."""
-    width = self.post_layernorm.scale[...].shape[0]
+    width = self.width
     if features.ndim < 2 or features.shape[-1] != width:
       raise ValueError(f"features must be float[..., N, {width}] (the vision tower's width), got shape "
                        f"{tuple(features.shape)}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from tops_jax import greedy
 from tops_jax import similarity
 
-__all__ = ["CRITERIA", "order", "objective"]
+__all__ = ["CRITERIA", "check_criteria", "order", "objective"]
 
 CRITERIA = ("relevance", "diversity", "coverage")
 
@@ -30,7 +30,9 @@ class _Carry(NamedTuple):
   gain: greedy.CoverageGain | None  # coverage gain of every row (incremental engine with coverage, else None)
 
 
-def _check_criteria(criteria) -> tuple[str, ...]:
+def check_criteria(criteria) -> tuple[str, ...]:
+  """`criteria` as `order` reads it (one name or several) -> a tuple; ValueError unless a non-empty subset of
+  `CRITERIA`."""
   if isinstance(criteria, str):
     criteria = (criteria,)
   criteria = tuple(criteria)
@@ -62,7 +64,7 @@ def order(features: jax.Array, relevance: jax.Array | None, valid: jax.Array, ke
     int32[K] indices in greedy pick order.
   """
   del key
-  criteria = _check_criteria(criteria)
+  criteria = check_criteria(criteria)
   if "relevance" in criteria and relevance is None:
     raise ValueError("tops: the relevance criterion needs a relevance vector (relevance=float[..., N]); "
                      "drop it with criteria=('diversity', 'coverage') for the relevance-free ablation")

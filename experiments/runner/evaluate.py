@@ -156,14 +156,22 @@ def load(backbone: Backbone, backbone_name: str, checkpoint: str,
   return Evaluator(model, processor, hosts)
 
 
-def load_clip(clip_checkpoint: str):
+def load_clip(clip_checkpoint: str, model):
   """CDPruner's CLIP text tower (`models.clip_text.ClipTextRelevance`, for `Evaluator.clip`); ValueError naming
-  --clip_checkpoint when it cannot be read."""
+  --clip_checkpoint when it cannot be read or its image head does not read `model`'s vision features (before any
+  example is evaluated, not when the first batch is traced)."""
   from models import clip_text  # pylint: disable=g-import-not-at-top
   try:
-    return clip_text.ClipTextRelevance(clip_checkpoint)
+    clip = clip_text.ClipTextRelevance(clip_checkpoint)
   except (OSError, ValueError) as e:
     raise ValueError(f"--clip_checkpoint: {e}") from None
+  width, tower = clip.model.vision.width, model.config.vision.hidden_size
+  if width != tower:
+    raise ValueError(f"--clip_checkpoint {clip_checkpoint}: its image head (post_layernorm, visual_projection) reads "
+                     f"{width}-wide vision features, and the checkpoint's vision tower gives {tower}-wide ones; "
+                     "CDPruner needs the CLIP checkpoint of the model's own tower (openai/clip-vit-large-patch14-336 "
+                     "for LLaVA-1.5 and LLaVA-NeXT)")
+  return clip
 
 
 def _draws_randomly(config: pruning.PruningConfig) -> bool:

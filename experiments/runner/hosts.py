@@ -127,7 +127,8 @@ def start(mesh: str | None = None, *, distributed: bool = False, coordinator: st
   `with jax.set_mesh(hosts.mesh)`. Call before any other use of the devices. Several processes need a mesh (default
   data:-1, every device on the batch).
 
-  Raises ValueError naming the flag for an incomplete process description or a mesh that does not fit.
+  Raises ValueError naming the flag for an incomplete process description, a coordinator address that is not
+  host:port, or a mesh that does not fit.
   """
   explicit = (coordinator, num_processes, process_id)
   if any(v is not None for v in explicit):
@@ -136,6 +137,7 @@ def start(mesh: str | None = None, *, distributed: bool = False, coordinator: st
                        "--distributed to discover them)")
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+    _check_address(coordinator)
     jax.distributed.initialize(coordinator, num_processes, process_id)
   elif distributed:
     jax.distributed.initialize()
@@ -144,6 +146,15 @@ def start(mesh: str | None = None, *, distributed: bool = False, coordinator: st
     mesh = "data:-1"
   made = sharding.make_mesh(mesh) if mesh is not None else None
   return Hosts(mesh=made, index=jax.process_index(), count=count)
+
+
+def _check_address(address: str):
+  """ValueError naming --coordinator_address unless it reads host:port (jax.distributed fails inside on others)."""
+  host, _, port = address.rpartition(":")
+  bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+  if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"--coordinator_address={address!r} must read host:port (e.g. 10.0.0.1:1234, [::1]:1234), "
+                     "the port in 1..65535")
 
 
 def mesh_context(hosts: Hosts):

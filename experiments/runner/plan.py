@@ -13,11 +13,13 @@ What each method does with a target is its official protocol, `models.pruning.me
 `models/pruning/protocols.py`: CDPruner target // 5 per crop with CLIP text relevance, DivPrune
 round(target / 2880 x length) over the packed sequence with newlines, SCOPE int(target / crops) per padded crop,
 VisionZip [CLS, dominant, contextual] per crop, DART 4 + 8 floor(target / 8) at layer 2, FastV the target at layer 2,
-TOPS the paper's schedule). `--overrides`
-(method.name=value) selects the named variants; `--alpha/--lam` override TOPS Stage I, `--stage2_alpha/--stage2_lam`
-Stage II. CDPruner needs `--clip_checkpoint` (CLIP's text tower) except on the testbed, whose tower is not a CLIP
-checkpoint's: there, or with `--overrides=cdpruner.relevance=text`, it runs the documented fallback relevance and its
-rows are labelled "cdpruner-text".
+TOPS the paper's schedule). `--overrides` (method.name=value, each value read as its override's kind; sequences and
+dicts join their items with "+": pdrop.layers=2+8+16, tops.criteria=relevance+diversity, tops.hparams=engine:dense)
+selects the named variants; `--alpha/--lam` override TOPS Stage I, `--stage2_alpha/--stage2_lam` Stage II (a flag
+and an override of the same setting are an error). CDPruner needs `--clip_checkpoint` (CLIP's text tower) except on
+the testbed, whose tower is not a CLIP checkpoint's: there, or with `--overrides=cdpruner.relevance=text`, it runs
+the documented fallback relevance and its rows are labelled "cdpruner-text"; without either, `--method=all` lists
+its runs among the skipped ones.
 """
 
 import dataclasses
@@ -88,6 +90,13 @@ class TopsOptions:
 
   def given(self) -> list[str]:
     return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+  def as_overrides(self) -> dict[str, tuple[str, Any]]:
+    """The given flags as the tops overrides they set: {override name: (flag, value)}."""
+    return {_TOPS_OVERRIDES.get(name, name): (name, getattr(self, name)) for name in self.given()}
+
+
+_TOPS_OVERRIDES = {"alpha": "stage1_alpha", "lam": "stage1_lam"}   # the flags named otherwise than their override
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +185,7 @@ class Resolved:
   checkpoint_fingerprint: str
   protocol: str | None = None
   conv_template: str | None = None
-  skipped: tuple[str, ...] = ()       # runs of --method=all without an official protocol here, and why
+  skipped: tuple[str, ...] = ()       # runs of --method=all without an official protocol or input here, and why
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -192,7 +201,8 @@ class MethodContext:
   nominal_crops: int | None = None           # the family's crops behind a target (`backbones.Backbone.nominal_groups`)
 
 
-def _parse_value(text: str):
+def _scalar(text: str):
+  """A hyperparameter value of an `hparams` override: int, float, true/false/none, else the text."""
   for cast in (int, float):
     try:
       return cast(text)
@@ -201,9 +211,32 @@ def _parse_value(text: str):
   return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def _hparams(text: str) -> dict[str, Any]:
+  """"name:value+name:value" -> {name: value}."""
+  pairs = [part.partition(":") for part in text.split("+")]
+  if not all(name and sep for name, sep, _ in pairs):
+    raise ValueError(text)
+  return {name: _scalar(value) for name, _, value in pairs}
+
+
+# How --overrides spells each kind of override value (`pruning.override_kind`): the reader and an example. Sequences
+# and dicts join their items with "+" (the flag's list separator is ",").
+_SPELLINGS = {
+    "number": (float, "0.5"),
+    "int": (int, "576"),
+    "bool": (lambda text: {"true": True, "false": False}[text.lower()], "true or false"),
+    "str": (str, "global"),
+    "ints": (lambda text: tuple(int(part) for part in text.split("+")), "2+8+16"),
+    "strs": (lambda text: tuple(text.split("+")), "relevance+diversity"),
+    "dict": (_hparams, "name:value+name:value, e.g. engine:dense"),
+}
+
+
 def parse_overrides(items) -> dict[str, dict[str, Any]]:
-  """--overrides entries "method.name=value" -> {method: {name: value}}; ValueError naming the bad entry."""
+  """--overrides entries "method.name=value" -> {method: {name: value}}, each value read as its override's kind
+  (`_SPELLINGS`); ValueError naming the bad entry (malformed, unknown, of the wrong kind, or given twice)."""
   out: dict[str, dict[str, Any]] = {}
+  seen: dict[tuple[str, str], str] = {}
   for item in items or ():
     head, sep, value = item.partition("=")
     method, dot, name = head.partition(".")
@@ -213,7 +246,15 @@ def parse_overrides(items) -> dict[str, dict[str, Any]]:
       raise ValueError(f"--overrides entry {item!r}: unknown method {method!r}")
     if name not in pruning.overrides_of(method):
       raise ValueError(f"--overrides entry {item!r}: {method} takes {', '.join(pruning.overrides_of(method))}")
-    out.setdefault(method, {})[name] = _parse_value(value)
+    if (method, name) in seen:
+      raise ValueError(f"--overrides entries {seen[method, name]!r} and {item!r} both set {method}.{name}: give one")
+    seen[method, name] = item
+    kind, what = pruning.override_kind(name)
+    read, example = _SPELLINGS[kind]
+    try:
+      out.setdefault(method, {})[name] = read(value)
+    except (ValueError, KeyError):
+      raise ValueError(f"--overrides entry {item!r}: {name} takes {what}, spelled {example}") from None
   return out
 
 
@@ -221,9 +262,7 @@ def method_config(method: str, target: int, model, ctx: MethodContext) -> prunin
   """The run's PruningConfig: `pruning.method_config`'s official protocol with the invocation's overrides."""
   o = dict(ctx.overrides.get(method, {}))
   if method == "tops":
-    tops = ctx.tops
-    o.update({k: v for k, v in dict(stage1_alpha=tops.alpha, stage1_lam=tops.lam, stage2_alpha=tops.stage2_alpha,
-                                    stage2_lam=tops.stage2_lam, normalize=tops.normalize).items() if v is not None})
+    o.update({name: value for name, (_, value) in ctx.tops.as_overrides().items()})
     if ctx.criteria:
       o["criteria"] = tuple(ctx.criteria)
   if method == "cdpruner" and cdpruner_fallback(ctx) and "relevance" not in o:
@@ -243,6 +282,9 @@ def cdpruner_fallback(ctx: MethodContext) -> bool:
 
 
 RUNNABLE = pruning.OFFICIAL_METHODS
+_NEEDS_CLIP = ("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a local "
+               "CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "
+               "(LLM-embedding relevance, a different method) with --overrides=cdpruner.relevance=text")
 FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
 
 
@@ -268,7 +310,8 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   """Checks the configuration for consistency and returns (the resolved configuration, the runs). Raises ValueError
   naming the flag."""
   backbone = BACKBONES[run.backbone]
-  if list(run.methods) == ["all"]:     # every method with a protocol on this backbone
+  every = list(run.methods) == ["all"]
+  if every:     # every method with a protocol on this backbone
     methods = [m for m in RUNNABLE if pruning.supports(m, backbone.family)]
   else:
     methods = list(run.methods)
@@ -283,6 +326,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   stray = sorted(set(overrides) - set(methods))
   if stray:
     raise ValueError(f"--overrides names {', '.join(stray)}, which --method={','.join(methods)} does not run")
+  _check_tops_flags(run, overrides.get("tops", {}))
   family = backbones.get(backbone.model_type)
   nominal_tokens = family.nominal_tokens(model.config)
   targets = _targets(run, nominal_tokens)
@@ -303,6 +347,8 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
     raise ValueError(f"--max_new_tokens must be >= 1 (or unset for the backbone's {backbone.max_new_tokens}), "
                      f"got {run.max_new_tokens}")
   known = task_names()
+  if not run.tasks:
+    raise ValueError(f"--tasks is empty: name at least one task ({', '.join(known)})")
   unknown_tasks = [t for t in run.tasks if t not in known]
   if unknown_tasks:
     raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown_tasks)}; known: {', '.join(known)}")
@@ -312,14 +358,16 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
 
   ctx = MethodContext(family=backbone.family, tops=run.tops, overrides=overrides,
                       nominal_crops=family.nominal_groups)
-  if "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint:
-    raise ValueError("cdpruner's relevance is CLIP's text tower (its official code): pass --clip_checkpoint=DIR, a "
-                     "local CLIP checkpoint such as openai/clip-vit-large-patch14-336, or run the documented fallback "
-                     "(LLM-embedding relevance, a different method) with --overrides=cdpruner.relevance=text")
+  no_clip = "cdpruner" in methods and not cdpruner_fallback(ctx) and not run.clip_checkpoint
+  if no_clip and not every:     # "all" lists its runs among the skipped ones instead
+    raise ValueError(_NEEDS_CLIP)
   runs = [RunSpec("full", None, None, FULL, "full")]
   skipped: list[str] = []
   subsets = [c for r in (1, 2, 3) for c in itertools.combinations(tops_lib.CRITERIA, r)]
   for method in methods:
+    if method == "cdpruner" and no_clip:
+      skipped.extend(f"cdpruner@T={target}: {_NEEDS_CLIP}" for target, _ in targets)
+      continue
     variants = [(method, ctx)]
     if run.ablation:
       variants = [("tops[" + "+".join(c[0].upper() for c in s) + "]", dataclasses.replace(ctx, criteria=s))
@@ -329,7 +377,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
         try:
           config = method_config(method, target, model, variant)
         except pruning.NoProtocol as e:
-          if list(run.methods) != ["all"]:
+          if not every:
             raise ValueError(f"--method={method}: {e}") from None
           skipped.append(f"{label}@T={target}: {e}")
           continue
@@ -343,6 +391,16 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
                       checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
                       conv_template=template, skipped=tuple(skipped))
   return resolved, runs
+
+
+def _check_tops_flags(run: RunConfig, given: dict[str, Any]):
+  """ValueError when a tops flag and a tops override set the same thing (neither may silently win)."""
+  clashes = [f"--{flag}={value} and --overrides=tops.{name}={given[name]}"
+             for name, (flag, value) in run.tops.as_overrides().items() if name in given]
+  if run.ablation and "criteria" in given:
+    clashes.append("--ablation (every subset of the criteria) and --overrides=tops.criteria")
+  if clashes:
+    raise ValueError(f"{'; '.join(clashes)} set the same tops setting: give one")
 
 
 def task_names() -> tuple[str, ...]:

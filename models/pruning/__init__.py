@@ -19,8 +19,8 @@ from models.pruning.config import (FULL, NEWLINES, PER_CROP_METHODS, POSITIONS, 
                                    Stage2, StaticConfig)
 from models.pruning.driver import decode, decode_step, forward, greedy, prefill
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
-from models.pruning.protocols import (OFFICIAL_METHODS, NoProtocol, method_config, overrides_of, pdrop_schedule,
-                                      sparsevlm_schedule, supports, tops_layers, tops_schedule)
+from models.pruning.protocols import (OFFICIAL_METHODS, NoProtocol, method_config, override_kind, overrides_of,
+                                      pdrop_schedule, sparsevlm_schedule, supports, tops_layers, tops_schedule)
 from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
@@ -28,5 +28,5 @@ __all__ = ["PruningConfig", "Stage1", "Stage2", "Layout", "FULL", "StaticConfig"
            "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput", "PrunedGeneration",
            "forward", "prefill", "greedy", "decode", "decode_step", "crop_quotas", "row_newlines", "text_length",
            "STAGE1_RELEVANCE", "STAGE2_RELEVANCE", "SCOPES", "POSITIONS", "NEWLINES", "method_config",
-           "overrides_of", "OFFICIAL_METHODS", "ClipText", "supports", "STAGE2_RATERS", "STAGE2_TIMINGS",
-           "pdrop_schedule", "sparsevlm_schedule"]
+           "overrides_of", "override_kind", "OFFICIAL_METHODS", "ClipText", "supports", "STAGE2_RATERS",
+           "STAGE2_TIMINGS", "pdrop_schedule", "sparsevlm_schedule"]

@@ -16,8 +16,8 @@ from models.pruning.methods import sparsevlm as sparsevlm_method
 from models.pruning.methods import tops as tops_lib
 from models.pruning.methods import base
 
-__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "supports", "NoProtocol", "tops_schedule",
-           "tops_layers", "pdrop_schedule", "PDROP_LAYERS", "PDROP_LAMBDA", "sparsevlm_schedule"]
+__all__ = ["FAMILIES", "method_config", "OFFICIAL_METHODS", "overrides_of", "override_kind", "supports", "NoProtocol",
+           "tops_schedule", "tops_layers", "pdrop_schedule", "PDROP_LAYERS", "PDROP_LAMBDA", "sparsevlm_schedule"]
 
 FAMILIES, NoProtocol = base.FAMILIES, base.NoProtocol
 OFFICIAL_METHODS = tuple(methods.METHODS)
@@ -36,6 +36,13 @@ def overrides_of(method: str) -> tuple[str, ...]:
   return methods.get(method).overrides
 
 
+def override_kind(name: str) -> tuple[str, str]:
+  """The kind of value the named override `name` takes ("number", "int", "bool", "str", "ints", "strs" or "dict") and
+  how messages say it ("a number", ...)."""
+  kind = base.OVERRIDE_KINDS[name]
+  return kind, base.KINDS[kind][1]
+
+
 def method_config(method: str, *, family: str, target: int, num_layers: int, crops: int | None = None,
                   **overrides) -> PruningConfig:
   """The official protocol of `method` on `family` at `target` (see models/pruning/PRUNING.md#protocols), with
@@ -43,8 +50,8 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
 
   crops: the nominal crops per image behind the target (N_nominal / tokens per crop: LLaVA-NeXT 2880 / 576 = 5,
     LLaVA-1.5 1; the runner passes its backbone's); None: 5 on LLaVA-NeXT families, 1 on LLaVA-1.5.
-  Raises ValueError naming the method, the family or the override that does not apply (`NoProtocol` where the
-  official code has no setting for this family, depth or target).
+  Raises ValueError naming the method, the family or the override that does not apply or is not of its kind
+  (`override_kind`; `NoProtocol` where the official code has no setting for this family, depth or target).
   """
   if method not in methods.METHODS:
     raise ValueError(f"unknown method {method!r}; method_config knows: {', '.join(methods.METHODS)}")
@@ -60,6 +67,8 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
     raise ValueError(f"{method}: unknown override(s) {', '.join(unknown)}; {method} takes: "
                      f"{', '.join(spec.overrides)}")
   o = {k: v for k, v in overrides.items() if v is not None}
+  for key, value in o.items():
+    base.check_override(method, key, value)
   if crops is None:
     crops = base.nominal_groups(name)
   if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:

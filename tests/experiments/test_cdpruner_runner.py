@@ -64,3 +64,23 @@ def test_cdpruner_without_clip_checkpoint_fails_at_start(setup, tmp_path):
   with pytest.raises(Exception, match="--clip_checkpoint"):
     runner_helpers.run_main(*_args(setup, str(out)))
   assert not os.path.exists(out / "results.jsonl")
+
+
+def test_a_clip_checkpoint_of_another_width_fails_at_start(setup, tmp_path):
+  out = tmp_path / "out"
+  clip = clip_factories.tiny_clip(tmp_path / "clip48", vision_hidden_size=48)     # the LLaVA tower is 32 wide
+  with pytest.raises(Exception, match=rf"--clip_checkpoint {clip}: its image head .* reads 48-wide vision features, "
+                                      r"and the checkpoint's vision tower gives 32-wide ones"):
+    runner_helpers.run_main(*_args(setup, str(out)), f"--clip_checkpoint={clip}")
+  assert not os.path.exists(out / "results.jsonl")
+
+
+@pytest.mark.slow
+def test_the_default_all_without_clip_checkpoint_runs_the_rest_and_lists_cdpruner(setup, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  args = [a for a in _args(setup, out) if not a.startswith("--method=")]
+  runner_helpers.run_main(*args, "--limit=1", "--stage2_alpha=0.5", "--stage2_lam=0.5")   # 4 layers: no paper pair
+  printed = capsys.readouterr().out
+  assert f'"cdpruner@T={BUDGET}: cdpruner\'s relevance is CLIP\'s text tower' in printed     # the resolved skipped runs
+  runs = {r["run"] for r in runner_helpers.read_rows(out)}
+  assert {"full", f"tops@T={BUDGET}", f"divprune@T={BUDGET}"} <= runs and not any("cdpruner" in r for r in runs)

@@ -71,6 +71,14 @@ def test_in_llm_methods_keep_original_positions():
     (dict(method="divprune", target=0), "positive int"),
     (dict(method="divprune", alpha=1.0), "unknown override"),
     (dict(method="dart", dart_count="most"), "dart_count"),
+    (dict(method="divprune", hparams=3), r"divprune: override hparams must be a dict of hyperparameters .*, got 3"),
+    (dict(method="pooling", hparams="grid"), r"pooling: override hparams must be a dict"),
+    (dict(method="pdrop", layers=2), r"pdrop: override layers must be a non-empty sequence of ints, got 2"),
+    (dict(method="pdrop", layers=(2.5, 8)), r"override layers must be a non-empty sequence of ints"),
+    (dict(method="tops", criteria=3), r"tops: override criteria must be a name or a sequence of names, got 3"),
+    (dict(method="tops", criteria="relevanse"), r"tops: criteria must be a non-empty subset"),
+    (dict(method="tops", stage1_alpha="0.3"), r"tops: override stage1_alpha must be a number, got '0.3'"),
+    (dict(method="visionzip", visionzip_cls="no"), r"visionzip: override visionzip_cls must be true or false"),
 ])
 def test_bad_requests_name_the_problem(kwargs, match):
   kwargs = dict(dict(family="llava-next", target=320, num_layers=32), **kwargs)
@@ -131,3 +139,14 @@ def test_a_budget_below_one_token_per_crop_is_named():
   with pytest.raises(ValueError, match=r"target // 5 tokens per crop: target=4 leaves 0"):
     _cfg("cdpruner", target=4)
   assert _cfg("cdpruner", target=4, scope="global").stage1_budget == 4
+
+
+def test_every_named_override_has_a_kind():
+  for method in pruning.OFFICIAL_METHODS:
+    for name in pruning.overrides_of(method):
+      kind, what = pruning.override_kind(name)
+      assert kind in ("number", "int", "bool", "str", "ints", "strs", "dict") and what, (method, name)
+
+
+def test_one_criterion_is_a_tuple_of_one():
+  assert dict(_cfg("tops", criteria="relevance").stage1_hparams)["criteria"] == ("relevance",)

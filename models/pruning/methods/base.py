@@ -7,13 +7,14 @@ turns the older spellings into it), plus "testbed" (the small LLaVA-NeXT of the 
 run with LLaVA-NeXT's protocols).
 """
 
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "family", "nominal_groups", "anyres", "stage1",
-           "check_per_crop"]
+__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "OVERRIDE_KINDS", "KINDS", "check_override",
+           "family", "nominal_groups", "anyres", "stage1", "check_per_crop"]
 
 # The backbones the methods have protocols for (registry names), and the testbed.
 FAMILIES = tuple(name for name, b in backbones.BACKBONES.items() if b.multimodal) + ("testbed",)
@@ -119,6 +120,44 @@ class Method(NamedTuple):
 
 # The named overrides of a Stage I method's layout (`stage1`).
 LAYOUT_OVERRIDES = ("scope", "grid", "newlines", "features", "relevance", "hparams")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Each kind of override value: (test, what it reads as in messages).
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "number": (_is_number, "a number"),
+    "int": (_is_int, "an int"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "ints": (lambda v: isinstance(v, (tuple, list)) and bool(v) and all(map(_is_int, v)),
+             "a non-empty sequence of ints"),
+    "strs": (lambda v: isinstance(v, str) or isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+             "a name or a sequence of names"),
+    "dict": (lambda v: isinstance(v, Mapping), "a dict of hyperparameters (name -> value)"),
+}
+# What every named override of every method takes (one meaning per name across the methods; a protocol reads it so).
+OVERRIDE_KINDS: dict[str, str] = {
+    **dict.fromkeys(("stage1_alpha", "stage1_lam", "stage2_alpha", "stage2_lam", "lam"), "number"),
+    **dict.fromkeys(("scope", "grid", "newlines", "features", "relevance", "normalize", "raters", "timing",
+                     "dart_count", "positions", "mode", "version"), "str"),
+    **dict.fromkeys(("hparams", "stage2_hparams"), "dict"),
+    "num_visual": "int", "visionzip_cls": "bool", "layers": "ints", "criteria": "strs",
+}
+
+
+def check_override(method: str, name: str, value):
+  """ValueError naming `method`'s override `name` and the kind it takes when `value` is not of that kind (None: the
+  default, always accepted)."""
+  test, what = KINDS[OVERRIDE_KINDS[name]]
+  if value is not None and not test(value):
+    raise ValueError(f"{method}: override {name} must be {what}, got {value!r}")
 
 
 def stage1(target: int, o: dict[str, Any], *, scope: str = "global", grid: str = "unpadded", newlines: str = "drop",

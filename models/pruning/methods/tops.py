@@ -9,6 +9,7 @@ import dataclasses
 
 from models.pruning.methods import base
 from models.pruning.modes import Layout, Stage1, Stage2
+from tops_jax import tops as tops_lib
 
 __all__ = ["METHOD", "STAGE2", "layers", "schedule", "protocol"]
 
@@ -81,8 +82,8 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1
   hp = {}
   if o.get("normalize"):
     hp["normalize"] = o["normalize"]
-  if o.get("criteria"):
-    hp["criteria"] = tuple(o["criteria"])
+  if o.get("criteria"):      # checked here, not when the first batch is traced
+    hp["criteria"] = tops_lib.check_criteria(o["criteria"])
   hp1 = dict(s1.params, **hp, **o.get("hparams", {}))
   hp2 = dict(s2.params, **hp, **o.get("stage2_hparams", {}))
   return dataclasses.replace(s1, params=hp1, **fields), dataclasses.replace(s2, params=hp2)
