@@ -14,9 +14,11 @@ is theirs):
 - `mmbench_eval_result`: `MMBench_Evaluator.eval_result` / `eval_sub_data` without the judge: the rows whose index
   is below 1e6 are the questions; every row whose index mod 1e6 equals a question's index is one of its rotated
   copies, and the question scores 1 only when every copy is right.
-- `multi_choice_regex_filter`, `exact_match`: lmms-eval `tasks/ai2d/utils.py` (`MultiChoiceRegexFilter.apply`:
-  "X." at the start after optional whitespace, else the whole response) and `api/metrics.py`
-  (`exact_match_hf_evaluate`: lowercase, delete `string.punctuation`, no whitespace strip).
+- `multi_choice_regex_filter`, `exact_match`, `exact_match_form`: lmms-eval `tasks/ai2d/utils.py`
+  (`MultiChoiceRegexFilter.apply`: "X." at the start after optional whitespace, else the whole response) and
+  `api/metrics.py` (`exact_match_hf_evaluate`: lowercase, delete `string.punctuation`, no whitespace strip; the
+  prediction reaching it is already stripped by `api/task.py` `ConfigurableTask.process_results`, the reference
+  is not).
 """
 
 import re
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["LETTERS", "MC_SUFFIX", "CIRCULAR_BASE", "letters", "options_lines", "eval_science_qa_answer", "get_pred_idx",
            "sqa_process_results", "can_infer_option", "can_infer_text", "can_infer", "extract_mcq_answer",
-           "mmbench_eval_result", "multi_choice_regex_filter", "exact_match"]
+           "mmbench_eval_result", "multi_choice_regex_filter", "exact_match", "exact_match_form"]
 
 LETTERS = string.ascii_uppercase
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA and lmms-eval alike
@@ -218,10 +220,13 @@ def multi_choice_regex_filter(response: str) -> str:
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+def exact_match_form(text: str, ignore_case: bool = True, ignore_punctuation: bool = True) -> str:
+  """What lmms-eval's exact_match compares of one side: lowercased, `string.punctuation` deleted (no strip)."""
+  text = text.lower() if ignore_case else text
+  return text.translate(_NO_PUNCTUATION) if ignore_punctuation else text
+
+
 def exact_match(prediction: str, reference: str, ignore_case: bool = True, ignore_punctuation: bool = True) -> bool:
-  """lmms-eval's exact_match of one pair (the callers strip the prediction first)."""
-  if ignore_case:
-    prediction, reference = prediction.lower(), reference.lower()
-  if ignore_punctuation:
-    prediction, reference = prediction.translate(_NO_PUNCTUATION), reference.translate(_NO_PUNCTUATION)
-  return prediction == reference
+  """lmms-eval's exact_match of one pair (the callers strip the prediction first, as the task does)."""
+  return (exact_match_form(prediction, ignore_case, ignore_punctuation)
+          == exact_match_form(reference, ignore_case, ignore_punctuation))

@@ -19,22 +19,22 @@ Protocols (read at LLaVA c121f04 and lmms-eval 75571cf):
   parser "llava": `scripts/convert_gqa_for_eval.py` takes the (stripped) text, `rstrip('.')`, lowercases; the official
     GQA `eval.py --tier testdev_balanced` then scores `predicted == gold` on the raw gold answer. We report its
     accuracy only (its consistency, validity, plausibility and distribution need the scene-graph and choices files).
-  parser "lmms_eval": the yaml's `exact_match` with ignore_case and ignore_punctuation: lowercase, then delete every
-    `string.punctuation` character, on both sides; whitespace is not stripped (`api/metrics.py`).
+  parser "lmms_eval": the generation stripped (`api/task.py` `ConfigurableTask.process_results` strips every
+    generate_until result before any metric; the yaml has no filter_list), then the yaml's `exact_match` with
+    ignore_case and ignore_punctuation: lowercase, then delete every `string.punctuation` character, on both sides
+    (`api/metrics.py`, which strips nothing: "right ." stays wrong, the gold answer is not stripped).
 """
 
 import collections
-import string
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiments.benchmarks import base, parquet, rowio
+from experiments.benchmarks import base, choices, parquet, rowio
 
 __all__ = ["SUFFIX", "IMAGE_CACHE_BYTES", "TASKS", "parse_llava", "parse_lmms_eval", "ImageLookup"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 INSTRUCTIONS, IMAGES, SPLIT = "testdev_balanced_instructions", "testdev_balanced_images", "testdev"
 IMAGE_CACHE_BYTES = 256 << 20
-_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _COLUMNS = {"id": rowio.ID, "imageId": rowio.TEXT, "question": rowio.PROMPT, "answer": rowio.TEXT}
 
 
@@ -43,7 +43,7 @@ def parse_llava(generation: str) -> str:
 
 
 def parse_lmms_eval(generation: str) -> str:
-  return generation.lower().translate(_NO_PUNCTUATION)
+  return choices.exact_match_form(generation.strip())
 
 
 _parse = base.parser_by_protocol(llava=parse_llava, lmms_eval=parse_lmms_eval)
@@ -53,7 +53,7 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]
   if not rows:
     raise ValueError("GQA: no rows to score")
   # the official scorers transform the gold answer as lmms-eval does (both sides) or not at all (GQA's eval.py)
-  gold = parse_lmms_eval if protocol == "lmms_eval" else (lambda answer: answer)
+  gold = choices.exact_match_form if protocol == "lmms_eval" else (lambda answer: answer)
   correct = [_parse(r["prediction"], r["meta"], protocol) == gold(r["target"]) for r in rows]
   return {"accuracy": sum(correct) / len(correct)}
 

@@ -7,9 +7,10 @@ order; the dataset's question_id is kept in `meta["image"]`, the key of the imag
 
 Protocols (read at lmms-eval 75571cf `tasks/mme/utils.py` + mme.yaml; LLaVA c121f04 `scripts/v1_5/eval/mme.sh`):
   prompt: lmms-eval strips the question, deletes " Please answer yes or no." and appends "\\nAnswer the question
-    using a single word or phrase.". LLaVA's `llava_mme.jsonl` and its `convert_answer_to_mme.py` are in eval.zip,
-    not the repository; we give the "llava" protocol the same prompt (docs/Evaluation.md lists MME under the
-    short-answer format) [unverified: whether LLaVA's file keeps "Please answer yes or no."].
+    using a single word or phrase."; a question with two spaces before the instruction keeps one trailing space
+    ("...?  Please answer yes or no." -> "...? " + suffix). LLaVA's `llava_mme.jsonl` (eval.zip, with its
+    `convert_answer_to_mme.py`) has the same text without that trailing space (compared in issue 27): the "llava"
+    protocol strips the question again after the deletion.
   max_new_tokens: lmms_eval 16 (yaml); llava 128 (`model_vqa_loader.py` default). Stop strings: none.
   parser "lmms_eval" (`parse_pred_ans`, "from Otter"): lowercase, strip, delete every "."; "yes"/"no" as is; a single
     character "y"/"n" -> yes/no, any other single character -> other; else "yes" if the first 4 characters contain
@@ -29,13 +30,19 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from experiments.benchmarks import base, rowio
 
-__all__ = ["SUFFIX", "PERCEPTION", "COGNITION", "TASKS", "parse_llava", "parse_lmms_eval", "mme_scores"]
+__all__ = ["SUFFIX", "PERCEPTION", "COGNITION", "TASKS", "prompt", "parse_llava", "parse_lmms_eval", "mme_scores"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 _DROPPED = " Please answer yes or no."
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 _COLUMNS = {"question_id": rowio.TEXT, "question": rowio.PROMPT, "answer": rowio.TEXT, "category": rowio.TEXT}
+
+
+def prompt(question: str, protocol: str) -> str:
+  """The user text: the instruction deleted, the short-answer suffix appended (LLaVA's file: stripped again)."""
+  text = question.strip().replace(_DROPPED, "")
+  return (text.strip() if protocol == "llava" else text) + SUFFIX
 
 
 def _first_four(text: str) -> str:
@@ -97,8 +104,7 @@ def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.
       raise ValueError(f"{where}: answer {row['answer']!r} is not yes/no")
     if row["category"] not in PERCEPTION + COGNITION:   # the scores group by it: named now, not after the split ran
       raise ValueError(f"{where}: category {row['category']!r} is not an MME category")
-    text = row["question"].strip().replace(_DROPPED, "") + SUFFIX
-    yield base.Example(question_id=str(position), image=image, text=text, target=answer,
+    yield base.Example(question_id=str(position), image=image, text=prompt(row["question"], protocol), target=answer,
                        meta={"category": row["category"], "image": row["question_id"]}, source=where)
 
 

@@ -81,8 +81,8 @@ def _examples(data_dir: str, protocol: str, with_images: bool) -> Iterator[base.
 
 
 def _parse(generation: str, meta: Mapping[str, Any], protocol: str) -> str:
-  rowio.check_protocol(protocol)
-  return generation
+  # lmms-eval's judge reads the generation as its task strips it (`ConfigurableTask.process_results`).
+  return generation.strip() if rowio.check_protocol(protocol) == "lmms_eval" else generation
 
 
 def _score(rows: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, float]:

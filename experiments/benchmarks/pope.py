@@ -24,6 +24,10 @@ Protocols (read at LLaVA c121f04 and lmms-eval 75571cf):
   LLaVA evaluates each sampling separately and the LLaVA-1.5 paper reports the mean F1 of the three; lmms-eval's
   `pope` task scores the 9,000 rows pooled. The pooled task reports both: the pooled metrics, each split's metrics as
   "{split}/{metric}", and `mean_f1` over the splits present.
+  Questions: LLaVA's `llava_pope_test.jsonl` (eval.zip) holds 8,910 questions, not lmms-lab's 9,000: its random
+  split differs from the current POPE release (compared in issue 27). The llava protocol here runs lmms-lab's rows,
+  so its POPE is not over the LLaVA-1.5 paper's questions; its metrics carry `llava_file_questions` = 8,910 (the
+  size of LLaVA's file, a constant), which the relative summary turns into a note (`summary.relative`).
 """
 
 import functools
@@ -31,11 +35,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from experiments.benchmarks import base, rowio
 
-__all__ = ["SUFFIX", "SPLITS", "TASKS", "parse_llava", "parse_lmms_eval", "confusion_metrics"]
+__all__ = ["SUFFIX", "SPLITS", "LLAVA_FILE_QUESTIONS", "TASKS", "parse_llava", "parse_lmms_eval",
+           "confusion_metrics"]
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLITS = ("adversarial", "popular", "random")
 _COLUMNS = {"question_id": rowio.ID, "question": rowio.PROMPT, "answer": rowio.TEXT, "category": rowio.TEXT}
+LLAVA_FILE_QUESTIONS = 8910   # LLaVA's llava_pope_test.jsonl; lmms-lab/POPE has 9,000 (its random split differs)
 
 
 def parse_llava(generation: str) -> str:
@@ -82,6 +88,8 @@ def _score(rows: Sequence[Mapping[str, Any]], protocol: str, pooled: bool) -> di
   if protocol == "lmms_eval":
     out["label_yes_ratio"] = sum(l == "yes" for l in labels) / len(labels)  # lmms-eval's `pope_yes_ratio`
     out["unparsed"] = float(sum(p not in ("yes", "no") for p in predictions))
+  else:
+    out["llava_file_questions"] = float(LLAVA_FILE_QUESTIONS)
   if pooled:
     f1s = []
     for split in SPLITS:

@@ -18,6 +18,9 @@ pooled task's mean_f1, LLaVA's number). The tasks report fractions; the scale ta
   local metric gives: a run's mmvet entry must carry "score", else MM-Vet is left out and named.
   MMStar: mmstar average.  AI2D: ai2d accuracy.  HallusionBench: hallusionbench_image aAcc.
 A benchmark that either run lacks is left out of both summaries and named in `missing`.
+Notes (`notes`): a POPE column scored under the llava protocol (its metrics carry `llava_file_questions`,
+`experiments.benchmarks.pope`) is over lmms-lab's 9,000 questions, not the 8,910 of LLaVA's question file behind the
+LLaVA-1.5 paper's POPE; the summary says so.
 """
 
 import dataclasses
@@ -73,6 +76,7 @@ class Relative:
   columns_b: tuple[str, ...]
   sources: Mapping[str, str]
   missing: tuple[str, ...]            # benchmark columns that one of the runs lacks, each with the reason
+  notes: tuple[str, ...] = ()         # what the numbers are over, where it differs from the papers' files
 
 
 def _missing(column: str, full: Mapping[str, float], run: Mapping[str, float]) -> str:
@@ -121,7 +125,19 @@ def relative(full: Scores, run: Scores, columns: Sequence[str] | None = None,
       ratio_of_means=100.0 * run_mean / full_mean if columns_a and full_mean else None, full_mean=full_mean,
       run_mean=run_mean, mean_of_ratios=100.0 * sum(ratios.values()) / len(ratios) if ratios else None,
       columns_a=columns_a, columns_b=tuple(ratios), sources={c: sources[c] for c in columns_a},
-      missing=tuple(missing))
+      missing=tuple(missing), notes=_notes(columns_a, full, run))
+
+
+def _notes(columns: Sequence[str], full: Scores, run: Scores) -> tuple[str, ...]:
+  pope = {t for source, _ in HEADLINES["POPE"] for t, _ in source}
+  sizes = {int(s[t]["llava_file_questions"]) for s in (full, run) for t in pope
+           if "llava_file_questions" in s.get(t, {})}
+  if "POPE" not in columns or not sizes:
+    return ()
+  held = " / ".join(f"{n:,}" for n in sorted(sizes))
+  return (f"POPE (llava protocol) is scored on lmms-lab/POPE (9,000 questions, 3,000 per split); LLaVA's "
+          f"llava_pope_test.jsonl, behind the LLaVA-1.5 paper's POPE, holds {held} (its random split differs from "
+          "the current POPE release)",)
 
 
 def format_relative(name: str, rel: Relative) -> str:
@@ -134,4 +150,5 @@ def format_relative(name: str, rel: Relative) -> str:
            f"over {', '.join(rel.columns_b) or 'nothing'}"]
   if rel.missing:
     lines.append(f"{name}: left out: " + "; ".join(rel.missing))
+  lines += [f"{name}: note: {note}" for note in rel.notes]
   return "\n".join(lines)

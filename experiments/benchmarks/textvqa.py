@@ -12,9 +12,12 @@ Protocols (read at lmms-eval 75571cf `tasks/textvqa/utils.py` + `_default_templa
 `llava/eval/eval_textvqa.py`, `m4c_evaluator.py`):
   prompt "lmms_eval": `question.capitalize()` (which also lowercases the rest), then with the hint
     "\\nReference OCR token: " + ", ".join(ocr_tokens), then "\\nAnswer the question using a single word or phrase.".
-  prompt "llava": the question as stored, then the same hint and suffix. LLaVA's jsonl is in eval.zip; its line
-    layout (question, hint, suffix) is what `eval_textvqa.prompt_processor` parses back, but its capitalisation and
-    its OCR tokens (LLaVA's file predates lmms-lab's `ocr_tokens` column) are [unverified].
+  prompt "llava": the question with its first character upper-cased (the rest as stored), then the same hint and
+    suffix. LLaVA's `llava_textvqa_val_v051_ocr.jsonl` (eval.zip) holds the questions capitalised: 4,995 of its 5,000
+    start upper-case ("What is ...") where lmms-lab's column is lower-case (compared in issue 27); `str.capitalize`
+    would also lower-case the rest ("CAMERA"), which LLaVA's file does not. Its line layout (question, hint, suffix)
+    is what `eval_textvqa.prompt_processor` parses back; its OCR tokens (LLaVA's file predates lmms-lab's
+    `ocr_tokens` column) are [unverified].
   max_new_tokens: lmms_eval 1024 (the yaml sets none; the llava wrapper's default); llava 128. Stop: the yaml's
     `until: ["ASSISTANT:"]` (lmms-eval's llava wrapper does not apply it; cutting there changes no answer before it).
   parser, both: EvalAI's answer processor (`vqa_eval.normalize`). Score, both: the mean over questions of the
@@ -38,7 +41,7 @@ def prompt(question: str, ocr_tokens: Sequence[str] | None, protocol: str) -> st
   """The user text; `ocr_tokens` None: no hint line."""
   if protocol not in base.PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {base.PROTOCOLS}")
-  head = question.capitalize() if protocol == "lmms_eval" else question
+  head = question.capitalize() if protocol == "lmms_eval" else question[:1].upper() + question[1:]
   hint = "" if ocr_tokens is None else "\nReference OCR token: " + ", ".join(ocr_tokens)
   return head + hint + SUFFIX
 

@@ -37,6 +37,7 @@ from flax import nnx
 import model_factories as mf
 from models import clip_text
 from models import pruning
+from tops_jax import prumerge
 from tops_jax import prune
 
 IMAGE = mf.IMAGE_TOKEN_ID
@@ -339,6 +340,26 @@ def test_llava_official_layouts_keep_the_global_selection(llava, method):
     # SCOPE's canvas layout hands its rows to the first n <image> positions; the others keep their own positions.
     slots = None if cfg.stage1_grid == "padded" else list(want)
     _check(out, model, ids, mask, "left", image_rows=rows, kept=list(want), slots=slots)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_prumerge_plus_hands_the_llm_its_official_rows(llava, dedup):
+  """PruMerge+ (LLaVA-1.5): the decoder gets the K merged rows in the official order (a strided position that is
+  also a top token twice, unless dedup), then the extra token; `stage1.kept` lists the K indices, duplicates too.
+  The merge itself is tests/tops_jax/test_prumerge.py's (a NumPy transcription of the official function)."""
+  model, budget = llava, 8
+  ids, mask, px = _llava_batch(4)
+  cfg = pruning.method_config("prumerge_plus", family="llava-1.5", target=budget, num_layers=3, dedup=dedup)
+  tokens = jax.jit(lambda m, x: m.visual_tokens(x, None, extras=("last_qk",)))(model, jnp.asarray(px))
+  q, k = tokens.extras["last_query"], tokens.extras["last_keys"]
+  seq = jax.vmap(lambda f, r, kk: prumerge.merge_sequence(f, r, keep=budget, dedup=dedup, keys=kk))(
+      tokens.features, prumerge.cls_attention(q, k), k[:, 1:])
+  rows = np.asarray(model.project(seq.tokens))
+  want = np.asarray(seq.indices)
+  assert np.asarray(seq.mask).all()
+  assert any(len(set(w.tolist())) < budget for w in want) != dedup       # the case holds a duplicate
+  out = pruning.forward(model, cfg, ids, mask, px)
+  _check(out, model, ids, mask, "left", image_rows=list(rows), kept=list(want))
 
 
 # ---------------------------------------------------------------------------------------------- bad configs

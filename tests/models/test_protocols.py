@@ -1,8 +1,11 @@
 """`pruning.method_config`: each method's official protocol per backbone and budget, and the named overrides."""
 
+import dataclasses
+
 import pytest
 
 from models import pruning
+from models.pruning.methods import pdrop as pdrop_method
 from tops_jax import dart
 
 
@@ -108,7 +111,16 @@ def test_vispruner_uses_cdpruners_per_crop_layout_on_vision_features():
 
 def test_prumerge_plus_is_llava_1_5_only_with_the_fixed_branch():
   c = _cfg("prumerge_plus", family="llava-1.5", target=64)
-  assert dict(c.stage1_hparams) == {"mode": "fixed"} and c.stage1_scope == "global"
+  assert dict(c.stage1_hparams) == {"mode": "fixed", "dedup": False} and c.stage1_scope == "global"
+  # The default keeps the official duplicates; the config names it, so its repr (hashed into the runner's row keys,
+  # experiments/runner/evaluate.py `run_hash`) differs from the earlier default's ({"mode": "fixed"}, deduplicated)
+  # and from the dedup=True variant.
+  old = dataclasses.replace(c, stage1=dataclasses.replace(c.stage1, params={"mode": "fixed"}))
+  dedup = _cfg("prumerge_plus", family="llava-1.5", target=64, dedup=True)
+  assert dict(dedup.stage1_hparams)["dedup"] is True
+  assert len({repr(c), repr(old), repr(dedup)}) == 3 and "('dedup', False)" in repr(c)
+  with pytest.raises(ValueError, match="dedup applies to the fixed branch"):
+    _cfg("prumerge_plus", family="llava-1.5", target=64, mode="adaptive", dedup=True)
   assert dict(_cfg("prumerge_plus", family="llava-1.5", target=64, mode="adaptive").stage1_hparams)["mode"] == \
       "adaptive"
   with pytest.raises(ValueError, match="no llava-next protocol"):
@@ -124,6 +136,22 @@ def test_pdrop_average_tokens_match_the_budget_and_small_budgets_have_no_protoco
     _cfg("pdrop", family="llava-1.5", target=32)
   with pytest.raises(pruning.NoProtocol, match="testbed"):
     _cfg("pdrop", family="testbed", target=20)
+
+
+def test_pdrop_published_setting_is_270_of_576_not_192():
+  # The published scripts' lambda 0.5 on (8, 16, 24) counted by the measure T names: layers 0-7 see all 576 tokens,
+  # 8-15 288, 16-23 144, 24-31 72, i.e. 270 per layer on average. T = 270 gives that schedule back; T = 192 is
+  # another setting (lambda 0.25).
+  published = pruning.pdrop_schedule(32)
+  kept = [576] * 8 + [keep for _, keep in published.steps for _ in range(8)]
+  assert sum(kept) / 32 == 270 == pdrop_method.published_budget(32)
+  assert pdrop_method.published_budget(32, "llava-next") == 1350 and pdrop_method.published_budget(40) == 230
+  for family, t in (("llava-1.5", 270), ("llava-next", 1350)):
+    c = _cfg("pdrop", family=family, target=t)
+    assert [layer for layer, _ in c.steps] == [8, 16, 24] and c.stage2_ratios == (0.5, 0.25, 0.125)
+  assert _cfg("pdrop", family="llava-1.5", target=192).stage2_ratios[0] == 0.25
+  with pytest.raises(ValueError, match="too shallow"):
+    pdrop_method.published_budget(20)
 
 
 def test_sparsevlm_has_only_its_published_llava_1_5_settings():

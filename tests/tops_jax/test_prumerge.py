@@ -11,7 +11,7 @@ from tops_jax import prumerge
 from tops_jax import prune
 
 
-_sequence = jax.jit(prumerge.merge_sequence, static_argnames=("keep", "mode", "neighbors"))
+_sequence = jax.jit(prumerge.merge_sequence, static_argnames=("keep", "mode", "dedup", "neighbors"))
 
 
 def _topk(values, k):
@@ -19,11 +19,22 @@ def _topk(values, k):
   return np.argsort(-np.asarray(values, np.float64), kind="stable")[:k]
 
 
-def np_prumerge_plus(features, cls_attn, keys, valid, mode="adaptive", keep=None, neighbors=32):
+def np_complement_idx(idx, dim):
+  """The official `complement_idx(idx, dim)`, op for op: scatter 0 into arange(dim) at idx, sort, drop len(idx).
+
+  With a repeated index the result is dim - len(idx) long: the d smallest indices not in idx are dropped with the
+  zeros (d = len(idx) - distinct indices; index 0, when not in idx, is one of them)."""
+  masked = np.arange(dim)
+  masked[np.asarray(idx, np.int64)] = 0                               # torch.scatter(a, -1, idx, 0)
+  return np.sort(masked, kind="stable")[len(idx):]                    # torch.sort(...)[n_idx:]
+
+
+def np_prumerge_plus(features, cls_attn, keys, valid, mode="adaptive", keep=None, neighbors=32, dedup=False):
   """The official function, one torch op at a time, on the valid tokens of one image (batch 1).
 
   Returns (merged kept tokens in the official order followed by the extra token, kept ids in the official order).
-  The documented deviations are the marked lines only (no-outlier rule, fixed-mode duplicates and fill).
+  The documented deviations are the marked lines only (no-outlier rule; fixed mode: a strided sequence of another
+  length than K - K // 2, and the `dedup` option).
   """
   ids = np.flatnonzero(valid)
   image_features = features[ids].astype(np.float64)
@@ -51,15 +62,17 @@ def np_prumerge_plus(features, cls_attn, keys, valid, mode="adaptive", keep=None
     step_length = int(1 / reduction_ratio) if keep // 2 else n
     arithmetic_sequence = list(range(int(step_length / 2), n - 1, int(step_length)))
     arithmetic_sequence = arithmetic_sequence[:keep - keep // 2]      # deviation: cut a longer sequence
-    idx = idx + [x for x in arithmetic_sequence if x not in idx]      # deviation: no duplicate
-    for x in _topk(attn, n):                                          # deviation: fill by attention
+    if dedup:
+      arithmetic_sequence = [x for x in arithmetic_sequence if x not in idx]   # option: no duplicate
+    idx = idx + arithmetic_sequence                                   # torch.cat, duplicates kept
+    for x in _topk(attn, n):                                          # deviation: fill a short sequence
       if len(idx) == keep:
         break
       if x not in idx:
         idx.append(int(x))
   x_others = image_features[idx]
   x_others_attn = attn[idx].astype(np.float64)
-  compl = sorted(set(range(n)) - set(idx))                            # complement_idx
+  compl = np_complement_idx(idx, n)
   non_topk = image_features[compl]
   non_topk_key = key_wo_cls[compl]
   non_topk_attn = attn[compl].astype(np.float64)
@@ -134,40 +147,87 @@ def test_adaptive_matches_reference(n, seed, p_valid, neighbors, tied_keys):
   np.testing.assert_array_equal(np.asarray(order), want_ids)
 
 
+def _check_merge(tokens, idx, want_tokens, want_ids):
+  """prune.merge: distinct indices, ascending; each official token carries its official merged row."""
+  idx, tokens = np.asarray(idx), np.asarray(tokens)
+  assert len(set(idx.tolist())) == len(idx) and (np.diff(idx) > 0).all()
+  official = {int(t): want_tokens[i] for i, t in enumerate(want_ids)}
+  assert set(official) <= set(idx.tolist())
+  for j, t in enumerate(idx.tolist()):
+    if t in official:
+      np.testing.assert_allclose(tokens[j], official[t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
 @pytest.mark.parametrize("n,keep,seed,p_valid,tied_keys", [
     (40, 10, 0, 1.0, False), (64, 16, 1, 1.0, True), (50, 9, 2, 0.7, False), (36, 36, 3, 1.0, True),
     (72, 1, 4, 1.0, False), (60, 25, 5, 0.8, True)])
-def test_fixed_matches_reference(n, keep, seed, p_valid, tied_keys):
+def test_fixed_matches_reference(n, keep, seed, p_valid, tied_keys, dedup):
   rng = np.random.default_rng(seed)
   f, r, v, keys = _case(rng, n, p_valid=p_valid, tied_keys=tied_keys)
-  want_tokens, want_ids = np_prumerge_plus(f, r, keys, v, "fixed", keep=keep)
+  want_tokens, want_ids = np_prumerge_plus(f, r, keys, v, "fixed", keep=keep, dedup=dedup)
   assert len(want_ids) == keep
-  out = _sequence(jnp.asarray(f), jnp.asarray(r), jnp.asarray(v), keep=keep, mode="fixed",
-                                keys=jnp.asarray(keys))
+  out = _sequence(jnp.asarray(f), jnp.asarray(r), jnp.asarray(v), keep=keep, mode="fixed", dedup=dedup,
+                  keys=jnp.asarray(keys))
   _check_sequence(out, want_tokens, want_ids, keep)
-  np.testing.assert_array_equal(np.asarray(prune.select_order("prumerge_plus", f, keep=keep, relevance=r, valid=v)),
-                                want_ids)
-  tokens, idx = prune.merge("prumerge_plus", f, keep=keep, relevance=r, valid=v, keys=keys)
-  perm = np.argsort(want_ids)
-  np.testing.assert_array_equal(np.asarray(idx), want_ids[perm])
-  np.testing.assert_allclose(np.asarray(tokens), want_tokens[:-1][perm], rtol=1e-5, atol=1e-6)
+  # The order is the dedup list either way: K distinct tokens, the duplicates' slots refilled by attention.
+  distinct = np_prumerge_plus(f, r, keys, v, "fixed", keep=keep, dedup=True)[1]
+  np.testing.assert_array_equal(
+      np.asarray(prune.select_order("prumerge_plus", f, keep=keep, relevance=r, valid=v, dedup=dedup)), distinct)
+  tokens, idx = prune.merge("prumerge_plus", f, keep=keep, relevance=r, valid=v, keys=keys, dedup=dedup)
+  np.testing.assert_array_equal(np.asarray(idx), np.sort(distinct))
+  _check_merge(tokens, idx, want_tokens, want_ids)
+
+
+@pytest.mark.parametrize("keep,seed,top_zero", [(64, 0, False), (128, 1, False), (64, 2, True), (192, 3, False)])
+def test_fixed_duplicates_and_complement_idx_on_576_tokens(keep, seed, top_zero):
+  # The official fixed branch on LLaVA-1.5's 576 tokens: a strided position that is also a top token is kept twice
+  # (two identical merged rows), and complement_idx then drops the d smallest non-kept tokens (token 0 among them
+  # unless it is kept), which are neither neighbours nor in the extra token.
+  rng = np.random.default_rng(seed)
+  f, r, _, keys = _case(rng, 576)
+  v = np.ones(576, bool)
+  half = keep // 2
+  strided = list(range(int((576 // half) / 2), 575, 576 // half))
+  r[strided[: 3 + seed]] *= 50.0                                     # strided positions among the top tokens
+  if top_zero:
+    r[0] = r.max() * 2
+  want_tokens, want_ids = np_prumerge_plus(f, r, keys, v, "fixed", keep=keep)
+  top = _topk(r, half).tolist()
+  np.testing.assert_array_equal(want_ids, top + strided)
+  dups = len(want_ids) - len(set(want_ids.tolist()))
+  assert dups >= 3 and (0 in top) == top_zero
+  dropped = sorted(set(range(576)) - set(want_ids.tolist()))[:dups]
+  assert set(dropped).isdisjoint(np_complement_idx(want_ids, 576)) and (0 in dropped) != top_zero
+  out = _sequence(jnp.asarray(f), jnp.asarray(r), keep=keep, mode="fixed", keys=jnp.asarray(keys))
+  _check_sequence(out, want_tokens, want_ids, keep)
+  rows = np.asarray(out.tokens)
+  for t in set(top) & set(strided):
+    np.testing.assert_array_equal(rows[top.index(t)], rows[half + strided.index(t)])
+  # dedup=True: each token once, the freed slots refilled by attention, the full complement.
+  want_tokens, want_ids = np_prumerge_plus(f, r, keys, v, "fixed", keep=keep, dedup=True)
+  assert len(set(want_ids.tolist())) == keep
+  _check_sequence(_sequence(jnp.asarray(f), jnp.asarray(r), keep=keep, mode="fixed", dedup=True,
+                            keys=jnp.asarray(keys)), want_tokens, want_ids, keep)
 
 
 @pytest.mark.parametrize("keep", [32, 64, 128, 192])
 def test_fixed_budgets_on_576_tokens_are_the_official_branch(keep):
   # With N = 576 the official non-adaptive branch (ratio = keep / 2 / 576) yields exactly keep // 2 strided
-  # positions, so only duplicates (top tokens that are also strided) differ from the official index list.
+  # positions: the merged sequence's indices are exactly [top; strided], duplicates included.
   n, half = 576, keep // 2
   ratio = half / n
   step = int(1 / ratio)
   strided = list(range(int(step / 2), 575, step))
   assert int(n * ratio) == half and len(strided) == half
   r = np.random.default_rng(keep).lognormal(size=n).astype(np.float32)
-  got = np.asarray(prune.select_order("prumerge_plus", np.zeros((n, 2), np.float32), keep=keep, relevance=r))
   top = _topk(r, half).tolist()
+  got = np.asarray(prune.select_order("prumerge_plus", np.zeros((n, 2), np.float32), keep=keep, relevance=r))
   np.testing.assert_array_equal(got[:half], top)
   fresh = [x for x in strided if x not in top]
   np.testing.assert_array_equal(got[half:half + len(fresh)], fresh)
+  seq = _sequence(jnp.zeros((n, 2)), jnp.asarray(r), keep=keep, mode="fixed")
+  np.testing.assert_array_equal(np.asarray(seq.indices), top + strided)
 
 
 def test_integer_arithmetic_equals_the_official_floats_for_576_tokens():
@@ -247,9 +307,7 @@ def test_batch_with_padding_and_jit_equal_per_row_reference():
       assert v[b][np.asarray(idx[b])].all()
       _check_sequence(jax.tree.map(lambda x: x[b], seq), want_tokens, want_ids, 12)
       if mode == "fixed":
-        perm = np.argsort(want_ids)
-        np.testing.assert_array_equal(np.asarray(idx[b]), want_ids[perm])
-        np.testing.assert_allclose(np.asarray(tokens[b]), want_tokens[:-1][perm], rtol=1e-5, atol=1e-6)
+        _check_merge(tokens[b], idx[b], want_tokens, want_ids)
 
 
 def test_padding_never_kept_merged_or_in_the_extra_token():

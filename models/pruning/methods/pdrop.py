@@ -10,11 +10,14 @@ import dataclasses
 from models.pruning.methods import base as base_lib
 from models.pruning.modes import Stage2
 
-__all__ = ["METHOD", "LAYERS", "LAMBDA", "schedule", "protocol"]
+__all__ = ["METHOD", "LAYERS", "LAMBDA", "published_budget", "schedule", "protocol"]
 
 # PyramidDrop's published inference setting (Cooperx521/PyramidDrop scripts/v1_5/pdrop_eval/*.sh and
 # scripts/v1_6/pdrop_eval/*.sh, LLaVA-1.5 and LLaVA-NeXT, 7B and 13B alike): --layer_list '[8,16,24]'
 # --image_token_ratio_list "[0.5,0.25,0.125]", i.e. lambda = 0.5 per stage, absolute layers (not scaled to depth).
+# The scripts name no token budget; by the measure a target names (`_average`) it keeps (8 + 4 + 2 + 1) / 32 = 15/32 of the
+# image's tokens per layer on 32 layers: 270 of 576, 1,350 of 2,880 (`published_budget`). It is not a 192-token
+# setting: a target of 192 of 576 solves to lambda 0.25 on the same layers.
 LAYERS = (8, 16, 24)
 LAMBDA = 0.5
 # The author's advice for targets that (8, 16, 24) cannot reach (issue #29: "2, 8, 16" with lambda = 0.19 for about
@@ -31,13 +34,25 @@ def _average(layers, lam: float, num_layers: int) -> float:
   return sum((b - a) * lam ** s for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))) / num_layers
 
 
+def published_budget(num_layers: int, family: str = "llava", num_visual: int | None = None) -> int:
+  """The T whose solved schedule is the published one: the average visual tokens per layer of lambda 0.5 on
+  (8, 16, 24), rounded (32 layers: 270 of 576 (LLaVA-1.5), 1,350 of 2,880 (LLaVA-NeXT); 40 layers: 230 of 576)."""
+  base = _BASE_TOKENS.get(base_lib.family(family), num_visual)
+  if base is None:
+    raise ValueError(f"family {family!r} has no reference token count: pass num_visual (the image's tokens)")
+  if LAYERS[-1] >= num_layers:
+    raise ValueError(f"a decoder of {num_layers} layers is too shallow for PyramidDrop layers {LAYERS}")
+  return round(base * _average(LAYERS, LAMBDA, num_layers))
+
+
 def schedule(num_layers: int, target: int | None = None, *, family: str = "llava",
                    num_visual: int | None = None, layers: tuple[int, ...] | None = None,
                    lam: float | None = None) -> Stage2:
   """PyramidDrop (method "pdrop"): at each layer l of `layers`, before layer l runs, keep int(n * lam^(s+1)) of each
   image's n tokens, ranked by the attention of the last instruction token at layer l; contiguous positions.
 
-  target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`).
+  target None: the published setting, layers (8, 16, 24) and lambda 0.5 (`LAYERS`, `LAMBDA`); by the average below
+    it is the target `published_budget` (270 of 576 on 32 layers), which gives the same schedule.
   target: PyramidDrop's "average number of visual tokens" (the kept image tokens summed over the L layers / L, the
     measure of its Table 2, issue #22) equals target / N_family (N = 576 for "llava" (LLaVA-1.5), 2880 for
     "llava_next": the TOPS tables' targets; other families: `num_visual`). The paper's per-target settings are not

@@ -2,8 +2,9 @@
 strided (its fixed-count branch), each merged with its nearest tokens by key, then one extra token for the rest;
 LLaVA-1.5 only.
 
-Source: 42Shawn/LLaVA-PruMerge `clip_encoder.py` (`tops_jax.prumerge` reads it). `mode="adaptive"`: the released
-inference path's IQR-adaptive count, the target its static upper bound.
+Source: 42Shawn/LLaVA-PruMerge `clip_encoder.py` (`tops_jax.prumerge` reads it). A strided position that is also
+a top token is kept twice, as the official concatenation does (`dedup=True`: once, the slot refilled by attention).
+`mode="adaptive"`: the released inference path's IQR-adaptive count, the target its static upper bound.
 """
 
 import jax
@@ -19,8 +20,13 @@ __all__ = ["METHOD", "protocol"]
 
 
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
-  return Stage1(budget=target, relevance="cls", features="vision",
-                params=dict({"mode": o.get("mode", "fixed")}, **o.get("hparams", {}))), None
+  """The fixed branch with the official duplicates (`dedup=False`, named in the config so that rows computed when
+  the default was dedup are never reused); `dedup=True`: each token once; `mode="adaptive"` has no duplicates."""
+  mode = o.get("mode", "fixed")
+  if mode == "adaptive" and "dedup" in o:
+    raise ValueError("prumerge_plus: dedup applies to the fixed branch (the adaptive branch filters its samples)")
+  params = {"mode": mode} if mode == "adaptive" else {"mode": mode, "dedup": o.get("dedup", False)}
+  return Stage1(budget=target, relevance="cls", features="vision", params=dict(params, **o.get("hparams", {}))), None
 
 
 def _merge_sequence(model, images: VisualTokens, hp) -> tuple[Rows, jax.Array]:
@@ -47,7 +53,7 @@ def _stage1_rows(model, config, images: VisualTokens, key, hp):
   return rows, rows.packed[:, :budget], rel
 
 
-METHOD = base.Method(protocol=protocol, overrides=("mode", "hparams"), unsupported=("llava_next", "testbed"),
+METHOD = base.Method(protocol=protocol, overrides=("mode", "dedup", "hparams"), unsupported=("llava_next", "testbed"),
                      tower=lambda config: ("last_qk",),
                      capacity=lambda config, model_config: config.stage1_budget + 1,   # the kept and the extra token
                      stage1_rows=_stage1_rows)

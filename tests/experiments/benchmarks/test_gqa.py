@@ -79,10 +79,14 @@ def _rows(pairs):
   return [{"question_id": str(i), "prediction": p, "target": t, "meta": {}} for i, (p, t) in enumerate(pairs)]
 
 
-def test_lmms_eval_exact_match_lowercases_and_deletes_punctuation_but_does_not_strip():
-  rows = _rows([("Yes.", "yes"), ("T-shirt", "t-shirt"), (" yes", "yes"), ("t-shirt", "t shirt"), ("Yes!", "yes")])
-  # right: "yes"=="yes", "tshirt"=="tshirt", "yes"=="yes"; wrong: " yes", "tshirt" vs "t shirt"
-  assert TASK.score(rows, "lmms_eval") == {"accuracy": pytest.approx(3 / 5)}
+def test_lmms_eval_strips_then_lowercases_and_deletes_punctuation():
+  # The task strips the generation (`ConfigurableTask.process_results`), then exact_match lowercases and deletes
+  # punctuation on both sides without stripping again.
+  rows = _rows([("Yes.", "yes"), ("T-shirt", "t-shirt"), (" yes", "yes"), ("t-shirt", "t shirt"), ("Yes!", "yes"),
+                (" right ", "right"), ("Yes\n", "yes"), ("right .", "right")])
+  # right: "yes", "tshirt", "yes", "yes", "right", "yes"; wrong: "tshirt" vs "t shirt", "right " (stripped first)
+  assert TASK.score(rows, "lmms_eval") == {"accuracy": pytest.approx(6 / 8)}
+  assert gqa.parse_lmms_eval(" Right \n") == "right"
 
 
 def test_llava_strips_trailing_periods_and_compares_with_the_raw_gold():

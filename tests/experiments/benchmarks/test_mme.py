@@ -67,6 +67,14 @@ def test_examples_use_row_positions_and_drop_the_yes_no_instruction(tmp_path):
   np.testing.assert_array_equal(examples[3].image, lmms_fixtures.decoded(1))
 
 
+def test_two_spaces_before_the_instruction_leave_a_space_under_lmms_eval_only():
+  question = "Is this photo taken in a place of worship?  Please answer yes or no."
+  assert mme.prompt(question, "lmms_eval") == "Is this photo taken in a place of worship? " + mme.SUFFIX
+  assert mme.prompt(question, "llava") == "Is this photo taken in a place of worship?" + mme.SUFFIX
+  one = "Is there a dog? Please answer yes or no."
+  assert mme.prompt(one, "lmms_eval") == mme.prompt(one, "llava") == "Is there a dog?" + mme.SUFFIX
+
+
 def test_bad_rows_are_named(tmp_path):
   rows = _rows()
   rows[2]["image"] = {"bytes": b"\x89PNG\r\n", "path": "2.png"}

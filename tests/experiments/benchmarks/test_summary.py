@@ -88,3 +88,16 @@ def test_a_zero_full_score_has_no_ratio_and_is_named():
   assert rel.mean_of_ratios == 50.0 and rel.columns_b == ("GQA",)
   assert any("POPE (b): the full model scores 0" in m for m in rel.missing)
   assert rel.ratio_of_means == 100.0 * (30 + 25) / 2 / ((0 + 50) / 2)
+
+
+def test_a_llava_protocol_pope_run_says_llavas_file_has_8910_questions():
+  from experiments.benchmarks import pope  # pylint: disable=g-import-not-at-top
+  rows = [{"question_id": str(i), "prediction": p, "target": t, "meta": {"category": c}}
+          for i, (p, t, c) in enumerate([("Yes", "yes", "random"), ("No", "no", "popular"), ("No", "yes", "random")])]
+  full, run = ({"pope": pope.TASKS["pope"].score(rows[:k], protocol)} for k, protocol in ((3, "llava"), (2, "llava")))
+  text = summary.format_relative("tops/128", summary.relative(full, run))
+  assert "note: POPE (llava protocol) is scored on lmms-lab/POPE (9,000 questions" in text
+  assert "llava_pope_test.jsonl, behind the LLaVA-1.5 paper's POPE, holds 8,910 (its random split differs" in text
+  strict = {"pope": pope.TASKS["pope"].score(rows, "lmms_eval")}
+  assert summary.relative(strict, strict).notes == ()
+  assert summary.relative(full, {"gqa": {"accuracy": 0.5}}).notes == ()     # no POPE column, no note

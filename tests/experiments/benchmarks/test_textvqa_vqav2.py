@@ -21,9 +21,11 @@ def _textvqa_rows():
 
 def test_prompts_by_protocol_and_hint():
   assert textvqa.prompt("what brand is this CAMERA?", None, "lmms_eval") == "What brand is this camera?" + SUFFIX
-  assert textvqa.prompt("what brand is this CAMERA?", None, "llava") == "what brand is this CAMERA?" + SUFFIX
+  # LLaVA's question file: the first character upper-cased, the rest as stored (not str.capitalize).
+  assert textvqa.prompt("what brand is this CAMERA?", None, "llava") == "What brand is this CAMERA?" + SUFFIX
   assert textvqa.prompt("what brand?", ["nikon", "D3"], "llava") == (
-      "what brand?\nReference OCR token: nikon, D3" + SUFFIX)
+      "What brand?\nReference OCR token: nikon, D3" + SUFFIX)
+  assert textvqa.prompt("7up or pepsi?", None, "llava") == "7up or pepsi?" + SUFFIX
 
 
 def test_textvqa_examples_with_and_without_the_hint(tmp_path):
