@@ -35,7 +35,7 @@ def _average(layers, lam: float, num_layers: int) -> float:
 
 
 def published_budget(num_layers: int, family: str = "llava", num_visual: int | None = None) -> int:
-  """The T whose solved schedule is the published one: the average visual tokens per layer of lambda 0.5 on
+  """The target whose solved schedule is the published one: the average visual tokens per layer of lambda 0.5 on
   (8, 16, 24), rounded (32 layers: 270 of 576 (LLaVA-1.5), 1,350 of 2,880 (LLaVA-NeXT); 40 layers: 230 of 576)."""
   base = _BASE_TOKENS.get(base_lib.family(family), num_visual)
   if base is None:
