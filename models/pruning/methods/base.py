@@ -148,7 +148,7 @@ OVERRIDE_KINDS: dict[str, str] = {
     **dict.fromkeys(("scope", "grid", "newlines", "features", "relevance", "normalize", "raters", "timing",
                      "dart_count", "positions", "mode", "version"), "str"),
     **dict.fromkeys(("hparams", "stage2_hparams"), "dict"),
-    "num_visual": "int", "visionzip_cls": "bool", "layers": "ints", "criteria": "strs",
+    "num_visual": "int", "visionzip_cls": "bool", "dedup": "bool", "layers": "ints", "criteria": "strs",
 }
 
 
