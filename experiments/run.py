@@ -17,19 +17,23 @@ outputs are scored (`experiments.runner.evaluate`); tasks are in `experiments.ru
 Output (`--output_dir`, default runs/<backbone>): results.jsonl (one row per evaluated example, appended and flushed
 as it goes; an interrupted run resumes where it stopped: every finished row is skipped, nothing recomputed), then
 summary.md (the table), relative_accuracy.png (relative accuracy vs kept fraction) and kept_tokens.png (which tokens
-each method kept on a few examples, from the slots recorded in their rows: no second pass).
+each method kept on a few examples, from the slots recorded in their rows: no second pass). The outputs of one
+invocation are a set: the previous invocation's are removed when this one starts evaluating, and manifest.json
+records the invocation, its tasks' provenance and whether it finished (`experiments.runner.outputs`).
 
 A row is reused only by a run that would compute the same row: its key holds a hash of every setting that changes
 numbers (`evaluate.run_hash`: checkpoint and its file stamps, task, data, seed, --max_new_tokens, --batch_size, the
 pruning configuration) and a hash of the example's question, answer and image. The table holds exactly the rows of
 this invocation's runs x examples (a smaller --limit shows a smaller table), and marks a time ratio that mixes timings
-of several runner processes. A run locks its output_dir: a second run into it fails at once, naming the holder.
+of several runner processes. A run locks its output_dir before it loads anything: a second run into it fails at
+once, naming the holder.
 """
 
 
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import socket
 import sys
@@ -119,10 +123,26 @@ def main(argv):
 
 
 def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts):
+  # Opening the log locks out_dir for this process (results.DirectoryLock) before anything is loaded: a second run
+  # into it fails here, at once. Only process 0 opens (and locks) the log and writes; the others learn from it what
+  # is finished.
+  try:
+    opened = (results_lib.ResultsLog(os.path.join(config.output_dir, "results.jsonl")) if hosts.writer
+              else contextlib.nullcontext(None))
+  except results_lib.DirectoryLocked as e:
+    raise SystemExit(f"experiments.run: {e}") from None
+  with opened as log:
+    _evaluate(config, backbone, hosts, log)
+  if hosts.writer:
+    print(f"results: {os.path.join(config.output_dir, 'results.jsonl')}; table, plot and pictures in "
+          f"{config.output_dir}")
+
+
+def _evaluate(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts, log):
   try:
     evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts)
     resolved, runs = plan.resolve(config, evaluator.model)
-    if config.clip_checkpoint and any(r.config.stage1_relevance == "clip_text" for r in runs):
+    if resolved.clip_fingerprint is not None:       # a run reads CLIP
       evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint, evaluator.model))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
@@ -131,11 +151,10 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
   logging.info("process %d of %d, mesh %s; runs: %s", hosts.index, hosts.count, hosts.mesh,
                ", ".join(r.name for r in runs))
   out_dir, process = config.output_dir, _process_name()
-  # Opening the log locks out_dir for this process (results.DirectoryLock): a second run into it fails here.
-  # Only process 0 opens (and locks) the log and writes; the others learn from it what is finished.
-  opened = (results_lib.ResultsLog(os.path.join(out_dir, "results.jsonl")) if hosts.writer
-            else contextlib.nullcontext(None))
-  with opened as log:
+  invocation = outputs.Invocation(out_dir, process, json.loads(resolved.to_json())) if hosts.writer else None
+  if invocation:
+    invocation.start()
+  try:
     benchmark_scores = {}
     task_run = lambda name: tasks_lib.task_run(name, config, resolved, backbone, evaluator.processor)
     for name in config.tasks:
@@ -144,19 +163,23 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
       job = task_run(name) if name in tasks_lib.TASKS else None
       try:
         job = job or task_run(name)
-        scores = _task(evaluator, config, resolved, runs, job, log, out_dir, process)
+        scores = _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocation)
       except ValueError as e:
         raise app.UsageError(str(e)) from None
       if job.benchmark is not None and hosts.writer:
         benchmark_scores[name] = scores
     if benchmark_scores and len(runs) > 1 and hosts.writer:
-      outputs.relative_summary(runs, benchmark_scores, out_dir)
-  if hosts.writer:
-    print(f"results: {os.path.join(out_dir, 'results.jsonl')}; table, plot and pictures in {out_dir}")
+      outputs.relative_summary(runs, benchmark_scores, out_dir, invocation.record["tasks"])
+  except BaseException as e:
+    if invocation:
+      invocation.finish(e)
+    raise
+  if invocation:
+    invocation.finish()
 
 
-def _task(evaluator, config, resolved, runs, job, log, out_dir, process):
-  """One task: every run evaluated (rows appended to `log`), then its outputs (process 0)."""
+def _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocation):
+  """One task: every run evaluated (rows appended to `log`), then its outputs and provenance (process 0)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   order = [ex.question_id for ex in job.examples] if job.in_memory else ()
   hashes = {spec.name: evaluate.run_hash(job.settings, spec, job.name, order) for spec in runs}
@@ -170,10 +193,14 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process):
                                      process, frozenset(ex.question_id for ex in pictured))
   if not evaluator.hosts.writer:
     return {}
-  return outputs.write_task(job, runs, evaluate.task_rows(log, covered), out_dir, model=evaluator.model,
-                            pictured=pictured, pictured_target=min(resolved.targets), protocol=resolved.protocol,
-                            template=resolved.conv_template,
-                            expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows)
+  record = outputs.provenance(job, hashes, process)
+  scores = outputs.write_task(job, runs, evaluate.task_rows(log, covered), out_dir, model=evaluator.model,
+                              pictured=pictured, pictured_target=min(resolved.targets), protocol=resolved.protocol,
+                              template=resolved.conv_template,
+                              expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows,
+                              record=record)
+  invocation.task_done(job.name, record)
+  return scores
 
 
 if __name__ == "__main__":

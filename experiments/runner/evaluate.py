@@ -36,14 +36,14 @@ import numpy as np
 from experiments.analysis import flops
 from experiments.benchmarks import base
 from experiments.runner import hosts as hosts_lib
-from experiments.runner.plan import Backbone, RunSpec
+from experiments.runner.plan import Backbone, RunSpec, reads_clip
 from experiments.runner.tasks import TaskRun
 from models import anyres
 from models import pruning
 from tops_jax import prune
 
-__all__ = ["SORT_BATCHES", "Evaluator", "Batch", "batches", "evaluate_task", "run_hash", "row_key", "task_rows",
-           "check_budgets", "load", "load_clip"]
+__all__ = ["SORT_BATCHES", "Evaluator", "Batch", "batches", "evaluate_task", "run_hash", "run_fields", "row_key",
+           "task_rows", "check_budgets", "load", "load_clip"]
 
 SORT_BATCHES = 8      # batches per length-sorted buffer of a streamed task
 
@@ -67,7 +67,7 @@ class Evaluator:
 
   def clip_inputs(self, config: pruning.PruningConfig, arrays) -> "pruning.ClipText | None":
     """CDPruner's CLIP inputs for `arrays` when `config` reads them (stage1_relevance="clip_text"), else None."""
-    if config.stage1_relevance != "clip_text" or config.stage1_budget is None:
+    if not reads_clip(config) or config.stage1_budget is None:
       return None
     if self.clip is None or "clip_text" not in arrays:
       raise ValueError(f"{config.method} reads CLIP text relevance: the runner needs --clip_checkpoint")
@@ -179,19 +179,28 @@ def _draws_randomly(config: pruning.PruningConfig) -> bool:
   return any(prune.METHODS[m].needs_key for m in methods if m in prune.METHODS)
 
 
+def run_fields(settings: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
+  """The task's settings that change `spec`'s rows: all of them, less the CLIP checkpoint's file fingerprint for a
+  run that does not read CLIP (so those rows keep the keys they had before the fingerprint was recorded)."""
+  if reads_clip(spec.config):
+    return dict(settings)
+  return {k: v for k, v in settings.items() if k != "clip_checkpoint_fingerprint"}
+
+
 def run_hash(settings: Mapping[str, Any], spec: RunSpec, task: str, order: Sequence[str] = ()) -> str:
   """Everything that changes a run's numbers, hashed: rows of a changed configuration are not reused.
 
   settings: `TaskRun.settings`: `plan.run_hash_fields(resolved, task)` (backbone, checkpoint and its fingerprint,
-  data_dir, split, seed, max_new_tokens, batch_size; benchmarks: protocol, template, resolution, limit, the task's
-  answer length and the snapshot's fingerprint). The run's keep_ratio is hashed too, so a run's rows always agree
+  data_dir, split, seed, max_new_tokens, batch_size; with --clip_checkpoint its path, and for the runs that read
+  CLIP its files' fingerprint (`run_fields`); benchmarks: protocol, template, resolution, limit, the task's answer
+  length and the snapshot's fingerprint). The run's keep_ratio is hashed too, so a run's rows always agree
   on it. The example itself goes into each row's key (`row_key`). batch_size matters because random methods draw
   from fold_in(fold_in(seed, batch), row): for them the draws follow each example's position, so `order`, the
   in-memory task's example ids in order, is hashed too (a different --limit of a generated split reorders it; a
   streamed task hashes its limit instead). Output paths, --pictures and --limit (for the other methods of an
   in-memory task) change no row, so a resume or a larger --limit reuses every finished row.
   """
-  fields = dict(settings, task=task, config=repr(spec.config), keep_ratio=spec.keep_ratio)
+  fields = dict(run_fields(settings, spec), task=task, config=repr(spec.config), keep_ratio=spec.keep_ratio)
   if _draws_randomly(spec.config):
     fields["order"] = hashlib.sha1("\n".join(order).encode()).hexdigest()
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
@@ -450,15 +459,13 @@ def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, l
 
 
 def task_rows(log, covered: Mapping[str, Sequence[str]]) -> dict[str, list[dict[str, Any]]]:
-  """The rows of exactly this invocation's runs x examples (`evaluate_task`'s keys), by run name: never an older,
-  larger or differently configured run's. RuntimeError when a row is missing."""
-  run_of = {key: name for name, keys in covered.items() for key in keys}
-  out = {name: [] for name in covered}
-  for row in log.rows:
-    name = run_of.get(row["key"])
-    if name is not None:
-      out[name].append(row)
-  missing = len(run_of) - sum(len(rows) for rows in out.values())
+  """The rows of exactly this invocation's runs x examples (`evaluate_task`'s keys), by run name in evaluation
+  order, read from the log by key: never an older, larger or differently configured run's. RuntimeError when a row
+  is missing."""
+  found = log.read(key for keys in covered.values() for key in keys)
+  out = {name: [found[key] for key in keys if key in found] for name, keys in covered.items()}
+  missing = sum(len(keys) for keys in covered.values()) - len(found)
   if missing:
-    raise RuntimeError(f"{log.path}: {missing} of this run's {len(run_of)} rows are missing after evaluation")
+    raise RuntimeError(f"{log.path}: {missing} of this run's {sum(len(k) for k in covered.values())} rows are "
+                       "missing after evaluation")
   return out

@@ -1,44 +1,79 @@
 """What the runner writes after evaluating a task: its table, plot and kept-token pictures (an in-memory task), or
-its metrics table and predictions files (a benchmark), and the benchmarks' summary relative to the full model.
+its metrics table and predictions files (a benchmark), and the benchmarks' summary relative to the full model; and
+one invocation's outputs kept together as a set (`Invocation`, manifest.json).
 
 A benchmark's table holds the task's metrics (`Task.score`, the official formulas), means of kept tokens per layer
 and FLOPs, the fidelity columns (KL, dNLL; `experiments.runner.evaluate`) and FLOPs / time ratios against the full
-run; per run, `predictions/<task>/<run>.jsonl` holds one object per question (question_id, prompt, prediction,
-answer), lmms-eval's spirit, which `experiments.score` re-scores. An in-memory task's table and plot are
-`experiments.analysis.report`'s, its pictures `experiments.analysis.pictures`'.
+run; per run, `predictions/<task>/<run>.jsonl` (`experiments.runner.predictions`: a provenance header, then one object
+per question: question_id, prompt, prediction, answer), which `experiments.score` re-scores. An in-memory task's table
+and plot are `experiments.analysis.report`'s, its pictures `experiments.analysis.pictures`'. Every summary ends with
+a `provenance: {...}` line (`provenance`): the invocation, the task and every setting hashed into its rows
+(protocol, template, resolution, limit, checkpoint and its fingerprint, the snapshot and its fingerprint, ...).
+
+One invocation's outputs are a set. At start (`Invocation.start`: process 0, holding the directory's lock, once the
+configuration has resolved) the previous invocation's outputs (`OUTPUTS`: summary_*.md, relative_accuracy_*.png,
+kept_tokens.png, predictions/) are removed, and manifest.json says "running"; after each task the manifest lists the
+task's provenance and the files written so far; at the end it says "complete", or "failed" with the error. So a
+summary never sits beside another invocation's: a run that fails or is killed on a later task leaves its own earlier
+tasks' outputs and a manifest saying it did not finish ("running" with a dead pid after kill -9). The manifest is
+written atomically; results.jsonl and its index are never removed (every row stays for resume).
 """
 
+import datetime
+import glob
 import json
 import os
+import shutil
 from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
 
 from experiments.benchmarks import base
+from experiments.runner import predictions
+from experiments.runner import results
 from experiments.runner.plan import RunSpec
 from experiments.runner.tasks import TaskRun
 
-__all__ = ["write_task", "relative_summary", "task_summary", "format_summary", "write_predictions"]
+__all__ = ["write_task", "relative_summary", "task_summary", "format_summary", "write_predictions", "provenance",
+           "Invocation", "MANIFEST", "OUTPUTS"]
+
+MANIFEST = "manifest.json"
+OUTPUTS = ("summary_*.md", "relative_accuracy_*.png", "kept_tokens.png", "predictions")
+
+
+def provenance(job: TaskRun, hashes: Mapping[str, str], invocation: str) -> dict[str, Any]:
+  """What a task's outputs record: the invocation, the task, its snapshot folder (benchmarks), every setting hashed
+  into its rows (`TaskRun.settings`) and each run's hash (the first part of its rows' keys)."""
+  return dict(job.settings, invocation=invocation, task=job.name, data_path=job.directory, run_hashes=dict(hashes))
+
+
+def _provenance_line(record: Mapping[str, Any]) -> str:
+  return "provenance: " + json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def _write_text(path: str, text: str):
+  results.write_atomically(path, [text])
 
 
 def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
                out_dir: str, *, model=None, pictured: Sequence[base.Example] = (), pictured_target: int | None = None,
-               protocol: str | None = None, template: str | None = None,
-               expected: int | None = None) -> dict[str, dict[str, float]]:
+               protocol: str | None = None, template: str | None = None, expected: int | None = None,
+               record: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
   """Prints and writes the task's outputs into `out_dir`; returns a benchmark's metrics by run name ({} for an
   in-memory task). pictured: the examples kept_tokens.png shows (in-memory tasks), for the runs at
-  `pictured_target` and the full one. expected: the judge file's expected question count (MM-Vet; None: any)."""
+  `pictured_target` and the full one. expected: the judge file's expected question count (MM-Vet; None: any).
+  record: the task's `provenance`, ending its summary and heading each predictions file."""
+  record = dict(record or {})
   if job.benchmark is None:
-    _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target)
+    _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target, record)
     return {}
   task = job.benchmark
   entries = task_summary(task, rows_by_run, runs, protocol)
   table = format_summary(task, entries)
   print(f"\n{job.name} (protocol {protocol}, template {template}, images {job.aspect})\n{table}", flush=True)
-  with open(os.path.join(out_dir, f"summary_{job.name}.md"), "w") as f:
-    f.write(table + "\n")
-  write_predictions(out_dir, job.name, rows_by_run)
+  _write_text(os.path.join(out_dir, f"summary_{job.name}.md"), f"{table}\n\n{_provenance_line(record)}\n")
+  write_predictions(out_dir, job.name, rows_by_run, record)
   if task.judged:      # MM-Vet: the judge scripts' input, one file per run
     from experiments.benchmarks import mmvet  # pylint: disable=g-import-not-at-top
     for run_name, run_rows in rows_by_run.items():
@@ -47,15 +82,15 @@ def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, 
   return {e["run"]: e["metrics"] for e in entries}
 
 
-def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target):
+def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target, record):
   from experiments.analysis import report  # pylint: disable=g-import-not-at-top
   rows = [row for spec in runs for row in rows_by_run[spec.name]]
   summary = report.summary(rows)
   table = report.format_table(summary)
   print(f"\n{job.name} ({len(job.examples)} examples; relative accuracy: (a) ratio of mean scores, (b) mean of "
         f"per-family ratios)\n{table}", flush=True)
-  with open(os.path.join(out_dir, f"summary_{job.name}.md"), "w") as f:
-    f.write(report.to_markdown(summary) + "\n")
+  _write_text(os.path.join(out_dir, f"summary_{job.name}.md"),
+              f"{report.to_markdown(summary)}\n\n{_provenance_line(record)}\n")
   report.plot(summary, os.path.join(out_dir, f"relative_accuracy_{job.name}.png"))
   if pictured:
     shown = [r for r in runs if r.target is None or r.target == pictured_target]
@@ -87,9 +122,11 @@ def _picture(model, specs: Sequence[RunSpec], examples: Sequence[base.Example], 
   pictures.kept_picture([ex.image for ex in examples], masks, titles, os.path.join(out_dir, "kept_tokens.png"))
 
 
-def relative_summary(runs: Sequence[RunSpec], scores: Mapping[str, Mapping[str, Mapping[str, float]]], out_dir: str):
+def relative_summary(runs: Sequence[RunSpec], scores: Mapping[str, Mapping[str, Mapping[str, float]]], out_dir: str,
+                     records: Mapping[str, Mapping[str, Any]] | None = None):
   """summary_benchmarks.md: each pruned run's two relative-% summaries against the full model over the benchmark
-  tasks of this invocation (`experiments.benchmarks.summary`). scores: task -> run name -> metrics."""
+  tasks of this invocation (`experiments.benchmarks.summary`). scores: task -> run name -> metrics; records: task ->
+  its `provenance` (the file's last line lists them)."""
   from experiments.benchmarks import summary  # pylint: disable=g-import-not-at-top
   full = {task: by_run[runs[0].name] for task, by_run in scores.items() if runs[0].name in by_run}
   lines = []
@@ -98,8 +135,8 @@ def relative_summary(runs: Sequence[RunSpec], scores: Mapping[str, Mapping[str, 
     lines.append(summary.format_relative(spec.name, summary.relative(full, run_scores)))
   text = "\n\n".join(lines)
   print("\nrelative to the full model\n" + text, flush=True)
-  with open(os.path.join(out_dir, "summary_benchmarks.md"), "w") as f:
-    f.write(text + "\n")
+  records = {task: record for task, record in (records or {}).items() if task in scores}
+  _write_text(os.path.join(out_dir, "summary_benchmarks.md"), f"{text}\n\n{_provenance_line(records)}\n")
 
 
 def task_summary(task: base.Task, rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -146,19 +183,66 @@ def format_summary(task: base.Task, entries: Sequence[Mapping[str, Any]]) -> str
   return "\n".join(lines) + "\n" + note
 
 
-def write_predictions(directory: str, task: str, rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-  """predictions/<task>/<run>.jsonl per run (question_id, prompt, prediction = the raw generation cut at the stop
-  strings, answer = the parsed one), written atomically; `experiments.score` re-scores such a file."""
+def write_predictions(directory: str, task: str, rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
+                      record: Mapping[str, Any] | None = None) -> list[str]:
+  """predictions/<task>/<run>.jsonl per run (`experiments.runner.predictions`: the header, the task's `provenance`
+  with the run's name and hash, then question_id, prompt, prediction = the raw generation cut at the stop strings,
+  answer = the parsed one), written atomically; `experiments.score` re-scores such a file."""
+  record = dict(record or {}, task=task)
+  hashes = record.pop("run_hashes", {})
   paths = []
-  folder = os.path.join(directory, "predictions", task)
-  os.makedirs(folder, exist_ok=True)
   for run, rows in rows_by_run.items():
-    path = os.path.join(folder, run.replace("/", "_") + ".jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for r in rows:
-        f.write(json.dumps(dict(question_id=r["question_id"], prompt=r["prompt"], prediction=r["prediction"],
-                                answer=r["answer"]), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    path = os.path.join(directory, "predictions", task, run.replace("/", "_") + ".jsonl")
+    predictions.write(path, dict(record, run=run, run_hash=hashes.get(run)), rows)
     paths.append(path)
   return paths
+
+
+class Invocation:
+  """One invocation's outputs in `out_dir` as a set, recorded in manifest.json (the module docstring says how).
+  name: the invocation (its rows' `process`); configuration: the resolved configuration it runs."""
+
+  def __init__(self, out_dir: str, name: str, configuration: Mapping[str, Any]):
+    self.out_dir = out_dir
+    self.record: dict[str, Any] = dict(invocation=name, status="running", started=_now(), finished=None,
+                                       configuration=dict(configuration), tasks={}, files=[])
+
+  @property
+  def name(self) -> str:
+    return self.record["invocation"]
+
+  def _outputs(self) -> list[str]:
+    return sorted(path for pattern in OUTPUTS for path in glob.glob(os.path.join(self.out_dir, pattern)))
+
+  def start(self):
+    """Removes the previous invocation's outputs and writes the manifest ("running")."""
+    for path in self._outputs():
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    self._write()
+
+  def task_done(self, task: str, record: Mapping[str, Any]):
+    """Records a finished task's provenance (and the files written so far)."""
+    self.record["tasks"][task] = dict(record)
+    self._write()
+
+  def finish(self, error: BaseException | None = None):
+    """The manifest's last state: "complete", or "failed" with the error."""
+    self.record.update(status="complete" if error is None else "failed", finished=_now())
+    if error is not None:
+      self.record["error"] = f"{type(error).__name__}: {error}"
+    self._write()
+
+  def _write(self):
+    files = []
+    for path in self._outputs():
+      walked = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
+      files += sorted(os.path.relpath(p, self.out_dir) for p in walked)
+    self.record["files"] = files
+    _write_text(os.path.join(self.out_dir, MANIFEST), json.dumps(self.record, indent=2, sort_keys=True) + "\n")
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")

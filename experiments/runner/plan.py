@@ -23,12 +23,12 @@ its runs among the skipped ones.
 """
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
 from typing import Any, Callable
 
+from experiments.runner.fingerprints import fingerprint
 from models import backbones
 from models import pruning
 from tops_jax import prune
@@ -36,7 +36,7 @@ from tops_jax import tops as tops_lib
 
 __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
            "RUNNABLE", "method_config", "parse_overrides", "cdpruner_fallback", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
-           "run_hash_fields"]
+           "run_hash_fields", "reads_clip"]
 
 # The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
 # default targets are theirs: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
@@ -186,6 +186,7 @@ class Resolved:
   protocol: str | None = None
   conv_template: str | None = None
   skipped: tuple[str, ...] = ()       # runs of --method=all without an official protocol or input here, and why
+  clip_fingerprint: str | None = None   # --clip_checkpoint's files (`fingerprint`), when a run reads CLIP
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -385,11 +386,16 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
         if method == "cdpruner" and config.stage1_relevance != "clip_text":
           label = "cdpruner-text"      # the fallback is another method: never reported under CDPruner's name
         runs.append(RunSpec(method, target, ratio, config, label))
+  clip_fingerprint = None
+  if run.clip_checkpoint and any(reads_clip(spec.config) for spec in runs):
+    if not os.path.isdir(run.clip_checkpoint):
+      raise ValueError(f"--clip_checkpoint {run.clip_checkpoint!r} is not a directory")
+    clip_fingerprint = fingerprint(run.clip_checkpoint)
   resolved = Resolved(run=run, methods=tuple(methods), targets=tuple(target for target, _ in targets),
                       keep_ratios=tuple(r for _, r in targets), nominal_tokens=nominal_tokens,
                       max_new_tokens=backbone.max_new_tokens if run.max_new_tokens is None else run.max_new_tokens,
                       checkpoint_fingerprint=fingerprint(run.checkpoint), protocol=protocol,
-                      conv_template=template, skipped=tuple(skipped))
+                      conv_template=template, skipped=tuple(skipped), clip_fingerprint=clip_fingerprint)
   return resolved, runs
 
 
@@ -401,6 +407,11 @@ def _check_tops_flags(run: RunConfig, given: dict[str, Any]):
     clashes.append("--ablation (every subset of the criteria) and --overrides=tops.criteria")
   if clashes:
     raise ValueError(f"{'; '.join(clashes)} set the same tops setting: give one")
+
+
+def reads_clip(config: pruning.PruningConfig) -> bool:
+  """Whether a run reads --clip_checkpoint (CDPruner's CLIP text relevance)."""
+  return config.stage1_relevance == "clip_text"
 
 
 def task_names() -> tuple[str, ...]:
@@ -437,22 +448,6 @@ def _benchmark_settings(run: RunConfig, backbone: Backbone, model) -> tuple[str 
   return protocol, template
 
 
-def fingerprint(directory: str, *, tree: bool = False) -> str:
-  """Name (path relative to `directory`), size and mtime of its files, hashed; cheap (no file is read), unlike
-  hashing contents. A checkpoint (tree=False: its top-level files, notes *.md left out) retrained in place (the
-  testbed's training writes the default directory) must not reuse the old weights' rows, and a dataset snapshot
-  (tree=True: every file under it) edited or re-downloaded at the same path gets new rows; a copy gets a new
-  fingerprint and is evaluated afresh."""
-  if tree:
-    files = [os.path.join(folder, name) for folder, _, names in sorted(os.walk(directory)) for name in sorted(names)]
-  else:
-    files = [os.path.join(directory, name) for name in sorted(os.listdir(directory))
-             if os.path.isfile(os.path.join(directory, name)) and not name.endswith(".md")]
-  entries = [(os.path.relpath(path, directory), info.st_size, info.st_mtime_ns)
-             for path, info in ((path, os.stat(path)) for path in files)]
-  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
-
-
 def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
   """The settings outside a run's pruning config that change its rows' numbers (see `evaluate.run_hash`); the
   benchmark tasks add their protocol, template and image resolution."""
@@ -462,6 +457,8 @@ def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
                 batch_size=r.batch_size)
   if r.clip_checkpoint:
     fields["clip_checkpoint"] = r.clip_checkpoint
+  if resolved.clip_fingerprint:     # hashed into the CLIP runs' rows only (`evaluate.run_fields`)
+    fields["clip_checkpoint_fingerprint"] = resolved.clip_fingerprint
   if task not in IN_MEMORY_TASKS:
     fields.update(protocol=resolved.protocol, conv_template=resolved.conv_template, resolution=r.resolution,
                   limit=r.limit)

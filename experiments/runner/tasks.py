@@ -150,6 +150,7 @@ class TaskRun:
   key: an example -> its part of the rows' keys.
   fields: (example, prompt, generation) -> the task's row fields (ids, answer, scoring).
   benchmark: the benchmark task (None for the in-memory tasks).
+  directory: the benchmark's snapshot folder (`task_dir`; None for the in-memory tasks).
   """
   name: str
   in_memory: bool
@@ -163,6 +164,7 @@ class TaskRun:
   fields: Callable[[base.Example, str, str], dict[str, Any]]
   benchmark: base.Task | None = None
   aspect: str | None = None
+  directory: str | None = None
 
 
 def task_dir(data_dir: str, task: base.Task, single: bool) -> str:
@@ -237,4 +239,4 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
                                data_fingerprint=fingerprint),
                  prompt=lambda ex: conversation.render(resolved.conv_template, ex.text, processor),
                  image=lambda ex: images_lib.prepare(ex.image, aspect, mean), key=lambda ex: ex.question_id,
-                 fields=fields, benchmark=task, aspect=aspect)
+                 fields=fields, benchmark=task, aspect=aspect, directory=directory)

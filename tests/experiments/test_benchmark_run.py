@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import model_factories as mf
 import runner_helpers
 from experiments.runner import conversation
 from experiments.runner import images
+from experiments.runner import plan
 from experiments.runner import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,12 +68,24 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   assert all(r["kept_per_layer"] == [8.0] * 4 for r in pruned if "divprune" in r["run"])
   # Predictions per run, the task's table with POPE's metrics and the fidelity columns.
   with open(os.path.join(out, "predictions", "pope", "tops@T=8.jsonl")) as f:
-    preds = [json.loads(line) for line in f]
+    header, *preds = [json.loads(line) for line in f]
   assert [set(p) for p in preds] == [{"question_id", "prompt", "prediction", "answer"}] * 4
+  # The header names the invocation, the run and every setting its rows were made under.
+  tops_hash = next(r["key"] for r in rows if r["run"] == "tops@T=8").split("/")[0]
+  assert header["provenance"] == dict(
+      invocation=full[0]["process"], task="pope", run="tops@T=8", run_hash=tops_hash, protocol="lmms_eval",
+      conv_template="vicuna_v1", resolution="native", limit=4, max_new_tokens=3, backbone="llava_next",
+      checkpoint=next_ckpt, checkpoint_fingerprint=plan.fingerprint(next_ckpt), data_dir=root,
+      data_path=os.path.join(root, "POPE"), data_fingerprint=plan.fingerprint(os.path.join(root, "POPE"), tree=True),
+      split="test", seed=0, batch_size=2)
   with open(os.path.join(out, "summary_pope.md")) as f:
     table = f.read()
   for column in ("f1", "accuracy", "KL", "dNLL", "tops"):
     assert column in table
+  record = json.loads(table.splitlines()[-1].removeprefix("provenance: "))    # the summary's provenance line
+  hashes = record.pop("run_hashes")
+  assert record == {k: v for k, v in header["provenance"].items() if k not in ("run", "run_hash")}
+  assert hashes["tops@T=8"] == tops_hash and set(hashes) == runs
   assert "pope (protocol lmms_eval, template vicuna_v1, images native)" in printed
   with open(os.path.join(out, "summary_benchmarks.md")) as f:
     relative = f.read()
@@ -155,6 +169,60 @@ def test_score_rejects_bad_prediction_files(tmp_path):
     score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), {"999": "yes"}, "lmms_eval")
 
 
+def _score_cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.score", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_score_takes_the_protocol_task_and_snapshot_from_the_file(tmp_path):
+  """BUILD.md's re-score command on a LLaVA-1.5 run (protocol llava, where `experiments.score` defaulted to lmms_eval
+  and printed accuracy 0.0 for the run's 1.0 here): the file's header names its protocol, task and snapshot, a flag
+  that disagrees is an error naming both values, and a file without the header is scored with the flags."""
+  from experiments import score  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
+  from experiments.runner import outputs  # pylint: disable=g-import-not-at-top
+  from experiments.runner import predictions  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "data")
+  _pope(root, 2)                                    # 100: "no", 101: "yes"
+  snapshot = os.path.join(root, "POPE")
+  rows = [dict(question_id="100", prompt="p", prediction="There is no dog.", answer="no"),
+          dict(question_id="101", prompt="p", prediction="Yes, there is a dog.", answer="yes")]
+  record = dict(invocation="host:1:2026-12-08T10:00:00", task="pope", protocol="llava", conv_template="vicuna_v1",
+                resolution="native", limit=2, checkpoint="/ckpt", checkpoint_fingerprint="0123456789", data_dir=root,
+                data_path=snapshot, data_fingerprint=plan.fingerprint(snapshot, tree=True),
+                run_hashes={"full": "abcdef0123"})
+  (path,) = outputs.write_predictions(str(tmp_path / "out"), "pope", {"full": rows}, record)
+  header = predictions.read_header(path)
+  assert header == dict({k: v for k, v in record.items() if k != "run_hashes"}, run="full", run_hash="abcdef0123")
+  assert score.read_predictions(path) == {"100": "There is no dog.", "101": "Yes, there is a dog."}
+  cli = _score_cli(f"--predictions={path}")
+  assert cli.returncode == 0, cli.stderr
+  assert json.loads(cli.stdout)["accuracy"] == 1.0                   # llava's lenient parser: the run's number
+  pope = registry.TASKS["pope"]
+  assert score.score(pope, snapshot, score.read_predictions(path), "lmms_eval")["accuracy"] == 0.0
+  cli = _score_cli(f"--predictions={path}", "--protocol=lmms_eval")
+  assert cli.returncode != 0 and "--protocol=lmms_eval disagrees with" in cli.stderr
+  with pytest.raises(ValueError, match=r"--protocol=lmms_eval disagrees with .*full.jsonl, whose provenance header "
+                                       r"records protocol 'llava'"):
+    score.target(path, header, protocol="lmms_eval")
+  with pytest.raises(ValueError, match=r"--task=mme disagrees with .* records task 'pope'"):
+    score.target(path, header, task="mme")
+  assert score.target(path, header, task="pope", protocol="llava") == score.Target("pope", snapshot, "llava")
+  # Another snapshot (re-downloaded: other files) is named with both fingerprints; --nocheck_data takes it anyway.
+  other = str(tmp_path / "other")
+  _pope(other, 3)
+  with pytest.raises(ValueError, match=rf"snapshot in {other}/POPE has fingerprint \w+, but .* fingerprint "
+                                       rf"{record['data_fingerprint']} \({snapshot}\)"):
+    score.target(path, header, data_dir=os.path.join(other, "POPE"))
+  assert score.target(path, header, data_dir=os.path.join(other, "POPE"), check_data=False).data_dir.startswith(other)
+  # A file written before the header: the flags, the protocol included, say what it is.
+  old = tmp_path / "old.jsonl"
+  old.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match=r"old.jsonl has no provenance header .*: pass --task, --data_dir, --protocol"):
+    score.target(str(old), predictions.read_header(str(old)))
+  cli = _score_cli(f"--predictions={old}", "--task=pope", f"--data_dir={snapshot}", "--protocol=llava")
+  assert cli.returncode == 0 and json.loads(cli.stdout)["accuracy"] == 1.0, cli.stderr
+
+
 @pytest.mark.slow
 def test_several_benchmarks_from_one_root_and_their_relative_summary(next_ckpt, tmp_path):
   """--data_dir=ROOT with ROOT/POPE and ROOT/MME: both tasks run, the relative summary covers POPE and MME."""
@@ -180,6 +248,35 @@ def test_several_benchmarks_from_one_root_and_their_relative_summary(next_ckpt, 
   with open(os.path.join(out, "summary_benchmarks.md")) as f:
     relative = f.read()
   assert "divprune@T=8: Rel (b) mean of per-benchmark ratios, MME-P+C (VisionZip, DART)" in relative
+  first = _manifest(out)
+  assert first["status"] == "complete" and sorted(first["tasks"]) == ["mme", "pope"]
+  assert {"summary_benchmarks.md", "summary_mme.md", "predictions/mme/full.jsonl"} <= set(first["files"])
+  assert json.loads(relative.splitlines()[-1].removeprefix("provenance: ")) == first["tasks"]
+  # The same invocation again, failing on its second task (MME's snapshot gone): POPE's outputs are this
+  # invocation's, and nothing of the previous one (MME's summary and predictions, the relative summary) is left
+  # beside them; the manifest says the invocation failed and which tasks it finished.
+  shutil.rmtree(os.path.join(root, "MME"))
+  with pytest.raises(Exception, match="no snapshot folder .*MME"):
+    _main("--backbone=llava_next", f"--checkpoint={next_ckpt}", "--tasks=pope,mme", f"--data_dir={root}",
+          "--method=divprune", "--budget=8", "--limit=4", "--batch_size=2", "--max_new_tokens=2",
+          f"--output_dir={out}", "--pictures=0")
+  second = _manifest(out)
+  assert second["status"] == "failed" and "no snapshot folder" in second["error"]
+  assert second["invocation"] != first["invocation"] and list(second["tasks"]) == ["pope"]
+  left = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, names in os.walk(out) for n in names)
+  assert left == sorted([".lock", "manifest.json", "results.jsonl", "results.jsonl.index", "summary_pope.md",
+                         "predictions/pope/full.jsonl", "predictions/pope/divprune@T=8.jsonl"])
+  assert second["files"] == sorted(f for f in left if f.startswith(("summary", "predictions")))
+  with open(os.path.join(out, "summary_pope.md")) as f:
+    assert json.loads(f.read().splitlines()[-1].removeprefix("provenance: "))["invocation"] == second["invocation"]
+  for name in ("full", "divprune@T=8"):
+    header = json.loads(open(os.path.join(out, "predictions", "pope", f"{name}.jsonl")).readline())["provenance"]
+    assert header["invocation"] == second["invocation"] and header["run"] == name
+
+
+def _manifest(out):
+  with open(os.path.join(out, "manifest.json")) as f:
+    return json.load(f)
 
 
 @pytest.mark.slow

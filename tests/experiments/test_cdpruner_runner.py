@@ -57,6 +57,15 @@ def test_cdpruner_with_clip_checkpoint_writes_rows_under_its_name(setup, tmp_pat
                                   sorted([r for r in rows if r["run"] == "full"], key=lambda r: r["question_id"])))
   assert os.path.exists(os.path.join(out, "predictions", "pope", f"cdpruner@T={BUDGET}.jsonl"))
   assert not os.path.exists(os.path.join(out, "predictions", "pope", f"cdpruner-text@T={BUDGET}.jsonl"))
+  # A CLIP checkpoint replaced at the same path (here: its weights file rewritten, a new mtime) is a new setting of
+  # the CDPruner rows, which are evaluated again; the full model's rows do not read CLIP and keep their keys.
+  weights = os.path.join(clip, "model.safetensors")
+  os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
+  runner_helpers.run_main(*_args(setup, out), f"--clip_checkpoint={clip}")
+  again = runner_helpers.read_rows(out)
+  assert again[:4] == rows and len(again) == 6
+  assert sorted(r["run"] for r in again[4:]) == [f"cdpruner@T={BUDGET}"] * 2
+  assert {r["key"].split("/")[0] for r in again[4:]}.isdisjoint(r["key"].split("/")[0] for r in rows)
 
 
 def test_cdpruner_without_clip_checkpoint_fails_at_start(setup, tmp_path):

@@ -196,12 +196,20 @@ def test_random_rows_follow_the_examples_order_and_the_rest_do_not():
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_locked_output_dir_fails_naming_the_holder(checkpoint, tmp_path):
+def test_a_second_run_into_a_locked_output_dir_fails_at_once_naming_the_holder(tmp_path, monkeypatch):
+  """Before anything is loaded (the checkpoint here does not even exist), with the holder's pid and no traceback."""
   out = str(tmp_path / "out")
+  monkeypatch.setattr(evaluate, "load", lambda *a, **k: pytest.fail("the model was loaded before the lock"))
   with results.DirectoryLock(out):
-    with pytest.raises(results.DirectoryLocked, match=rf"{out} is in use by pid {os.getpid()} on "):
-      _main(f"--checkpoint={checkpoint}", "--method=divprune", "--budget=12", "--limit=2", f"--output_dir={out}")
-  assert not os.path.exists(os.path.join(out, "results.jsonl"))
+    with pytest.raises(SystemExit, match=rf"{out} is in use by pid {os.getpid()} on "):
+      _main(f"--checkpoint={tmp_path}/nothing", "--method=divprune", "--budget=12", "--limit=2",
+            f"--output_dir={out}")
+    cli = subprocess.run([sys.executable, "-m", "experiments.run", f"--checkpoint={tmp_path}/nothing",
+                          f"--output_dir={out}"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 1 and f"{out} is in use by pid {os.getpid()} on " in cli.stderr, cli.stderr
+  assert "Traceback" not in cli.stderr
+  assert sorted(os.listdir(out)) == [results.LOCK_NAME]
 
 
 def _questions(tmp_path, rows, n_images=3):
@@ -304,6 +312,25 @@ def test_run_hash_covers_the_settings_and_the_keep_ratio():
   assert evaluate.run_hash(settings, spec, "synthvqa", items) == want
   rounded = plan.RunSpec("divprune", 40, 0.222, config, "divprune")
   assert evaluate.run_hash(settings, rounded, "synthvqa", items) != want
+
+
+def test_only_the_runs_that_read_clip_hash_its_files():
+  """The CLIP checkpoint's file fingerprint goes into the CDPruner rows' keys only: every other run's key is the one
+  it had before the fingerprint was recorded (the pinned formula of the test above, path included), so its rows
+  resume."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  settings = dict(backbone="llava_next", checkpoint="c", checkpoint_fingerprint="f", data_dir=None, split="test",
+                  seed=0, max_new_tokens=1, batch_size=25, clip_checkpoint="/clip")
+  divprune = plan.RunSpec("divprune", 40, None, pruning.PruningConfig.flat("divprune", stage1_budget=40), "divprune")
+  clip = pruning.PruningConfig.flat("cdpruner", stage1_budget=40, stage1_relevance="clip_text")
+  cdpruner = plan.RunSpec("cdpruner", 40, None, clip, "cdpruner")
+  assert plan.reads_clip(cdpruner.config) and not plan.reads_clip(divprune.config)
+  want = hashlib.sha1(json.dumps(dict(settings, task="pope", config=repr(divprune.config), keep_ratio=None),
+                                 sort_keys=True).encode()).hexdigest()[:10]
+  for fp in ("1111111111", "2222222222"):
+    assert evaluate.run_hash(dict(settings, clip_checkpoint_fingerprint=fp), divprune, "pope") == want
+  assert evaluate.run_hash(dict(settings, clip_checkpoint_fingerprint="1111111111"), cdpruner, "pope") != (
+      evaluate.run_hash(dict(settings, clip_checkpoint_fingerprint="2222222222"), cdpruner, "pope"))
 
 
 def test_in_memory_rows_keep_their_keys():
