@@ -49,7 +49,9 @@ def _highest_precision():
     yield
 
 
-@pytest.fixture(scope="module", params=MULTIMODAL)
+# The quick loop checks the first family; the others share the seam's code and run in the full suite.
+@pytest.fixture(scope="module", params=[name if i == 0 else pytest.param(name, marks=pytest.mark.slow)
+                                        for i, name in enumerate(MULTIMODAL)])
 def setup(request, tmp_path_factory):
   """(backbone, transformers model, our model, processor outputs as numpy: a left-padded batch of two prompts)."""
   name = request.param

@@ -96,7 +96,7 @@ def _hf_logits(hf, ids, mask, rows):
     return hf.lm_head(h).numpy()
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", pytest.param("right", marks=pytest.mark.slow)])
 def test_stage1_selects_each_image_on_its_own(llava_pair, side):
   """Three images over two rows (2 + 1): each image keeps its own budget by its own relevance, and the rows hold the
   kept tokens of their images in prompt order."""
@@ -124,6 +124,7 @@ def test_stage1_selects_each_image_on_its_own(llava_pair, side):
   np.testing.assert_allclose(np.asarray(out.logits)[real], _hf_logits(hf, new_ids, new_mask, rows)[real], **TOL)
 
 
+@pytest.mark.slow
 def test_stage2_keeps_its_budget_for_every_image(llava_pair):
   """A step that keeps N per image keeps everything: the rows' counts scale with their images, so the logits are
   the unpruned model's; a smaller step keeps keep x images of each row."""

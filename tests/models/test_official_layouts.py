@@ -342,7 +342,7 @@ def test_llava_official_layouts_keep_the_global_selection(llava, method):
     _check(out, model, ids, mask, "left", image_rows=rows, kept=list(want), slots=slots)
 
 
-@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("dedup", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_prumerge_plus_hands_the_llm_its_official_rows(llava, dedup):
   """PruMerge+ (LLaVA-1.5): the decoder gets the K merged rows in the official order (a strided position that is
   also a top token twice, unless dedup), then the extra token; `stage1.kept` lists the K indices, duplicates too.

@@ -160,8 +160,10 @@ def test_llava_next_visual_tokens_pack_the_per_crop_signal(llava_next_pair):
 # ----------------------------------------------------------------------------------------------------- Stage I
 
 
-# A pruned forward compiles for about 15 s on the 2-core CPU: the global scope stays in the quick loop.
-@pytest.mark.parametrize("scope", ["official", pytest.param("per_crop", marks=pytest.mark.slow)])
+# A pruned forward compiles for about 15 s on the 2-core CPU: both scopes are left out of the quick loop (the
+# signal's own parity tests stay in it).
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["official", "per_crop"])
 def test_stage1_reads_the_received_signal(llava_next_pair, scope):
   """TOPS with stage1_relevance="received" (globally: `_packed_relevance`; per crop: `_crop_relevance`) runs, and
   its Stage I relevance is the received signal at the candidates."""

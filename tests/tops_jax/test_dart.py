@@ -60,8 +60,8 @@ def _ours(states, keys, start, length, budget, **hp):
 
 
 @pytest.mark.parametrize("start,length,text,budget,seed", [
-    (35, 64, 12, 16, 0), (35, 64, 12, 24, 1), (0, 48, 6, 16, 2), (7, 60, 20, 32, 3), (100, 40, 9, 8, 4),
-    (3, 64, 5, 40, 5)])
+    (35, 64, 12, 16, 0), (35, 64, 12, 24, 1), pytest.param(0, 48, 6, 16, 2, marks=pytest.mark.slow), (7, 60, 20, 32, 3),
+    pytest.param(100, 40, 9, 8, 4, marks=pytest.mark.slow), pytest.param(3, 64, 5, 40, 5, marks=pytest.mark.slow)])
 def test_matches_official(start, length, text, budget, seed):
   rng = np.random.default_rng(seed)
   states, keys = _sequence(rng, start, length, text)
@@ -200,7 +200,8 @@ def _case(rng, n, d=8, dk=5, p_valid=0.8, ties=False):
   return features, keys, valid
 
 
-@pytest.mark.parametrize("n,keep,pivots,seed", [(16, 6, 4, 0), (40, 11, 3, 2), (24, 3, 4, 3), (50, 25, 1, 4)])
+@pytest.mark.parametrize("n,keep,pivots,seed", [(16, 6, 4, 0), pytest.param(40, 11, 3, 2, marks=pytest.mark.slow), (24, 3, 4, 3),
+                                                  pytest.param(50, 25, 1, 4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_norm_order_matches_reference(n, keep, pivots, seed, ties):
   rng = np.random.default_rng(seed)

@@ -58,6 +58,7 @@ def test_batched_rows_match_unbatched():
   assert_rows_match_unbatched("divprune", x, keep, lambda r: _reference(x[r], valid[r], keep), valid=valid)
 
 
+@pytest.mark.slow
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(11)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)

@@ -158,7 +158,7 @@ def _check_merge(tokens, idx, want_tokens, want_ids):
       np.testing.assert_allclose(tokens[j], official[t], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("dedup", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("n,keep,seed,p_valid,tied_keys", [
     (40, 10, 0, 1.0, False), (64, 16, 1, 1.0, True), (50, 9, 2, 0.7, False), (36, 36, 3, 1.0, True),
     (72, 1, 4, 1.0, False), (60, 25, 5, 0.8, True)])
@@ -179,7 +179,8 @@ def test_fixed_matches_reference(n, keep, seed, p_valid, tied_keys, dedup):
   _check_merge(tokens, idx, want_tokens, want_ids)
 
 
-@pytest.mark.parametrize("keep,seed,top_zero", [(64, 0, False), (128, 1, False), (64, 2, True), (192, 3, False)])
+@pytest.mark.parametrize("keep,seed,top_zero", [(64, 0, False), pytest.param(128, 1, False, marks=pytest.mark.slow), (64, 2, True),
+                                                  pytest.param(192, 3, False, marks=pytest.mark.slow)])
 def test_fixed_duplicates_and_complement_idx_on_576_tokens(keep, seed, top_zero):
   # The official fixed branch on LLaVA-1.5's 576 tokens: a strided position that is also a top token is kept twice
   # (two identical merged rows), and complement_idx then drops the d smallest non-kept tokens (token 0 among them

@@ -466,7 +466,7 @@ def test_merge_under_jit_with_non_finite_inputs_gives_distinct_indices_and_finit
   assert np.isfinite(np.asarray(tokens)).all()
 
 
-@pytest.mark.parametrize("method", ["tops", "divprune", "random"])
+@pytest.mark.parametrize("method", ["tops", pytest.param("divprune", marks=pytest.mark.slow), pytest.param("random", marks=pytest.mark.slow)])
 def test_selection_is_pure_of_the_mesh_and_takes_per_row_keys(method):
   """Under a mesh a batched call is the plain program (the per-device split is `models.pruning.selection`'s) with
   the unsharded picks; one key per row (`row_keys`) picks what the folded single key picks."""

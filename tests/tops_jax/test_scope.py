@@ -93,6 +93,7 @@ def test_batched_rows_match_unbatched():
   assert_rows_match_unbatched("scope", x, keep, want, relevance=rel, valid=valid)
 
 
+@pytest.mark.slow
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(13)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)

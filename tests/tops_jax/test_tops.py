@@ -167,6 +167,7 @@ def test_coverage_only_greedy_meets_the_submodular_bound():
     assert value(got) >= (1 - 1 / np.e) * best - 1e-5, trial
 
 
+@pytest.mark.slow
 def test_brute_force_objective_greedy_is_near_optimal_but_below_optimum():
   # Greedy is a heuristic for the TOPS objective: it can never beat the exhaustive optimum, and on these small
   # instances it stays within a constant factor (the approximation report in experiments prints the ratios).

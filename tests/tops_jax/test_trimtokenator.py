@@ -112,6 +112,7 @@ def test_batched_rows_match_unbatched():
   assert_rows_match_unbatched("trimtokenator", x, keep, want, valid=valid, text=text, text_valid=text_valid)
 
 
+@pytest.mark.slow
 def test_bfloat16_matches_float32_of_same_values():
   rng = np.random.default_rng(14)
   x16 = jnp.asarray(rng.normal(size=(48, 12)), jnp.bfloat16)
