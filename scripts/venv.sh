@@ -2,17 +2,21 @@
 # Creates or updates the project's virtual environment from the lock (exact versions, sha256-checked).
 #   bash scripts/venv.sh         runtime set: lock/runtime.txt (the main job)
 #   bash scripts/venv.sh test    plus the test/reference extra: lock/test.txt (pytest, CPU torch)
+#   bash scripts/venv.sh tpu     plus libtpu: lock/tpu.txt (the test set + the tpu extra; experiments.tpu_compile and
+#                                the tests marked tpu; about 0.5 GB more, so not part of the two sets above)
 # Installs only when the requested lock changed since the last install, removes packages outside the lock, and
 # fails naming every package that still differs from the lock (scripts/env_check.py). A venv set up for tests also
-# serves the main job (the test lock pins the runtime set to the same versions).
+# serves the main job (the test lock pins the runtime set to the same versions), and a tpu venv both (its lock pins
+# the test set to the same versions): the smaller sets tolerate the tpu lock's packages instead of removing them.
 # VENV=DIR picks another folder (default .venv); PYTHON=... the interpreter that creates it (CPython 3.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-runtime}"
 case "$mode" in
-  runtime) lock=lock/runtime.txt; also=(--also lock/test.txt) ;;
-  test) lock=lock/test.txt; also=() ;;
-  *) echo "scripts/venv.sh: unknown set '$mode' (expected no argument or 'test')" >&2; exit 2 ;;
+  runtime) lock=lock/runtime.txt; also=(--also lock/tpu.txt) ;;
+  test) lock=lock/test.txt; also=(--also lock/tpu.txt) ;;
+  tpu) lock=lock/tpu.txt; also=() ;;
+  *) echo "scripts/venv.sh: unknown set '$mode' (expected no argument, 'test' or 'tpu')" >&2; exit 2 ;;
 esac
 venv="${VENV:-.venv}"
 python="${PYTHON:-python3}"

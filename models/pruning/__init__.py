@@ -17,7 +17,7 @@ and Stage II's options, the static lengths, generation and the limits: models/pr
 from models.pruning.config import (FULL, NEWLINES, PER_CROP_METHODS, POSITIONS, SCOPES, STAGE1_RELEVANCE,
                                    STAGE2_RATERS, STAGE2_RELEVANCE, STAGE2_TIMINGS, Layout, PruningConfig, Stage1,
                                    Stage2, StaticConfig)
-from models.pruning.driver import decode, decode_step, forward, greedy, prefill
+from models.pruning.driver import decode, decode_step, forward, greedy, prefill, prefill_program
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment, StageOutput
 from models.pruning.protocols import (OFFICIAL_METHODS, NoProtocol, method_config, override_kind, overrides_of,
                                       pdrop_schedule, sparsevlm_schedule, supports, tops_layers, tops_schedule)
@@ -25,7 +25,7 @@ from models.pruning.sequence import text_length
 from models.pruning.stage1 import ClipText, crop_quotas, row_newlines
 
 __all__ = ["PruningConfig", "Stage1", "Stage2", "Layout", "FULL", "StaticConfig", "tops_schedule", "tops_layers",
-           "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput", "PrunedGeneration",
+           "PER_CROP_METHODS", "StageOutput", "Segment", "PruneOutput", "PrunedGeneration", "prefill_program",
            "forward", "prefill", "greedy", "decode", "decode_step", "crop_quotas", "row_newlines", "text_length",
            "STAGE1_RELEVANCE", "STAGE2_RELEVANCE", "SCOPES", "POSITIONS", "NEWLINES", "method_config",
            "overrides_of", "override_kind", "OFFICIAL_METHODS", "ClipText", "supports", "STAGE2_RATERS",

@@ -24,7 +24,7 @@ from models.pruning import stage2 as stage2_lib
 from models.pruning.config import PruningConfig, StaticConfig
 from models.pruning.outputs import PrunedGeneration, PruneOutput, Segment
 
-__all__ = ["forward", "greedy", "prefill", "decode_step", "prepare"]
+__all__ = ["forward", "greedy", "prefill", "prefill_program", "decode_step", "prepare"]
 
 
 def _run(model, seq: sequence.Seq, start: int, stop: int, cache):
@@ -358,18 +358,32 @@ def cache_capacity(config: PruningConfig, plan: sequence.Plan, seq_len: int, max
   return longest + max_new_tokens
 
 
+def prefill_program(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
+                    layout=None, max_new_tokens: int, key=None, text_len: int | None = None,
+                    visual_len: int | None = None, cache_dtype=None, clip=None, images_per_row=None):
+  """The program `prefill` runs and what it passes: (jitted function, arguments (model, batch, (key, traced
+  hyperparameters)), static keyword arguments); `fn(*args, **static)` is `prefill`. A caller that compiles it for
+  another target (`experiments.tpu_compile`) swaps the arrays of `args` for abstract ones and keeps the rest."""
+  batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
+                        visual_len, clip, images_per_row)
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
+                                               model.config.text.max_position_embeddings)
+  static = dict(static=config.static(), plan=plan,
+                capacity=cache_capacity(config, plan, batch["input_ids"].shape[1], max_new_tokens),
+                cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+  return _prefill_cached, (model, batch, _args(config, key)), static
+
+
 def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
             layout=None, max_new_tokens: int, key=None, text_len: int | None = None, visual_len: int | None = None,
             cache_dtype=None, clip=None, images_per_row=None) -> generate.Prefill:
   """The pruned prefill as `models.generate.decode` starts from it (`extra`: the PruneOutput without its cache);
   arguments as `greedy`. Time this call and decode its result to measure exactly the work that is scored."""
-  batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
-                        visual_len, clip, images_per_row)
-  max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
-                                               model.config.text.max_position_embeddings)
-  return _prefill_cached(model, batch, _args(config, key), static=config.static(), plan=plan,
-                         capacity=cache_capacity(config, plan, batch["input_ids"].shape[1], max_new_tokens),
-                         cache_dtype=jnp.dtype(cache_dtype or model.language_model.dtype))
+  fn, args, static = prefill_program(model, config, input_ids, attention_mask, pixel_values=pixel_values,
+                                     image_sizes=image_sizes, layout=layout, max_new_tokens=max_new_tokens, key=key,
+                                     text_len=text_len, visual_len=visual_len, cache_dtype=cache_dtype, clip=clip,
+                                     images_per_row=images_per_row)
+  return fn(*args, **static)
 
 
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
