@@ -117,13 +117,13 @@ def tiled_bytes(shape: tuple[int, ...], itemsize: int, major_to_minor: tuple[int
                 tiling: tuple[tuple[int, ...], ...] = ()) -> int:
   """Bytes of an array of `shape` in a TPU layout (`compiled.input_formats`' Layout: the dimensions in
   `major_to_minor` order, the minor ones rounded up to the first tile, e.g. (8, 128) for float32): what XLA's memory
-  analysis counts for it. A float32[32, 32] argument takes 32 x 128 x 4 bytes."""
+  analysis counts for it. A float32[32, 32] argument takes 32 x 128 x 4 bytes, a float32 scalar 512."""
   dims = [shape[i] for i in major_to_minor] if major_to_minor else list(shape)
   tile = tiling[0] if tiling else ()
+  dims = [1] * (len(tile) - len(dims)) + dims      # a scalar in a (128,) tile takes 128 elements
   for k, t in enumerate(tile):
     i = len(dims) - len(tile) + k
-    if i >= 0:
-      dims[i] = -(-dims[i] // t) * t
+    dims[i] = -(-dims[i] // t) * t
   return math.prod(dims) * itemsize
 
 

@@ -96,9 +96,10 @@ def test_arguments_are_the_parameter_shards_plus_the_inputs(mesh, data4):
   rows = data4 if mesh == "data:4" else _compile(mesh)
   params = _param_bytes(mesh)
   for r in rows:
+    assert "error" not in r, r
+    assert r["argument_bytes"] == r["tiled_argument_bytes"], (mesh, r)     # TOPS too: its hyperparameter scalars
     if r["method"] != "full":
       continue
-    assert "error" not in r, r
     assert r["param_bytes"] == params, (mesh, r["program"])
     # TPU tiles pad small minor dimensions (tiny-next's widths of 32 take 128 lanes): XLA's arguments are the same
     # shards in the layouts the compiler chose, exactly, and never less than the unpadded count.

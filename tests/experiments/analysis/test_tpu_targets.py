@@ -121,6 +121,7 @@ def test_tiled_bytes_pad_the_minor_dimensions_to_the_tile():
   assert [tpu_targets.tiled_bytes(*c[:4]) for c in cases] == [c[4] for c in cases]
   assert sum(c[4] for c in cases) == 24576
   assert tpu_targets.tiled_bytes((), 4) == 4 and tpu_targets.tiled_bytes((3, 5), 4) == 60
+  assert tpu_targets.tiled_bytes((), 4, (), ((128,),)) == 512     # a float32 scalar argument (measured: 512 bytes)
 
 
 def test_program_bytes_discounts_donated_outputs():
