@@ -74,7 +74,10 @@ def target(path: str, header: Mapping[str, Any] | None, task: str | None = None,
   if not directory:
     raise ValueError(f"{path}'s provenance header names no snapshot folder: pass --data_dir")
   if check_data:
-    got, want = fingerprint(directory, tree=True), header.get("data_fingerprint")
+    if header.get("task") not in registry.TASKS:
+      raise ValueError(f"{path}'s provenance header names the task {header.get('task')!r}, which is not a benchmark "
+                       f"task ({', '.join(registry.TASKS)})")
+    got, want = registry.TASKS[header["task"]].fingerprint(directory), header.get("data_fingerprint")
     if got != want:
       raise ValueError(f"the snapshot in {directory} has fingerprint {got}, but {path} was made on one with "
                        f"fingerprint {want} ({header.get('data_path')}): its files changed, or it was re-downloaded "

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from experiments.benchmarks import parquet
+from experiments.runner import fingerprints
 
 __all__ = ["PROTOCOLS", "IMAGE_TOKEN", "Example", "Task", "decode_image", "parser_by_protocol"]
 
@@ -108,3 +109,8 @@ class Task:
     """Every parquet file `examples(data_dir, ...)` reads, its shard sets checked (`parquet.split_files`)."""
     return [path for config, split in ((self.config, self.split),) + self.also_reads
             for path in parquet.split_files(data_dir, config, split)]
+
+  def fingerprint(self, data_dir: str) -> str:
+    """The data files the task reads (name, size, mtime), hashed; nothing else under the snapshot (the hub's
+    `.cache/`, an output folder, notes) changes a row, so nothing else may change it."""
+    return fingerprints.of_files(data_dir, self.data_files(data_dir))

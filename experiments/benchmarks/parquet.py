@@ -36,7 +36,7 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
-__all__ = ["BATCH_ROWS", "split_files", "fingerprint", "iter_rows", "image_bytes"]
+__all__ = ["BATCH_ROWS", "split_files", "iter_rows", "image_bytes"]
 
 BATCH_ROWS = 16  # rows per record batch: a batch of images is a few MB, not the split
 
@@ -171,15 +171,6 @@ def split_files(data_dir: str, config: str | None, split: str) -> list[str]:
   raise ValueError(f"{where}: no parquet shards (no README.md `configs:` yaml, and none of the hub's default layouts "
                    f"{{dir}}/{split}-*.parquet, {{dir}}/{split}.parquet, {{dir}}/{split}/*.parquet matches); "
                    f"found {_listing(data_dir, config)}")
-
-
-def fingerprint(data_dir: str, files: Sequence[str]) -> str:
-  """Name (relative to `data_dir`), size and mtime of the data files a task reads, hashed (no file is read): a
-  shard re-downloaded or edited in place gets new rows. Only these files: nothing else under the snapshot (the hub's
-  `.cache/`, a results folder, notes) changes a row, so nothing else may change the fingerprint."""
-  entries = [(os.path.relpath(path, data_dir), info.st_size, info.st_mtime_ns)
-             for path, info in ((path, os.stat(path)) for path in sorted(files))]
-  return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
 
 
 def _undecodable(batch, path: str, first: int, error: UnicodeDecodeError) -> ValueError:

@@ -6,21 +6,21 @@ import hashlib
 import json
 import os
 
-__all__ = ["fingerprint"]
+__all__ = ["fingerprint", "of_files"]
 
 
-def fingerprint(directory: str, *, tree: bool = False) -> str:
-  """Name (path relative to `directory`), size and mtime of its files, hashed; cheap (no file is read), unlike
-  hashing contents. A checkpoint (tree=False: its top-level files, notes *.md left out) retrained in place (the
-  testbed's training writes the default directory) must not reuse the old weights' rows, and a dataset snapshot
-  (tree=True: every file under it) edited or re-downloaded at the same path gets new rows; a copy gets a new
-  fingerprint and is evaluated afresh."""
-  if tree:
-    files = [os.path.join(folder, name) for folder, _, names in sorted(os.walk(directory)) for name in sorted(names)]
-  else:
-    files = [os.path.join(directory, name) for name in sorted(os.listdir(directory))
-             if os.path.isfile(os.path.join(directory, name)) and not name.endswith(".md")]
-  entries = [(os.path.relpath(path, directory), info.st_size, info.st_mtime_ns)
-             for path, info in ((path, os.stat(path)) for path in files)]
+def of_files(root: str, files) -> str:
+  """Name (path relative to `root`), size and mtime of `files`, hashed; cheap (no file is read), unlike hashing
+  contents: a file edited or re-downloaded in place changes it, and so does a copy."""
+  entries = [(os.path.relpath(path, root), info.st_size, info.st_mtime_ns)
+             for path, info in ((path, os.stat(path)) for path in sorted(files))]
   return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:10]
+
+
+def fingerprint(directory: str) -> str:
+  """A checkpoint's fingerprint (`of_files` over its top-level files, notes *.md left out): a checkpoint retrained
+  in place (the testbed's training writes the default directory) must not reuse the old weights' rows. A benchmark
+  snapshot's is its task's (`experiments.benchmarks.base.Task.fingerprint`: the data files it reads only)."""
+  return of_files(directory, [os.path.join(directory, name) for name in os.listdir(directory)
+                              if os.path.isfile(os.path.join(directory, name)) and not name.endswith(".md")])
 

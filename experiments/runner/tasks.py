@@ -198,7 +198,7 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
   benchmark snapshot that is not there or whose shards are not one complete download, or a bad row among the
   examples the run will evaluate (`_read_through`).
 
-  A benchmark's `data_fingerprint` hashes the data files the task reads (`parquet.fingerprint`), nothing else under
+  A benchmark's `data_fingerprint` hashes the data files the task reads (`Task.fingerprint`), nothing else under
   the snapshot: an output folder inside it, the hub's `.cache/` or a note change no row, so a resume reuses every
   finished row."""
   settings = plan.run_hash_fields(resolved, name)
@@ -225,7 +225,7 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
   max_new_tokens = config.max_new_tokens or task.max_new_tokens[protocol]
   aspect = task.image_aspect[protocol] if backbone.square_pad else config.resolution
   mean = getattr(processor.image_processor, "image_mean", None)
-  fingerprint = parquet.fingerprint(directory, task.data_files(directory))
+  fingerprint = task.fingerprint(directory)
   _read_through(task, directory, protocol, config.limit)
 
   def fields(example, prompt, generation):

@@ -13,6 +13,7 @@ import pytest
 import lmms_fixtures
 import model_factories as mf
 import runner_helpers
+from experiments.benchmarks import registry
 from experiments.runner import conversation
 from experiments.runner import images
 from experiments.runner import plan
@@ -76,7 +77,8 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
       invocation=full[0]["process"], task="pope", run="tops@T=8", run_hash=tops_hash, protocol="lmms_eval",
       conv_template="vicuna_v1", resolution="native", limit=4, max_new_tokens=3, backbone="llava_next",
       checkpoint=next_ckpt, checkpoint_fingerprint=plan.fingerprint(next_ckpt), data_dir=root,
-      data_path=os.path.join(root, "POPE"), data_fingerprint=plan.fingerprint(os.path.join(root, "POPE"), tree=True),
+      data_path=os.path.join(root, "POPE"),
+      data_fingerprint=registry.TASKS["pope"].fingerprint(os.path.join(root, "POPE")),
       split="test", seed=0, batch_size=2)
   with open(os.path.join(out, "summary_pope.md")) as f:
     table = f.read()
@@ -92,7 +94,6 @@ def test_pope_on_llava_next_end_to_end_and_resume(next_ckpt, tmp_path, capsys):
   assert "tops@T=8: Rel (a) ratio of means, MME-P/20 (TOPS, CDPruner)" in relative and "over POPE" in relative
   # experiments.score re-scores the stored predictions without the model: the runner's metrics again.
   from experiments import score  # pylint: disable=g-import-not-at-top
-  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   pred_path = os.path.join(out, "predictions", "pope", "tops@T=8.jsonl")
   rescored = score.score(registry.TASKS["pope"], os.path.join(root, "POPE"), score.read_predictions(pred_path),
                          "lmms_eval")
@@ -142,7 +143,6 @@ def test_fixed_672_and_pad_to_square():
 
 
 def test_task_dir_prefers_the_repository_folder(tmp_path):
-  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   task = registry.TASKS["pope"]
   os.makedirs(tmp_path / "POPE")
   assert tasks.task_dir(str(tmp_path), task, single=False) == str(tmp_path / "POPE")
@@ -153,7 +153,6 @@ def test_task_dir_prefers_the_repository_folder(tmp_path):
 
 def test_score_rejects_bad_prediction_files(tmp_path):
   from experiments import score  # pylint: disable=g-import-not-at-top
-  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "data")
   _pope(root, 3)
   bad = tmp_path / "p.jsonl"
@@ -178,7 +177,6 @@ def test_score_takes_the_protocol_task_and_snapshot_from_the_file(tmp_path):
   and printed accuracy 0.0 for the run's 1.0 here): the file's header names its protocol, task and snapshot, a flag
   that disagrees is an error naming both values, and a file without the header is scored with the flags."""
   from experiments import score  # pylint: disable=g-import-not-at-top
-  from experiments.benchmarks import registry  # pylint: disable=g-import-not-at-top
   from experiments.runner import outputs  # pylint: disable=g-import-not-at-top
   from experiments.runner import predictions  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "data")
@@ -188,7 +186,7 @@ def test_score_takes_the_protocol_task_and_snapshot_from_the_file(tmp_path):
           dict(question_id="101", prompt="p", prediction="Yes, there is a dog.", answer="yes")]
   record = dict(invocation="host:1:2026-12-08T10:00:00", task="pope", protocol="llava", conv_template="vicuna_v1",
                 resolution="native", limit=2, checkpoint="/ckpt", checkpoint_fingerprint="0123456789", data_dir=root,
-                data_path=snapshot, data_fingerprint=plan.fingerprint(snapshot, tree=True),
+                data_path=snapshot, data_fingerprint=registry.TASKS["pope"].fingerprint(snapshot),
                 run_hashes={"full": "abcdef0123"})
   (path,) = outputs.write_predictions(str(tmp_path / "out"), "pope", {"full": rows}, record)
   header = predictions.read_header(path)

@@ -9,6 +9,7 @@ import pytest
 
 import lmms_fixtures
 from experiments.benchmarks import base, parquet
+from experiments.runner import fingerprints
 
 
 def _pope_rows(n, start=0):
@@ -115,13 +116,13 @@ def test_the_files_a_card_names_must_all_be_there(tmp_path):
 def test_the_fingerprint_reads_only_the_data_files(tmp_path):
   root = str(tmp_path)
   files = lmms_fixtures.write_split(root, None, "test", _pope_rows(4), lmms_fixtures.SCHEMAS["POPE"], num_shards=2)
-  before = parquet.fingerprint(root, files)
+  before = fingerprints.of_files(root, files)
   for stray in ("out/results.jsonl", "out/.lock", ".cache/huggingface/download/data/x.metadata", "notes.md"):
     os.makedirs(os.path.dirname(tmp_path / stray) or root, exist_ok=True)
     (tmp_path / stray).write_text("x")
-  assert parquet.fingerprint(root, parquet.split_files(root, None, "test")) == before
+  assert fingerprints.of_files(root, parquet.split_files(root, None, "test")) == before
   os.utime(files[1], ns=(1, 1))                     # a shard re-downloaded in place
-  assert parquet.fingerprint(root, files) != before
+  assert fingerprints.of_files(root, files) != before
 
 
 def test_iter_rows_streams_shards_in_order_with_row_indices_and_only_the_asked_columns(tmp_path):
