@@ -45,8 +45,9 @@ os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 import functools
 import json
 import math
+import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from absl import app
 from absl import flags
@@ -56,6 +57,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from experiments.analysis import hlo_cost
+from experiments.analysis import tpu_report
 from experiments.analysis import tpu_targets
 from experiments.runner import plan as plan_lib
 from models import backbones
@@ -65,7 +68,7 @@ from models import shapes
 from models import sharding
 
 __all__ = ["topology_mesh", "abstract_model", "weight_shapes", "runner_batch", "shard_bytes",
-           "tiled_argument_bytes", "compile_program", "compile_runs", "table"]
+           "tiled_argument_bytes", "compile_program", "compile_runs", "standard_mesh", "largest_batch", "sweep"]
 
 
 def topology_mesh(topology: tpu_targets.Topology, mesh_text: str) -> jax.sharding.Mesh:
@@ -178,24 +181,29 @@ def tiled_argument_bytes(compiled, args) -> int:
   return total
 
 
-def _numbers(compiled, weights, hbm: int) -> dict[str, Any]:
+def _numbers(compiled, weights, topology: tpu_targets.Topology) -> dict[str, Any]:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   text = compiled.as_text()
   found = tpu_targets.collectives(text, weights)
+  loops = hlo_cost.program_cost(text, topology.peak_flops, topology.hbm_bytes_per_s)
   optimal = cost.get("optimal_seconds")
   m = dict(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
            temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes))
   total = tpu_targets.program_bytes(m["argument_bytes"], m["output_bytes"], m["temp_bytes"], m["alias_bytes"])
+  hbm = topology.hbm_bytes
   return dict(m, total_bytes=total, hbm_bytes=hbm, fits=total <= hbm,
               flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
               optimal_seconds=None if optimal is None or optimal < 0 else optimal,   # < 0: XLA has no estimate
+              loop_flops=loops.flops, loop_hbm_bytes=loops.hbm_bytes, collective_bytes=loops.collective_bytes,
+              roofline_s=loops.seconds, trips=list(loops.trips), unknown_trips=loops.unknown_trips,
               while_loops=tpu_targets.while_loops(text), collectives=found.counts,
               weight_all_gathers=list(found.weight_gathers))
 
 
-def compile_program(fn, args, mesh, weights, hbm: int, **jit_options) -> tuple[dict[str, Any], Any]:
+def compile_program(fn, args, mesh, weights, topology: tpu_targets.Topology, **jit_options
+                    ) -> tuple[dict[str, Any], Any]:
   """jit(fn, keep_unused=True, **jit_options).lower(*args).compile() under `mesh`: (the row's numbers, the
   compiled executable or None). A compile the target rejects (out of HBM) is a row with `error`: its message."""
   t0 = time.perf_counter()
@@ -205,7 +213,7 @@ def compile_program(fn, args, mesh, weights, hbm: int, **jit_options) -> tuple[d
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError RESOURCE_EXHAUSTED and kin: a row)
     return dict(error=f"{type(e).__name__}: {str(e).strip()[:2000]}", compile_s=time.perf_counter() - t0), None
-  return dict(_numbers(compiled, weights, hbm), tiled_argument_bytes=tiled_argument_bytes(compiled, args),
+  return dict(_numbers(compiled, weights, topology), tiled_argument_bytes=tiled_argument_bytes(compiled, args),
               compile_s=time.perf_counter() - t0), compiled
 
 
@@ -227,10 +235,11 @@ def _runs(methods: Sequence[str], budgets: Sequence[int], family: str, num_layer
 
 def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: str, methods: Sequence[str],
                  budgets: Sequence[int], batch_size: int, *, dtype: str = "bfloat16", max_new_tokens: int = 16,
-                 text_tokens: int = 26, overrides: Sequence[str] = (), output: str | None = None
-                 ) -> list[dict[str, Any]]:
+                 text_tokens: int = 26, overrides: Sequence[str] = (), output: str | None = None,
+                 done: Collection[tuple[str, int | None]] = ()) -> list[dict[str, Any]]:
   """Every row of the module docstring for one backbone, shape, topology and mesh (rows written to `output` as
-  they are measured). overrides: the runner's method.name=value options of `pruning.method_config`."""
+  they are measured). overrides: the runner's method.name=value options of `pruning.method_config`; done: the
+  (method, target) runs already in `output` (a resumed sweep), not compiled again."""
   if backbone not in plan_lib.BACKBONES:
     raise ValueError(f"unknown --backbone {backbone!r}; known: {', '.join(plan_lib.BACKBONES)}")
   if shape_name not in shapes.SHAPES:
@@ -240,7 +249,7 @@ def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: 
     raise ValueError(f"--shape {shape_name} is a {shape.model_type} model, --backbone {backbone} a {spec.model_type}")
   topology = tpu_targets.parse_topology(topology_name)
   base = dict(backbone=backbone, shape=shape_name, topology=topology.name, mesh=mesh_text, batch=batch_size,
-              dtype=dtype, hbm_bytes=topology.hbm_bytes)
+              dtype=dtype, overrides=sorted(overrides), hbm_bytes=topology.hbm_bytes)
   rows: list[dict[str, Any]] = []
 
   def record(row):
@@ -248,8 +257,11 @@ def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: 
     if output:
       with open(output, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    print(_line(row), flush=True)
+    print(tpu_report.line(row), flush=True)
 
+  wanted = [(m, None) if m == "full" else (m, t) for m in methods for t in ([None] if m == "full" else budgets)]
+  if done and all(k in done for k in wanted):
+    return rows
   sizes = sharding.parse_mesh(mesh_text)
   problem = tpu_targets.check_mesh(sizes, topology)
   if problem is None and batch_size % (sizes["data"] * sizes["fsdp"]):
@@ -275,6 +287,8 @@ def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: 
   params = shard_bytes(nnx.state(model))
   runs = _runs(methods, budgets, spec.family, config.text.num_hidden_layers, plan_lib.parse_overrides(overrides))
   for method, target, cfg in runs:
+    if (method, target) in done:
+      continue
     row = dict(base, method=method, target=target)
     if isinstance(cfg, str):
       record(dict(row, program="all", error=cfg))
@@ -288,7 +302,7 @@ def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: 
                  pixel_values=_abstract(batch["pixel_values"], mesh, split_rows=True))
     traced = _abstract(traced, mesh, split_rows=False)
     numbers, compiled = compile_program(functools.partial(fn.__wrapped__, **static), (model, batch, traced), mesh,
-                                        weights, topology.hbm_bytes)
+                                        weights, topology)
     record(dict(row, program="prefill", capacity=static["capacity"], param_bytes=params,
                 input_bytes=shard_bytes((batch, traced)), **numbers))
     if compiled is None:
@@ -297,59 +311,135 @@ def compile_runs(backbone: str, shape_name: str, topology_name: str, mesh_text: 
                        compiled.out_info, compiled.output_shardings)
     tokens = _abstract(np.zeros(batch_size, np.int32), mesh, split_rows=True)
     step = lambda m, cache, t, p, cfg=cfg: pruning.decode_step(m, cfg, cache, t, p)
-    numbers, _ = compile_program(step, (model, out.cache, tokens, out.positions), mesh, weights, topology.hbm_bytes,
+    numbers, _ = compile_program(step, (model, out.cache, tokens, out.positions), mesh, weights, topology,
                                  donate_argnums=1)
     record(dict(row, program="decode_step", param_bytes=params,
                 input_bytes=shard_bytes((out.cache, tokens, out.positions)), **numbers))
   return rows
 
 
-def _gib(n) -> str:
-  return "—" if n is None else f"{n / 2**30:.2f}"
+def standard_mesh(kind: str, devices: int) -> str:
+  """A mesh the runner's --mesh accepts for a slice of `devices`: "data", "fsdp", "tensor" (all devices on one axis),
+  "fsdp+tensor" (tensor 2, fsdp the rest), "data+fsdp" (data 2, fsdp the rest), or an explicit "fsdp:4,tensor:2"."""
+  half = max(1, devices // 2)
+  kinds = {"data": f"data:{devices}", "fsdp": f"fsdp:{devices}", "tensor": f"tensor:{devices}",
+           "fsdp+tensor": f"fsdp:{half},tensor:2", "data+fsdp": f"data:2,fsdp:{half}"}
+  if kind in kinds:
+    return kinds[kind]
+  if ":" in kind:
+    return kind
+  raise ValueError(f"--mesh {kind!r}: expected one of {', '.join(kinds)} or an explicit mesh such as fsdp:4,tensor:2")
 
 
-def _line(r: dict[str, Any]) -> str:
-  name = f"{r.get('method', '')}{'' if r.get('target') is None else '@' + str(r['target'])} {r['program']}"
-  if "error" in r:
-    return f"{r['topology']} {r['mesh']} {name}: error: {r['error'].splitlines()[0][:300]}"
-  c = r["collectives"]
-  return (f"{r['topology']} {r['mesh']} {name}: args {_gib(r['argument_bytes'])} out {_gib(r['output_bytes'])} "
-          f"temp {_gib(r['temp_bytes'])} total {_gib(r['total_bytes'])} GiB of {_gib(r['hbm_bytes'])} "
-          f"(fits: {r['fits']}), {r['flops'] or 0:.3g} flops, {r['bytes_accessed'] or 0:.3g} bytes, "
-          f"optimal {r['optimal_seconds']} s, {r['while_loops']} loops (cost: one trip each); "
-          f"all-gather {c['all-gather']} all-reduce {c['all-reduce']} "
-          f"reduce-scatter {c['reduce-scatter']} all-to-all {c['all-to-all']}; weights gathered "
-          f"{len(r['weight_all_gathers'])}; compile {r['compile_s']:.1f} s")
+def largest_batch(backbone: str, shape_name: str, topology_name: str, mesh_text: str, method: str, target,
+                  rows: Sequence[dict[str, Any]], *, dtype: str = "bfloat16", max_new_tokens: int = 16,
+                  text_tokens: int = 26, overrides: Sequence[str] = (), tries: int = 6) -> dict[str, Any]:
+  """The largest global batch whose prefill and decode step both fit. The line through each program's bytes in
+  `rows` (`compile_runs` at batch B) and at 2B (compiled here) gives a guess (at most 64 B), which is compiled; then
+  bisection, in steps of data x fsdp, between the largest batch known to fit and the smallest known not to, until
+  they are one step apart or `tries` compiles are spent. One row, kind "largest_batch": largest (None when nothing
+  fits), its bytes, the next batch measured and why it does not fit, and `bracketed` (whether they are one step
+  apart: the answer is exact)."""
+  topology = tpu_targets.parse_topology(topology_name)
+  sizes = sharding.parse_mesh(mesh_text)
+  step = sizes["data"] * sizes["fsdp"]
+  base = dict(kind="largest_batch", backbone=backbone, shape=shape_name, topology=topology.name, mesh=mesh_text,
+              dtype=dtype, method=method, target=target)
+  measured: dict[int, tuple[int | None, int | None, str | None]] = {}   # batch -> (prefill, decode bytes, why not)
 
+  def take(batch_rows, batch):
+    got = {r["program"]: r for r in batch_rows if r.get("method") == method and r.get("target") == target}
+    problem = next((r["error"] for r in got.values() if "error" in r), None)
+    pre, dec = got.get("prefill", {}), got.get("decode_step", {})
+    if problem is None and not (pre.get("fits") and dec.get("fits")):
+      problem = f"{pre.get('total_bytes')} / {dec.get('total_bytes')} bytes over {topology.hbm_bytes}"
+    measured[batch] = (pre.get("total_bytes"), dec.get("total_bytes"), problem and problem.splitlines()[0][:300])
 
-def table(rows: Sequence[dict[str, Any]]) -> str:
-  """Markdown: one line per program (GiB per chip; errors in the last column)."""
-  head = ["mesh", "method", "T", "program", "args GiB", "out GiB", "temp GiB", "total GiB", "fits", "GFLOPs",
-          "GB accessed", "optimal ms", "AG", "AR", "RS", "A2A", "weights AG", "compile s", "error"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    if "error" in r:
-      cells = [r["mesh"], r.get("method", "—"), str(r.get("target") or "—"), r["program"]] + ["—"] * 14
-      cells.append(r["error"].splitlines()[0][:200].replace("|", "/"))
+  def compile_at(batch):
+    take(compile_runs(backbone, shape_name, topology.name, mesh_text, [method], [] if target is None else [target],
+                      batch, dtype=dtype, max_new_tokens=max_new_tokens, text_tokens=text_tokens,
+                      overrides=overrides), batch)
+
+  first = next((r["batch"] for r in rows if r.get("method") == method and r.get("target") == target), None)
+  if first is None:
+    raise ValueError(f"no rows of {method}@{target} to start from")
+  take(rows, first)
+  fits = lambda b: measured[b][2] is None
+  compiles = 0
+  if fits(first):
+    compile_at(2 * first)
+    compiles += 1
+  if fits(first) and fits(2 * first):     # the line through both, for each program; the smaller guess
+    guesses = [tpu_report.affine_batch(measured[first][k], first, measured[2 * first][k], 2 * first,
+                                       topology.hbm_bytes, step) for k in (0, 1)]
+    guess = min(max(step, min(guesses)), 64 * first)
+    if guess not in measured:
+      compile_at(guess)
+      compiles += 1
+  while compiles < tries:                 # then bisect between the largest batch known to fit and the smallest not
+    lo = max((b for b in measured if fits(b)), default=0)
+    hi = min((b for b in measured if not fits(b) and b > lo), default=None)
+    if hi is None:                        # everything measured fits: double the largest
+      mid = 2 * lo
+    elif hi - lo <= step:
+      break
     else:
-      c = r["collectives"]
-      ms = None if r["optimal_seconds"] is None else r["optimal_seconds"] * 1e3
-      cells = [r["mesh"], r["method"], str(r["target"] or "—"), r["program"], _gib(r["argument_bytes"]),
-               _gib(r["output_bytes"]), _gib(r["temp_bytes"]), _gib(r["total_bytes"]), "yes" if r["fits"] else "NO",
-               f"{(r['flops'] or 0) / 1e9:.1f}", f"{(r['bytes_accessed'] or 0) / 1e9:.2f}",
-               "—" if ms is None else f"{ms:.2f}", str(c["all-gather"]), str(c["all-reduce"]),
-               str(c["reduce-scatter"]), str(c["all-to-all"]), str(len(r["weight_all_gathers"])),
-               f"{r['compile_s']:.0f}", ""]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+      mid = max(step, (lo + hi) // 2 // step * step)
+      if mid in measured:
+        break
+    compile_at(mid)
+    compiles += 1
+  ok = [b for b in measured if fits(b)]
+  largest = max(ok) if ok else None
+  over = min((b for b in measured if not fits(b) and (largest is None or b > largest)), default=None)
+  return dict(base, largest=largest, prefill_bytes=measured[largest][0] if largest else None,
+              decode_bytes=measured[largest][1] if largest else None, next=over,
+              why_not=measured[over][2] if over else None, compiles=compiles,
+              bracketed=over is not None and (largest or 0) + step == over)
+
+
+def sweep(backbone: str, shape_names: Sequence[str], topologies: Sequence[str], meshes: Sequence[str],
+          methods: Sequence[str], budgets: Sequence[int], batch_size: int, *, output: str, largest_mesh: str | None,
+          largest_methods: Sequence[str] = (), **options) -> list[dict[str, Any]]:
+  """compile_runs for every shape x topology x mesh (mesh kinds expanded per topology by `standard_mesh`), resuming
+  from the rows already in `output`, then `largest_batch` for `largest_methods` on the `largest_mesh` kind."""
+  for shape_name in shape_names:
+    for topology_name in topologies:
+      topology = tpu_targets.parse_topology(topology_name)
+      for kind in meshes:
+        mesh_text = standard_mesh(kind, topology.devices)
+        done = tpu_report.done_runs(tpu_report.load(output), backbone, shape_name, topology.name, mesh_text,
+                                    batch_size, options.get("dtype", "bfloat16"), options.get("overrides", ()))
+        compile_runs(backbone, shape_name, topology.name, mesh_text, methods, budgets, batch_size, output=output,
+                     done=done, **options)
+      if not largest_mesh:
+        continue
+      mesh_text = standard_mesh(largest_mesh, topology.devices)
+      for method in largest_methods:
+        target = None if method == "full" else budgets[0]
+        rows = tpu_report.load(output)
+        if any(r.get("kind") == "largest_batch" and (r["shape"], r["topology"], r["mesh"], r["method"],
+                                                      r.get("target")) ==
+               (shape_name, topology.name, mesh_text, method, target) for r in rows):
+          continue
+        point = [r for r in rows if r.get("kind", "run") == "run" and (r.get("shape"), r.get("topology"),
+                 r.get("mesh"), r.get("batch")) == (shape_name, topology.name, mesh_text, batch_size)]
+        row = largest_batch(backbone, shape_name, topology.name, mesh_text, method, target, point, **options)
+        with open(output, "a", encoding="utf-8") as f:
+          f.write(json.dumps(row) + "\n")
+        print(f"largest batch {shape_name} {topology.name} {mesh_text} {method}: {row['largest']} "
+              f"(next {row['next']}: {row['why_not']})", flush=True)
+  return tpu_report.load(output)
 
 
 def _define_flags():
   """The command line, defined only when this module runs as a script (tests import it beside the runner)."""
   flags.DEFINE_string("backbone", "llava_next", "Runner backbone (experiments.runner.plan.BACKBONES).")
-  flags.DEFINE_string("shape", "llava-next-7b", "Random-weight shape (models.shapes.SHAPES): only its shapes are used.")
-  flags.DEFINE_string("topology", "v5e:2x4", "TPU slice as libtpu names it: v5e:2x4, v6e:2x2, v5p:2x2x1, v4:2x2x1.")
-  flags.DEFINE_string("mesh", "fsdp:8", "Mesh over the slice (axes data, fsdp, tensor), as the runner's --mesh.")
+  flags.DEFINE_list("shape", ["llava-next-7b"], "Random-weight shapes (models.shapes.SHAPES): only shapes are used.")
+  flags.DEFINE_list("topology", ["v5e:2x4"], "TPU slices as libtpu names them: v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1.")
+  flags.DEFINE_multi_string("mesh", ["fsdp"], "Meshes over each slice (repeat the flag): a kind of "
+                            "experiments.tpu_compile.standard_mesh (data, fsdp, tensor, fsdp+tensor, data+fsdp), "
+                            "sized to the slice, or an explicit mesh as the runner's --mesh (fsdp:4,tensor:2).")
   flags.DEFINE_list("methods", ["full", "tops", "visionzip", "divprune"], "'full' and pruning methods.")
   flags.DEFINE_list("budgets", ["320"], "Targets (visual tokens per image) of every method but full.")
   flags.DEFINE_integer("batch_size", 8, "Global batch (a multiple of data x fsdp).")
@@ -358,18 +448,27 @@ def _define_flags():
   flags.DEFINE_integer("text_tokens", 26, "Text tokens around the image (POPE's prompt is about 26).")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and cache dtype.")
   flags.DEFINE_list("overrides", [], "method.name=value options of pruning.method_config, as the runner.")
-  flags.DEFINE_string("output", None, "JSONL file the rows are appended to.")
+  flags.DEFINE_string("output", None, "JSONL file the rows are appended to; a sweep resumes from the rows in it.")
+  flags.DEFINE_string("largest_batch_mesh", None, "Mesh kind on which to search each slice's largest batch.")
+  flags.DEFINE_list("largest_batch_methods", ["full", "tops"], "Methods whose largest batch is searched.")
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  rows = compile_runs(f.backbone, f.shape, f.topology, f.mesh, f.methods, [int(b) for b in f.budgets],
-                      f.batch_size, dtype=f.dtype, max_new_tokens=f.max_new_tokens, text_tokens=f.text_tokens,
-                      overrides=f.overrides, output=f.output)
-  print(table(rows))
-  if any("error" in r for r in rows):
-    print(f"{sum('error' in r for r in rows)} of {len(rows)} rows are errors (see the last column)")
+  output = f.output or os.path.join(tempfile.mkdtemp(prefix="tpu_compile_"), "rows.jsonl")
+  rows = sweep(f.backbone, f.shape, f.topology, f.mesh, f.methods, [int(b) for b in f.budgets], f.batch_size,
+               output=output, largest_mesh=f.largest_batch_mesh, largest_methods=f.largest_batch_methods,
+               dtype=f.dtype, max_new_tokens=f.max_new_tokens, text_tokens=f.text_tokens, overrides=f.overrides)
+  runs = [r for r in rows if r.get("kind", "run") == "run"]
+  print(tpu_report.table(runs))
+  print()
+  print(tpu_report.summary(runs, [m for m in f.methods if m != "full"]))
+  if any(r.get("kind") == "largest_batch" for r in rows):
+    print()
+    print(tpu_report.largest_batch_table(rows))
+  errors = sum("error" in r for r in runs)
+  print(f"rows: {output}" + (f"; {errors} of {len(runs)} are errors (see the tables)" if errors else ""))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ The formulas, what the port executes against what is counted, the whole pipeline
 TFLOPs and the XLA count: experiments/EXPERIMENTS.md#flops.
 """
 
-import math
-import re
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
 
+from experiments.analysis import hlo_cost
 from models import clip
 
 __all__ = ["layer_flops", "layer_prefill_flops", "decoder_prefill_flops", "lm_head_flops", "decoder_decode_flops",
@@ -240,102 +239,20 @@ def llava_prefill_flops(config, seq_lens: Sequence[float], *, num_crops: int | N
 # XLA
 
 
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*->.*\{\s*$")
-_ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>[a-z]\w*\[[\d,]*\])\S*\s+"
-                    r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<attrs>.*)$")
-_CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _dims(shape: str) -> list[int]:
-  inner = shape[shape.index("[") + 1:shape.index("]")]
-  return [int(x) for x in inner.split(",") if x]
-
-
-def _operand_dims(shapes: dict[str, list[int]], operand: str) -> list[int]:
-  operand = operand.strip()
-  inline = re.match(r"[a-z]\w*\[[\d,]*\]", operand)         # some printers write the shape before the name
-  return _dims(inline.group(0)) if inline else shapes[operand.split()[-1].lstrip("%")]
-
-
-def _dot_flops(shapes: dict[str, list[int]], out: str, args: str, attrs: str) -> float:
-  lhs = _operand_dims(shapes, args.split(",")[0])
-  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
-  contracted = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) if contracting else 1
-  return 2.0 * math.prod(_dims(out)) * contracted
-
-
-def _convolution_flops(shapes: dict[str, list[int]], out: str, args: str, attrs: str) -> float:
-  """Each output element is a sum over the kernel's spatial and input-feature dims (all its dims but `o`)."""
-  kernel = _operand_dims(shapes, args.split(",")[1])
-  labels = re.search(r"dim_labels=\w+_(\w+)->\w+", attrs).group(1)
-  return 2.0 * math.prod(_dims(out)) * math.prod(kernel) / kernel[labels.index("o")]
-
-
-_COUNTED = {"dot": _dot_flops, "convolution": _convolution_flops}
-
-
-class _Computation(NamedTuple):
-  flops: float                                      # its own dots and convolutions
-  calls: list[tuple[str, int | None, str]]          # (callee, times per run, kind)
-
-
-def _parse_hlo(hlo_text: str) -> tuple[dict[str, _Computation], str]:
-  computations, entry, current, shapes = {}, None, None, {}
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and not line.startswith(" "):                 # instructions are indented, headers are not
-      current, shapes = header.group("name"), {}
-      computations[current] = _Computation(0.0, [])
-      entry = current if line.startswith("ENTRY") else entry
-      continue
-    if current is None or line.strip() in ("", "}"):
-      continue
-    array = _ARRAY.match(line)
-    if array:
-      shapes[array.group("name")] = _dims(array.group("shape"))
-      count = _COUNTED.get(array.group("op"))
-      if count:
-        flops = count(shapes, array.group("shape"), array.group("args"), array.group("attrs"))
-        computations[current] = computations[current]._replace(flops=computations[current].flops + flops)
-    trip = _TRIP.search(line)
-    for kind, callee in _CALLEE.findall(line):
-      if kind == "body" and trip is None:
-        raise ValueError(f"a while loop without a known trip count: {line.strip()[:200]}")
-      computations[current].calls.append((callee, int(trip.group(1)) if kind == "body" else 1, kind))
-    branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-    if branches:
-      computations[current].calls.extend((b.strip().lstrip("%"), None, "branch")
-                                         for b in branches.group(1).split(","))
-  if entry is None:
-    raise ValueError("no ENTRY computation in the HLO text")
-  return computations, entry
-
-
 def hlo_dot_flops(hlo_text: str) -> float:
   """Matmul FLOPs (2 per multiply-add) of an HLO module's text (`jax.jit(f).lower(...).compile().as_text()`): every
-  `dot` and `convolution` of the entry computation and of what it calls, a while body times its `known_trip_count`.
+  `dot` and `convolution` of the entry computation and of what it calls, a while body times its trip count
+  (`experiments.analysis.hlo_cost`, which this reads).
 
-  Raises ValueError for a while loop without a known trip count and for a conditional whose branches hold dots
+  Raises ValueError for a while loop whose trip count cannot be read and for a conditional whose branches hold dots
   (the count would depend on the data). What XLA turned into something else is not counted: dots lowered to library
   calls (cuBLAS custom-calls on GPU: use it on CPU-compiled modules) or, for some small shapes, rewritten as
   multiply + reduce.
   """
-  computations, entry = _parse_hlo(hlo_text)
-  memo = {}
-
-  def total(name: str) -> float:
-    if name not in memo:
-      own = computations.get(name, _Computation(0.0, []))
-      count = own.flops
-      for callee, times, kind in own.calls:
-        if kind == "condition":                               # compares only
-          continue
-        sub = total(callee)
-        if kind == "branch" and sub:
-          raise ValueError(f"conditional branch {callee} holds dots: the executed count depends on the data")
-        count += 0.0 if kind == "branch" else times * sub
-      memo[name] = count
-    return memo[name]
-
-  return total(entry)
+  cost = hlo_cost.program_cost(hlo_text)
+  if cost.unknown_trips:
+    raise ValueError(f"{cost.unknown_trips} while loop(s) without a readable trip count: the count would depend on "
+                     "the data")
+  if cost.branch_flops:
+    raise ValueError("a conditional branch holds dots: the executed count depends on the data")
+  return cost.flops

@@ -8,17 +8,28 @@ HLO text. Plain Python (no libtpu, no jax): `experiments.tpu_compile` reads both
 HBM per chip is Google's published capacity in GiB (Cloud TPU system architecture pages): v4 32, v5e 16, v5p 95,
 v6e 32. A compiler reserves a little of it (libtpu's v5e limit reads 15.75 GiB in its out-of-memory errors), so
 a program within a few hundred MB of the table's number is not known to fit until it compiles.
+
+Devices: libtpu's compile-only topology has one device per chip for v5e, v5p and v6e, and one per TensorCore for v4
+(two per chip, each with half the chip's HBM and compute: measured, `v4:2x2x1` gives 8 devices, `core_on_chip` 0
+and 1 on each chip's coordinates). A mesh covers the devices; memory and rates below are per device.
+
+Peak rates per chip, the same pages: bf16 FLOP/s v4 275e12, v5e 197e12, v5p 459e12, v6e 918e12; HBM bytes/s v4
+1200e9, v5e 819e9, v5p 2765e9, v6e 1640e9. They feed `hlo_cost.program_cost`'s roofline, an estimate for ranking
+programs, never a measurement.
 """
 
 import math
 import re
 from typing import Mapping, NamedTuple
 
-__all__ = ["HBM_BYTES", "GENERATIONS", "Topology", "parse_topology", "check_mesh", "COLLECTIVES", "Collectives",
+__all__ = ["HBM_BYTES", "PEAK_BF16_FLOPS", "HBM_BYTES_PER_S", "DEVICES_PER_CHIP", "GENERATIONS", "Topology", "parse_topology", "check_mesh", "COLLECTIVES", "Collectives",
            "collectives", "while_loops", "tiled_bytes", "program_bytes"]
 
 GiB = 2**30
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+HBM_BYTES_PER_S = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+DEVICES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 1, "v6e": 1}
 GENERATIONS = tuple(HBM_BYTES)
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 # Chip grids: v5e and v6e slices are 2-D (rows x columns of chips), v4 and v5p 3-D (one device per chip, megacore).
@@ -29,8 +40,11 @@ class Topology(NamedTuple):
   name: str                 # as libtpu spells it: "v5e:2x4", "v5p:2x2x1"
   generation: str           # a key of HBM_BYTES
   dims: tuple[int, ...]     # the chip grid
-  chips: int                # devices of the slice (one per chip)
-  hbm_bytes: int            # per chip
+  chips: int                # chips of the slice
+  hbm_bytes: int            # per device
+  devices: int              # devices of libtpu's compile-only topology (v4: one per TensorCore, two per chip)
+  peak_flops: float         # bf16 FLOP/s per device
+  hbm_bytes_per_s: float    # per device
 
 
 def parse_topology(name: str) -> Topology:
@@ -49,17 +63,20 @@ def parse_topology(name: str) -> Topology:
     example = "x".join(["2"] * rank)
     raise ValueError(f"--topology {name!r}: a {generation} slice is a {rank}-D grid of chips, e.g. "
                      f"{generation}:{example}")
+  per = DEVICES_PER_CHIP[generation]
   return Topology(f"{generation}:{'x'.join(map(str, dims))}", generation, dims, math.prod(dims),
-                  HBM_BYTES[generation])
+                  HBM_BYTES[generation] // per, math.prod(dims) * per, PEAK_BF16_FLOPS[generation] / per,
+                  HBM_BYTES_PER_S[generation] / per)
 
 
 def check_mesh(sizes: Mapping[str, int], topology: Topology) -> str | None:
-  """Why a mesh of `sizes` ({axis: size}) cannot cover `topology`'s chips, or None when it does exactly."""
+  """Why a mesh of `sizes` ({axis: size}) cannot cover `topology`'s devices, or None when it does exactly."""
   devices = math.prod(sizes.values())
-  if devices != topology.chips:
+  if devices != topology.devices:
     axes = " x ".join(f"{a} {s}" for a, s in sizes.items())
-    return (f"mesh {axes} has {devices} devices, the {topology.name} slice {topology.chips} chips; the axis sizes "
-            "must multiply to the chip count")
+    unit = "chips" if topology.devices == topology.chips else f"devices ({topology.chips} chips, two TensorCores each)"
+    return (f"mesh {axes} has {devices} devices, the {topology.name} slice {topology.devices} {unit}; the axis sizes "
+            "must multiply to the device count")
   return None
 
 

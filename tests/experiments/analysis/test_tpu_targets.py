@@ -12,17 +12,19 @@ from experiments.analysis import tpu_targets
 from models import sharding
 
 
-@pytest.mark.parametrize("name, generation, dims, chips, gib", [
-    ("v5e:2x4", "v5e", (2, 4), 8, 16),
-    ("v5e:2x2", "v5e", (2, 2), 4, 16),
-    ("v5litepod:4x4", "v5e", (4, 4), 16, 16),
-    ("v6e:2x2", "v6e", (2, 2), 4, 32),
-    ("v5p:2x2x1", "v5p", (2, 2, 1), 4, 95),
-    ("v4:2x2x2", "v4", (2, 2, 2), 8, 32),
+@pytest.mark.parametrize("name, generation, dims, chips, devices, gib, tflops", [
+    ("v5e:2x4", "v5e", (2, 4), 8, 8, 16, 197),
+    ("v5e:2x2", "v5e", (2, 2), 4, 4, 16, 197),
+    ("v5litepod:4x4", "v5e", (4, 4), 16, 16, 16, 197),
+    ("v6e:2x2", "v6e", (2, 2), 4, 4, 32, 918),
+    ("v5p:2x2x1", "v5p", (2, 2, 1), 4, 4, 95, 459),
+    ("v4:2x2x2", "v4", (2, 2, 2), 8, 16, 16, 137.5),     # two TensorCore devices per chip, half the HBM each
 ])
-def test_topologies_and_their_hbm(name, generation, dims, chips, gib):
+def test_topologies_and_their_hbm(name, generation, dims, chips, devices, gib, tflops):
   topo = tpu_targets.parse_topology(name)
-  assert (topo.generation, topo.dims, topo.chips, topo.hbm_bytes) == (generation, dims, chips, gib * 2**30)
+  assert (topo.generation, topo.dims, topo.chips, topo.devices, topo.hbm_bytes) == (
+      generation, dims, chips, devices, gib * 2**30)
+  assert topo.peak_flops == tflops * 1e12 and topo.hbm_bytes_per_s > 0
   assert topo.name == f"{generation}:{'x'.join(map(str, dims))}"
 
 
@@ -45,6 +47,9 @@ def test_a_mesh_must_cover_the_slice_exactly():
   assert tpu_targets.check_mesh({"data": 2, "fsdp": 2, "tensor": 2}, topo) is None
   problem = tpu_targets.check_mesh({"data": 1, "fsdp": 4, "tensor": 1}, topo)
   assert problem and "4 devices" in problem and "v5e:2x4 slice 8 chips" in problem
+  v4 = tpu_targets.parse_topology("v4:2x2x1")
+  assert tpu_targets.check_mesh({"data": 1, "fsdp": 8, "tensor": 1}, v4) is None
+  assert "8 devices (4 chips, two TensorCores each)" in tpu_targets.check_mesh({"data": 4, "fsdp": 1, "tensor": 1}, v4)
 
 
 _HLO = """
