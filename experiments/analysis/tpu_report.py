@@ -150,7 +150,8 @@ def largest_batch_table(rows: Sequence[Row]) -> str:
       continue
     label = r["method"] if r.get("target") is None else f"{r['method']}@{r['target']}"
     out.append("| " + " | ".join([
-        r["shape"], r["topology"], r["mesh"], label, str(r["largest"] or "none"), _gib(r.get("prefill_bytes")),
+        r["shape"], r["topology"], r["mesh"], label,
+        str(r["largest"] or "none") + ("" if r.get("bracketed") else " (next not bracketed)"), _gib(r.get("prefill_bytes")),
         _gib(r.get("decode_bytes")), str(r.get("next") or "—"), (r.get("why_not") or "—").replace("|", "/")[:120],
         str(r.get("compiles"))]) + " |")
   return "\n".join(out)
