@@ -22,7 +22,13 @@ S x Sk score matrix one call sees:
   cache and the tiles the causal mask hides are never computed. Same numbers as "xla" up to float rounding (every
   row's softmax sees exactly the same keys; tests/models/test_attention.py). The general masked case (a cache with
   earlier slots: decoding) takes the "xla" call.
-- "auto": "blocked" on CPU, "xla" elsewhere.
+- "auto": "blocked" on CPU, "xla" elsewhere: the platform of the mesh set with `jax.set_mesh` when there is one
+  (a program compiled on this CPU for TPU devices, `experiments.tpu_compile`, gets TPU's schedule), else the default
+  backend's.
+
+Under a mesh whose batch axes (data, fsdp) split the rows, the "blocked" schedule runs in a `jax.shard_map` over them:
+its `lax.map` walks (row, head) pairs, and GSPMD cannot split a loop over a sharded axis (it gathers every row's
+queries, keys and values onto every device). Each device then maps over its own rows, the same per-pair work.
 
 Masks are built from slots, never passed in as S x Sk tensors: a key slot is visible to a query when it holds a real
 token, is not after the query's slot and, with a sliding window W, is fewer than W slots before it; every query sees
@@ -31,6 +37,9 @@ its own slot (see `visible`).
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from models import sharding
 
 __all__ = ["IMPLEMENTATIONS", "resolve", "visible", "causal", "bidirectional", "masked", "with_cache", "BLOCK"]
 
@@ -43,8 +52,27 @@ def resolve(implementation: str) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "auto":
-    return "blocked" if jax.default_backend() == "cpu" else "xla"
+    return "blocked" if _platform() == "cpu" else "xla"
   return implementation
+
+
+def _platform() -> str:
+  """The platform the traced program runs on: the set mesh's devices' (they may be another platform's compile-only
+  devices), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return jax.default_backend() if device is None else device.platform
+
+
+def _own_rows(fn, *xs):
+  """fn(*xs) on arrays whose leading axis is the batch, each device mapping over its own rows when the set mesh's
+  batch axes split them (`sharding.row_axes`); fn itself otherwise."""
+  axes = sharding.row_axes(xs[0].shape[0])
+  if not axes:
+    return fn(*xs)
+  spec = P(axes)
+  return jax.shard_map(fn, in_specs=(spec,) * len(xs), out_specs=spec, axis_names=frozenset(axes),
+                       check_vma=False)(*xs)
 
 
 def visible(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -83,15 +111,19 @@ def bidirectional(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
   b, s, h, dh = q.shape
   if impl != "blocked" or mask is not None or s > 2 * BLOCK or k.shape[2] != h:
     return masked(q, k, v, mask, "xla" if impl == "blocked" else impl)
-  heads = lambda a: a.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * h, s, dh)
 
   def one(xs):
     qi, ki, vi = xs
     logits = jnp.dot(qi * jnp.asarray(dh ** -0.5, qi.dtype), ki.T, preferred_element_type=jnp.float32)
     return jnp.dot(jax.nn.softmax(logits, axis=-1).astype(vi.dtype), vi, preferred_element_type=jnp.float32)
 
-  out = jax.lax.map(one, (heads(q), heads(k), heads(v))).astype(q.dtype)
-  return out.reshape(b, h, s, dh).transpose(0, 2, 1, 3)
+  def rows(q, k, v):
+    n = q.shape[0]
+    heads = lambda a: a.astype(q.dtype).transpose(0, 2, 1, 3).reshape(n * h, s, dh)
+    out = jax.lax.map(one, (heads(q), heads(k), heads(v))).astype(q.dtype)
+    return out.reshape(n, h, s, dh).transpose(0, 2, 1, 3)
+
+  return _own_rows(rows, q, k, v)
 
 
 def with_cache(q: jax.Array, k_old: jax.Array, v_old: jax.Array, old_visible: jax.Array, k_new: jax.Array,
@@ -139,6 +171,12 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, slidin
                                         local_window_size=window, implementation="cudnn")
   if impl != "blocked" or s <= block:
     return masked(q, k, v, visible(slots, slots, valid, sliding_window), impl)
+  return _own_rows(lambda q, k, v, valid: _blocked_causal(q, k, v, valid, sliding_window, block), q, k, v, valid)
+
+
+def _blocked_causal(q, k, v, valid, sliding_window: int | None, block: int):
+  """The "blocked" schedule of `causal` (same arguments)."""
+  b, s, h, dh = q.shape
   hkv = k.shape[2]
   g = h // hkv
   # One element per (row, key/value head): its G query heads stacked as G x C query rows of each block.

@@ -415,11 +415,16 @@ class LlamaModel(nnx.Module):
     xs = ((state, ends, ends, ends, ends) if cache_empty else
           (state, cache.k[start:stop], cache.v[start:stop], ends, old_valid))
     x, (ks, vs, inputs) = jax.lax.scan(cached_body, x, xs)
-    where = (jnp.arange(start, stop)[:, None, None], jnp.arange(b)[None, :, None],
-             (ends[:, None] + jnp.arange(t)[None, :])[:, None, :])             # [Lseg, B, S] layer, row, slot
+    if cache_empty:
+      # Slots [0, S) of every segment layer: one contiguous block, a dynamic_update_slice that a mesh keeps split
+      # along the rows (GSPMD resolves the index scatter below by gathering the whole cache on every device).
+      write = lambda c, new: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (start, 0, 0, 0, 0))
+    else:
+      where = (jnp.arange(start, stop)[:, None, None], jnp.arange(b)[None, :, None],
+               (ends[:, None] + jnp.arange(t)[None, :])[:, None, :])           # [Lseg, B, S] layer, row, slot
+      write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="drop")
     new_cache = _constrain_cache(KVCache(
-        k=cache.k.at[where].set(ks.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[where].set(vs.astype(cache.v.dtype), mode="drop"), valid=new_valid,
+        k=write(cache.k, ks), v=write(cache.v, vs), valid=new_valid,
         end=cache.end.at[start:stop].set(t) if cache_empty else cache.end.at[start:stop].add(t)))
     return DecoderOutput(hidden=x, hidden_states=inputs, cache=new_cache)
 

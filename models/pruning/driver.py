@@ -63,7 +63,10 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
     is_image = (ids == image_id) & mask
     ordinal, within = sequence.image_slots(is_image, image_rows.row_images,
                                            jnp.sum(images.valid, axis=-1, dtype=jnp.int32))
-    seq = sequence.Seq(hidden=model.embed(ids, images.embeds, images.valid),
+    # The model's merge (`model.embed`) row by row: under a mesh each row reads only its own images.
+    hidden = sequence.place_images(model.language_model.embed(ids), is_image, image_rows.of_rows(images.embeds),
+                                   ordinal, within)
+    seq = sequence.Seq(hidden=hidden,
                        positions=model.positions(ids, mask), mask=mask, visual=is_image,
                        source=jnp.where(mask, jnp.arange(ids.shape[1]), -1),
                        packed=jnp.where(is_image, ordinal * images.embeds.shape[1] + within, -1))

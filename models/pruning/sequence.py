@@ -14,7 +14,7 @@ import numpy as np
 
 from models import llama
 
-__all__ = ["Plan", "Seq", "ImageRows", "concrete", "take", "take_positions", "reindexed", "first", "compact",
+__all__ = ["Plan", "Seq", "ImageRows", "concrete", "take", "take_images", "place_images", "take_positions", "reindexed", "first", "compact",
            "gather_seq", "image_slots", "last_real", "text_after_image", "text_length"]
 
 
@@ -49,6 +49,23 @@ class ImageRows(NamedTuple):
     row_images = np.where(m[None] < per_row[:, None], first_image[:, None] + m[None], -1).astype(np.int32)
     return cls(image_row=np.repeat(np.arange(len(per_row)), per_row).astype(np.int32), row_images=row_images)
 
+  @property
+  def one_per_row(self) -> bool:
+    """Static (from the shapes): every row holds exactly one image, image b in row b (I = B and J = 1)."""
+    return self.row_images.shape[1] == 1 and self.image_row.shape[0] == self.row_images.shape[0]
+
+  def of_rows(self, x: jax.Array) -> jax.Array:
+    """Each row's images of x [I, ...] -> [B, J, ...] (past a row's count: its first image's). One image per row:
+    x itself, no gather across rows (under a mesh, a gather of traced image indices gathers every row's images onto
+    every device; a row reading its own row stays where its row is)."""
+    if self.one_per_row:
+      return x[:, None]
+    return x[jnp.maximum(self.row_images, 0)]
+
+  def of_images(self, x: jax.Array) -> jax.Array:
+    """Each image's row of x [B, ...] -> [I, ...] (x itself for one image per row, see `of_rows`)."""
+    return x if self.one_per_row else x[self.image_row]
+
 
 class Seq(NamedTuple):
   """The sequence entering the next decoder layer, per row."""
@@ -69,6 +86,24 @@ def take(x: jax.Array, idx: jax.Array) -> jax.Array:
   """Rows of x: float/int[B, S, ...] at int[B, R] (clipped) -> [B, R, ...]."""
   idx = jnp.clip(idx, 0, x.shape[1] - 1)
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def take_images(x: jax.Array, ordinal: jax.Array, slot: jax.Array) -> jax.Array:
+  """Per row, entries of its images: x [B, J, N, ...] (`ImageRows.of_rows`) at image ordinal int[B, S] of the row,
+  slot int[B, S] (clipped to [0, N)) -> [B, S, ...]. A gather with the rows as batch dimensions, which a mesh keeps
+  split along them."""
+  b, j, n = x.shape[:3]
+  return take(x.reshape((b, j * n) + x.shape[3:]), ordinal * n + jnp.clip(slot, 0, n - 1))
+
+
+def place_images(text_embeds: jax.Array, visual: jax.Array, image_embeds: jax.Array, ordinal: jax.Array,
+                 slot: jax.Array) -> jax.Array:
+  """The prompt's embeddings: text_embeds float[B, S, D] with image ordinal, slot (int[B, S]) of each row's images
+  image_embeds float[B, J, N, D] (`ImageRows.of_rows`) at its visual positions (bool[B, S]). The model's own merge
+  (`model.embed`, transformers' masked_scatter: the k-th <image> position of the batch takes the k-th real image
+  row) places the same rows, row by row."""
+  tokens = take_images(image_embeds, ordinal, slot).astype(text_embeds.dtype)
+  return jnp.where(visual[..., None], tokens, text_embeds)
 
 
 def take_positions(positions: jax.Array, idx: jax.Array) -> jax.Array:

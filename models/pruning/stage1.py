@@ -283,31 +283,29 @@ def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: Vi
   is_image = (ids == image_id) & mask
   text_idx, text_valid = sequence.text_after_image(mask, is_image, plan.text_len)
   text = sequence.take(model.language_model.embed(ids), text_idx)
-  of_image = image_rows.image_row
+  # Rows read their own images (`ImageRows.of_rows` / `of_images`, `sequence.take_images`): under a mesh, a gather at
+  # traced image indices would gather every row's tokens onto every device.
   if clip_text is not None:
-    clip_text = clip_text._replace(text_embeds=clip_text.text_embeds[of_image])
-  rows, selected, stage = select(model, config, images, text[of_image], text_valid[of_image], clip_text, key, hp,
-                                 plan.rows)
-  image, within = _image_of_slot(is_image, image_rows, jnp.sum(images.valid, axis=-1, dtype=jnp.int32))
+    clip_text = clip_text._replace(text_embeds=image_rows.of_images(clip_text.text_embeds))
+  rows, selected, stage = select(model, config, images, image_rows.of_images(text), image_rows.of_images(text_valid),
+                                 clip_text, key, hp, plan.rows)
+  ordinal, within = sequence.image_slots(is_image, image_rows.row_images,
+                                         jnp.sum(images.valid, axis=-1, dtype=jnp.int32))
   if selected is not None:      # the kept slots' own <image> positions
-    kept_here = selected[image, jnp.minimum(within, selected.shape[1] - 1)]
+    kept_here = sequence.take_images(image_rows.of_rows(selected), ordinal, within)
   else:                         # the first n positions of the image's run, n = the image's row count
-    kept_here = within < jnp.sum(rows.valid, axis=-1, dtype=jnp.int32)[image]
+    counts = image_rows.of_rows(jnp.sum(rows.valid, axis=-1, dtype=jnp.int32))
+    kept_here = within < jnp.take_along_axis(counts, ordinal, axis=-1)
   keep = mask & (~is_image | kept_here)
   index, new_mask = sequence.compact(keep, plan.text_len + plan.row_slots, left)
   new_ids = jnp.where(new_mask, sequence.take(ids, index), 0 if image_id else 1)
   visual = (new_ids == image_id) & new_mask
   ordinal, row = sequence.image_slots(visual, image_rows.row_images, jnp.sum(rows.valid, axis=-1, dtype=jnp.int32))
-  image = jnp.take_along_axis(jnp.maximum(image_rows.row_images, 0), ordinal, axis=-1)
-  packed = rows.packed[image, jnp.minimum(row, rows.packed.shape[1] - 1)]
+  packed = sequence.take_images(image_rows.of_rows(rows.packed), ordinal, row)
   packed = jnp.where(visual & (packed >= 0), packed + ordinal * images.embeds.shape[1], -1)
-  seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
-                     positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
+  # The model's merge (`model.embed`) row by row; padding never holds the image id, so `visual` is its image mask.
+  hidden = sequence.place_images(model.language_model.embed(new_ids), visual, image_rows.of_rows(rows.embeds),
+                                 ordinal, row)
+  seq = sequence.Seq(hidden=hidden, positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
                      source=index, packed=packed)
   return seq, stage
-
-
-def _image_of_slot(visual, image_rows: sequence.ImageRows, counts) -> tuple[jax.Array, jax.Array]:
-  """(image int32[B, S], slot int32[B, S]) of every visual position (0 elsewhere)."""
-  ordinal, within = sequence.image_slots(visual, image_rows.row_images, counts)
-  return jnp.take_along_axis(jnp.maximum(image_rows.row_images, 0), ordinal, axis=-1), within

@@ -108,6 +108,31 @@ def test_every_mesh_computes_what_one_device_computes(family, next_path, llava_p
     assert k_shard[1] == B // rows and k_shard[3] == cache.k.shape[3] // sizes["tensor"], (spec, k_shard)
 
 
+@pytest.mark.parametrize("spec", ["fsdp:8", "data:8"])
+def test_the_prefill_gathers_weights_only(spec, next_path):
+  """The unpruned and a TOPS prefill keep every row's work on its device: each float all-gather of the partitioned
+  program is a weight (FSDP: one layer's at a time), none the batch's image tokens, hidden states, KV cache or
+  attention operands (the image merge, the cache write and the CPU attention loop once gathered them). Not yet
+  with data and fsdp both > 1: the token-embedding lookup (table split by width over fsdp) gathers its width shard
+  of every row's embeddings along the data axis."""
+  batch = _next_batch()
+  tops = pruning.method_config("tops", family="llava-next", target=10, num_layers=3, stage2_alpha=0.5,
+                               stage2_lam=0.5)
+  mesh = _mesh(spec)
+  with jax.set_mesh(mesh):
+    model = loading.load_pretrained(next_path, mesh=mesh)
+    shapes = [tuple(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(model))]
+    weights = {tuple(sorted(s)) for s in shapes} | {tuple(sorted(s[1:])) for s in shapes if len(s) > 2}
+    for config in (pruning.PruningConfig.full(), tops):
+      fn, args, static = pruning.prefill_program(model, config, batch["input_ids"], batch["attention_mask"],
+                                                 pixel_values=batch["pixel_values"],
+                                                 image_sizes=batch["image_sizes"], max_new_tokens=4)
+      hlo = fn.lower(*args, **static).compile().as_text()
+      gathered = {tuple(sorted(int(d) for d in dims.split(","))) for dims in
+                  re.findall(r"= f32\[([\d,]+)\][^\n]*? all-gather\(", hlo)}
+      assert gathered <= weights, (spec, config.method, gathered - weights)
+
+
 def _expected_shard(path: str, shape, sizes):
   """The MaxText layout written out by hand: which dimension each mesh axis splits."""
   fsdp, tensor = sizes["fsdp"], sizes["tensor"]
