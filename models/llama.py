@@ -366,8 +366,14 @@ class LlamaModel(nnx.Module):
     chex.assert_shape(valid, (b, t))
     cos, sin = rope_cos_sin(self.config, positions, x.dtype)
     window, impl = self.config.sliding_window, self.attention_impl
-    graphdef, state = nnx.split(self.layers)
-    state = jax.tree.map(lambda a: a[start:stop], state)
+    graphdef, stack = nnx.split(self.layers)
+    whole = (start, stop) == (0, self.config.num_hidden_layers)
+    # A segment's layers are read from the whole stack inside the loop, one layer a step (as the scan over the whole
+    # stack reads them): slicing the stack to [start, stop) first materialises a copy of the segment's weights (XLA
+    # copies a slice that feeds a loop), which for a 7B model split at TOPS' Stage II layers is 9 GiB per device.
+    state = stack if whole else jnp.arange(start, stop)
+    layer_at = ((lambda s: s) if whole else
+                (lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)))
 
     def self_attention(layer, h):
       q, k, v = layer.qkv(h, cos, sin)
@@ -377,7 +383,7 @@ class LlamaModel(nnx.Module):
 
       def body(h, layer_state):
         h = sharding.constrain(h, "batch", "seq", None)        # under a mesh: rows over (data, fsdp)
-        layer = nnx.merge(graphdef, layer_state)
+        layer = nnx.merge(graphdef, layer_at(layer_state))
         return layer.finish(h, self_attention(layer, h)[3]), h if collect_hidden else None
 
       x, inputs = jax.lax.scan(body, x, state)
@@ -400,7 +406,9 @@ class LlamaModel(nnx.Module):
     def cached_body(h, xs):
       layer_state, k_old, v_old, end, valid_old = xs
       h = sharding.constrain(h, "batch", "seq", None)
-      layer = nnx.merge(graphdef, layer_state)
+      layer = nnx.merge(graphdef, layer_at(layer_state))
+      if not cache_empty and not whole:      # this layer's cached keys and values, read in place (no segment copy)
+        k_old, v_old = (jax.lax.dynamic_index_in_dim(c, layer_state, keepdims=False) for c in (cache.k, cache.v))
       if cache_empty:
         q, k, v, heads = self_attention(layer, h)
       else:
@@ -413,7 +421,7 @@ class LlamaModel(nnx.Module):
       return layer.finish(h, heads), (k, v, h if collect_hidden else None)
 
     xs = ((state, ends, ends, ends, ends) if cache_empty else
-          (state, cache.k[start:stop], cache.v[start:stop], ends, old_valid))
+          (state, cache.k, cache.v, ends, old_valid) if whole else (state, ends, ends, ends, old_valid))
     x, (ks, vs, inputs) = jax.lax.scan(cached_body, x, xs)
     if cache_empty:
       # Slots [0, S) of every segment layer: one contiguous block, a dynamic_update_slice that a mesh keeps split
