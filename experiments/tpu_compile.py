@@ -400,7 +400,7 @@ def largest_batch(backbone: str, shape_name: str, topology_name: str, mesh_text:
 
 def sweep(backbone: str, shape_names: Sequence[str], topologies: Sequence[str], meshes: Sequence[str],
           methods: Sequence[str], budgets: Sequence[int], batch_size: int, *, output: str, largest_mesh: str | None,
-          largest_methods: Sequence[str] = (), **options) -> list[dict[str, Any]]:
+          largest_methods: Sequence[str] = (), largest_tries: int = 6, **options) -> list[dict[str, Any]]:
   """compile_runs for every shape x topology x mesh (mesh kinds expanded per topology by `standard_mesh`), resuming
   from the rows already in `output`, then `largest_batch` for `largest_methods` on the `largest_mesh` kind."""
   for shape_name in shape_names:
@@ -424,7 +424,8 @@ def sweep(backbone: str, shape_names: Sequence[str], topologies: Sequence[str], 
           continue
         point = [r for r in rows if r.get("kind", "run") == "run" and (r.get("shape"), r.get("topology"),
                  r.get("mesh"), r.get("batch")) == (shape_name, topology.name, mesh_text, batch_size)]
-        row = largest_batch(backbone, shape_name, topology.name, mesh_text, method, target, point, **options)
+        row = largest_batch(backbone, shape_name, topology.name, mesh_text, method, target, point,
+                            tries=largest_tries, **options)
         with open(output, "a", encoding="utf-8") as f:
           f.write(json.dumps(row) + "\n")
         print(f"largest batch {shape_name} {topology.name} {mesh_text} {method}: {row['largest']} "
@@ -451,6 +452,7 @@ def _define_flags():
   flags.DEFINE_string("output", None, "JSONL file the rows are appended to; a sweep resumes from the rows in it.")
   flags.DEFINE_string("largest_batch_mesh", None, "Mesh kind on which to search each slice's largest batch.")
   flags.DEFINE_list("largest_batch_methods", ["full", "tops"], "Methods whose largest batch is searched.")
+  flags.DEFINE_integer("largest_batch_tries", 6, "Compiles each largest-batch search may spend.")
 
 
 def main(argv):
@@ -459,8 +461,9 @@ def main(argv):
   output = f.output or os.path.join(tempfile.mkdtemp(prefix="tpu_compile_"), "rows.jsonl")
   rows = sweep(f.backbone, f.shape, f.topology, f.mesh, f.methods, [int(b) for b in f.budgets], f.batch_size,
                output=output, largest_mesh=f.largest_batch_mesh, largest_methods=f.largest_batch_methods,
-               dtype=f.dtype, max_new_tokens=f.max_new_tokens, text_tokens=f.text_tokens, overrides=f.overrides)
-  runs = [r for r in rows if r.get("kind", "run") == "run"]
+               largest_tries=f.largest_batch_tries, dtype=f.dtype, max_new_tokens=f.max_new_tokens, text_tokens=f.text_tokens, overrides=f.overrides)
+  runs = [r for r in rows if r.get("kind", "run") == "run" and r.get("batch") == f.batch_size
+          and r.get("shape") in f.shape and r.get("topology") in {tpu_targets.parse_topology(t).name for t in f.topology}]
   print(tpu_report.table(runs))
   print()
   print(tpu_report.summary(runs, [m for m in f.methods if m != "full"]))
