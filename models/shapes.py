@@ -18,6 +18,9 @@ _VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, nu
               image_size=336, patch_size=14, projection_dim=768)
 _VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+# Vicuna-13B v1.5: the text tower of LLaVA-1.5-13B and LLaVA-NeXT-13B (no grouped-query attention).
+_VICUNA_13B = dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,9 @@ SHAPES = {
                               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096),
                          (672, 672)),
     "llava-next-7b": Shape("llava_next", _VIT_L, _VICUNA_7B, (672, 672)),
+    "llava-next-13b": Shape("llava_next", _VIT_L, _VICUNA_13B, (672, 672)),
     "llava-1.5-7b": Shape("llava", _VIT_L, dict(_VICUNA_7B, vocab_size=32000), (336, 336), ()),
+    "llava-1.5-13b": Shape("llava", _VIT_L, dict(_VICUNA_13B, vocab_size=32000), (336, 336), ()),
     # Smoke: 56 px crops of 16 tokens (88 packed at 112 x 112), a narrow 32-layer decoder (the papers' schedules).
     "tiny-next": Shape("llava_next", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),

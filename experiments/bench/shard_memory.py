@@ -31,7 +31,6 @@ plus the input ids' bytes per device; a jitted `init_cache` under the mesh, its 
 `cache_bytes` (XLA:CPU adds 8 bytes per returned array: the output tuple's pointer table).
 """
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -53,17 +52,8 @@ __all__ = ["MODELS", "DEFAULT_MODELS", "DEFAULT_MESHES", "DEVICE_GB", "ParamByte
            "resolve", "abstract_state", "abstract_mesh", "param_bytes", "cache_bytes", "memory_rows", "table",
            "check_against_xla"]
 
-# Vicuna-13B v1.5: the text tower of LLaVA-1.5-13B and LLaVA-NeXT-13B (no grouped-query attention).
-_VICUNA_13B = dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
-
-MODELS: dict[str, shapes.Shape] = {
-    "llava-next-7b": shapes.SHAPES["llava-next-7b"],
-    "llava-next-13b": dataclasses.replace(shapes.SHAPES["llava-next-7b"], text=_VICUNA_13B),
-    "llava-1.5-7b": shapes.SHAPES["llava-1.5-7b"],
-    "llava-1.5-13b": dataclasses.replace(shapes.SHAPES["llava-1.5-7b"], text=dict(_VICUNA_13B, vocab_size=32000)),
-    "tiny-next": shapes.SHAPES["tiny-next"],
-}
+MODELS: dict[str, shapes.Shape] = {name: shapes.SHAPES[name] for name in (
+    "llava-next-7b", "llava-next-13b", "llava-1.5-7b", "llava-1.5-13b", "tiny-next")}
 DEFAULT_MODELS = ("llava-next-7b", "llava-next-13b", "llava-1.5-7b", "llava-1.5-13b")
 DEFAULT_MESHES = ("data:1", "data:8", "fsdp:8", "tensor:8", "fsdp:4", "tensor:4", "data:2,fsdp:2,tensor:2",
                   "fsdp:2,tensor:2")
