@@ -352,7 +352,7 @@ def largest_batch(backbone: str, shape_name: str, topology_name: str, mesh_text:
     problem = next((r["error"] for r in got.values() if "error" in r), None)
     pre, dec = got.get("prefill", {}), got.get("decode_step", {})
     if problem is None and not (pre.get("fits") and dec.get("fits")):
-      problem = f"{pre.get('total_bytes')} / {dec.get('total_bytes')} bytes over {topology.hbm_bytes}"
+      problem = f"{pre.get('total_bytes')} / {dec.get('total_bytes')} bytes over {topology.hbm_bytes}"  # prefill / decode
     measured[batch] = (pre.get("total_bytes"), dec.get("total_bytes"), problem and problem.splitlines()[0][:300])
 
   def compile_at(batch):

@@ -10,8 +10,8 @@ mkdir -p "$out"
 run() { PYTHONPATH=. "${VENV:-.venv}/bin/python" -m experiments.tpu_compile --backbone=llava_next --methods=full,tops,visionzip \
           --budgets=320 --batch_size=8 --output="$out/rows.jsonl" "$@"; }
 if [ "${1:-}" = "--smoke" ]; then
-  run --shape=tiny-next --topology=v5e:2x2 --mesh=fsdp --mesh=fsdp+tensor --budgets=40 --dtype=float32 \
-      --overrides=tops.stage2_alpha=0.5,tops.stage2_lam=0.5 --largest_batch_mesh=fsdp --largest_batch_methods=full \
+  run --shape=tiny-next --topology=v5e:2x2 --mesh=fsdp+tensor --methods=full,tops --budgets=40 --dtype=float32 \
+      --overrides=tops.stage2_alpha=0.5,tops.stage2_lam=0.5 --largest_batch_mesh=fsdp+tensor --largest_batch_methods=full \
       --largest_batch_tries=2
   exit 0
 fi

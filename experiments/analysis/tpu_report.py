@@ -8,6 +8,7 @@ writes them; `summary(rows)` is what it prints at the end of a sweep.
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 __all__ = ["load", "done_runs", "line", "table", "summary", "largest_batch_table"]
@@ -140,6 +141,17 @@ def summary(rows: Sequence[Row], methods: Sequence[str] = ("tops", "visionzip"))
   return "\n".join(out)
 
 
+def _why_not(text: str | None) -> str:
+  """A largest-batch row's reason, its "P / D bytes over H" (prefill, decode, HBM) written in GiB."""
+  if not text:
+    return "—"
+  m = re.fullmatch(r"(\d+|None) / (\d+|None) bytes over (\d+)", text.strip())
+  if not m:
+    return text.replace("|", "/")[:120]
+  p, d, h = (None if g == "None" else int(g) for g in m.groups())
+  return f"prefill {_gib(p)} / decode {_gib(d)} GiB over {_gib(h)}"
+
+
 def largest_batch_table(rows: Sequence[Row]) -> str:
   """Markdown: the `kind == "largest_batch"` rows (`experiments.tpu_compile.largest_batch`)."""
   head = ["shape", "topology", "mesh", "method", "largest batch that fits", "its prefill GiB", "its decode GiB",
@@ -152,7 +164,7 @@ def largest_batch_table(rows: Sequence[Row]) -> str:
     out.append("| " + " | ".join([
         r["shape"], r["topology"], r["mesh"], label,
         str(r["largest"] or "none") + ("" if r.get("bracketed") else " (next not bracketed)"), _gib(r.get("prefill_bytes")),
-        _gib(r.get("decode_bytes")), str(r.get("next") or "—"), (r.get("why_not") or "—").replace("|", "/")[:120],
+        _gib(r.get("decode_bytes")), str(r.get("next") or "—"), _why_not(r.get("why_not")),
         str(r.get("compiles"))]) + " |")
   return "\n".join(out)
 
