@@ -335,55 +335,69 @@ class VisionTransformer(nnx.Module):
     unit = self.config.merge_unit
     return x.reshape(-1, unit, *x.shape[1:])[window_index].reshape(x.shape)
 
+  def run_blocks(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, start: int = 0,
+                 stop: int | None = None) -> jax.Array:
+    """Blocks [start, stop) on window-ordered hidden states float[Np, Dv] (cos/sin float32[Np, Dh] of
+    `rotary_tables`, in window order): window attention, or per frame in `fullatt_block_indexes` (one scan, the
+    two kinds under `lax.cond`)."""
+    c = self.config
+    stop = c.depth if stop is None else stop
+    if start >= stop:
+      return x
+    full = np.isin(np.arange(start, stop), c.fullatt_block_indexes)
+    frame_mask = _frame_mask(layout.frame_segment)
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(h, xs):
+      block_state, is_full = xs
+      blk = nnx.merge(graphdef, block_state)
+      q, k, v = blk.attn.qkv_heads(blk.norm1(h), cos, sin)
+      heads = jax.lax.cond(
+          is_full, lambda: jax.nn.dot_product_attention(q[None], k[None], v[None], mask=frame_mask)[0],
+          lambda: _window_attention(q, k, v, layout.window_segment, c.window_patches))
+      return blk.finish(h, heads), None
+
+    xs = (jax.tree.map(lambda a: a[start:stop], state), jnp.asarray(full))
+    return jax.lax.scan(body, x, xs)[0]
+
+  def block(self, index: int) -> VisionBlock:
+    """The single (unstacked) block `index` (a static Python int)."""
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
   def __call__(self, pixel_values: jax.Array, layout: VisionLayout, *, received: bool = False) -> VisionTowerOutput:
     """The processor's float[Np, E] patches and their `VisionLayout` -> `VisionTowerOutput`."""
     c = self.config
     layout = VisionLayout(*(jnp.asarray(a) for a in layout))
     x = self.to_window_order(self.embed_patches(pixel_values), layout.window_index)
     cos, sin = rotary_tables(c, layout.rotary)
-    full = np.zeros((c.depth,), bool)
-    full[list(c.fullatt_block_indexes)] = True
-    frames = layout.frame_segment
-    frame_mask = (frames[:, None] == frames[None, :])[None, None]           # [1, 1, Np, Np]
-    graphdef, state = nnx.split(self.blocks)
-
-    def block(x, block_state, is_full):
-      blk = nnx.merge(graphdef, block_state)
-      q, k, v = blk.attn.qkv_heads(blk.norm1(x), cos, sin)
-      heads = jax.lax.cond(
-          is_full, lambda: jax.nn.dot_product_attention(q[None], k[None], v[None], mask=frame_mask)[0],
-          lambda: _window_attention(q, k, v, layout.window_segment, c.window_patches))
-      return blk.finish(x, heads)
-
-    def run(x, start, stop):
-      if start >= stop:
-        return x
-      xs = (jax.tree.map(lambda a: a[start:stop], state), jnp.asarray(full[start:stop]))
-      return jax.lax.scan(lambda h, xs: (block(h, *xs), None), x, xs)[0]
-
     relevance = None
     if received:
       if not c.fullatt_block_indexes:
         raise ValueError("the received-attention relevance reads the last full-attention block; this tower has none "
                          "(vision_config.fullatt_block_indexes is empty)")
       last = c.fullatt_block_indexes[-1]
-      x = run(x, 0, last)
-      blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[last], state))
-      x, relevance = _full_block_with_received(blk, x, cos, sin, frames, frame_mask)
-      x = run(x, last + 1, c.depth)
-      unit = c.merge_unit
-      relevance = relevance.reshape(-1, unit).mean(-1)
+      x = self.run_blocks(x, cos, sin, layout, 0, last)
+      x, relevance = _full_block_with_received(self.block(last), x, cos, sin, layout.frame_segment)
+      x = self.run_blocks(x, cos, sin, layout, last + 1)
+      relevance = relevance.reshape(-1, c.merge_unit).mean(-1)
       relevance = jnp.zeros_like(relevance).at[layout.window_index].set(relevance)
     else:
-      x = run(x, 0, c.depth)
+      x = self.run_blocks(x, cos, sin, layout)
     merged = self.merger(x)
     merged = jnp.zeros_like(merged).at[layout.window_index].set(merged)        # back to raster order
     return VisionTowerOutput(merged=merged, hidden=x, received=relevance)
 
 
-def _full_block_with_received(blk: VisionBlock, x, cos, sin, frames, frame_mask):
+def _frame_mask(frames: jax.Array) -> jax.Array:
+  """int32[Np] frame of each patch -> bool[1, 1, Np, Np]: a patch sees the patches of its own frame."""
+  return (frames[:, None] == frames[None, :])[None, None]
+
+
+def _full_block_with_received(blk: VisionBlock, x, cos, sin, frames):
   """A full-attention block with its probabilities: -> (output float[Np, Dv], received float32[Np]: the mean over
   heads and over its frame's queries of the attention each patch receives)."""
+  frame_mask = _frame_mask(frames)
   q, k, v = blk.attn.qkv_heads(blk.norm1(x), cos, sin)
   logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   logits = jnp.where(frame_mask[0], logits, jnp.finfo(jnp.float32).min)
