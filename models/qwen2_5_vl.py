@@ -30,16 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import anyres
 from models import checks
 from models import config_fields
 from models import conversion
+from models import family
 from models import llama
 from models import llava
 from models import qwen2
 from models import qwen2_5_vl_vision as vision_lib
+from models.family import VisualTokens
 
-__all__ = ["Qwen2_5_VLConfig", "Qwen2_5_VLOutput", "Qwen2_5_VLForConditionalGeneration", "rope_index",
-           "conversion_table", "LEGACY_PREFIXES"]
+__all__ = ["Qwen2_5_VLConfig", "Qwen2_5_VLOutput", "Qwen2_5_VLForConditionalGeneration", "QwenLayout",
+           "image_layout", "rope_index", "conversion_table", "LEGACY_PREFIXES"]
 
 LEGACY_PREFIXES = (
     ("visual.", "model.visual."),
@@ -111,6 +114,54 @@ class Qwen2_5_VLOutput(NamedTuple):
   hidden_states: jax.Array | None = None
   last_hidden_state: jax.Array | None = None
   cache: Any = None
+
+
+class QwenLayout(NamedTuple):
+  """Where each visual token sits (the seam's layout, `models.family`): the `models.anyres.PackLayout` fields, one
+  group per image (P = 1, T = N: an image's merged tokens in raster order, padded to N), plus what the tower and the
+  position ids need.
+
+  source / crop / newline / valid / counts / grid: as `PackLayout` (crop 0 at every real slot; no newlines; grid
+    (0, 0): no grid groups).
+  thw: int32[I, 3] the images' (t, h, w) patch grids (`image_grid_thw`), for the M-RoPE ids.
+  vision: the tower's `VisionLayout` over the batch's Np patches.
+  slot: int32[M] the slot (< N) of each merged token (raster order, image after image) in its image's row.
+  """
+  source: Any
+  crop: Any
+  newline: Any
+  valid: Any
+  counts: Any
+  grid: Any
+  thw: Any
+  vision: vision_lib.VisionLayout
+  slot: Any
+
+
+def image_layout(config: Qwen2_5_VLConfig, grid_thw, num_patches: int, num_tokens: int | None = None) -> QwenLayout:
+  """The layout for concrete grids int[I, 3] (numpy, host); N defaults to the most merged tokens of an image."""
+  grid = np.asarray(grid_thw).astype(np.int64).reshape(-1, 3)
+  vision = vision_lib.vision_layout(config.vision, grid, num_patches)
+  counts = (np.prod(grid, axis=1) // config.vision.merge_unit).astype(np.int32)
+  n = int(counts.max()) if num_tokens is None else int(num_tokens)
+  if n < counts.max():
+    raise ValueError(f"num_tokens={n} is smaller than the {int(counts.max())} merged tokens of an image")
+  slots = np.arange(n)[None, :]
+  valid = slots < counts[:, None]
+  source = np.where(valid, slots, -1).astype(np.int32)
+  slot = np.concatenate([np.arange(c) for c in counts]).astype(np.int32)
+  return QwenLayout(source=source, crop=np.where(valid, 0, -1).astype(np.int32), newline=np.zeros_like(valid),
+                    valid=valid, counts=counts, grid=np.zeros((len(counts), 2), np.int32), thw=grid.astype(np.int32),
+                    vision=vision, slot=slot)
+
+
+def _layout_shapes(config: Qwen2_5_VLConfig, num_images: int, num_patches: int, n: int) -> QwenLayout:
+  s = jax.ShapeDtypeStruct
+  per_image = lambda dtype: s((num_images, n), dtype)
+  return QwenLayout(source=per_image(jnp.int32), crop=per_image(jnp.int32), newline=per_image(jnp.bool_),
+                    valid=per_image(jnp.bool_), counts=s((num_images,), jnp.int32), grid=s((num_images, 2), jnp.int32),
+                    thw=s((num_images, 3), jnp.int32), vision=vision_lib.layout_shapes(config.vision, num_patches),
+                    slot=s((num_patches // config.vision.merge_unit,), jnp.int32))
 
 
 def rope_index(config: Qwen2_5_VLConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -217,20 +268,84 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
       layout = self.vision_layout(image_grid_thw, pixel_values.shape[0])
     return self.visual(pixel_values, layout, received=received)
 
+  def layout(self, image_grid_thw, num_images: int, num_patches: int | None = None,
+             num_tokens: int | None = None) -> QwenLayout:
+    """The seam's layout (`QwenLayout`) of int[I, 3] image grids: concrete (numpy; N the most tokens of an image
+    unless `num_tokens`) or traced (through pure_callback; N = `num_tokens`, default every merged token of the
+    batch). num_patches: Np of pixel_values (default: the grids' sum, concrete grids only)."""
+    if image_grid_thw is None:
+      raise ValueError("Qwen2.5-VL needs image_grid_thw (int[I, 3]) for its layout")
+    if np.shape(image_grid_thw) != (num_images, 3):
+      raise ValueError(f"image_grid_thw must be int[I={num_images}, 3] (t, h, w per image), got shape "
+                       f"{np.shape(image_grid_thw)}")
+    config = self.config
+    if not isinstance(image_grid_thw, jax.core.Tracer):
+      grid = np.asarray(image_grid_thw)
+      return image_layout(config, grid, int(np.prod(grid, 1).sum()) if num_patches is None else num_patches,
+                          num_tokens)
+    if num_patches is None:
+      raise ValueError("traced image_grid_thw: pass num_patches (pixel_values.shape[0])")
+    n = num_patches // config.vision.merge_unit if num_tokens is None else num_tokens
+    return jax.pure_callback(lambda g: image_layout(config, g, num_patches, n),
+                             _layout_shapes(config, num_images, num_patches, n), image_grid_thw)
+
+  def visual_tokens(self, pixel_values: jax.Array, layout: QwenLayout, *, relevance: tuple[str, ...] = (),
+                    extras: tuple[str, ...] = ()) -> VisualTokens:
+    """The batch's visual tokens (`models.family`): float[Np, E] patches + `layout` -> `VisualTokens`, one group per
+    image, the merged tokens in raster order. features float[I, N, 4 Dv]: the merger's input (a merged token's 4
+    patches of the last block, concatenated; `project` maps them to the embeddings). relevance "received": the
+    attention each merged token receives in the last full-attention block (mean over heads and its frame's
+    queries, averaged over its 4 patches). extras "keys": that block's keys, mean over heads and the 4 patches."""
+    if layout is None:
+      raise ValueError("Qwen2.5-VL visual tokens need the layout (model.layout(image_grid_thw, num_images))")
+    family.check_request("Qwen2.5-VL", relevance, extras, provides=("received",), offers=("keys",))
+    layout = jax.tree.map(jnp.asarray, layout)
+    checks.check_pixel_values(pixel_values)
+    vis = self.visual(pixel_values, layout.vision, received="received" in relevance, keys="keys" in extras)
+    c = self.config.vision
+    unit = c.merge_unit
+    features = vis.hidden.reshape(-1, unit * c.hidden_size)                          # window order
+    features = jnp.zeros_like(features).at[layout.vision.window_index].set(features)  # raster order
+    image, slot = layout.vision.token_image, layout.slot
+    i, n = layout.valid.shape
+
+    def per_image(rows, fill=0.0):
+      return jnp.full((i, n) + rows.shape[1:], fill, rows.dtype).at[image, slot].set(rows)
+
+    embeds, feats = per_image(vis.merged), per_image(features)
+    valid = layout.valid
+    rel = {} if vis.received is None else {"received": per_image(vis.received)}
+    keys = None if vis.keys is None else per_image(vis.keys)
+    return VisualTokens(embeds=embeds, valid=valid, structural=layout.newline, group=layout.crop,
+                        source=layout.source, features=feats, relevance=rel, keys=keys, group_embeds=embeds[:, None],
+                        group_features=feats[:, None], group_valid=jnp.ones((i, 1), bool),
+                        group_relevance={k: v[:, None] for k, v in rel.items()},
+                        group_keys=None if keys is None else keys[:, None], grid=layout.grid, extras={})
+
+  def project(self, features: jax.Array) -> jax.Array:
+    """The merger on merged features: float[..., 4 Dv] (a merged token's 4 patches concatenated) -> float[..., D]."""
+    lead = features.shape[:-1]
+    return self.visual.merger(features.reshape(-1, self.config.vision.hidden_size)).reshape(*lead, -1)
+
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,
             valid: jax.Array | None = None) -> jax.Array:
-    """Token embeddings with the image rows float[M, D] (or float[I, N, D]) at the image tokens, in order."""
+    """Token embeddings with image rows merged at the image-token positions: int[B, S] -> float[B, S, D].
+    image_embeds: float[M, D] or float[I, N, D] rows in order; valid: bool[I, N] real rows (a prefix of each
+    image; None: every row is real). The k-th image token of the flattened batch takes the k-th real row."""
     x = self.language_model.embed(input_ids)
     if image_embeds is None:
+      llava.check_image_tokens(input_ids, 0, self.config.image_token_id)
       return x
-    if valid is not None:
-      raise ValueError("Qwen2.5-VL merges the merged tokens in order: `valid` is not supported yet")
-    return llava.merge_image_features(input_ids, x, image_embeds, self.config.image_token_id)
+    if valid is None:
+      return llava.merge_image_features(input_ids, x, image_embeds, self.config.image_token_id)
+    return anyres.merge_into_embeddings(x, input_ids == self.config.image_token_id, image_embeds, jnp.asarray(valid))
 
-  def positions(self, input_ids: jax.Array, attention_mask: jax.Array | None, image_grid_thw: jax.Array | None = None,
-                **kwargs) -> jax.Array:
-    """M-RoPE position ids int32[3, B, S] of a prompt (`rope_index`)."""
-    return rope_index(self.config, input_ids, attention_mask, image_grid_thw, **kwargs)[0]
+  def positions(self, input_ids: jax.Array, attention_mask: jax.Array | None, layout: QwenLayout | None = None,
+                **videos) -> jax.Array:
+    """M-RoPE position ids int32[3, B, S] of a prompt (`rope_index`), the image grids from `layout.thw` (a prompt
+    without images needs none). videos: video_grid_thw, second_per_grid_ts, mm_token_type_ids."""
+    grid = None if layout is None else layout.thw
+    return rope_index(self.config, input_ids, attention_mask, grid, **videos)[0]
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """Final norm + lm_head (or the tied embedding): float[..., D] -> float32[..., V]."""

@@ -195,10 +195,12 @@ class VisionTowerOutput(NamedTuple):
   """merged float[M, D] the merger's output in raster order (image after image; transformers' pooler_output);
   hidden float[Np, Dv] the last block's output in window order (transformers' last_hidden_state); received
   float32[M] | None the attention each merged token receives in the last full-attention block (mean over heads and
-  over the queries of its frame, averaged over its 2 x 2 patches; raster order)."""
+  over the queries of its frame, averaged over its 2 x 2 patches; raster order); keys float[M, Dh] | None that
+  block's post-rotary keys, mean over heads and the 2 x 2 patches."""
   merged: jax.Array
   hidden: jax.Array
   received: jax.Array | None = None
+  keys: jax.Array | None = None
 
 
 def _rotate_half(x):
@@ -365,28 +367,33 @@ class VisionTransformer(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
-  def __call__(self, pixel_values: jax.Array, layout: VisionLayout, *, received: bool = False) -> VisionTowerOutput:
-    """The processor's float[Np, E] patches and their `VisionLayout` -> `VisionTowerOutput`."""
+  def __call__(self, pixel_values: jax.Array, layout: VisionLayout, *, received: bool = False,
+               keys: bool = False) -> VisionTowerOutput:
+    """The processor's float[Np, E] patches and their `VisionLayout` -> `VisionTowerOutput` (received / keys: the
+    last full-attention block's signals, raster order)."""
     c = self.config
     layout = VisionLayout(*(jnp.asarray(a) for a in layout))
     x = self.to_window_order(self.embed_patches(pixel_values), layout.window_index)
     cos, sin = rotary_tables(c, layout.rotary)
-    relevance = None
-    if received:
+    relevance = key_means = None
+    if received or keys:
       if not c.fullatt_block_indexes:
         raise ValueError("the received-attention relevance reads the last full-attention block; this tower has none "
                          "(vision_config.fullatt_block_indexes is empty)")
       last = c.fullatt_block_indexes[-1]
       x = self.run_blocks(x, cos, sin, layout, 0, last)
-      x, relevance = _full_block_with_received(self.block(last), x, cos, sin, layout.frame_segment)
+      x, relevance, key_means = _full_block_with_received(self.block(last), x, cos, sin, layout.frame_segment)
       x = self.run_blocks(x, cos, sin, layout, last + 1)
-      relevance = relevance.reshape(-1, c.merge_unit).mean(-1)
-      relevance = jnp.zeros_like(relevance).at[layout.window_index].set(relevance)
+      # Per merged token (the mean of its 4 patches), back in raster order.
+      pool = lambda a: a.reshape(-1, c.merge_unit, *a.shape[1:]).mean(1)
+      raster = lambda a: jnp.zeros_like(a).at[layout.window_index].set(a)
+      relevance = raster(pool(relevance)) if received else None
+      key_means = raster(pool(key_means)) if keys else None
     else:
       x = self.run_blocks(x, cos, sin, layout)
     merged = self.merger(x)
     merged = jnp.zeros_like(merged).at[layout.window_index].set(merged)        # back to raster order
-    return VisionTowerOutput(merged=merged, hidden=x, received=relevance)
+    return VisionTowerOutput(merged=merged, hidden=x, received=relevance, keys=key_means)
 
 
 def _frame_mask(frames: jax.Array) -> jax.Array:
@@ -396,7 +403,7 @@ def _frame_mask(frames: jax.Array) -> jax.Array:
 
 def _full_block_with_received(blk: VisionBlock, x, cos, sin, frames):
   """A full-attention block with its probabilities: -> (output float[Np, Dv], received float32[Np]: the mean over
-  heads and over its frame's queries of the attention each patch receives)."""
+  heads and over its frame's queries of the attention each patch receives, keys float[Np, Dh]: mean over heads)."""
   frame_mask = _frame_mask(frames)
   q, k, v = blk.attn.qkv_heads(blk.norm1(x), cos, sin)
   logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
@@ -405,7 +412,7 @@ def _full_block_with_received(blk: VisionBlock, x, cos, sin, frames):
   heads = jnp.einsum("hqk,khd->qhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(x.dtype)
   queries = jnp.sum(frame_mask[0, 0], axis=0).astype(jnp.float32)                 # queries of each key's frame
   received = jnp.sum(probs, axis=(0, 1)) / (probs.shape[0] * queries)
-  return blk.finish(x, heads), received
+  return blk.finish(x, heads), received, jnp.mean(k, axis=1)
 
 
 def conversion_table(config: VisionConfig, prefix: str, target: tuple[str, ...]) -> dict[str, conversion.Rule]:

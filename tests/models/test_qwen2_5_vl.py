@@ -196,9 +196,10 @@ def test_rope_index_on_a_left_padded_batch(default):
       jnp.asarray(batch["input_ids"]), jnp.asarray(mask), jnp.asarray(batch["image_grid_thw"]))
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
   np.testing.assert_array_equal(np.asarray(deltas), want_deltas.numpy()[:, 0])
-  # The hook: from the image tokens alone (no mm_token_type_ids), the same ids.
+  # The hook: from the image tokens alone (no mm_token_type_ids) and the layout's grids, the same ids.
+  layout = model.layout(batch["image_grid_thw"], len(batch["image_grid_thw"]))
   np.testing.assert_array_equal(np.asarray(model.positions(jnp.asarray(batch["input_ids"]), jnp.asarray(mask),
-                                                           jnp.asarray(batch["image_grid_thw"]))), want.numpy())
+                                                           layout)), want.numpy())
 
 
 def test_rope_index_with_videos(default):
@@ -313,3 +314,70 @@ def test_tie_word_embeddings_in_text_config_ties_the_head():
   assert not qwen2_5_vl.Qwen2_5_VLConfig.from_hf(_BASE).tie_word_embeddings
   # The class defaults that differ from the hub files: rms_norm_eps 1e-5 when the file says nothing.
   assert qwen2_5_vl.Qwen2_5_VLConfig.from_hf(_BASE).text.rms_norm_eps == transformers.Qwen2_5_VLTextConfig().rms_norm_eps
+
+
+def _last_full_block_reference(hf, batch, last: int):
+  """transformers' own modules: block `last`'s input captured by a hook, its attention recomputed per frame
+  (cu_seqlens) -> (received float[M], keys float[M, Dh]): mean over heads and the frame's queries (keys: over heads),
+  averaged over each merged token's 4 patches, in raster order."""
+  visual = hf.model.visual
+  block = visual.blocks[last]
+  captured = {}
+  hook = block.register_forward_pre_hook(lambda _, args, kwargs: captured.update(x=args[0], kw=kwargs),
+                                         with_kwargs=True)
+  with torch.no_grad():
+    visual(torch.from_numpy(batch["pixel_values"]), grid_thw=_grid(batch))
+    hook.remove()
+    x, kw = captured["x"], captured["kw"]
+    n, heads = x.shape[0], block.attn.num_heads
+    q, k, _ = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(
+        q, k, *kw["position_embeddings"])
+    received = torch.zeros(n)
+    bounds = kw["cu_seqlens"].tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+      probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * block.attn.scaling, -1)
+      received[a:b] = probs.mean((0, 1))
+    index, _ = vision_utils.get_vision_window_index(_grid(batch), 2, visual.window_size, 14)
+    pooled_rel, pooled_keys = received.view(-1, 4).mean(1), k.mean(1).reshape(n // 4, 4, -1).mean(1)
+    rel, keys = torch.empty_like(pooled_rel), torch.empty_like(pooled_keys)
+    rel[index], keys[index] = pooled_rel, pooled_keys
+  return rel.numpy(), keys.numpy()
+
+
+def test_visual_tokens_seam(setup):
+  """`visual_tokens` per image (one group, raster order): embeddings equal transformers' merged tokens, received
+  relevance and keys equal the reference on transformers' last full block, `project(features)` equals the
+  embeddings, `embed` equals the forward's merged input, `positions` equals get_rope_index."""
+  case, hf, model, batch, _ = setup
+  grid = batch["image_grid_thw"]
+  num_images, np_ = len(grid), batch["pixel_values"].shape[0]
+  layout = model.layout(grid, num_images, np_)
+  tokens = jax.jit(lambda m, p, l: m.visual_tokens(p, l, relevance=("received",), extras=("keys",)))(
+      model, jnp.asarray(batch["pixel_values"]), layout)
+  counts = np.prod(grid, 1) // 4
+  assert tokens.embeds.shape[:2] == (num_images, counts.max())
+  np.testing.assert_array_equal(np.asarray(tokens.valid).sum(1), counts)
+  with torch.no_grad():
+    merged = hf.model.visual(torch.from_numpy(batch["pixel_values"]), grid_thw=_grid(batch)).pooler_output.numpy()
+  want_rel, want_keys = _last_full_block_reference(hf, batch, case.fullatt[-1])
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  rel, keys = np.asarray(tokens.relevance["received"]), np.asarray(tokens.keys)
+  for i in range(num_images):
+    rows = slice(offsets[i], offsets[i + 1])
+    np.testing.assert_allclose(np.asarray(tokens.embeds)[i, :counts[i]], merged[rows], **TOL)
+    np.testing.assert_allclose(rel[i, :counts[i]], want_rel[rows], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(keys[i, :counts[i]], want_keys[rows], **TOL)
+    assert (rel[i, counts[i]:] == 0).all() and (rel[i, :counts[i]] > 0).all()
+  np.testing.assert_allclose(np.asarray(model.project(tokens.features))[np.asarray(tokens.valid)],
+                             np.asarray(tokens.embeds)[np.asarray(tokens.valid)], **TOL)
+  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+  inputs = {k: jnp.asarray(v) for k, v in batch.items()}
+  want = jax.jit(lambda m, b: m(**b).inputs_embeds)(model, inputs)
+  np.testing.assert_allclose(np.asarray(model.embed(ids, tokens.embeds, tokens.valid)), np.asarray(want), **TOL)
+  positions, _ = hf.model.get_rope_index(torch.from_numpy(batch["input_ids"]), image_grid_thw=_grid(batch),
+                                         mm_token_type_ids=torch.from_numpy(batch["mm_token_type_ids"]),
+                                         attention_mask=torch.from_numpy(batch["attention_mask"]))
+  np.testing.assert_array_equal(np.asarray(model.positions(ids, mask, layout)), positions.numpy())
+  with pytest.raises(ValueError, match="cls"):
+    model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("cls",))
