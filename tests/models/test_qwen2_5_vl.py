@@ -381,3 +381,33 @@ def test_visual_tokens_seam(setup):
   np.testing.assert_array_equal(np.asarray(model.positions(ids, mask, layout)), positions.numpy())
   with pytest.raises(ValueError, match="cls"):
     model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("cls",))
+
+
+def test_mesh_computes_what_one_device_computes(tmp_path_factory):
+  """The tiny Qwen sharded on data:2,fsdp:2,tensor:2 (each device reading its shards): the forward's logits and the
+  greedy tokens of a 4-row batch equal one device's."""
+  from models import sharding  # pylint: disable=g-import-not-at-top
+  _, directory = qf.tiny_qwen(tmp_path_factory.mktemp("qwen_mesh"), window_size=56, fullatt=(1,))
+  rng = np.random.default_rng(2)
+  sizes = ((84, 140), (56, 56), (112, 84), (56, 112))
+  images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+  texts = [qf.chat_prompt(q) for q in ("How many?", "Describe both images.", "What colour is it?", "yes or no?")]
+  batch = {k: np.asarray(v) for k, v in qf.processor(directory)(images=images, text=texts, return_tensors="np",
+                                                               padding=True).items()}
+
+  def run(model):
+    logits = jax.jit(lambda m, b: m(**b, all_logits=True).logits)(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    tokens = generate.greedy(model, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                             image_grid_thw=batch["image_grid_thw"], max_new_tokens=3).tokens
+    return np.asarray(logits), np.asarray(tokens)
+
+  want_logits, want_tokens = run(loading.load_pretrained(directory))
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2", jax.devices()[:8])
+  with jax.set_mesh(mesh):
+    model = loading.load_pretrained(directory, mesh=mesh)
+    qkv = model.visual.blocks.attn.qkv.kernel[...]
+    assert qkv.addressable_shards[0].data.shape[1:] == (qkv.shape[1] // 2, qkv.shape[2] // 2)   # embed x heads split
+    got_logits, got_tokens = run(model)
+  real = batch["attention_mask"] > 0
+  np.testing.assert_allclose(got_logits[real], want_logits[real], **TOL)
+  np.testing.assert_array_equal(got_tokens, want_tokens)
