@@ -70,7 +70,10 @@ def _build(tmp_path_factory, case: Case):
   return hf, loading.load_pretrained(directory), batch, directory
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+# The quick loop checks the first configuration; the others (same code, other geometry and files) run in the full
+# suite.
+@pytest.fixture(scope="module", params=[name if i == 0 else pytest.param(name, marks=pytest.mark.slow)
+                                        for i, name in enumerate(CONFIGS)])
 def setup(request, tmp_path_factory):
   """(case, transformers model, port, processor outputs of a left-padded batch of two prompts, three images)."""
   case = CONFIGS[request.param]
@@ -383,6 +386,7 @@ def test_visual_tokens_seam(setup):
     model.visual_tokens(jnp.asarray(batch["pixel_values"]), layout, relevance=("cls",))
 
 
+@pytest.mark.slow
 def test_mesh_computes_what_one_device_computes(tmp_path_factory):
   """The tiny Qwen sharded on data:2,fsdp:2,tensor:2 (each device reading its shards): the forward's logits and the
   greedy tokens of a 4-row batch equal one device's."""
