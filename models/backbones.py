@@ -80,12 +80,14 @@ BACKBONES: dict[str, Backbone] = {
                            llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table,
                            aliases=("llava-next",), prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:",
                            protocol="lmms_eval", pixel_crops=True, nominal_groups=5),
-    # Qwen2.5-VL loads and runs (models.qwen2_5_vl, parity in tests/models/test_qwen2_5_vl.py); it has no prompt yet,
-    # so it is not `multimodal` to the pruning stages and the conformance suite until its seam hooks (layout,
-    # visual_tokens, positions with the grids) and conformance entry exist (issue 29).
+    # The prompt: the checkpoint's chat template around one image and the papers' short-answer instruction.
     "qwen2_5_vl": Backbone("qwen2_5_vl", "Qwen2.5-VL", qwen2_5_vl.Qwen2_5_VLConfig,
                            qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, qwen2_5_vl.conversion_table,
-                           aliases=("qwen2.5-vl", "qwen2_5-vl"), legacy_prefixes=qwen2_5_vl.LEGACY_PREFIXES),
+                           aliases=("qwen2.5-vl", "qwen2_5-vl"),
+                           prompt=("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                   "<|vision_start|><|image_pad|><|vision_end|>{question}" + _SHORT_ANSWER
+                                   + "<|im_end|>\n<|im_start|>assistant\n"),
+                           protocol="lmms_eval", legacy_prefixes=qwen2_5_vl.LEGACY_PREFIXES),
     # Text-only decoders load too (the LLaVA decoders' parity tests).
     "llama": Backbone("llama", "LLaMA", llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
     "mistral": Backbone("mistral", "Mistral", llama.TextConfig, llama.LlamaForCausalLM,

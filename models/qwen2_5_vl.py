@@ -50,6 +50,10 @@ LEGACY_PREFIXES = (
     ("model.layers.", "model.language_model.layers."),
     ("model.norm.", "model.language_model.norm."),
 )
+# The seam's nominal tokens per image (the papers' N: 36 x 36 merged tokens, a square image under VLMEvalKit's
+# min_pixels 1280 x 28 x 28) and the most one image brings under its max_pixels 16384 x 28 x 28.
+NOMINAL_TOKENS = 1296
+MAX_IMAGE_TOKENS = 16384
 # Top-level fields of transformers' Qwen2_5_VLConfig with their defaults.
 _TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                vision_end_token_id=151653)
@@ -98,6 +102,26 @@ class Qwen2_5_VLConfig:
   @property
   def merge_size(self) -> int:
     return self.vision.spatial_merge_size
+
+  # The seam's static bounds (`models.family`). An image's token count is the processor's (min_pixels / max_pixels
+  # are not in config.json): the bounds are the evaluation protocol's.
+  @property
+  def max_image_tokens(self) -> int:
+    """The most merged tokens one image brings: VLMEvalKit's max_pixels 16384 x 28 x 28 (BACKBONES.md 2a)."""
+    return MAX_IMAGE_TOKENS
+
+  @property
+  def max_newlines(self) -> int:
+    return 0
+
+  @property
+  def max_num_crops(self) -> int:
+    return 1
+
+  @property
+  def token_grid(self) -> tuple[int, int]:
+    """Images have their own merged grids (the layout's `thw`): one row of the bucket, as LLaVA-NeXT's packing."""
+    return (1, self.max_image_tokens)
 
 
 class Qwen2_5_VLOutput(NamedTuple):
@@ -236,6 +260,8 @@ def rope_index(config: Qwen2_5_VLConfig, input_ids: jax.Array, attention_mask: j
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
   """visual (`models.qwen2_5_vl_vision.VisionTransformer`), language_model (`models.qwen2.Qwen2Model`), lm_head
   (absent when tied)."""
+
+  KEEPS_POSITIONS = True      # M-RoPE: pruning gathers the kept tokens' own ids (`models.family`)
 
   def __init__(self, config: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(config, Qwen2_5_VLConfig):

@@ -102,6 +102,12 @@ class VisionConfig:
     return cls(**values, fullatt_block_indexes=tuple(sorted(set(full))), rope_theta=float(theta))
 
   @property
+  def num_patches(self) -> int:
+    """The seam's T, the papers' N of one image: 1,296 merged tokens (`models.qwen2_5_vl.NOMINAL_TOKENS`; an
+    image's own count is its grid's)."""
+    return 1296
+
+  @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 

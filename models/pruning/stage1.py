@@ -275,10 +275,13 @@ def canvas_order(images: VisualTokens, t: int) -> jax.Array:
 
 
 def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens,
-        image_rows: sequence.ImageRows, clip_text, key, left, hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
+        image_rows: sequence.ImageRows, clip_text, key, left, hp: dict[str, Any],
+        layout=None) -> tuple[sequence.Seq, StageOutput]:
   """Stage I -> (the sequence entering layer 0, StageOutput over the images [I, ...]). Each image is selected on its
   own with its row's text; the row then holds its images' rows in prompt order, image m of the row at packed slots
-  m * N + slot (`Seq.packed`)."""
+  m * N + slot (`Seq.packed`). Positions: re-indexed from 0 over the rebuilt prompt (1-D RoPE), or, for a model
+  with multimodal rotary ids (`model.KEEPS_POSITIONS`: M-RoPE), each kept token's own id from the full prompt
+  (`layout`: the family's layout, which those ids read)."""
   image_id = model.config.image_token_id
   is_image = (ids == image_id) & mask
   text_idx, text_valid = sequence.text_after_image(mask, is_image, plan.text_len)
@@ -301,8 +304,12 @@ def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: Vi
   image = jnp.take_along_axis(jnp.maximum(image_rows.row_images, 0), ordinal, axis=-1)
   packed = rows.packed[image, jnp.minimum(row, rows.packed.shape[1] - 1)]
   packed = jnp.where(visual & (packed >= 0), packed + ordinal * images.embeds.shape[1], -1)
+  if getattr(model, "KEEPS_POSITIONS", False):     # M-RoPE ids carry the image geometry: never renumbered
+    positions = jnp.where(new_mask[None], sequence.take_positions(model.positions(ids, mask, layout), index), 1)
+  else:
+    positions = model.positions(new_ids, new_mask)
   seq = sequence.Seq(hidden=model.embed(new_ids, rows.embeds, rows.valid),
-                     positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
+                     positions=positions, mask=new_mask, visual=visual,
                      source=index, packed=packed)
   return seq, stage
 

@@ -415,3 +415,52 @@ def test_mesh_computes_what_one_device_computes(tmp_path_factory):
   real = batch["attention_mask"] > 0
   np.testing.assert_allclose(got_logits[real], want_logits[real], **TOL)
   np.testing.assert_array_equal(got_tokens, want_tokens)
+
+
+def test_stage1_keeps_the_original_mrope_ids(default):
+  """TOPS' Stage I on Qwen (received relevance): the pruned logits equal transformers' decoder fed the kept tokens
+  (its own merged embeddings) with their own get_rope_index ids, never renumbered; decoding continues after the
+  prompt's largest id."""
+  from models import pruning  # pylint: disable=g-import-not-at-top
+  hf, model, batch, _ = default
+  cfg = pruning.tops_schedule(4, 4, stage2_alpha=0.5, stage2_lam=0.5)
+  cfg = dataclasses.replace(cfg, stage1=dataclasses.replace(cfg.stage1, budget=3, relevance="received"), stage2=None)
+  inputs = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+  out = pruning.forward(model, cfg, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), **inputs)
+  kept = np.asarray(out.stage1.kept)                                    # [I, 3] merged-token slots of each image
+  assert kept.shape == (3, 3) and (kept >= 0).all()
+  ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
+  image_id = model.config.image_token_id
+  with torch.no_grad():
+    embeds = hf.model.get_input_embeddings()(ids)
+    merged = torch.cat(hf.model.get_image_features(torch.from_numpy(batch["pixel_values"]), _grid(batch)).pooler_output)
+    embeds[ids == image_id] = merged
+    positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=torch.from_numpy(batch["mm_token_type_ids"]),
+                                           image_grid_thw=_grid(batch), attention_mask=mask)
+  counts = np.prod(batch["image_grid_thw"], 1) // 4
+  rows, image = [], 0
+  for r in range(ids.shape[0]):
+    keep, seen = [], 0
+    for p in np.flatnonzero(batch["attention_mask"][r]):
+      if batch["input_ids"][r, p] != image_id:
+        keep.append(p)
+        continue
+      if seen == counts[image]:
+        image, seen = image + 1, 0
+      if seen in set(kept[image]):
+        keep.append(p)
+      seen += 1
+    image += 1
+    rows.append(keep)
+  length = max(map(len, rows))
+  pick = torch.zeros(len(rows), length, dtype=torch.long)
+  new_mask = torch.zeros(len(rows), length, dtype=torch.long)
+  for r, keep in enumerate(rows):
+    pick[r, length - len(keep):], new_mask[r, length - len(keep):] = torch.tensor(keep), 1
+  with torch.no_grad():
+    hidden = hf.model.language_model(inputs_embeds=embeds[torch.arange(len(rows))[:, None], pick],
+                                     position_ids=positions[:, torch.arange(len(rows))[:, None], pick],
+                                     attention_mask=new_mask).last_hidden_state
+    want = hf.lm_head(hidden[:, -1]).numpy()
+  np.testing.assert_allclose(np.asarray(out.logits)[:, 0], want, **TOL)
+  np.testing.assert_array_equal(np.asarray(out.last_positions)[:, 0], positions.amax((0, 2)).numpy())
