@@ -20,7 +20,9 @@ The forward, step by step (transformers' order):
    `fullatt_block_indexes`), proj; RMSNorm, SiLU-gated MLP with biases.
    Window blocks are computed per chunk of L = (window tokens) patches against the 3 L keys around it (a window is
    contiguous and at most L long, so it lies within them), masked to the query's own window: 3 L scores per patch,
-   never Np x Np. Full blocks are one masked call over the Np patches (a frame attends to itself only).
+   never Np x Np. Full blocks attend inside each frame, flash-style: a tile of queries loops over the key tiles its
+   frames span (`_frame_attention`), so a batch of images never forms Np x Np scores. The block that gives the
+   received relevance forms its (masked) Np x Np probabilities: asked for at batch size 1, as the papers run.
 5. merger: RMSNorm, the 4 patches of a merged token concatenated, Linear, exact GELU, Linear; then back to raster
    order (`argsort(window_index)`).
 """
@@ -257,6 +259,71 @@ def _window_attention(q, k, v, segment, length: int):
   return out.reshape(chunks * length, *q.shape[1:])[:n]
 
 
+FRAME_TILE = 512     # query rows per tile and keys per step of the full blocks' frame attention
+
+
+def _frame_attention(q, k, v, frames, tile: int | None = None):
+  """Non-causal attention inside each frame (frames are contiguous runs of `frames` ids): q/k/v float[Np, H, Dh],
+  frames int32[Np] -> float[Np, H, Dh].
+
+  Flash attention in tiles: each tile of queries loops only over the key tiles its frames span (a dynamic range:
+  frame starts and ends come from the ids), with a running max and denominator in float32. A batch of several
+  images never forms the Np x Np scores (41,472 patches of 8 images: 108 GB in float32 on 16 heads), only what each
+  frame needs (plus the partial tiles at its edges)."""
+  tile = FRAME_TILE if tile is None else tile
+  n, h, dh = q.shape
+  tiles = -(-n // tile)
+  pad = tiles * tile - n
+  idx = jnp.arange(n)
+  starts = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), frames[1:] != frames[:-1]]), idx, 0))
+  ends = _run_ends(frames)
+  padded = lambda a: jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
+  qp, kp, vp = padded(q * jnp.asarray(dh ** -0.5, q.dtype)), padded(k.astype(q.dtype)), padded(v.astype(q.dtype))
+  fq = jnp.pad(frames, (0, pad), constant_values=-1)
+  fk = jnp.pad(frames, (0, pad), constant_values=-2)
+
+  def one(i):
+    rows = jax.lax.dynamic_slice_in_dim(qp, i * tile, tile)                            # [C, H, Dh]
+    rows_frame = jax.lax.dynamic_slice_in_dim(fq, i * tile, tile)
+    first, last = i * tile, jnp.minimum((i + 1) * tile, n) - 1
+    lo, hi = starts[first] // tile, (ends[last] - 1) // tile + 1                        # key tiles [lo, hi)
+
+    def step(j, carry):
+      top, den, acc = carry
+      keys = jax.lax.dynamic_slice_in_dim(kp, j * tile, tile)
+      values = jax.lax.dynamic_slice_in_dim(vp, j * tile, tile)
+      seen = rows_frame[:, None] == jax.lax.dynamic_slice_in_dim(fk, j * tile, tile)[None, :]     # [C, C]
+      logits = jnp.einsum("qhd,khd->hqk", rows, keys, preferred_element_type=jnp.float32)
+      logits = jnp.where(seen[None], logits, _MASKED)
+      new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+      p = jnp.exp(logits - new_top[..., None])
+      scale = jnp.exp(top - new_top)
+      den = den * scale + jnp.sum(p, axis=-1)
+      acc = acc * scale[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(values.dtype), values,
+                                                preferred_element_type=jnp.float32)
+      return new_top, den, acc
+
+    init = (jnp.full((h, tile), _MASKED, jnp.float32), jnp.zeros((h, tile), jnp.float32),
+            jnp.zeros((h, tile, dh), jnp.float32))
+    _, den, acc = jax.lax.fori_loop(lo, hi, step, init)
+    return (acc / jnp.maximum(den, 1e-30)[..., None]).transpose(1, 0, 2).astype(q.dtype)      # [C, H, Dh]
+
+  out = jax.lax.map(one, jnp.arange(tiles))
+  return out.reshape(tiles * tile, h, dh)[:n]
+
+
+_MASKED = -1e30     # finite: a key outside the frame gives exp(_MASKED - max) = 0, never inf - inf
+
+
+def _run_ends(frames):
+  """int32[Np] -> int32[Np] one past the last index of each position's (contiguous) run of equal ids."""
+  n = frames.shape[0]
+  last = jnp.concatenate([frames[1:] != frames[:-1], jnp.ones((1,), bool)])
+  idx = jnp.arange(n)
+  # The next run end at or after each position: a reversed cumulative min over the run ends.
+  return jax.lax.cummin(jnp.where(last, idx, n), axis=0, reverse=True) + 1
+
+
 class VisionAttention(nnx.Module):
 
   def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
@@ -353,7 +420,6 @@ class VisionTransformer(nnx.Module):
     if start >= stop:
       return x
     full = np.isin(np.arange(start, stop), c.fullatt_block_indexes)
-    frame_mask = _frame_mask(layout.frame_segment)
     graphdef, state = nnx.split(self.blocks)
 
     def body(h, xs):
@@ -361,7 +427,7 @@ class VisionTransformer(nnx.Module):
       blk = nnx.merge(graphdef, block_state)
       q, k, v = blk.attn.qkv_heads(blk.norm1(h), cos, sin)
       heads = jax.lax.cond(
-          is_full, lambda: jax.nn.dot_product_attention(q[None], k[None], v[None], mask=frame_mask)[0],
+          is_full, lambda: _frame_attention(q, k, v, layout.frame_segment),
           lambda: _window_attention(q, k, v, layout.window_segment, c.window_patches))
       return blk.finish(h, heads), None
 
