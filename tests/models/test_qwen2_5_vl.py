@@ -494,3 +494,31 @@ def test_tower_with_small_frame_tiles(default, monkeypatch):
   got = jax.jit(lambda m, p, g: m.encode_images(p, g).merged)(model, jnp.asarray(batch["pixel_values"]),
                                                               jnp.asarray(batch["image_grid_thw"]))
   np.testing.assert_allclose(np.asarray(got), want, **TOL)
+
+
+def test_logits_with_a_video(default):
+  """A left-padded batch with a 3-frame video (1.5 s per grid) in one row and an image in the other: transformers'
+  forward with pixel_values_videos (the video processor needs torchvision: its outputs are built here with the
+  processor's shapes: t x h x w rows of C x Tp x P x P values)."""
+  hf, model, _, _ = default
+  c = model.config
+  rng = np.random.default_rng(4)
+  image, video = np.array([[1, 4, 6]]), np.array([[3, 4, 4]])             # 6 image tokens; 3 frames x 4 tokens
+  text = lambda n: list(rng.integers(10, 200, n))
+  rows = [text(5) + [c.vision_start_token_id] + [c.video_token_id] * 12 + [c.vision_end_token_id] + text(7),
+          text(3) + [c.vision_start_token_id] + [c.image_token_id] * 6 + [c.vision_end_token_id] + text(4)]
+  s = max(map(len, rows))
+  ids = np.zeros((2, s), np.int64)
+  mask = np.zeros((2, s), np.int64)
+  for r, row in enumerate(rows):
+    ids[r, s - len(row):], mask[r, s - len(row):] = row, 1
+  types = np.where(ids == c.image_token_id, 1, np.where(ids == c.video_token_id, 2, 0))
+  batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+               pixel_values=rng.normal(size=(24, 1176)).astype(np.float32), image_grid_thw=image,
+               pixel_values_videos=rng.normal(size=(48, 1176)).astype(np.float32), video_grid_thw=video,
+               second_per_grid_ts=np.array([1.5], np.float32))
+  with torch.no_grad():
+    want = hf(**_torch(batch)).logits.numpy()
+  got = jax.jit(lambda m, b: m(**b, all_logits=True).logits)(model, {k: jnp.asarray(v) for k, v in batch.items()})
+  real = mask > 0
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], **TOL)
