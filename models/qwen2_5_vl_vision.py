@@ -21,8 +21,8 @@ The forward, step by step (transformers' order):
    Window blocks are computed per chunk of L = (window tokens) patches against the 3 L keys around it (a window is
    contiguous and at most L long, so it lies within them), masked to the query's own window: 3 L scores per patch,
    never Np x Np. Full blocks attend inside each frame, flash-style: a tile of queries loops over the key tiles its
-   frames span (`_frame_attention`), so a batch of images never forms Np x Np scores. The block that gives the
-   received relevance forms its (masked) Np x Np probabilities: asked for at batch size 1, as the papers run.
+   frames span (`_frame_attention`), so a batch of images never forms Np x Np scores; the received relevance is a
+   second tiled pass over the same tiles (`_frame_received`).
 5. merger: RMSNorm, the 4 patches of a merged token concatenated, Linear, exact GELU, Linear; then back to raster
    order (`argsort(window_index)`).
 """
@@ -264,7 +264,7 @@ FRAME_TILE = 512     # query rows per tile and keys per step of the full blocks'
 
 def _frame_attention(q, k, v, frames, tile: int | None = None):
   """Non-causal attention inside each frame (frames are contiguous runs of `frames` ids): q/k/v float[Np, H, Dh],
-  frames int32[Np] -> float[Np, H, Dh].
+  frames int32[Np] -> (float[Np, H, Dh], the log-sum-exp of each query's scores float32[Np, H]).
 
   Flash attention in tiles: each tile of queries loops only over the key tiles its frames span (a dynamic range:
   frame starts and ends come from the ids), with a running max and denominator in float32. A batch of several
@@ -272,44 +272,86 @@ def _frame_attention(q, k, v, frames, tile: int | None = None):
   frame needs (plus the partial tiles at its edges)."""
   tile = FRAME_TILE if tile is None else tile
   n, h, dh = q.shape
+  tiles, qp, kp, vp, fq, fk, span = _tiled(q, k, v, frames, tile)
+
+  def one(i):
+    rows = jax.lax.dynamic_slice_in_dim(qp, i * tile, tile)                            # [C, H, Dh]
+    rows_frame = jax.lax.dynamic_slice_in_dim(fq, i * tile, tile)
+
+    def step(j, carry):
+      top, den, acc = carry
+      logits = _tile_logits(rows, rows_frame, kp, fk, j, tile)                         # [H, C, C]
+      new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+      p = jnp.exp(logits - new_top[..., None])
+      scale = jnp.exp(top - new_top)
+      values = jax.lax.dynamic_slice_in_dim(vp, j * tile, tile)
+      acc = acc * scale[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(values.dtype), values,
+                                                preferred_element_type=jnp.float32)
+      return new_top, den * scale + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((h, tile), _MASKED, jnp.float32), jnp.zeros((h, tile), jnp.float32),
+            jnp.zeros((h, tile, dh), jnp.float32))
+    top, den, acc = jax.lax.fori_loop(*span(i), step, init)
+    den = jnp.maximum(den, 1e-30)
+    return (acc / den[..., None]).transpose(1, 0, 2).astype(q.dtype), (top + jnp.log(den)).T
+
+  out, lse = jax.lax.map(one, jnp.arange(tiles))
+  return out.reshape(tiles * tile, h, dh)[:n], lse.reshape(tiles * tile, h)[:n]
+
+
+def _frame_received(q, k, frames, lse, tile: int | None = None):
+  """The attention each key receives inside its frame, mean over heads and the frame's queries: the second pass of
+  `_frame_attention` (its log-sum-exps), over the query tiles each key tile's frames span -> float32[Np]."""
+  tile = FRAME_TILE if tile is None else tile
+  n, h, _ = q.shape
+  tiles, qp, kp, _, fq, fk, span = _tiled(q, k, k, frames, tile)
+  lse_p = jnp.pad(lse, ((0, tiles * tile - n), (0, 0)))
+
+  def one(j):
+    def step(i, total):
+      rows = jax.lax.dynamic_slice_in_dim(qp, i * tile, tile)
+      rows_frame = jax.lax.dynamic_slice_in_dim(fq, i * tile, tile)
+      logits = _tile_logits(rows, rows_frame, kp, fk, j, tile)                         # [H, Cq, Ck]
+      top = jax.lax.dynamic_slice_in_dim(lse_p, i * tile, tile).T[..., None]           # [H, Cq, 1]
+      return total + jnp.sum(jnp.exp(logits - top), axis=(0, 1))
+    return jax.lax.fori_loop(*span(j), step, jnp.zeros((tile,), jnp.float32))
+
+  total = jax.lax.map(one, jnp.arange(tiles)).reshape(-1)[:n]
+  size = (_run_ends(frames) - _run_starts(frames)).astype(jnp.float32)                  # queries of each frame
+  return total / (h * size)
+
+
+def _tiled(q, k, v, frames, tile: int):
+  """Padded operands of the tiled frame attention and `span(i)`: the tiles [lo, hi) that tile i's frames span."""
+  n, _, dh = q.shape
   tiles = -(-n // tile)
   pad = tiles * tile - n
-  idx = jnp.arange(n)
-  starts = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), frames[1:] != frames[:-1]]), idx, 0))
-  ends = _run_ends(frames)
+  starts, ends = _run_starts(frames), _run_ends(frames)
   padded = lambda a: jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
   qp, kp, vp = padded(q * jnp.asarray(dh ** -0.5, q.dtype)), padded(k.astype(q.dtype)), padded(v.astype(q.dtype))
   fq = jnp.pad(frames, (0, pad), constant_values=-1)
   fk = jnp.pad(frames, (0, pad), constant_values=-2)
 
-  def one(i):
-    rows = jax.lax.dynamic_slice_in_dim(qp, i * tile, tile)                            # [C, H, Dh]
-    rows_frame = jax.lax.dynamic_slice_in_dim(fq, i * tile, tile)
+  def span(i):
     first, last = i * tile, jnp.minimum((i + 1) * tile, n) - 1
-    lo, hi = starts[first] // tile, (ends[last] - 1) // tile + 1                        # key tiles [lo, hi)
+    return starts[first] // tile, (ends[last] - 1) // tile + 1
 
-    def step(j, carry):
-      top, den, acc = carry
-      keys = jax.lax.dynamic_slice_in_dim(kp, j * tile, tile)
-      values = jax.lax.dynamic_slice_in_dim(vp, j * tile, tile)
-      seen = rows_frame[:, None] == jax.lax.dynamic_slice_in_dim(fk, j * tile, tile)[None, :]     # [C, C]
-      logits = jnp.einsum("qhd,khd->hqk", rows, keys, preferred_element_type=jnp.float32)
-      logits = jnp.where(seen[None], logits, _MASKED)
-      new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
-      p = jnp.exp(logits - new_top[..., None])
-      scale = jnp.exp(top - new_top)
-      den = den * scale + jnp.sum(p, axis=-1)
-      acc = acc * scale[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(values.dtype), values,
-                                                preferred_element_type=jnp.float32)
-      return new_top, den, acc
+  return tiles, qp, kp, vp, fq, fk, span
 
-    init = (jnp.full((h, tile), _MASKED, jnp.float32), jnp.zeros((h, tile), jnp.float32),
-            jnp.zeros((h, tile, dh), jnp.float32))
-    _, den, acc = jax.lax.fori_loop(lo, hi, step, init)
-    return (acc / jnp.maximum(den, 1e-30)[..., None]).transpose(1, 0, 2).astype(q.dtype)      # [C, H, Dh]
 
-  out = jax.lax.map(one, jnp.arange(tiles))
-  return out.reshape(tiles * tile, h, dh)[:n]
+def _tile_logits(rows, rows_frame, kp, fk, j, tile: int):
+  """Scores of a query tile against key tile j, masked to each query's frame: float32[H, C, C]."""
+  keys = jax.lax.dynamic_slice_in_dim(kp, j * tile, tile)
+  seen = rows_frame[:, None] == jax.lax.dynamic_slice_in_dim(fk, j * tile, tile)[None, :]
+  logits = jnp.einsum("qhd,khd->hqk", rows, keys, preferred_element_type=jnp.float32)
+  return jnp.where(seen[None], logits, _MASKED)
+
+
+def _run_starts(frames):
+  """int32[Np] -> int32[Np] the first index of each position's (contiguous) run of equal ids."""
+  idx = jnp.arange(frames.shape[0])
+  first = jnp.concatenate([jnp.ones((1,), bool), frames[1:] != frames[:-1]])
+  return jax.lax.cummax(jnp.where(first, idx, 0), axis=0)
 
 
 _MASKED = -1e30     # finite: a key outside the frame gives exp(_MASKED - max) = 0, never inf - inf
@@ -427,7 +469,7 @@ class VisionTransformer(nnx.Module):
       blk = nnx.merge(graphdef, block_state)
       q, k, v = blk.attn.qkv_heads(blk.norm1(h), cos, sin)
       heads = jax.lax.cond(
-          is_full, lambda: _frame_attention(q, k, v, layout.frame_segment),
+          is_full, lambda: _frame_attention(q, k, v, layout.frame_segment)[0],
           lambda: _window_attention(q, k, v, layout.window_segment, c.window_patches))
       return blk.finish(h, heads), None
 
@@ -468,23 +510,13 @@ class VisionTransformer(nnx.Module):
     return VisionTowerOutput(merged=merged, hidden=x, received=relevance, keys=key_means)
 
 
-def _frame_mask(frames: jax.Array) -> jax.Array:
-  """int32[Np] frame of each patch -> bool[1, 1, Np, Np]: a patch sees the patches of its own frame."""
-  return (frames[:, None] == frames[None, :])[None, None]
-
-
 def _full_block_with_received(blk: VisionBlock, x, cos, sin, frames):
-  """A full-attention block with its probabilities: -> (output float[Np, Dv], received float32[Np]: the mean over
-  heads and over its frame's queries of the attention each patch receives, keys float[Np, Dh]: mean over heads)."""
-  frame_mask = _frame_mask(frames)
+  """A full-attention block with its received attention: -> (output float[Np, Dv], received float32[Np]: the mean
+  over heads and over its frame's queries of the attention each patch receives, keys float[Np, Dh]: mean over
+  heads). Two tiled passes (`_frame_attention`, `_frame_received`): no Np x Np probabilities."""
   q, k, v = blk.attn.qkv_heads(blk.norm1(x), cos, sin)
-  logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  logits = jnp.where(frame_mask[0], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  heads = jnp.einsum("hqk,khd->qhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(x.dtype)
-  queries = jnp.sum(frame_mask[0, 0], axis=0).astype(jnp.float32)                 # queries of each key's frame
-  received = jnp.sum(probs, axis=(0, 1)) / (probs.shape[0] * queries)
-  return blk.finish(x, heads), received, jnp.mean(k, axis=1)
+  heads, lse = _frame_attention(q, k, v, frames)
+  return blk.finish(x, heads), _frame_received(q, k, frames, lse), jnp.mean(k, axis=1)
 
 
 def conversion_table(config: VisionConfig, prefix: str, target: tuple[str, ...]) -> dict[str, conversion.Rule]:

@@ -468,21 +468,26 @@ def test_stage1_keeps_the_original_mrope_ids(default):
 
 @pytest.mark.parametrize("tile", [16, 40])
 def test_frame_attention_over_tiles(tile):
-  """The full blocks' tiled frame attention against a NumPy softmax per frame (frames across and inside tiles)."""
+  """The full blocks' tiled frame attention and its received-attention pass against a NumPy softmax per frame
+  (frames across and inside tiles)."""
   rng = np.random.default_rng(3)
   lengths = [5, 37, 1, 20, 64, 3, 16]
   frames = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
   n, h, dh = frames.size, 2, 8
   q, k, v = (rng.normal(size=(n, h, dh)).astype(np.float32) for _ in range(3))
-  got = np.asarray(vision_lib._frame_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),  # pylint: disable=protected-access
-                                               jnp.asarray(frames), tile))
-  want = np.zeros_like(q)
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(frames))
+  got, lse = vision_lib._frame_attention(*args, tile)                      # pylint: disable=protected-access
+  received = vision_lib._frame_received(args[0], args[1], args[3], lse, tile)  # pylint: disable=protected-access
+  want, want_received = np.zeros_like(q), np.zeros(n)
   for f in range(len(lengths)):
     rows = frames == f
     logits = np.einsum("qhd,khd->hqk", q[rows], k[rows]) / np.sqrt(dh)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
-    want[rows] = np.einsum("hqk,khd->qhd", probs / probs.sum(-1, keepdims=True), v[rows])
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    probs /= probs.sum(-1, keepdims=True)
+    want[rows] = np.einsum("hqk,khd->qhd", probs, v[rows])
+    want_received[rows] = probs.mean((0, 1))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(received), want_received, rtol=1e-5, atol=1e-7)
 
 
 def test_tower_with_small_frame_tiles(default, monkeypatch):
@@ -491,9 +496,11 @@ def test_tower_with_small_frame_tiles(default, monkeypatch):
   monkeypatch.setattr(vision_lib, "FRAME_TILE", 32)
   with torch.no_grad():
     want = hf.model.visual(torch.from_numpy(batch["pixel_values"]), grid_thw=_grid(batch)).pooler_output.numpy()
-  got = jax.jit(lambda m, p, g: m.encode_images(p, g).merged)(model, jnp.asarray(batch["pixel_values"]),
-                                                              jnp.asarray(batch["image_grid_thw"]))
-  np.testing.assert_allclose(np.asarray(got), want, **TOL)
+  got = jax.jit(lambda m, p, g: m.encode_images(p, g, received=True))(model, jnp.asarray(batch["pixel_values"]),
+                                                                       jnp.asarray(batch["image_grid_thw"]))
+  np.testing.assert_allclose(np.asarray(got.merged), want, **TOL)
+  want_rel, _ = _last_full_block_reference(hf, batch, model.config.vision.fullatt_block_indexes[-1])
+  np.testing.assert_allclose(np.asarray(got.received), want_rel, rtol=1e-4, atol=1e-7)
 
 
 def test_logits_with_a_video(default):
