@@ -490,6 +490,7 @@ def test_frame_attention_over_tiles(tile):
   np.testing.assert_allclose(np.asarray(received), want_received, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_tower_with_small_frame_tiles(default, monkeypatch):
   """The whole tower with 32-row frame tiles (the batch's 3 images span several tiles each) equals transformers'."""
   hf, model, batch, _ = default
@@ -503,6 +504,7 @@ def test_tower_with_small_frame_tiles(default, monkeypatch):
   np.testing.assert_allclose(np.asarray(got.received), want_rel, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_logits_with_a_video(default):
   """A left-padded batch with a 3-frame video (1.5 s per grid) in one row and an image in the other: transformers'
   forward with pixel_values_videos (the video processor needs torchvision: its outputs are built here with the
