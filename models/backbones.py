@@ -18,6 +18,7 @@ from models import conversion
 from models import llama
 from models import llava
 from models import llava_next
+from models import qwen2_5_vl
 
 __all__ = ["Backbone", "BACKBONES", "get", "names", "of_model"]
 
@@ -43,6 +44,8 @@ class Backbone:
   nominal_groups: the groups behind the papers' N of a full image (LLaVA-NeXT: 5 crops, the most its LLaVA-1.6
     pinpoints give; LLaVA-1.5: 1): N = nominal_groups x the tokens of a group, and a group's quota is
     target // this.
+  legacy_prefixes: the family's own (checkpoint prefix, canonical prefix) renames, first match wins
+    (`models.conversion.canonical_name`); None: the shared `models.conversion.LEGACY_PREFIXES`.
   """
   name: str
   title: str
@@ -56,6 +59,7 @@ class Backbone:
   max_new_tokens: int = 8
   pixel_crops: bool = False
   nominal_groups: int = 1
+  legacy_prefixes: tuple[tuple[str, str], ...] | None = None
 
   def nominal_tokens(self, model_config) -> int:
     """The papers' N of a full image, the reference of keep ratios: groups x tokens per group before unpadding or
@@ -76,6 +80,14 @@ BACKBONES: dict[str, Backbone] = {
                            llava_next.LlavaNextForConditionalGeneration, llava_next.conversion_table,
                            aliases=("llava-next",), prompt="USER: <image>\n{question}" + _SHORT_ANSWER + " ASSISTANT:",
                            protocol="lmms_eval", pixel_crops=True, nominal_groups=5),
+    # The prompt: the checkpoint's chat template around one image and the papers' short-answer instruction.
+    "qwen2_5_vl": Backbone("qwen2_5_vl", "Qwen2.5-VL", qwen2_5_vl.Qwen2_5_VLConfig,
+                           qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, qwen2_5_vl.conversion_table,
+                           aliases=("qwen2.5-vl", "qwen2_5-vl"),
+                           prompt=("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                   "<|vision_start|><|image_pad|><|vision_end|>{question}" + _SHORT_ANSWER
+                                   + "<|im_end|>\n<|im_start|>assistant\n"),
+                           protocol="lmms_eval", legacy_prefixes=qwen2_5_vl.LEGACY_PREFIXES),
     # Text-only decoders load too (the LLaVA decoders' parity tests).
     "llama": Backbone("llama", "LLaMA", llama.TextConfig, llama.LlamaForCausalLM, llama.causal_lm_conversion_table),
     "mistral": Backbone("mistral", "Mistral", llama.TextConfig, llama.LlamaForCausalLM,

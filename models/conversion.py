@@ -29,6 +29,7 @@ AXES: dict[str, tuple[int, ...] | None] = {
     "identity": None,
     "linear": (1, 0),            # torch Linear [out, in] -> Flax kernel [in, out]
     "conv": (2, 3, 1, 0),        # torch Conv2d OIHW -> Flax HWIO
+    "conv3d": (1, 2, 3, 4, 0),   # torch Conv3d [O, C, T, H, W] -> [C, T, H, W, O] (a patch matmul: reshape to [C*T*H*W, O])
 }
 TRANSFORM_RANK = {name: len(axes) for name, axes in AXES.items() if axes is not None}
 
@@ -71,9 +72,11 @@ LEGACY_PREFIXES: tuple[tuple[str, str], ...] = (
 IGNORED_SUFFIXES: tuple[str, ...] = (".rotary_emb.inv_freq", "embeddings.position_ids")
 
 
-def canonical_name(name: str) -> str:
-  """Checkpoint tensor name -> canonical (transformers-5 module tree) name."""
-  for old, new in LEGACY_PREFIXES:
+def canonical_name(name: str, prefixes: tuple[tuple[str, str], ...] | None = None) -> str:
+  """Checkpoint tensor name -> canonical (transformers-5 module tree) name, by `prefixes` (default
+  `LEGACY_PREFIXES`; a family whose hub names would clash with another family's canonical names brings its own,
+  `models.backbones.Backbone.legacy_prefixes`)."""
+  for old, new in LEGACY_PREFIXES if prefixes is None else prefixes:
     if name.startswith(old):
       return new + name[len(old):]
   return name

@@ -67,8 +67,8 @@ class VisualTokens(NamedTuple):
 
 @runtime_checkable
 class VisionLanguageModel(Protocol):
-  """What the pruning stages call on a model. LLaVA-1.5 (`models.llava`) and LLaVA-NeXT (`models.llava_next`)
-  implement it.
+  """What the pruning stages call on a model. LLaVA-1.5 (`models.llava`), LLaVA-NeXT (`models.llava_next`) and
+  Qwen2.5-VL (`models.qwen2_5_vl`) implement it.
 
   `config` exposes: `image_token_id`; `text` (the decoder config: `num_hidden_layers`, `vocab_size`,
   `max_position_embeddings`, `sliding_window`); `vision.num_patches` (T); `max_image_tokens` (the most slots one
@@ -93,9 +93,11 @@ class VisionLanguageModel(Protocol):
             valid: jax.Array | None = None) -> jax.Array:
     """Token embeddings with the image rows merged at the image-token positions: int[B, S] -> float[B, S, D]."""
 
-  def positions(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Position ids of the prompt: int32[R, B, S] (R = 1 for RoPE, 3 for M-RoPE). The decoder also takes int[B, S]
-    for positions that are equal in every component (text tokens, decoding)."""
+  def positions(self, input_ids: jax.Array, attention_mask: jax.Array, layout: Any = None) -> jax.Array:
+    """Position ids of the prompt: int32[R, B, S] (R = 1 for RoPE, 3 for M-RoPE, whose image ids read the images'
+    grids from `layout`). The decoder also takes int[B, S] for positions that are equal in every component (text
+    tokens, decoding). A family whose ids must survive pruning unchanged (M-RoPE) sets `KEEPS_POSITIONS = True`:
+    Stage I then gathers each kept token's id instead of re-indexing the rebuilt prompt."""
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """Final norm + LM head: float[..., D] -> float32[..., V]."""

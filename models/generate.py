@@ -68,6 +68,9 @@ def prefill(model, batch: dict, *, capacity: int, cache_dtype) -> Prefill:
   cache = llama.init_cache(_text_config(model), batch["input_ids"].shape[0], capacity, cache_dtype)
   out = model(**batch, cache=cache, cache_empty=True)     # the cache was just allocated: nothing is in it yet
   last_positions = llama.position_ids_from_mask(batch["attention_mask"])[:, -1:]
+  deltas = getattr(out, "rope_deltas", None)
+  if deltas is not None:      # M-RoPE (Qwen2.5-VL): decoding continues after the prompt's largest position id
+    last_positions = last_positions + deltas[:, None]
   return Prefill(logits=out.logits[:, -1], cache=out.cache, positions=last_positions)
 
 
@@ -163,7 +166,7 @@ def stop_tokens(eos_token_ids) -> tuple[int, ...]:
 
 def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_sizes=None, max_new_tokens: int,
            eos_token_ids: tuple[int, ...] | list[int] | int = (), pad_token_id: int = 0,
-           cache_dtype=None) -> GenerateOutput:
+           cache_dtype=None, **model_inputs) -> GenerateOutput:
   """Greedy decoding of a left-padded batch with the model's own prefill (`prefill` then `decode`).
 
   Args:
@@ -171,6 +174,8 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
     input_ids: int[B, S], left-padded.
     attention_mask: bool/int[B, S] (1 = real token); None = all real. Right padding is rejected when concrete.
     pixel_values, image_sizes: passed to the model's forward when not None.
+    model_inputs: other arrays the model's forward takes (Qwen2.5-VL: image_grid_thw, mm_token_type_ids), passed
+      when not None.
     max_new_tokens: M, a positive int (static); the longest prompt plus M must fit max_position_embeddings.
     eos_token_ids: stop token id(s).
     pad_token_id: emitted after a row has stopped.
@@ -203,6 +208,7 @@ def greedy(model, input_ids, attention_mask=None, *, pixel_values=None, image_si
     batch["pixel_values"] = jnp.asarray(pixel_values)
   if image_sizes is not None:
     batch["image_sizes"] = jnp.asarray(image_sizes)
+  batch.update({k: jnp.asarray(v) for k, v in model_inputs.items() if v is not None})
   dtype = jnp.dtype(cache_dtype or model.language_model.dtype)
   start = prefill(model, batch, capacity=np.shape(input_ids)[1] + max_new_tokens, cache_dtype=dtype)
   return decode(model, start, max_new_tokens=max_new_tokens, eos_token_ids=stop_tokens(eos_token_ids),

@@ -124,6 +124,11 @@ class TextConfig:
                        f"num_key_value_heads={values['num_key_value_heads']}")
     return cls(model_type=model_type, rope_theta=float(theta), rope_type=rope_type, rope_factor=factor, **values)
 
+  @property
+  def o_proj_bias(self) -> bool:
+    """Whether o_proj has a bias (LLaMA/Mistral: as q/k/v, `attention_bias`; Qwen2 overrides: q/k/v only)."""
+    return self.attention_bias
+
 
 class CausalLMOutput(NamedTuple):
   """logits float32[B, 1, V] (all_logits: [B, S, V]); hidden_states float[L + 1, B, S, D] (see
@@ -236,7 +241,7 @@ class LlamaAttention(nnx.Module):
     self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, rngs, c.attention_bias)
     self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs, c.attention_bias)
     self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs, c.attention_bias)
-    self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, rngs, c.attention_bias)
+    self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, rngs, c.o_proj_bias)
 
   def qkv(self, x, cos, sin):
     """x float[B, S, D] (normed) -> q float[B, S, H, Dh], k, v float[B, S, Hkv, Dh] (RoPE applied to q and k)."""
@@ -331,6 +336,11 @@ class LlamaModel(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
+  def rotary(self, positions: jax.Array, b: int, s: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """The rotary tables of a call: positions int[B, S] or int[1, B, S] -> (cos, sin) float[B, S, Dh] in `dtype`.
+    The hook a decoder variant with another rotary overrides (`models.qwen2`: M-RoPE, int[3, B, S])."""
+    return rope_cos_sin(self.config, rotary_positions(positions, b, s), dtype)
+
   def _segment(self, start: int, stop: int | None) -> tuple[int, int]:
     n = self.config.num_hidden_layers
     stop = n if stop is None else stop
@@ -361,10 +371,9 @@ class LlamaModel(nnx.Module):
     start, stop = self._segment(start, stop)
     chex.assert_rank(x, 3)
     b, t, _ = x.shape
-    positions = rotary_positions(positions, b, t)
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     chex.assert_shape(valid, (b, t))
-    cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+    cos, sin = self.rotary(positions, b, t, x.dtype)
     window, impl = self.config.sliding_window, self.attention_impl
     graphdef, stack = nnx.split(self.layers)
     whole = (start, stop) == (0, self.config.num_hidden_layers)
@@ -457,7 +466,7 @@ class LlamaModel(nnx.Module):
     rows = jnp.clip(queries, 0, s - 1)
     pick = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
     normed = block.input_layernorm(x)
-    cos, sin = rope_cos_sin(c, rotary_positions(positions, b, s), x.dtype)
+    cos, sin = self.rotary(positions, b, s, x.dtype)
     k = block.self_attn.k_proj(normed).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q = block.self_attn.q_proj(pick(normed)).reshape(b, rows.shape[1], c.num_attention_heads, c.head_dim)
     return apply_rope(q, pick(cos), pick(sin)), apply_rope(k, cos, sin)
@@ -560,7 +569,7 @@ def conversion_table(config: TextConfig, prefix: str, target: tuple[str, ...]) -
     p = f"{prefix}layers.{i}."
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
       t[f"{p}self_attn.{proj}.weight"] = Rule(layers + ("self_attn", proj, "kernel"), "linear", i)
-      if config.attention_bias:
+      if config.o_proj_bias if proj == "o_proj" else config.attention_bias:
         t[f"{p}self_attn.{proj}.bias"] = Rule(layers + ("self_attn", proj, "bias"), "identity", i)
     for proj in ("gate_proj", "up_proj", "down_proj"):
       t[f"{p}mlp.{proj}.weight"] = Rule(layers + ("mlp", proj, "kernel"), "linear", i)

@@ -257,9 +257,10 @@ class LlavaForConditionalGeneration(nnx.Module):
                         grid=jnp.zeros((i, 2), jnp.int32),
                         extras={k: v for k, v in named.items() if v is not None})
 
-  def positions(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """The prompt's RoPE positions, cumsum(mask) - 1 as transformers' generate: -> int32[1, B, S]."""
-    del input_ids
+  def positions(self, input_ids: jax.Array, attention_mask: jax.Array, layout: Any = None) -> jax.Array:
+    """The prompt's RoPE positions, cumsum(mask) - 1 as transformers' generate: -> int32[1, B, S] (the layout is
+    not read: 1-D positions do not depend on the images)."""
+    del input_ids, layout
     return llama.position_ids_from_mask(attention_mask)[None]
 
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None,

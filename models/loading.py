@@ -233,7 +233,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
       for name in f.keys():
         if name.endswith(conversion.IGNORED_SUFFIXES):
           continue
-        canon = conversion.canonical_name(name)
+        canon = conversion.canonical_name(name, family.legacy_prefixes)
         info = f.get_slice(name)
         if canon in found:
           duplicated.append(f"{name} (same as {found[canon][1]})")

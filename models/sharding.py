@@ -80,13 +80,23 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"multi_modal_projector/linear_1/bias$", ("mlp",)),
     (r"multi_modal_projector/linear_2/kernel$", ("mlp", "embed")),
     (r"patch_embedding/kernel$", ("conv", "conv", "conv", "embed")),    # HWIO
+    # Qwen2.5-VL's vision tower (`models.qwen2_5_vl_vision`): Conv3d kernel [C, T, P, P, Dv], fused qkv, merger.
+    (r"visual/patch_embed$", ("conv", "conv", "conv", "conv", "embed")),
+    (r"attn/qkv/kernel$", ("embed", "heads")),
+    (r"attn/qkv/bias$", ("heads",)),
+    (r"attn/proj/kernel$", ("heads", "embed")),
+    (r"attn/proj/bias$", ("norm",)),
+    (r"merger/fc1/kernel$", ("embed", "mlp")),
+    (r"merger/fc1/bias$", ("mlp",)),
+    (r"merger/fc2/kernel$", ("mlp", "embed")),
+    (r"(norm1|norm2|ln_q)/scale$", ("norm",)),
     (r"position_embedding/embedding$", ("positions", "embed")),
     # Vectors of the model width: output biases, norms, the CLS and newline embeddings (replicated: small).
     (r"((o|out)_proj|down_proj|fc2|linear_2)/bias$", ("norm",)),
     (r"(norm|layernorm|layrnorm|layer_norm\d)/(scale|bias)$", ("norm",)),
     (r"(class_embedding|image_newline)$", ("norm",)),
 )
-_STACKS = ("layers",)     # a path component that marks a layer stack (leading axis, `nnx.vmap` at construction)
+_STACKS = ("layers", "blocks")     # a path component that marks a layer stack (leading axis, `nnx.vmap` at construction)
 
 
 def parse_mesh(text: str) -> dict[str, int]:

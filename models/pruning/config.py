@@ -259,6 +259,9 @@ class PruningConfig:
     if self.stage2 and not self.stage1_budget and self.steps[0][1] > most and not self.stage2_counts_vary:
       raise ValueError(f"stage2 keeps {self.steps[0][1]} tokens, more than the {most} visual tokens per image")
     self.spec.check_model(self, model)
+    if self.stage2 and getattr(model, "KEEPS_POSITIONS", False) and self.positions != "original":
+      raise ValueError(f"positions={self.positions!r}: this model's M-RoPE ids carry the image geometry (t, h, w) and "
+                       "cannot be re-indexed contiguously; use positions='original'")
     if self.stage2 and self.stage2_relevance != "none" and text.sliding_window is not None:
       raise ValueError("Stage II attention relevance ignores sliding windows; this model has sliding_window="
                        f"{text.sliding_window}")

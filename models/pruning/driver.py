@@ -57,7 +57,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
   image_rows = batch["image_rows"]
   if stage1:
     seq, stage1_out = stage1_lib.run(model, config, plan, ids, mask, images, image_rows, batch.get("clip"), keys[0],
-                                     left, static.hparams("stage1", traced))
+                                     left, static.hparams("stage1", traced), layout=batch["layout"])
     candidates = plan.row_slots
   else:
     is_image = (ids == image_id) & mask
@@ -67,7 +67,7 @@ def _prefill(model, static: StaticConfig, plan: sequence.Plan, batch: dict, args
     hidden = sequence.place_images(model.language_model.embed(ids), is_image, image_rows.of_rows(images.embeds),
                                    ordinal, within)
     seq = sequence.Seq(hidden=hidden,
-                       positions=model.positions(ids, mask), mask=mask, visual=is_image,
+                       positions=model.positions(ids, mask, batch["layout"]), mask=mask, visual=is_image,
                        source=jnp.where(mask, jnp.arange(ids.shape[1]), -1),
                        packed=jnp.where(is_image, ordinal * images.embeds.shape[1] + within, -1))
     stage1_out, candidates = None, plan.visual
@@ -182,9 +182,26 @@ def _check_clip(config: PruningConfig, clip, b: int):
     raise ValueError(f"clip.text_embeds must be float[B={b}, E], got shape {np.shape(clip.text_embeds)}")
 
 
+def _layout_input(image_sizes, image_grid_thw, mm_token_type_ids, input_ids, image_id):
+  """The array the family's `layout` reads: LLaVA-NeXT's image_sizes or Qwen2.5-VL's image_grid_thw (one of them).
+  The processor's mm_token_type_ids are not an input of the pruned forward (the image tokens say the same): checked
+  against input_ids when concrete."""
+  if image_sizes is not None and image_grid_thw is not None:
+    raise ValueError("pass image_sizes (LLaVA-NeXT) or image_grid_thw (Qwen2.5-VL), not both")
+  if mm_token_type_ids is not None and sequence.concrete(mm_token_type_ids) and sequence.concrete(input_ids):
+    types = np.asarray(mm_token_type_ids)
+    if types.shape != np.shape(input_ids) or np.any((types == 1) != (np.asarray(input_ids) == image_id)) \
+        or np.any(types == 2):
+      raise ValueError("mm_token_type_ids must mark exactly the image tokens of input_ids (1) and no video (2): the "
+                       "pruned forward reads the image tokens from input_ids")
+  return image_grid_thw if image_grid_thw is not None else image_sizes
+
+
 def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_values, image_sizes, layout,
-            text_len, visual_len=None, clip=None, images_per_row=None) -> tuple[dict, sequence.Plan]:
+            text_len, visual_len=None, clip=None, images_per_row=None, image_grid_thw=None,
+            mm_token_type_ids=None) -> tuple[dict, sequence.Plan]:
   """Host-side checks and the static plan; -> (batch of arrays, plan)."""
+  image_sizes = _layout_input(image_sizes, image_grid_thw, mm_token_type_ids, input_ids, model.config.image_token_id)
   config.check_model(model)
   if pixel_values is None:
     raise ValueError("pruning needs pixel_values: the images of the rows")
@@ -195,7 +212,8 @@ def prepare(model, config: PruningConfig, input_ids, attention_mask, pixel_value
   mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
   if mask.shape != (b, s):
     raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {(b, s)}")
-  num_images = np.shape(pixel_values)[0]
+  # Qwen2.5-VL's pixel_values are the batch's patches, float[Np, E]: its images are the grids' rows.
+  num_images = np.shape(image_grid_thw)[0] if image_grid_thw is not None else np.shape(pixel_values)[0]
   layout = _bound_layout(model, layout, image_sizes, num_images)
   image_id = model.config.image_token_id
   counts = np.asarray(layout.counts) if sequence.concrete(layout.counts) else None
@@ -297,7 +315,8 @@ def _args(config: PruningConfig, key) -> tuple[Any, dict]:
 def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, *,
             layout=None, key=None, text_len: int | None = None, visual_len: int | None = None,
             all_logits: bool = False, cache_capacity: int | None = None, cache_dtype=None,
-            clip: "stage1_lib.ClipText | None" = None, images_per_row=None) -> PruneOutput:
+            clip: "stage1_lib.ClipText | None" = None, images_per_row=None, image_grid_thw=None,
+            mm_token_type_ids=None) -> PruneOutput:
   """The pruned forward of a LLaVA / LLaVA-NeXT port (jitted per config structure and static lengths).
 
   Args:
@@ -308,6 +327,8 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
     attention_mask: bool/int[B, S] (left or right padding); None = all real.
     pixel_values: float[I, 3, H, W] (LLaVA-1.5) or float[I, P, 3, H, W] (NeXT): the images of the rows in order.
     image_sizes: int[I, 2] (NeXT) unless `layout` (`model.layout(image_sizes, I)`) is given; LLaVA-1.5 reads none.
+    image_grid_thw: int[I, 3] (Qwen2.5-VL, whose pixel_values are the batch's patches float[Np, E]) in place of
+      image_sizes; mm_token_type_ids: the processor's, checked against the image tokens (no videos).
     key: PRNG key for random methods (folded with the stage index).
     text_len: static bound on real non-image tokens per row (default: read from concrete inputs).
     visual_len: static bound on image tokens per image (default: read from concrete inputs). Fixing `text_len` and
@@ -331,7 +352,7 @@ def forward(model, config: PruningConfig, input_ids, attention_mask=None, pixel_
       match the images, and (concrete arrays) token ids outside the vocabulary or NaN/inf pixel_values.
   """
   batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
-                        visual_len, clip, images_per_row)
+                        visual_len, clip, images_per_row, image_grid_thw, mm_token_type_ids)
   if cache_capacity is None:
     return _forward(model, batch, _args(config, key), static=config.static(), plan=plan, all_logits=all_logits)
   if all_logits:
@@ -363,12 +384,13 @@ def cache_capacity(config: PruningConfig, plan: sequence.Plan, seq_len: int, max
 
 def prefill_program(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
                     layout=None, max_new_tokens: int, key=None, text_len: int | None = None,
-                    visual_len: int | None = None, cache_dtype=None, clip=None, images_per_row=None):
+                    visual_len: int | None = None, cache_dtype=None, clip=None, images_per_row=None,
+                    image_grid_thw=None, mm_token_type_ids=None):
   """The program `prefill` runs and what it passes: (jitted function, arguments (model, batch, (key, traced
   hyperparameters)), static keyword arguments); `fn(*args, **static)` is `prefill`. A caller that compiles it for
   another target (`experiments.tpu_compile`) swaps the arrays of `args` for abstract ones and keeps the rest."""
   batch, plan = prepare(model, config, input_ids, attention_mask, pixel_values, image_sizes, layout, text_len,
-                        visual_len, clip, images_per_row)
+                        visual_len, clip, images_per_row, image_grid_thw, mm_token_type_ids)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens, _prompt_len(config, plan, batch["attention_mask"]),
                                                model.config.text.max_position_embeddings)
   static = dict(static=config.static(), plan=plan,
@@ -379,27 +401,30 @@ def prefill_program(model, config: PruningConfig, input_ids, attention_mask=None
 
 def prefill(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
             layout=None, max_new_tokens: int, key=None, text_len: int | None = None, visual_len: int | None = None,
-            cache_dtype=None, clip=None, images_per_row=None) -> generate.Prefill:
+            cache_dtype=None, clip=None, images_per_row=None, image_grid_thw=None,
+            mm_token_type_ids=None) -> generate.Prefill:
   """The pruned prefill as `models.generate.decode` starts from it (`extra`: the PruneOutput without its cache);
   arguments as `greedy`. Time this call and decode its result to measure exactly the work that is scored."""
   fn, args, static = prefill_program(model, config, input_ids, attention_mask, pixel_values=pixel_values,
                                      image_sizes=image_sizes, layout=layout, max_new_tokens=max_new_tokens, key=key,
                                      text_len=text_len, visual_len=visual_len, cache_dtype=cache_dtype, clip=clip,
-                                     images_per_row=images_per_row)
+                                     images_per_row=images_per_row, image_grid_thw=image_grid_thw,
+                                     mm_token_type_ids=mm_token_type_ids)
   return fn(*args, **static)
 
 
 def greedy(model, config: PruningConfig, input_ids, attention_mask=None, *, pixel_values, image_sizes=None,
            layout=None, max_new_tokens: int, eos_token_ids=(), pad_token_id: int = 0, key=None,
            text_len: int | None = None, visual_len: int | None = None, cache_dtype=None,
-           clip=None, images_per_row=None) -> PrunedGeneration:
+           clip=None, images_per_row=None, image_grid_thw=None, mm_token_type_ids=None) -> PrunedGeneration:
   """Greedy decoding with the pruned prefill (`models.generate.greedy` semantics: tokens after a row's stop token
   are `pad_token_id`; the loop stops when every row has stopped). Arguments as `forward`, plus max_new_tokens M (a
   positive int; the pruned prompt plus M must fit max_position_embeddings), eos_token_ids, pad_token_id and
   cache_dtype (default the model's dtype). `prefill` then `models.generate.decode` over the config's segments."""
   start = prefill(model, config, input_ids, attention_mask, pixel_values=pixel_values, image_sizes=image_sizes,
                   layout=layout, max_new_tokens=max_new_tokens, key=key, text_len=text_len, visual_len=visual_len,
-                  cache_dtype=cache_dtype, clip=clip, images_per_row=images_per_row)
+                  cache_dtype=cache_dtype, clip=clip, images_per_row=images_per_row, image_grid_thw=image_grid_thw,
+                  mm_token_type_ids=mm_token_type_ids)
   out = decode(model, config, start, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
                pad_token_id=pad_token_id)
   return PrunedGeneration(tokens=out.tokens, num_tokens=out.num_tokens, prefill=start.extra)

@@ -275,10 +275,13 @@ def canvas_order(images: VisualTokens, t: int) -> jax.Array:
 
 
 def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: VisualTokens,
-        image_rows: sequence.ImageRows, clip_text, key, left, hp: dict[str, Any]) -> tuple[sequence.Seq, StageOutput]:
+        image_rows: sequence.ImageRows, clip_text, key, left, hp: dict[str, Any],
+        layout=None) -> tuple[sequence.Seq, StageOutput]:
   """Stage I -> (the sequence entering layer 0, StageOutput over the images [I, ...]). Each image is selected on its
   own with its row's text; the row then holds its images' rows in prompt order, image m of the row at packed slots
-  m * N + slot (`Seq.packed`)."""
+  m * N + slot (`Seq.packed`). Positions: re-indexed from 0 over the rebuilt prompt (1-D RoPE), or, for a model
+  with multimodal rotary ids (`model.KEEPS_POSITIONS`: M-RoPE), each kept token's own id from the full prompt
+  (`layout`: the family's layout, which those ids read)."""
   image_id = model.config.image_token_id
   is_image = (ids == image_id) & mask
   text_idx, text_valid = sequence.text_after_image(mask, is_image, plan.text_len)
@@ -303,9 +306,13 @@ def run(model, config: PruningConfig, plan: sequence.Plan, ids, mask, images: Vi
   ordinal, row = sequence.image_slots(visual, image_rows.row_images, jnp.sum(rows.valid, axis=-1, dtype=jnp.int32))
   packed = sequence.take_images(image_rows.of_rows(rows.packed), ordinal, row)
   packed = jnp.where(visual & (packed >= 0), packed + ordinal * images.embeds.shape[1], -1)
+  if getattr(model, "KEEPS_POSITIONS", False):     # M-RoPE ids carry the image geometry: never renumbered
+    positions = jnp.where(new_mask[None], sequence.take_positions(model.positions(ids, mask, layout), index), 1)
+  else:
+    positions = model.positions(new_ids, new_mask)
   # The model's merge (`model.embed`) row by row; padding never holds the image id, so `visual` is its image mask.
   hidden = sequence.place_images(model.language_model.embed(new_ids), visual, image_rows.of_rows(rows.embeds),
                                  ordinal, row)
-  seq = sequence.Seq(hidden=hidden, positions=model.positions(new_ids, new_mask), mask=new_mask, visual=visual,
+  seq = sequence.Seq(hidden=hidden, positions=positions, mask=new_mask, visual=visual,
                      source=index, packed=packed)
   return seq, stage
