@@ -15,7 +15,7 @@ feature options: models/MODELS.md#llava.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -35,7 +35,8 @@ from models.family import VisualTokens
 from models.outputs import LlavaOutput, VisionOutput
 
 __all__ = ["LlavaConfig", "LlavaMultiModalProjector", "LlavaForConditionalGeneration", "merge_image_features",
-           "check_image_tokens", "single_crop_layout", "last_logits", "conversion_table", "relevance_of"]
+           "check_image_tokens", "single_crop_layout", "last_logits", "Decoded", "decode", "conversion_table",
+           "relevance_of"]
 
 # LlavaConfig's vision tower when config.json has no vision_config (CLIP ViT-L/14 at 336 px).
 _DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -200,6 +201,28 @@ def last_logits(head, hidden: jax.Array, attention_mask: jax.Array | None) -> ja
   return head(jnp.take_along_axis(hidden, last[:, None, None], axis=1))
 
 
+class Decoded(NamedTuple):
+  logits: jax.Array                   # float32[B, S, V] (all_logits) or [B, 1, V] at each row's last real token
+  hidden_states: jax.Array | None     # float[L + 1, B, S, D]: every layer's input and the last output
+  last_hidden_state: jax.Array        # float[B, S, D] after the final norm
+  cache: Any
+
+
+def decode(model, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None, *, cache=None,
+           cache_empty: bool = False, output_hidden_states: bool = False, all_logits: bool = False) -> Decoded:
+  """Every family's forward after its embeddings: the decoder's layers, the final norm and the LM head
+  (`model.language_model`, `model.lm_head`, `model.head`), as transformers' forward returns them."""
+  seg = model.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
+                                        collect_hidden=output_hidden_states)
+  hidden_states = None
+  if output_hidden_states:
+    hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
+  last = model.language_model.norm(seg.hidden)
+  logits = (llama.lm_logits(model.language_model, model.lm_head, last) if all_logits
+            else last_logits(model.head, seg.hidden, attention_mask))
+  return Decoded(logits, hidden_states, last, seg.cache)
+
+
 class LlavaForConditionalGeneration(nnx.Module):
   """vision_tower (CLIP), multi_modal_projector, language_model (LlamaModel), lm_head (None when tied)."""
 
@@ -318,20 +341,14 @@ class LlavaForConditionalGeneration(nnx.Module):
     x = self.embed(input_ids, image_embeds)
     if position_ids is None:
       position_ids = llama.default_positions(input_ids.shape, attention_mask)
-    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
-                                         collect_hidden=output_hidden_states)
-    hidden_states = None
-    if output_hidden_states:
-      hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
-    last = self.language_model.norm(seg.hidden)
-    logits = (llama.lm_logits(self.language_model, self.lm_head, last) if all_logits
-              else last_logits(self.head, seg.hidden, attention_mask))
+    dec = decode(self, x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
+                 output_hidden_states=output_hidden_states, all_logits=all_logits)
     return LlavaOutput(
-        logits=logits,
+        logits=dec.logits,
         image_features=None if vis is None else vis.features,
         cls_attention=None if vis is None else vis.cls_attention,
-        image_embeds=image_embeds, inputs_embeds=x, hidden_states=hidden_states, last_hidden_state=last,
-        cache=seg.cache)
+        image_embeds=image_embeds, inputs_embeds=x, hidden_states=dec.hidden_states,
+        last_hidden_state=dec.last_hidden_state, cache=dec.cache)
 
 
 def conversion_table(config: LlavaConfig) -> dict[str, conversion.Rule]:

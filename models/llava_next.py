@@ -264,16 +264,10 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
       x = self.embed(input_ids)
     if position_ids is None:
       position_ids = llama.default_positions(input_ids.shape, attention_mask)
-    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
-                                         collect_hidden=output_hidden_states)
-    hidden_states = None
-    if output_hidden_states:
-      hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
-    last = self.language_model.norm(seg.hidden)
-    logits = (llama.lm_logits(self.language_model, self.lm_head, last) if all_logits
-              else llava.last_logits(self.head, seg.hidden, attention_mask))
-    return LlavaNextOutput(logits=logits, inputs_embeds=x,
-                           hidden_states=hidden_states, last_hidden_state=last, cache=seg.cache, **out)
+    dec = llava.decode(self, x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
+                       output_hidden_states=output_hidden_states, all_logits=all_logits)
+    return LlavaNextOutput(logits=dec.logits, inputs_embeds=x, hidden_states=dec.hidden_states,
+                           last_hidden_state=dec.last_hidden_state, cache=dec.cache, **out)
 
 
 def crop_valid(layout: anyres.PackLayout, num_crops: int) -> jax.Array:

@@ -412,17 +412,12 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     if position_ids is None:
       position_ids, deltas = rope_index(self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                         second_per_grid_ts, mm_token_type_ids)
-    seg = self.language_model.run_layers(x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
-                                         collect_hidden=output_hidden_states)
-    hidden_states = None
-    if output_hidden_states:
-      hidden_states = jnp.concatenate([seg.hidden_states, seg.hidden[None]], axis=0)
-    last = self.language_model.norm(seg.hidden)
-    logits = (llama.lm_logits(self.language_model, self.lm_head, last) if all_logits
-              else llava.last_logits(self.head, seg.hidden, attention_mask))
-    return Qwen2_5_VLOutput(logits=logits, image_embeds=image_embeds, received=relevance, inputs_embeds=x,
+    dec = llava.decode(self, x, position_ids, attention_mask, cache=cache, cache_empty=cache_empty,
+                       output_hidden_states=output_hidden_states, all_logits=all_logits)
+    return Qwen2_5_VLOutput(logits=dec.logits, image_embeds=image_embeds, received=relevance, inputs_embeds=x,
                             position_ids=qwen2.mrope_positions(position_ids, *input_ids.shape), rope_deltas=deltas,
-                            hidden_states=hidden_states, last_hidden_state=last, cache=seg.cache)
+                            hidden_states=dec.hidden_states, last_hidden_state=dec.last_hidden_state,
+                            cache=dec.cache)
 
 
 def conversion_table(config: Qwen2_5_VLConfig) -> dict[str, conversion.Rule]:
