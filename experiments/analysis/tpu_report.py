@@ -145,6 +145,9 @@ def _why_not(text: str | None) -> str:
   """A largest-batch row's reason, its "P / D bytes over H" (prefill, decode, HBM) written in GiB."""
   if not text:
     return "—"
+  oom = re.search(r"HLO temporaries \(([\d.]+\w)\) exceeds available HBM \(([\d.]+\w)\)", text)
+  if oom:
+    return f"compiler: {oom.group(1)} needed, {oom.group(2)} available"
   m = re.fullmatch(r"(\d+|None) / (\d+|None) bytes over (\d+)", text.strip())
   if not m:
     return text.replace("|", "/")[:120]

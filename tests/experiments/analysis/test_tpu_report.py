@@ -51,6 +51,9 @@ def test_affine_batch_and_the_largest_batch_line():
   assert len(line) == 3 and "| tops@320 | 104 | 1.00 | 2.00 | 112 | RESOURCE_EXHAUSTED | 4 |" in line[2]
   over = dict(row, why_not=f"{17 * 2**30} / {2**31} bytes over {16 * 2**30}")
   assert "| prefill 17.00 / decode 2.00 GiB over 16.00 |" in tpu_report.largest_batch_table([over])
+  oom = dict(row, why_not="JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                          "for HLO temporaries (16.25G) exceeds available HBM (15.75G).")
+  assert "| compiler: 16.25G needed, 15.75G available |" in tpu_report.largest_batch_table([oom])
 
 
 def test_a_broken_line_names_the_file_and_line(tmp_path):
