@@ -27,7 +27,7 @@ PDROP_LAYERS, PDROP_LAMBDA = pdrop_lib.LAYERS, pdrop_lib.LAMBDA
 
 def supports(method: str, family: str) -> bool:
   """Whether `method` has a protocol on `family` at all (PruMerge+'s and SparseVLM's official code are LLaVA-1.5
-  only); depth and target can still rule a run out (`NoProtocol`)."""
+  only); depth and target can still rule a run out (`NoProtocol`, e.g. PyramidDrop on Qwen2.5-VL's 28 layers)."""
   return base.family(family) not in methods.get(method).unsupported
 
 
@@ -75,7 +75,8 @@ def method_config(method: str, *, family: str, target: int, num_layers: int, cro
     raise ValueError(f"crops must be a positive int, got {crops!r}")
   o["crops"] = crops
   if not supports(method, family):
-    raise NoProtocol(f"{method} has no {family} protocol: its official code runs LLaVA-1.5 only (no anyres path)")
+    why = spec.unsupported_reason.get(name, "its official code runs LLaVA-1.5 only (no anyres path)")
+    raise NoProtocol(f"{method} has no {family} protocol: {why}")
   stage1, stage2 = spec.protocol(target, name, num_layers, o)
   return PruningConfig(method=method, stage1=stage1, stage2=stage2)
 

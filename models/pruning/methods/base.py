@@ -2,19 +2,21 @@
 
 A `Method`'s defaults are a plain `tops_jax.prune` method (select or merge over the candidates, nothing of its own);
 a method module fills in what is true only of it. The stages and `PruningConfig` read these fields and never ask for
-a method by name. Backbones are named by their `models.backbones` registry name ("llava", "llava_next"; `family`
-turns the older spellings into it), plus "testbed" (the small LLaVA-NeXT of the tests and the synthetic benchmark,
-run with LLaVA-NeXT's protocols).
+a method by name. Backbones are named by their `models.backbones` registry name ("llava", "llava_next",
+"qwen2_5_vl"; `family` turns the older spellings into it), plus "testbed" (the small LLaVA-NeXT of the tests and the
+synthetic benchmark, run with LLaVA-NeXT's protocols).
 """
 
+import types
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "LAYOUT_OVERRIDES", "OVERRIDE_KINDS", "KINDS", "check_override",
-           "family", "nominal_groups", "anyres", "stage1", "check_per_crop"]
+__all__ = ["Method", "NoProtocol", "FAMILIES", "NO_CLS", "LAYOUT_OVERRIDES", "OVERRIDE_KINDS", "KINDS",
+           "check_override", "family", "nominal_groups", "anyres", "saliency", "keeps_positions", "check_positions",
+           "stage1", "check_per_crop"]
 
 # The backbones the methods have protocols for (registry names), and the testbed.
 FAMILIES = tuple(name for name, b in backbones.BACKBONES.items() if b.multimodal) + ("testbed",)
@@ -38,6 +40,32 @@ def nominal_groups(name: str) -> int:
 def anyres(name: str) -> bool:
   """Whether the family encodes an image as several groups (LLaVA-NeXT's anyres crops)."""
   return nominal_groups(name) > 1
+
+
+# Families whose vision tower has no CLS token (Qwen2.5-VL's `visual_tokens` provides "received" only): the methods
+# that read CLS attention on LLaVA read the attention each token receives in the tower's last full-attention block
+# there (issue 29; the peers' substitute: llmc, FlashVID, the VisPruner maintainer, BACKBONES.md section 5).
+NO_CLS = ("qwen2_5_vl",)
+
+
+def saliency(name: str) -> str:
+  """The family's tower saliency signal (`models.family.RELEVANCE`): "cls" (LLaVA's CLIP), "received" (`NO_CLS`)."""
+  return "received" if family(name) in NO_CLS else "cls"
+
+
+def keeps_positions(name: str) -> bool:
+  """Whether the family's position ids carry the image geometry and survive pruning unchanged (M-RoPE:
+  `KEEPS_POSITIONS` of its model class), so Stage II must keep positions="original"."""
+  name = family(name)
+  return name != "testbed" and name in backbones.names() and getattr(backbones.get(name).model, "KEEPS_POSITIONS",
+                                                                       False)
+
+
+def check_positions(method: str, name: str, positions: str):
+  """ValueError naming the `positions` override when it renumbers a family whose ids must be kept."""
+  if positions != "original" and keeps_positions(name):
+    raise ValueError(f"{method}: override positions={positions!r} re-indexes the kept tokens, but {name}'s M-RoPE ids "
+                     "carry the image geometry (t, h, w): use positions='original'")
 
 
 class NoProtocol(ValueError):
@@ -72,6 +100,7 @@ class Method(NamedTuple):
     named overrides applied (`models.pruning.protocols.method_config` checks the arguments first).
   overrides: the named overrides `protocol` accepts.
   unsupported: families the official code has no path for (`NoProtocol`).
+  unsupported_reason: why, per family (`method_config`'s message; default: LLaVA-1.5 only, no anyres path).
   params: its hyperparameter class (None: derived from its `tops_jax` keywords, `params.PARAMS`).
   budget_free: its first n picks are the same for every keep >= n, so data-dependent quotas and per-row counts can be
     cut from the front of one order.
@@ -97,6 +126,7 @@ class Method(NamedTuple):
   protocol: Callable
   overrides: tuple[str, ...]
   unsupported: tuple[str, ...] = ()
+  unsupported_reason: Mapping[str, str] = types.MappingProxyType({})
   params: type | None = None
   budget_free: bool = False
   variable_count: bool = False
@@ -148,7 +178,8 @@ OVERRIDE_KINDS: dict[str, str] = {
     **dict.fromkeys(("scope", "grid", "newlines", "features", "relevance", "normalize", "raters", "timing",
                      "dart_count", "positions", "mode", "version"), "str"),
     **dict.fromkeys(("hparams", "stage2_hparams"), "dict"),
-    "num_visual": "int", "visionzip_cls": "bool", "dedup": "bool", "layers": "ints", "criteria": "strs",
+    "num_visual": "int", "visionzip_cls": "bool", "dedup": "bool", "layers": "ints", "stage2_keeps": "ints",
+    "criteria": "strs",
 }
 
 

@@ -3,6 +3,8 @@
 Source: ZichenWen1/DART and its llmc port (`dart.py`): pruning before layer 2 (scored from layer 1's keys) to
 max_num_trunction = 4 + 8 floor(target / 8) tokens (`tops_jax.dart.kept_count`), original positions; pivots by the L1
 norm of the keys, the kept tokens the least similar to the pivots over the final-norm hidden states.
+Qwen2.5-VL: the same layer and count (DART's own Qwen2.5-VL port, `Qwen2_5-VL/`, was not read: its README gives only a
+reduction ratio); positions="contiguous" raises there (`base.check_positions`).
 """
 
 from models.pruning import sequence
@@ -20,6 +22,7 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
   if count not in ("official", "exact"):
     raise ValueError(f"dart_count must be 'official' or 'exact', got {o['dart_count']!r}")
   keep = dart_lib.kept_count(target) if count == "official" else target
+  base.check_positions("dart", family, o.get("positions", "original"))
   return None, Stage2(steps=((2, keep),), relevance="none", positions=o.get("positions", "original"),
                       params=o.get("hparams", {}))
 

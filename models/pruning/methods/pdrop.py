@@ -3,6 +3,8 @@ attention; its published layers and lambda, the lambda solved for a target, and 
 
 Source: Cooperx521/PyramidDrop @6444f30 `modeling_llama_pdrop.py` (`pdrop_rank_drop`), scripts/v1_5 and v1_6
 pdrop_eval/*.sh; the author's answer on small budgets in issue #29.
+Qwen2.5-VL: `NoProtocol` (the layers are absolute LLaMA-32 layers with no depth rule); `layers=` runs a variant, the
+target then read against Qwen's nominal 1,296 tokens.
 """
 
 import dataclasses
@@ -23,8 +25,9 @@ LAMBDA = 0.5
 # The author's advice for targets that (8, 16, 24) cannot reach (issue #29: "2, 8, 16" with lambda = 0.19 for about
 # 64 of 576 tokens; any lambda > 0 on (8, 16, 24) keeps more than 8/32 of the tokens on average).
 _LOW_LAYERS = (2, 8, 16)
-# The token counts the TOPS tables' targets are fractions of (METHODS.md section 4: NeXT's 5 x 576).
-_BASE_TOKENS = {"llava": 576, "llava_next": 2880}
+# The token counts the TOPS tables' targets are fractions of (METHODS.md section 4: NeXT's 5 x 576; Qwen2.5-VL's
+# nominal 1,296 = 36 x 36 merged tokens of a square image, the paper's Table 2).
+_BASE_TOKENS = {"llava": 576, "llava_next": 2880, "qwen2_5_vl": 1296}
 
 
 def _average(layers, lam: float, num_layers: int) -> float:
@@ -102,6 +105,11 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
   if family == "testbed" and "layers" not in o:
     raise base_lib.NoProtocol("pdrop prunes at decoder layers (8, 16, 24) or (2, 8, 16) of a 32-layer LLaMA; the "
                               f"testbed's {num_layers}-layer decoder has none of them (pass layers= to run a variant)")
+  if family == "qwen2_5_vl" and "layers" not in o:
+    raise base_lib.NoProtocol("pdrop's official code and scripts prune LLaVA's 32-layer LLaMA at the absolute layers "
+                              "(8, 16, 24) (or the author's (2, 8, 16)); neither its paper nor its code gives a rule "
+                              f"for the {num_layers}-layer Qwen2 decoder of Qwen2.5-VL (pass layers= to run a "
+                              "variant)")
   try:
     stage2 = schedule(num_layers, target, family=family, num_visual=num_visual, layers=o.get("layers"),
                       lam=o.get("lam") if "layers" in o and target is None else None)

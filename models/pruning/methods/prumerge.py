@@ -53,7 +53,11 @@ def _stage1_rows(model, config, images: VisualTokens, key, hp):
   return rows, rows.packed[:, :budget], rel
 
 
-METHOD = base.Method(protocol=protocol, overrides=("mode", "dedup", "hparams"), unsupported=("llava_next", "testbed"),
+METHOD = base.Method(protocol=protocol, overrides=("mode", "dedup", "hparams"),
+                     unsupported=("llava_next", "testbed", "qwen2_5_vl"),
+                     unsupported_reason={"qwen2_5_vl": "PruMerge+ reads the CLIP CLS token's full-width attention and "
+                                                       "its official code runs LLaVA-1.5 only; Qwen2.5-VL's tower has "
+                                                       "no CLS token and no port gives a substitute"},
                      tower=lambda config: ("last_qk",),
                      capacity=lambda config, model_config: config.stage1_budget + 1,   # the kept and the extra token
                      stage1_rows=_stage1_rows)

@@ -152,6 +152,11 @@ def choose(model, config, seq, bound: Bound, scores, key, hp: dict[str, Any], st
                 extra_valid=out.recycled.valid)
 
 
-METHOD = base.Method(protocol=protocol, overrides=("version", "num_visual"), unsupported=("llava_next", "testbed"),
+METHOD = base.Method(protocol=protocol, overrides=("version", "num_visual"),
+                     unsupported=("llava_next", "testbed", "qwen2_5_vl"),
+                     unsupported_reason={"qwen2_5_vl": "its official code (v1, v1.5) prunes LLaVA's "
+                                                       "32-layer LLaMA at fixed layers (2, 6, 15, 19 / 2, 6, 15) and "
+                                                       "neither paper nor code gives a rule for a 28-layer Qwen2 "
+                                                       "decoder"},
                      params=SparseVLMParams, stage2_only=True, reads_block=True, check_stage2=check,
                      stage2_bounds=step_bounds, stage2_choose=choose)

@@ -6,6 +6,12 @@ target // 5 tokens per crop on LLaVA-NeXT (54 : 10 of every 64, CLS counted in d
 merged in the vision space then projected; the rows go to the LLM as base crop, grid dominant tokens (canvas
 row-major), grid CLS tokens, grid contextual tokens (`tops_jax.visionzip.next_order`). `visionzip_cls=False` (ours):
 `target` patch tokens globally (`tops_jax.prune.merge("visionzip")` over the vision features with the tower's keys).
+Qwen2.5-VL (no CLS token; VisionZip has no Qwen code): that global form is the protocol there, with llmc's Qwen
+substitutes (BACKBONES.md section 5): dominant tokens by the attention each merged token receives in the tower's last
+full-attention block (mean over heads and queries, averaged over the 2 x 2 merge group), contextual tokens merged by
+that block's keys (mean over heads and the group); features = the merger's input, merged then projected by the merger
+(`models.qwen2_5_vl.visual_tokens`); the official 54 : 10 split of the target (`tops_jax.visionzip.split`).
+`visionzip_cls=True` raises there (its layout keeps each crop's CLS token).
 """
 
 import jax
@@ -37,6 +43,10 @@ SPLITS = {
 
 
 def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
+  if family in base.NO_CLS:
+    if o.get("visionzip_cls"):
+      raise ValueError(f"visionzip: override visionzip_cls=True keeps each crop's CLS token; {family}'s tower has none")
+    return base.stage1(target, dict(o, visionzip_cls=False), relevance=base.saliency(family), features="vision"), None
   base.check_per_crop("visionzip", target, family, o, minimum=2)
   if o.get("visionzip_cls", True) and o.get("scope", "official") == "official":
     return base.stage1(target, o, relevance="cls", features="vision", scope="crop_fixed", grid="padded",
@@ -96,6 +106,8 @@ def _merge_inputs(config, images: VisualTokens, feats, hp):
 
 def _check_model(config, model):
   c = model.config
+  if not hasattr(c, "vision_feature_layer"):      # the family fixes its own features (Qwen2.5-VL: the merger input)
+    return
   if config.stage1 is not None and (not isinstance(c.vision_feature_layer, int)
                                     or c.vision_feature_select_strategy != "default"):
     raise ValueError("visionzip needs a single int vision_feature_layer and the 'default' strategy")
