@@ -4,7 +4,7 @@ attention; its published layers and lambda, the lambda solved for a target, and 
 Source: Cooperx521/PyramidDrop @6444f30 `modeling_llama_pdrop.py` (`pdrop_rank_drop`), scripts/v1_5 and v1_6
 pdrop_eval/*.sh; the author's answer on small budgets in issue #29.
 Qwen2.5-VL: `NoProtocol` (the layers are absolute LLaMA-32 layers with no depth rule); `layers=` runs a variant, the
-target then read against Qwen's nominal 1,296 tokens.
+target then read against Qwen's nominal 1,296 tokens, with original positions (M-RoPE ids are never renumbered).
 """
 
 import dataclasses
@@ -117,6 +117,8 @@ def protocol(target: int, family: str, num_layers: int, o: dict) -> tuple[None, 
     raise base_lib.NoProtocol(f"pdrop at target={target} on {num_layers} layers: {e}") from None
   if o.get("hparams"):
     stage2 = dataclasses.replace(stage2, params=dict(stage2.params, **o["hparams"]))
+  if base_lib.keeps_positions(family):    # M-RoPE ids carry the image geometry: kept, never renumbered
+    stage2 = dataclasses.replace(stage2, positions="original")
   return None, stage2
 
 
