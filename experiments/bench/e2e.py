@@ -367,19 +367,12 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: li
     # transformers >= 5.2x names the KV cache `cache` (argument and output); older releases `past_key_values`.
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def positions(i):
-      """Qwen2.5-VL: step i's M-RoPE ids (its forward derives them from the whole mask, one per token, when not
-      given): the prompt's length + i + rope_deltas on the three components, as `generate` passes them."""
-      if inputs.grid is None:
-        return {}
-      pos = ids.shape[1] + i + model.model.rope_deltas.to(dev).view(b, 1)
-      return dict(position_ids=pos[None].expand(3, b, 1))
-
     def decode(cache):
       tok, m = out.logits[:, -1].argmax(-1), mask
       for i in range(decode_tokens):
         m = torch.cat([m, torch.ones((b, 1), dtype=m.dtype, device=dev)], dim=1)
-        step = model(input_ids=tok[:, None], attention_mask=m, use_cache=True, **{name: cache}, **positions(i))
+        positions = {} if inputs.grid is None else dict(position_ids=torch_decode_positions(model, ids.shape[1], i))
+        step = model(input_ids=tok[:, None], attention_mask=m, use_cache=True, **{name: cache}, **positions)
         cache, tok = getattr(step, name), step.logits[:, -1].argmax(-1)
       return tok
 
@@ -400,6 +393,14 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: li
       rows.append(dict(impl="torch", part="decoder_at_T", method="one-shot", T=target, batch=b, device=device,
                        decoder_ms=dec_s * 1e3, prefill_ms=(dec_s + vision_s) * 1e3))
   return rows
+
+
+def torch_decode_positions(model, prompt_len: int, step: int):
+  """transformers' Qwen2.5-VL, decode step `step` after an unpadded prompt of `prompt_len` tokens: its M-RoPE ids
+  long[3, B, 1] = prompt_len + step + the prefill's rope_deltas on the three components, as `generate` passes them
+  (its forward, given none, derives one id per mask position, not per new token)."""
+  deltas = model.model.rope_deltas.view(-1, 1)
+  return (prompt_len + step + deltas)[None].expand(3, -1, 1)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -151,3 +151,42 @@ def test_qwen_smoke_rows(tmp_path):
   torch_rows = [r for r in rows if r["impl"] == "torch"]
   assert {r["part"] for r in torch_rows} == {"pipeline", "vision", "decoder_at_T"}
   assert all(r["batch"] == 2 for r in torch_rows)
+
+
+def test_torch_qwen_decode_positions_are_generates():
+  """The transformers side's cached decode (the bench's loop with `torch_decode_positions`) gives `generate`'s
+  log-probs at every step on tiny-qwen (the random weights repeat one token, hence log-probs, not tokens)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  hf = shapes.hf_config(shapes.SHAPES["tiny-qwen"])
+  hf._attn_implementation = "sdpa"  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = transformers.AutoModelForImageTextToText.from_config(hf).eval()
+  x = e2e.make_inputs(_abstract_qwen(), 2, (140, 196), 26, 0)
+  ids = torch.tensor(x.ids).long()
+  batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.tensor(x.pixels),
+               image_grid_thw=torch.tensor(x.grid), mm_token_type_ids=(ids == hf.image_token_id).long())
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)          # a tiny model: one thread is enough, and immune to a busy machine's other jobs
+  try:
+    want, got = _generate_and_bench_decode(model, batch, ids.shape[1])
+  finally:
+    torch.set_num_threads(threads)
+  for i, logits in enumerate(got):
+    np.testing.assert_allclose(logits.log_softmax(-1).numpy(), want[i + 1].log_softmax(-1).numpy(), rtol=0, atol=1e-5)
+
+
+def _generate_and_bench_decode(model, batch, prompt_len):
+  import torch  # pylint: disable=g-import-not-at-top
+  got = []
+  with torch.inference_mode():
+    want = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True).logits
+    out = model(**batch, use_cache=True, logits_to_keep=1)
+    cache, tok, mask = out.cache, out.logits[:, -1].argmax(-1), batch["attention_mask"]
+    for i in range(4):
+      mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], dim=1)
+      step = model(input_ids=tok[:, None], attention_mask=mask, use_cache=True, cache=cache,
+                   position_ids=e2e.torch_decode_positions(model, prompt_len, i))
+      cache, tok = step.cache, step.logits[:, -1].argmax(-1)
+      got.append(step.logits[:, -1])
+  return want, got
