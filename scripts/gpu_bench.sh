@@ -2,12 +2,15 @@
 # Every GPU measurement of the speed issue in one run (BUILD.md "Speed"), for a lent device with a system Python that
 # has jax (CUDA), flax, transformers and torch. From the repository root:
 #
-#   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh            # LLaVA-NeXT-7B shapes, bf16, random weights
+#   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh            # LLaVA-NeXT-7B, then Qwen2.5-VL-7B; bf16, random
+#   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh --qwen     # only the Qwen2.5-VL-7B rows
 #   PYTHONPATH=. OUT=/tmp/out bash scripts/gpu_bench.sh --smoke    # tiny shapes on any machine (checks the script)
 #
 # Writes $OUT/device.txt, $OUT/select.jsonl (selection passes alone), $OUT/e2e.jsonl + $OUT/e2e.md (the pipeline
-# beside transformers). Rows are appended as they are measured, so a run cut short keeps what it measured. The
-# cheapest and most important rows come first: batch 1, then batch 8.
+# beside transformers), $OUT/e2e_qwen.jsonl + $OUT/e2e_qwen.md (Qwen2.5-VL-7B: one 1008 x 1008 image, 1,296 tokens,
+# the full model, TOPS and DivPrune at T = 256 / 128; a method without a Qwen protocol is a "skipped" row with its
+# reason). Rows are appended as they are measured, so a run cut short keeps what it measured. The cheapest and most
+# important rows come first: batch 1, then batch 8.
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python}
@@ -20,6 +23,15 @@ if [[ "${1:-}" == "--smoke" ]]; then
   $PY -m experiments.bench.selection --n=96 --keep=32 --d=64 --methods=tops,divprune --dtypes=float32 --eager= \
       --repeats=1 --output="$OUT/select.jsonl"
   $PY -m experiments.bench.e2e --smoke --output="$OUT/e2e.jsonl" | tee "$OUT/e2e.md"
+  $PY -m experiments.bench.e2e --smoke --shape=tiny-qwen --output="$OUT/e2e_qwen.jsonl" | tee "$OUT/e2e_qwen.md"
+  exit 0
+fi
+qwen() {
+  $PY -m experiments.bench.e2e --shape=qwen2.5-vl-7b --dtype=bfloat16 --methods=tops,divprune --budgets=256,128 \
+      --batch_sizes=1 --repeats=5 --decode_tokens=32 --output="$OUT/e2e_qwen.jsonl" | tee "$OUT/e2e_qwen.md"
+}
+if [[ "${1:-}" == "--qwen" ]]; then
+  qwen
   exit 0
 fi
 # cuDNN flash attention against the one-call XLA path at NeXT-7B head shapes (bf16, no padding), before using it.
@@ -46,3 +58,5 @@ if grep -q "max abs diff" "$OUT/cudnn_check.txt"; then
       --batch_sizes=1 --repeats=5 --decode_tokens=32 --attention=cudnn --notorch --output="$OUT/e2e_cudnn.jsonl" \
       | tee "$OUT/e2e_cudnn.md"
 fi
+# Qwen2.5-VL-7B last (its own process).
+qwen

@@ -1,12 +1,14 @@
-"""FLOPs, KV-cache and weight bytes of LLaVA prefill and decode under any token-pruning schedule.
+"""FLOPs, KV-cache and weight bytes of LLaVA and Qwen2.5-VL prefill and decode under any token-pruning schedule.
 
 Axes: L decoder layers, S tokens a layer processes (queries), Sk keys a query attends to, D width, H query heads, Hkv
 key/value heads, Dh head width, M MLP width, V vocabulary; vision tower: P = N + 1 positions of a crop (CLS first),
-N patches, Dv width, Mv MLP width, C channels, p patch size.
+N patches, Dv width, Mv MLP width, C channels, p patch size; Qwen2.5-VL: Np patches of a batch, E = C Tp p^2 the
+flattened patch, Do the merger's output width.
 
 Counted as the token-pruning papers count them (one multiply-add = 2 FLOPs; prefill Sk = S). Entry points:
-`decoder_decode_flops`, `decoder_generate_flops`, `llava_prefill_flops` (the whole pipeline), `kv_cache_bytes`,
-`*_params` / `*_weight_bytes`, `hlo_dot_flops` (the dot FLOPs of a compiled XLA module).
+`decoder_decode_flops`, `decoder_generate_flops`, `llava_prefill_flops` / `qwen_prefill_flops` (the whole pipeline),
+`qwen_vision_flops` (the window / full-attention tower by part), `kv_cache_bytes`, `*_params` / `*_weight_bytes`,
+`hlo_dot_flops` (the dot FLOPs of a compiled XLA module).
 
 The formulas, what the port executes against what is counted, the whole pipeline, memory, the TOPS paper's 41.7
 TFLOPs and the XLA count: experiments/EXPERIMENTS.md#flops.
@@ -15,6 +17,7 @@ TFLOPs and the XLA count: experiments/EXPERIMENTS.md#flops.
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.analysis import hlo_cost
 from models import clip
@@ -23,6 +26,8 @@ __all__ = ["layer_flops", "layer_prefill_flops", "decoder_prefill_flops", "lm_he
            "decoder_generate_flops", "causal_keys", "schedule_seq_lens", "kv_cache_bytes", "decoder_params",
            "vision_params", "projector_params", "llava_params", "decoder_weight_bytes", "llava_weight_bytes",
            "vision_layers_run", "vision_flops", "projector_flops", "PipelineFlops", "llava_prefill_flops",
+           "qwen_window_patches", "qwen_frame_patches", "qwen_frame_tile_pairs", "QwenVisionFlops",
+           "qwen_vision_flops", "qwen_prefill_flops", "qwen_vision_params", "qwen_params", "qwen_weight_bytes",
            "hlo_dot_flops"]
 
 
@@ -128,12 +133,15 @@ def kv_cache_bytes(text_config, kv_lens: Sequence[float], dtype="bfloat16", batc
 
 
 def decoder_params(text_config) -> int:
-  """Parameters of `models.llama.LlamaForCausalLM`: embeddings, layers, final norm, LM head (unless tied)."""
+  """Parameters of `models.llama.LlamaForCausalLM` (or a Qwen2 decoder): embeddings, layers, final norm, LM head
+  (unless tied)."""
   c = text_config
   q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
   layer = _layer_matmul_weights(c) + 2 * c.hidden_size                        # + input/post-attention norms
   if c.attention_bias:
-    layer += q_width + 2 * kv_width + c.hidden_size
+    layer += q_width + 2 * kv_width
+  if c.o_proj_bias:                                                           # LLaMA: as attention_bias; Qwen2: none
+    layer += c.hidden_size
   if c.mlp_bias:
     layer += 2 * c.intermediate_size + c.hidden_size
   head = 0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size
@@ -233,6 +241,141 @@ def llava_prefill_flops(config, seq_lens: Sequence[float], *, num_crops: int | N
   return PipelineFlops(vision=crops * vision_flops(config, cls_attention),
                        projector=crops * projector_flops(config, rows), decoder=decoder,
                        lm_head=lm_head_flops(config.text, lm_head_positions))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL
+
+
+def _grids(grid_thw) -> list[tuple[int, int, int]]:
+  grid = np.asarray(grid_thw).reshape(-1, 3)
+  if (grid < 1).any():
+    raise ValueError(f"grid_thw rows must be positive (t, h, w) patch grids, got {grid.tolist()}")
+  return [tuple(int(v) for v in row) for row in grid]
+
+
+def qwen_window_patches(vision_config, grid_thw) -> list[int]:
+  """Patches of each window of the window-attention blocks, image after image, frame after frame (transformers'
+  `cu_window_seqlens`): each frame's merged grid (h / m x w / m) cut into windows of `window_tokens` x
+  `window_tokens` merged tokens from the top-left corner, the last row and column of windows partial when the grid
+  is not a multiple; m^2 patches per merged token."""
+  v = vision_config
+  m, ws = v.spatial_merge_size, v.window_tokens
+  out = []
+  for t, h, w in _grids(grid_thw):
+    gh, gw = h // m, w // m
+    rows = [min(ws, gh - i) for i in range(0, gh, ws)]
+    cols = [min(ws, gw - j) for j in range(0, gw, ws)]
+    out += [r * c * m * m for r in rows for c in cols] * t
+  return out
+
+
+def qwen_frame_patches(grid_thw) -> list[int]:
+  """Patches of each frame (an image is one frame of t = 1): the segments of the full-attention blocks."""
+  return [h * w for t, h, w in _grids(grid_thw) for _ in range(t)]
+
+
+def qwen_frame_tile_pairs(frame_patches: Sequence[int], tile: int) -> int:
+  """(query tile, key tile) pairs the port's tiled frame attention computes over frames laid end to end
+  (`models.qwen2_5_vl_vision._frame_attention`): each tile of `tile` queries runs over the key tiles from the one
+  holding its first row's frame start to the one holding its last row's frame end."""
+  ends = np.cumsum(frame_patches)
+  starts = ends - np.asarray(frame_patches)
+  n = int(ends[-1]) if len(ends) else 0
+  pairs = 0
+  for first in range(0, n, tile):
+    last = min(first + tile, n) - 1
+    lo = starts[np.searchsorted(ends, first, side="right")] // tile
+    hi = (ends[np.searchsorted(ends, last, side="right")] - 1) // tile + 1
+    pairs += int(hi - lo)
+  return pairs
+
+
+class QwenVisionFlops(NamedTuple):
+  """FLOPs of the Qwen2.5-VL tower on a batch's images, by part."""
+  patch_embed: float         # the Conv3d patch embedding, 2 Np E Dv
+  blocks: float              # every block's qkv, proj and SwiGLU MLP, depth x 2 Np (4 Dv^2 + 3 Dv Mv)
+  window_attention: float    # scores and mix of the window blocks
+  full_attention: float      # scores and mix of the full-attention blocks (per frame)
+  received: float            # the received-attention relevance's second pass (the last full block's scores again)
+  merger: float              # ln_q, fc1 (4 Dv -> 4 Dv), fc2 (4 Dv -> Do) on the Np / 4 merged tokens
+
+  @property
+  def tower(self) -> float:
+    """Everything before the merger."""
+    return self.patch_embed + self.blocks + self.window_attention + self.full_attention + self.received
+
+  @property
+  def total(self) -> float:
+    return self.tower + self.merger
+
+
+FRAME_TILE = 512     # `models.qwen2_5_vl_vision.FRAME_TILE`: the port's query / key tile of the full blocks
+
+
+def qwen_vision_flops(vision_config, grid_thw, *, received: bool = False, executed: bool = False,
+                      frame_tile: int = FRAME_TILE) -> QwenVisionFlops:
+  """The tower on the images of int[I, 3] (t, h, w) patch grids (`image_grid_thw`).
+
+  received: also the received-attention relevance of the last full-attention block (Stage I's signal on Qwen).
+  executed: False counts attention as the architecture defines it (each window's and each frame's own n^2 scores,
+    as the papers count); True counts what the port computes: each chunk of L = `window_patches` queries against
+    the 3 L keys around it (`ceil(Np / L)` chunks), and the full blocks in `frame_tile` x `frame_tile` tiles over
+    the key tiles each query tile's frames span (`qwen_frame_tile_pairs`, padding included).
+  """
+  v = vision_config
+  d = v.hidden_size
+  frames = qwen_frame_patches(grid_thw)
+  n = sum(frames)
+  full = sum(1 for i in range(v.depth) if i in v.fullatt_block_indexes)
+  windowed = v.depth - full
+  if received and not full:
+    raise ValueError("received: the relevance reads the last full-attention block; this tower has none")
+  if executed:
+    length = v.window_patches
+    window = 4.0 * -(-n // length) * length * 3 * length * d
+    pairs = qwen_frame_tile_pairs(frames, frame_tile)
+    frame, frame_received = 4.0 * pairs * frame_tile ** 2 * d, 2.0 * pairs * frame_tile ** 2 * d
+  else:
+    window = sum(4.0 * w * w * d for w in qwen_window_patches(v, grid_thw))
+    frame = sum(4.0 * f * f * d for f in frames)
+    frame_received = frame / 2
+  return QwenVisionFlops(
+      patch_embed=2.0 * n * v.patch_dim * d,
+      blocks=v.depth * 2.0 * n * (4 * d * d + 3 * d * v.intermediate_size),
+      window_attention=windowed * window, full_attention=full * frame,
+      received=frame_received if received else 0.0,
+      merger=2.0 * (n // v.merge_unit) * (v.merge_unit * d) * (v.merge_unit * d + v.out_hidden_size))
+
+
+def qwen_prefill_flops(config, grid_thw, seq_lens: Sequence[float], *, lm_head_positions: int = 1,
+                       received: bool = False, executed: bool = False) -> PipelineFlops:
+  """A Qwen2.5-VL prefill: the tower on the images of `grid_thw` (every patch: pruning comes after the merger),
+  the merger as the projector, the decoder on `seq_lens` (a pruning schedule's tokens per layer,
+  `schedule_seq_lens`; M-RoPE and the q/k/v biases add no matmul, so the count is LLaMA's), the LM head at
+  `lm_head_positions`. received / executed: as `qwen_vision_flops`."""
+  vis = qwen_vision_flops(config.vision, grid_thw, received=received, executed=executed)
+  return PipelineFlops(vision=vis.tower, projector=vis.merger, decoder=decoder_prefill_flops(config.text, seq_lens),
+                       lm_head=lm_head_flops(config.text, lm_head_positions))
+
+
+def qwen_vision_params(vision_config) -> int:
+  """Parameters of `models.qwen2_5_vl_vision.VisionTransformer`: the patch kernel (no bias), the blocks (norms, qkv
+  and proj with bias, the MLP with biases), the merger (ln_q, fc1, fc2 with biases)."""
+  v = vision_config
+  d, m, wide = v.hidden_size, v.intermediate_size, v.merge_unit * v.hidden_size
+  block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (d * m + m) + (m * d + d)
+  merger = d + (wide * wide + wide) + (wide * v.out_hidden_size + v.out_hidden_size)
+  return v.patch_dim * d + v.depth * block + merger
+
+
+def qwen_params(config) -> int:
+  """Parameters of a Qwen2.5-VL port: tower, merger, decoder (LM head unless tied)."""
+  return qwen_vision_params(config.vision) + decoder_params(config.text)
+
+
+def qwen_weight_bytes(config, dtype="bfloat16") -> float:
+  return float(qwen_params(config) * _itemsize(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
-r"""End-to-end speed: vision tower, selection, prefill, decode and memory of pruned LLaVA, beside transformers.
+r"""End-to-end speed: vision tower, selection, prefill, decode and memory of pruned LLaVA and Qwen2.5-VL, beside
+transformers.
 
     python -m experiments.bench.e2e --shape=scaled-next                       # the issue's CPU shape
     python -m experiments.bench.e2e --shape=llava-next-7b --dtype=bfloat16 --batch_sizes=1,8   # GPU
+    python -m experiments.bench.e2e --shape=qwen2.5-vl-7b --dtype=bfloat16 --budgets=256,128   # GPU
     python -m experiments.bench.e2e --checkpoint=/ckpt/llava-v1.6-vicuna-7b-hf --dtype=bfloat16
     python -m experiments.bench.e2e --smoke                                   # tiny shapes, one repeat (tests)
+    python -m experiments.bench.e2e --smoke --shape=tiny-qwen                 # the same on a tiny Qwen2.5-VL
 
 One process builds the model (a local llava-hf checkpoint, or random weights at a named shape from
 `models.shapes.SHAPES`), and for each batch size, method and target (`models.pruning.method_config`, the official
 protocol) times, compiled and warm, median of --repeats calls after one warm-up call, `block_until_ready` on every
 output:
 
-  vision     the vision tower + projector of every crop (the same for every method; timed once per batch size)
+  vision     the vision tower + projector of every crop (Qwen2.5-VL: the tower and merger on every image's
+             patches; the same for every method; timed once per batch size)
   selection  every selection pass of the method at the pipeline's shapes (Stage I over the packed candidates with
              the projector width, each Stage II step over the previous step's tokens with the decoder width),
              jitted `tops_jax.prune.select` calls, vmapped over the batch; methods that only merge or only run inside
@@ -28,8 +32,18 @@ decode, and the decoder at the pruned length text + target fed through `inputs_e
 one-shot pre-LLM pruner costs in PyTorch, selection excluded). Ratios are the claim (`speedup` columns); absolute times
 mean something only with the device named (printed in every row).
 
+Qwen2.5-VL (`--shape=qwen2.5-vl-7b`, random weights): every image of the batch is `Shape.image_size` (1008 x 1008:
+the papers' 1,296 merged tokens), given as the processor gives it (float[Np, E] patches, `image_grid_thw`); text
+tokens avoid the image / video / vision-start / vision-end ids. transformers gets `mm_token_type_ids` for its
+M-RoPE ids and, when decoding, each step's position ids (the prompt's rope_deltas).
+
+A method with no protocol on the backbone or at a target (`pruning.NoProtocol`, a ValueError from
+`method_config` or from `PruningConfig.check_model`) is left out: a "skipped" row names the reason (JSONL and
+stdout), and the table lists only what ran.
+
 Rows go to --output (JSONL, one per measurement) and a markdown table to stdout. FLOPs per row come from
-`experiments.analysis.flops` (decoder prefill at the row's tokens per layer).
+`experiments.analysis.flops` (decoder prefill at the row's tokens per layer; the vision row: the tower and projector
+as the architecture counts them).
 """
 
 import copy
@@ -75,26 +89,51 @@ def build_jax(hf: dict[str, Any], dtype, seed: int):
 class Inputs:
   ids: np.ndarray          # int32[B, S]
   mask: np.ndarray         # bool[B, S]
-  pixels: np.ndarray       # float[B, P, 3, H, W] (NeXT) | float[B, 3, H, W]
+  pixels: np.ndarray       # float[B, P, 3, H, W] (NeXT) | float[B, 3, H, W] | float[B Np, E] (Qwen2.5-VL patches)
   sizes: np.ndarray        # int[B, 2]
   text: int                # real text tokens per row
   visual: int              # image tokens per row
+  grid: np.ndarray | None = None   # int[B, 3] Qwen2.5-VL's image_grid_thw (t, h, w patches); None on LLaVA
+
+  @property
+  def layout_input(self) -> np.ndarray:
+    """What the family's `model.layout` reads: image_grid_thw (Qwen2.5-VL) or image_sizes."""
+    return self.sizes if self.grid is None else self.grid
+
+
+def _patch_grids(model) -> bool:
+  """Whether the family takes the processor's patches and grids (Qwen2.5-VL) rather than images or crops."""
+  return backbones.of_model(model).name == "qwen2_5_vl"
 
 
 def make_inputs(model, batch: int, image_size: tuple[int, int], text_tokens: int, seed: int) -> Inputs:
   """B identical-shape rows: a few text tokens, one image's <image> run, the rest of the text (a POPE-like prompt)."""
   rng = np.random.default_rng(seed)
   config = model.config
-  crop = config.vision.image_size
   sizes = np.tile(np.asarray(image_size), (batch, 1))
-  visual = int(np.asarray(model.layout(sizes, batch).counts)[0])
-  crops = (config.max_num_crops,) if backbones.of_model(model).pixel_crops else ()
-  pixels = rng.standard_normal((batch, *crops, 3, crop, crop)).astype(np.float32)
+  grid = None
+  if _patch_grids(model):
+    v = config.vision
+    unit = v.patch_size * v.spatial_merge_size
+    if image_size[0] % unit or image_size[1] % unit:
+      raise ValueError(f"image_size {image_size} must be multiples of {unit} px (patch x merge: what the Qwen2.5-VL "
+                       "processor resizes to)")
+    grid = np.tile([1, image_size[0] // v.patch_size, image_size[1] // v.patch_size], (batch, 1))
+    pixels = rng.standard_normal((int(np.prod(grid, 1).sum()), v.patch_dim)).astype(np.float32)
+    visual = int(np.prod(grid[0])) // v.merge_unit
+    special = min(config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                  config.vision_end_token_id)
+  else:
+    crop = config.vision.image_size
+    visual = int(np.asarray(model.layout(sizes, batch).counts)[0])
+    crops = (config.max_num_crops,) if backbones.of_model(model).pixel_crops else ()
+    pixels = rng.standard_normal((batch, *crops, 3, crop, crop)).astype(np.float32)
+    special = config.image_token_id
   head = min(5, text_tokens)
-  text = rng.integers(3, config.image_token_id, size=(batch, text_tokens))
+  text = rng.integers(3, special, size=(batch, text_tokens))
   image = np.full((batch, visual), config.image_token_id)
   ids = np.concatenate([text[:, :head], image, text[:, head:]], axis=1).astype(np.int32)
-  return Inputs(ids, np.ones(ids.shape, bool), pixels, sizes, text_tokens, visual)
+  return Inputs(ids, np.ones(ids.shape, bool), pixels, sizes, text_tokens, visual, grid)
 
 
 def _calls(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = jax.block_until_ready,
@@ -140,18 +179,26 @@ class CompileCounter:
     return seconds, out, self.count
 
 
-def _configs(model, methods, targets, overrides) -> list[tuple[str, int | None, pruning.PruningConfig]]:
+def _configs(model, methods, targets, overrides
+             ) -> tuple[list[tuple[str, int | None, pruning.PruningConfig]], list[dict[str, Any]]]:
+  """(runs, skipped rows): the full model and each method's protocol at each target on this model; a method with
+  none here (no protocol, or a config the model refuses) becomes a "skipped" row naming the reason."""
   runs = [("full", None, pruning.PruningConfig(method="tops"))]
+  skipped = []
   layers = model.config.text.num_hidden_layers
   family = backbones.of_model(model).name
   for method in methods:
     for target in targets:
       try:
-        runs.append((method, target, pruning.method_config(method, family=family, target=target, num_layers=layers,
-                                                           **overrides.get(method, {}))))
+        config = pruning.method_config(method, family=family, target=target, num_layers=layers,
+                                       **overrides.get(method, {}))
+        config.check_model(model)
+        runs.append((method, target, config))
       except (pruning.NoProtocol, ValueError) as e:
         print(f"skipped {method} at target={target}: {e}")
-  return runs
+        skipped.append(dict(impl="jax", part="skipped", method=method, T=target,
+                            reason=f"{type(e).__name__}: {e}"))
+  return runs, skipped
 
 
 def _accepted(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -206,16 +253,22 @@ def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int,
   """One row per (method, target) at this batch size (its "T" key), plus the vision tower row."""
   b = inputs.ids.shape[0]
   text = model.config.text
-  layout = model.layout(inputs.sizes, b)
+  layout = model.layout(inputs.layout_input, b)
   pixels = jnp.asarray(inputs.pixels, dtype)
-  encode = jax.jit(lambda m, p: m.project(m.encode_images(p, cls_attention=False).features))
-  vision_s, _, vision_compiles = counter.timed(lambda: encode(model, pixels), repeats)
+  if inputs.grid is None:
+    encode = jax.jit(lambda m, p: m.project(m.encode_images(p, cls_attention=False).features))
+    vision_s, _, vision_compiles = counter.timed(lambda: encode(model, pixels), repeats)
+  else:
+    encode = jax.jit(lambda m, p, lay: m.encode_images(p, None, layout=lay).merged)
+    vision_s, _, vision_compiles = counter.timed(lambda: encode(model, pixels, layout.vision), repeats)
   rows = [dict(impl="jax", part="vision", batch=b, vision_ms=vision_s * 1e3, compiles=vision_compiles,
-               device=device)]
+               vision_flops=vision_flops(model, inputs), device=device)]
   ids, mask = jnp.asarray(inputs.ids), jnp.asarray(inputs.mask)
+  images = {} if inputs.grid is None else dict(image_grid_thw=inputs.grid)
   full_prefill = None
   for name, target, config in runs:
-    common = dict(layout=layout, max_new_tokens=decode_tokens, text_len=inputs.text, visual_len=inputs.visual)
+    common = dict(layout=layout, max_new_tokens=decode_tokens, text_len=inputs.text, visual_len=inputs.visual,
+                  **images)
     run_prefill = jax.jit(lambda m, i, k, p, config=config, common=common: pruning.prefill(
         m, config, i, k, pixel_values=p, **common))
     # Compiled once, ahead of time: the same executable gives the memory analysis and is the one timed.
@@ -243,6 +296,18 @@ def jax_rows(model, inputs: Inputs, runs, counter: CompileCounter, repeats: int,
     row["speedup_vs_full"] = full_prefill / row["prefill_ms"] if full_prefill else None
     rows.append(row)
   return rows
+
+
+def vision_flops(model, inputs: Inputs) -> float:
+  """The vision row's FLOPs: the tower and projector (merger) on every image of the batch, as the architecture
+  counts them (`experiments.analysis.flops`: LLaVA every crop slot up to the feature layer, without the CLS
+  attention the row does not compute; Qwen2.5-VL every window and frame at its own size)."""
+  config = model.config
+  if inputs.grid is not None:
+    return flops_lib.qwen_vision_flops(config.vision, inputs.grid).total
+  crops = inputs.pixels.shape[0] * (inputs.pixels.shape[1] if inputs.pixels.ndim == 5 else 1)
+  rows = config.vision.num_patches + (config.vision_feature_select_strategy == "full")
+  return crops * (flops_lib.vision_flops(config, cls_attention=False) + flops_lib.projector_flops(config, rows))
 
 
 def _memory_bytes(memory) -> int | None:
@@ -281,17 +346,21 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: li
   model = model.to(dev).eval()
   sync = (lambda out: (torch.cuda.synchronize(), out)[1]) if cuda else (lambda out: out)
   b = inputs.ids.shape[0]
-  ids = torch.tensor(inputs.ids, device=dev)
+  ids = torch.tensor(inputs.ids, device=dev).long()      # int64, as tokenizers give them (Qwen's rope index needs it)
   mask = torch.tensor(inputs.mask, device=dev).long()
   pixels = torch.tensor(inputs.pixels, device=dev, dtype=dtype)
   extra = dict(image_sizes=torch.tensor(inputs.sizes, device=dev)) if backbone.pixel_crops else {}
+  prompt_extra = {}
+  if inputs.grid is not None:   # Qwen2.5-VL: the grids, and the token types its get_rope_index reads
+    extra = dict(image_grid_thw=torch.tensor(inputs.grid, device=dev))
+    prompt_extra = dict(mm_token_type_ids=torch.tensor(inputs.ids == model.config.image_token_id, device=dev).long())
   device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
   rows = []
   with torch.inference_mode():
     if cuda:
       torch.cuda.reset_peak_memory_stats()
     prefill = lambda: model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True,
-                            logits_to_keep=1, **extra)
+                            logits_to_keep=1, **extra, **prompt_extra)
     prefill_s, out = _median_time(prefill, repeats, sync)
     peak = torch.cuda.max_memory_allocated() if cuda else None
 
@@ -300,9 +369,10 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: li
 
     def decode(cache):
       tok, m = out.logits[:, -1].argmax(-1), mask
-      for _ in range(decode_tokens):
+      for i in range(decode_tokens):
         m = torch.cat([m, torch.ones((b, 1), dtype=m.dtype, device=dev)], dim=1)
-        step = model(input_ids=tok[:, None], attention_mask=m, use_cache=True, **{name: cache})
+        positions = {} if inputs.grid is None else dict(position_ids=torch_decode_positions(model, ids.shape[1], i))
+        step = model(input_ids=tok[:, None], attention_mask=m, use_cache=True, **{name: cache}, **positions)
         cache, tok = getattr(step, name), step.logits[:, -1].argmax(-1)
       return tok
 
@@ -325,8 +395,17 @@ def torch_rows(hf_cfg, backbone: backbones.Backbone, inputs: Inputs, targets: li
   return rows
 
 
+def torch_decode_positions(model, prompt_len: int, step: int):
+  """transformers' Qwen2.5-VL, decode step `step` after an unpadded prompt of `prompt_len` tokens: its M-RoPE ids
+  long[3, B, 1] = prompt_len + step + the prefill's rope_deltas on the three components, as `generate` passes them
+  (its forward, given none, derives one id per mask position, not per new token)."""
+  deltas = model.model.rope_deltas.view(-1, 1)
+  return (prompt_len + step + deltas)[None].expand(3, -1, 1)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-  """The markdown table of a run: one line per pipeline row, vision rows folded into a note."""
+  """The markdown table of a run: one line per pipeline row, vision rows folded into a column, skipped methods
+  listed under it with their reasons."""
   head = ["impl", "method", "T", "B", "vision ms", "selection ms", "prefill ms", "decode ms/token", "GFLOPs",
           "memory MB", "x full (jax)", "x full (torch)", "compiles"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -334,7 +413,7 @@ def table(rows: list[dict[str, Any]]) -> str:
   torch_full = {r["batch"]: r["prefill_ms"] for r in rows if r["impl"] == "torch" and r.get("method") == "full"}
   vision = {(r["impl"], r["batch"]): r["vision_ms"] for r in rows if r["part"] == "vision"}
   for r in rows:
-    if r["part"] == "vision":
+    if r["part"] in ("vision", "skipped"):
       continue
     tf = torch_full.get(r["batch"])
     lines.append("| " + " | ".join([
@@ -346,6 +425,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         fmt(r.get("speedup_vs_full"), "{:.2f}"),
         fmt(None if tf is None or r.get("prefill_ms") is None else tf / r["prefill_ms"], "{:.2f}"),
         fmt(r.get("compiles"), "{}")]) + " |")
+  lines += [f"skipped: {r['method']} at T={r['T']}: {r['reason']}" for r in rows if r["part"] == "skipped"]
   return "\n".join(lines)
 
 
@@ -356,7 +436,7 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, targe
   dtype = jnp.dtype(dtype_name)
   if checkpoint:
     model = loading.load_pretrained(checkpoint, dtype=dtype)
-    hf_cfg, image_size = None, (672, 672)
+    hf_cfg, image_size = None, (1008, 1008) if _patch_grids(model) else (672, 672)
   else:
     if shape_name not in shapes.SHAPES:
       raise ValueError(f"unknown --shape {shape_name!r}; known: {', '.join(shapes.SHAPES)}")
@@ -368,7 +448,7 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, targe
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   print(f"device: {device}; jax {jax.__version__}; shape {checkpoint or shape_name}; {dtype_name}")
   counter = CompileCounter()
-  runs = _configs(model, methods, targets, plan.parse_overrides(overrides))
+  runs, skipped = _configs(model, methods, targets, plan.parse_overrides(overrides))
   rows = []
 
   def record(new_rows):   # written as measured: a run cut short (a device time limit) keeps what it measured
@@ -380,6 +460,8 @@ def run(shape_name: str, checkpoint: str | None, dtype_name: str, methods, targe
                                   attention=attention if r["impl"] == "jax" else "sdpa")) + "\n")
     print(table(new_rows), flush=True)
 
+  if skipped:
+    record(skipped)
   for b in batch_sizes:
     inputs = make_inputs(model, b, image_size, text_tokens, seed)
     print(f"batch {b}: {inputs.ids.shape[1]} tokens per row ({inputs.visual} image tokens)", flush=True)
@@ -395,7 +477,7 @@ def _define_flags():
   """The command line, defined only when this module runs as a script: tests import it beside the runner, whose flags
   share names (--checkpoint, --output, ...), and the library functions take arguments."""
   flags.DEFINE_string("shape", "scaled-next", "Random-weight shape (models.shapes.SHAPES), unless --checkpoint.")
-  flags.DEFINE_string("checkpoint", None, "A local llava-hf checkpoint directory (overrides --shape).")
+  flags.DEFINE_string("checkpoint", None, "A local llava-hf or Qwen2.5-VL checkpoint directory (overrides --shape).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
   flags.DEFINE_list("methods", ["tops", "visionzip", "divprune"], "Pruning methods (plus the full model).")
   flags.DEFINE_list("budgets", ["640"], "Targets (the papers' visual tokens per image).")
@@ -407,7 +489,8 @@ def _define_flags():
   flags.DEFINE_boolean("torch", True, "Time transformers (PyTorch, sdpa) beside it.")
   flags.DEFINE_string("attention", "auto", "Decoder attention schedule (models.attention).")
   flags.DEFINE_string("output", None, "JSONL file for the rows.")
-  flags.DEFINE_boolean("smoke", False, "Tiny shape, one repeat, two decode tokens (for the tests).")
+  flags.DEFINE_boolean("smoke", False, "Tiny shape, one repeat, two decode tokens (for the tests): tiny-next, or "
+                       "--shape=tiny-qwen.")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
 
 
@@ -415,16 +498,21 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.smoke:
-    smoke()
+    smoke(shape=f.shape if f.shape in SMOKE else "tiny-next")
     return
   run(f.shape, f.checkpoint, f.dtype, f.methods, [int(target) for target in f.budgets], [int(b) for b in f.batch_sizes],
       f.repeats, f.decode_tokens, f.text_tokens, f.torch, f.seed, f.attention, f.overrides, f.output)
 
 
-def smoke(output: str | None = None, with_torch: bool = True) -> list[dict[str, Any]]:
-  """Tiny shape, one repeat, two decode tokens, batch 2 (target 40 has no paper Stage II setting: TOPS takes the
-  640-token one)."""
-  return run("tiny-next", None, "float32", ["tops", "visionzip", "divprune"], [40], [2], 1, 2, 26, with_torch, 0,
+# Smoke settings per tiny shape: (methods, target). The targets have no paper Stage II setting: TOPS takes the
+# overrides below. tiny-next: 88 packed tokens per image; tiny-qwen: 35 merged tokens per image.
+SMOKE = {"tiny-next": (["tops", "visionzip", "divprune"], 40), "tiny-qwen": (["tops", "divprune"], 8)}
+
+
+def smoke(output: str | None = None, with_torch: bool = True, shape: str = "tiny-next") -> list[dict[str, Any]]:
+  """Tiny shape (`SMOKE`), one repeat, two decode tokens, batch 2."""
+  methods, target = SMOKE[shape]
+  return run(shape, None, "float32", methods, [target], [2], 1, 2, 26, with_torch, 0,
              overrides=["tops.stage2_alpha=0.5", "tops.stage2_lam=0.5"], output=output)
 
 
