@@ -140,7 +140,7 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
 
 def _evaluate(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts, log):
   try:
-    evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts)
+    evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts, config.protocol or backbone.protocol)
     resolved, runs = plan.resolve(config, evaluator.model)
     if resolved.clip_fingerprint is not None:       # a run reads CLIP
       evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint, evaluator.model))
@@ -187,10 +187,13 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocat
   total = len(job.examples) if job.in_memory else job.benchmark.num_rows
   if not job.in_memory and config.limit:
     total = min(config.limit, total) if total else config.limit
+  compiled = {}
   with tqdm(total=None if total is None else total * len(runs), desc=job.name, unit="ex", file=sys.stderr,
             disable=not evaluator.hosts.writer) as progress:
     covered = evaluate.evaluate_task(evaluator, runs, job, log, hashes, config.batch_size, config.seed, progress,
-                                     process, frozenset(ex.question_id for ex in pictured))
+                                     process, frozenset(ex.question_id for ex in pictured), compiled)
+  logging.info("%s: visual tokens per image (examples evaluated at each): %s; %d prefill program(s) compiled",
+               job.name, compiled.get("visual_buckets", {}), compiled.get("programs", 0))
   if not evaluator.hosts.writer:
     return {}
   record = outputs.provenance(job, hashes, process)
@@ -198,8 +201,8 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocat
                               pictured=pictured, pictured_target=min(resolved.targets), protocol=resolved.protocol,
                               template=resolved.conv_template,
                               expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows,
-                              record=record)
-  invocation.task_done(job.name, record)
+                              record=record, compiled=compiled)
+  invocation.task_done(job.name, record, compiled)
   return scores
 
 
