@@ -59,7 +59,7 @@ flags.DEFINE_list("method", ["all"], "Methods to evaluate ('all' = every method 
                   "the full model is always evaluated too, as the reference.")
 flags.DEFINE_list("budget", None, "Targets: the papers' visual tokens per image (exclusive with --keep_ratio).")
 flags.DEFINE_list("keep_ratio", None, "Kept fractions of the backbone's nominal visual-token count "
-                  "(default 0.222,0.111,0.056 when --budget is not given).")
+                  "(default 0.222,0.111,0.056 when --budget is not given; qwen2_5_vl: --budget=256,128).")
 flags.DEFINE_list("tasks", ["synthvqa"], "Tasks: synthvqa (the procedural benchmark), vqa_jsonl (data_dir).")
 flags.DEFINE_string("data_dir", None, "synthvqa: a directory written by vqa.write_split (else the split "
                     "is generated from --seed); vqa_jsonl: a directory with questions.jsonl.")
@@ -78,7 +78,7 @@ flags.DEFINE_bool("ablation", False, "Run the TOPS criteria ablation: all 7 non-
 flags.DEFINE_integer("max_new_tokens", None, "Answer length limit (default per backbone).")
 flags.DEFINE_integer("pictures", 3, "Examples shown in kept_tokens.png (0 = none).")
 flags.DEFINE_enum("protocol", None, ["llava", "lmms_eval"], "Benchmark protocol: the LLaVA repository's eval scripts or "
-                  "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next).")
+                  "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next and qwen2_5_vl).")
 flags.DEFINE_string("conv_template", None, "Benchmark prompts' conversation template: vicuna_v1, mistral_instruct, "
                     "chat_template (the checkpoint's), plain (default: the checkpoint's decoder decides).")
 flags.DEFINE_list("overrides", None, "Named variants of the methods' official protocols, method.name=value (e.g. "

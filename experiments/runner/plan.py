@@ -7,7 +7,9 @@ method's pruning configuration, and the runs (method x target) they resolve to.
 Targets (the count vocabulary: `models`). `--budget` gives the targets (the papers' visual tokens per image)
 directly; `--keep_ratio` gives target = round(ratio * N_ref) with N_ref the model's nominal visual-token count
 (`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT 2880 = 5 crops x 576, so the ratios give the
-papers' 640/320/160; testbed: 5 crops x 36 = 180).
+papers' 640/320/160; testbed: 5 crops x 36 = 180; Qwen2.5-VL 1,296). With neither flag, a backbone with default
+budgets takes them (Qwen2.5-VL: the TOPS paper's 256 / 128), the others the ratios. How a family's examples become
+inputs (processor, images, arrays, token-count buckets) is its `Backbone.inputs` (`experiments.runner.inputs`).
 
 What each method does with a target is its official protocol, `models.pruning.method_config` (the table in
 `models/pruning/protocols.py`: CDPruner target // 5 per crop with CLIP text relevance, DivPrune
