@@ -127,6 +127,31 @@ def test_buckets_are_few_and_pad_under_a_quarter():
   assert (np.diff(buckets) >= 0).all()
 
 
+def test_block_layout_holds_each_image_at_its_block(model):
+  """Per-image blocks (`layout(..., block=)`): each image's windows, frames and rotary ids are its own layout's
+  (transformers' rules, tested in tests/models), shifted to its block; the padding forms windows and frames of its
+  own, rotary ids 0, no image."""
+  from models import qwen2_5_vl_vision as vision  # pylint: disable=g-import-not-at-top
+  config, grid, block = model.config.vision, np.array([[1, 6, 10], [1, 4, 4]]), 96
+  padded = vision.vision_layout(config, grid, 2 * block, block)
+  unit = config.merge_unit
+  start = 0
+  for i, row in enumerate(grid):
+    own = vision.vision_layout(config, row[None])
+    n = len(own.window_index)
+    np.testing.assert_array_equal(padded.window_index[start:start + n], own.window_index + i * block // unit)
+    np.testing.assert_array_equal(padded.rotary[start * unit:(start + n) * unit], own.rotary)
+    pad = slice(start + n, (i + 1) * block // unit)
+    assert (padded.token_image[padded.window_index[pad]] == 2).all()
+    assert (padded.rotary[pad.start * unit:pad.stop * unit] == 0).all()
+    frames = padded.frame_segment
+    assert not set(frames[pad.start * unit:pad.stop * unit]) & set(frames[start * unit:(start + n) * unit])
+    start = (i + 1) * block // unit
+  assert sorted(padded.window_index) == list(range(2 * block // unit))
+  with pytest.raises(ValueError, match="block=32 must be a multiple of 4 holding each image's patches"):
+    vision.vision_layout(config, grid, None, 32)
+
+
 def test_backbone_defaults_and_bad_flags(qwen_ckpt, model):
   _, resolved, runs = _resolve(model, qwen_ckpt)
   assert resolved.targets == (256, 128) and resolved.nominal_tokens == 1296      # the paper's Table 2 budgets
