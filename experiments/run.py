@@ -59,7 +59,7 @@ flags.DEFINE_list("method", ["all"], "Methods to evaluate ('all' = every method 
                   "the full model is always evaluated too, as the reference.")
 flags.DEFINE_list("budget", None, "Targets: the papers' visual tokens per image (exclusive with --keep_ratio).")
 flags.DEFINE_list("keep_ratio", None, "Kept fractions of the backbone's nominal visual-token count "
-                  "(default 0.222,0.111,0.056 when --budget is not given).")
+                  "(default 0.222,0.111,0.056 when --budget is not given; qwen2_5_vl: --budget=256,128).")
 flags.DEFINE_list("tasks", ["synthvqa"], "Tasks: synthvqa (the procedural benchmark), vqa_jsonl (data_dir).")
 flags.DEFINE_string("data_dir", None, "synthvqa: a directory written by vqa.write_split (else the split "
                     "is generated from --seed); vqa_jsonl: a directory with questions.jsonl.")
@@ -78,7 +78,7 @@ flags.DEFINE_bool("ablation", False, "Run the TOPS criteria ablation: all 7 non-
 flags.DEFINE_integer("max_new_tokens", None, "Answer length limit (default per backbone).")
 flags.DEFINE_integer("pictures", 3, "Examples shown in kept_tokens.png (0 = none).")
 flags.DEFINE_enum("protocol", None, ["llava", "lmms_eval"], "Benchmark protocol: the LLaVA repository's eval scripts or "
-                  "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next).")
+                  "lmms-eval's task code (default per backbone: llava for llava_1_5, lmms_eval for llava_next and qwen2_5_vl).")
 flags.DEFINE_string("conv_template", None, "Benchmark prompts' conversation template: vicuna_v1, mistral_instruct, "
                     "chat_template (the checkpoint's), plain (default: the checkpoint's decoder decides).")
 flags.DEFINE_list("overrides", None, "Named variants of the methods' official protocols, method.name=value (e.g. "
@@ -140,7 +140,7 @@ def _main(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Host
 
 def _evaluate(config: plan.RunConfig, backbone: plan.Backbone, hosts: hosts_lib.Hosts, log):
   try:
-    evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts)
+    evaluator = evaluate.load(backbone, config.backbone, config.checkpoint, hosts, config.protocol or backbone.protocol)
     resolved, runs = plan.resolve(config, evaluator.model)
     if resolved.clip_fingerprint is not None:       # a run reads CLIP
       evaluator = dataclasses.replace(evaluator, clip=evaluate.load_clip(config.clip_checkpoint, evaluator.model))
@@ -187,10 +187,13 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocat
   total = len(job.examples) if job.in_memory else job.benchmark.num_rows
   if not job.in_memory and config.limit:
     total = min(config.limit, total) if total else config.limit
+  compiled = {}
   with tqdm(total=None if total is None else total * len(runs), desc=job.name, unit="ex", file=sys.stderr,
             disable=not evaluator.hosts.writer) as progress:
     covered = evaluate.evaluate_task(evaluator, runs, job, log, hashes, config.batch_size, config.seed, progress,
-                                     process, frozenset(ex.question_id for ex in pictured))
+                                     process, frozenset(ex.question_id for ex in pictured), compiled)
+  logging.info("%s: visual tokens per image (examples evaluated at each): %s; %d prefill program(s) compiled",
+               job.name, compiled.get("visual_buckets", {}), compiled.get("programs", 0))
   if not evaluator.hosts.writer:
     return {}
   record = outputs.provenance(job, hashes, process)
@@ -198,8 +201,8 @@ def _task(evaluator, config, resolved, runs, job, log, out_dir, process, invocat
                               pictured=pictured, pictured_target=min(resolved.targets), protocol=resolved.protocol,
                               template=resolved.conv_template,
                               expected=None if config.limit or job.benchmark is None else job.benchmark.num_rows,
-                              record=record)
-  invocation.task_done(job.name, record)
+                              record=record, compiled=compiled)
+  invocation.task_done(job.name, record, compiled)
   return scores
 
 

@@ -42,7 +42,7 @@ from models import qwen2_5_vl_vision as vision_lib
 from models.family import VisualTokens
 
 __all__ = ["Qwen2_5_VLConfig", "Qwen2_5_VLOutput", "Qwen2_5_VLForConditionalGeneration", "QwenLayout",
-           "image_layout", "rope_index", "conversion_table", "LEGACY_PREFIXES"]
+           "image_layout", "pad_patches", "rope_index", "conversion_table", "LEGACY_PREFIXES"]
 
 LEGACY_PREFIXES = (
     ("visual.", "model.visual."),
@@ -150,6 +150,7 @@ class QwenLayout(NamedTuple):
   thw: int32[I, 3] the images' (t, h, w) patch grids (`image_grid_thw`), for the M-RoPE ids.
   vision: the tower's `VisionLayout` over the batch's Np patches.
   slot: int32[M] the slot (< N) of each merged token (raster order, image after image) in its image's row.
+    (0 at block padding, whose `vision.token_image` is I).
   """
   source: Any
   crop: Any
@@ -162,21 +163,40 @@ class QwenLayout(NamedTuple):
   slot: Any
 
 
-def image_layout(config: Qwen2_5_VLConfig, grid_thw, num_patches: int, num_tokens: int | None = None) -> QwenLayout:
-  """The layout for concrete grids int[I, 3] (numpy, host); N defaults to the most merged tokens of an image."""
+def image_layout(config: Qwen2_5_VLConfig, grid_thw, num_patches: int, num_tokens: int | None = None,
+                 block: int | None = None) -> QwenLayout:
+  """The layout for concrete grids int[I, 3] (numpy, host); N defaults to the most merged tokens of an image.
+  block: pixel rows in per-image blocks (`pad_patches`; `vision_lib.vision_layout`)."""
   grid = np.asarray(grid_thw).astype(np.int64).reshape(-1, 3)
-  vision = vision_lib.vision_layout(config.vision, grid, num_patches)
-  counts = (np.prod(grid, axis=1) // config.vision.merge_unit).astype(np.int32)
+  vision = vision_lib.vision_layout(config.vision, grid, num_patches, block)
+  unit = config.vision.merge_unit
+  counts = (np.prod(grid, axis=1) // unit).astype(np.int32)
   n = int(counts.max()) if num_tokens is None else int(num_tokens)
   if n < counts.max():
     raise ValueError(f"num_tokens={n} is smaller than the {int(counts.max())} merged tokens of an image")
   slots = np.arange(n)[None, :]
   valid = slots < counts[:, None]
   source = np.where(valid, slots, -1).astype(np.int32)
-  slot = np.concatenate([np.arange(c) for c in counts]).astype(np.int32)
+  room = counts if block is None else np.full_like(counts, block // unit)     # merged rows of each image's block
+  slot = np.concatenate([np.where(np.arange(r) < c, np.arange(r), 0) for c, r in zip(counts, room)]).astype(np.int32)
   return QwenLayout(source=source, crop=np.where(valid, 0, -1).astype(np.int32), newline=np.zeros_like(valid),
                     valid=valid, counts=counts, grid=np.zeros((len(counts), 2), np.int32), thw=grid.astype(np.int32),
                     vision=vision, slot=slot)
+
+
+def pad_patches(pixel_values: np.ndarray, grid_thw, block: int) -> np.ndarray:
+  """The processor's rows float[Np, E] (images back to back) -> float[I, block, E]: each image's patches, then zeros
+  up to `block` (host numpy). The tower reads them with `layout(..., block=block)`; the padding is isolated
+  (`vision_lib.vision_layout`), so a larger block changes no image's output beyond float rounding."""
+  sizes = np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1)
+  if int(sizes.sum()) != len(pixel_values):
+    raise ValueError(f"image_grid_thw describes {int(sizes.sum())} patches, pixel_values holds {len(pixel_values)}")
+  if (sizes > block).any():
+    raise ValueError(f"block={block} is smaller than an image's {int(sizes.max())} patches")
+  out = np.zeros((len(sizes), block, pixel_values.shape[-1]), pixel_values.dtype)
+  for i, (start, size) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):
+    out[i, :size] = pixel_values[start:start + size]
+  return out
 
 
 def _layout_shapes(config: Qwen2_5_VLConfig, num_images: int, num_patches: int, n: int) -> QwenLayout:
@@ -295,30 +315,34 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     return self.visual(pixel_values, layout, received=received)
 
   def layout(self, image_grid_thw, num_images: int, num_patches: int | None = None,
-             num_tokens: int | None = None) -> QwenLayout:
+             num_tokens: int | None = None, block: int | None = None) -> QwenLayout:
     """The seam's layout (`QwenLayout`) of int[I, 3] image grids: concrete (numpy; N the most tokens of an image
     unless `num_tokens`) or traced (through pure_callback; N = `num_tokens`, default every merged token of the
-    batch). num_patches: Np of pixel_values (default: the grids' sum, concrete grids only)."""
+    batch). num_patches: Np of pixel_values (default: the grids' sum, or I x block, concrete grids only). block: the
+    pixel rows come in per-image blocks of `block` patches (`pad_patches`: a bucket; pixel_values float[I, block, E])."""
     if image_grid_thw is None:
       raise ValueError("Qwen2.5-VL needs image_grid_thw (int[I, 3]) for its layout")
     if np.shape(image_grid_thw) != (num_images, 3):
       raise ValueError(f"image_grid_thw must be int[I={num_images}, 3] (t, h, w per image), got shape "
                        f"{np.shape(image_grid_thw)}")
     config = self.config
+    if num_patches is None and block is not None:
+      num_patches = num_images * int(block)
     if not isinstance(image_grid_thw, jax.core.Tracer):
       grid = np.asarray(image_grid_thw)
       return image_layout(config, grid, int(np.prod(grid, 1).sum()) if num_patches is None else num_patches,
-                          num_tokens)
+                          num_tokens, block)
     if num_patches is None:
       raise ValueError("traced image_grid_thw: pass num_patches (pixel_values.shape[0])")
     n = num_patches // config.vision.merge_unit if num_tokens is None else num_tokens
-    return jax.pure_callback(lambda g: image_layout(config, g, num_patches, n),
+    return jax.pure_callback(lambda g: image_layout(config, g, num_patches, n, block),
                              _layout_shapes(config, num_images, num_patches, n), image_grid_thw)
 
   def visual_tokens(self, pixel_values: jax.Array, layout: QwenLayout, *, relevance: tuple[str, ...] = (),
                     extras: tuple[str, ...] = ()) -> VisualTokens:
-    """The batch's visual tokens (`models.family`): float[Np, E] patches + `layout` -> `VisualTokens`, one group per
-    image, the merged tokens in raster order. features float[I, N, 4 Dv]: the merger's input (a merged token's 4
+    """The batch's visual tokens (`models.family`): float[Np, E] patches (or float[I, block, E], per-image blocks
+    read with a layout of that `block`) + `layout` -> `VisualTokens`, one group per image, the merged tokens in raster
+    order. features float[I, N, 4 Dv]: the merger's input (a merged token's 4
     patches of the last block, concatenated; `project` maps them to the embeddings). relevance "received": the
     attention each merged token receives in the last full-attention block (mean over heads and its frame's
     queries, averaged over its 4 patches). extras "keys": that block's keys, mean over heads and the 4 patches."""
@@ -327,6 +351,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     family.check_request("Qwen2.5-VL", relevance, extras, provides=("received",), offers=("keys",))
     layout = jax.tree.map(jnp.asarray, layout)
     checks.check_pixel_values(pixel_values)
+    if pixel_values.ndim == 3:       # per-image blocks (`pad_patches`): the layout places them
+      pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
     vis = self.visual(pixel_values, layout.vision, received="received" in relevance, keys="keys" in extras)
     c = self.config.vision
     unit = c.merge_unit
@@ -335,8 +361,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     image, slot = layout.vision.token_image, layout.slot
     i, n = layout.valid.shape
 
-    def per_image(rows, fill=0.0):
-      return jnp.full((i, n) + rows.shape[1:], fill, rows.dtype).at[image, slot].set(rows)
+    def per_image(rows, fill=0.0):      # padding rows (image I) are dropped
+      return jnp.full((i, n) + rows.shape[1:], fill, rows.dtype).at[image, slot].set(rows, mode="drop")
 
     embeds, feats = per_image(vis.merged), per_image(features)
     valid = layout.valid

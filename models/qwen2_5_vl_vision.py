@@ -140,7 +140,7 @@ class VisionLayout(NamedTuple):
   window_segment: int32[Np] the window of each patch in window order (consecutive ids, one per window).
   frame_segment: int32[Np] the frame (image, or video frame) of each patch in window order: full blocks' segments.
   rotary: int32[Np, 2] (h, w) rotary ids of each patch in window order.
-  token_image: int32[M] the image (index into the grids) of each merged token in raster order.
+  token_image: int32[M] the image (index into the grids) of each merged token in raster order (I: padding).
   """
   window_index: Any
   window_segment: Any
@@ -149,19 +149,39 @@ class VisionLayout(NamedTuple):
   token_image: Any
 
 
-def vision_layout(config: VisionConfig, grid_thw, num_patches: int | None = None) -> VisionLayout:
+def vision_layout(config: VisionConfig, grid_thw, num_patches: int | None = None,
+                  block: int | None = None) -> VisionLayout:
   """The layout for concrete grids int[I, 3] (t, h, w in patches), as numpy (transformers' `get_vision_window_index`
-  and `get_vision_position_ids`). `num_patches`: Np of pixel_values, checked against the grids."""
+  and `get_vision_position_ids`). `num_patches`: Np of pixel_values, checked against the grids.
+
+  block: None, the images' patches back to back (the processor's rows; Np = their sum); or the patches of one
+  image's block (a bucket, `models.qwen2_5_vl.pad_patches`): image i's patches start at i x block and padding fills
+  its block (Np = I x block). Padding merged tokens follow their image in window order, in windows (and frames) of
+  their own, at most a window's tokens each, rotary ids 0 and `token_image` I (no image): they never attend to an
+  image's patches nor an image's to them, so the images' outputs do not depend on the block."""
   grid = np.asarray(grid_thw).astype(np.int64).reshape(-1, 3)
   m, ws = config.spatial_merge_size, config.window_tokens
   if (grid < 1).any() or (grid[:, 1:] % m).any():
     raise ValueError(f"image_grid_thw rows must be positive (t, h, w) with h and w multiples of the merge size {m}, "
                      f"got {grid.tolist()}")
-  total = int(np.sum(np.prod(grid, axis=1)))
+  sizes = np.prod(grid, axis=1)
+  total = int(np.sum(sizes)) if block is None else len(grid) * int(block)
+  if block is not None and (block % config.merge_unit or (sizes > block).any()):
+    raise ValueError(f"block={block} must be a multiple of {config.merge_unit} holding each image's patches "
+                     f"(the largest has {int(sizes.max())})")
   if num_patches is not None and total != num_patches:
-    raise ValueError(f"image_grid_thw {grid.tolist()} describes {total} patches, pixel_values holds {num_patches}")
+    what = "describes" if block is None else f"in blocks of {block} describes"
+    raise ValueError(f"image_grid_thw {grid.tolist()} {what} {total} patches, pixel_values holds {num_patches}")
   window_index, window_of, frame_of, rotary, token_image = [], [], [], [], []
   offset = windows = frames = 0
+
+  def add_window(tokens, frame):
+    nonlocal windows
+    window_index.append(tokens)
+    window_of.append(np.full(tokens.size * m * m, windows))
+    frame_of.append(np.full(tokens.size * m * m, frame))
+    windows += 1
+
   for image, (t, h, w) in enumerate(grid.tolist()):
     gh, gw = h // m, w // m
     index = np.arange(t * gh * gw).reshape(t, gh, gw)
@@ -169,13 +189,10 @@ def vision_layout(config: VisionConfig, grid_thw, num_patches: int | None = None
     padded = np.full((t, nh * ws, nw * ws), -1)
     padded[:, :gh, :gw] = index
     blocks = padded.reshape(t, nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, ws * ws)
-    for block in blocks:
-      kept = block[block >= 0]
+    for window in blocks:
+      kept = window[window >= 0]
       if kept.size:              # transformers' unique_consecutive drops empty windows
-        window_index.append(kept + offset)
-        window_of.append(np.full(kept.size * m * m, windows))
-        frame_of.append(np.full(kept.size * m * m, frames + int(kept[0]) // (gh * gw)))
-        windows += 1
+        add_window(kept + offset, frames + int(kept[0]) // (gh * gw))
     # (h, w) ids of the patches, block-major over the merge groups, repeated per frame.
     hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     block_major = lambda a: a.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
@@ -183,6 +200,14 @@ def vision_layout(config: VisionConfig, grid_thw, num_patches: int | None = None
     token_image.append(np.full(t * gh * gw, image))
     offset += t * gh * gw
     frames += t
+    if block is not None:          # this image's padding: windows and frames of their own
+      end = (image + 1) * block // config.merge_unit
+      for start in range(offset, end, ws * ws):
+        add_window(np.arange(start, min(start + ws * ws, end)), frames)
+        frames += 1
+      rotary.append(np.zeros((block - t * h * w, 2), np.int64))
+      token_image.append(np.full(end - offset, len(grid)))
+      offset = end
   window_index = np.concatenate(window_index).astype(np.int32)
   rotary = np.concatenate(rotary).reshape(-1, m * m, 2)[window_index].reshape(-1, 2)
   return VisionLayout(window_index=window_index, window_segment=np.concatenate(window_of).astype(np.int32),

@@ -19,8 +19,8 @@ import transformers
 
 import model_factories as mf
 
-__all__ = ["QWEN_SPECIALS", "MIN_PIXELS", "MAX_PIXELS", "tiny_qwen", "chat_prompt", "to_v5_names",
-           "flatten_config", "processor"]
+__all__ = ["QWEN_SPECIALS", "MIN_PIXELS", "MAX_PIXELS", "CHAT_TEMPLATE", "tiny_qwen", "chat_prompt", "to_v5_names",
+           "flatten_config", "processor", "save_chat_template"]
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -45,6 +45,30 @@ def _tokenizer(directory: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
   fast.padding_side = "left"
   fast.save_pretrained(directory)
   return fast
+
+
+# The chat template of the hub's Qwen2-VL / Qwen2.5-VL Instruct checkpoints (a default system message when the first
+# message is not one; images and videos as vision_start, pad, vision_end; add_vision_id numbering).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_template(directory) -> None:
+  """Adds the hub chat template to a `tiny_qwen` directory, written by transformers (the tokenizer's save)."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  tokenizer.chat_template = CHAT_TEMPLATE
+  tokenizer.save_pretrained(directory)
 
 
 def chat_prompt(question: str, images: int = 1) -> str:

@@ -88,6 +88,8 @@ class Task:
   judged: True when no local metric exists (MM-Vet): `score` then reports counts only, and the predictions file is
     what the judge scripts take.
   also_reads: the other (config, split)s `examples` reads with images (GQA's images config).
+  length_from_wrapper: the lmms-eval yaml sets no max_new_tokens, so the "lmms_eval" value is the llava wrapper's
+    default (1,024); another model wrapper brings its own default (`experiments.runner.inputs`: qwen2_5_vl 32,768).
   """
   name: str
   repo: str
@@ -104,6 +106,7 @@ class Task:
   score: Callable[[Sequence[Mapping[str, Any]], str], dict[str, float]]
   judged: bool = False
   also_reads: tuple[tuple[str | None, str], ...] = ()
+  length_from_wrapper: bool = False
 
   def data_files(self, data_dir: str) -> list[str]:
     """Every parquet file `examples(data_dir, ...)` reads, its shard sets checked (`parquet.split_files`)."""

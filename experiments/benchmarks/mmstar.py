@@ -70,5 +70,6 @@ TASKS = {
     "mmstar": base.Task(
         name="mmstar", repo="Lin-Chen/MMStar", folder="MMStar", config=CONFIG, split=SPLIT, num_rows=1500,
         id_source="index", max_new_tokens={"llava": 1024, "lmms_eval": 1024}, stop=(),
-        image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples, parse=_parse, score=_score),
+        image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=_examples, parse=_parse, score=_score,
+        length_from_wrapper=True),
 }

@@ -76,7 +76,8 @@ def _task(name: str, ocr: bool) -> base.Task:
   return base.Task(
       name=name, repo="lmms-lab/textvqa", folder="textvqa", config=None, split="validation", num_rows=5000,
       id_source="question_id", max_new_tokens={"llava": 128, "lmms_eval": 1024}, stop=("ASSISTANT:",),
-      image_aspect={"llava": "pad", "lmms_eval": "pad"}, examples=functools.partial(_examples, ocr=ocr),
+      image_aspect={"llava": "pad", "lmms_eval": "pad"}, length_from_wrapper=True,
+      examples=functools.partial(_examples, ocr=ocr),
       parse=_parse, score=_score)
 
 

@@ -9,7 +9,9 @@ Templates (facts from LLaVA's `llava/conversation.py` and lmms-eval's model wrap
 - "mistral_instruct": "[INST] <image>\\n{text} [/INST]" (LLAMA_2 style with an empty system text, not wrapped in
   <<SYS>>): llava-v1.6-mistral.
 - "chat_template": the checkpoint's own `chat_template` through `processor.apply_chat_template` (what lmms-eval's
-  `llava_hf` wrapper does); for llava-hf checkpoints this drops the vicuna system prompt.
+  `llava_hf` wrapper does); for llava-hf checkpoints this drops the vicuna system prompt. With a `system` text (lmms-eval's
+  `qwen2_5_vl` wrapper: "You are a helpful assistant.") a system message (string content) comes first, and the
+  user turn holds the image then the text, as that wrapper sends them.
 - "plain": "USER: <image>\\n{text} ASSISTANT:" (the runner's earlier prompt without a system text; the llava-hf
   LLaVA-1.5 chat template renders the same string).
 The tokenizer adds BOS; the processor expands "<image>" to the image's feature count. LLaVA's own
@@ -26,9 +28,12 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 TEMPLATES = ("vicuna_v1", "mistral_instruct", "chat_template", "plain")
 
 
-def render(template: str, text: str, processor=None) -> str:
+def render(template: str, text: str, processor=None, system: str | None = None) -> str:
   """The prompt string for one image and one user turn `text` (without "<image>"); `processor` is needed for
-  "chat_template". Raises ValueError for an unknown template or a processor without a chat template."""
+  "chat_template", which alone takes a `system` message. Raises ValueError for an unknown template, a processor
+  without a chat template, or a system message for another template."""
+  if system is not None and template != "chat_template":
+    raise ValueError(f"conversation template {template!r} takes no system message (only chat_template does)")
   if template == "vicuna_v1":
     return f"{VICUNA_SYSTEM} USER: <image>\n{text} ASSISTANT:"
   if template == "mistral_instruct":
@@ -39,6 +44,8 @@ def render(template: str, text: str, processor=None) -> str:
     if processor is None or not getattr(processor, "chat_template", None):
       raise ValueError("--conv_template=chat_template: the checkpoint's processor has no chat_template")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    if system is not None:
+      messages.insert(0, {"role": "system", "content": system})
     return processor.apply_chat_template(messages, add_generation_prompt=True)
   raise ValueError(f"unknown conversation template {template!r}; known: {', '.join(TEMPLATES)}")
 

@@ -36,9 +36,9 @@ import numpy as np
 from experiments.analysis import flops
 from experiments.benchmarks import base
 from experiments.runner import hosts as hosts_lib
+from experiments.runner import inputs as inputs_lib
 from experiments.runner.plan import Backbone, RunSpec, reads_clip
 from experiments.runner.tasks import TaskRun
-from models import anyres
 from models import pruning
 from tops_jax import prune
 
@@ -48,18 +48,16 @@ __all__ = ["SORT_BATCHES", "Evaluator", "Batch", "batches", "evaluate_task", "ru
 SORT_BATCHES = 8      # batches per length-sorted buffer of a streamed task
 
 
-def _bucket(n: int, step: int = 32) -> int:
-  return -(-n // step) * step
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """The checkpoint's model and processor, this process's place in the run, and CDPruner's CLIP text tower (None
-  without --clip_checkpoint): encodes batches and runs the pruned prefill and decoding."""
+  """The checkpoint's model and processor, this process's place in the run, CDPruner's CLIP text tower (None
+  without --clip_checkpoint) and the family's input hooks (`experiments.runner.inputs`): encodes batches and runs
+  the pruned prefill and decoding."""
   model: Any
   processor: Any
   hosts: hosts_lib.Hosts = hosts_lib.SINGLE
   clip: Any = None        # models.clip_text.ClipTextRelevance
+  inputs: Any = inputs_lib.LLAVA
 
   @property
   def tokenizer(self):
@@ -74,53 +72,38 @@ class Evaluator:
     return pruning.ClipText(image_head=self.clip.model.vision, text_embeds=jnp.asarray(arrays["clip_text"]))
 
   def encode(self, texts: Sequence[str], images: Sequence[np.ndarray], questions: Sequence[str],
-             length: int | None = None) -> dict[str, np.ndarray]:
-    """Rendered prompts (one "<image>" each) and their images -> arrays padded to `length` (default: the longest
-    row, rounded up to a multiple of 32); with a CLIP text tower (`clip`) also `clip_text` float32[B, E], CDPruner's
-    text embedding of each row's question (the user text, as its official eval scripts pass it). The images are
+             length: int | None = None, visual_len: int | None = None) -> dict[str, np.ndarray]:
+    """Rendered prompts (one image each) and their images -> arrays padded to `length` (default: the family's rule;
+    LLaVA: the longest row rounded up to a multiple of 32) with the images at `visual_len` tokens (default the
+    model's bound; `inputs`); with a CLIP text tower (`clip`) also `clip_text` float32[B, E], CDPruner's text
+    embedding of each row's question (the user text, as its official eval scripts pass it). The images are
     uint8[H, W, 3], said so: left to guess, the processor reads an image 1 or 3 px high as channels-first (3 x 100
     as 100 x 3)."""
-    enc = self.processor(images=list(images), text=list(texts), return_tensors="np", padding=True,
-                         input_data_format="channels_last")
-    ids = enc["input_ids"].astype(np.int32)
-    mask = enc["attention_mask"].astype(bool)
-    s = length or _bucket(ids.shape[1])
-    if s < ids.shape[1]:
-      raise ValueError(f"length={s} is shorter than the batch's {ids.shape[1]} tokens")
-    pad_id = self.tokenizer.pad_token_id or 0
-    pad = (s - ids.shape[1], 0) if self.tokenizer.padding_side == "left" else (0, s - ids.shape[1])
-    ids = np.pad(ids, ((0, 0), pad), constant_values=pad_id)
-    mask = np.pad(mask, ((0, 0), pad))
-    arrays = dict(input_ids=ids, attention_mask=mask, pixel_values=enc["pixel_values"].astype(np.float32))
-    if "image_sizes" in enc:
-      arrays["image_sizes"] = enc["image_sizes"].astype(np.int32)
+    arrays = self.inputs.encode(self.model, self.processor, texts, images, length,
+                                visual_len or self.model.config.max_image_tokens)
     if self.clip is not None:
       arrays["clip_text"] = self.clip.encode(list(questions))
-    if arrays["pixel_values"].ndim == 5:   # crops per image: one crop count for every batch (one compile)
-      arrays["pixel_values"] = anyres.pad_crops(arrays["pixel_values"], self.model.config.max_num_crops)
     return arrays
 
   def visual_tokens(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """Visual tokens per row before pruning (newlines excluded)."""
-    layout = self.model.layout(arrays.get("image_sizes"), len(arrays["input_ids"]))
-    return (layout.valid & ~layout.newline).sum(-1)
+    layout = self.inputs.layout(self.model, arrays)
+    return (np.asarray(layout.valid) & ~np.asarray(layout.newline)).sum(-1)
 
   def text_bound(self, arrays: Mapping[str, np.ndarray]) -> int:
     """The static bound on real non-image tokens per row (a multiple of 8)."""
-    real = arrays["attention_mask"] & (arrays["input_ids"] != self.model.config.image_token_id)
-    return _bucket(int(real.sum(-1).max()), 8)
+    return inputs_lib.text_bound(arrays, self.model.config.image_token_id)
 
   def prefill(self, config: pruning.PruningConfig, batch: "Batch", key, max_new_tokens: int, cache: bool):
     """The pruned prefill: a PruneOutput (cache=False: one new token, no cache) or a `generate.Prefill` to
     decode `max_new_tokens` from."""
     a = batch.arrays
-    common = dict(key=key, text_len=batch.text_bound, visual_len=self.model.config.max_image_tokens,
-                  clip=self.clip_inputs(config, a))
+    common = dict(key=key, text_len=batch.text_bound, clip=self.clip_inputs(config, a),
+                  **self.inputs.prefill_args(self.model, a, batch.visual_len))
     if not cache:
-      return pruning.forward(self.model, config, a["input_ids"], a["attention_mask"], a["pixel_values"],
-                             a.get("image_sizes"), **common)
+      return pruning.forward(self.model, config, a["input_ids"], a["attention_mask"], a["pixel_values"], **common)
     return pruning.prefill(self.model, config, a["input_ids"], a["attention_mask"], pixel_values=a["pixel_values"],
-                           image_sizes=a.get("image_sizes"), max_new_tokens=max_new_tokens, **common)
+                           max_new_tokens=max_new_tokens, **common)
 
   def generate(self, config: pruning.PruningConfig, state, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy tokens from a `prefill` state (no second prefill): (int32[B, M], num_tokens int32[B]) as numpy."""
@@ -134,11 +117,11 @@ class Evaluator:
 
 
 def load(backbone: Backbone, backbone_name: str, checkpoint: str,
-         hosts: hosts_lib.Hosts = hosts_lib.SINGLE) -> Evaluator:
-  """The Evaluator of a local checkpoint (with a mesh each device reads its own shards). ValueError for a missing
-  directory or a checkpoint of another model type."""
+         hosts: hosts_lib.Hosts = hosts_lib.SINGLE, protocol: str | None = None) -> Evaluator:
+  """The Evaluator of a local checkpoint (with a mesh each device reads its own shards), its processor as the
+  benchmark `protocol` sets it up (`inputs.load_processor`). ValueError for a missing directory or a checkpoint of
+  another model type."""
   import models  # pylint: disable=g-import-not-at-top
-  from transformers import AutoProcessor  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(checkpoint):
     raise ValueError(f"--checkpoint {checkpoint!r} is not a directory")
   model = models.load_pretrained(checkpoint, mesh=hosts.mesh)
@@ -151,9 +134,8 @@ def load(backbone: Backbone, backbone_name: str, checkpoint: str,
     from experiments import testbed  # pylint: disable=g-import-not-at-top
     processor = testbed.make_processor(testbed.hf_from_model(model), directory=checkpoint)
   else:
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    processor.tokenizer.padding_side = "left"
-  return Evaluator(model, processor, hosts)
+    processor = backbone.inputs.load_processor(checkpoint, protocol)
+  return Evaluator(model, processor, hosts, inputs=backbone.inputs)
 
 
 def load_clip(clip_checkpoint: str, model):
@@ -217,14 +199,17 @@ class _Prepared:
   prompt: str
   image: np.ndarray
   length: int = 0             # prompt tokens with the image expanded (streamed tasks sort by it)
+  count: int = 0              # the image's visual tokens (before any bucket)
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  """One batch of a task: its examples and, once encoded, the global arrays (padded to the batch size with copies
-  of the first example), the visual tokens per row and the static text bound."""
+  """One batch of a task: its examples, their static visual-token count per image (`inputs.visual_len`: the bucket)
+  and, once encoded, the global arrays (padded to the batch size with copies of the first example), the visual
+  tokens per row and the static text bound."""
   number: int                 # folds the seed for the random methods
   examples: list[_Prepared]
+  visual_len: int = 0
   arrays: dict[str, Any] | None = None
   visual: np.ndarray | None = None      # int[B] visual tokens per row before pruning
   text_bound: int = 0
@@ -235,16 +220,15 @@ def _prepare(evaluator: Evaluator, job: TaskRun, example: base.Example, measure:
   example's file and row, before its batch runs: the model's own check names no example)."""
   image, prompt = job.image(example), job.prompt(example)
   length = 0
+  count = evaluator.inputs.image_tokens(evaluator.model, evaluator.processor, image)
   if measure:
-    h, w = image.shape[:2]
-    count = int(np.asarray(evaluator.model.layout(np.array([[h, w]]), 1).counts)[0])
     length = len(evaluator.tokenizer(prompt.replace(base.IMAGE_TOKEN, ""))["input_ids"]) + count
     most = evaluator.model.config.text.max_position_embeddings
     if length + job.max_new_tokens > most:
       raise ValueError(f"{example.source or job.name}: question {example.question_id!r} is too long: its prompt "
                        f"holds {length} tokens ({count} of them the image's), and {length} + max_new_tokens "
                        f"{job.max_new_tokens} > max_position_embeddings {most}")
-  return _Prepared(example, job.key(example), prompt, image, length)
+  return _Prepared(example, job.key(example), prompt, image, length, count)
 
 
 def _local(evaluator: Evaluator, examples: Sequence[_Prepared], batch_size: int) -> list[_Prepared]:
@@ -253,8 +237,14 @@ def _local(evaluator: Evaluator, examples: Sequence[_Prepared], batch_size: int)
   return [padded[r] for r in evaluator.hosts.local_rows(batch_size)]
 
 
-def _encode(evaluator: Evaluator, mine: Sequence[_Prepared], length: int | None = None) -> dict[str, np.ndarray]:
-  return evaluator.encode([p.prompt for p in mine], [p.image for p in mine], [p.example.text for p in mine], length)
+def _encode(evaluator: Evaluator, mine: Sequence[_Prepared], visual_len: int,
+            length: int | None = None) -> dict[str, np.ndarray]:
+  return evaluator.encode([p.prompt for p in mine], [p.image for p in mine], [p.example.text for p in mine], length,
+                          visual_len)
+
+
+def _visual_len(evaluator: Evaluator, examples: Sequence[_Prepared]) -> int:
+  return evaluator.inputs.visual_len(evaluator.model, [p.count for p in examples])
 
 
 def _checked(evaluator: Evaluator, batch: Batch, arrays, runs: Sequence[RunSpec], task: str,
@@ -274,12 +264,13 @@ def batches(evaluator: Evaluator, job: TaskRun, runs: Sequence[RunSpec], batch_s
   needs them (`encode_batch`)."""
   if job.in_memory:
     prepared = [_prepare(evaluator, job, ex, False) for ex in job.examples]
-    chunks = [Batch(n, prepared[start:start + batch_size]) for n, start in enumerate(range(0, len(prepared),
-                                                                                          batch_size))]
+    visual_len = _visual_len(evaluator, prepared)        # one for the task: one compile per run
+    chunks = [Batch(n, prepared[start:start + batch_size], visual_len)
+              for n, start in enumerate(range(0, len(prepared), batch_size))]
     local = [_local(evaluator, b.examples, batch_size) for b in chunks]
-    encoded = [_encode(evaluator, mine) for mine in local]
+    encoded = [_encode(evaluator, mine, visual_len) for mine in local]
     length = evaluator.hosts.max(max(a["input_ids"].shape[1] for a in encoded))
-    encoded = [a if a["input_ids"].shape[1] == length else _encode(evaluator, mine, length)
+    encoded = [a if a["input_ids"].shape[1] == length else _encode(evaluator, mine, visual_len, length)
                for a, mine in zip(encoded, local)]
     assembled = [evaluator.hosts.assemble(a, batch_size) for a in encoded]
     bound = max(evaluator.text_bound(a) for a in assembled)
@@ -290,7 +281,8 @@ def batches(evaluator: Evaluator, job: TaskRun, runs: Sequence[RunSpec], batch_s
     prepared = sorted((_prepare(evaluator, job, ex, True) for ex in buffer), key=lambda p: p.length)
     for start in range(0, len(prepared), batch_size):
       number += 1
-      yield Batch(number, prepared[start:start + batch_size])
+      chunk = prepared[start:start + batch_size]
+      yield Batch(number, chunk, _visual_len(evaluator, chunk))
 
 
 def encode_batch(evaluator: Evaluator, batch: Batch, runs: Sequence[RunSpec], batch_size: int, task: str) -> Batch:
@@ -298,10 +290,10 @@ def encode_batch(evaluator: Evaluator, batch: Batch, runs: Sequence[RunSpec], ba
   if batch.arrays is not None:
     return batch
   mine = _local(evaluator, batch.examples, batch_size)
-  arrays = _encode(evaluator, mine)
+  arrays = _encode(evaluator, mine, batch.visual_len)
   length = evaluator.hosts.max(arrays["input_ids"].shape[1])
   if length != arrays["input_ids"].shape[1]:
-    arrays = _encode(evaluator, mine, length)
+    arrays = _encode(evaluator, mine, batch.visual_len, length)
   return _checked(evaluator, batch, evaluator.hosts.assemble(arrays, batch_size), runs, task)
 
 
@@ -393,14 +385,16 @@ def _rows(evaluator: Evaluator, job: TaskRun, spec: RunSpec, batch: Batch, keys:
 
 def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, log, hashes: Mapping[str, str],
                   batch_size: int, seed: int, progress=None, process: str = "",
-                  pictured: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+                  pictured: frozenset[str] = frozenset(), compiled: dict | None = None) -> dict[str, list[str]]:
   """Evaluates every run on the task's batches, appending one row per example to `log` (finished rows are
   skipped); returns the row keys of this invocation by run name. `hashes`: run name -> `run_hash` of this task.
 
   process: names the runner invocation that measured `prefill_ms` (timings of different processes differ in
   warm-up, load and machine, so the reports flag a time ratio that mixes them). pictured: example ids whose rows
   also record `kept_slots` (the first stage's kept packed slots) for the kept-token pictures, which then need no
-  second pass.
+  second pass. compiled: filled (when given) with what the task compiled: "visual_buckets" {visual tokens per image
+  (`Batch.visual_len`): examples evaluated at it}, "shapes" [[B, S, text bound, visual tokens], ...] of the batches
+  evaluated and "programs", the prefill programs compiled (run x shape).
   """
   hosts = evaluator.hosts
   streamed = not job.in_memory
@@ -422,6 +416,11 @@ def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, l
     if not todo:
       continue
     batch = encode_batch(evaluator, batch, runs, batch_size, job.name)
+    if compiled is not None:
+      buckets = compiled.setdefault("visual_buckets", {})
+      buckets[batch.visual_len] = buckets.get(batch.visual_len, 0) + len(batch.examples)
+      shape = [*batch.arrays["input_ids"].shape, batch.text_bound, batch.visual_len]
+      compiled.setdefault("shapes", []).extend([] if shape in compiled["shapes"] else [shape])
     key = jax.random.fold_in(jax.random.key(seed), batch.number)
     cache = job.max_new_tokens > 1 or streamed
     reference = None
@@ -430,10 +429,12 @@ def evaluate_task(evaluator: Evaluator, runs: Sequence[RunSpec], job: TaskRun, l
         continue
       if progress is not None:
         progress.set_postfix_str(spec.name)
-      shape = (spec.name,) + batch.arrays["input_ids"].shape + (batch.text_bound,)
+      shape = (spec.name,) + batch.arrays["input_ids"].shape + (batch.text_bound, batch.visual_len)
       if shape not in warm:   # compile outside the timed call
         jax.block_until_ready(evaluator.prefill(spec.config, batch, key, job.max_new_tokens, cache))
         warm.add(shape)
+        if compiled is not None:
+          compiled["programs"] = compiled.get("programs", 0) + 1
       t0 = time.perf_counter()
       state = jax.block_until_ready(evaluator.prefill(spec.config, batch, key, job.max_new_tokens, cache))
       elapsed_ms = (time.perf_counter() - t0) * 1e3

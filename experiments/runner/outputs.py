@@ -35,7 +35,7 @@ from experiments.runner import results
 from experiments.runner.plan import RunSpec
 from experiments.runner.tasks import TaskRun
 
-__all__ = ["write_task", "relative_summary", "task_summary", "format_summary", "write_predictions", "provenance",
+__all__ = ["write_task", "compiled_line", "relative_summary", "task_summary", "format_summary", "write_predictions", "provenance",
            "Invocation", "MANIFEST", "OUTPUTS"]
 
 MANIFEST = "manifest.json"
@@ -59,11 +59,13 @@ def _write_text(path: str, text: str):
 def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
                out_dir: str, *, model=None, pictured: Sequence[base.Example] = (), pictured_target: int | None = None,
                protocol: str | None = None, template: str | None = None, expected: int | None = None,
-               record: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+               record: Mapping[str, Any] | None = None,
+               compiled: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
   """Prints and writes the task's outputs into `out_dir`; returns a benchmark's metrics by run name ({} for an
   in-memory task). pictured: the examples kept_tokens.png shows (in-memory tasks), for the runs at
   `pictured_target` and the full one. expected: the judge file's expected question count (MM-Vet; None: any).
-  record: the task's `provenance`, ending its summary and heading each predictions file."""
+  record: the task's `provenance`, ending its summary and heading each predictions file. compiled: what the task
+  compiled (`evaluate.evaluate_task`): a benchmark's summary states its visual-token buckets and programs."""
   record = dict(record or {})
   if job.benchmark is None:
     _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target, record)
@@ -71,6 +73,8 @@ def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, 
   task = job.benchmark
   entries = task_summary(task, rows_by_run, runs, protocol)
   table = format_summary(task, entries)
+  if compiled:
+    table += "\n" + compiled_line(compiled)
   print(f"\n{job.name} (protocol {protocol}, template {template}, images {job.aspect})\n{table}", flush=True)
   _write_text(os.path.join(out_dir, f"summary_{job.name}.md"), f"{table}\n\n{_provenance_line(record)}\n")
   write_predictions(out_dir, job.name, rows_by_run, record)
@@ -80,6 +84,14 @@ def write_task(job: TaskRun, runs: Sequence[RunSpec], rows_by_run: Mapping[str, 
       mmvet.write_judge_file(run_rows, os.path.join(out_dir, "predictions", job.name, f"{run_name}.judge.json"),
                              expected=expected)
   return {e["run"]: e["metrics"] for e in entries}
+
+
+def compiled_line(compiled: Mapping[str, Any]) -> str:
+  """One line: the visual tokens per image the batches were padded to (examples at each) and the programs compiled."""
+  buckets = ", ".join(f"{n} ({k} ex.)" for n, k in sorted(compiled.get("visual_buckets", {}).items()))
+  return (f"Compiled: visual tokens per image {buckets or '-'}; {len(compiled.get('shapes', []))} batch shape(s) "
+          f"[B, S, text bound, visual tokens] {compiled.get('shapes', [])}; {compiled.get('programs', 0)} prefill "
+          "program(s) (runs x shapes; resumed batches compile none).")
 
 
 def _write_report(job, runs, rows_by_run, out_dir, model, pictured, pictured_target, record):
@@ -205,7 +217,7 @@ class Invocation:
   def __init__(self, out_dir: str, name: str, configuration: Mapping[str, Any]):
     self.out_dir = out_dir
     self.record: dict[str, Any] = dict(invocation=name, status="running", started=_now(), finished=None,
-                                       configuration=dict(configuration), tasks={}, files=[])
+                                       configuration=dict(configuration), tasks={}, compiled={}, files=[])
 
   @property
   def name(self) -> str:
@@ -223,9 +235,11 @@ class Invocation:
         os.remove(path)
     self._write()
 
-  def task_done(self, task: str, record: Mapping[str, Any]):
-    """Records a finished task's provenance (and the files written so far)."""
+  def task_done(self, task: str, record: Mapping[str, Any], compiled: Mapping[str, Any] | None = None):
+    """Records a finished task's provenance, what it compiled (visual-token buckets, batch shapes, programs:
+    `evaluate.evaluate_task`) and the files written so far."""
     self.record["tasks"][task] = dict(record)
+    self.record["compiled"][task] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (compiled or {}).items()}
     self._write()
 
   def finish(self, error: BaseException | None = None):

@@ -7,7 +7,9 @@ method's pruning configuration, and the runs (method x target) they resolve to.
 Targets (the count vocabulary: `models`). `--budget` gives the targets (the papers' visual tokens per image)
 directly; `--keep_ratio` gives target = round(ratio * N_ref) with N_ref the model's nominal visual-token count
 (`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT 2880 = 5 crops x 576, so the ratios give the
-papers' 640/320/160; testbed: 5 crops x 36 = 180).
+papers' 640/320/160; testbed: 5 crops x 36 = 180; Qwen2.5-VL 1,296). With neither flag, a backbone with default
+budgets takes them (Qwen2.5-VL: the TOPS paper's 256 / 128), the others the ratios. How a family's examples become
+inputs (processor, images, arrays, token-count buckets) is its `Backbone.inputs` (`experiments.runner.inputs`).
 
 What each method does with a target is its official protocol, `models.pruning.method_config` (the table in
 `models/pruning/protocols.py`: CDPruner target // 5 per crop with CLIP text relevance, DivPrune
@@ -28,6 +30,7 @@ import json
 import os
 from typing import Any, Callable
 
+from experiments.runner import inputs as inputs_lib
 from experiments.runner.fingerprints import fingerprint
 from models import backbones
 from models import pruning
@@ -56,6 +59,11 @@ class Backbone:
   prompt: str                 # with {question}; "<image>" where the image goes
   protocol: str | None = None  # default benchmark protocol: what produced the papers' tables
   square_pad: bool = False    # LLaVA-1.5: pad-to-square unless the task keeps the original aspect
+  inputs: Any = inputs_lib.LLAVA  # the family's input hooks (`experiments.runner.inputs`: processor, images, arrays)
+  budgets: tuple[int, ...] = ()   # default targets (the papers'); () = the default --keep_ratio values
+  conv_template: str | None = None  # default benchmark template; None: the checkpoint's decoder decides
+  in_memory: bool = True      # runs the in-memory tasks (their prompt, one image size, kept-token pictures)
+  resolutions: tuple[str, ...] = RESOLUTIONS   # the --resolution values it takes
 
 
 def _family(model_type: str) -> Backbone:
@@ -73,6 +81,10 @@ def _backbones() -> dict[str, Backbone]:
       "testbed": Backbone(model_type="llava_next", family="testbed", max_new_tokens=1, prompt=testbed.PROMPT),
       "llava_1_5": _family("llava"),
       "llava_next": _family("llava_next"),
+      # Qwen2.5-VL on lmms-eval's qwen2_5_vl wrapper (`inputs.QwenInputs`): the checkpoint's chat template with the
+      # wrapper's system message, T = 256 / 128 (the TOPS paper's Table 2), images at their native size.
+      "qwen2_5_vl": dataclasses.replace(_family("qwen2_5_vl"), inputs=inputs_lib.QWEN2_5_VL, budgets=(256, 128),
+                                        conv_template="chat_template", in_memory=False, resolutions=("native",)),
   }
 
 
@@ -289,10 +301,13 @@ _NEEDS_CLIP = ("cdpruner's relevance is CLIP's text tower (its official code): p
 FULL = pruning.PruningConfig(method="tops")  # no Stage I budget and no Stage II step: the unpruned model
 
 
-def _targets(run: RunConfig, nominal_tokens: int) -> list[tuple[int, float | None]]:
-  """(target, keep ratio or None) per run, from --budget or --keep_ratio."""
+def _targets(run: RunConfig, nominal_tokens: int, defaults: tuple[int, ...] = ()) -> list[tuple[int, float | None]]:
+  """(target, keep ratio or None) per run, from --budget or --keep_ratio, else the backbone's default budgets
+  (`defaults`) or ratios (`RATIOS`)."""
   if run.budgets and run.keep_ratios:
     raise ValueError("--budget and --keep_ratio are exclusive: give one")
+  if not run.budgets and not run.keep_ratios and defaults:
+    return [(int(b), None) for b in defaults]
   if run.budgets:
     try:
       return [(int(b), None) for b in run.budgets]
@@ -330,7 +345,7 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   _check_tops_flags(run, overrides.get("tops", {}))
   family = backbones.get(backbone.model_type)
   nominal_tokens = family.nominal_tokens(model.config)
-  targets = _targets(run, nominal_tokens)
+  targets = _targets(run, nominal_tokens, backbone.budgets)
   if any(target < 1 for target, _ in targets):
     raise ValueError(f"--budget values must be positive, got {[target for target, _ in targets]}")
   most = model.config.max_image_tokens
@@ -348,6 +363,10 @@ def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
     raise ValueError(f"--max_new_tokens must be >= 1 (or unset for the backbone's {backbone.max_new_tokens}), "
                      f"got {run.max_new_tokens}")
   known = task_names()
+  in_memory = [t for t in run.tasks if t in IN_MEMORY_TASKS]
+  if in_memory and not backbone.in_memory:
+    raise ValueError(f"--backbone={run.backbone} runs the benchmark tasks, not {', '.join(in_memory)} (--tasks=pope,"
+                     "mme,...)")
   if not run.tasks:
     raise ValueError(f"--tasks is empty: name at least one task ({', '.join(known)})")
   unknown_tasks = [t for t in run.tasks if t not in known]
@@ -430,19 +449,21 @@ def _benchmark_settings(run: RunConfig, backbone: Backbone, model) -> tuple[str 
         raise ValueError(f"--{name} applies to the benchmark tasks only; --tasks={','.join(run.tasks)} has none")
     return None, None
   if backbone.protocol is None:
-    raise ValueError(f"--tasks={','.join(benchmarks)} need a llava-hf checkpoint (--backbone=llava_1_5 or "
-                     f"llava_next); --backbone={run.backbone} is not one")
+    raise ValueError(f"--tasks={','.join(benchmarks)} need a hub checkpoint (--backbone=llava_1_5, llava_next or "
+                     f"qwen2_5_vl); --backbone={run.backbone} is not one")
   if not run.data_dir:
     raise ValueError(f"--tasks={','.join(benchmarks)} need --data_dir: a folder of dataset snapshots (ROOT/POPE, "
                      "ROOT/MME, ...), or the one dataset's snapshot when one task is given")
   protocol = run.protocol or backbone.protocol
   if protocol not in base.PROTOCOLS:
     raise ValueError(f"--protocol must be one of {', '.join(base.PROTOCOLS)}, got {protocol!r}")
-  template = run.conv_template or conversation.default_template(model.config)
+  template = run.conv_template or backbone.conv_template or conversation.default_template(model.config)
   if template not in conversation.TEMPLATES:
     raise ValueError(f"--conv_template must be one of {', '.join(conversation.TEMPLATES)}, got {template!r}")
-  if run.resolution not in RESOLUTIONS:
-    raise ValueError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {run.resolution!r}")
+  if run.resolution not in backbone.resolutions:
+    raise ValueError(f"--resolution must be one of {', '.join(backbone.resolutions)} on --backbone={run.backbone}, "
+                     f"got {run.resolution!r}")
+  backbone.inputs.settings(protocol)          # ValueError for a protocol the family has no inputs for
   if run.resolution != "native" and backbone.square_pad:
     raise ValueError("--resolution=fixed_672 is LLaVA-NeXT's fixed input; LLaVA-1.5 pads to a square")
   return protocol, template
@@ -462,4 +483,5 @@ def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
   if task not in IN_MEMORY_TASKS:
     fields.update(protocol=resolved.protocol, conv_template=resolved.conv_template, resolution=r.resolution,
                   limit=r.limit)
+    fields.update(BACKBONES[r.backbone].inputs.settings(resolved.protocol))   # LLaVA: none
   return fields

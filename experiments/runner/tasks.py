@@ -26,7 +26,6 @@ import numpy as np
 from experiments.benchmarks import base
 from experiments.benchmarks import parquet
 from experiments.runner import conversation
-from experiments.runner import images as images_lib
 from experiments.runner import plan
 from experiments.synthvqa import vqa
 
@@ -222,14 +221,17 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
   protocol = resolved.protocol
   single = sum(t not in plan.IN_MEMORY_TASKS for t in config.tasks) == 1
   directory = task_dir(config.data_dir, task, single)
-  max_new_tokens = config.max_new_tokens or task.max_new_tokens[protocol]
+  # The family's input hooks (`experiments.runner.inputs`): its wrapper's answer length where the task's yaml sets
+  # none, its stop strings, its system prompt, its image preparation.
+  inputs = backbone.inputs
+  max_new_tokens = config.max_new_tokens or inputs.max_new_tokens(task) or task.max_new_tokens[protocol]
   aspect = task.image_aspect[protocol] if backbone.square_pad else config.resolution
-  mean = getattr(processor.image_processor, "image_mean", None)
+  stops, system = inputs.stops(task.stop), inputs.system(protocol)
   fingerprint = task.fingerprint(directory)
   _read_through(task, directory, protocol, config.limit)
 
   def fields(example, prompt, generation):
-    generation = _cut(generation, task.stop).strip()
+    generation = _cut(generation, stops).strip()
     return dict(task=task.name, question_id=example.question_id, prompt=prompt, prediction=generation,
                 answer=task.parse(generation, example.meta, protocol), target=example.target, meta=dict(example.meta))
 
@@ -237,6 +239,6 @@ def task_run(name: str, config: plan.RunConfig, resolved: plan.Resolved, backbon
                  max_new_tokens=max_new_tokens,
                  settings=dict(settings, max_new_tokens=max_new_tokens,
                                data_fingerprint=fingerprint),
-                 prompt=lambda ex: conversation.render(resolved.conv_template, ex.text, processor),
-                 image=lambda ex: images_lib.prepare(ex.image, aspect, mean), key=lambda ex: ex.question_id,
+                 prompt=lambda ex: conversation.render(resolved.conv_template, ex.text, processor, system),
+                 image=lambda ex: inputs.image(ex.image, aspect, processor, protocol), key=lambda ex: ex.question_id,
                  fields=fields, benchmark=task, aspect=aspect, directory=directory)
