@@ -280,7 +280,7 @@ def method_config(method: str, target: int, model, ctx: MethodContext) -> prunin
       o["criteria"] = tuple(ctx.criteria)
   if method == "cdpruner" and cdpruner_fallback(ctx) and "relevance" not in o:
     o["relevance"] = "text"
-  if method == "pooling":
+  if method == "pooling" and ctx.family not in pruning.methods.base.NO_CLS:   # Qwen: NoProtocol (grids vary)
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
   if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
     o["num_visual"] = model.config.max_image_tokens
@@ -290,8 +290,10 @@ def method_config(method: str, target: int, model, ctx: MethodContext) -> prunin
 
 def cdpruner_fallback(ctx: MethodContext) -> bool:
   """Whether CDPruner runs on the documented fallback relevance (no CLIP text tower): the testbed, whose vision
-  tower is not a CLIP checkpoint's, or an explicit cdpruner.relevance=text override."""
-  return ctx.family == "testbed" or ctx.overrides.get("cdpruner", {}).get("relevance") == "text"
+  tower is not a CLIP checkpoint's, a family whose protocol is the fallback (no CLS tower: Qwen2.5-VL), or an
+  explicit cdpruner.relevance=text override."""
+  return (ctx.family == "testbed" or ctx.family in pruning.methods.base.NO_CLS
+          or ctx.overrides.get("cdpruner", {}).get("relevance") == "text")
 
 
 RUNNABLE = pruning.OFFICIAL_METHODS

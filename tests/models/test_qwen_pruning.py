@@ -91,7 +91,6 @@ BASELINES = {
     "vispruner": ("received", "vision", (), None),
     "trimtokenator": ("text", "projector", (), None),
     "random": ("none", "projector", (), None),
-    "pooling": ("none", "projector", (), None),
     "fastv": (None, None, ((2, 256),), "original"),
     "dart": (None, None, ((2, 260),), "original"),       # 4 + 8 floor(256 / 8)
 }
@@ -119,6 +118,8 @@ def test_no_protocol_reasons():
     _cfg("sparsevlm", 128)
   with pytest.raises(pruning.NoProtocol, match="gives a rule for the 28-layer"):
     _cfg("pdrop")
+  with pytest.raises(pruning.NoProtocol, match="grids vary per image"):
+    _cfg("pooling")
   assert not pruning.supports("prumerge_plus", FAMILY) and not pruning.supports("sparsevlm", FAMILY)
   c = _cfg("pdrop", 648, layers=(8, 16, 24))                # the variant: original positions on M-RoPE
   assert c.positions == "original" and [layer for layer, _ in c.steps] == [8, 16, 24]
