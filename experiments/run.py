@@ -23,9 +23,9 @@ records the invocation, its tasks' provenance and whether it finished (`experime
 
 A row is reused only by a run that would compute the same row: its key holds a hash of every setting that changes
 numbers (`evaluate.run_hash`: checkpoint and its file stamps, task, data, seed, --max_new_tokens, --batch_size, the
-pruning configuration) and a hash of the example's question, answer and image. The table holds exactly the rows of
-this invocation's runs x examples (a smaller --limit shows a smaller table), and marks a time ratio that mixes timings
-of several runner processes. A run locks its output_dir before it loads anything: a second run into it fails at
+Qwen images' pixel bounds, the pruning configuration) and a hash of the example's question, answer and image. The
+table holds exactly the rows of this invocation's runs x examples (a smaller --limit shows a smaller table), and
+marks a time ratio that mixes timings of several runner processes. A run locks its output_dir before it loads anything: a second run into it fails at
 once, naming the holder.
 """
 
@@ -96,6 +96,10 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coord
                     "multi-process launch (with --num_processes and --process_id).")
 flags.DEFINE_integer("num_processes", None, "Processes of an explicit multi-process launch.")
 flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-process launch.")
+flags.DEFINE_integer("min_pixels", None, "qwen2_5_vl: the least pixels an image is resized to (lmms-eval's "
+                     "model_arg; default its 200704 = 256 x 28 x 28; VLMEvalKit's 1003520 = 1280 x 28 x 28).")
+flags.DEFINE_integer("max_pixels", None, "qwen2_5_vl: the most pixels an image is resized to (lmms-eval's model_arg; "
+                     "default its 1605632 = 2048 x 28 x 28; VLMEvalKit's 12845056 = 16384 x 28 x 28).")
 flags.DEFINE_enum("resolution", "native", ["native", "fixed_672"], "LLaVA-NeXT benchmark images: native size, or "
                   "resized to the paper's fixed 672 x 672 (2,880 visual tokens before unpadding).")
 
@@ -111,7 +115,7 @@ def main(argv):
   try:
     from experiments import testbed  # pylint: disable=g-import-not-at-top  (the model face: its checkpoint path)
     config = plan.RunConfig.from_flags(flags.FLAGS).with_defaults(lambda: testbed.DEFAULT_CKPT)
-    backbone = plan.BACKBONES[config.backbone]
+    backbone = plan.backbone_of(config)       # its input hooks under --min_pixels / --max_pixels
     # Before any use of the devices: join the other processes, build the mesh.
     hosts = hosts_lib.start(config.mesh, distributed=config.distributed, coordinator=config.coordinator_address,
                             num_processes=config.num_processes, process_id=config.process_id)

@@ -16,7 +16,9 @@ Axes (`models` legend): B batch rows (one image each), N visual tokens per image
     `qwen_vl_utils.fetch_image` (`smart_resize` to multiples of 28 between min_pixels 256 x 28 x 28 and max_pixels
     1,605,632 = 2048 x 28 x 28, the wrapper's defaults; PIL bicubic), then the processor built with the same bounds
     (whose own resize then keeps the size): 256 to 2,048 merged tokens per image (a 640 x 480 image: 17 x 23 = 391).
-    VLMEvalKit's 1280 / 16384 x 28 x 28 (the paper's 1,296) is another protocol;
+    The wrapper's `min_pixels` / `max_pixels` model_args are the runner's `--min_pixels` / `--max_pixels`
+    (`QwenInputs(min_pixels=, max_pixels=)`, `plan.backbone_of`): VLMEvalKit's 1280 / 16384 x 28 x 28 give the
+    paper's 1,296 for a square image (640 x 480: 1,302);
   - greedy decoding, eos the tokenizer's, max_new_tokens the task yaml's, else the wrapper's default 32,768 (the
     llava wrapper's is 1,024: `base.Task.length_from_wrapper`); the stop strings are the yaml's `until` less "\\n\\n".
   Token counts vary per image, so each batch's N is a bucket of its largest image (`bucket`: at most four per
@@ -27,6 +29,7 @@ Axes (`models` legend): B batch rows (one image each), N visual tokens per image
   program per (text bound, bucket) and run; the runner reports the buckets and programs it compiled.
 """
 
+import dataclasses
 import io
 import json
 import math
@@ -77,6 +80,9 @@ def lmms_eval_image(image: np.ndarray, min_pixels: int, max_pixels: int) -> np.n
   with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
     rgb = decoded.convert("RGB")
   h, w = smart_resize(rgb.height, rgb.width, min_pixels, max_pixels)
+  if not h or not w:      # qwen_vl_utils floors a side to 0 (PIL then refuses the size)
+    raise ValueError(f"a {rgb.width} x {rgb.height} image resizes to {w} x {h} under max_pixels={max_pixels}: "
+                     "raise --max_pixels")
   return np.asarray(rgb.resize((w, h), Image.BICUBIC))
 
 
@@ -106,6 +112,16 @@ class LlavaInputs:
     processor = AutoProcessor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"
     return processor
+
+  def configure(self, backbone: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """These hooks under the invocation's `--min_pixels` / `--max_pixels`: LLaVA's take no pixel bounds (its
+    processors resize to fixed crops), so giving one is a ValueError naming it."""
+    given = [f"--{name}" for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+             if value is not None]
+    if given:
+      raise ValueError(f"{' and '.join(given)}: --backbone={backbone}'s inputs take no pixel bounds (its processor "
+                       "resizes to fixed crops); they apply to --backbone=qwen2_5_vl")
+    return self
 
   def settings(self, protocol: str | None) -> dict[str, Any]:
     """What this input kind adds to the rows' hashed settings (`plan.run_hash_fields`): nothing."""
@@ -160,19 +176,43 @@ class LlavaInputs:
     return dict(image_sizes=arrays.get("image_sizes"), visual_len=visual_len)
 
 
+@dataclasses.dataclass(frozen=True)
 class QwenInputs(LlavaInputs):
-  """Qwen2.5-VL on lmms-eval's qwen2_5_vl wrapper: see the module docstring."""
+  """Qwen2.5-VL on lmms-eval's qwen2_5_vl wrapper: see the module docstring. min_pixels / max_pixels: the wrapper's
+  model_args of those names (`--min_pixels` / `--max_pixels`; None: the protocol's `PIXELS`)."""
+  min_pixels: int | None = None
+  max_pixels: int | None = None
   name = "qwen2_5_vl"
   # (min_pixels, max_pixels) per protocol: lmms-eval's wrapper defaults (256 x 28 x 28, 1605632 = 2048 x 28 x 28).
   PIXELS = {"lmms_eval": (256 * 28 * 28, 1605632)}
   SYSTEM = "You are a helpful assistant."     # the wrapper's default system_prompt, sent as a system message
   MAX_NEW_TOKENS = 32768                      # the wrapper's default when the task's yaml sets none
 
+  def __post_init__(self):
+    # smart_resize (transformers' and qwen_vl_utils') takes any positive bounds, rounding each side to 28: no multiple
+    # is needed. Under one merged token (28 x 28) qwen_vl_utils floors an image's sides to 0.
+    for name, least, why in (("min_pixels", 1, "pixels"), ("max_pixels", 28 * 28, "one merged token, 28 x 28")):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+        raise ValueError(f"--{name} must be an integer >= {least} ({why}), got {value!r}")
+
+  def configure(self, backbone: str, min_pixels: int | None = None, max_pixels: int | None = None) -> "QwenInputs":
+    del backbone
+    return dataclasses.replace(self, min_pixels=min_pixels, max_pixels=max_pixels)
+
   def pixels(self, protocol: str | None) -> tuple[int, int]:
+    """(min_pixels, max_pixels): the flags', else the protocol's. ValueError for a protocol without Qwen inputs or
+    min_pixels > max_pixels (qwen_vl_utils asserts max_pixels >= min_pixels)."""
     if protocol not in self.PIXELS:
       raise ValueError(f"--protocol={protocol}: Qwen2.5-VL runs the {', '.join(self.PIXELS)} protocol (lmms-eval's "
                        "qwen2_5_vl wrapper); the LLaVA repository's scripts have no Qwen path")
-    return self.PIXELS[protocol]
+    low, high = self.PIXELS[protocol]
+    low, high = self.min_pixels or low, self.max_pixels or high
+    if low > high:
+      said = lambda name, value: f"--{name}={value}" if getattr(self, name) else f"the {protocol} {name} {value}"
+      raise ValueError(f"{said('min_pixels', low)} exceeds {said('max_pixels', high)}: qwen_vl_utils needs "
+                       "min_pixels <= max_pixels")
+    return low, high
 
   def load_processor(self, checkpoint: str, protocol: str | None):
     """The checkpoint's image processor (min / max pixels of the protocol) and tokenizer in transformers'

@@ -9,7 +9,8 @@ directly; `--keep_ratio` gives target = round(ratio * N_ref) with N_ref the mode
 (`models.backbones.Backbone.nominal_tokens`: LLaVA-1.5 576; LLaVA-NeXT 2880 = 5 crops x 576, so the ratios give the
 papers' 640/320/160; testbed: 5 crops x 36 = 180; Qwen2.5-VL 1,296). With neither flag, a backbone with default
 budgets takes them (Qwen2.5-VL: the TOPS paper's 256 / 128), the others the ratios. How a family's examples become
-inputs (processor, images, arrays, token-count buckets) is its `Backbone.inputs` (`experiments.runner.inputs`).
+inputs (processor, images, arrays, token-count buckets) is its `Backbone.inputs` (`experiments.runner.inputs`), under
+the invocation's `--min_pixels` / `--max_pixels` (`backbone_of`: Qwen2.5-VL only).
 
 What each method does with a target is its official protocol, `models.pruning.method_config` (the table in
 `models/pruning/protocols.py`: CDPruner target // 5 per crop with CLIP text relevance, DivPrune
@@ -39,7 +40,7 @@ from tops_jax import tops as tops_lib
 
 __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
            "RUNNABLE", "method_config", "parse_overrides", "cdpruner_fallback", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
-           "run_hash_fields", "reads_clip"]
+           "run_hash_fields", "reads_clip", "backbone_of"]
 
 # The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
 # default targets are theirs: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
@@ -91,6 +92,14 @@ def _backbones() -> dict[str, Backbone]:
 BACKBONES = _backbones()
 
 
+def backbone_of(run: "RunConfig") -> Backbone:
+  """The --backbone preset with its input hooks under the run's --min_pixels / --max_pixels (a new Backbone: the
+  presets stay as they are). ValueError naming the flag for a backbone whose inputs take no pixel bounds or a
+  bound that is not a positive integer (`inputs.QwenInputs`)."""
+  backbone = BACKBONES[run.backbone]
+  return dataclasses.replace(backbone, inputs=backbone.inputs.configure(run.backbone, run.min_pixels, run.max_pixels))
+
+
 @dataclasses.dataclass(frozen=True)
 class TopsOptions:
   """The flags that only affect tops (None: the paper's value)."""
@@ -135,6 +144,8 @@ class RunConfig:
   resolution: str = "native"          # LLaVA-NeXT benchmark images: "native" | "fixed_672"
   overrides: tuple[str, ...] = ()     # "method.name=value": named variants of the official protocols
   clip_checkpoint: str | None = None  # CDPruner's CLIP text tower (a local CLIP checkpoint directory)
+  min_pixels: int | None = None       # Qwen2.5-VL image bounds (lmms-eval's model_args; None: the protocol's)
+  max_pixels: int | None = None
   # Devices and processes (`experiments.runner.hosts`); they change no row's numbers beyond float rounding, so they are
   # not hashed: a run resumed on another mesh reuses the finished rows.
   mesh: str | None = None             # "data:2,fsdp:2,tensor:2" (`models.sharding.parse_mesh`)
@@ -154,7 +165,8 @@ class RunConfig:
                tops=TopsOptions(**{f.name: v(f.name) for f in dataclasses.fields(TopsOptions)}),
                ablation=v("ablation"), max_new_tokens=v("max_new_tokens"), pictures=v("pictures"),
                protocol=v("protocol"), conv_template=v("conv_template"), resolution=v("resolution"),
-               overrides=tuple(v("overrides") or ()), clip_checkpoint=v("clip_checkpoint"), mesh=v("mesh"),
+               overrides=tuple(v("overrides") or ()), clip_checkpoint=v("clip_checkpoint"),
+               min_pixels=v("min_pixels"), max_pixels=v("max_pixels"), mesh=v("mesh"),
                distributed=v("distributed"), coordinator_address=v("coordinator_address"),
                num_processes=v("num_processes"), process_id=v("process_id"))
 
@@ -327,7 +339,7 @@ def _targets(run: RunConfig, nominal_tokens: int, defaults: tuple[int, ...] = ()
 def resolve(run: RunConfig, model) -> tuple[Resolved, list[RunSpec]]:
   """Checks the configuration for consistency and returns (the resolved configuration, the runs). Raises ValueError
   naming the flag."""
-  backbone = BACKBONES[run.backbone]
+  backbone = backbone_of(run)
   every = list(run.methods) == ["all"]
   if every:     # every method with a protocol on this backbone
     methods = [m for m in RUNNABLE if pruning.supports(m, backbone.family)]
@@ -485,5 +497,5 @@ def run_hash_fields(resolved: Resolved, task: str) -> dict[str, Any]:
   if task not in IN_MEMORY_TASKS:
     fields.update(protocol=resolved.protocol, conv_template=resolved.conv_template, resolution=r.resolution,
                   limit=r.limit)
-    fields.update(BACKBONES[r.backbone].inputs.settings(resolved.protocol))   # LLaVA: none
+    fields.update(backbone_of(r).inputs.settings(resolved.protocol))   # LLaVA: none; Qwen: its pixel bounds
   return fields

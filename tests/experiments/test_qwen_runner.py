@@ -165,6 +165,66 @@ def test_backbone_defaults_and_bad_flags(qwen_ckpt, model):
       _resolve(model, qwen_ckpt, **kw)
 
 
+VLMEVALKIT = dict(min_pixels=1280 * 28 * 28, max_pixels=16384 * 28 * 28)    # 1003520 / 12845056: the paper's 1,296
+
+
+def test_pixel_bounds_reach_the_resize_and_the_processor(qwen_ckpt):
+  """--min_pixels / --max_pixels (lmms-eval's model_args): a 640 x 480 image gets 391 tokens under the wrapper's
+  defaults and 1,302 under VLMEvalKit's bounds, in the runner's resize and in transformers' image processor built
+  with the same bounds (its own smart_resize then keeps the size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)
+  for hooks, (rows, cols) in ((inputs.QWEN2_5_VL, (17, 23)), (inputs.QwenInputs(**VLMEVALKIT), (31, 42))):
+    bounds = hooks.pixels("lmms_eval")
+    assert hf_qwen_image.smart_resize(480, 640, 28, *bounds) == (28 * rows, 28 * cols)     # transformers' rule
+    resized = inputs.lmms_eval_image(image, *bounds)
+    assert resized.shape == (28 * rows, 28 * cols, 3)
+    processor = hooks.load_processor(qwen_ckpt, "lmms_eval")
+    ip = processor.image_processor
+    assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == bounds
+    grid = processor.image_processor(images=[Image.fromarray(resized)], return_tensors="np")["image_grid_thw"]
+    np.testing.assert_array_equal(grid, [[1, 2 * rows, 2 * cols]])        # 14-px patches, merged 2 x 2
+    assert hooks.image_tokens(None, processor, resized) == rows * cols
+  assert (17 * 23, 31 * 42) == (391, 1302)
+  # A side floored to 0 (qwen_vl_utils' rule under a small max_pixels) is refused, naming the flag.
+  with pytest.raises(ValueError, match="raise --max_pixels"):
+    inputs.lmms_eval_image(np.zeros((20, 400, 3), np.uint8), 784, 784)
+
+
+def test_pixel_flags_are_checked_and_hashed(qwen_ckpt, model):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["run", "--min_pixels=1003520", "--max_pixels=12845056"])
+  try:
+    assert plan.RunConfig.from_flags(flags.FLAGS).min_pixels == 1003520
+    assert plan.RunConfig.from_flags(flags.FLAGS).max_pixels == 12845056
+  finally:
+    flags.FLAGS.unparse_flags()
+  # LLaVA backbones take no pixel bounds: refused before anything loads, naming the flag.
+  with pytest.raises(app.UsageError, match="--max_pixels: --backbone=llava_next's inputs take no pixel bounds"):
+    runner_helpers.run_main("--backbone=llava_next", "--checkpoint=/nonesuch", "--max_pixels=1003520")
+  for kw, match in ((dict(min_pixels=0), "--min_pixels must be an integer >= 1"),
+                    (dict(max_pixels=700), "--max_pixels must be an integer >= 784"),
+                    (dict(min_pixels=2000000), "--min_pixels=2000000 exceeds the lmms_eval max_pixels 1605632"),
+                    (dict(min_pixels=20000, max_pixels=10000), "--min_pixels=20000 exceeds --max_pixels=10000")):
+    with pytest.raises(ValueError, match=match):
+      _resolve(model, qwen_ckpt, **kw)
+  with pytest.raises(ValueError, match="--min_pixels: --backbone=llava_1_5's"):
+    plan.backbone_of(plan.RunConfig(backbone="llava_1_5", min_pixels=1003520))
+  # The bounds are hashed into the rows' keys: other bounds never share rows; the defaults given explicitly do.
+  keys = {}
+  for name, kw in (("default", {}), ("explicit", dict(min_pixels=200704, max_pixels=1605632)),
+                   ("vlmevalkit", VLMEVALKIT), ("min only", dict(min_pixels=1003520))):
+    _, resolved, runs = _resolve(model, qwen_ckpt, **kw)
+    settings = plan.run_hash_fields(resolved, "pope")
+    keys[name] = evaluate.run_hash(settings, runs[1], "pope")
+    if name == "vlmevalkit":
+      assert (settings["min_pixels"], settings["max_pixels"]) == (1003520, 12845056)
+      assert json.loads(resolved.to_json())["run"]["max_pixels"] == 12845056       # the printed configuration
+  assert keys["default"] == keys["explicit"] and len({keys["default"], keys["vlmevalkit"], keys["min only"]}) == 3
+
+
 @pytest.mark.slow
 def test_pruned_results_do_not_depend_on_the_bucket(qwen_ckpt, model):
   """The same prompts through the unpadded processor rows and padded to a larger bucket: the same kept tokens and
