@@ -20,7 +20,7 @@ from absl import app
 import runner_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["--limit=16", "--batch_size=8", "--method=tops,divprune,random", "--keep_ratio=0.111", "--pictures=1"]
+ARGS = ["--limit=16", "--batch_size=8", "--method=tops,random", "--keep_ratio=0.111", "--pictures=1"]
 TIMING = ("prefill_ms", "process")        # measured per invocation; every other field must agree
 
 
@@ -60,7 +60,7 @@ def test_two_processes_write_what_one_process_writes_and_resume_exactly(referenc
   out_dir = str(tmp_path / "two")
   outputs = _two_processes(out_dir)
   assert _rows(out_dir) == reference
-  assert len(reference) == 16 * 4                                   # full + 3 methods, 16 examples each
+  assert len(reference) == 16 * 3                                   # full + 2 methods, 16 examples each
   assert "synthvqa (16 examples" in outputs[0] and "synthvqa (16 examples" not in outputs[1]  # process 0 reports
   assert os.path.exists(os.path.join(out_dir, "kept_tokens.png"))
 

@@ -99,7 +99,7 @@ def test_resume_skips_finished_rows_and_repairs_a_torn_line(checkpoint, tmp_path
     (["--tasks="], "--tasks is empty: name at least one task"),
     (["--method=tops", "--alpha=0.3", "--overrides=tops.stage1_alpha=0.7"],
      "--alpha=0.3 and --overrides=tops.stage1_alpha=0.7 set the same tops setting: give one"),
-    (["--tasks=pope"], "need a llava-hf checkpoint"),
+    (["--tasks=pope"], "need a hub checkpoint"),
     (["--protocol=llava"], "--protocol applies to the benchmark tasks only"),
     (["--budget=100000"], "exceeds"),
     (["--max_new_tokens=0"], "--max_new_tokens must be >= 1 (or unset for the backbone's 1), got 0"),

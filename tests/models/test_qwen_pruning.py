@@ -172,9 +172,6 @@ def _inputs(batch):
 def _tiny_config(method, model, batch):
   overrides = {"tops": TOPS_TINY, "tops_none": dict(TOPS_TINY, relevance="none"),
                "pdrop": dict(layers=(1, 2, 3), num_visual=16)}.get(method, {})
-  if method == "pooling":   # the batch's packed row (`token_grid` is the runner's bucket row)
-    n = model.layout(batch["image_grid_thw"], len(batch["image_grid_thw"])).valid.shape[1]
-    overrides = dict(hparams={"grid": (1, n)})
   target = 648 if method == "pdrop" else TARGET         # pdrop: average tokens per layer of Qwen's nominal 1,296
   return _cfg(method.replace("tops_none", "tops"), target, LAYERS, **overrides)
 
@@ -183,7 +180,7 @@ def _tiny_config(method, model, batch):
 # baseline; the others are the same paths with their own selections.
 RUNNABLE = [m if m in ("tops", "divprune") else pytest.param(m, marks=pytest.mark.slow)
             for m in ("tops", "tops_none", "cdpruner", "divprune", "scope", "visionzip", "vispruner", "trimtokenator",
-                      "random", "pooling", "fastv", "dart", "pdrop")]
+                      "random", "fastv", "dart", "pdrop")]
 
 
 @pytest.mark.parametrize("method", RUNNABLE)

@@ -21,7 +21,7 @@ from models import loading
 from models import pruning
 from models import sharding
 
-MESHES = ("data:8", "fsdp:8", "tensor:2", "data:2,fsdp:2,tensor:2")
+MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")   # rows, weights, and rows + weights + heads
 B = 8
 TOL = dict(rtol=1e-4, atol=1e-4)
 pytestmark = pytest.mark.usefixtures("float32_matmul")
@@ -83,29 +83,43 @@ def _stages(out):
   return ([] if out.stage1 is None else [out.stage1.kept]) + [s.kept for s in out.stage2]
 
 
+@pytest.fixture(scope="module")
+def one_device(next_path, llava_path):
+  """Each family's batch and its outputs on one device (no mesh), computed once per module."""
+  refs = {}
+
+  def get(family):
+    if family not in refs:
+      path, batch = (next_path, _next_batch()) if family == "llava-next" else (llava_path, _llava_batch())
+      refs[family] = path, batch, _outputs(loading.load_pretrained(path), family, batch)
+    return refs[family]
+  return get
+
+
+# Each mesh on LLaVA-NeXT (anyres packing, the heavier layout; the mixed mesh splits heads over tensor as a
+# tensor-only mesh would, with rows and weights split beside it); LLaVA-1.5 on the mixed mesh. One test per
+# (family, mesh), so the workers share them.
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava-next", "llava-1.5"])
-def test_every_mesh_computes_what_one_device_computes(family, next_path, llava_path):
-  path, batch = (next_path, _next_batch()) if family == "llava-next" else (llava_path, _llava_batch())
-  ref = _outputs(loading.load_pretrained(path), family, batch)
-  meshes = MESHES
-  for spec in meshes:
-    mesh = _mesh(spec)
-    with jax.set_mesh(mesh):
-      got = _outputs(loading.load_pretrained(path, mesh=mesh), family, batch)
-    (pruned, picked, gen, cache), (rpruned, rpicked, rgen, rcache) = got, ref
-    np.testing.assert_allclose(np.asarray(pruned.logits), np.asarray(rpruned.logits), **TOL, err_msg=spec)
-    assert len(_stages(pruned)) == len(_stages(rpruned)) == 3       # Stage I and two Stage II steps
-    for a, b in zip(_stages(pruned) + _stages(picked), _stages(rpruned) + _stages(rpicked)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=spec)
-    np.testing.assert_array_equal(np.asarray(gen.tokens), np.asarray(rgen.tokens), err_msg=spec)
-    np.testing.assert_allclose(np.asarray(cache.k), np.asarray(rcache.k), **TOL, err_msg=spec)
-    # The outputs and the cache are split like the activations: rows over (data, fsdp), cache heads over tensor.
-    sizes = sharding.parse_mesh(spec)
-    rows = sizes["data"] * sizes["fsdp"]
-    assert pruned.logits.addressable_shards[0].data.shape[0] == B // rows, spec
-    k_shard = cache.k.addressable_shards[0].data.shape
-    assert k_shard[1] == B // rows and k_shard[3] == cache.k.shape[3] // sizes["tensor"], (spec, k_shard)
+@pytest.mark.parametrize("family, spec", [("llava-next", m) for m in MESHES] +
+                         [("llava-1.5", "data:2,fsdp:2,tensor:2")])
+def test_every_mesh_computes_what_one_device_computes(family, spec, one_device):
+  path, batch, ref = one_device(family)
+  mesh = _mesh(spec)
+  with jax.set_mesh(mesh):
+    got = _outputs(loading.load_pretrained(path, mesh=mesh), family, batch)
+  (pruned, picked, gen, cache), (rpruned, rpicked, rgen, rcache) = got, ref
+  np.testing.assert_allclose(np.asarray(pruned.logits), np.asarray(rpruned.logits), **TOL, err_msg=spec)
+  assert len(_stages(pruned)) == len(_stages(rpruned)) == 3       # Stage I and two Stage II steps
+  for a, b in zip(_stages(pruned) + _stages(picked), _stages(rpruned) + _stages(rpicked)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=spec)
+  np.testing.assert_array_equal(np.asarray(gen.tokens), np.asarray(rgen.tokens), err_msg=spec)
+  np.testing.assert_allclose(np.asarray(cache.k), np.asarray(rcache.k), **TOL, err_msg=spec)
+  # The outputs and the cache are split like the activations: rows over (data, fsdp), cache heads over tensor.
+  sizes = sharding.parse_mesh(spec)
+  rows = sizes["data"] * sizes["fsdp"]
+  assert pruned.logits.addressable_shards[0].data.shape[0] == B // rows, spec
+  k_shard = cache.k.addressable_shards[0].data.shape
+  assert k_shard[1] == B // rows and k_shard[3] == cache.k.shape[3] // sizes["tensor"], (spec, k_shard)
 
 
 @pytest.mark.parametrize("spec", ["fsdp:8", "data:8"])
