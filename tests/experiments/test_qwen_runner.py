@@ -295,3 +295,31 @@ def test_pope_on_qwen_end_to_end_resume_and_score(qwen_ckpt, tmp_path, capsys):
   assert os.path.getmtime(os.path.join(out, "results.jsonl")) == mtime
   with open(os.path.join(out, "manifest.json")) as f:
     assert json.load(f)["compiled"]["pope"] == {}
+
+
+@pytest.mark.slow
+def test_table2_methods_run_through_the_runner(tmp_path):
+  """Table 2's methods on Qwen through the runner (a 4-layer tiny decoder, so TOPS runs its Table 10 shape as the
+  named layers / stage2_keeps variant): TOPS (Stage I 2T, two Stage II steps), FastV (K = 2) and CDPruner's
+  text-embedding fallback (labelled as such), each keeping what its schedule says in every layer (DivPrune: the
+  end-to-end test above)."""
+  _, directory = qf.tiny_qwen(tmp_path / "ckpt", text_layers=4)
+  qf.save_chat_template(directory)
+  root, out = str(tmp_path / "data"), str(tmp_path / "out")
+  _pope(root, 2)
+  runner_helpers.run_main("--backbone=qwen2_5_vl", f"--checkpoint={directory}", "--tasks=pope", f"--data_dir={root}",
+                          "--method=tops,fastv,cdpruner", "--budget=8", "--limit=2", "--batch_size=2",
+                          "--max_new_tokens=2", f"--output_dir={out}",
+                          "--overrides=tops.layers=1+3,tops.stage2_keeps=6+2")
+  rows = runner_helpers.read_rows(out)
+  by_run = {}
+  for r in rows:
+    by_run.setdefault(r["run"], []).append(r)
+  assert set(by_run) == {"full", "tops@T=8", "fastv@T=8", "cdpruner-text@T=8"}, set(by_run)
+  assert all(len(v) == 2 for v in by_run.values())
+  assert {r["method"] for r in by_run["cdpruner-text@T=8"]} == {"cdpruner-text"}     # never under CDPruner's name
+  for r in by_run["tops@T=8"]:
+    assert r["kept_per_layer"] == [16.0, 6.0, 6.0, 2.0], r["kept_per_layer"]
+  for r, f in zip(by_run["fastv@T=8"], by_run["full"]):
+    assert r["kept_per_layer"] == [f["visual_tokens"]] * 2 + [8.0, 8.0]
+  assert all(r["kept_per_layer"] == [8.0] * 4 for r in by_run["cdpruner-text@T=8"])
