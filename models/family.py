@@ -97,7 +97,10 @@ class VisionLanguageModel(Protocol):
     """Position ids of the prompt: int32[R, B, S] (R = 1 for RoPE, 3 for M-RoPE, whose image ids read the images'
     grids from `layout`). The decoder also takes int[B, S] for positions that are equal in every component (text
     tokens, decoding). A family whose ids must survive pruning unchanged (M-RoPE) sets `KEEPS_POSITIONS = True`:
-    Stage I then gathers each kept token's id instead of re-indexing the rebuilt prompt."""
+    Stage I then gathers each kept token's id instead of re-indexing the rebuilt prompt. A family also declares
+    `TOWER_RELEVANCE` (the `RELEVANCE` signals `visual_tokens` provides) and, when its images' token grids differ
+    from one another beyond one padded layout, `STATIC_TOKEN_GRID = False`; the method protocols read these traits
+    (`models.pruning.methods.base`), never the family's name."""
 
   def head(self, hidden: jax.Array) -> jax.Array:
     """Final norm + LM head: float[..., D] -> float32[..., V]."""

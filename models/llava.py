@@ -226,6 +226,8 @@ def decode(model, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Arr
 class LlavaForConditionalGeneration(nnx.Module):
   """vision_tower (CLIP), multi_modal_projector, language_model (LlamaModel), lm_head (None when tied)."""
 
+  TOWER_RELEVANCE = ("cls", "received")   # the relevance signals `visual_tokens` provides (`models.family`)
+
   def __init__(self, config: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.vision_tower = clip.CLIPVisionModel(config.vision, dtype=dtype, rngs=rngs)
@@ -261,7 +263,7 @@ class LlavaForConditionalGeneration(nnx.Module):
     "received" (both of the feature layer; the tower merges no tokens, so "received" is not pooled); extras: "keys",
     "cls_features" (the CLS position's features, and its key with "keys"), "last_qk"."""
     del layout
-    family.check_request("LLaVA-1.5", relevance, extras, provides=("cls", "received"), offers=family.EXTRAS)
+    family.check_request("LLaVA-1.5", relevance, extras, provides=self.TOWER_RELEVANCE, offers=family.EXTRAS)
     vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
                              cls="cls_features" in extras, last_qk="last_qk" in extras,
                              received="received" in relevance)

@@ -186,7 +186,8 @@ class LlavaNextForConditionalGeneration(llava.LlavaForConditionalGeneration):
     "keys")."""
     if layout is None:
       raise ValueError("LLaVA-NeXT visual tokens need the packing layout (model.layout(image_sizes, num_images))")
-    family.check_request("LLaVA-NeXT", relevance, extras, provides=("cls", "received"), offers=("keys", "cls_features"))
+    family.check_request("LLaVA-NeXT", relevance, extras, provides=self.TOWER_RELEVANCE,
+                         offers=("keys", "cls_features"))
     layout = anyres.PackLayout(*(jnp.asarray(a) for a in layout))
     vis = self.encode_images(pixel_values, cls_attention="cls" in relevance, keys="keys" in extras,
                              cls="cls_features" in extras, received="received" in relevance)

@@ -282,6 +282,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
   (absent when tied)."""
 
   KEEPS_POSITIONS = True      # M-RoPE: pruning gathers the kept tokens' own ids (`models.family`)
+  TOWER_RELEVANCE = ("received",)   # no CLS token: the attention each merged token receives (`visual_tokens`)
+  STATIC_TOKEN_GRID = False   # each image's merged grid is its own (`config.token_grid` is only a row bound)
 
   def __init__(self, config: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(config, Qwen2_5_VLConfig):
@@ -319,7 +321,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     """The seam's layout (`QwenLayout`) of int[I, 3] image grids: concrete (numpy; N the most tokens of an image
     unless `num_tokens`) or traced (through pure_callback; N = `num_tokens`, default every merged token of the
     batch). num_patches: Np of pixel_values (default: the grids' sum, or I x block, concrete grids only). block: the
-    pixel rows come in per-image blocks of `block` patches (`pad_patches`: a bucket; pixel_values float[I, block, E])."""
+    pixel rows come in per-image blocks of `block` patches (`pad_patches`: a bucket; pixel_values
+    float[I, block, E])."""
     if image_grid_thw is None:
       raise ValueError("Qwen2.5-VL needs image_grid_thw (int[I, 3]) for its layout")
     if np.shape(image_grid_thw) != (num_images, 3):
@@ -348,7 +351,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     queries, averaged over its 4 patches). extras "keys": that block's keys, mean over heads and the 4 patches."""
     if layout is None:
       raise ValueError("Qwen2.5-VL visual tokens need the layout (model.layout(image_grid_thw, num_images))")
-    family.check_request("Qwen2.5-VL", relevance, extras, provides=("received",), offers=("keys",))
+    family.check_request("Qwen2.5-VL", relevance, extras, provides=self.TOWER_RELEVANCE, offers=("keys",))
     layout = jax.tree.map(jnp.asarray, layout)
     checks.check_pixel_values(pixel_values)
     if pixel_values.ndim == 3:       # per-image blocks (`pad_patches`): the layout places them

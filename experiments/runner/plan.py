@@ -39,8 +39,8 @@ from tops_jax import prune
 from tops_jax import tops as tops_lib
 
 __all__ = ["RATIOS", "Backbone", "BACKBONES", "TopsOptions", "RunConfig", "RunSpec", "Resolved", "MethodContext",
-           "RUNNABLE", "method_config", "parse_overrides", "cdpruner_fallback", "FULL", "resolve", "IN_MEMORY_TASKS", "RESOLUTIONS", "task_names",
-           "run_hash_fields", "reads_clip", "backbone_of"]
+           "RUNNABLE", "method_config", "parse_overrides", "cdpruner_fallback", "FULL", "resolve", "IN_MEMORY_TASKS",
+           "RESOLUTIONS", "task_names", "run_hash_fields", "reads_clip", "backbone_of"]
 
 # The papers' kept fractions, exactly: 2/9, 1/9 and 1/18 of the nominal tokens (77.8 / 88.9 / 94.4% pruned), so the
 # default targets are theirs: 128 / 64 / 32 of LLaVA-1.5's 576, 640 / 320 / 160 of LLaVA-NeXT's 2880 (the rounded
@@ -292,7 +292,7 @@ def method_config(method: str, target: int, model, ctx: MethodContext) -> prunin
       o["criteria"] = tuple(ctx.criteria)
   if method == "cdpruner" and cdpruner_fallback(ctx) and "relevance" not in o:
     o["relevance"] = "text"
-  if method == "pooling" and ctx.family not in pruning.methods.base.NO_CLS:   # Qwen: NoProtocol (grids vary)
+  if method == "pooling" and ctx.family not in pruning.methods.base.VARIABLE_GRID:   # else NoProtocol
     o["hparams"] = dict(o.get("hparams", {}), grid=model.config.token_grid)
   if method == "pdrop" and "num_visual" not in o:      # every image's own int(n * ratio) fits the static keep
     o["num_visual"] = model.config.max_image_tokens

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 from models import backbones
 from models.pruning.modes import Layout, Stage1
 
-__all__ = ["Method", "NoProtocol", "FAMILIES", "NO_CLS", "LAYOUT_OVERRIDES", "OVERRIDE_KINDS", "KINDS",
+__all__ = ["Method", "NoProtocol", "FAMILIES", "NO_CLS", "VARIABLE_GRID", "LAYOUT_OVERRIDES", "OVERRIDE_KINDS", "KINDS",
            "check_override", "family", "nominal_groups", "anyres", "saliency", "keeps_positions", "check_positions",
            "stage1", "check_per_crop"]
 
@@ -42,10 +42,18 @@ def anyres(name: str) -> bool:
   return nominal_groups(name) > 1
 
 
-# Families whose vision tower has no CLS token (Qwen2.5-VL's `visual_tokens` provides "received" only): the methods
-# that read CLS attention on LLaVA read the attention each token receives in the tower's last full-attention block
-# there (issue 29; the peers' substitute: llmc, FlashVID, the VisPruner maintainer, BACKBONES.md section 5).
-NO_CLS = ("qwen2_5_vl",)
+def _families_where(test: Callable[[type], bool]) -> tuple[str, ...]:
+  return tuple(name for name, b in backbones.BACKBONES.items() if b.multimodal and test(b.model))
+
+
+# Families whose vision tower has no CLS token (their model's `TOWER_RELEVANCE` lacks "cls": Qwen2.5-VL provides
+# "received" only): the methods that read CLS attention on LLaVA read the attention each token receives in the
+# tower's last full-attention block there (issue 29; the peers' substitute: llmc, FlashVID, the VisPruner
+# maintainer, BACKBONES.md section 5).
+NO_CLS = _families_where(lambda model: "cls" not in getattr(model, "TOWER_RELEVANCE", ("cls",)))
+# Families whose images' token grids differ beyond one padded layout (`STATIC_TOKEN_GRID = False`: Qwen2.5-VL's
+# merged grids follow each image's size), where a method partitioning one static grid (pooling) has no protocol.
+VARIABLE_GRID = _families_where(lambda model: not getattr(model, "STATIC_TOKEN_GRID", True))
 
 
 def saliency(name: str) -> str:

@@ -16,7 +16,7 @@ def _random(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1,
 
 
 def _pooling(target: int, family: str, num_layers: int, o: dict) -> tuple[Stage1, None]:
-  if base.family(family) in base.NO_CLS and "grid" not in o.get("hparams", {}):
+  if base.family(family) in base.VARIABLE_GRID and "grid" not in o.get("hparams", {}):
     raise base.NoProtocol(f"pooling on {family}: its windows partition one static grid, and this family's merged "
                           "grids vary per image (the runner's buckets pad them to one row length); pass "
                           "hparams={'grid': (1, N)} for 1-D windows over a row of N tokens")
